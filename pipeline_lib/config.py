@@ -1,0 +1,300 @@
+"""PipelineConfig: one pydantic model with a section per stage, loaded from YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Label = Literal["real", "ai"]
+LABELS: tuple[str, ...] = ("real", "ai")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is wrong; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SearchSource(_Section):
+    """Keyword search through one of icrawler's engines; group = keyword."""
+
+    engine: Literal["bing", "google", "baidu", "flickr"] = "bing"
+    keywords: list[str] = Field(default_factory=list)
+    keywords_file: Path | None = None
+    label: Label = "real"
+    max_num: int = Field(10, ge=1, le=1000)
+    filters: dict[str, str] = Field(default_factory=dict)
+    threads: int = Field(4, ge=1, le=32)
+    endpoint: str | None = Field(
+        None, description="Search-page URL template with {keyword} and {offset}; for mirrors and tests."
+    )
+    api_key: str | None = Field(None, description="Flickr only.")
+
+
+class UrlListSource(_Section):
+    """A CSV of url,label,group fetched with icrawler's UrlListCrawler."""
+
+    csv: Path
+    threads: int = Field(4, ge=1, le=32)
+
+
+class FolderSource(_Section):
+    """Local images (how AI images arrive); group from sub-folder, pattern or CSV."""
+
+    path: Path
+    label: Label
+    group_by: str = "folder"
+    generator: str = "unknown"
+
+    @field_validator("group_by")
+    @classmethod
+    def _check_group_by(cls, value: str) -> str:
+        if value == "folder" or value.startswith(("pattern:", "csv:")):
+            return value
+        raise ValueError(f"must be 'folder', 'pattern:REGEX' or 'csv:FILE', got {value!r}")
+
+
+class SourcesConfig(_Section):
+    search: list[SearchSource] = Field(default_factory=list)
+    urls: list[UrlListSource] = Field(default_factory=list)
+    folders: list[FolderSource] = Field(default_factory=list)
+    recrawl_after_hours: float = Field(24.0, ge=0)
+    request_timeout_s: float = Field(10.0, gt=0)
+    max_retries: int = Field(3, ge=0, le=10)
+    allow_private_addresses: bool = False
+
+
+class IngestConfig(_Section):
+    min_side: int = Field(32, ge=1)
+    max_pixels: int = Field(89_478_485, ge=1)
+    animated: Literal["first_frame", "reject"] = "first_frame"
+
+
+class DedupConfig(_Section):
+    algorithm: Literal["phash", "dhash", "whash", "ahash"] = "phash"
+    hash_size: int = Field(8, ge=4, le=32)
+    threshold: int = Field(6, ge=0)
+
+    @model_validator(mode="after")
+    def _threshold_fits_hash(self) -> DedupConfig:
+        bits = self.hash_size**2
+        if self.threshold > bits:
+            raise ValueError(f"dedup.threshold must be 0..{bits} for hash_size {self.hash_size}, got {self.threshold}")
+        return self
+
+
+class ReviewConfig(_Section):
+    mode: Literal["auto", "require", "off"] = "auto"
+    thumbnail_size: int = Field(160, ge=32, le=1024)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+
+class SplitConfig(_Section):
+    train: float = Field(0.7, gt=0, lt=1)
+    val: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+    min_groups_per_label: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _ratios_sum_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split.train + split.val + split.test must be 1.0, got {total:.4f}")
+        return self
+
+
+class AugmentConfig(_Section):
+    rotation_degrees: float = Field(15.0, ge=0, le=180)
+    hflip_p: float = Field(0.5, ge=0, le=1)
+    autocontrast_p: float = Field(0.5, ge=0, le=1)
+    affine_translate: float = Field(0.1, ge=0, le=0.5)
+    affine_scale_min: float = Field(0.9, gt=0)
+    affine_scale_max: float = Field(1.1, gt=0)
+
+
+class TrainConfig(_Section):
+    model: Literal["resnet50", "resnet18", "efficientnet_b0", "convnext_tiny"] = "resnet50"
+    weights: str = Field("imagenet", description="'imagenet', 'none' or a path to a state_dict file.")
+    image_size: int = Field(224, ge=16, le=1024)
+    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(30, ge=1)
+    head_only_epochs: int = Field(5, ge=0)
+    lr: float = Field(0.001, gt=0)
+    backbone_lr: float | None = Field(None, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    patience: int = Field(5, ge=1)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    num_workers: int = Field(2, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+
+class EvaluateConfig(_Section):
+    threshold: float = Field(0.5, gt=0, lt=1)
+    bootstrap: int = Field(1000, ge=0)
+
+
+class ReportConfig(_Section):
+    cam_method: Literal["gradcam", "gradcam++", "eigencam", "scorecam"] = "gradcam"
+    images_per_cell: int = Field(6, ge=1, le=100)
+
+
+class TrackingConfig(_Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<workspace>/mlflow.db.")
+    experiment: str = "aidetect"
+    registered_model: str = "aidetect"
+
+
+class ExecutionConfig(_Section):
+    workspace: Path = Path("workspace")
+    refresh_cache: bool = False
+
+
+class PipelineConfig(_Section):
+    """The whole pipeline's settings; one section per stage."""
+
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+
+
+def _format_errors(error: ValidationError, origin: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling)"
+        elif "input" in item and item["type"] not in ("missing",):
+            message = f"{message} (got {item['input']!r})"
+        lines.append(f"  {key}: {message}")
+    return f"invalid configuration in {origin}:\n" + "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split 'train.epochs=3' into (['train', 'epochs'], 3); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    parts = [part for part in key.strip().split(".") if part]
+    if not parts:
+        raise ConfigError(f"override {text!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()  # keep on/off/yes/no as words, not YAML 1.1 booleans
+    return parts, value
+
+
+def _apply_override(data: dict[str, Any], parts: list[str], value: Any) -> dict[str, Any]:
+    """Return a copy of data with data[parts...] = value (nested dicts created as needed)."""
+    result = dict(data)
+    head, rest = parts[0], parts[1:]
+    if not rest:
+        result[head] = value
+        return result
+    child = result.get(head) or {}
+    if not isinstance(child, dict):
+        raise ConfigError(f"override {'.'.join(parts)}: {head} is not a section")
+    result[head] = _apply_override(child, rest, value)
+    return result
+
+
+def merge_mappings(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge overlay onto base (overlay wins; nested dicts merged); neither is modified."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_mappings(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml_mapping(path: Path | str) -> dict[str, Any]:
+    """A YAML file's top-level mapping; ConfigError if missing, malformed or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | None = None, origin: str = "config") -> PipelineConfig:
+    """Validate a config mapping plus 'a.b=value' overrides into a PipelineConfig."""
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        data = _apply_override(data, parts, value)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, origin)) from None
+
+
+def load_config(path: Path | str | None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML config (None = defaults) and apply overrides; relative paths resolve from the file."""
+    if path is None:
+        return build_config({}, overrides, origin="defaults")
+    path = Path(path)
+    config = build_config(read_yaml_mapping(path), overrides, origin=str(path))
+    return resolve_paths(config, path.parent)
+
+
+def resolve_paths(config: PipelineConfig, base: Path) -> PipelineConfig:
+    """Make the config's relative file paths absolute against base (the config file's folder)."""
+
+    def fix(p: Path | None) -> Path | None:
+        if p is None or p.is_absolute():
+            return p
+        return (base / p).resolve()
+
+    sources = config.sources.model_copy(
+        update={
+            "search": [s.model_copy(update={"keywords_file": fix(s.keywords_file)}) for s in config.sources.search],
+            "urls": [s.model_copy(update={"csv": fix(s.csv)}) for s in config.sources.urls],
+            "folders": [s.model_copy(update={"path": fix(s.path)}) for s in config.sources.folders],
+        }
+    )
+    return config.model_copy(update={"sources": sources})
+
+
+def config_to_yaml(config: PipelineConfig) -> str:
+    """The resolved config as YAML (what gets logged next to a run)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def flatten_config(config: PipelineConfig) -> dict[str, str]:
+    """Flat 'section.key' -> str mapping, for MLflow params."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), child)
+        else:
+            flat[prefix] = str(value)
+
+    walk("", config.model_dump(mode="json"))
+    return flat
