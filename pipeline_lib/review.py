@@ -1,0 +1,213 @@
+"""Manual review: append-only decisions, the gate that applies them, and the review pack."""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import logging
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, ImageOps
+
+from pipeline_lib.catalog import STATUS_OK, STATUS_PENDING, STATUS_REJECTED
+from pipeline_lib.workspace import Workspace, atomic_write_text, bytes_sha256
+
+log = logging.getLogger(__name__)
+
+DECISIONS = ("approve", "reject")
+REJECT_REASONS = ("duplicate", "several_people", "unrelated", "other", "")
+
+
+class ReviewError(ValueError):
+    """A decision is malformed (unknown value, unknown image, bad CSV)."""
+
+
+class ReviewPending(RuntimeError):
+    """The gate is in require mode and images still await a decision."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One human decision about one image (by sha256); the latest per image wins."""
+
+    sha256: str
+    decision: str
+    reason: str = ""
+    reviewer: str = ""
+    when: str = ""
+
+    def validated(self, known: set[str] | None = None) -> Decision:
+        """Return a copy with a timestamp; raise ReviewError if a value is not allowed."""
+        if self.decision not in DECISIONS:
+            raise ReviewError(f"decision for {self.sha256[:12]} must be one of {DECISIONS}, got {self.decision!r}")
+        if self.reason not in REJECT_REASONS:
+            raise ReviewError(f"reason for {self.sha256[:12]} must be one of {REJECT_REASONS}, got {self.reason!r}")
+        if known is not None and self.sha256 not in known:
+            raise ReviewError(f"no image with sha256 {self.sha256!r} in the catalog")
+        when = self.when or datetime.now(UTC).isoformat()
+        return Decision(self.sha256, self.decision, self.reason, self.reviewer, when)
+
+
+def decisions_path(workspace: Workspace) -> Path:
+    return workspace.review / "decisions.jsonl"
+
+
+def append_decisions(workspace: Workspace, decisions: list[Decision], known: set[str] | None = None) -> int:
+    """Validate all decisions first, then append them to review/decisions.jsonl; return the count."""
+    checked = [decision.validated(known) for decision in decisions]
+    path = decisions_path(workspace)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        for decision in checked:
+            handle.write(json.dumps(asdict(decision), ensure_ascii=False) + "\n")
+    return len(checked)
+
+
+def read_decisions(workspace: Workspace) -> dict[str, Decision]:
+    """Latest decision per sha256 (later lines win); a corrupt line raises ReviewError naming it."""
+    path = decisions_path(workspace)
+    latest: dict[str, Decision] = {}
+    if not path.is_file():
+        return latest
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            decision = Decision(**json.loads(line))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise ReviewError(f"{path}:{number} is not a valid decision line: {error}") from None
+        latest[decision.sha256] = decision
+    return latest
+
+
+def decisions_digest(workspace: Workspace) -> str:
+    """Digest of the decisions file (part of the gate's cache key)."""
+    path = decisions_path(workspace)
+    return bytes_sha256(path.read_bytes()) if path.is_file() else ""
+
+
+def read_decisions_csv(path: Path, reviewer: str = "csv") -> list[Decision]:
+    """Decisions from a CSV with columns sha256,decision[,reason]; rows with an empty decision are skipped."""
+    if not Path(path).is_file():
+        raise ReviewError(f"decisions CSV not found: {path}")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"sha256", "decision"} - set(reader.fieldnames or [])
+        if missing:
+            raise ReviewError(f"{path} lacks column(s) {sorted(missing)}; expected sha256,decision[,reason]")
+        rows = [row for row in reader if (row.get("decision") or "").strip()]
+    return [
+        Decision(row["sha256"].strip(), row["decision"].strip(), (row.get("reason") or "").strip(), reviewer)
+        for row in rows
+    ]
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """The catalog after the gate, with counts."""
+
+    catalog: pd.DataFrame
+    approved: int
+    rejected: int
+    pending: int
+    auto_approved: int
+
+
+def apply_decisions(catalog: pd.DataFrame, decisions: dict[str, Decision], mode: str) -> GateOutcome:
+    """Apply decisions to status-ok rows; undecided rows are approved (auto/off) or pending (require)."""
+    if mode not in ("auto", "require", "off"):
+        raise ValueError(f"review.mode must be auto, require or off, got {mode!r}")
+    out = catalog.copy()
+    candidates = out["status"] == STATUS_OK
+    decided = out["sha256"].map(lambda sha: decisions[sha].decision if sha in decisions else "")
+    rejected = candidates & (decided == "reject")
+    undecided = candidates & (decided == "")
+    out.loc[rejected, "status"] = STATUS_REJECTED
+    if mode == "require":
+        out.loc[undecided, "status"] = STATUS_PENDING
+    return GateOutcome(
+        catalog=out,
+        approved=int((candidates & (decided == "approve")).sum()),
+        rejected=int(rejected.sum()),
+        pending=int(undecided.sum()) if mode == "require" else 0,
+        auto_approved=int(undecided.sum()) if mode != "require" else 0,
+    )
+
+
+def pending_message(pending: int, workspace: Workspace) -> str:
+    """How to continue when the gate stops for review."""
+    return (
+        f"{pending} image(s) await review in {workspace.root} (review.mode=require). "
+        f"Open {workspace.review / 'pack' / 'index.html'} to look at them, then either "
+        f"`aidetect review export todo.csv --workspace {workspace.root}`, fill the decision column "
+        "(approve/reject) and `aidetect review apply todo.csv`, or set review.mode=auto; "
+        "then run the pipeline again: every stage before the gate comes back Cached."
+    )
+
+
+def write_thumbnail(source: Path, target: Path, size: int) -> None:
+    """A small JPEG thumbnail of an original (EXIF-rotated, first frame)."""
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(source) as image:
+        thumb = ImageOps.exif_transpose(image.convert("RGB"))
+        thumb.thumbnail((size, size))
+        tmp = target.with_suffix(".part.jpg")
+        thumb.save(tmp, "JPEG", quality=85)
+        tmp.replace(target)
+
+
+def write_review_pack(workspace: Workspace, catalog: pd.DataFrame, thumbnail_size: int = 160) -> Path:
+    """HTML page of images to review (pending first) and near-duplicate clusters side by side."""
+    pack = workspace.review / "pack"
+    considered = catalog[catalog["status"].isin([STATUS_OK, STATUS_PENDING]) | (catalog["cluster"] != "")]
+    for row in considered.drop_duplicates("sha256").itertuples():
+        write_thumbnail(workspace.root / row.path, pack / "thumbs" / f"{row.sha256}.jpg", thumbnail_size)
+    cards = [_card(row) for row in considered[considered["status"] != "rejected"].itertuples() if row.cluster == ""]
+    clusters = [
+        "<div class='cluster'>" + "".join(_card(row) for row in members.itertuples()) + "</div>"
+        for _, members in considered[considered["cluster"] != ""].groupby("cluster", sort=True)
+    ]
+    page = _PACK_TEMPLATE.format(
+        n_pending=int((catalog["status"] == STATUS_PENDING).sum()),
+        n_ok=int((catalog["status"] == STATUS_OK).sum()),
+        clusters="\n".join(clusters) or "<p>none</p>",
+        cards="\n".join(cards),
+    )
+    return atomic_write_text(pack / "index.html", page)
+
+
+def _card(row: object) -> str:
+    esc = html.escape
+    r = row  # itertuples row
+    status = str(r.status)
+    keeper = "" if not status.startswith("duplicate_of:") else " (duplicate)"
+    return (
+        f"<figure class='{esc(status.split(':')[0])}'><img src='thumbs/{esc(r.sha256)}.jpg' loading='lazy'>"
+        f"<figcaption><b>{esc(str(r.label))}</b> · {esc(str(r.group))}{keeper}<br>"
+        f"{esc(str(r.width))}×{esc(str(r.height))} · {esc(status)}<br>"
+        f"<a href='{esc(str(r.url))}'>{esc(str(r.url))[:60]}</a><br><code>{esc(r.sha256[:12])}</code>"
+        "</figcaption></figure>"
+    )
+
+
+_PACK_TEMPLATE = """<!doctype html><html><head><meta charset='utf-8'><title>aidetect review pack</title>
+<style>body{{font-family:sans-serif;margin:1em}}figure{{display:inline-block;width:180px;margin:4px;
+vertical-align:top;font-size:11px}}figure img{{max-width:170px}}.cluster{{border:2px solid #c60;margin:6px;
+padding:4px}}.pending_review{{background:#ffd}}.duplicate_of{{opacity:.6}}</style></head><body>
+<h1>Review pack</h1><p>{n_pending} pending · {n_ok} approved or undecided</p>
+<h2>Near-duplicate clusters (keeper first is the one kept)</h2>{clusters}
+<h2>Images</h2>{cards}</body></html>"""
+
+
+def export_pending(catalog: pd.DataFrame, path: Path) -> int:
+    """Write a CSV (sha256,label,group,url,decision,reason) of pending images to fill in; return the count."""
+    pending = catalog[catalog["status"] == STATUS_PENDING].drop_duplicates("sha256")
+    table = pending[["sha256", "label", "group", "url"]].assign(decision="", reason="")
+    table.to_csv(path, index=False)
+    return len(table)

@@ -1,0 +1,177 @@
+"""Group-aware, label-stratified, near-duplicate-aware splits that stay put across re-crawls."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pandas as pd
+
+from pipeline_lib.catalog import SPLITS, STATUS_OK
+from pipeline_lib.workspace import Workspace, atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+REGISTRY_COLUMNS = ["group", "split", "assigned_at", "registry_version"]
+
+
+class SplitError(ValueError):
+    """The data cannot be split as configured."""
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, item: str) -> str:
+        self.parent.setdefault(item, item)
+        while self.parent[item] != item:
+            self.parent[item] = self.parent[self.parent[item]]
+            item = self.parent[item]
+        return item
+
+    def union(self, a: str, b: str) -> None:
+        root_a, root_b = self.find(a), self.find(b)
+        if root_a != root_b:
+            self.parent[max(root_a, root_b)] = min(root_a, root_b)
+
+
+def split_units(catalog: pd.DataFrame) -> dict[str, str]:
+    """Map each group to its split unit: groups sharing a duplicate cluster are joined (union-find)."""
+    forest = _UnionFind()
+    for group in catalog["group"].unique():
+        forest.find(str(group))
+    clustered = catalog[catalog["cluster"] != ""]
+    for _, members in clustered.groupby("cluster"):
+        groups = sorted(members["group"].astype(str).unique())
+        for other in groups[1:]:
+            forest.union(groups[0], other)
+    return {group: forest.find(group) for group in forest.parent}
+
+
+def _seeded_rank(unit: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}:{unit}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """The catalog with its split column, the registry after assignment, and what moved."""
+
+    catalog: pd.DataFrame
+    registry: pd.DataFrame
+    new_groups: int
+
+
+def assign_splits(
+    catalog: pd.DataFrame,
+    ratios: dict[str, float],
+    seed: int,
+    registry: pd.DataFrame | None = None,
+    registry_version: int = 1,
+) -> SplitPlan:
+    """Put every unit (joined groups) of usable rows in one split, stratified by label, sticky to the registry.
+
+    1. Units already in the registry keep their split (a unit whose groups disagree takes the split of
+       most of its registered images, and the others follow it).
+    2. New units go, largest first, to the split with the largest shortfall against the targets of
+       their majority label; ties are broken by a seeded hash of the unit, so runs are deterministic.
+    """
+    if set(ratios) != set(SPLITS):
+        raise SplitError(f"split ratios must name {SPLITS}, got {sorted(ratios)}")
+    usable_rows = catalog[catalog["status"] == STATUS_OK]
+    unit_of = split_units(catalog)
+    known = {} if registry is None else dict(zip(registry["group"], registry["split"], strict=True))
+    units = usable_rows.assign(unit=usable_rows["group"].map(unit_of))
+    sizes = units.groupby(["unit", "label"]).size().unstack(fill_value=0)
+    per_label = units["label"].value_counts()
+    current = {label: dict.fromkeys(SPLITS, 0.0) for label in per_label.index}
+    chosen: dict[str, str] = {}
+    for unit, groups in units.groupby("unit")["group"]:
+        registered = [known[g] for g in groups if g in known]
+        if registered:
+            chosen[str(unit)] = max(set(registered), key=registered.count)
+    for unit, split in chosen.items():
+        for label, n in sizes.loc[unit].items():
+            current[label][split] += n
+    new_units = [u for u in sizes.index if u not in chosen]
+    new_units.sort(key=lambda u: (-int(sizes.loc[u].sum()), _seeded_rank(str(u), seed)))
+    for unit in new_units:
+        label = sizes.loc[unit].idxmax()
+        target = {s: ratios[s] * per_label[label] for s in SPLITS}
+        split = max(SPLITS, key=lambda s: (target[s] - current[label][s], ratios[s]))
+        chosen[str(unit)] = split
+        for lab, n in sizes.loc[unit].items():
+            current[lab][split] += n
+    return _plan(catalog, unit_of, chosen, known, registry, registry_version)
+
+
+def _plan(
+    catalog: pd.DataFrame,
+    unit_of: dict[str, str],
+    chosen: dict[str, str],
+    known: dict[str, str],
+    registry: pd.DataFrame | None,
+    registry_version: int,
+) -> SplitPlan:
+    out = catalog.copy()
+    group_split = {group: chosen.get(unit, "") for group, unit in unit_of.items()}
+    usable = out["status"] == STATUS_OK
+    out["split"] = ""
+    out.loc[usable, "split"] = out.loc[usable, "group"].map(group_split).fillna("")
+    now = datetime.now(UTC).isoformat()
+    new = [
+        {"group": g, "split": s, "assigned_at": now, "registry_version": registry_version}
+        for g, s in sorted(group_split.items())
+        if s and g not in known
+    ]
+    base = registry if registry is not None else pd.DataFrame(columns=REGISTRY_COLUMNS)
+    updated = pd.concat([base, pd.DataFrame(new, columns=REGISTRY_COLUMNS)], ignore_index=True)
+    return SplitPlan(out, updated, len(new))
+
+
+def registry_path(workspace: Workspace) -> str:
+    return str(workspace.splits / "registry.csv")
+
+
+def read_registry(workspace: Workspace) -> pd.DataFrame | None:
+    """The sticky group -> split registry, or None when no split was made yet."""
+    path = workspace.splits / "registry.csv"
+    if not path.is_file():
+        return None
+    return pd.read_csv(path, dtype={"group": str, "split": str}, keep_default_na=False)
+
+
+def write_registry(workspace: Workspace, registry: pd.DataFrame) -> None:
+    """Write the registry atomically."""
+    atomic_write_bytes(workspace.splits / "registry.csv", registry.to_csv(index=False).encode("utf-8"))
+
+
+def split_report(catalog: pd.DataFrame, ratios: dict[str, float], min_groups: int) -> tuple[pd.DataFrame, list[str]]:
+    """Images and groups per split and label with the deviation from target, plus warnings."""
+    rows = catalog[(catalog["status"] == STATUS_OK) & (catalog["split"] != "")]
+    table = rows.groupby(["split", "label"]).agg(images=("sha256", "size"), groups=("group", "nunique")).reset_index()
+    totals = rows.groupby("label").size()
+    table["share"] = table.apply(lambda r: r["images"] / totals[r["label"]], axis=1).round(4)
+    table["target"] = table["split"].map(ratios)
+    table["deviation"] = (table["share"] - table["target"]).round(4)
+    warnings = []
+    for split in SPLITS:
+        for label in sorted(totals.index):
+            match = table[(table["split"] == split) & (table["label"] == label)]
+            groups = int(match["groups"].sum()) if len(match) else 0
+            if ratios.get(split, 0) > 0 and groups < min_groups:
+                warnings.append(f"split {split} has {groups} group(s) of label {label} (minimum {min_groups})")
+    return table, warnings
+
+
+def check_no_leak(catalog: pd.DataFrame) -> None:
+    """Raise SplitError if a group or a duplicate cluster appears in two splits."""
+    assigned = catalog[catalog["split"] != ""]
+    for column in ("group", "cluster"):
+        keyed = assigned[assigned[column] != ""]
+        spread = keyed.groupby(column)["split"].nunique()
+        leaking = spread[spread > 1]
+        if len(leaking):
+            raise SplitError(f"{column} {leaking.index[0]!r} appears in {int(leaking.iloc[0])} splits")

@@ -1,0 +1,334 @@
+"""MLflow tracking: the only module that imports mlflow. Every call names its run by id."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+
+from pipeline_lib.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+
+
+def tracking_uri(uri: str | None, workspace: Workspace) -> str:
+    """The configured tracking URI, or the embedded SQLite store inside the workspace."""
+    return uri or f"sqlite:///{workspace.root / 'mlflow.db'}"
+
+
+def artifact_root(workspace: Workspace) -> str:
+    """Where runs of an embedded store keep their artifacts (never the current directory)."""
+    path = workspace.root / "mlartifacts"
+    path.mkdir(parents=True, exist_ok=True)
+    return path.as_uri()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence MLflow's noisy warnings (pip inference, pydantic) around a call."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@dataclass(frozen=True)
+class Tracker:
+    """A handle on one MLflow run: every method logs to that run by id (thread-safe)."""
+
+    uri: str
+    run_id: str
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.uri)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params (values truncated to MLflow's 6000-char limit)."""
+        items = [mlflow.entities.Param(str(k), str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log finite numeric metrics; NaN and inf are skipped with a debug line."""
+        rows = []
+        for key, value in metrics.items():
+            if value is None or not math.isfinite(float(value)):
+                log.debug("metric %s=%r not logged (not finite)", key, value)
+                continue
+            rows.append(mlflow.entities.Metric(str(key), float(value), _now_ms(), step or 0))
+        for start in range(0, len(rows), 500):
+            self.client.log_batch(self.run_id, metrics=rows[start : start + 500])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags."""
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, str(key), str(value))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a file or a whole folder as artifacts of the run."""
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Log a text artifact."""
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_table(self, frame: pd.DataFrame, artifact_file: str) -> None:
+        """Log a DataFrame as a JSON table artifact (shown as a table in the MLflow UI)."""
+        self.client.log_table(self.run_id, frame, artifact_file)
+
+    def log_dataset(self, frame: pd.DataFrame, name: str, digest: str, source: str, context: str) -> None:
+        """Record a catalog table as a dataset input of the run, with its content digest."""
+        with _quiet():
+            dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest[:36], targets="label")
+            dataset_input = mlflow.entities.DatasetInput(
+                dataset._to_mlflow_entity(), tags=[mlflow.entities.InputTag("mlflow.data.context", context)]
+            )
+            self.client.log_inputs(self.run_id, datasets=[dataset_input])
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run with FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+
+    def run_url(self) -> str:
+        """A link to the run in the MLflow UI (relative to the UI's address for embedded stores)."""
+        run = self.client.get_run(self.run_id)
+        return f"#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def ensure_experiment(uri: str, name: str, workspace: Workspace) -> str:
+    """Id of the named experiment, created with its artifacts inside the workspace if new."""
+    client = MlflowClient(tracking_uri=uri)
+    with _quiet():
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = artifact_root(workspace) if uri.startswith("sqlite:") else None
+        return client.create_experiment(name, artifact_location=location)
+
+
+def start_run(
+    uri: str,
+    experiment: str,
+    workspace: Workspace,
+    run_name: str,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> Tracker:
+    """Create a run (nested under parent_run_id if given) and return a Tracker for it."""
+    experiment_id = ensure_experiment(uri, experiment, workspace)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    with _quiet():
+        run = MlflowClient(tracking_uri=uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
+    return Tracker(uri, run.info.run_id)
+
+
+@contextlib.contextmanager
+def _global_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's global tracking URI at uri for a block (model URIs models:/m-... resolve through it)."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+@contextlib.contextmanager
+def _active_run(tracker: Tracker) -> Iterator[None]:
+    """Make the tracker's run the fluent active run of this thread (for mlflow.pytorch)."""
+    with _global_uri(tracker.uri):
+        try:
+            with mlflow.start_run(run_id=tracker.run_id, log_system_metrics=False):
+                yield
+        finally:
+            # start_run(run_id=...) ends the run on exit; the pipeline decides its final status.
+            tracker.client.update_run(tracker.run_id, status="RUNNING")
+
+
+def log_pytorch_model(tracker: Tracker, model: Any, input_example: Any, requirements: list[str]) -> str:
+    """Log a torch model with pickle serialisation (torch.export fixes the batch size); return its URI."""
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    model.eval()
+    import torch
+
+    with torch.inference_mode():
+        output = model(torch.as_tensor(input_example)).softmax(dim=1).numpy()
+    signature = infer_signature(input_example, output)
+    with _quiet(), _active_run(tracker):
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            serialization_format="pickle",
+            signature=signature,
+            input_example=input_example,
+            pip_requirements=requirements,
+        )
+    return info.model_uri
+
+
+@dataclass(frozen=True)
+class ChampionDecision:
+    """What the registry step decided and why."""
+
+    version: str
+    promoted: bool
+    challenger_score: float
+    champion_score: float | None
+    champion_version: str | None
+    reason: str
+
+
+def register_model(
+    tracker: Tracker,
+    model_uri: str,
+    name: str,
+    score: float,
+    test_digest: str,
+    model_digest: str,
+    champion_score: float | None = None,
+) -> ChampionDecision:
+    """Register a model version; move the champion alias to it only if it beats the current one.
+
+    champion_score, when given, is the current champion re-scored on this test split; otherwise the
+    champion's recorded score is used if it was measured on the same test split (same digest).
+    """
+    client = tracker.client
+    with _quiet(), _global_uri(tracker.uri):
+        try:
+            client.create_registered_model(name)
+        except MlflowException:
+            pass  # already registered
+        version = client.create_model_version(
+            name, model_uri, run_id=tracker.run_id, tags={"test_digest": test_digest, "model_digest": model_digest}
+        )
+        client.set_model_version_tag(name, version.version, "test_accuracy", f"{score:.6f}")
+        current = current_champion(tracker.uri, name)
+    if current is None:
+        promoted, reason, old_score = True, "no champion yet", None
+    else:
+        old_score = champion_score
+        if old_score is None and current.tags.get("test_digest") == test_digest:
+            old_score = float(current.tags.get("test_accuracy", "nan"))
+        if old_score is None or math.isnan(old_score):
+            promoted, reason = False, "champion was scored on another test split and not re-scored"
+        elif score > old_score:
+            promoted, reason = True, f"accuracy {score:.4f} > champion {old_score:.4f}"
+        else:
+            promoted, reason = False, f"accuracy {score:.4f} <= champion {old_score:.4f}"
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    return ChampionDecision(
+        version=str(version.version),
+        promoted=promoted,
+        challenger_score=score,
+        champion_score=old_score,
+        champion_version=None if current is None else str(current.version),
+        reason=reason,
+    )
+
+
+def find_version(uri: str, name: str, model_digest: str) -> Any | None:
+    """The registered version made from this exact checkpoint (by digest), or None."""
+    with _quiet():
+        try:
+            found = MlflowClient(tracking_uri=uri).search_model_versions(
+                f"name = '{name}' and tags.model_digest = '{model_digest}'"
+            )
+        except MlflowException:
+            return None
+    return found[0] if found else None
+
+
+def code_version(start: Path | None = None) -> str:
+    """The git commit of the code (or 'unknown' outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=start or Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def current_champion(uri: str, name: str) -> Any | None:
+    """The model version holding the champion alias, or None."""
+    with _quiet():
+        try:
+            return MlflowClient(tracking_uri=uri).get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            return None
+
+
+def recent_runs(uri: str, experiment: str, limit: int = 5) -> list[dict[str, Any]]:
+    """The latest pipeline runs (top-level) with status and a few metrics, newest first."""
+    client = MlflowClient(tracking_uri=uri)
+    with _quiet():
+        experiment_obj = client.get_experiment_by_name(experiment)
+        if experiment_obj is None:
+            return []
+        runs = client.search_runs(
+            [experiment_obj.experiment_id],
+            filter_string="tags.aidetect.kind = 'pipeline'",
+            order_by=["attributes.start_time DESC"],
+            max_results=limit,
+        )
+    return [
+        {
+            "run_id": run.info.run_id,
+            "name": run.info.run_name,
+            "status": run.info.status,
+            "start_time": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC").isoformat(),
+            "test_accuracy": run.data.metrics.get("test.accuracy"),
+        }
+        for run in runs
+    ]
+
+
+def run_summary(uri: str, run_id: str) -> dict[str, Any]:
+    """Params, metrics, tags, dataset inputs and artifact paths of a run (for tests and status)."""
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+
+    def walk(path: str | None = None) -> list[str]:
+        found = []
+        for item in client.list_artifacts(run_id, path):
+            found.extend(walk(item.path) if item.is_dir else [item.path])
+        return found
+
+    return {
+        "status": run.info.status,
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "tags": dict(run.data.tags),
+        "datasets": [(d.dataset.name, d.dataset.digest) for d in (run.inputs.dataset_inputs or [])],
+        "artifacts": walk(),
+    }

@@ -1,0 +1,73 @@
+import json
+
+import pytest
+
+from pipeline_lib.catalog import new_rows
+from pipeline_lib.review import (
+    Decision,
+    ReviewError,
+    append_decisions,
+    apply_decisions,
+    decisions_digest,
+    read_decisions,
+    read_decisions_csv,
+    write_review_pack,
+)
+from tests.conftest import make_image
+
+
+def _catalog(workspace):
+    rows = []
+    for i, status in enumerate(["ok", "ok", "ok", "duplicate_of:" + "s0".ljust(64, "0"), "invalid:truncated"]):
+        sha = f"s{i}".ljust(64, "0")
+        path = make_image(workspace.store / sha[:2] / f"{sha}.jpg", seed=i)
+        rows.append({"sha256": sha, "path": workspace.relative(path), "label": "real", "group": "<script>x</script>",
+                     "url": "http://e.x/\"'><b>", "status": status, "width": 48, "height": 40,
+                     "cluster": "s0".ljust(64, "0") if i in (0, 3) else ""})
+    return new_rows(rows)
+
+
+def test_latest_decision_wins_and_file_is_append_only(workspace):
+    sha = "a" * 64
+    append_decisions(workspace, [Decision(sha, "reject", "unrelated", "me")])
+    append_decisions(workspace, [Decision(sha, "approve", "", "me")])
+    assert read_decisions(workspace)[sha].decision == "approve"
+    lines = (workspace.review / "decisions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["decision"] for line in lines] == ["reject", "approve"]
+    assert decisions_digest(workspace) != ""
+
+
+def test_bad_decision_or_unknown_sha_changes_nothing(workspace):
+    with pytest.raises(ReviewError, match="must be one of"):
+        append_decisions(workspace, [Decision("a" * 64, "approve"), Decision("b" * 64, "maybe")])
+    with pytest.raises(ReviewError, match="no image with sha256"):
+        append_decisions(workspace, [Decision("c" * 64, "approve")], known={"a" * 64})
+    assert not (workspace.review / "decisions.jsonl").exists(), "a rejected batch must write nothing"
+
+
+def test_modes(workspace):
+    catalog = _catalog(workspace)
+    decisions = {catalog.sha256[1]: Decision(catalog.sha256[1], "reject", "other")}
+    auto = apply_decisions(catalog, decisions, "auto")
+    assert (auto.rejected, auto.auto_approved, auto.pending) == (1, 2, 0)
+    required = apply_decisions(catalog, decisions, "require")
+    assert required.pending == 2 and list(required.catalog.status[:3]) == ["pending_review", "rejected", "pending_review"]
+    assert catalog.status[0] == "ok", "input must not be mutated"
+
+
+def test_csv_decisions(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("sha256,decision,reason\n" + "a" * 64 + ",reject,duplicate\n" + "b" * 64 + ",,\n")
+    decisions = read_decisions_csv(path)
+    assert [(d.decision, d.reason) for d in decisions] == [("reject", "duplicate")]
+    (tmp_path / "bad.csv").write_text("hash,verdict\n")
+    with pytest.raises(ReviewError, match="lacks column"):
+        read_decisions_csv(tmp_path / "bad.csv")
+
+
+def test_review_pack_escapes_crawled_text(workspace):
+    index = write_review_pack(workspace, _catalog(workspace))
+    page = index.read_text()
+    assert "<script>x</script>" not in page and "&lt;script&gt;" in page
+    assert "\"'><b>" not in page
+    assert (index.parent / "thumbs" / ("s0".ljust(64, "0") + ".jpg")).is_file()

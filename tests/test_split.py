@@ -1,0 +1,85 @@
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline_lib.catalog import new_rows
+from pipeline_lib.split import SplitError, assign_splits, check_no_leak, split_report, split_units
+
+RATIOS = {"train": 0.6, "val": 0.2, "test": 0.2}
+
+
+def _catalog(groups: list[tuple[str, str, int]], clusters: dict[str, str] | None = None) -> pd.DataFrame:
+    """groups: (group, label, n_images); clusters: sha -> cluster id."""
+    rows = []
+    for group, label, n in groups:
+        for i in range(n):
+            sha = f"{group}-{i}"
+            rows.append({"sha256": sha, "label": label, "group": group, "status": "ok",
+                         "cluster": (clusters or {}).get(sha, "")})
+    return new_rows(rows)
+
+
+def test_groups_sharing_a_cluster_are_one_unit():
+    catalog = _catalog([("a", "real", 2), ("b", "real", 2), ("c", "real", 1)], {"a-0": "k", "b-1": "k"})
+    units = split_units(catalog)
+    assert units["a"] == units["b"] != units["c"]
+
+
+def test_ratios_roughly_met_and_every_split_has_both_labels():
+    groups = [(f"r{i}", "real", 3) for i in range(10)] + [(f"a{i}", "ai", 3) for i in range(10)]
+    plan = assign_splits(_catalog(groups), RATIOS, seed=0)
+    table, warnings = split_report(plan.catalog, RATIOS, min_groups=1)
+    assert not warnings, warnings
+    for row in table.itertuples():
+        assert abs(row.share - RATIOS[row.split]) <= 0.15, f"{row.split}/{row.label} share {row.share}"
+
+
+def test_too_few_groups_warns():
+    plan = assign_splits(_catalog([("r0", "real", 3), ("a0", "ai", 3)]), RATIOS, seed=0)
+    _, warnings = split_report(plan.catalog, RATIOS, min_groups=2)
+    assert any("split test" in w for w in warnings)
+
+
+def test_leak_check_catches_a_group_in_two_splits():
+    catalog = _catalog([("a", "real", 2)]).assign(split=["train", "test"])
+    with pytest.raises(SplitError, match="group 'a' appears in 2 splits"):
+        check_no_leak(catalog)
+
+
+def test_input_not_mutated():
+    catalog = _catalog([("a", "real", 2), ("b", "ai", 2)])
+    before = catalog.copy()
+    assign_splits(catalog, RATIOS, seed=1)
+    pd.testing.assert_frame_equal(catalog, before)
+
+
+group_lists = st.lists(
+    st.tuples(st.sampled_from(["real", "ai"]), st.integers(min_value=1, max_value=5)), min_size=2, max_size=25
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(groups=group_lists, seed=st.integers(0, 5), links=st.lists(st.tuples(st.integers(0, 24), st.integers(0, 24))))
+def test_properties_no_leak_deterministic_sticky(groups, seed, links):
+    named = [(f"g{i}", label, n) for i, (label, n) in enumerate(groups)]
+    clusters = {}
+    for k, (x, y) in enumerate(links):
+        if x < len(named) and y < len(named):
+            clusters[f"g{x}-0"] = clusters[f"g{y}-0"] = f"c{k}"
+    catalog = _catalog(named, clusters)
+    plan = assign_splits(catalog, RATIOS, seed)
+    check_no_leak(plan.catalog)
+    again = assign_splits(catalog, RATIOS, seed)
+    pd.testing.assert_frame_equal(plan.catalog, again.catalog)
+    # Sticky: adding groups never moves an existing group.
+    grown = pd.concat([catalog, _catalog([("new1", "real", 2), ("new2", "ai", 3)])], ignore_index=True)
+    later = assign_splits(grown, RATIOS, seed + 1, registry=plan.registry)
+    old = plan.catalog.drop_duplicates("group").set_index("group")["split"]
+    new = later.catalog.drop_duplicates("group").set_index("group")["split"]
+    assert (new[old.index] == old).all(), "an existing group moved when new groups arrived"
+    # Sticky: removing images never moves a group.
+    shrunk = catalog.iloc[::2]
+    after = assign_splits(shrunk, RATIOS, seed, registry=plan.registry)
+    kept = after.catalog.drop_duplicates("group").set_index("group")["split"]
+    assert (kept == old[kept.index]).all(), "a group moved when images were removed"
