@@ -1,0 +1,276 @@
+"""Evaluation on the held-out split: probabilities, a predictions table, metrics and plots."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import (
+    average_precision_score,
+    confusion_matrix,
+    precision_recall_curve,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
+
+from pipeline_lib.workspace import atomic_path
+
+log = logging.getLogger(__name__)
+
+CLASS_NAMES: tuple[str, ...] = ("real", "ai")  # index = class id of the model's logits
+POSITIVE = "ai"
+ROW_COLUMNS: tuple[str, ...] = ("sha256", "group", "label", "source", "url", "keyword")
+PREDICTION_COLUMNS: tuple[str, ...] = (*ROW_COLUMNS, "p_ai", "predicted", "correct")
+_BOOTSTRAP_CELLS = 5_000_000  # resampled indices held in memory at once
+
+
+def check_images(images: torch.Tensor) -> None:
+    """Raise ValueError unless images is a uint8 tensor shaped [N, 3, H, W]."""
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        kind = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a uint8 torch.Tensor [N,3,H,W] (from preprocess.load_tensors), got {kind}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape [N,3,H,W], got {list(images.shape)}")
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"evaluate.threshold must be strictly between 0 and 1, got {threshold}")
+
+
+@contextlib.contextmanager
+def borrowed_model(model: torch.nn.Module, device: str, requires_grad: bool | None = None) -> Iterator[torch.nn.Module]:
+    """Put model in eval mode on device for a block, then restore its device, mode, requires_grad and grads."""
+    params = list(model.parameters())
+    home = params[0].device if params else None
+    was_training = model.training
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    try:
+        model.to(device)
+        model.eval()
+        if requires_grad is not None:
+            for param in params:
+                param.requires_grad_(requires_grad)
+        yield model
+    finally:
+        for param, flag, grad in zip(params, flags, grads, strict=True):
+            param.requires_grad_(flag)
+            param.grad = grad
+        if home is not None:
+            model.to(home)
+        model.train(was_training)
+
+
+def to_float(batch: torch.Tensor, device: str) -> torch.Tensor:
+    """uint8 NCHW batch -> float32 in [0, 1] on device (what a Classifier's forward expects)."""
+    return batch.to(device=device, dtype=torch.float32) / 255.0
+
+
+def predict_probabilities(
+    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64, device: str = "cpu"
+) -> np.ndarray:
+    """p_ai = softmax(logits)[:, 1] for every image, in eval mode; the model is left as it was given."""
+    check_images(images)
+    _check_batch_size(batch_size)
+    chunks: list[np.ndarray] = []
+    with borrowed_model(model, device), torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            logits = model(to_float(images[start : start + batch_size], device))
+            if logits.ndim != 2 or logits.shape[1] != len(CLASS_NAMES):
+                raise ValueError(f"model must return logits shaped [N,2] (real, ai), got {list(logits.shape)}")
+            chunks.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
+    log.debug("predicted %d images in batches of %d", len(images), batch_size)
+    return np.concatenate(chunks).astype(np.float64) if chunks else np.empty(0, dtype=np.float64)
+
+
+def predictions_table(test_rows: pd.DataFrame, p_ai: np.ndarray, threshold: float) -> pd.DataFrame:
+    """A new frame: the rows' identity columns plus p_ai, predicted label (p_ai >= threshold -> ai), correct."""
+    _check_threshold(threshold)
+    missing = [name for name in ROW_COLUMNS if name not in test_rows.columns]
+    if missing:
+        raise ValueError(f"test rows are missing catalog columns: {', '.join(missing)}")
+    scores = np.asarray(p_ai, dtype=np.float64)
+    if scores.shape != (len(test_rows),):
+        raise ValueError(f"p_ai must hold one value per test row ({len(test_rows)}), got shape {scores.shape}")
+    if scores.size and (np.isnan(scores).any() or scores.min() < 0.0 or scores.max() > 1.0):
+        raise ValueError("p_ai must be probabilities in [0, 1] without NaN")
+    table = test_rows.loc[:, list(ROW_COLUMNS)].reset_index(drop=True).copy()
+    for name in ROW_COLUMNS:
+        table[name] = table[name].astype("string").fillna("")
+    bad = sorted(set(table["label"]) - set(CLASS_NAMES))
+    if bad:
+        raise ValueError(f"test rows' label must be one of {CLASS_NAMES}, got {bad}")
+    table["p_ai"] = scores
+    table["predicted"] = pd.Series(np.where(scores >= threshold, "ai", "real"), dtype="string")
+    table["correct"] = (table["predicted"] == table["label"]).astype(bool)
+    return table
+
+
+def _truth_and_decision(predictions: pd.DataFrame, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(y_true, y_pred, scores) with ai = 1; y_pred re-derived from p_ai at threshold."""
+    missing = [name for name in ("label", "p_ai") if name not in predictions.columns]
+    if missing:
+        raise ValueError(f"predictions are missing columns: {', '.join(missing)} (build them with predictions_table)")
+    scores = predictions["p_ai"].to_numpy(dtype=np.float64)
+    y_true = (predictions["label"] == POSITIVE).to_numpy(dtype=np.int64)
+    y_pred = (scores >= threshold).astype(np.int64)
+    return y_true, y_pred, scores
+
+
+def bootstrap_interval(hits: np.ndarray, n_bootstrap: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of hits (0/1 per row); (nan, nan) when n_bootstrap is 0."""
+    if n_bootstrap < 0:
+        raise ValueError(f"evaluate.bootstrap must be >= 0, got {n_bootstrap}")
+    if n_bootstrap == 0 or hits.size == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    # Resample in chunks so a large test set does not need n_bootstrap * n indices at once.
+    per_chunk = max(1, _BOOTSTRAP_CELLS // hits.size)
+    means: list[np.ndarray] = []
+    for start in range(0, n_bootstrap, per_chunk):
+        count = min(per_chunk, n_bootstrap - start)
+        means.append(hits[rng.integers(0, hits.size, size=(count, hits.size))].mean(axis=1))
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(np.concatenate(means), [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def _ranking_metrics(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """ROC AUC and average precision; nan when the test set holds one class only."""
+    if len(np.unique(y_true)) < 2:
+        log.warning("test set holds one class only: roc_auc and average_precision are undefined (nan)")
+        return {"roc_auc": math.nan, "average_precision": math.nan}
+    return {
+        "roc_auc": float(roc_auc_score(y_true, scores)),
+        "average_precision": float(average_precision_score(y_true, scores)),
+    }
+
+
+def compute_metrics(
+    predictions: pd.DataFrame, threshold: float, n_bootstrap: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """Accuracy (+ bootstrap 95% CI), per-class precision/recall/F1, AUCs, confusion entries; plain floats."""
+    _check_threshold(threshold)
+    if len(predictions) == 0:
+        raise ValueError("cannot compute metrics on an empty test set (is the test split empty?)")
+    y_true, y_pred, scores = _truth_and_decision(predictions, threshold)
+    hits = (y_true == y_pred).astype(np.float64)
+    low, high = bootstrap_interval(hits, n_bootstrap, seed)
+    metrics: dict[str, float] = {"accuracy": float(hits.mean()), "accuracy_ci_low": low, "accuracy_ci_high": high}
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=[0, 1], zero_division=0)
+    for index, name in enumerate(CLASS_NAMES):
+        metrics[f"precision_{name}"] = float(precision[index])
+        metrics[f"recall_{name}"] = float(recall[index])
+        metrics[f"f1_{name}"] = float(f1[index])
+    metrics.update(_ranking_metrics(y_true, scores))
+    tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
+    metrics.update({"tn": float(tn), "fp": float(fp), "fn": float(fn), "tp": float(tp)})
+    metrics.update(
+        {"n_test": float(len(y_true)), "n_ai": float(y_true.sum()), "n_real": float(len(y_true) - y_true.sum())}
+    )
+    metrics["threshold"] = float(threshold)
+    return metrics
+
+
+def per_group_accuracy(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy per (group, label), worst first (ties: larger groups first, then by name)."""
+    missing = [name for name in ("group", "label", "correct") if name not in predictions.columns]
+    if missing:
+        raise ValueError(f"predictions are missing columns: {', '.join(missing)} (build them with predictions_table)")
+    frame = predictions.loc[:, ["group", "label", "correct"]].copy()
+    frame["correct"] = frame["correct"].astype(float)
+    table = frame.groupby(["group", "label"], as_index=False, observed=True).agg(
+        n=("correct", "size"), accuracy=("correct", "mean")
+    )
+    table["n"] = table["n"].astype(int)
+    table = table.sort_values(["accuracy", "n", "group", "label"], ascending=[True, False, True, True])
+    return table.reset_index(drop=True)
+
+
+def _save_figure(figure: Figure, path: Path) -> Path:
+    """Render figure with Agg to a PNG at path, atomically."""
+    FigureCanvasAgg(figure)
+    with atomic_path(Path(path)) as tmp:
+        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    return Path(path)
+
+
+def _note(axes: Axes, text: str) -> None:
+    """Write a centred note on empty axes (used when a curve is undefined)."""
+    axes.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
+    axes.set_axis_off()
+
+
+def plot_confusion_matrix(predictions: pd.DataFrame, path: Path) -> Path:
+    """PNG of the 2x2 confusion matrix (rows: true label, columns: predicted label)."""
+    labels = list(CLASS_NAMES)
+    matrix = confusion_matrix(predictions["label"], predictions["predicted"], labels=labels)
+    figure = Figure(figsize=(4.0, 3.6))
+    axes = figure.subplots()
+    image = axes.imshow(matrix, cmap="Blues", vmin=0)
+    figure.colorbar(image, ax=axes)
+    axes.set_xticks(range(len(labels)), labels=labels)
+    axes.set_yticks(range(len(labels)), labels=labels)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    threshold = matrix.max() / 2.0 if matrix.size else 0.0
+    for (row, col), count in np.ndenumerate(matrix):
+        axes.text(col, row, str(count), ha="center", va="center", color="white" if count > threshold else "black")
+    axes.set_title(f"confusion matrix (n={int(matrix.sum())})")
+    return _save_figure(figure, path)
+
+
+def plot_roc(predictions: pd.DataFrame, path: Path) -> Path:
+    """PNG of the ROC curve (ai = positive); a note instead when the test set has one class."""
+    y_true = (predictions["label"] == POSITIVE).to_numpy(dtype=np.int64)
+    figure = Figure(figsize=(4.0, 4.0))
+    axes = figure.subplots()
+    if len(np.unique(y_true)) < 2:
+        _note(axes, "ROC undefined: the test set holds one class only")
+        return _save_figure(figure, path)
+    fpr, tpr, _ = roc_curve(y_true, predictions["p_ai"].to_numpy(dtype=np.float64))
+    auc = roc_auc_score(y_true, predictions["p_ai"].to_numpy(dtype=np.float64))
+    axes.plot(fpr, tpr, label=f"AUC = {auc:.3f}")
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
+    axes.set_xlabel("false positive rate")
+    axes.set_ylabel("true positive rate")
+    axes.set_title("ROC (positive = ai)")
+    axes.legend(loc="lower right")
+    return _save_figure(figure, path)
+
+
+def plot_pr(predictions: pd.DataFrame, path: Path) -> Path:
+    """PNG of the precision-recall curve (ai = positive); a note instead when the test set has one class."""
+    y_true = (predictions["label"] == POSITIVE).to_numpy(dtype=np.int64)
+    figure = Figure(figsize=(4.0, 4.0))
+    axes = figure.subplots()
+    if len(np.unique(y_true)) < 2:
+        _note(axes, "precision-recall undefined: the test set holds one class only")
+        return _save_figure(figure, path)
+    scores = predictions["p_ai"].to_numpy(dtype=np.float64)
+    precision, recall, _ = precision_recall_curve(y_true, scores)
+    average = average_precision_score(y_true, scores)
+    axes.step(recall, precision, where="post", label=f"AP = {average:.3f}")
+    axes.axhline(y_true.mean(), linestyle="--", color="grey", label="prevalence")
+    axes.set_xlabel("recall")
+    axes.set_ylabel("precision")
+    axes.set_ylim(0.0, 1.05)
+    axes.set_title("precision-recall (positive = ai)")
+    axes.legend(loc="lower left")
+    return _save_figure(figure, path)

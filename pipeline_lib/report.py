@@ -1,0 +1,273 @@
+"""The evaluation report: Grad-CAM maps and a self-contained HTML folder (index.html + img/ + plots/)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import jinja2
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, ScoreCAM
+from pytorch_grad_cam.base_cam import BaseCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from pipeline_lib.evaluate import borrowed_model, check_images, to_float
+from pipeline_lib.workspace import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CAM_METHODS: dict[str, type[BaseCAM]] = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "eigencam": EigenCAM,
+    "scorecam": ScoreCAM,
+}
+
+# (cell name, true label, correct?) in the order the report shows them: mistakes first.
+CELLS: tuple[tuple[str, str, bool], ...] = (
+    ("ai_misclassified", "ai", False),
+    ("real_misclassified", "real", False),
+    ("ai_correct", "ai", True),
+    ("real_correct", "real", True),
+)
+CELL_TITLES: dict[str, str] = {
+    "ai_misclassified": "AI images taken for real photos",
+    "real_misclassified": "Real photos taken for AI images",
+    "ai_correct": "AI images recognised",
+    "real_correct": "Real photos recognised",
+}
+# Summary metrics shown first in the report, in this order; any other metric follows.
+HEADLINE_METRICS: tuple[str, ...] = (
+    "accuracy",
+    "accuracy_ci_low",
+    "accuracy_ci_high",
+    "roc_auc",
+    "average_precision",
+    "precision_ai",
+    "recall_ai",
+    "f1_ai",
+    "precision_real",
+    "recall_real",
+    "f1_real",
+    "tn",
+    "fp",
+    "fn",
+    "tp",
+    "n_test",
+    "threshold",
+)
+WORST_GROUPS = 20
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_SELECTED_COLUMNS = ("sha256", "group", "label", "source", "url", "keyword", "p_ai", "predicted", "cell")
+
+
+def compute_cams(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    target_layer: torch.nn.Module,
+    method: str = "gradcam",
+    batch_size: int = 16,
+    target_class: int = 1,
+    device: str = "cpu",
+) -> np.ndarray:
+    """CAM maps float32 [N, H, W] in [0, 1] explaining target_class (1 = ai); the model is left as given."""
+    check_images(images)
+    if method not in CAM_METHODS:
+        raise ValueError(f"report.cam_method must be one of {', '.join(CAM_METHODS)}, got {method!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if target_class < 0:
+        raise ValueError(f"target_class must be a class index >= 0 (0 = real, 1 = ai), got {target_class}")
+    height, width = images.shape[-2:]
+    if len(images) == 0:
+        return np.empty((0, height, width), dtype=np.float32)
+    maps: list[np.ndarray] = []
+    # Gradients must flow even if the caller froze the backbone or is inside inference_mode.
+    with torch.inference_mode(False), torch.enable_grad(), borrowed_model(model, device, requires_grad=True):
+        with CAM_METHODS[method](model=model, target_layers=[target_layer]) as cam:
+            for start in range(0, len(images), batch_size):
+                batch = to_float(images[start : start + batch_size], device)
+                targets = [ClassifierOutputTarget(target_class) for _ in range(len(batch))]
+                maps.append(np.asarray(cam(input_tensor=batch, targets=targets), dtype=np.float32))
+    log.debug("computed %s maps for %d images", method, len(images))
+    return np.clip(np.nan_to_num(np.concatenate(maps), nan=0.0), 0.0, 1.0)
+
+
+def _confidence(predictions: pd.DataFrame) -> pd.Series:
+    """Probability the model gave to the class it predicted."""
+    p_ai = predictions["p_ai"].astype(float)
+    return p_ai.where(predictions["predicted"] == "ai", 1.0 - p_ai)
+
+
+def select_examples(predictions: pd.DataFrame, per_cell: int) -> pd.DataFrame:
+    """Up to per_cell rows for each (label x correct/misclassified) cell, most confident first, with a cell column."""
+    if per_cell < 1:
+        raise ValueError(f"report.images_per_cell must be >= 1, got {per_cell}")
+    missing = [name for name in ("sha256", "label", "p_ai", "predicted", "correct") if name not in predictions]
+    if missing:
+        raise ValueError(f"predictions are missing columns: {', '.join(missing)} (build them with predictions_table)")
+    frame = predictions.copy()
+    frame["confidence"] = _confidence(frame)
+    parts: list[pd.DataFrame] = []
+    for cell, label, correct in CELLS:
+        rows = frame[(frame["label"] == label) & (frame["correct"].astype(bool) == correct)]
+        rows = rows.sort_values(["confidence", "sha256"], ascending=[False, True]).head(per_cell)
+        if len(rows):
+            parts.append(rows.assign(cell=cell))
+    selected = pd.concat(parts, ignore_index=True) if parts else frame.head(0).assign(cell=pd.Series(dtype="string"))
+    return selected.drop(columns=["confidence"])
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    """Encode an HxWx3 uint8 array as PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_pair(img_dir: Path, sha256: str, image: torch.Tensor, cam: np.ndarray) -> tuple[str, str]:
+    """Write <sha>_orig.png and <sha>_cam.png; return their paths relative to the report folder."""
+    if not _SAFE_NAME.match(sha256):
+        raise ValueError(f"selected row has an unusable sha256 {sha256!r} (expected a hex digest)")
+    rgb = image.permute(1, 2, 0).cpu().numpy()
+    overlay = show_cam_on_image(rgb.astype(np.float32) / 255.0, cam, use_rgb=True)
+    atomic_write_bytes(img_dir / f"{sha256}_orig.png", _png_bytes(rgb))
+    atomic_write_bytes(img_dir / f"{sha256}_cam.png", _png_bytes(overlay))
+    return f"img/{sha256}_orig.png", f"img/{sha256}_cam.png"
+
+
+def _link(url: str) -> str | None:
+    """url if it is safe to put in an href (http/https only), else None (shown as text)."""
+    return url if urlsplit(url).scheme.lower() in ("http", "https") else None
+
+
+def _example(row: pd.Series, orig: str, cam: str) -> dict[str, Any]:
+    """Template fields of one selected row; the template escapes every string."""
+    url = str(row["url"])
+    return {
+        "sha256": str(row["sha256"]),
+        "orig": orig,
+        "cam": cam,
+        "p_ai": f"{float(row['p_ai']):.3f}",
+        "label": str(row["label"]),
+        "predicted": str(row["predicted"]),
+        "group": str(row["group"]),
+        "keyword": str(row["keyword"]),
+        "source": str(row["source"]),
+        "url": url,
+        "href": _link(url),
+    }
+
+
+def _copy_plots(out_dir: Path, plots: dict[str, Path]) -> list[dict[str, str]]:
+    """Copy plot files into out_dir/plots/; return their names and relative paths."""
+    copied: list[dict[str, str]] = []
+    for name, source in plots.items():
+        source = Path(source)
+        if not _SAFE_NAME.match(name):
+            raise ValueError(f"plot name must use letters, digits, '_', '.', '-', got {name!r}")
+        if not source.is_file():
+            raise FileNotFoundError(f"plot {name!r} not found at {source} (run the evaluate stage first)")
+        relative = f"plots/{name}{source.suffix}"
+        target = out_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        copied.append({"name": name, "src": relative})
+    return copied
+
+
+def _format_value(name: str, value: float) -> str:
+    """A metric as text: counts without decimals, nan as n/a, the rest with 4 decimals."""
+    if math.isnan(float(value)):
+        return "n/a"
+    if (name in ("tn", "fp", "fn", "tp") or name.startswith("n_")) and float(value).is_integer():
+        return str(int(value))
+    return f"{float(value):.4f}"
+
+
+def _metric_rows(metrics: dict[str, float]) -> list[tuple[str, str]]:
+    """Metrics in display order: headline ones first, the rest alphabetically."""
+    names = [name for name in HEADLINE_METRICS if name in metrics]
+    names += sorted(name for name in metrics if name not in HEADLINE_METRICS)
+    return [(name, _format_value(name, metrics[name])) for name in names]
+
+
+def _group_rows(per_group: pd.DataFrame) -> list[dict[str, str]]:
+    """The worst groups as template rows."""
+    rows = per_group.head(WORST_GROUPS)
+    return [
+        {"group": str(r["group"]), "label": str(r["label"]), "n": str(int(r["n"])), "accuracy": f"{r['accuracy']:.3f}"}
+        for _, r in rows.iterrows()
+    ]
+
+
+def render_html(context: dict[str, Any]) -> str:
+    """Render templates/report.html with autoescaping on (all crawled text is escaped)."""
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    return environment.get_template("report.html").render(**context)
+
+
+def _check_selected(images: torch.Tensor, selected: pd.DataFrame) -> None:
+    """Raise ValueError unless images and selected rows line up and the rows have what the report shows."""
+    check_images(images)
+    if len(images) != len(selected):
+        raise ValueError(f"images ({len(images)}) must hold one image per selected row ({len(selected)}), same order")
+    missing = [name for name in _SELECTED_COLUMNS if name not in selected.columns]
+    if missing:
+        raise ValueError(f"selected rows are missing columns: {', '.join(missing)} (build them with select_examples)")
+
+
+def build_report(
+    out_dir: Path,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    selected: pd.DataFrame,
+    metrics: dict[str, float],
+    per_group: pd.DataFrame,
+    target_layer: torch.nn.Module,
+    cam_method: str,
+    title: str,
+    plots: dict[str, Path] | None = None,
+    run_info: dict[str, str] | None = None,
+) -> Path:
+    """Write out_dir/index.html with img/ and plots/ (relative links only); index.html is written last."""
+    _check_selected(images, selected)
+    out_dir = Path(out_dir)
+    img_dir = out_dir / "img"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    cams = compute_cams(model, images, target_layer, method=cam_method)
+    rows = selected.reset_index(drop=True)
+    sections: list[dict[str, Any]] = []
+    for cell, _, _ in CELLS:
+        examples = [
+            _example(rows.loc[i], *_write_pair(img_dir, str(rows.loc[i, "sha256"]), images[i], cams[i]))
+            for i in rows.index[rows["cell"] == cell]
+        ]
+        sections.append({"id": cell, "title": CELL_TITLES[cell], "examples": examples})
+    context = {
+        "title": title,
+        "cam_method": cam_method,
+        "run_info": sorted((str(k), str(v)) for k, v in (run_info or {}).items()),
+        "metrics": _metric_rows(metrics),
+        "plots": _copy_plots(out_dir, plots or {}),
+        "worst_groups": _group_rows(per_group),
+        "n_groups": len(per_group),
+        "sections": sections,
+    }
+    index = atomic_write_text(out_dir / "index.html", render_html(context))
+    log.info("report written to %s (%d examples)", index, len(rows))
+    return index

@@ -1,0 +1,183 @@
+"""Tests for pipeline_lib.evaluate: probabilities, predictions table, metrics and plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.models import resnet18
+
+from pipeline_lib.evaluate import (
+    PREDICTION_COLUMNS,
+    compute_metrics,
+    per_group_accuracy,
+    plot_confusion_matrix,
+    plot_pr,
+    plot_roc,
+    predict_probabilities,
+    predictions_table,
+)
+
+# Ten hand-made predictions at threshold 0.5 (ai = positive):
+#   ai   rows: 0.9 0.8 0.7 0.6 | 0.3        -> tp = 4, fn = 1
+#   real rows: 0.65 0.55 | 0.2 0.1 0.05     -> fp = 2, tn = 3
+AI_SCORES = [0.9, 0.8, 0.7, 0.6, 0.3]
+REAL_SCORES = [0.65, 0.55, 0.2, 0.1, 0.05]
+
+
+class TinyClassifier(nn.Module):
+    """Same interface as pipeline_lib.models.Classifier: [0,1] NCHW floats in, logits [N,2] out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = resnet18(weights=None, num_classes=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def make_rows(labels: list[str], groups: list[str] | None = None) -> pd.DataFrame:
+    """Catalog-like test rows with the identity columns the evaluation needs."""
+    n = len(labels)
+    return pd.DataFrame(
+        {
+            "sha256": [f"{i:064x}" for i in range(n)],
+            "group": groups or [f"person{i}" for i in range(n)],
+            "label": labels,
+            "source": ["search:bing"] * n,
+            "url": [f"http://127.0.0.1/img{i}.jpg" for i in range(n)],
+            "keyword": groups or [f"person{i}" for i in range(n)],
+        }
+    )
+
+
+@pytest.fixture
+def hand_predictions() -> pd.DataFrame:
+    rows = make_rows(["ai"] * 5 + ["real"] * 5)
+    return predictions_table(rows, np.array(AI_SCORES + REAL_SCORES), threshold=0.5)
+
+
+def test_metrics_match_hand_computed_values(hand_predictions: pd.DataFrame) -> None:
+    metrics = compute_metrics(hand_predictions, threshold=0.5, n_bootstrap=200)
+    expected = {
+        "accuracy": 0.7,
+        "tp": 4.0,
+        "fn": 1.0,
+        "fp": 2.0,
+        "tn": 3.0,
+        "precision_ai": 4 / 6,
+        "recall_ai": 4 / 5,
+        "f1_ai": 8 / 11,
+        "precision_real": 3 / 4,
+        "recall_real": 3 / 5,
+        "f1_real": 2 / 3,
+        "roc_auc": 22 / 25,  # ai-over-real pairs ranked right: 5 + 5 + 5 + 4 + 3 of 25
+        "average_precision": (1 + 1 + 1 + 4 / 5 + 5 / 7) / 5,  # precision at each ai hit in the ranking
+        "n_test": 10.0,
+        "threshold": 0.5,
+    }
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value), f"{name}: expected {value}, got {metrics[name]}"
+    not_float = {k: type(v).__name__ for k, v in metrics.items() if type(v) is not float}
+    assert not_float == {}, f"metrics must be plain floats (MLflow-loggable): {not_float}"
+
+
+def test_metrics_rederive_decision_from_threshold(hand_predictions: pd.DataFrame) -> None:
+    metrics = compute_metrics(hand_predictions, threshold=0.62, n_bootstrap=0)
+    # At 0.62: ai 0.9 0.8 0.7 -> tp 3, fn 2; real 0.65 -> fp 1, tn 4.
+    got = (metrics["tp"], metrics["fn"], metrics["fp"], metrics["tn"])
+    assert got == (3.0, 2.0, 1.0, 4.0), f"confusion entries at threshold 0.62 wrong: {got}"
+    assert math.isnan(metrics["accuracy_ci_low"]), "n_bootstrap=0 should give a nan interval, not a fake one"
+
+
+def test_bootstrap_interval_contains_accuracy_and_is_seeded(hand_predictions: pd.DataFrame) -> None:
+    first = compute_metrics(hand_predictions, threshold=0.5, n_bootstrap=500, seed=7)
+    again = compute_metrics(hand_predictions, threshold=0.5, n_bootstrap=500, seed=7)
+    low, high = first["accuracy_ci_low"], first["accuracy_ci_high"]
+    assert low <= first["accuracy"] <= high, f"interval [{low}, {high}] misses accuracy {first['accuracy']}"
+    assert 0.0 <= low < high <= 1.0, f"interval [{low}, {high}] should be a proper sub-range of [0, 1]"
+    assert (again["accuracy_ci_low"], again["accuracy_ci_high"]) == (low, high), "same seed gave another interval"
+
+
+def test_single_class_test_set_gives_nan_auc_without_crashing() -> None:
+    rows = make_rows(["ai"] * 4)
+    predictions = predictions_table(rows, np.array([0.9, 0.8, 0.4, 0.7]), threshold=0.5)
+    metrics = compute_metrics(predictions, threshold=0.5, n_bootstrap=50)
+    assert math.isnan(metrics["roc_auc"]), f"roc_auc with one class should be nan, got {metrics['roc_auc']}"
+    assert math.isnan(metrics["average_precision"]), "average_precision with one class should be nan"
+    assert metrics["accuracy"] == pytest.approx(0.75), f"accuracy should still be 3/4, got {metrics['accuracy']}"
+    assert metrics["precision_real"] == 0.0, "precision of a class never predicted correctly should be 0, not an error"
+
+
+def test_compute_metrics_rejects_empty_and_bad_threshold(hand_predictions: pd.DataFrame) -> None:
+    with pytest.raises(ValueError, match="empty test set"):
+        compute_metrics(hand_predictions.head(0), threshold=0.5)
+    with pytest.raises(ValueError, match="threshold"):
+        compute_metrics(hand_predictions, threshold=1.5)
+
+
+def test_predictions_table_columns_rule_and_no_mutation() -> None:
+    rows = make_rows(["ai", "real", "ai"]).set_index(pd.Index([10, 20, 30]))
+    before = rows.copy()
+    table = predictions_table(rows, np.array([0.5, 0.49, 0.1]), threshold=0.5)
+    assert tuple(table.columns) == PREDICTION_COLUMNS, f"unexpected columns {list(table.columns)}"
+    assert list(table["predicted"]) == ["ai", "real", "real"], "p_ai >= threshold must mean ai"
+    assert list(table["correct"]) == [True, True, False], f"correct column wrong: {list(table['correct'])}"
+    pd.testing.assert_frame_equal(rows, before, obj="predictions_table mutated its input")
+    with pytest.raises(ValueError, match="one value per test row"):
+        predictions_table(rows, np.array([0.5, 0.5]), threshold=0.5)
+
+
+def test_per_group_accuracy_sorted_worst_first() -> None:
+    groups = ["A", "A", "B", "B", "B", "C", "D", "D", "D", "D"]
+    labels = ["ai", "ai", "real", "real", "real", "ai", "real", "real", "real", "real"]
+    scores = [0.9, 0.1, 0.1, 0.2, 0.3, 0.2, 0.9, 0.8, 0.1, 0.2]
+    predictions = predictions_table(make_rows(labels, groups), np.array(scores), threshold=0.5)
+    table = per_group_accuracy(predictions)
+    assert list(table.columns) == ["group", "label", "n", "accuracy"], f"unexpected columns {list(table.columns)}"
+    # C: 0/1, then the two 0.5 groups (larger D before A), then B: 3/3.
+    assert list(table["group"]) == ["C", "D", "A", "B"], f"groups not sorted worst first: {list(table['group'])}"
+    assert list(table["n"]) == [1, 4, 2, 3], f"group sizes wrong: {list(table['n'])}"
+    assert list(table["accuracy"]) == [0.0, 0.5, 0.5, 1.0], f"group accuracies wrong: {list(table['accuracy'])}"
+
+
+@pytest.mark.parametrize("plot", [plot_confusion_matrix, plot_roc, plot_pr])
+@pytest.mark.parametrize("single_class", [False, True])
+def test_plots_are_valid_pngs(plot, single_class: bool, hand_predictions: pd.DataFrame, tmp_path: Path) -> None:
+    predictions = hand_predictions.head(5) if single_class else hand_predictions
+    target = tmp_path / "plots" / f"{plot.__name__}.png"
+    returned = plot(predictions, target)
+    assert Path(returned) == target, f"{plot.__name__} returned {returned}, expected {target}"
+    with Image.open(target) as image:
+        image.verify()
+        assert image.format == "PNG", f"{plot.__name__} wrote {image.format}, not PNG"
+    leftovers = [p.name for p in target.parent.iterdir() if p != target]
+    assert leftovers == [], f"atomic write left temporary files behind: {leftovers}"
+
+
+def test_predict_probabilities_matches_softmax_and_restores_model() -> None:
+    torch.manual_seed(0)
+    model = TinyClassifier().train()
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    p_small = predict_probabilities(model, images, batch_size=2)
+    p_big = predict_probabilities(model, images, batch_size=64)
+    model.eval()
+    with torch.no_grad():
+        expected = torch.softmax(model(images.float() / 255.0), dim=1)[:, 1].numpy()
+    assert p_small.shape == (5,), f"expected one p_ai per image, got shape {p_small.shape}"
+    np.testing.assert_allclose(p_small, expected, rtol=1e-5, atol=1e-6, err_msg="p_ai is not softmax(logits)[:,1]")
+    np.testing.assert_allclose(p_small, p_big, rtol=1e-5, atol=1e-6, err_msg="p_ai depends on batch size")
+    model.train()
+    predict_probabilities(model, images[:1])
+    assert model.training, "predict_probabilities must give the model back in the mode it was in"
+
+
+def test_predict_probabilities_rejects_float_images() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        predict_probabilities(TinyClassifier(), torch.rand(2, 3, 32, 32))

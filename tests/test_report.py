@@ -1,0 +1,189 @@
+"""Tests for pipeline_lib.report: CAM maps, example selection and the HTML report folder."""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.models import resnet18
+
+from pipeline_lib.evaluate import per_group_accuracy, plot_roc, predictions_table
+from pipeline_lib.report import CAM_METHODS, build_report, compute_cams, select_examples
+
+HOSTILE_GROUP = "<script>alert(1)</script>"
+HOSTILE_URL = 'http://127.0.0.1/a.jpg?q="><img onerror=alert(2) src=x>'
+
+
+class TinyClassifier(nn.Module):
+    """Same interface as pipeline_lib.models.Classifier: [0,1] NCHW floats in, logits [N,2] out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = resnet18(weights=None, num_classes=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ImageTags(HTMLParser):
+    """Collects the attributes of every <img> and the href of every <a>."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[dict[str, str | None]] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.images.append(dict(attrs))
+        if tag == "a":
+            self.links.append(dict(attrs).get("href") or "")
+
+
+@pytest.fixture(scope="module")
+def model() -> TinyClassifier:
+    torch.manual_seed(0)
+    return TinyClassifier().eval()
+
+
+def random_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+
+
+def make_predictions(groups: list[str] | None = None, urls: list[str] | None = None) -> pd.DataFrame:
+    """Eight predictions, two per cell (ai/real x correct/misclassified)."""
+    labels = ["ai", "ai", "ai", "ai", "real", "real", "real", "real"]
+    scores = [0.95, 0.7, 0.4, 0.1, 0.05, 0.3, 0.6, 0.85]
+    n = len(labels)
+    rows = pd.DataFrame(
+        {
+            "sha256": [f"{i:02d}" * 32 for i in range(n)],
+            "group": groups or [f"person{i % 3}" for i in range(n)],
+            "label": labels,
+            "source": ["search:bing"] * n,
+            "url": urls or [f"http://127.0.0.1/img{i}.jpg" for i in range(n)],
+            "keyword": groups or [f"person{i % 3}" for i in range(n)],
+        }
+    )
+    return predictions_table(rows, np.array(scores), threshold=0.5)
+
+
+def write_report(tmp_path: Path, model: TinyClassifier, predictions: pd.DataFrame) -> tuple[Path, pd.DataFrame]:
+    """Select examples, build the report with one plot, return (index path, selected rows)."""
+    selected = select_examples(predictions, per_cell=2)
+    positions = [predictions.index[predictions["sha256"] == sha][0] for sha in selected["sha256"]]
+    images = random_images(len(predictions), 32)[positions]
+    plot = plot_roc(predictions, tmp_path / "eval" / "roc.png")
+    index = build_report(
+        tmp_path / "report",
+        model,
+        images,
+        selected,
+        metrics={"accuracy": 0.5, "roc_auc": float("nan"), "tp": 2.0},
+        per_group=per_group_accuracy(predictions),
+        target_layer=model.net.layer4[-1],
+        cam_method="gradcam",
+        title="aidetect test report",
+        plots={"roc": plot},
+        run_info={"run_id": "abc123", "model": "resnet18"},
+    )
+    return index, selected
+
+
+def parse(index: Path) -> ImageTags:
+    parser = ImageTags()
+    parser.feed(index.read_text(encoding="utf-8"))
+    return parser
+
+
+def test_compute_cams_shape_range_and_dtype(model: TinyClassifier) -> None:
+    images = random_images(8, 64)
+    cams = compute_cams(model, images, model.net.layer4[-1], batch_size=3)
+    assert cams.shape == (8, 64, 64), f"expected one 64x64 map per image, got {cams.shape}"
+    assert cams.dtype == np.float32, f"maps should be float32, got {cams.dtype}"
+    assert np.isfinite(cams).all() and cams.min() >= 0.0 and cams.max() <= 1.0, "maps must lie in [0, 1]"
+
+
+def test_compute_cams_works_on_frozen_model_and_leaves_it_as_given(model: TinyClassifier) -> None:
+    images = random_images(2, 64, seed=1)
+    layer = model.net.layer4[-1]
+    expected = compute_cams(model, images, layer)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.train()
+    try:
+        with torch.inference_mode():
+            frozen = compute_cams(model, images, layer)
+        flags = {p.requires_grad for p in model.parameters()}
+        assert flags == {False}, "compute_cams must restore requires_grad=False on a frozen model"
+        assert model.training, "compute_cams must give the model back in train mode when it got it so"
+    finally:
+        for param in model.parameters():
+            param.requires_grad_(True)
+        model.eval()
+    np.testing.assert_allclose(frozen, expected, atol=1e-5, err_msg="a frozen model gave other Grad-CAM maps")
+    leftover = [m for m in model.modules() if m._forward_hooks or m._backward_hooks]
+    assert leftover == [], f"compute_cams left hooks on {len(leftover)} modules"
+    assert all(p.grad is None for p in model.parameters()), "compute_cams left gradients on the parameters"
+
+
+@pytest.mark.parametrize("method", sorted(CAM_METHODS))
+def test_every_registered_cam_method_runs(model: TinyClassifier, method: str) -> None:
+    cams = compute_cams(model, random_images(2, 32, seed=2), model.net.layer3[-1], method=method)
+    assert cams.shape == (2, 32, 32), f"{method} gave shape {cams.shape}"
+    assert np.isfinite(cams).all() and cams.min() >= 0.0 and cams.max() <= 1.0, f"{method} maps outside [0, 1]"
+
+
+def test_compute_cams_rejects_unknown_method(model: TinyClassifier) -> None:
+    with pytest.raises(ValueError, match="gradcam"):
+        compute_cams(model, random_images(1, 32), model.net.layer4[-1], method="layercam")
+
+
+def test_select_examples_cells_limits_and_order() -> None:
+    predictions = make_predictions()
+    selected = select_examples(predictions, per_cell=1)
+    by_cell = dict(zip(selected["cell"], selected["p_ai"], strict=True))
+    # Most confident per cell: ai right 0.95, ai wrong 0.1, real right 0.05, real wrong 0.85.
+    expected = {"ai_correct": 0.95, "ai_misclassified": 0.1, "real_correct": 0.05, "real_misclassified": 0.85}
+    assert by_cell == expected, f"wrong example picked per cell: {by_cell}"
+    both = select_examples(predictions, per_cell=5)
+    assert len(both) == 8 and both["cell"].value_counts().to_dict() == dict.fromkeys(expected, 2), (
+        "per_cell larger than a cell should return the whole cell"
+    )
+    assert "cell" not in predictions.columns, "select_examples mutated its input"
+
+
+def test_build_report_references_existing_images_with_relative_links(tmp_path: Path, model: TinyClassifier) -> None:
+    index, selected = write_report(tmp_path, model, make_predictions())
+    assert index == tmp_path / "report" / "index.html", f"unexpected index path {index}"
+    sources = [tag["src"] or "" for tag in parse(index).images]
+    for src in sources:
+        assert not src.startswith(("/", "http:", "https:", "file:")), f"image link {src!r} is not relative"
+        assert (index.parent / src).is_file(), f"index.html references {src} which is not on disk"
+    for sha in selected["sha256"]:
+        for kind in ("orig", "cam"):
+            assert f"img/{sha}_{kind}.png" in sources, f"{kind} picture of {sha[:8]} is not in the report"
+            with Image.open(index.parent / "img" / f"{sha}_{kind}.png") as picture:
+                assert picture.size == (32, 32), f"{kind} picture has size {picture.size}, expected 32x32"
+    assert "plots/roc.png" in sources, "the ROC plot was not copied into the report folder"
+    text = index.read_text(encoding="utf-8")
+    assert "abc123" in text and "aidetect test report" in text, "run info or title missing from the report"
+
+
+def test_build_report_escapes_crawled_text(tmp_path: Path, model: TinyClassifier) -> None:
+    groups = [HOSTILE_GROUP] * 4 + ["ok"] * 4
+    urls = [HOSTILE_URL] * 4 + ["javascript:alert(3)"] * 4
+    index, _ = write_report(tmp_path, model, make_predictions(groups, urls))
+    text = index.read_text(encoding="utf-8")
+    assert "<script" not in text, "a crawled group name reached the HTML unescaped"
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text, "the hostile group should be shown, escaped"
+    tags = parse(index)
+    assert all("onerror" not in tag for tag in tags.images), "a crawled url injected an <img onerror=...>"
+    assert all(not link.lower().startswith("javascript:") for link in tags.links), "a javascript: url became a link"
