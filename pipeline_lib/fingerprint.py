@@ -1,0 +1,249 @@
+"""Perceptual fingerprints of ok images, computed once per sha256 and cached in the workspace.
+
+The catalog's `phash` column holds the hash of the *configured* algorithm (phash, dhash, whash or ahash); the
+column name is kept for schema stability. The `dhash` column always holds a dhash of the same size, a cheap
+second opinion. Pixels are hashed as stored (EXIF orientation is not applied), so a file always hashes the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import imagehash
+import pandas as pd
+from PIL import Image
+
+from pipeline_lib.catalog import INVALID_PREFIX, STATUS_OK, conform
+from pipeline_lib.validate import to_rgb
+from pipeline_lib.workspace import Workspace, atomic_path
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS: tuple[str, ...] = ("phash", "dhash", "whash", "ahash")
+CACHE_COLUMNS: tuple[str, ...] = ("sha256", "phash", "dhash")
+PARALLEL_MIN_IMAGES = 64
+# JPEG draft decoding is asked for at least DRAFT_FACTOR * hash_size pixels per side: twice what phash and
+# whash resize to (4 * hash_size), so the final antialiased resize still does the filtering.
+DRAFT_FACTOR = 8
+UNHASHABLE = "unhashable"
+
+
+def _phash(image: Image.Image, hash_size: int) -> imagehash.ImageHash:
+    return imagehash.phash(image, hash_size=hash_size)
+
+
+def _dhash(image: Image.Image, hash_size: int) -> imagehash.ImageHash:
+    return imagehash.dhash(image, hash_size=hash_size)
+
+
+def _whash(image: Image.Image, hash_size: int) -> imagehash.ImageHash:
+    # A fixed image_scale: imagehash's default depends on the decoded size, which draft mode changes.
+    return imagehash.whash(image, hash_size=hash_size, image_scale=4 * hash_size)
+
+
+def _ahash(image: Image.Image, hash_size: int) -> imagehash.ImageHash:
+    return imagehash.average_hash(image, hash_size=hash_size)
+
+
+_HASHERS: dict[str, Callable[[Image.Image, int], imagehash.ImageHash]] = {
+    "phash": _phash,
+    "dhash": _dhash,
+    "whash": _whash,
+    "ahash": _ahash,
+}
+
+
+def check_params(algorithm: str, hash_size: int) -> None:
+    """Raise ValueError naming the problem if algorithm or hash_size cannot be used."""
+    if algorithm not in _HASHERS:
+        raise ValueError(f"unknown hash algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+    if hash_size < 2:
+        raise ValueError(f"hash_size must be >= 2, got {hash_size}")
+    if algorithm == "whash" and hash_size & (hash_size - 1):
+        raise ValueError(f"whash needs a power-of-two hash_size, got {hash_size}")
+
+
+def _decode_grey(path: Path, hash_size: int, draft: bool) -> Image.Image:
+    """Decode path to 8-bit greyscale; JPEGs are DCT-downscaled (draft) to >= DRAFT_FACTOR * hash_size per side."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            if draft and image.format == "JPEG":
+                side = DRAFT_FACTOR * hash_size
+                image.draft("L", (side, side))
+            image.load()
+            return to_rgb(image).convert("L")
+
+
+def hash_pair(path: Path, algorithm: str = "phash", hash_size: int = 8, draft: bool = True) -> tuple[str, str]:
+    """Hex hashes (configured algorithm, dhash) of one image file, decoding it once."""
+    check_params(algorithm, hash_size)
+    grey = _decode_grey(Path(path), hash_size, draft)
+    return str(_HASHERS[algorithm](grey, hash_size)), str(_dhash(grey, hash_size))
+
+
+def hash_image(path: Path, algorithm: str = "phash", hash_size: int = 8, draft: bool = True) -> str:
+    """Hex perceptual hash of one image file (pixels as stored, no EXIF rotation)."""
+    return hash_pair(path, algorithm, hash_size, draft)[0]
+
+
+@dataclass(frozen=True)
+class _HashJob:
+    """One image to hash (picklable, for the process pool)."""
+
+    sha256: str
+    path: str
+    algorithm: str
+    hash_size: int
+
+
+@dataclass(frozen=True)
+class _HashOutcome:
+    """Hashes of one sha256, or the error that prevented them (error is "" on success)."""
+
+    sha256: str
+    phash: str
+    dhash: str
+    error: str
+    message: str = ""
+
+
+def _hash_job(job: _HashJob) -> _HashOutcome:
+    """Hash one file; any failure is returned, not raised (runs in a worker process)."""
+    try:
+        main, second = hash_pair(Path(job.path), job.algorithm, job.hash_size)
+    except Exception as error:  # PIL and the hashers raise many types; each becomes a recorded reason
+        return _HashOutcome(job.sha256, "", "", type(error).__name__, str(error))
+    return _HashOutcome(job.sha256, main, second, "")
+
+
+def _run_jobs(jobs: list[_HashJob], workers: int | None) -> Iterator[_HashOutcome]:
+    """Hash sequentially, or streamed through a spawned process pool when there are many images."""
+    n_workers = min(workers or os.cpu_count() or 1, len(jobs))
+    if n_workers <= 1 or len(jobs) < PARALLEL_MIN_IMAGES:
+        yield from map(_hash_job, jobs)
+        return
+    chunksize = max(1, min(256, len(jobs) // (4 * n_workers)))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=n_workers, mp_context=context) as pool:
+        yield from pool.map(_hash_job, jobs, chunksize=chunksize)
+
+
+def cache_path(workspace: Workspace, algorithm: str, hash_size: int) -> Path:
+    """Where the sha256 -> hashes table of one (algorithm, hash_size) is kept."""
+    return workspace.cache / "hashes" / f"{algorithm}-{hash_size}.parquet"
+
+
+def _empty_cache() -> pd.DataFrame:
+    return pd.DataFrame({name: pd.Series([], dtype="string") for name in CACHE_COLUMNS})
+
+
+def read_cache(path: Path) -> pd.DataFrame:
+    """The cached hashes at path (empty if absent; an unreadable cache is logged and rebuilt)."""
+    if not path.is_file():
+        return _empty_cache()
+    try:
+        table = pd.read_parquet(path, engine="pyarrow")
+    except (OSError, ValueError) as error:
+        log.warning("hash cache %s is unreadable (%s); hashing again", path, error)
+        return _empty_cache()
+    missing = [name for name in CACHE_COLUMNS if name not in table.columns]
+    if missing:
+        log.warning("hash cache %s lacks columns %s; hashing again", path, missing)
+        return _empty_cache()
+    return table[list(CACHE_COLUMNS)].astype("string").drop_duplicates("sha256", keep="last")
+
+
+def _write_cache(path: Path, table: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        table.sort_values("sha256").reset_index(drop=True).to_parquet(tmp, index=False, engine="pyarrow")
+
+
+@dataclass(frozen=True)
+class FingerprintResult:
+    """The hashed catalog and how many images were hashed now, taken from the cache, or found unhashable."""
+
+    catalog: pd.DataFrame
+    n_hashed: int
+    n_cached: int
+    n_unhashable: int
+
+
+def _jobs_for(
+    workspace: Workspace, ok: pd.DataFrame, known: Iterable[str], algorithm: str, hash_size: int
+) -> list[_HashJob]:
+    """One job per distinct sha256 of ok rows that is not in the cache (its first row's path)."""
+    known_set = set(known)
+    firsts = ok.drop_duplicates("sha256")
+    return [
+        _HashJob(sha, str(workspace.root / path), algorithm, hash_size)
+        for sha, path in zip(firsts["sha256"], firsts["path"], strict=True)
+        if sha not in known_set
+    ]
+
+
+def _collect(outcomes: Iterable[_HashOutcome]) -> tuple[list[_HashOutcome], dict[str, str]]:
+    """Split outcomes into successes and sha256 -> error class name."""
+    hashed: list[_HashOutcome] = []
+    failed: dict[str, str] = {}
+    for outcome in outcomes:
+        if outcome.error:
+            log.warning("cannot hash %s: %s: %s", outcome.sha256[:12], outcome.error, outcome.message)
+            failed[outcome.sha256] = outcome.error
+        else:
+            hashed.append(outcome)
+    return hashed, failed
+
+
+def _fill(catalog: pd.DataFrame, cache: pd.DataFrame, failed: dict[str, str]) -> pd.DataFrame:
+    """Put hashes on ok rows and mark rows of unhashable images invalid:unhashable:<Error>."""
+    out = catalog.copy()
+    ok = out["status"] == STATUS_OK
+    by_sha = cache.set_index("sha256")
+    known = ok & out["sha256"].isin(by_sha.index)
+    out.loc[known, "phash"] = by_sha["phash"].reindex(out.loc[known, "sha256"]).to_numpy()
+    out.loc[known, "dhash"] = by_sha["dhash"].reindex(out.loc[known, "sha256"]).to_numpy()
+    broken = ok & out["sha256"].isin(list(failed))
+    out.loc[broken, "status"] = [f"{INVALID_PREFIX}{UNHASHABLE}:{failed[sha]}" for sha in out.loc[broken, "sha256"]]
+    return conform(out)
+
+
+def fingerprint_catalog_with_stats(
+    workspace: Workspace, catalog: pd.DataFrame, algorithm: str, hash_size: int, workers: int | None = None
+) -> FingerprintResult:
+    """Hash each distinct sha256 of ok rows not hashed before (cached per algorithm and size); fill phash/dhash."""
+    check_params(algorithm, hash_size)
+    table = conform(catalog)
+    path = cache_path(workspace, algorithm, hash_size)
+    cache = read_cache(path)
+    ok = table[table["status"] == STATUS_OK]
+    jobs = _jobs_for(workspace, ok, cache["sha256"], algorithm, hash_size)
+    hashed, failed = _collect(_run_jobs(jobs, workers))
+    if hashed:
+        new = pd.DataFrame([(o.sha256, o.phash, o.dhash) for o in hashed], columns=list(CACHE_COLUMNS))
+        cache = pd.concat([cache, new.astype("string")], ignore_index=True)
+        _write_cache(path, cache)
+    n_cached = ok["sha256"].nunique() - len(jobs)
+    log.info(
+        "fingerprint %s-%d: %d hashed, %d cached, %d unhashable",
+        algorithm,
+        hash_size,
+        len(hashed),
+        n_cached,
+        len(failed),
+    )
+    return FingerprintResult(_fill(table, cache, failed), len(hashed), n_cached, len(failed))
+
+
+def fingerprint_catalog(
+    workspace: Workspace, catalog: pd.DataFrame, algorithm: str, hash_size: int, workers: int | None = None
+) -> pd.DataFrame:
+    """The catalog with phash (configured algorithm) and dhash filled for ok rows (see ..._with_stats)."""
+    return fingerprint_catalog_with_stats(workspace, catalog, algorithm, hash_size, workers).catalog

@@ -1,0 +1,205 @@
+"""Perceptual hashing of stored images: draft decoding, the per-sha cache, unhashable files, algorithms."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline_lib import fingerprint
+from pipeline_lib.catalog import new_rows
+from pipeline_lib.dedup import hamming
+from pipeline_lib.fingerprint import (
+    cache_path,
+    fingerprint_catalog,
+    fingerprint_catalog_with_stats,
+    hash_image,
+    hash_pair,
+)
+from pipeline_lib.workspace import Workspace, put_in_store
+
+
+def smooth(size: tuple[int, int], seed: int = 0, noise: float = 0.0, cells: int = 6) -> Image.Image:
+    """A smooth pattern: a seeded random cells x cells colour grid upsampled bicubically, optionally noisy.
+
+    (Its spectrum has real low-frequency structure; a pure sine pattern has so few non-zero DCT coefficients that
+    phash flips bits when the image is merely resized by one pixel.)
+    """
+    rng = np.random.default_rng(seed)
+    grid = rng.integers(0, 256, size=(cells, cells, 3), dtype=np.uint8)
+    image = Image.fromarray(grid).resize(size, Image.Resampling.BICUBIC)
+    if not noise:
+        return image
+    pixels = np.asarray(image, dtype=float) + rng.normal(0, noise, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def store(workspace: Workspace, data: bytes, ext: str, **fields: object) -> dict[str, object]:
+    """Put bytes in the store and return a catalog record for them."""
+    sha, path = put_in_store(workspace, data, ext)
+    record = {"sha256": sha, "path": workspace.relative(path), "label": "real", "group": "g", "status": "ok"}
+    record.update(fields)
+    return record
+
+
+def catalog_of(workspace: Workspace, n: int, start: int = 0) -> pd.DataFrame:
+    return new_rows(store(workspace, encode(smooth((64, 48), seed), "PNG"), "png") for seed in range(start, start + n))
+
+
+def test_identical_pixels_hash_identically_across_formats(tmp_path: Path) -> None:
+    image = smooth((120, 90), seed=3)
+    png, bmp = tmp_path / "a.png", tmp_path / "a.bmp"
+    image.save(png)
+    image.save(bmp)
+    assert hash_pair(png) == hash_pair(bmp)
+    assert hash_image(png) == hash_image(png)
+    other = tmp_path / "b.png"
+    smooth((120, 90), seed=4).save(other)
+    assert hash_image(other) != hash_image(png)
+
+
+def test_hash_is_hex_of_hash_size_squared_bits(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    smooth((80, 80)).save(path)
+    for size in (8, 16):
+        main, second = hash_pair(path, "phash", size)
+        assert len(main) == len(second) == size * size // 4
+        int(main, 16), int(second, 16)
+
+
+def test_draft_decoding_is_smaller_and_agrees_with_full_decode(tmp_path: Path) -> None:
+    path = tmp_path / "big.jpg"
+    path.write_bytes(encode(smooth((1000, 800), seed=1, noise=3), "JPEG", quality=90))
+    drafted = fingerprint._decode_grey(path, 8, draft=True)
+    full = fingerprint._decode_grey(path, 8, draft=False)
+    assert full.size == (1000, 800)
+    assert drafted.size == (125, 100)  # 1/8 scale: still >= 8 * hash_size per side
+    for algorithm in ("phash", "dhash", "ahash", "whash"):
+        fast = int(hash_image(path, algorithm, 8, draft=True), 16)
+        slow = int(hash_image(path, algorithm, 8, draft=False), 16)
+        assert hamming(fast, slow) <= 2, algorithm
+
+
+def test_unusual_modes_hash(tmp_path: Path) -> None:
+    photo = smooth((64, 64), seed=2)
+    levels = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).astype(np.uint16)
+    files = {
+        "cmyk.jpg": encode(photo.convert("CMYK"), "JPEG"),
+        "la.png": encode(photo.convert("LA"), "PNG"),
+        "sixteen.png": encode(Image.fromarray(levels), "PNG"),
+        "palette.gif": encode(photo.convert("P"), "GIF"),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        assert len(hash_image(tmp_path / name)) == 16, name
+
+
+def test_bad_parameters_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    smooth((40, 40)).save(path)
+    with pytest.raises(ValueError, match="unknown hash algorithm 'md5'"):
+        hash_image(path, "md5")
+    with pytest.raises(ValueError, match="power-of-two hash_size, got 6"):
+        hash_image(path, "whash", 6)
+    with pytest.raises(ValueError, match="hash_size must be >= 2"):
+        hash_image(path, "phash", 1)
+
+
+def test_catalog_fills_ok_rows_and_hashes_each_sha_once(workspace: Workspace) -> None:
+    table = catalog_of(workspace, 3)
+    twice = pd.concat([table, table.iloc[[0]]], ignore_index=True)
+    invalid = new_rows([{"sha256": "f" * 64, "path": "quarantine/x.jpg", "label": "ai", "status": "invalid:truncated"}])
+    result = fingerprint_catalog_with_stats(workspace, pd.concat([twice, invalid], ignore_index=True), "phash", 8)
+    out = result.catalog
+    assert (result.n_hashed, result.n_cached, result.n_unhashable) == (3, 0, 0)
+    assert list(out["status"]) == ["ok"] * 4 + ["invalid:truncated"]
+    assert (out["phash"].iloc[:4].str.len() == 16).all() and (out["dhash"].iloc[:4].str.len() == 16).all()
+    assert out["phash"].iloc[0] == out["phash"].iloc[3]
+    assert out["phash"].iloc[4] == "" and out["dhash"].iloc[4] == ""
+    expected = hash_pair(workspace.root / out["path"].iloc[1], "phash", 8)
+    assert (out["phash"].iloc[1], out["dhash"].iloc[1]) == expected
+
+
+def test_cache_is_reused_and_extended(workspace: Workspace) -> None:
+    table = catalog_of(workspace, 3)
+    first = fingerprint_catalog_with_stats(workspace, table, "phash", 8)
+    cache = cache_path(workspace, "phash", 8)
+    assert cache == workspace.cache / "hashes" / "phash-8.parquet" and cache.is_file()
+    mtime = cache.stat().st_mtime_ns
+    again = fingerprint_catalog_with_stats(workspace, table, "phash", 8)
+    assert (again.n_hashed, again.n_cached) == (0, 3)
+    assert cache.stat().st_mtime_ns == mtime  # nothing new: the cache is not rewritten
+    pd.testing.assert_frame_equal(again.catalog, first.catalog)
+    grown = pd.concat([table, catalog_of(workspace, 2, start=10)], ignore_index=True)
+    more = fingerprint_catalog_with_stats(workspace, grown, "phash", 8)
+    assert (more.n_hashed, more.n_cached) == (2, 3)
+    assert sorted(pd.read_parquet(cache)["sha256"]) == sorted(grown["sha256"])
+    assert not list(cache.parent.glob("*.part"))
+
+
+def test_cached_hashes_are_used_without_reading_images(workspace: Workspace) -> None:
+    table = catalog_of(workspace, 2)
+    first = fingerprint_catalog(workspace, table, "phash", 8)
+    for path in table["path"]:
+        (workspace.root / path).unlink()  # a re-run must not need the files again
+    assert list(fingerprint_catalog(workspace, table, "phash", 8)["phash"]) == list(first["phash"])
+
+
+def test_unreadable_cache_is_rebuilt(workspace: Workspace) -> None:
+    table = catalog_of(workspace, 2)
+    cache = cache_path(workspace, "phash", 8)
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"not parquet")
+    result = fingerprint_catalog_with_stats(workspace, table, "phash", 8)
+    assert result.n_hashed == 2
+    assert len(pd.read_parquet(cache)) == 2
+
+
+def test_corrupt_file_at_hash_time_becomes_unhashable(workspace: Workspace) -> None:
+    table = catalog_of(workspace, 3)
+    broken = workspace.root / table["path"].iloc[1]
+    broken.write_bytes(broken.read_bytes()[:40])  # damaged after validation
+    (workspace.root / table["path"].iloc[2]).unlink()  # gone after validation
+    result = fingerprint_catalog_with_stats(workspace, table, "phash", 8)
+    status = list(result.catalog["status"])
+    assert status[0] == "ok" and result.catalog["phash"].iloc[0] != ""
+    assert status[1].startswith("invalid:unhashable:") and status[1] != "invalid:unhashable:"
+    assert status[2] == "invalid:unhashable:FileNotFoundError"
+    assert result.catalog["phash"].iloc[1] == "" and result.n_unhashable == 2
+    assert list(pd.read_parquet(cache_path(workspace, "phash", 8))["sha256"]) == [table["sha256"].iloc[0]]
+
+
+def test_algorithm_switch_uses_its_own_cache(workspace: Workspace) -> None:
+    table = catalog_of(workspace, 4)
+    by_algorithm = {name: fingerprint_catalog(workspace, table, name, 8) for name in ("phash", "whash", "ahash")}
+    assert by_algorithm["phash"]["phash"].tolist() != by_algorithm["ahash"]["phash"].tolist()
+    assert by_algorithm["phash"]["phash"].tolist() != by_algorithm["whash"]["phash"].tolist()
+    for frame in by_algorithm.values():  # the second opinion is the same dhash whatever the algorithm
+        assert frame["dhash"].tolist() == by_algorithm["phash"]["dhash"].tolist()
+    names = sorted(p.name for p in (workspace.cache / "hashes").iterdir())
+    assert names == ["ahash-8.parquet", "phash-8.parquet", "whash-8.parquet"]
+    larger = fingerprint_catalog(workspace, table, "phash", 16)
+    assert (larger["phash"].str.len() == 64).all()
+
+
+def test_process_pool_matches_sequential(workspace: Workspace) -> None:
+    n = fingerprint.PARALLEL_MIN_IMAGES
+    table = catalog_of(workspace, n)
+    broken = workspace.root / table["path"].iloc[5]
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    parallel = fingerprint_catalog_with_stats(workspace, table, "dhash", 8, workers=2)
+    sequential = fingerprint_catalog_with_stats(workspace, table, "dhash", 8, workers=1)
+    assert parallel.n_hashed == n - 1 and parallel.n_unhashable == 1
+    assert sequential.n_hashed == 0 and sequential.n_cached == n - 1
+    pd.testing.assert_frame_equal(parallel.catalog, sequential.catalog)
+    assert parallel.catalog["status"].iloc[5].startswith("invalid:unhashable:")

@@ -1,0 +1,198 @@
+"""Ingest: crawled files validated once, moved byte-identical to store/ or quarantine/, cataloged in log order."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline_lib.catalog import COLUMNS
+from pipeline_lib.config import IngestConfig
+from pipeline_lib.ingest import LOG_COLUMNS, ingest, ingest_summary, validation_record_path
+from pipeline_lib.workspace import Workspace, bytes_sha256, file_sha256
+
+CONFIG = IngestConfig(min_side=16, max_pixels=10_000_000)
+T0 = datetime(2024, 5, 1, tzinfo=UTC)
+
+
+def photo(size: tuple[int, int] = (64, 48), seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    grid = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(grid).resize(size, Image.Resampling.BICUBIC), dtype=float)
+    return Image.fromarray(np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8), "RGB")
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class Crawled:
+    """One crawled file: its bytes, extension and the status ingest must give it."""
+
+    name: str
+    data: bytes
+    ext: str
+    status: str
+    mode: str = ""
+
+
+def crawled_files() -> list[Crawled]:
+    jpeg = encode(photo(seed=1), "JPEG")
+    sixteen = (np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 40).astype(np.uint16)
+    html = b"<!DOCTYPE html><html><head><title>Blocked</title></head><body>captcha</body></html>"
+    return [
+        Crawled("good_jpeg", jpeg, "jpg", "ok", "RGB"),
+        Crawled("good_png", encode(photo(seed=2), "PNG"), "png", "ok", "RGB"),
+        Crawled("zero", b"", "jpg", "invalid:zero_bytes"),
+        Crawled("truncated", jpeg[: len(jpeg) // 2], "jpg", "invalid:truncated"),
+        Crawled("html", html, "jpg", "invalid:not_an_image:html"),
+        Crawled("small", encode(photo((8, 30), seed=3), "PNG"), "png", "invalid:too_small"),
+        Crawled("cmyk", encode(photo(seed=4).convert("CMYK"), "JPEG"), "jpg", "ok", "CMYK"),
+        Crawled("la", encode(photo(seed=5).convert("LA"), "PNG"), "png", "ok", "LA"),
+        Crawled("sixteen", encode(Image.fromarray(sixteen), "PNG"), "png", "ok", "I;16"),
+    ]
+
+
+def log_row(sha: str, ext: str, name: str, minutes: int, n_bytes: int, error: str = "") -> dict[str, object]:
+    return {
+        "sha256": sha,
+        "ext": ext,
+        "url": f"https://example.test/{name}.{ext}",
+        "source": "search:bing",
+        "keyword": name,
+        "label": "real",
+        "group": name,
+        "generator": "camera",
+        "fetched_at": T0 + timedelta(minutes=minutes),
+        "n_bytes": n_bytes,
+        "error": error,
+    }
+
+
+def place_incoming(workspace: Workspace, data: bytes, ext: str) -> str:
+    sha = bytes_sha256(data)
+    path = workspace.incoming / sha[:2] / f"{sha}.{ext}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return sha
+
+
+def crawl(workspace: Workspace, files: list[Crawled]) -> pd.DataFrame:
+    """Put each file in incoming/ and return its crawl log (plus one failed download)."""
+    rows = [
+        log_row(place_incoming(workspace, item.data, item.ext), item.ext, item.name, i, len(item.data))
+        for i, item in enumerate(files)
+    ]
+    rows.append(log_row("", "", "failed", 99, 0, error="HTTP 404"))
+    return pd.DataFrame(rows)
+
+
+def test_every_file_gets_its_status_and_place(workspace: Workspace) -> None:
+    files = crawled_files()
+    catalog = ingest(workspace, crawl(workspace, files), CONFIG)
+    assert list(catalog.columns) == list(COLUMNS)
+    assert list(catalog["keyword"]) == [item.name for item in files]  # log order; the failed download is dropped
+    assert dict(zip(catalog["keyword"], catalog["status"], strict=True)) == {item.name: item.status for item in files}
+    for item, entry in zip(files, catalog.itertuples(), strict=True):
+        stored = workspace.root / entry.path
+        assert stored.is_file() and stored.read_bytes() == item.data, item.name
+        assert file_sha256(stored) == entry.sha256 == stored.stem, item.name
+        folder = "store" if item.status == "ok" else "quarantine"
+        assert entry.path.startswith(f"{folder}/") and stored.suffix == f".{item.ext}", item.name
+        assert entry.n_bytes == len(item.data)
+        if item.mode:
+            assert entry.mode == item.mode and entry.width > 0 and entry.height > 0
+    assert not [p for p in workspace.incoming.rglob("*") if p.is_file()], "incoming/ must be emptied"
+    good = catalog.set_index("keyword").loc["good_jpeg"]
+    assert (good["width"], good["height"], good["format"]) == (64, 48, "JPEG")
+    assert good["url"] == "https://example.test/good_jpeg.jpg" and good["generator"] == "camera"
+
+
+def test_summary_counts_reasons(workspace: Workspace) -> None:
+    catalog = ingest(workspace, crawl(workspace, crawled_files()), CONFIG)
+    assert ingest_summary(catalog) == {
+        "ok": 5,
+        "invalid": 4,
+        "invalid.not_an_image": 1,
+        "invalid.too_small": 1,
+        "invalid.truncated": 1,
+        "invalid.zero_bytes": 1,
+    }
+
+
+def test_second_ingest_reuses_validation_records(workspace: Workspace) -> None:
+    crawl_log = crawl(workspace, crawled_files())
+    first = ingest(workspace, crawl_log, CONFIG)
+    records = {sha: validation_record_path(workspace, sha) for sha in first["sha256"]}
+    assert all(path.is_file() for path in records.values())
+    stamps = {sha: path.stat().st_mtime_ns for sha, path in records.items()}
+    placed = {path: (workspace.root / path).stat().st_mtime_ns for path in first["path"]}
+    second = ingest(workspace, crawl_log, CONFIG)
+    pd.testing.assert_frame_equal(first, second)
+    assert {sha: path.stat().st_mtime_ns for sha, path in records.items()} == stamps, "files were validated again"
+    assert {path: (workspace.root / path).stat().st_mtime_ns for path in second["path"]} == placed
+
+
+def test_recrawled_copy_is_dropped_from_incoming(workspace: Workspace) -> None:
+    good = crawled_files()[0]
+    crawl_log = crawl(workspace, [good])
+    first = ingest(workspace, crawl_log, CONFIG)
+    sha = place_incoming(workspace, good.data, good.ext)  # downloaded again later
+    again = ingest(workspace, crawl_log, CONFIG)
+    assert not (workspace.incoming / sha[:2] / f"{sha}.{good.ext}").exists()
+    pd.testing.assert_frame_equal(first, again)
+
+
+def test_same_file_twice_in_log_gives_two_rows_one_file(workspace: Workspace) -> None:
+    good = crawled_files()[1]
+    sha = place_incoming(workspace, good.data, good.ext)
+    crawl_log = pd.DataFrame([log_row(sha, "png", "first", 0, len(good.data)), log_row(sha, "png", "second", 5, 0)])
+    catalog = ingest(workspace, crawl_log, CONFIG)
+    assert list(catalog["status"]) == ["ok", "ok"] and catalog["path"].nunique() == 1
+    assert list(catalog["group"]) == ["first", "second"]
+
+
+def test_missing_file_and_wrong_content(workspace: Workspace) -> None:
+    good = crawled_files()[0]
+    sha_missing = bytes_sha256(b"never written")
+    liar = place_incoming(workspace, good.data, "jpg")
+    (workspace.incoming / liar[:2] / f"{liar}.jpg").write_bytes(encode(photo(seed=9), "JPEG"))  # name != content
+    crawl_log = pd.DataFrame([log_row(sha_missing, "jpg", "missing", 0, 1234), log_row(liar, "jpg", "liar", 1, 10)])
+    catalog = ingest(workspace, crawl_log, CONFIG).set_index("keyword")
+    assert catalog.loc["missing", "status"] == "invalid:missing_file"
+    assert catalog.loc["missing", "path"] == "" and catalog.loc["missing", "n_bytes"] == 1234
+    assert catalog.loc["liar", "status"] == "invalid:sha_mismatch"
+    assert catalog.loc["liar", "path"].startswith("quarantine/")
+
+
+def test_empty_log_and_failed_downloads_give_empty_catalog(workspace: Workspace) -> None:
+    crawl_log = pd.DataFrame([log_row("", "", "failed", 0, 0, error="timeout")])
+    catalog = ingest(workspace, crawl_log, CONFIG)
+    assert catalog.empty and list(catalog.columns) == list(COLUMNS)
+
+
+@pytest.mark.parametrize("column", LOG_COLUMNS)
+def test_log_missing_a_column_is_named(workspace: Workspace, column: str) -> None:
+    crawl_log = crawl(workspace, crawled_files()[:1]).drop(columns=[column])
+    with pytest.raises(ValueError, match=f"crawl log is missing columns \\['{column}'\\]"):
+        ingest(workspace, crawl_log, CONFIG)
+
+
+def test_process_pool_validation_matches(tmp_path: Path) -> None:
+    """64 files take the process-pool path; results must equal a sequential ingest of the same files."""
+    files = [Crawled(f"img{i}", encode(photo(seed=100 + i), "PNG"), "png", "ok") for i in range(63)]
+    files.append(Crawled("zero", b"", "jpg", "invalid:zero_bytes"))
+    pooled_ws, serial_ws = Workspace.create(tmp_path / "pool"), Workspace.create(tmp_path / "serial")
+    pooled = ingest(pooled_ws, crawl(pooled_ws, files), CONFIG, workers=2)
+    serial = ingest(serial_ws, crawl(serial_ws, files), CONFIG, workers=1)
+    pd.testing.assert_frame_equal(pooled, serial)
+    assert list(pooled["status"]) == [item.status for item in files]
