@@ -1,0 +1,155 @@
+"""Tests for pipeline_lib.preprocess: the resized uint8 tensor cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from pipeline_lib import catalog as cat
+from pipeline_lib import preprocess
+from pipeline_lib.workspace import Workspace, put_in_store
+from tests.conftest import make_image
+
+
+def _store_image(workspace: Workspace, image: Image.Image, fmt: str = "PNG", **save: object) -> tuple[str, str]:
+    """Save image into the store; return (sha256, relative path)."""
+    path = workspace.root / "tmp-image"
+    image.save(path, fmt, **save)
+    sha, target = put_in_store(workspace, path.read_bytes(), fmt.lower())
+    path.unlink()
+    return sha, workspace.relative(target)
+
+
+def _catalog(entries: list[tuple[str, str, str, str]]) -> pd.DataFrame:
+    """Catalog rows from (sha256, path, status, split)."""
+    return cat.new_rows(
+        {"sha256": sha, "path": path, "label": "real", "group": "g", "status": status, "split": split}
+        for sha, path, status, split in entries
+    )
+
+
+def _half_image(size: tuple[int, int]) -> Image.Image:
+    """Left half black, right half white."""
+    array = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    array[:, size[0] // 2 :] = 255
+    return Image.fromarray(array)
+
+
+def test_tensor_path_layout(workspace: Workspace) -> None:
+    sha = "ab" + "0" * 62
+    assert preprocess.tensor_path(workspace, sha, 32) == workspace.cache / "tensors" / "s32" / "ab" / f"{sha}.npy"
+    with pytest.raises(ValueError, match="sha256"):
+        preprocess.tensor_path(workspace, "../etc", 32)
+    with pytest.raises(ValueError, match="size"):
+        preprocess.tensor_path(workspace, sha, 0)
+
+
+def test_decode_shape_dtype_and_centre_crop(tmp_path: Path) -> None:
+    path = tmp_path / "wide.png"
+    array = np.zeros((20, 60, 3), dtype=np.uint8)
+    array[:, 20:40] = 200  # the centre third is bright: the crop keeps it
+    Image.fromarray(array).save(path)
+    tensor = preprocess.decode_image(path, 16)
+    assert tensor.shape == (3, 16, 16) and tensor.dtype == np.uint8
+    assert tensor[:, :, 2:14].min() >= 190
+
+
+def test_decode_large_jpeg_and_modes(tmp_path: Path) -> None:
+    big = make_image(tmp_path / "big.jpg", seed=1, size=(800, 600))
+    assert preprocess.decode_image(big, 32).shape == (3, 32, 32)
+    grey = tmp_path / "grey.png"
+    Image.new("L", (40, 40), 77).save(grey)
+    assert np.all(preprocess.decode_image(grey, 8) == 77)
+    transparent = tmp_path / "alpha.png"
+    Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(transparent)
+    assert np.all(preprocess.decode_image(transparent, 8) == 255)  # alpha composited onto white
+
+
+def test_exif_rotation_is_applied(tmp_path: Path) -> None:
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[274] = 6  # stored sideways: must be rotated 90 degrees clockwise on display
+    _half_image((40, 20)).save(path, "JPEG", quality=95, exif=exif.tobytes())
+    tensor = preprocess.decode_image(path, 16).astype(int)
+    # 40x20 (dark left, bright right) rotated clockwise -> 20x40 with dark top, bright bottom.
+    assert tensor[:, :6].mean() < 60 and tensor[:, 10:].mean() > 200
+    assert abs(tensor[:, :, :8].mean() - tensor[:, :, 8:].mean()) < 30
+
+
+def test_preprocess_images_writes_once(workspace: Workspace, tmp_path: Path) -> None:
+    ok = [_store_image(workspace, Image.open(make_image(tmp_path / f"{i}.png", seed=i, fmt="PNG"))) for i in range(3)]
+    skipped = _store_image(workspace, _half_image((40, 40)))
+    table = _catalog(
+        [
+            (*ok[0], "ok", "train"),
+            (*ok[0], "ok", "train"),  # same sha twice: one tensor
+            (*ok[1], "ok", "val"),
+            (*ok[2], "ok", "test"),
+            (*skipped, "rejected", "train"),
+            (ok[1][0], ok[1][1], "ok", ""),
+        ]
+    )
+    assert preprocess.preprocess_images(workspace, table, 24) == 3
+    assert preprocess.preprocess_images(workspace, table, 24) == 0  # cache reused
+    assert not preprocess.tensor_path(workspace, skipped[0], 24).exists()
+    stored = np.load(preprocess.tensor_path(workspace, ok[0][0], 24))
+    assert stored.shape == (3, 24, 24) and stored.dtype == np.uint8
+    files = list((workspace.cache / "tensors").rglob("*"))
+    assert not [f for f in files if f.name.endswith(".part")]
+    assert preprocess.preprocess_images(workspace, table, 16) == 3  # another size is another cache
+
+
+def test_preprocess_images_reports_bad_files(workspace: Workspace) -> None:
+    sha, relative = put_in_store(workspace, b"definitely not an image", "jpg")
+    table = _catalog([(sha, workspace.relative(relative), "ok", "train")])
+    with pytest.raises(preprocess.PreprocessError, match=sha):
+        preprocess.preprocess_images(workspace, table, 16)
+    assert not preprocess.tensor_path(workspace, sha, 16).exists()
+    missing = _catalog([("cd" + "1" * 62, "store/cd/gone.png", "ok", "val")])
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        preprocess.preprocess_images(workspace, missing, 16)
+
+
+def test_preprocess_images_with_process_pool(workspace: Workspace, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(preprocess, "POOL_THRESHOLD", 2)
+    stored = [
+        _store_image(workspace, Image.open(make_image(tmp_path / f"{i}.png", seed=i, fmt="PNG"))) for i in range(4)
+    ]
+    table = _catalog([(*entry, "ok", "train") for entry in stored])
+    assert preprocess.preprocess_images(workspace, table, 8, workers=2) == 4
+    for sha, relative in stored:
+        expected = preprocess.decode_image(workspace.root / relative, 8)
+        assert np.array_equal(np.load(preprocess.tensor_path(workspace, sha, 8)), expected)
+
+
+def test_load_tensors_order_and_on_the_fly(workspace: Workspace, tmp_path: Path) -> None:
+    stored = [_store_image(workspace, Image.new("RGB", (30, 30), (v, v, v))) for v in (10, 120, 240)]
+    table = _catalog([(*stored[0], "ok", "train")])
+    preprocess.preprocess_images(workspace, table, 8)
+    order = [stored[2][0], stored[0][0], stored[1][0]]  # two of three decoded on the fly
+    images = preprocess.load_tensors(workspace, order, 8)
+    assert isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+    assert images.shape == (3, 3, 8, 8)
+    assert [int(images[i].float().mean()) for i in range(3)] == [240, 10, 120]
+    assert preprocess.tensor_path(workspace, stored[2][0], 8).exists()
+    assert preprocess.load_tensors(workspace, [], 8).shape == (0, 3, 8, 8)
+
+
+def test_load_tensors_repairs_damaged_cache(workspace: Workspace) -> None:
+    sha, _ = _store_image(workspace, Image.new("RGB", (30, 30), (50, 60, 70)))
+    target = preprocess.tensor_path(workspace, sha, 8)
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"broken")
+    images = preprocess.load_tensors(workspace, [sha], 8)
+    assert images[0, :, 0, 0].tolist() == [50, 60, 70]
+    assert np.load(target).shape == (3, 8, 8)
+
+
+def test_load_tensors_unknown_sha(workspace: Workspace) -> None:
+    with pytest.raises(FileNotFoundError, match="ef" + "2" * 62):
+        preprocess.load_tensors(workspace, ["ef" + "2" * 62], 8)
