@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from math import comb
 
+import numpy as np
 import pandas as pd
 
 from pipeline_lib.catalog import DUPLICATE_PREFIX, STATUS_OK, conform
@@ -121,13 +122,131 @@ class MultiIndexHash:
         return sorted(i for i in seen if hamming(value, self._values[i]) <= self.radius)
 
 
+# Vectorised multi-index search (hashes of <= 64 bits): a chunk's buckets are looked up in a dense offsets table
+# when the chunk has at most _TABLE_BITS bits, else by binary search; work is done in batches of _BATCH probes.
+_TABLE_BITS = 24
+_BATCH = 1 << 22
+_POPCOUNT8 = np.array([bin(value).count("1") for value in range(256)], dtype=np.uint8)
+
+
+def _popcount(values: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(values)
+    return _POPCOUNT8[values.view(np.uint8).reshape(-1, 8)].sum(axis=1, dtype=np.uint8)
+
+
+def _plan_vectorised(n: int, bits: int, threshold: int) -> int:
+    """Number of chunks minimising estimated lookups (half the flips, see _chunk_pairs) plus candidate checks."""
+    best, best_cost = 1, float("inf")
+    for chunks in range(1, min(bits, threshold + 1) + 1):
+        width = -(-bits // chunks)
+        probes = sum(comb(width, k) for k in range(threshold // chunks + 1))
+        lookup_cost = 2.0 if width <= _TABLE_BITS else 30.0
+        cost = chunks * (lookup_cost * (1 + probes / 2) + probes * n / 2**width / 2)
+        if cost < best_cost:
+            best, best_cost = chunks, cost
+    return best
+
+
+class _Buckets:
+    """Items sorted by one chunk's key, with each key's [start, end) range in that order."""
+
+    def __init__(self, keys: np.ndarray, width: int) -> None:
+        self.order = np.argsort(keys, kind="stable")
+        self.rank = np.empty(len(keys), dtype=np.int64)
+        self.rank[self.order] = np.arange(len(keys))
+        self._sorted = keys[self.order]
+        self._starts: np.ndarray | None = None
+        if width <= _TABLE_BITS:
+            self._starts = np.zeros((1 << width) + 1, dtype=np.int64)
+            np.cumsum(np.bincount(keys, minlength=1 << width), out=self._starts[1:])
+
+    def ranges(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Start and end positions (in self.order) of the items whose key equals each query."""
+        if self._starts is not None:
+            return self._starts[queries], self._starts[queries + 1]
+        return np.searchsorted(self._sorted, queries, "left"), np.searchsorted(self._sorted, queries, "right")
+
+
+def _verified(
+    owners: np.ndarray, low: np.ndarray, high: np.ndarray, buckets: _Buckets, values: np.ndarray, threshold: int
+) -> list[np.ndarray]:
+    """Codes i * n + j (i < j) of owner/candidate pairs within threshold, candidates = order[low:high] per owner."""
+    lengths = high - low
+    keep = lengths > 0
+    owners, low, lengths = owners[keep], low[keep], lengths[keep]
+    n = len(values)
+    found: list[np.ndarray] = []
+    start = 0
+    ends = np.cumsum(lengths)
+    while start < len(owners):
+        base = int(ends[start - 1]) if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, base + _BATCH, "right")))
+        sizes = lengths[start:stop]
+        total = int(sizes.sum())
+        offsets = np.cumsum(sizes) - sizes
+        positions = np.repeat(low[start:stop] - offsets, sizes) + np.arange(total)
+        first = np.repeat(owners[start:stop], sizes)
+        second = buckets.order[positions]
+        close = _popcount(values[first] ^ values[second]) <= threshold
+        first, second = first[close], second[close]
+        found.append(np.minimum(first, second) * n + np.maximum(first, second))
+        start = stop
+    return found
+
+
+def _chunk_pairs(values: np.ndarray, shift: int, width: int, flips: np.ndarray, threshold: int) -> list[np.ndarray]:
+    """Pair codes within threshold among items whose chunk keys differ by one of flips (flips[0] == 0).
+
+    Each unordered pair is probed once: equal keys from the item's own rank onwards, different keys only from
+    the item with the smaller key (a flip f links k and k ^ f both ways).
+    """
+    keys = ((values >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)
+    buckets = _Buckets(keys, width)
+    everyone = np.arange(len(keys), dtype=np.int64)
+    found = _verified(everyone, buckets.rank + 1, buckets.ranges(keys)[1], buckets, values, threshold)
+    others = flips[1:]
+    if not len(others):
+        return found
+    per_batch = max(1, _BATCH // len(others))
+    for begin in range(0, len(keys), per_batch):
+        own = keys[begin : begin + per_batch, None]
+        queries = own ^ others[None, :]
+        upward = queries > own
+        owners = np.broadcast_to(everyone[begin : begin + per_batch, None], queries.shape)[upward]
+        low, high = buckets.ranges(queries[upward])
+        found.extend(_verified(owners, low, high, buckets, values, threshold))
+    return found
+
+
+def _near_pairs_vectorised(values: np.ndarray, bits: int, threshold: int) -> np.ndarray:
+    """Sorted unique codes i * n + j (i < j) of all pairs within threshold (multi-index hashing, numpy)."""
+    chunks = _plan_vectorised(len(values), bits, threshold)
+    edges = [round(i * bits / chunks) for i in range(chunks + 1)]
+    found: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
+    for low, high in zip(edges, edges[1:], strict=False):
+        flips = np.array(_masks(high - low, threshold // chunks), dtype=np.int64)
+        found.extend(_chunk_pairs(values, low, high - low, flips, threshold))
+    return np.unique(np.concatenate(found))
+
+
 def find_near_pairs(hashes: list[int], threshold: int) -> list[tuple[int, int]]:
-    """Sorted pairs (i, j), i < j, of positions whose hashes differ in <= threshold bits (multi-index hashing)."""
+    """Sorted pairs (i, j), i < j, of positions whose hashes differ in <= threshold bits (multi-index hashing).
+
+    Hashes of up to 64 bits are searched with numpy in batches; longer ones with MultiIndexHash.
+    """
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     if any(value < 0 for value in hashes):
         raise ValueError("hashes must be non-negative ints")
     bits = max((value.bit_length() for value in hashes), default=0) or 1
+    if len(hashes) < 2:
+        return []
+    if bits <= 64:
+        codes = _near_pairs_vectorised(np.array(hashes, dtype=np.uint64), bits, threshold)
+        n = len(hashes)
+        return list(zip((codes // n).tolist(), (codes % n).tolist(), strict=True))
     index = MultiIndexHash(bits, threshold, _plan(len(hashes), bits, threshold))
     pairs: list[tuple[int, int]] = []
     for j, value in enumerate(hashes):

@@ -170,8 +170,8 @@ def write_review_pack(workspace: Workspace, catalog: pd.DataFrame, thumbnail_siz
         write_thumbnail(workspace.root / row.path, pack / "thumbs" / f"{row.sha256}.jpg", thumbnail_size)
     cards = [_card(row) for row in considered[considered["status"] != "rejected"].itertuples() if row.cluster == ""]
     clusters = [
-        "<div class='cluster'>" + "".join(_card(row) for row in members.itertuples()) + "</div>"
-        for _, members in considered[considered["cluster"] != ""].groupby("cluster", sort=True)
+        _cluster_block(str(key), members)
+        for key, members in considered[considered["cluster"] != ""].groupby("cluster", sort=True)
     ]
     page = _PACK_TEMPLATE.format(
         n_pending=int((catalog["status"] == STATUS_PENDING).sum()),
@@ -182,14 +182,39 @@ def write_review_pack(workspace: Workspace, catalog: pd.DataFrame, thumbnail_siz
     return atomic_write_text(pack / "index.html", page)
 
 
-def _card(row: object) -> str:
+def _cluster_members(keeper: str, members: pd.DataFrame) -> pd.DataFrame:
+    """One row per distinct sha256 of a cluster, the keeper first, the others in catalog order."""
+    distinct = members.drop_duplicates("sha256")
+    is_keeper = distinct["sha256"] == keeper
+    return pd.concat([distinct[is_keeper], distinct[~is_keeper]])
+
+
+def _cluster_block(keeper: str, members: pd.DataFrame) -> str:
+    """A near-duplicate cluster: thumbnails side by side, keeper first and marked, cross-group clusters flagged."""
+    esc = html.escape
+    ordered = _cluster_members(keeper, members)
+    groups = sorted(set(ordered["group"].astype(str)))
+    cross = len(groups) > 1
+    flag = f"<p class='cross-group-flag'>⚠ cross-group cluster: {esc(', '.join(groups))}</p>" if cross else ""
+    header = (
+        f"<p class='cluster-head'>cluster <code>{esc(keeper[:12])}</code> · {len(ordered)} images · "
+        f"groups: {esc(', '.join(groups))}</p>"
+    )
+    cards = "".join(_card(row, keeper=row.sha256 == keeper) for row in ordered.itertuples())
+    css = "cluster cross-group" if cross else "cluster"
+    return f"<div class='{css}' data-keeper='{esc(keeper)}'>{header}{flag}{cards}</div>"
+
+
+def _card(row: object, keeper: bool = False) -> str:
     esc = html.escape
     r = row  # itertuples row
     status = str(r.status)
-    keeper = "" if not status.startswith("duplicate_of:") else " (duplicate)"
+    mark = " <b class='keeper-mark'>keeper</b>" if keeper else ""
+    mark += " (duplicate)" if status.startswith("duplicate_of:") else ""
+    css = esc(status.split(":")[0]) + (" keeper" if keeper else "")
     return (
-        f"<figure class='{esc(status.split(':')[0])}'><img src='thumbs/{esc(r.sha256)}.jpg' loading='lazy'>"
-        f"<figcaption><b>{esc(str(r.label))}</b> · {esc(str(r.group))}{keeper}<br>"
+        f"<figure class='{css}'><img src='thumbs/{esc(r.sha256)}.jpg' loading='lazy'>"
+        f"<figcaption><b>{esc(str(r.label))}</b> · {esc(str(r.group))}{mark}<br>"
         f"{esc(str(r.width))}×{esc(str(r.height))} · {esc(status)}<br>"
         f"<a href='{esc(str(r.url))}'>{esc(str(r.url))[:60]}</a><br><code>{esc(r.sha256[:12])}</code>"
         "</figcaption></figure>"
@@ -199,9 +224,11 @@ def _card(row: object) -> str:
 _PACK_TEMPLATE = """<!doctype html><html><head><meta charset='utf-8'><title>aidetect review pack</title>
 <style>body{{font-family:sans-serif;margin:1em}}figure{{display:inline-block;width:180px;margin:4px;
 vertical-align:top;font-size:11px}}figure img{{max-width:170px}}.cluster{{border:2px solid #c60;margin:6px;
-padding:4px}}.pending_review{{background:#ffd}}.duplicate_of{{opacity:.6}}</style></head><body>
+padding:4px}}.cross-group{{border-color:#c00;background:#fee}}.cross-group-flag{{color:#c00;font-weight:bold}}
+.keeper{{outline:3px solid #090}}.pending_review{{background:#ffd}}.duplicate_of{{opacity:.6}}</style></head><body>
 <h1>Review pack</h1><p>{n_pending} pending · {n_ok} approved or undecided</p>
-<h2>Near-duplicate clusters (keeper first is the one kept)</h2>{clusters}
+<h2>Near-duplicate clusters</h2><p>Each box is one cluster; the first image is the keeper, the others are
+marked duplicate_of it. Red boxes span several groups.</p>{clusters}
 <h2>Images</h2>{cards}</body></html>"""
 
 
