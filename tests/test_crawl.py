@@ -1,0 +1,418 @@
+"""Crawl with real icrawler against loopback servers: search, URL lists, folders, incremental runs, failures."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+import pandas as pd
+import pytest
+
+from pipeline_lib import crawl
+from pipeline_lib.config import FolderSource, IngestConfig, SearchSource, SourcesConfig, UrlListSource, build_config
+from pipeline_lib.crawl import crawl_sources, detect_ext, read_crawl_log
+from pipeline_lib.demo_data import DemoDataset, demo_config_dict, generate_demo_dataset, result_page, search_site
+from pipeline_lib.ingest import LOG_COLUMNS, ingest
+from pipeline_lib.workspace import Workspace, file_sha256
+from tests.conftest import make_image
+
+NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> DemoDataset:
+    return generate_demo_dataset(tmp_path_factory.mktemp("demo") / "data", n_persons_per_class=3, image_size=48)
+
+
+def _sources(**kwargs: Any) -> SourcesConfig:
+    base = {"allow_private_addresses": True, "request_timeout_s": 3, "max_retries": 1}
+    return SourcesConfig.model_validate(base | kwargs)
+
+
+def _bing(endpoint: str, keywords: list[str], **kwargs: Any) -> dict[str, Any]:
+    return {"engine": "bing", "endpoint": endpoint, "keywords": keywords, "max_num": 10, "threads": 2} | kwargs
+
+
+def _served_urls(dataset: DemoDataset, endpoint: str, keywords: list[str]) -> set[str]:
+    base = endpoint.split("/images/")[0]
+    return {f"{base}/img/{k}/{p.name}" for k in keywords for p in (dataset.site_dir / k).iterdir()}
+
+
+def _incoming(workspace: Workspace, sha: str, ext: str) -> Path:
+    return workspace.incoming / sha[:2] / f"{sha}.{ext}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A tiny Bing-like test server whose images can be made to fail
+
+
+class TestSite:
+    """Any keyword lists the same images; `fail` maps an image name to an HTTP status to answer instead."""
+
+    __test__ = False
+
+    def __init__(self, images: dict[str, bytes]) -> None:
+        self.images = images
+        self.fail: dict[str, int] = {}
+        self.hits: Counter[str] = Counter()
+        self.queries: list[str] = []
+
+    @contextlib.contextmanager
+    def serve(self) -> Iterator[str]:
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                parts = urlsplit(self.path)
+                port = self.server.server_address[1]
+                if parts.path == "/search":
+                    site.queries.append(parse_qs(parts.query)["q"][0])
+                    names = list(site.images) if parse_qs(parts.query)["first"][0] == "0" else []
+                    body = result_page([f"http://127.0.0.1:{port}/img/{quote(n)}" for n in names]).encode()
+                    status = 200
+                else:
+                    name = parts.path.removeprefix("/img/")
+                    site.hits[name] += 1
+                    status = site.fail.get(name, 200 if name in site.images else 404)
+                    body = site.images.get(name, b"") if status == 200 else b"error"
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/search?q={{keyword}}&first={{offset}}"
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+
+
+def _jpeg(tmp_path: Path, seed: int) -> bytes:
+    return make_image(tmp_path / f"src-{seed}.jpg", seed=seed).read_bytes()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Search
+
+
+def test_first_crawl_fetches_everything_and_second_crawl_nothing(workspace: Workspace, dataset: DemoDataset) -> None:
+    with search_site(dataset) as endpoint:
+        config = build_config(demo_config_dict(dataset, endpoint, workspace.root))
+        first = crawl_sources(workspace, config.sources, now=NOW)
+        web = first.log[first.log["source"] == "search:bing"]
+        assert set(web["url"]) == _served_urls(dataset, endpoint, dataset.keywords)
+        assert (web["error"] == "").all() and (web["sha256"] != "").all()
+        assert set(web["label"]) == {"real"} and set(web["generator"]) == {"camera"}
+        assert (web["keyword"] == web["group"]).all()
+        for row in first.log.itertuples():
+            assert file_sha256(_incoming(workspace, row.sha256, row.ext)) == row.sha256
+        assert (first.log["fetched_at"] == pd.Timestamp(NOW)).all()
+        assert first.summary["new"].sum() > 0 and (first.summary["error"] == "").all()
+        assert first.summary["new"].sum() + first.summary["skipped"].sum() == len(first.log)
+        on_disk = read_crawl_log(workspace)
+        pd.testing.assert_frame_equal(on_disk, first.log)
+        assert str(on_disk["fetched_at"].dtype) == "datetime64[ns, UTC]" and str(on_disk["n_bytes"].dtype) == "int64"
+
+        second = crawl_sources(workspace, config.sources)
+        assert second.summary["new"].sum() == 0
+        assert second.summary["skipped"].sum() == first.summary["new"].sum() + first.summary["skipped"].sum()
+        assert len(second.log) == len(first.log)
+
+    # the corrupt files arrived too, and ingest quarantines them
+    catalog = ingest(workspace, second.log, IngestConfig(min_side=32))
+    invalid = catalog[catalog["status"].str.startswith("invalid:")]
+    assert len(invalid) == dataset.n_corrupt
+    assert set(LOG_COLUMNS) <= set(second.log.columns)
+
+
+def test_exact_duplicate_under_a_second_url_is_logged_and_skipped(workspace: Workspace, dataset: DemoDataset) -> None:
+    with search_site(dataset) as endpoint:
+        result = crawl_sources(workspace, _sources(search=[_bing(endpoint, ["person-01"])]))
+    row = result.summary.iloc[0]
+    assert (row["new"], row["skipped"], row["failed"]) == (len(result.log) - 1, 1, 0)
+    assert result.log["sha256"].duplicated().sum() == 1
+    assert len(list(workspace.incoming.rglob("*.*"))) == len(result.log) - 1
+
+
+def test_keyword_without_results_is_a_summary_row(workspace: Workspace, dataset: DemoDataset) -> None:
+    with search_site(dataset) as endpoint:
+        result = crawl_sources(workspace, _sources(search=[_bing(endpoint, ["nobody-at-all", "person-02"])]))
+    rows = result.summary.set_index("keyword")
+    assert rows.loc["nobody-at-all", "new"] == 0 and rows.loc["nobody-at-all", "error"] == "no results"
+    assert rows.loc["person-02", "new"] > 0 and rows.loc["person-02", "error"] == ""
+
+
+def test_server_error_fails_one_row_and_is_retried_next_run(workspace: Workspace, tmp_path: Path) -> None:
+    site = TestSite({f"{i}.jpg": _jpeg(tmp_path, i) for i in range(3)} | {"gone.jpg": b"x"})
+    site.fail = {"1.jpg": 500, "gone.jpg": 404}
+    with site.serve() as endpoint:
+        sources = _sources(search=[_bing(endpoint, ["someone"])], max_retries=2)
+        first = crawl_sources(workspace, sources)
+        errors = dict(zip(first.log["url"].str.rsplit("/", n=1).str[1], first.log["error"], strict=True))
+        assert errors == {"0.jpg": "", "1.jpg": "http 500", "2.jpg": "", "gone.jpg": "http 404"}
+        assert site.hits["1.jpg"] == 3 and site.hits["gone.jpg"] == 1  # 5xx retried, other 4xx not
+        assert first.summary.iloc[0][["new", "skipped", "failed"]].tolist() == [2, 0, 2]
+
+        site.fail = {"gone.jpg": 404}
+        second = crawl_sources(workspace, sources)
+    assert second.summary.iloc[0][["new", "skipped", "failed"]].tolist() == [1, 2, 1]
+    assert len(second.log) == len(first.log) + 2  # the retried 1.jpg and gone.jpg again
+    fetched = second.log[second.log["url"].str.endswith("/1.jpg") & (second.log["sha256"] != "")]
+    assert len(fetched) == 1
+
+
+def test_private_addresses_are_refused_without_the_flag(workspace: Workspace, tmp_path: Path) -> None:
+    site = TestSite({"0.jpg": _jpeg(tmp_path, 0)})
+    with site.serve() as endpoint:
+        result = crawl_sources(workspace, _sources(search=[_bing(endpoint, ["x"])], allow_private_addresses=False))
+    assert result.log["error"].str.contains("loopback").all()
+    assert site.hits["0.jpg"] == 0
+    assert not list(workspace.incoming.rglob("*.jpg"))
+
+
+def test_japanese_keyword_from_a_keywords_file_round_trips(workspace: Workspace, tmp_path: Path) -> None:
+    keywords = tmp_path / "names.txt"
+    keywords.write_text("# people\n山田太郎\n\n  \n", encoding="utf-8")
+    site = TestSite({"0.jpg": _jpeg(tmp_path, 0)})
+    with site.serve() as endpoint:
+        crawl_sources(workspace, _sources(search=[_bing(endpoint, [], keywords_file=keywords)]))
+    assert site.queries == ["山田太郎"]
+    stored = read_crawl_log(workspace)
+    assert stored["keyword"].tolist() == ["山田太郎"] and stored["group"].tolist() == ["山田太郎"]
+
+
+def test_keywords_from_csv_and_inline_are_merged(tmp_path: Path) -> None:
+    path = tmp_path / "names.csv"
+    path.write_text("keyword,notes\n山田 花子,x\nNaomi Osaka,y\n,z\n", encoding="utf-8")
+    source = SearchSource(keywords=["Naomi Osaka", "A"], keywords_file=path)
+    assert crawl.source_keywords(source, 0) == ["Naomi Osaka", "A", "山田 花子"]
+    (tmp_path / "bad.csv").write_text("name\nx\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.csv has no 'keyword' column"):
+        crawl.read_keywords(tmp_path / "bad.csv")
+
+
+def test_network_loss_keeps_what_was_fetched(workspace: Workspace, dataset: DemoDataset) -> None:
+    dead = f"http://127.0.0.1:{_closed_port()}/images/async?q={{keyword}}&first={{offset}}"
+    with search_site(dataset) as endpoint:
+        broken = _sources(search=[_bing(endpoint, ["person-01"]), _bing(dead, ["person-02"])])
+        first = crawl_sources(workspace, broken)
+        rows = first.summary.set_index("keyword")
+        assert rows.loc["person-01", "new"] > 0
+        assert rows.loc["person-02", "new"] == 0 and "search page failed" in rows.loc["person-02", "error"]
+        kept = read_crawl_log(workspace)
+        assert set(kept["url"]) == _served_urls(dataset, endpoint, ["person-01"])
+
+        healthy = _sources(search=[_bing(endpoint, ["person-01", "person-02"])])
+        second = crawl_sources(workspace, healthy)
+    rows = second.summary.set_index("keyword")
+    assert rows.loc["person-01", "new"] == 0 and rows.loc["person-01", "skipped"] == len(kept)
+    assert rows.loc["person-02", "new"] > 0
+    assert set(second.log["url"]) == _served_urls(dataset, endpoint, ["person-01", "person-02"])
+
+
+def test_log_is_persisted_when_a_source_raises(
+    workspace: Workspace, dataset: DemoDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode(*args: Any) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(crawl, "_crawl_folder", explode)
+    with search_site(dataset) as endpoint:
+        sources = _sources(search=[_bing(endpoint, ["person-03"])], folders=[{"path": dataset.ai_dir, "label": "ai"}])
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            crawl_sources(workspace, sources)
+        assert set(read_crawl_log(workspace)["url"]) == _served_urls(dataset, endpoint, ["person-03"])
+
+
+def test_max_num_limits_each_keyword(workspace: Workspace, tmp_path: Path) -> None:
+    site = TestSite({f"{i}.jpg": _jpeg(tmp_path, i) for i in range(6)})
+    with site.serve() as endpoint:
+        result = crawl_sources(workspace, _sources(search=[_bing(endpoint, ["a", "b"], max_num=2, threads=3)]))
+    assert result.summary["new"].tolist() == [2, 0] and result.summary["skipped"].tolist() == [0, 2]
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (
+            {"engine": "google", "keywords": ["x"], "endpoint": "http://h/?q={keyword}&s={offset}"},
+            r"search\[0\].endpoint",
+        ),
+        ({"engine": "bing", "keywords": ["x"], "endpoint": "http://h/?q={keyword}"}, r"search\[0\].endpoint"),
+        ({"engine": "flickr", "keywords": ["x"]}, r"search\[0\].api_key"),
+        ({"engine": "bing", "keywords": ["x"], "filters": {"colour": "red"}}, r"search\[0\].filters"),
+        ({"engine": "bing", "keywords": []}, r"search\[0\] has no keywords"),
+    ],
+)
+def test_bad_search_settings_are_named(workspace: Workspace, source: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        crawl_sources(workspace, _sources(search=[source]))
+
+
+def test_missing_keywords_file_is_named(workspace: Workspace, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        crawl_sources(workspace, _sources(search=[{"keywords_file": missing}]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# URL lists
+
+
+def test_url_list_is_fetched_with_labels_and_groups(workspace: Workspace, dataset: DemoDataset, tmp_path: Path) -> None:
+    with search_site(dataset) as endpoint:
+        base = endpoint.split("/images/")[0]
+        listing = tmp_path / "list.csv"
+        listing.write_text(
+            "url,label,group\n"
+            f"{base}/img/person-01/01.jpg,real,alice\n"
+            f"{base}/img/person-02/01.jpg,ai,bob\n"
+            f"{base}/img/person-02/missing.jpg,ai,bob\n",
+            encoding="utf-8",
+        )
+        result = crawl_sources(workspace, _sources(urls=[UrlListSource(csv=listing)]))
+    rows = result.log.set_index(result.log["url"].str.rsplit("/", n=1).str[1])
+    assert rows.loc["01.jpg"].shape[0] == 2
+    by_group = result.log.set_index("group")
+    assert by_group.loc["alice", "label"] == "real" and by_group.loc["alice", "generator"] == "camera"
+    assert set(result.log["source"]) == {"urls:list.csv"}
+    assert set(result.log.loc[result.log["group"] == "bob", "label"]) == {"ai"}
+    assert rows.loc["missing.jpg", "error"] == "http 404"
+    summary = result.summary.set_index("keyword")
+    assert summary.loc["alice", "new"] == 1 and summary.loc["bob", "new"] == 1 and summary.loc["bob", "failed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("url,label\nhttp://a/x.jpg,real\n", r"list.csv, line 1: missing column\(s\) group"),
+        ("url,label,group\nhttp://a/x.jpg,real,g\nhttp://a/y.jpg,fake,g\n", r"list.csv, line 3: label 'fake'"),
+        ("url,label,group\n,real,g\n", r"list.csv, line 2: empty url"),
+    ],
+)
+def test_bad_url_list_names_file_and_line(workspace: Workspace, tmp_path: Path, text: str, message: str) -> None:
+    listing = tmp_path / "list.csv"
+    listing.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        crawl_sources(workspace, _sources(urls=[UrlListSource(csv=listing)]))
+    assert not crawl.crawl_log_path(workspace).exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Folders
+
+
+def _folder(root: Path) -> Path:
+    make_image(root / "alice" / "alice_1.jpg", seed=1)
+    make_image(root / "alice" / "deeper" / "alice_2.png", seed=2, fmt="PNG")
+    make_image(root / "bob_7.jpg", seed=3)
+    make_image(root / "noname.jpg", seed=4)
+    make_image(root / ".hidden.jpg", seed=5)
+    make_image(root / ".cache" / "x_1.jpg", seed=6)
+    (root / ".gitkeep").write_text("", encoding="utf-8")
+    (root / "notes.txt").write_text("not an image", encoding="utf-8")
+    return root
+
+
+def _groups(result: crawl.CrawlResult) -> dict[str, tuple[str, str]]:
+    return {Path(url).name: (group, error) for url, group, error in result.log[["url", "group", "error"]].values}
+
+
+def test_folder_grouped_by_sub_folder(workspace: Workspace, tmp_path: Path) -> None:
+    root = _folder(tmp_path / "imgs")
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    source = FolderSource(path=root, label="ai", group_by="folder", generator="midjourney")
+    result = crawl_sources(workspace, _sources(folders=[source]), now=NOW)
+    assert _groups(result) == {
+        "alice_1.jpg": ("alice", ""),
+        "alice_2.png": ("alice", ""),
+        "bob_7.jpg": ("bob_7", ""),
+        "noname.jpg": ("noname", ""),
+    }
+    assert set(result.log["source"]) == {"folder:imgs"} and set(result.log["generator"]) == {"midjourney"}
+    assert result.log["url"].str.startswith("file://").all()
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before  # copied, never moved
+    for row in result.log.itertuples():
+        assert (
+            _incoming(workspace, row.sha256, row.ext).read_bytes()
+            == Path(root / row.url.split("imgs/")[1]).read_bytes()
+        )
+    again = crawl_sources(workspace, _sources(folders=[source]))
+    assert len(again.log) == len(result.log) and again.summary["skipped"].sum() == 4
+    (root / "bob_7.jpg").write_bytes(_jpeg(tmp_path, 9))  # changed content under the same URL
+    third = crawl_sources(workspace, _sources(folders=[source]))
+    assert len(third.log) == len(result.log) + 1 and third.summary["new"].sum() == 1
+
+
+def test_folder_grouped_by_pattern(workspace: Workspace, tmp_path: Path) -> None:
+    root = _folder(tmp_path / "imgs")
+    source = FolderSource(path=root, label="ai", group_by=r"pattern:^([a-z]+)_\d+")
+    result = crawl_sources(workspace, _sources(folders=[source]))
+    groups = _groups(result)
+    assert groups["alice_1.jpg"] == ("alice", "") and groups["bob_7.jpg"] == ("bob", "")
+    assert groups["noname.jpg"] == ("", "group pattern did not match")
+    assert result.summary["failed"].sum() == 1
+    whole = crawl_sources(workspace, _sources(folders=[FolderSource(path=root, label="ai", group_by="pattern:[a-z]+")]))
+    assert _groups(whole)["noname.jpg"] == ("noname", "")
+
+
+def test_folder_grouped_by_csv(workspace: Workspace, tmp_path: Path) -> None:
+    root = _folder(tmp_path / "imgs")
+    (root / "groups.csv").write_text(
+        "file,group\nalice/alice_1.jpg,p1\nalice/deeper/alice_2.png,p1\nbob_7.jpg,p2\n", encoding="utf-8"
+    )
+    result = crawl_sources(
+        workspace, _sources(folders=[FolderSource(path=root, label="ai", group_by="csv:groups.csv")])
+    )
+    groups = _groups(result)
+    assert groups["alice_2.png"] == ("p1", "") and groups["bob_7.jpg"] == ("p2", "")
+    assert groups["noname.jpg"] == ("", "no group in groups.csv")
+    with pytest.raises(FileNotFoundError, match="other.csv"):
+        crawl_sources(workspace, _sources(folders=[FolderSource(path=root, label="ai", group_by="csv:other.csv")]))
+
+
+def test_file_already_in_the_store_is_logged_but_not_copied(workspace: Workspace, tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    data = make_image(root / "p" / "a.jpg", seed=3).read_bytes()
+    result = crawl_sources(workspace, _sources(folders=[FolderSource(path=root, label="real")]))
+    sha = result.log["sha256"].iloc[0]
+    stored = workspace.store_path(sha, "jpg")
+    stored.parent.mkdir(parents=True)
+    _incoming(workspace, sha, "jpg").rename(stored)
+    (root / "p" / "b.jpg").write_bytes(data)
+    second = crawl_sources(workspace, _sources(folders=[FolderSource(path=root, label="real")]))
+    assert second.summary[["new", "skipped"]].sum().tolist() == [0, 2]
+    assert len(second.log) == 2 and not list(workspace.incoming.rglob("*.jpg"))
+
+
+def test_detect_ext_prefers_the_bytes(tmp_path: Path) -> None:
+    png = io.BytesIO()
+    make_image(tmp_path / "a.png", fmt="PNG")
+    png.write((tmp_path / "a.png").read_bytes())
+    assert detect_ext(png.getvalue(), "http://h/photo.jpg") == "png"
+    assert detect_ext(_jpeg(tmp_path, 1), "http://h/no-suffix") == "jpg"
+    assert detect_ext(b"<html></html>", "http://h/x.JPEG?size=2") == "jpg"
+    assert detect_ext(b"<html></html>", "http://h/page") == "bin"
