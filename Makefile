@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install aidetect with its dev tools
+
+demo: setup  ## generate synthetic data, crawl it over loopback, train, evaluate, report (offline, CPU)
+	$(BIN)/aidetect demo --workspace demo-workspace
+
+test: setup  ## the whole test suite (what CI runs); "no tests collected" (exit 5) is a failure
+	$(BIN)/ruff check flows tasks pipeline_lib tests benchmarks
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+lint: setup
+	$(BIN)/ruff check flows tasks pipeline_lib tests benchmarks
+
+bench: setup  ## performance benchmarks, JSON on stdout
+	for script in benchmarks/bench_*.py; do $(BIN)/python $$script; done
+
+clean:
+	rm -rf demo-workspace .pytest_cache .ruff_cache

@@ -1,0 +1,120 @@
+"""Tasks that record a pipeline run in MLflow (never cached: every flow run gets its full lineage)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import torch
+import torchvision
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from pipeline_lib import catalog as cat
+from pipeline_lib import models, tracking
+from pipeline_lib.config import PipelineConfig, config_to_yaml, flatten_config
+from pipeline_lib.workspace import Ref, Workspace
+from tasks.stages import EvalOutput, TrainOutput
+
+
+@task(name="mlflow-start", cache_policy=NO_CACHE)
+def start_tracking(root: str, config: PipelineConfig, run_name: str, tags: dict[str, str]) -> tracking.Tracker:
+    """Open the pipeline's MLflow run and log the whole config (params + config.yaml)."""
+    workspace = Workspace.create(root)
+    uri = tracking.tracking_uri(config.tracking.uri, workspace)
+    tracker = tracking.start_run(uri, config.tracking.experiment, workspace, run_name, tags)
+    tracker.log_params(flatten_config(config))
+    tracker.log_text(config_to_yaml(config), "config.yaml")
+    return tracker
+
+
+@task(name="mlflow-log-stage", cache_policy=NO_CACHE)
+def log_stage(tracker: tracking.Tracker, stage: str, state: str, metrics: dict[str, float], notes: list[str]) -> None:
+    """Log a stage's metrics, its cache state and its notes."""
+    tracker.log_metrics(metrics)
+    tracker.set_tags({f"aidetect.stage.{stage}": state})
+    if notes:
+        tracker.log_text("\n".join(notes) + "\n", f"notes/{stage}.txt")
+
+
+@task(name="mlflow-log-datasets", cache_policy=NO_CACHE)
+def log_datasets(root: str, tracker: tracking.Tracker, split_catalog: Ref) -> None:
+    """Each split's table as an MLflow dataset input with its digest; the catalog snapshot as an artifact."""
+    workspace = Workspace.create(root)
+    table = cat.read_snapshot(workspace, split_catalog)
+    usable = table[table["status"] == cat.STATUS_OK]
+    contexts = {"train": "training", "val": "validation", "test": "test"}
+    for split, context in contexts.items():
+        rows = usable[usable["split"] == split][["sha256", "label", "group", "source", "url", "path"]]
+        digest = tracking_digest(split_catalog.digest, split)
+        tracker.log_dataset(rows.reset_index(drop=True), f"catalog-{split}", digest, str(split_catalog.path), context)
+    tracker.log_artifact(split_catalog.resolve(workspace), "catalog")
+    tracker.set_tags({"aidetect.catalog": split_catalog.path, "aidetect.catalog_digest": split_catalog.digest})
+
+
+def tracking_digest(catalog_digest: str, split: str) -> str:
+    """Digest naming one split of one catalog snapshot."""
+    from pipeline_lib.workspace import digest_of
+
+    return digest_of(catalog_digest, split)[:16]
+
+
+@task(name="mlflow-log-training", cache_policy=NO_CACHE)
+def log_training(tracker: tracking.Tracker, output: TrainOutput) -> None:
+    """Per-epoch curves, the best epoch and the weights' provenance."""
+    for epoch in output.history:
+        step = int(epoch["epoch"])
+        tracker.log_metrics({f"train.{k}": v for k, v in epoch.items() if isinstance(v, int | float)}, step=step)
+    tracker.log_metrics({"train.best_epoch": output.best_epoch, "train.stopped_early": float(output.stopped_early)})
+    tracker.set_tags(
+        {
+            "aidetect.weights": output.weights_name,
+            "aidetect.weights_sha256": output.weights_sha256,
+            "aidetect.device": output.device,
+        }
+    )
+    history = pd.DataFrame(output.history)
+    if len(history):
+        tracker.log_table(history, "training/history.json")
+
+
+@task(name="mlflow-log-evaluation", cache_policy=NO_CACHE)
+def log_evaluation(root: str, tracker: tracking.Tracker, evaluation: EvalOutput, report_index: Ref) -> None:
+    """Test metrics, plots, predictions and the Grad-CAM report folder, all in the same run."""
+    workspace = Workspace.create(root)
+    tracker.log_metrics({f"test.{k}": v for k, v in evaluation.metrics.items()})
+    for path in evaluation.plots.values():
+        tracker.log_artifact(workspace.root / path, "plots")
+    tracker.log_artifact(evaluation.predictions.resolve(workspace), "evaluation")
+    tracker.log_artifact(report_index.resolve(workspace).parent, "report")
+
+
+@task(name="mlflow-register", cache_policy=NO_CACHE)
+def register(
+    root: str, tracker: tracking.Tracker, model_ref: Ref, evaluation: EvalOutput, test_digest: str, name: str
+) -> dict[str, Any]:
+    """Log the best model (pickle format) unless this checkpoint is registered already; maybe move the champion."""
+    workspace = Workspace.create(root)
+    existing = tracking.find_version(tracker.uri, name, model_ref.digest)
+    if existing is not None:
+        tracker.set_tags({"aidetect.model_version": existing.version, "aidetect.model_reused": "true"})
+        return {"version": existing.version, "promoted": False, "reason": "same checkpoint already registered"}
+    model, meta = models.load_model(model_ref.resolve(workspace))
+    size = int(meta["image_size"])
+    example = torch.rand(1, 3, size, size).numpy()
+    requirements = [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"torchvision=={torchvision.__version__.split('+')[0]}",
+    ]
+    uri = tracking.log_pytorch_model(tracker, model, example, requirements)
+    decision = tracking.register_model(
+        tracker, uri, name, float(evaluation.metrics["accuracy"]), test_digest, model_ref.digest
+    )
+    tracker.set_tags({"aidetect.model_version": decision.version, "aidetect.champion_decision": decision.reason})
+    return {"version": decision.version, "promoted": decision.promoted, "reason": decision.reason}
+
+
+@task(name="mlflow-finish", cache_policy=NO_CACHE)
+def finish_tracking(tracker: tracking.Tracker, status: str) -> None:
+    """Close the run as FINISHED or FAILED."""
+    tracker.finish(status)

@@ -1,0 +1,109 @@
+"""The whole pipeline under Prefect's test harness, MLflow on SQLite in tmp_path, icrawler against loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from prefect.settings import PREFECT_HOME, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import pipeline
+from pipeline_lib import demo_data, split, tracking
+from pipeline_lib.catalog import STATUS_OK, read_snapshot
+from pipeline_lib.config import build_config, merge_mappings, read_yaml_mapping
+from pipeline_lib.status import latest_snapshot
+from pipeline_lib.workspace import Workspace
+
+pytestmark = pytest.mark.slow
+DEMO_YAML = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+FAST = [
+    "train.epochs=3",
+    "train.head_only_epochs=1",
+    "train.image_size=32",
+    "evaluate.bootstrap=50",
+    "report.images_per_cell=2",
+]
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory):
+    with temporary_settings({PREFECT_HOME: str(tmp_path_factory.mktemp("prefect-home"))}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+def _config(dataset, endpoint: str, root: Path, overrides: list[str]):
+    data = merge_mappings(read_yaml_mapping(DEMO_YAML), demo_data.demo_config_dict(dataset, endpoint, root))
+    data = merge_mappings(data, {"tracking": {"uri": f"sqlite:///{root.parent / 'mlflow.db'}"}})
+    return build_config(data, FAST + overrides, origin="test")
+
+
+def test_full_pipeline_then_resume_then_all_cached(harness, tmp_path: Path):
+    dataset = demo_data.generate_demo_dataset(tmp_path / "data", n_persons_per_class=6, image_size=64, seed=3)
+    root = tmp_path / "ws"
+    with demo_data.search_site(dataset) as endpoint:
+        # 1. A run that fails in the train stage (its weights file does not exist).
+        broken = _config(dataset, endpoint, root, ["train.weights=/nonexistent/weights.pt"])
+        state = pipeline(broken, return_state=True)
+        assert state.is_failed()
+        assert "nonexistent" in str(state.result(raise_on_failure=False))
+
+        # 2. Fixed and run again: everything before train comes from the cache.
+        config = _config(dataset, endpoint, root, [])
+        first = pipeline(config)
+        upstream = ["crawl", "ingest", "fingerprint", "dedup", "review", "split", "preprocess"]
+        assert [first["states"][s] for s in upstream] == ["Cached"] * len(upstream), first["states"]
+        assert [first["states"][s] for s in ("train", "evaluate", "report")] == ["Completed"] * 3
+
+        # 3. Nothing new: every stage Cached, in under a tenth of the time.
+        second = pipeline(config)
+    assert set(second["states"].values()) == {"Cached"}, second["states"]
+    assert second["seconds"] < first["seconds"] / 10 or second["seconds"] < 1.0, (first["seconds"], second["seconds"])
+    assert second["mlflow_run_id"] != first["mlflow_run_id"]
+
+    workspace = Workspace.open(root)
+    catalog = read_snapshot(workspace, workspace.ref(latest_snapshot(workspace, "split")))
+    statuses = catalog["status"]
+    # Injected exact and near duplicates are found; corrupt files are quarantined with a reason.
+    assert statuses.str.startswith("duplicate_of:").sum() >= dataset.n_exact_duplicates + 1
+    invalid = catalog[statuses.str.startswith("invalid:")]
+    assert len(invalid) >= dataset.n_corrupt
+    reasons = set(invalid["status"])
+    assert {"invalid:zero_bytes", "invalid:truncated"} <= reasons, reasons
+    assert any(r.startswith("invalid:not_an_image") for r in reasons), reasons
+    for path in invalid["path"]:
+        assert path.startswith("quarantine/") and (root / path).is_file()
+    # No group (person) in two splits; both labels in every split.
+    split.check_no_leak(catalog)
+    ok = catalog[statuses == STATUS_OK]
+    assert ok.groupby("group")["split"].nunique().max() == 1
+    assert set(ok["split"]) == {"train", "val", "test"}
+    assert all(set(ok[ok["split"] == s]["label"]) == {"real", "ai"} for s in ("train", "val", "test"))
+
+    # MLflow: the run, its config, metrics, datasets and artifacts.
+    summary = tracking.run_summary(first["tracking_uri"], first["mlflow_run_id"])
+    assert summary["status"] == "FINISHED"
+    assert summary["params"]["train.model"] == "resnet18"
+    for key in ("test.accuracy", "test.roc_auc", "test.f1_ai", "dedup.exact", "ingest.invalid", "crawl.new"):
+        assert key in summary["metrics"], key
+    assert 0.0 <= summary["metrics"]["test.accuracy"] <= 1.0
+    assert summary["tags"]["prefect.flow_run_id"]
+    assert summary["tags"]["aidetect.stage.train"] == "Completed"
+    assert {name for name, _ in summary["datasets"]} == {"catalog-train", "catalog-val", "catalog-test"}
+    artifacts = set(summary["artifacts"])
+    assert "config.yaml" in artifacts, artifacts
+    assert any(a.startswith("report/") and a.endswith("index.html") for a in artifacts), artifacts
+    assert any(a.startswith("plots/") and a.endswith(".png") for a in artifacts), artifacts
+    assert any(a.startswith("catalog/") and a.endswith(".parquet") for a in artifacts)
+    failed_runs = [
+        r for r in tracking.recent_runs(first["tracking_uri"], "aidetect", limit=10) if r["status"] == "FAILED"
+    ]
+    assert len(failed_runs) == 1
+
+    # The report: Original | Grad-CAM pairs for the test images.
+    html = Path(first["report"]).read_text(encoding="utf-8")
+    assert "Grad-CAM" in html and html.count("<img") >= 4
+    predictions = pd.read_parquet(next(Path(first["report"]).parent.parent.glob("predictions.parquet")))
+    assert set(predictions["sha256"]) == set(ok[ok["split"] == "test"]["sha256"])
