@@ -3,6 +3,24 @@
 The catalog's `phash` column holds the hash of the *configured* algorithm (phash, dhash, whash or ahash); the
 column name is kept for schema stability. The `dhash` column always holds a dhash of the same size, a cheap
 second opinion. Pixels are hashed as stored (EXIF orientation is not applied), so a file always hashes the same.
+
+The project's hash of an image (definition version HASH_VERSION) is not `imagehash.<algo>(Image.open(path))` but
+imagehash applied to a box-reduced greyscale image:
+
+1. decode to 8-bit greyscale. JPEGs are decoded straight to their luma (Y) channel, in both modes; other files
+   go through `validate.to_rgb` (alpha onto white, 16 bit scaled) and then PIL's "L" conversion;
+2. box-reduce by s, the largest of 8, 4, 2, 1 that keeps both sides >= T = DRAFT_FACTOR * hash_size (exactly
+   the scale PIL's JPEG draft mode picks for a requested size (T, T)), then box-reduce again by the largest
+   integer k that keeps both sides >= T (a 4 MP photo: 2309x1732 -> 289x217 -> 97x73);
+3. apply imagehash (which LANCZOS-resizes to 4 * hash_size or hash_size + 1 and hashes).
+
+With draft=True (the default), step 1 + the first box reduce of a JPEG are done by the decoder itself (DCT
+scaling at 1/s: a block's scaled value is the mean of its 8x8, 4x4 or 2x2 samples, i.e. a box average), which
+only has to entropy-decode the file. Defining the hash through the box reduce makes the draft and full-decode
+hashes agree (they differ only by rounding of the luma samples), whereas a LANCZOS resize of the full image would
+not; the price is that the hash is not bit-identical to imagehash on the raw decoded image (a few of 64 bits
+differ on most photos, see benchmarks/README.md). Hashes from another definition are never mixed: the cache file
+name carries HASH_VERSION.
 """
 
 from __future__ import annotations
@@ -29,9 +47,11 @@ log = logging.getLogger(__name__)
 ALGORITHMS: tuple[str, ...] = ("phash", "dhash", "whash", "ahash")
 CACHE_COLUMNS: tuple[str, ...] = ("sha256", "phash", "dhash")
 PARALLEL_MIN_IMAGES = 64
-# JPEG draft decoding is asked for at least DRAFT_FACTOR * hash_size pixels per side: twice what phash and
-# whash resize to (4 * hash_size), so the final antialiased resize still does the filtering.
+# T = DRAFT_FACTOR * hash_size: images are box-reduced to >= T pixels per side before imagehash resizes them;
+# twice what phash and whash resize to (4 * hash_size), so imagehash's LANCZOS resize still does the filtering.
 DRAFT_FACTOR = 8
+# Version of the hash definition (see the module docstring); part of the cache file name.
+HASH_VERSION = 2
 UNHASHABLE = "unhashable"
 
 
@@ -70,16 +90,39 @@ def check_params(algorithm: str, hash_size: int) -> None:
         raise ValueError(f"whash needs a power-of-two hash_size, got {hash_size}")
 
 
+def draft_scale(size: tuple[int, int], target: int) -> int:
+    """The largest of 8, 4, 2, 1 keeping both sides >= target after dividing (PIL's JPEG draft rule)."""
+    whole = min(size[0] // target, size[1] // target)
+    return next((scale for scale in (8, 4, 2, 1) if whole >= scale), 1)
+
+
+def reduced_size(size: tuple[int, int], factor: int) -> tuple[int, int]:
+    """Size after a box reduce (or DCT scaling) by factor: partial blocks count, as in PIL and libjpeg."""
+    return (-(-size[0] // factor), -(-size[1] // factor))
+
+
+def _box_reduce(image: Image.Image, factor: int) -> Image.Image:
+    return image.reduce(factor) if factor > 1 else image
+
+
 def _decode_grey(path: Path, hash_size: int, draft: bool) -> Image.Image:
-    """Decode path to 8-bit greyscale; JPEGs are DCT-downscaled (draft) to >= DRAFT_FACTOR * hash_size per side."""
+    """Decode path to the canonical box-reduced 8-bit greyscale image that is hashed (see the module docstring)."""
+    target = DRAFT_FACTOR * hash_size
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as image:
-            if draft and image.format == "JPEG":
-                side = DRAFT_FACTOR * hash_size
-                image.draft("L", (side, side))
+            size = image.size
+            scale = draft_scale(size, target)
+            if image.format == "JPEG":  # luma straight from the decoder, DCT-scaled by 1/scale in draft mode
+                image.draft("L", (target, target) if draft else None)
             image.load()
-            return to_rgb(image).convert("L")
+            grey = image if image.mode == "L" else to_rgb(image).convert("L")
+    first = reduced_size(size, scale)
+    if grey.size == size:
+        grey = _box_reduce(grey, scale)
+    elif grey.size != first:  # a decoder that scaled differently: fall back to a box resize
+        grey = grey.resize(first, Image.Resampling.BOX)
+    return _box_reduce(grey, max(1, min(first[0] // target, first[1] // target)))
 
 
 def hash_pair(path: Path, algorithm: str = "phash", hash_size: int = 8, draft: bool = True) -> tuple[str, str]:
@@ -138,7 +181,7 @@ def _run_jobs(jobs: list[_HashJob], workers: int | None) -> Iterator[_HashOutcom
 
 def cache_path(workspace: Workspace, algorithm: str, hash_size: int) -> Path:
     """Where the sha256 -> hashes table of one (algorithm, hash_size) is kept."""
-    return workspace.cache / "hashes" / f"{algorithm}-{hash_size}.parquet"
+    return workspace.cache / "hashes" / f"{algorithm}-{hash_size}-v{HASH_VERSION}.parquet"
 
 
 def _empty_cache() -> pd.DataFrame:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import imagehash
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from pipeline_lib import fingerprint
 from pipeline_lib.catalog import new_rows
@@ -82,12 +83,71 @@ def test_draft_decoding_is_smaller_and_agrees_with_full_decode(tmp_path: Path) -
     path.write_bytes(encode(smooth((1000, 800), seed=1, noise=3), "JPEG", quality=90))
     drafted = fingerprint._decode_grey(path, 8, draft=True)
     full = fingerprint._decode_grey(path, 8, draft=False)
-    assert full.size == (1000, 800)
-    assert drafted.size == (125, 100)  # 1/8 scale: still >= 8 * hash_size per side
+    # 1/8 scale (125x100, both sides >= 8 * hash_size = 64), then no further integer box reduce fits
+    assert drafted.size == full.size == (125, 100) and drafted.mode == full.mode == "L"
+    difference = np.abs(np.asarray(drafted, dtype=int) - np.asarray(full, dtype=int))
+    assert difference.mean() < 1.0  # DCT scaling is a box average up to rounding
     for algorithm in ("phash", "dhash", "ahash", "whash"):
         fast = int(hash_image(path, algorithm, 8, draft=True), 16)
         slow = int(hash_image(path, algorithm, 8, draft=False), 16)
-        assert hamming(fast, slow) <= 2, algorithm
+        assert hamming(fast, slow) <= 2, algorithm  # a smooth image: some coefficients are near ties
+
+
+def photo(size: tuple[int, int], seed: int) -> Image.Image:
+    """A photo-like image: low-frequency colour field, a few ellipses, pixel noise (as benchmarks/bench_hashing)."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    field = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    image = Image.fromarray(field).resize(size, Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(8):
+        x0, y0 = int(rng.integers(0, width - width // 8)), int(rng.integers(0, height - height // 8))
+        x1, y1 = x0 + int(rng.integers(width // 40, width // 4)), y0 + int(rng.integers(height // 40, height // 4))
+        draw.ellipse((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 256, size=3)))
+    pixels = np.asarray(image, dtype=np.int16) + rng.normal(0, 8, size=(height, width, 3)).astype(np.int16)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def test_draft_and_full_decode_hash_equally(tmp_path: Path) -> None:
+    path = tmp_path / "photo.jpg"
+    for seed in range(3):
+        path.write_bytes(encode(photo((1600, 1200), seed), "JPEG", quality=90))
+        assert fingerprint._decode_grey(path, 8, draft=True).size == (100, 75)  # 1/8 then a box reduce by 2
+        assert hash_image(path, "phash", 8, draft=True) == hash_image(path, "phash", 8, draft=False), seed
+        fast, slow = hash_pair(path, "phash", 16, draft=True), hash_pair(path, "phash", 16, draft=False)
+        assert hamming(int(fast[0], 16), int(slow[0], 16)) <= 4, seed  # 256 bits: more coefficients near ties
+
+
+def test_full_decode_hash_is_imagehash_of_the_box_reduced_image(tmp_path: Path) -> None:
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(encode(smooth((1600, 1200), seed=8, noise=6), "JPEG", quality=90))
+    with Image.open(path) as image:
+        image.draft("L", None)  # the luma plane at full resolution
+        luma = image.convert("L")
+    assert luma.size == (1600, 1200)
+    assert fingerprint.draft_scale(luma.size, 64) == 8
+    reduced = luma.reduce(8).reduce(2)  # the largest k keeping both sides >= 64: 200 // 64, 150 // 64 -> 2
+    assert reduced.size == (100, 75)
+    expected = {
+        "phash": imagehash.phash(reduced),
+        "dhash": imagehash.dhash(reduced),
+        "ahash": imagehash.average_hash(reduced),
+        "whash": imagehash.whash(reduced, image_scale=32),
+    }
+    for algorithm, value in expected.items():
+        assert hash_image(path, algorithm, 8, draft=False) == str(value), algorithm
+    png = tmp_path / "small.png"
+    smooth((300, 200), seed=9).save(png)  # other formats: RGB -> L, then the same box reduces (300x200 -> 150x100)
+    with Image.open(png) as image:
+        assert hash_image(png) == str(imagehash.phash(image.convert("L").reduce(2)))
+
+
+def test_draft_scale_follows_pil_draft() -> None:
+    assert fingerprint.draft_scale((2309, 1732), 64) == 8
+    assert fingerprint.draft_scale((500, 300), 64) == 4
+    assert fingerprint.draft_scale((200, 200), 64) == 2
+    assert fingerprint.draft_scale((100, 60), 64) == 1
+    assert fingerprint.reduced_size((2309, 1732), 8) == (289, 217)
 
 
 def test_unusual_modes_hash(tmp_path: Path) -> None:
@@ -134,7 +194,8 @@ def test_cache_is_reused_and_extended(workspace: Workspace) -> None:
     table = catalog_of(workspace, 3)
     first = fingerprint_catalog_with_stats(workspace, table, "phash", 8)
     cache = cache_path(workspace, "phash", 8)
-    assert cache == workspace.cache / "hashes" / "phash-8.parquet" and cache.is_file()
+    assert cache == workspace.cache / "hashes" / f"phash-8-v{fingerprint.HASH_VERSION}.parquet"
+    assert cache.is_file()
     mtime = cache.stat().st_mtime_ns
     again = fingerprint_catalog_with_stats(workspace, table, "phash", 8)
     assert (again.n_hashed, again.n_cached) == (0, 3)
@@ -187,7 +248,7 @@ def test_algorithm_switch_uses_its_own_cache(workspace: Workspace) -> None:
     for frame in by_algorithm.values():  # the second opinion is the same dhash whatever the algorithm
         assert frame["dhash"].tolist() == by_algorithm["phash"]["dhash"].tolist()
     names = sorted(p.name for p in (workspace.cache / "hashes").iterdir())
-    assert names == ["ahash-8.parquet", "phash-8.parquet", "whash-8.parquet"]
+    assert names == [f"{name}-8-v{fingerprint.HASH_VERSION}.parquet" for name in ("ahash", "phash", "whash")]
     larger = fingerprint_catalog(workspace, table, "phash", 16)
     assert (larger["phash"].str.len() == 64).all()
 
