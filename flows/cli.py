@@ -109,6 +109,42 @@ def crawl(
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
+@app.command("import")
+def import_folder(
+    folder: Annotated[Path, typer.Argument(help="Folder of images, e.g. Midjourney or Stable Diffusion output.")],
+    label: Annotated[str, typer.Option("--label", help="real or ai")],
+    group_by: Annotated[
+        str, typer.Option("--group-by", help="folder | pattern:REGEX | csv:FILE (columns file,group)")
+    ] = "folder",
+    generator: Annotated[str, typer.Option(help="e.g. midjourney, stable-diffusion")] = "unknown",
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    set_: SetOpt = None,
+):
+    """Add a folder of local images to the workspace (kept as a source of every later run) and ingest it now."""
+    from pydantic import ValidationError
+
+    from flows.pipeline import crawl_flow
+    from pipeline_lib.config import FolderSource
+    from pipeline_lib.imports import add_import
+
+    try:
+        source = FolderSource(path=folder.resolve(), label=label, group_by=group_by, generator=generator)
+    except ValidationError as error:
+        fields = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors())
+        _fail(f"invalid import: {fields}")
+        raise
+    cfg = _config(
+        config, workspace, list(set_ or []) + ["sources.search=[]", "sources.urls=[]", "sources.folders=[]"], False
+    )
+    try:
+        add_import(Workspace.create(cfg.execution.workspace), source)
+    except ConfigError as error:
+        _fail(str(error))
+    result = crawl_flow(cfg)
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
 @app.command()
 def demo(
     workspace: Annotated[Path, typer.Option("--workspace", "-w")] = Path("demo-workspace"),
@@ -166,7 +202,8 @@ def status(workspace: WorkspaceOpt = None, as_json: Annotated[bool, typer.Option
     typer.echo(f"review decisions: {info.get('decisions', 0)}, undecided: {info.get('undecided', 0)}")
     for run_info in info["runs"]:
         typer.echo(
-            f"  run {run_info['run_id'][:8]} {run_info['status']} {run_info['start_time']} acc={run_info['test_accuracy']}"
+            f"  run {run_info['run_id'][:8]} {run_info['status']} {run_info['start_time']} "
+            f"acc={run_info['test_accuracy']}"
         )
 
 

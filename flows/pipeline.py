@@ -15,6 +15,7 @@ from prefect.states import State
 from pipeline_lib import review
 from pipeline_lib import tracking as tracking_lib
 from pipeline_lib.config import PipelineConfig
+from pipeline_lib.imports import with_imports
 from pipeline_lib.workspace import Workspace, digest_of, listing_digest
 from tasks import stages, track
 from tasks.caching import cached
@@ -34,17 +35,19 @@ class StageRecorder:
         self.states[name] = state.name
         result = state.result()  # raises if the stage failed
         if isinstance(result, stages.StageResult):
-            track.log_stage(self.tracker, name, state.name, result.metrics, result.notes)
+            track.log_stage(self.tracker, name, state.name, result.metrics, result.notes, result.table)
+            if result.table:
+                create_table_artifact(result.table, key=f"aidetect-{name}", description=f"{name}: per-source counts")
         else:
-            track.log_stage(self.tracker, name, state.name, {}, [])
+            track.log_stage(self.tracker, name, state.name, {}, [], [])
         return result
 
 
-def _flow_run_tags() -> dict[str, str]:
+def _flow_run_tags(kind: str = "pipeline") -> dict[str, str]:
     context = get_run_context()
     flow_run = getattr(context, "flow_run", None)
     return {
-        "aidetect.kind": "pipeline",
+        "aidetect.kind": kind,
         "prefect.flow_run_id": str(getattr(flow_run, "id", "")),
         "prefect.flow_run_name": str(getattr(flow_run, "name", "")),
         "prefect.deployment_id": str(getattr(flow_run, "deployment_id", "") or ""),
@@ -87,12 +90,21 @@ def _run_pipeline(config: PipelineConfig, workspace: Workspace) -> dict[str, Any
     return summary
 
 
+def _crawl_and_ingest(
+    config: PipelineConfig, workspace: Workspace, run: StageRecorder
+) -> tuple[stages.StageResult, stages.StageResult]:
+    """Crawl the configured sources plus the workspace's imported folders, then ingest."""
+    root = str(workspace.root)
+    sources = with_imports(config.sources, workspace)
+    folders = listing_digest([source.path for source in sources.folders])  # new files in a folder miss the cache
+    expiration = timedelta(hours=sources.recrawl_after_hours) if sources.recrawl_after_hours else None
+    crawled = run.run("crawl", stages.crawl_sources, root, sources, folders, expiration=expiration)
+    return crawled, run.run("ingest", stages.ingest, root, crawled.catalog, config.ingest)
+
+
 def _data_stages(config: PipelineConfig, workspace: Workspace, run: StageRecorder) -> stages.StageResult:
     root = str(workspace.root)
-    folders = listing_digest([source.path for source in config.sources.folders])
-    expiration = timedelta(hours=config.sources.recrawl_after_hours) if config.sources.recrawl_after_hours else None
-    crawled = run.run("crawl", stages.crawl_sources, root, config.sources, folders, expiration=expiration)
-    ingested = run.run("ingest", stages.ingest, root, crawled.catalog, config.ingest)
+    _, ingested = _crawl_and_ingest(config, workspace, run)
     hashed = run.run("fingerprint", stages.fingerprint, root, ingested.catalog, config.dedup)
     deduped = run.run("dedup", stages.dedup, root, hashed.catalog, config.dedup)
     decisions = review.decisions_digest(workspace)
@@ -130,12 +142,13 @@ def _model_stages(
 def _publish(summary: dict[str, Any], tracker: tracking_lib.Tracker) -> None:
     """Prefect artifacts: a markdown summary and a link to the MLflow run."""
     metrics = summary.get("metrics", {})
+    nan = float("nan")
     rows = [{"stage": k, "state": v} for k, v in summary["states"].items()]
     create_table_artifact(rows, key="aidetect-stages", description="Stage states of this run")
     lines = [
         "# aidetect pipeline run",
-        f"- test accuracy: **{metrics.get('accuracy', float('nan')):.3f}** "
-        f"(95% CI {metrics.get('accuracy_ci_low', float('nan')):.3f}–{metrics.get('accuracy_ci_high', float('nan')):.3f})",
+        f"- test accuracy: **{metrics.get('accuracy', nan):.3f}** "
+        f"(95% CI {metrics.get('accuracy_ci_low', nan):.3f}–{metrics.get('accuracy_ci_high', nan):.3f})",
         f"- ROC-AUC: {metrics.get('roc_auc', float('nan')):.3f}",
         f"- report: `{summary.get('report')}`",
         f"- MLflow run: `{tracker.run_id}` at `{tracker.uri}` (open with `aidetect ui`)",
@@ -152,13 +165,23 @@ def _publish(summary: dict[str, Any], tracker: tracking_lib.Tracker) -> None:
 
 @flow(name="aidetect-crawl")
 def crawl_flow(config: PipelineConfig) -> dict[str, Any]:
-    """Crawl and ingest only (grow the catalog without training)."""
+    """Crawl and ingest only (grow the catalog without training); recorded as an MLflow run of kind crawl."""
     workspace = Workspace.create(config.execution.workspace)
     root = str(workspace.root)
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(workspace.prefect / "results")}):
-        folders = listing_digest([source.path for source in config.sources.folders])
-        refresh = config.execution.refresh_cache
-        expiration = timedelta(hours=config.sources.recrawl_after_hours) if config.sources.recrawl_after_hours else None
-        crawled = cached(stages.crawl_sources, workspace, refresh, expiration)(root, config.sources, folders)
-        ingested = cached(stages.ingest, workspace, refresh)(root, crawled.catalog, config.ingest)
-    return {"crawl": crawled.metrics | ingested.metrics, "notes": crawled.notes, "catalog": ingested.catalog.path}
+        tags = _flow_run_tags(kind="crawl")
+        tracker = track.start_tracking(root, config, f"crawl-{tags['prefect.flow_run_name']}", tags)
+        run = StageRecorder(workspace, config.execution.refresh_cache, tracker)
+        try:
+            crawled, ingested = _crawl_and_ingest(config, workspace, run)
+        except BaseException:
+            track.finish_tracking(tracker, "FAILED")
+            raise
+        track.finish_tracking(tracker, "FINISHED")
+    return {
+        "states": run.states,
+        "counts": crawled.metrics | ingested.metrics,
+        "per_source": crawled.table,
+        "catalog": ingested.catalog.path,
+        "mlflow_run_id": tracker.run_id,
+    }

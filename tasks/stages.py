@@ -36,6 +36,7 @@ class StageResult:
     catalog: Ref
     metrics: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    table: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,10 @@ def crawl_sources(root: str, sources: SourcesConfig, folder_state: str) -> Stage
     log_ref = cat.write_table(workspace, "crawl", "log", result.log)
     totals = result.summary[["new", "skipped", "failed"]].sum()
     metrics = {f"crawl.{k}": float(v) for k, v in totals.items()}
-    notes = [
-        f"{r.source} {r.keyword!r}: new={r.new} skipped={r.skipped} failed={r.failed}"
-        for r in result.summary.itertuples()
-    ]
-    return StageResult(log_ref, metrics, notes)
+    notes = [f"{r.source} {r.keyword!r}: {r.error}" for r in result.summary.itertuples() if r.error]
+    rows = result.summary.to_dict("records")
+    table = [{k: (v if isinstance(v, str) else int(v)) for k, v in row.items()} for row in rows]
+    return StageResult(log_ref, metrics, notes, table)
 
 
 @task(name="ingest")

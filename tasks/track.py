@@ -29,12 +29,21 @@ def start_tracking(root: str, config: PipelineConfig, run_name: str, tags: dict[
 
 
 @task(name="mlflow-log-stage", cache_policy=NO_CACHE)
-def log_stage(tracker: tracking.Tracker, stage: str, state: str, metrics: dict[str, float], notes: list[str]) -> None:
-    """Log a stage's metrics, its cache state and its notes."""
+def log_stage(
+    tracker: tracking.Tracker,
+    stage: str,
+    state: str,
+    metrics: dict[str, float],
+    notes: list[str],
+    table: list[dict[str, Any]],
+) -> None:
+    """Log a stage's metrics, its cache state, its notes and its table (e.g. crawl counts per keyword)."""
     tracker.log_metrics(metrics)
     tracker.set_tags({f"aidetect.stage.{stage}": state})
     if notes:
         tracker.log_text("\n".join(notes) + "\n", f"notes/{stage}.txt")
+    if table:
+        tracker.log_table(pd.DataFrame(table), f"stages/{stage}.json")
 
 
 @task(name="mlflow-log-datasets", cache_policy=NO_CACHE)

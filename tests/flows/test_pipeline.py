@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from prefect.settings import PREFECT_HOME, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import pipeline
 from pipeline_lib import demo_data, split, tracking
@@ -25,13 +23,6 @@ FAST = [
     "evaluate.bootstrap=50",
     "report.images_per_cell=2",
 ]
-
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory):
-    with temporary_settings({PREFECT_HOME: str(tmp_path_factory.mktemp("prefect-home"))}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
 
 
 def _config(dataset, endpoint: str, root: Path, overrides: list[str]):
