@@ -1,4 +1,4 @@
-"""Ingest: validate crawled files once, move them into the content-addressed store (or quarantine), build the catalog."""
+"""Ingest: validate crawled files once, move them into the store (or quarantine), build the catalog."""
 
 from __future__ import annotations
 
@@ -22,7 +22,17 @@ from pipeline_lib.workspace import Workspace, atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
-LOG_COLUMNS: tuple[str, ...] = ("sha256", "ext", "url", "source", "keyword", "label", "group", "generator", "fetched_at")
+LOG_COLUMNS: tuple[str, ...] = (
+    "sha256",
+    "ext",
+    "url",
+    "source",
+    "keyword",
+    "label",
+    "group",
+    "generator",
+    "fetched_at",
+)
 PARALLEL_MIN_FILES = 64
 MISSING_FILE = "missing_file"
 SHA_MISMATCH = "sha_mismatch"
@@ -143,7 +153,9 @@ def _unique_files(crawl_log: pd.DataFrame) -> dict[str, str]:
     return files
 
 
-def place_files(workspace: Workspace, files: Mapping[str, str], config: IngestConfig, workers: int | None = None) -> dict[str, Placement]:
+def place_files(
+    workspace: Workspace, files: Mapping[str, str], config: IngestConfig, workers: int | None = None
+) -> dict[str, Placement]:
     """Validate and place each sha256 -> ext not ingested before; reuse earlier records for the rest."""
     placements: dict[str, Placement] = {}
     jobs: list[_Job] = []

@@ -22,9 +22,19 @@ def _catalog(workspace):
     for i, status in enumerate(["ok", "ok", "ok", "duplicate_of:" + "s0".ljust(64, "0"), "invalid:truncated"]):
         sha = f"s{i}".ljust(64, "0")
         path = make_image(workspace.store / sha[:2] / f"{sha}.jpg", seed=i)
-        rows.append({"sha256": sha, "path": workspace.relative(path), "label": "real", "group": "<script>x</script>",
-                     "url": "http://e.x/\"'><b>", "status": status, "width": 48, "height": 40,
-                     "cluster": "s0".ljust(64, "0") if i in (0, 3) else ""})
+        rows.append(
+            {
+                "sha256": sha,
+                "path": workspace.relative(path),
+                "label": "real",
+                "group": "<script>x</script>",
+                "url": "http://e.x/\"'><b>",
+                "status": status,
+                "width": 48,
+                "height": 40,
+                "cluster": "s0".ljust(64, "0") if i in (0, 3) else "",
+            }
+        )
     return new_rows(rows)
 
 
@@ -52,7 +62,11 @@ def test_modes(workspace):
     auto = apply_decisions(catalog, decisions, "auto")
     assert (auto.rejected, auto.auto_approved, auto.pending) == (1, 2, 0)
     required = apply_decisions(catalog, decisions, "require")
-    assert required.pending == 2 and list(required.catalog.status[:3]) == ["pending_review", "rejected", "pending_review"]
+    assert required.pending == 2 and list(required.catalog.status[:3]) == [
+        "pending_review",
+        "rejected",
+        "pending_review",
+    ]
     assert catalog.status[0] == "ok", "input must not be mutated"
 
 
@@ -80,12 +94,34 @@ def _cluster_catalog(workspace, groups=("people", "people")):
     # The duplicate comes first in the catalog: the pack must still show the keeper first.
     for i, (sha, status, group) in enumerate([(other, "duplicate_of:" + keeper, groups[1]), (keeper, "ok", groups[0])]):
         path = make_image(workspace.store / sha[:2] / f"{sha}.jpg", seed=i)
-        rows.append({"sha256": sha, "path": workspace.relative(path), "label": "real", "group": group,
-                     "url": "http://e.x/a", "status": status, "width": 48, "height": 40, "cluster": keeper})
+        rows.append(
+            {
+                "sha256": sha,
+                "path": workspace.relative(path),
+                "label": "real",
+                "group": group,
+                "url": "http://e.x/a",
+                "status": status,
+                "width": 48,
+                "height": 40,
+                "cluster": keeper,
+            }
+        )
     alone = "a".ljust(64, "0")
     path = make_image(workspace.store / "aa" / f"{alone}.jpg", seed=9)
-    rows.append({"sha256": alone, "path": workspace.relative(path), "label": "ai", "group": "g2", "url": "u",
-                 "status": "ok", "width": 48, "height": 40, "cluster": ""})
+    rows.append(
+        {
+            "sha256": alone,
+            "path": workspace.relative(path),
+            "label": "ai",
+            "group": "g2",
+            "url": "u",
+            "status": "ok",
+            "width": 48,
+            "height": 40,
+            "cluster": "",
+        }
+    )
     return new_rows(rows), keeper, other
 
 
