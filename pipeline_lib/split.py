@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -129,6 +130,77 @@ def _plan(
     base = registry if registry is not None else pd.DataFrame(columns=REGISTRY_COLUMNS)
     updated = pd.concat([base, pd.DataFrame(new, columns=REGISTRY_COLUMNS)], ignore_index=True)
     return SplitPlan(out, updated, len(new))
+
+
+@dataclass(frozen=True)
+class RegistryState:
+    """The registry to assign against, its version, and what happened to it (for the run's notes)."""
+
+    registry: pd.DataFrame | None
+    version: int
+    note: str
+
+
+def _meta_path(workspace: Workspace):
+    return workspace.splits / "registry.json"
+
+
+def read_registry_meta(workspace: Workspace) -> dict | None:
+    """The ratios and seed the current registry version was made with, or None for a registry made before."""
+    path = _meta_path(workspace)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def write_registry_meta(workspace: Workspace, version: int, ratios: dict[str, float], seed: int) -> None:
+    """Record the registry version with the ratios and seed it follows (atomically)."""
+    meta = {"version": version, "ratios": {k: ratios[k] for k in SPLITS}, "seed": seed}
+    atomic_write_bytes(_meta_path(workspace), json.dumps(meta, indent=2).encode("utf-8"))
+
+
+def _changes(meta: dict, ratios: dict[str, float], seed: int) -> list[str]:
+    changes = [
+        f"split.{name} changed from {meta['ratios'][name]} to {ratios[name]}"
+        for name in SPLITS
+        if abs(float(meta["ratios"][name]) - ratios[name]) > 1e-9
+    ]
+    if int(meta["seed"]) != seed:
+        changes.append(f"split.seed changed from {meta['seed']} to {seed}")
+    return changes
+
+
+def prepare_registry(workspace: Workspace, ratios: dict[str, float], seed: int, reshuffle: bool) -> RegistryState:
+    """The sticky registry to use: the current one, or (with reshuffle) an empty new version, the old one archived.
+
+    Raises SplitError when ratios or seed differ from the registry's and reshuffle was not asked for: sticky
+    groups would otherwise silently ignore the new settings.
+    """
+    registry = read_registry(workspace)
+    meta = read_registry_meta(workspace) or {"version": 1, "ratios": ratios, "seed": seed}
+    version = int(meta["version"])
+    if registry is None:
+        return RegistryState(None, version, "")
+    if reshuffle:
+        archive = workspace.splits / f"registry-v{version}.csv"
+        atomic_write_bytes(archive, (workspace.splits / "registry.csv").read_bytes())
+        (workspace.splits / "registry.csv").unlink()
+        note = f"reshuffled: registry version {version} archived as {archive.name}, now version {version + 1}"
+        log.warning(note)
+        return RegistryState(None, version + 1, note)
+    changes = _changes(meta, ratios, seed)
+    if changes:
+        raise SplitError(
+            f"{'; '.join(changes)} since split registry version {version} was made. Groups already assigned stay "
+            f"where they are, so the new values would not apply: run again with --reshuffle to start registry "
+            f"version {version + 1} (the test set changes), or restore the old values."
+        )
+    return RegistryState(registry, version, "")
+
+
+def largest_groups(catalog: pd.DataFrame, n: int = 5) -> list[dict[str, object]]:
+    """The n largest groups of usable, assigned rows: group, label, split, images."""
+    rows = catalog[(catalog["status"] == STATUS_OK) & (catalog["split"] != "")]
+    sizes = rows.groupby(["group", "label", "split"]).size().rename("images").reset_index()
+    return sizes.sort_values(["images", "group"], ascending=[False, True]).head(n).to_dict("records")
 
 
 def registry_path(workspace: Workspace) -> str:

@@ -83,3 +83,47 @@ def test_properties_no_leak_deterministic_sticky(groups, seed, links):
     after = assign_splits(shrunk, RATIOS, seed, registry=plan.registry)
     kept = after.catalog.drop_duplicates("group").set_index("group")["split"]
     assert (kept == old[kept.index]).all(), "a group moved when images were removed"
+
+
+@settings(max_examples=60, deadline=None)
+@given(groups=group_lists, seed=st.integers(0, 5))
+def test_properties_ratios_within_group_size_tolerance(groups, seed):
+    """Without cross-group clusters, each split's count per label is within two largest groups of its target."""
+    named = [(f"g{i}", label, n) for i, (label, n) in enumerate(groups)]
+    plan = assign_splits(_catalog(named), RATIOS, seed)
+    assigned = plan.catalog
+    for label in set(assigned["label"]):
+        rows = assigned[assigned["label"] == label]
+        biggest = max(n for _, lab, n in named if lab == label)
+        for split, ratio in RATIOS.items():
+            count = int((rows["split"] == split).sum())
+            assert abs(count - ratio * len(rows)) <= 2 * biggest, (label, split, count, len(rows))
+
+
+def _registry_workspace(tmp_path):
+    from pipeline_lib.workspace import Workspace
+
+    return Workspace.create(tmp_path / "ws")
+
+
+def test_changed_ratios_need_reshuffle_which_starts_a_new_version(tmp_path):
+    from pipeline_lib.split import prepare_registry, write_registry, write_registry_meta
+
+    workspace = _registry_workspace(tmp_path)
+    catalog = _catalog([(f"r{i}", "real", 2) for i in range(6)] + [(f"a{i}", "ai", 2) for i in range(6)])
+    state = prepare_registry(workspace, RATIOS, 0, reshuffle=False)
+    assert state.registry is None and state.version == 1
+    plan = assign_splits(catalog, RATIOS, 0, state.registry, state.version)
+    write_registry(workspace, plan.registry)
+    write_registry_meta(workspace, state.version, RATIOS, 0)
+    assert prepare_registry(workspace, RATIOS, 0, reshuffle=False).registry is not None
+    other = {"train": 0.5, "val": 0.25, "test": 0.25}
+    with pytest.raises(SplitError, match=r"split.train changed from 0.6 to 0.5.*--reshuffle"):
+        prepare_registry(workspace, other, 0, reshuffle=False)
+    with pytest.raises(SplitError, match="split.seed changed from 0 to 3"):
+        prepare_registry(workspace, RATIOS, 3, reshuffle=False)
+    fresh = prepare_registry(workspace, other, 3, reshuffle=True)
+    assert fresh.registry is None and fresh.version == 2 and "version 2" in fresh.note
+    assert (workspace.splits / "registry-v1.csv").is_file()
+    plan2 = assign_splits(catalog, other, 3, fresh.registry, fresh.version)
+    assert set(plan2.registry["registry_version"]) == {2}
