@@ -56,6 +56,7 @@ CRAWL_LOG_COLUMNS: dict[str, str] = {
 SUMMARY_COLUMNS: tuple[str, ...] = ("source", "keyword", "new", "skipped", "failed", "error")
 BING_ENDPOINT = "https://www.bing.com/images/async?q={keyword}&first={offset}"
 BING_PAGE_STEP = 20
+GOOGLE_PAGE_STEP = 100
 FORMAT_EXT: dict[str, str] = {
     "JPEG": "jpg",
     "MPO": "jpg",
@@ -76,6 +77,7 @@ BACKOFF_BASE_S = 0.2
 CHECKPOINT_INTERVAL_S = 5.0
 POLL_INTERVAL_S = 0.05
 NO_RESULTS = "no results"
+INCOMPLETE_READ = re.compile(r"IncompleteRead\((\d+) bytes read")
 
 
 @dataclass(frozen=True)
@@ -308,14 +310,39 @@ def _redirect_target(response: requests.Response, url: str) -> str | None:
     return None
 
 
+class TruncatedBodyError(requests.exceptions.ChunkedEncodingError):
+    """The connection closed before the body declared by Content-Length was complete (retryable)."""
+
+
+def _declared_length(response: requests.Response) -> int | None:
+    """Content-Length of an unencoded body (None if absent, malformed or content-encoded, e.g. gzip)."""
+    if response.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
+        return None
+    try:
+        length = int(response.headers.get("Content-Length", ""))
+    except ValueError:
+        return None
+    return length if length >= 0 else None
+
+
 def _read_body(response: requests.Response) -> bytes:
-    """The whole body, refusing more than MAX_DOWNLOAD_BYTES."""
+    """The whole body, refusing more than MAX_DOWNLOAD_BYTES; TruncatedBodyError if shorter than Content-Length."""
+    declared = _declared_length(response)
     chunks, total = [], 0
-    for chunk in response.iter_content(chunk_size=1 << 16):
-        total += len(chunk)
-        if total > MAX_DOWNLOAD_BYTES:
-            raise ValueError(f"response larger than {MAX_DOWNLOAD_BYTES} bytes")
-        chunks.append(chunk)
+    try:
+        for chunk in response.iter_content(chunk_size=1 << 16):
+            total += len(chunk)
+            if total > MAX_DOWNLOAD_BYTES:
+                raise ValueError(f"response larger than {MAX_DOWNLOAD_BYTES} bytes")
+            chunks.append(chunk)
+    except requests.exceptions.ChunkedEncodingError as error:
+        partial = INCOMPLETE_READ.search(str(error))  # urllib3 noticed the short body first
+        if declared is not None and partial:
+            got = total + int(partial.group(1))
+            raise TruncatedBodyError(f"truncated body: got {got} of {declared} bytes") from None
+        raise
+    if declared is not None and total < declared:
+        raise TruncatedBodyError(f"truncated body: got {total} of {declared} bytes")
     return b"".join(chunks)
 
 
@@ -333,7 +360,10 @@ def _get_once(session: requests.Session, url: str, sources: SourcesConfig) -> tu
 
 
 def fetch_bytes(session: requests.Session, url: str, sources: SourcesConfig) -> tuple[bytes | None, str]:
-    """GET url with retries (connection errors, 5xx, 429; backoff 0.2s*2**i); (bytes, "") or (None, error)."""
+    """GET url with retries (connection errors, timeouts, truncated bodies, 5xx, 429; backoff 0.2s*2**i).
+
+    Returns (bytes, "") or (None, error); a body shorter than its Content-Length is never returned.
+    """
     error = ""
     for attempt in range(sources.max_retries + 1):
         if attempt:
@@ -342,6 +372,9 @@ def fetch_bytes(session: requests.Session, url: str, sources: SourcesConfig) -> 
             status, body = _get_once(session, url, sources)
         except UnsafeUrlError as unsafe:
             return None, str(unsafe)
+        except TruncatedBodyError as failure:
+            error = str(failure)
+            continue
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as failure:
             error = f"{type(failure).__name__}: {failure}"
             continue
@@ -506,11 +539,21 @@ class _GuardedParse:
             self.notes.append(f"search page http {response.status_code}")
             return []
         try:
-            return list(super().parse(response, **kwargs) or [])  # type: ignore[misc]
+            tasks = super().parse(response, **kwargs)  # type: ignore[misc]
+            if tasks is None:  # e.g. GoogleParser when no <script> holds image URLs (changed markup)
+                log.warning("search page %s holds nothing %s can read", response.url, type(self).__name__)
+                self.notes.append(f"search page unparsable: no image URLs found by {_engine_name(self)} parser")
+                return []
+            return list(tasks)
         except Exception as error:  # engines change their HTML; never crash the worker
             log.warning("could not parse search page %s: %s", response.url, error)
             self.notes.append(f"search page unparsable: {type(error).__name__}")
             return []
+
+
+def _engine_name(parser: object) -> str:
+    """'google' for _GoogleParser, etc."""
+    return type(parser).__name__.strip("_").removesuffix("Parser").lower()
 
 
 class _BingParser(_GuardedParse, BingParser):
@@ -544,6 +587,27 @@ class EndpointBingFeeder(BingFeeder):
         suffix = "&qft=" + filter_str if filter_str else ""
         for first in range(offset, offset + max_num, BING_PAGE_STEP):
             self.out_queue.put(endpoint.format(keyword=quote(keyword, safe=""), offset=first) + suffix)
+
+
+class EndpointGoogleFeeder(GoogleFeeder):
+    """GoogleFeeder that, given an endpoint, formats it (keyword URL-quoted, filters as &tbs=) instead of google.com."""
+
+    def feed(
+        self,
+        keyword: str,
+        offset: int,
+        max_num: int,
+        language: str | None = None,
+        filters: dict[str, str] | None = None,
+        endpoint: str | None = None,
+    ) -> None:
+        if endpoint is None:  # the real site, with icrawler's own parameters and filters
+            super().feed(keyword, offset, max_num, language=language, filters=filters)
+            return
+        filter_str = self.get_filter().apply(filters, sep=",")
+        suffix = "&tbs=" + quote(filter_str, safe=":,") if filter_str else ""
+        for start in range(offset, offset + max_num, GOOGLE_PAGE_STEP):
+            self.out_queue.put(endpoint.format(keyword=quote(keyword, safe=""), offset=start) + suffix)
 
 
 class _Crawler(Crawler):
@@ -618,10 +682,11 @@ def _run_crawler(
 
 ENGINES: dict[str, tuple[type, type]] = {
     "bing": (EndpointBingFeeder, _BingParser),
-    "google": (GoogleFeeder, _GoogleParser),
+    "google": (EndpointGoogleFeeder, _GoogleParser),
     "baidu": (BaiduFeeder, _BaiduParser),
     "flickr": (FlickrFeeder, _FlickrParser),
 }
+ENDPOINT_ENGINES: tuple[str, ...] = ("bing", "google")
 
 
 def _clean_keyword(text: str) -> str:
@@ -659,11 +724,13 @@ def source_keywords(source: SearchSource, index: int) -> list[str]:
 
 
 def _check_search_source(source: SearchSource, index: int) -> None:
-    """Engine-specific settings: endpoint only for bing, api_key for flickr, filters the engine knows."""
+    """Engine-specific settings: endpoint only for bing and google, api_key for flickr, filters the engine knows."""
     where = f"sources.search[{index}]"
     if source.endpoint is not None:
-        if source.engine != "bing":
-            raise ValueError(f"{where}.endpoint is only supported for engine bing, not {source.engine}")
+        if source.engine not in ENDPOINT_ENGINES:
+            raise ValueError(
+                f"{where}.endpoint is only supported for engines {', '.join(ENDPOINT_ENGINES)}, not {source.engine}"
+            )
         try:
             probe = source.endpoint.format(keyword="k", offset=0)
         except (KeyError, IndexError, ValueError) as error:
@@ -689,7 +756,8 @@ def _search_kwargs(source: SearchSource, keyword: str) -> tuple[dict[str, Any], 
         feeder = {"keyword": keyword, "offset": 0, "max_num": source.max_num, "filters": filters}
         return feeder | {"endpoint": source.endpoint or BING_ENDPOINT}, {}
     if source.engine == "google":
-        return {"keyword": keyword, "offset": 0, "max_num": source.max_num, "language": None, "filters": filters}, {}
+        feeder = {"keyword": keyword, "offset": 0, "max_num": source.max_num, "language": None, "filters": filters}
+        return feeder | {"endpoint": source.endpoint}, {}
     if source.engine == "baidu":
         return {"keyword": keyword, "offset": 0, "max_num": source.max_num, "filters": filters}, {}
     feeder = {"apikey": source.api_key, "max_num": source.max_num, "text": keyword, **source.filters}

@@ -24,6 +24,7 @@ from pipeline_lib.demo_data import DemoDataset, demo_config_dict, generate_demo_
 from pipeline_lib.ingest import LOG_COLUMNS, ingest
 from pipeline_lib.workspace import Workspace, file_sha256
 from tests.conftest import make_image
+from tests.loopback import LoopbackSite, changed_google_page, google_result_page
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -258,9 +259,11 @@ def test_max_num_limits_each_keyword(workspace: Workspace, tmp_path: Path) -> No
     ("source", "message"),
     [
         (
-            {"engine": "google", "keywords": ["x"], "endpoint": "http://h/?q={keyword}&s={offset}"},
-            r"search\[0\].endpoint",
+            {"engine": "baidu", "keywords": ["x"], "endpoint": "http://h/?q={keyword}&s={offset}"},
+            r"search\[0\].endpoint is only supported for engines bing, google",
         ),
+        ({"engine": "google", "keywords": ["x"], "endpoint": "ftp://h/?q={keyword}&s={offset}"}, r"http\(s\) URL"),
+        ({"engine": "google", "keywords": ["x"], "filters": {"type": "cartoon"}}, r"search\[0\].filters"),
         ({"engine": "bing", "keywords": ["x"], "endpoint": "http://h/?q={keyword}"}, r"search\[0\].endpoint"),
         ({"engine": "flickr", "keywords": ["x"]}, r"search\[0\].api_key"),
         ({"engine": "bing", "keywords": ["x"], "filters": {"colour": "red"}}, r"search\[0\].filters"),
@@ -406,6 +409,131 @@ def test_file_already_in_the_store_is_logged_but_not_copied(workspace: Workspace
     second = crawl_sources(workspace, _sources(folders=[FolderSource(path=root, label="real")]))
     assert second.summary[["new", "skipped"]].sum().tolist() == [0, 2]
     assert len(second.log) == 2 and not list(workspace.incoming.rglob("*.jpg"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Google through icrawler's GoogleParser
+
+
+def _google(endpoint: str, keywords: list[str], **kwargs: Any) -> dict[str, Any]:
+    template = endpoint.replace("first=", "start=")
+    return {"engine": "google", "endpoint": template, "keywords": keywords, "max_num": 10, "threads": 2} | kwargs
+
+
+def _images(tmp_path: Path, n: int) -> dict[str, bytes]:
+    return {f"{i}.jpg": _jpeg(tmp_path, i) for i in range(n)}
+
+
+def test_google_parser_crawls_a_loopback_site(workspace: Workspace, tmp_path: Path) -> None:
+    site = LoopbackSite(_images(tmp_path, 3), page=google_result_page)
+    with site.serve() as endpoint:
+        filters = {"type": "photo", "color": "color", "size": ">4mp"}
+        result = crawl_sources(workspace, _sources(search=[_google(endpoint, ["山田 太郎"], filters=filters)]))
+        base = endpoint.split("/search")[0]
+    assert site.queries == ["山田 太郎"]
+    assert site.search_paths[0].endswith("&start=0&tbs=itp:photo,ic:color,isz:lt,islt:4mp")
+    assert set(result.log["url"]) == {f"{base}/img/{name}" for name in site.images}
+    assert set(result.log["source"]) == {"search:google"} and set(result.log["keyword"]) == {"山田 太郎"}
+    assert result.summary[["new", "skipped", "failed"]].values.tolist() == [[3, 0, 0]]
+    assert result.summary["error"].tolist() == [""]
+    for row in result.log.itertuples():
+        assert _incoming(workspace, row.sha256, row.ext).read_bytes() == site.images[row.url.rsplit("/", 1)[1]]
+    assert sum(site.hits.values()) == 3, "thumbnails (no image suffix) must not be fetched"
+
+
+def test_google_feeder_keeps_the_real_site_and_its_filters() -> None:
+    feeder = crawl.EndpointGoogleFeeder(1, None, None)
+    feeder.feed("cat", 0, 150, filters={"type": "photo", "color": "color"})
+    urls = [feeder.out_queue.get_nowait() for _ in range(feeder.out_queue.qsize())]
+    assert len(urls) == 2 and all(u.startswith("https://www.google.com/search?q=cat&") for u in urls)
+    assert "tbs=itp%3Aphoto%2Cic%3Acolor" in urls[0] and "start=100" in urls[1]
+
+
+@pytest.mark.parametrize(
+    ("page", "note"),
+    [
+        (changed_google_page, "search page unparsable: no image URLs found by google parser"),
+        (lambda urls: '<html><script>var u = "http://127.0.0.1/img/\\xZZ.jpg";</script></html>', "UnicodeDecodeError"),
+    ],
+)
+def test_google_page_the_parser_cannot_read_is_a_summary_note(
+    workspace: Workspace, tmp_path: Path, page: Any, note: str
+) -> None:
+    site = LoopbackSite(_images(tmp_path, 2), page=page)
+    with site.serve() as endpoint:
+        result = crawl_sources(workspace, _sources(search=[_google(endpoint, ["x", "y"])]))
+    assert result.summary["keyword"].tolist() == ["x", "y"]
+    assert (result.summary["new"] == 0).all() and (result.summary["failed"] == 0).all()
+    assert result.summary["error"].str.contains(note, regex=False).all(), result.summary["error"].tolist()
+    assert result.log.empty and not site.hits
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A flaky endpoint: 500s, timeouts, truncated bodies
+
+
+def _no_half_written_files(workspace: Workspace) -> None:
+    for folder in (workspace.incoming, workspace.store, workspace.quarantine):
+        for path in folder.rglob("*"):
+            assert not path.name.startswith(".") and not path.name.endswith(".part"), f"temporary file {path}"
+            if path.is_file():
+                assert file_sha256(path) == path.stem, f"{path} does not hold the bytes its name says"
+                assert path.parent.name == path.stem[:2] or folder == workspace.quarantine
+
+
+def test_flaky_endpoint_retries_logs_specific_errors_and_never_half_writes(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    names = ["good", "flaky500", "dead500", "slow", "cut_once", "cut_always"]
+    site = LoopbackSite({f"{name}.jpg": _jpeg(tmp_path, i) for i, name in enumerate(names)})
+    site.fail_first = {"flaky500.jpg": 2, "dead500.jpg": 99}
+    site.slow = {"slow.jpg": 1.0}
+    site.truncate_first = {"cut_once.jpg": 1, "cut_always.jpg": 99}
+    with site.serve() as endpoint:
+        sources = _sources(search=[_bing(endpoint, ["k"], threads=3)], request_timeout_s=0.3, max_retries=2)
+        first = crawl_sources(workspace, sources)
+        stored_log = read_crawl_log(workspace)
+        errors = dict(zip(stored_log["url"].str.rsplit("/", n=1).str[1], stored_log["error"], strict=True))
+        assert site.hits == {
+            "good.jpg": 1,
+            "flaky500.jpg": 3,
+            "dead500.jpg": 3,
+            "slow.jpg": 3,
+            "cut_once.jpg": 2,
+            "cut_always.jpg": 3,
+        }, "server-side request counts show the retries"
+        assert {k: v for k, v in errors.items() if v == ""}.keys() == {"good.jpg", "flaky500.jpg", "cut_once.jpg"}
+        assert errors["dead500.jpg"] == "http 500"
+        assert errors["slow.jpg"].startswith("ReadTimeout:") and "read timeout=0.3" in errors["slow.jpg"]
+        size = len(site.images["cut_always.jpg"])
+        assert errors["cut_always.jpg"] == f"truncated body: got {size // 2} of {size} bytes"
+        assert first.summary[["new", "skipped", "failed"]].values.tolist() == [[3, 0, 3]]
+        for row in stored_log[stored_log["sha256"] != ""].itertuples():
+            assert _incoming(workspace, row.sha256, row.ext).read_bytes() == site.images[row.url.rsplit("/", 1)[1]]
+        assert len([p for p in workspace.incoming.rglob("*") if p.is_file()]) == 3
+        _no_half_written_files(workspace)
+
+        catalog = ingest(workspace, first.log, IngestConfig(min_side=16))
+        assert (catalog["status"] == "ok").all() and len(catalog) == 3
+        _no_half_written_files(workspace)
+
+        site.fail_first, site.slow, site.truncate_first = {}, {}, {}
+        second = crawl_sources(workspace, sources)
+    assert second.summary[["new", "skipped", "failed"]].values.tolist() == [[3, 3, 0]]
+    _no_half_written_files(workspace)
+
+
+def test_body_shorter_than_content_length_is_never_returned(tmp_path: Path) -> None:
+    site = LoopbackSite({"a.jpg": _jpeg(tmp_path, 1)})
+    site.truncate_first = {"a.jpg": 1}
+    with site.serve() as endpoint, crawl.requests.Session() as session:
+        url = endpoint.split("/search")[0] + "/img/a.jpg"
+        once = _sources(max_retries=0)
+        assert crawl.fetch_bytes(session, url, once) == (
+            None,
+            f"truncated body: got {len(site.images['a.jpg']) // 2} of {len(site.images['a.jpg'])} bytes",
+        )
+        assert crawl.fetch_bytes(session, url, once) == (site.images["a.jpg"], "")
 
 
 def test_detect_ext_prefers_the_bytes(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,7 +15,8 @@ import pytest
 from PIL import Image
 
 from pipeline_lib.catalog import COLUMNS
-from pipeline_lib.config import IngestConfig
+from pipeline_lib.config import FolderSource, IngestConfig, SourcesConfig
+from pipeline_lib.crawl import crawl_sources
 from pipeline_lib.ingest import LOG_COLUMNS, ingest, ingest_summary, validation_record_path
 from pipeline_lib.workspace import Workspace, bytes_sha256, file_sha256
 
@@ -196,3 +199,120 @@ def test_process_pool_validation_matches(tmp_path: Path) -> None:
     serial = ingest(serial_ws, crawl(serial_ws, files), CONFIG, workers=1)
     pd.testing.assert_frame_equal(pooled, serial)
     assert list(pooled["status"]) == [item.status for item in files]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A corpus of malformed and unusual files, through a real folder crawl and ingest
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A small real PNG whose IHDR (CRC fixed up) declares width x height: a decompression bomb by header."""
+    data = bytearray(encode(photo((8, 8), seed=40), "PNG"))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def _save(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def _animated_gif() -> bytes:
+    frames = [photo((40, 40), seed=50 + i).convert("P") for i in range(3)]
+    return _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+def _exif_rotated() -> bytes:
+    exif = Image.Exif()
+    exif[274] = 6
+    return _save(photo((64, 40), seed=51), "JPEG", exif=exif.tobytes())
+
+
+def _palette_transparent() -> bytes:
+    image = photo((40, 40), seed=52).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    return _save(image, "PNG", transparency=0)
+
+
+def _sixteen_bit() -> bytes:
+    return _save(Image.fromarray((np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 37).astype(np.uint16)), "PNG")
+
+
+@dataclass(frozen=True)
+class Odd:
+    """A file of the corpus: its name in the folder, bytes, expected status (each policy), ext, mode."""
+
+    name: str
+    data: bytes
+    status: str
+    ext: str
+    mode: str = ""
+    status_if_reject: str = ""
+
+
+def odd_files() -> list[Odd]:
+    """Malformed and unusual files with the catalog status each must get (min_side 16, first_frame policy)."""
+    jpeg, png = encode(photo(seed=60), "JPEG"), encode(photo(seed=61), "PNG")
+    gif, webp = _save(photo(seed=62).convert("P"), "GIF"), _save(photo(seed=63), "WEBP")
+    html = b"<!DOCTYPE html><html><head><title>Just a moment...</title></head><body>captcha</body></html>"
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="300" height="200"><rect width="9" height="9"/></svg>'
+    return [
+        Odd("zero.jpg", b"", "invalid:zero_bytes", "jpg"),
+        Odd("cut.jpg", jpeg[: len(jpeg) // 2], "invalid:truncated", "jpg"),
+        Odd("cut.png", png[: len(png) // 2], "invalid:truncated", "png"),
+        Odd("cut.gif", gif[: len(gif) // 2], "invalid:truncated", "gif"),
+        Odd("cut.webp", webp[: len(webp) // 2], "invalid:truncated", "webp"),
+        Odd("page.jpg", html, "invalid:not_an_image:html", "jpg"),
+        Odd("logo.jpg", svg, "invalid:not_an_image:svg", "jpg"),
+        Odd("readme.jpg", b"nothing to see here,\njust text\n", "invalid:not_an_image:text", "jpg"),
+        Odd("paper.jpg", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", "invalid:not_an_image:pdf", "jpg"),
+        Odd("api.jpg", b'{"error": "rate limited", "retry_after": 60}', "invalid:not_an_image:json", "jpg"),
+        Odd("bomb.png", _png_claiming(100_000, 100_000), "invalid:decompression_bomb", "png"),
+        Odd("tiny.png", encode(photo((12, 40), seed=64), "PNG"), "invalid:too_small", "png"),
+        Odd("anim.gif", _animated_gif(), "ok", "gif", "P", status_if_reject="invalid:animated"),
+        Odd("cmyk.jpg", encode(photo(seed=65).convert("CMYK"), "JPEG"), "ok", "jpg", "CMYK"),
+        Odd("palette_alpha.png", _palette_transparent(), "ok", "png", "P"),
+        Odd("sixteen.png", _sixteen_bit(), "ok", "png", "I;16"),
+        Odd("la.png", encode(photo(seed=66).convert("LA"), "PNG"), "ok", "png", "LA"),
+        Odd("bilevel.png", encode(photo(seed=67).convert("1"), "PNG"), "ok", "png", "1"),
+        Odd("rotated.jpg", _exif_rotated(), "ok", "jpg", "RGB"),
+        Odd("photo.webp", webp, "ok", "webp", "RGB"),
+        Odd("photo.bmp", encode(photo(seed=68), "BMP"), "ok", "bmp", "RGB"),
+        Odd("photo.tiff", encode(photo(seed=69), "TIFF"), "ok", "tiff", "RGB"),
+        Odd("progressive.jpg", _save(photo(seed=70), "JPEG", progressive=True), "ok", "jpg", "RGB"),
+        Odd("trailing_garbage.jpg", encode(photo(seed=71), "JPEG") + b"\x00garbage" * 50, "ok", "jpg", "RGB"),
+        Odd("really_a_jpeg.png", encode(photo(seed=72), "JPEG"), "ok", "jpg", "RGB"),
+        Odd("plain.gif", gif, "ok", "gif", "P"),
+    ]
+
+
+@pytest.mark.parametrize("policy", ["first_frame", "reject"])
+def test_malformed_corpus_through_folder_crawl_and_ingest(workspace: Workspace, tmp_path: Path, policy: str) -> None:
+    files = odd_files()
+    assert len(files) >= 20 and len({item.data for item in files}) == len(files)
+    folder = tmp_path / "drop"
+    for item in files:
+        (folder / "g").mkdir(parents=True, exist_ok=True)
+        (folder / "g" / item.name).write_bytes(item.data)
+    sources = SourcesConfig(folders=[FolderSource(path=folder, label="ai", generator="sd")])
+    crawled = crawl_sources(workspace, sources, now=T0)
+    assert (crawled.log["error"] == "").all() and len(crawled.log) == len(files)
+    catalog = ingest(workspace, crawled.log, CONFIG.model_copy(update={"animated": policy}))
+    assert len(catalog) == len(files), "count in must equal count out"
+
+    by_name = {Path(url).name: row for url, row in zip(catalog["url"], catalog.itertuples(), strict=True)}
+    expected = {i.name: (i.status_if_reject or i.status) if policy == "reject" else i.status for i in files}
+    assert {name: row.status for name, row in by_name.items()} == expected
+    for item in files:
+        row = by_name[item.name]
+        placed = workspace.root / row.path
+        assert placed.read_bytes() == item.data, f"{item.name} changed on its way to {row.path}"
+        assert placed.name == f"{row.sha256}.{item.ext}", item.name
+        assert row.path.startswith("store/" if row.status == "ok" else "quarantine/"), item.name
+        if item.mode:
+            assert (row.mode, row.width > 0, row.height > 0) == (item.mode, True, True), item.name
+    assert by_name["rotated.jpg"].exif_orientation == 6 and pd.isna(by_name["cmyk.jpg"].exif_orientation)
+    assert pd.isna(by_name["bomb.png"].width), "a bomb's size is not recorded: its header is refused"
+    assert not [p for p in workspace.incoming.rglob("*") if p.is_file()], "incoming/ must be emptied"
+    assert {p.name for p in folder.rglob("*") if p.is_file()} == {i.name for i in files}, "sources stay in place"

@@ -1,0 +1,146 @@
+"""A scriptable search site on 127.0.0.1 for crawl tests: Bing- or Google-format result pages plus images.
+
+Image answers can be made to fail: the first N requests with HTTP 500, every request after a sleep longer than
+the client's timeout, or with a truncated body (Content-Length larger than the bytes sent, then the connection
+closes). Every request is counted per image name, so tests can see the retries from the server's side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from pipeline_lib.demo_data import result_page as bing_result_page
+
+log = logging.getLogger(__name__)
+
+PageFormat = Callable[[list[str]], str]
+
+
+def google_result_page(image_urls: list[str]) -> str:
+    """A Google-images-like page: the image URLs sit in an AF_initDataCallback <script> (what GoogleParser reads)."""
+    entries = [
+        [1, [0, f"tbn{i}", [f"https://encrypted-tbn0.gstatic.com/images?q=tbn:{i}", 60, 80], [url, 600, 800]]]
+        for i, url in enumerate(image_urls)
+    ]
+    data = json.dumps([None, [[entries]]]).replace("/", "\\u002f")  # Google escapes slashes like this
+    script = f"AF_initDataCallback({{key: 'ds:1', hash: '2', data:{data}, sideChannel: {{}}}});"
+    head = "<!doctype html><html><head><meta charset='utf-8'><title>results - Google Search</title></head>"
+    return f"{head}<body><div id='islrg'></div><script nonce='x'>{script}</script></body></html>"
+
+
+def changed_google_page(image_urls: list[str]) -> str:
+    """Google after a redesign: the image URLs only as <img> attributes, no <script> holding them."""
+    items = "".join(f"<div class='tile'><img data-src='{url}'></div>" for url in image_urls)
+    return f"<!doctype html><html><head><script>var x = 1;</script></head><body>{items}</body></html>"
+
+
+class LoopbackSite:
+    """Serve `images` under /img/<name> and a result page listing all of them (or `listing[query]`) at offset 0.
+
+    fail_first[name] = N answers the first N requests of that image with HTTP 500; slow[name] = seconds to sleep
+    before answering; truncate_first[name] = N sends only half the body (with the full Content-Length) N times.
+    """
+
+    __test__ = False
+
+    def __init__(self, images: dict[str, bytes], page: PageFormat = bing_result_page) -> None:
+        self.images = images
+        self.page = page
+        self.fail_first: dict[str, int] = {}
+        self.slow: dict[str, float] = {}
+        self.truncate_first: dict[str, int] = {}
+        self.hits: Counter[str] = Counter()
+        self.queries: list[str] = []
+        self.search_paths: list[str] = []
+        self.listing: dict[str, list[str]] | None = None  # query -> image names (default: all of them)
+        self._lock = threading.Lock()
+
+    def _count(self, name: str) -> int:
+        with self._lock:
+            self.hits[name] += 1
+            return self.hits[name]
+
+    def answer_search(self, handler: BaseHTTPRequestHandler, base: str) -> None:
+        """A result page (empty past the first page) in this site's format."""
+        parts = urlsplit(handler.path)
+        query = parse_qs(parts.query)
+        with self._lock:
+            self.queries.append(query.get("q", [""])[0])
+            self.search_paths.append(handler.path)
+        first = query.get("first", query.get("start", ["0"]))[0]
+        everything = list(self.images) if self.listing is None else self.listing.get(query.get("q", [""])[0], [])
+        names = everything if first == "0" else []
+        body = self.page([f"{base}/img/{quote(name, safe='')}" for name in names]).encode()
+        _send(handler, 200, body)
+
+    def answer_image(self, handler: BaseHTTPRequestHandler, name: str) -> None:
+        """The image, or the failure scripted for this request of it."""
+        n = self._count(name)
+        if name not in self.images:
+            _send(handler, 404, b"not found")
+            return
+        if self.slow.get(name):
+            time.sleep(self.slow[name])
+        if n <= self.fail_first.get(name, 0):
+            _send(handler, 500, b"server error")
+            return
+        data = self.images[name]
+        if n <= self.truncate_first.get(name, 0):
+            handler.send_response(200)
+            handler.send_header("Content-Type", "image/jpeg")
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data[: len(data) // 2])
+            handler.wfile.flush()
+            handler.close_connection = True
+            return
+        _send(handler, 200, data)
+
+    @contextlib.contextmanager
+    def serve(self) -> Iterator[str]:
+        """Run the site on a free loopback port; yield its search endpoint template ({keyword}, {offset})."""
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet server
+                log.debug("loopback site: " + format, *args)
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                path = urlsplit(self.path).path
+                base = f"http://127.0.0.1:{self.server.server_address[1]}"
+                try:
+                    if path == "/search":
+                        site.answer_search(self, base)
+                    else:
+                        site.answer_image(self, unquote(path.removeprefix("/img/")))
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+                    self.close_connection = True
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/search?q={{keyword}}&first={{offset}}"
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+
+
+def _send(handler: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
