@@ -72,7 +72,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
             f"{metrics['accuracy_ci_high']:.3f}, n={int(metrics['n_test'])}), ROC-AUC {metrics['roc_auc']:.3f}"
         )
     for note in summary.get("notes", []):
-        typer.secho(f"warning: {note}", fg=typer.colors.YELLOW)
+        typer.secho(f"split: {note}", fg=typer.colors.YELLOW if "minimum" in note else None)
     typer.echo(f"report: {summary['report']}")
     typer.echo(f"model registry: {summary['registry']}")
     typer.echo(
@@ -82,20 +82,32 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     from flows.pipeline import pipeline
+    from pipeline_lib.models import WeightsNotFoundError
+    from pipeline_lib.split import SplitError
 
     try:
         return pipeline(cfg)
     except ReviewPending as error:
         _fail(str(error), code=3)
         raise
+    except (ConfigError, SplitError, WeightsNotFoundError, WorkspaceError) as error:
+        _fail(f"{type(error).__name__}: {error}")
+        raise
 
 
 @app.command()
 def run(
-    config: ConfigOpt = None, workspace: WorkspaceOpt = None, set_: SetOpt = None, refresh_cache: RefreshOpt = False
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    set_: SetOpt = None,
+    refresh_cache: RefreshOpt = False,
+    reshuffle: Annotated[
+        bool, typer.Option("--reshuffle", help="Start a new split registry version (after changing split ratios/seed).")
+    ] = False,
 ):
     """Run the whole pipeline (cached stages are skipped)."""
-    _print_summary(_run_pipeline(_config(config, workspace, set_, refresh_cache)))
+    extra = list(set_ or []) + (["execution.reshuffle_splits=true"] if reshuffle else [])
+    _print_summary(_run_pipeline(_config(config, workspace, extra, refresh_cache)))
 
 
 @app.command()
@@ -261,6 +273,43 @@ def review_apply(csv_file: Path, workspace: WorkspaceOpt = None, reviewer: str =
 
 
 @app.command()
+def serve(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Config every deployment runs with (default: prefect.yaml's).")
+    ] = None,
+):
+    """Run prefect.yaml's schedules in this process (Prefect's serve), against a running Prefect server."""
+    from prefect import serve as prefect_serve
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.deployments import runner_deployments
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        _fail(
+            "schedules need a Prefect server, and PREFECT_API_URL is not set. Start one with `prefect server start`, "
+            "then `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api` and run `aidetect serve` again."
+        )
+    if not _server_is_up(api):
+        _fail(f"no Prefect server answers at {api}: start it with `prefect server start` (or fix PREFECT_API_URL)")
+    if config is not None and not config.is_file():
+        _fail(f"config file not found: {config}")
+    deployments = runner_deployments(str(config.resolve()) if config else None)
+    typer.echo(f"serving {len(deployments)} deployment(s) against {api}; Ctrl-C stops")
+    prefect_serve(*deployments)
+
+
+def _server_is_up(api: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{api.rstrip('/')}/health", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@app.command()
 def ui(workspace: WorkspaceOpt = None, port: int = 5000, host: str = "127.0.0.1"):
     """Start the MLflow UI on the workspace's tracking store (and say how to start Prefect's)."""
     ws = _workspace(workspace)
@@ -271,6 +320,74 @@ def ui(workspace: WorkspaceOpt = None, port: int = 5000, host: str = "127.0.0.1"
     command = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     command += ["--default-artifact-root", (ws.root / "mlartifacts").as_uri()]
     os.execv(command[0], command) if os.name == "posix" else subprocess.run(command, check=False)
+
+
+def _predict_model(spec: str, config: Path | None, workspace: Path | None) -> tuple[Any, dict[str, Any]]:
+    """(model, meta with image_size) from a checkpoint path, 'champion' or an MLflow run id; exit 2 if not found."""
+    from pipeline_lib import models, tracking
+
+    path = Path(spec).expanduser()
+    if path.suffix == ".pt" or path.is_file():
+        try:
+            return models.load_model(path)
+        except (FileNotFoundError, models.CheckpointError) as error:
+            _fail(f"model not found: {error}")
+    cfg = _config(config, workspace, None, False)
+    ws = None if cfg.tracking.uri else _workspace(cfg.execution.workspace)
+    uri = cfg.tracking.uri or tracking.tracking_uri(None, ws)
+    try:
+        if spec == "champion":
+            model, size = tracking.load_champion(uri, cfg.tracking.registered_model)
+        else:
+            model, size = tracking.load_run_model(uri, spec)
+    except tracking.ModelNotFoundError as error:
+        _fail(f"model not found: {error}")
+        raise
+    return model, {"image_size": size, "model": spec}
+
+
+def _print_predictions(rows: list[Any]) -> None:
+    """A plain table: p_ai, label, path (and the error or CAM file)."""
+    typer.echo(f"{'p_ai':>6}  {'label':<5}  path")
+    for row in rows:
+        if row.error:
+            typer.secho(f"{'-':>6}  {'error':<5}  {row.path}: {row.error}", fg=typer.colors.RED)
+        else:
+            cam = f"  (cam: {row.cam})" if row.cam else ""
+            typer.echo(f"{row.p_ai:6.3f}  {row.label:<5}  {row.path}{cam}")
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (walked recursively).")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="champion, an MLflow run id, or a checkpoint file (.pt).")
+    ] = "champion",
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    cam: Annotated[Path | None, typer.Option("--cam", help="Write CAM overlay PNGs into this folder.")] = None,
+    cam_method: Annotated[str, typer.Option("--cam-method", help="gradcam, gradcam++, eigencam, scorecam")] = "gradcam",
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0)] = 0.5,
+):
+    """p_ai and label per image (exit 1 if some file could not be read, 2 if the model or images are missing)."""
+    from pipeline_lib.predict import collect_paths, predict_files
+
+    if not collect_paths(paths):
+        _fail("no image files found in: " + ", ".join(map(str, paths)))
+    loaded, meta = _predict_model(model, config, workspace)
+    try:
+        rows = predict_files(loaded, meta, paths, batch_size, cam_dir=cam, cam_method=cam_method, threshold=threshold)
+    except ValueError as error:
+        _fail(str(error))
+        raise
+    if as_json:
+        typer.echo(json.dumps([row.as_dict() for row in rows], indent=2))
+    else:
+        _print_predictions(rows)
+    if any(row.error for row in rows):
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -1,26 +1,130 @@
-"""prefect.yaml names real flows with parameters they accept, and valid schedules."""
+"""prefect.yaml: every deployment loads, and `prefect deploy --all` + a process worker run one for real."""
 
 from __future__ import annotations
 
-import importlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 from prefect import Flow
 from prefect.client.schemas.schedules import CronSchedule
 
+from flows.deployments import entrypoint_flow, read_deployments, runner_deployments
+from tests.conftest import make_image
+
 ROOT = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).parent / "prefect")
 
 
 def test_every_deployment_points_at_a_flow_that_accepts_its_parameters():
-    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text(encoding="utf-8"))
-    assert len(spec["deployments"]) >= 2
-    for deployment in spec["deployments"]:
-        module_path, name = deployment["entrypoint"].split(":")
-        module = importlib.import_module(module_path.removesuffix(".py").replace("/", "."))
-        flow = getattr(module, name)
+    deployments = read_deployments()
+    assert {d["name"] for d in deployments} == {"recrawl-and-retrain", "retrain", "crawl"}
+    for deployment in deployments:
+        flow = entrypoint_flow(deployment["entrypoint"])
         assert isinstance(flow, Flow), deployment["name"]
         flow.validate_parameters(deployment["parameters"])
         assert (ROOT / deployment["parameters"]["config_path"]).is_file()
         for schedule in deployment["schedules"]:
             CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+        assert deployment["work_pool"]["name"] == "aidetect"
+    served = runner_deployments("/tmp/my.yaml")
+    assert [d.name for d in served] == [d["name"] for d in deployments]
+    assert all(d.parameters["config_path"] == "/tmp/my.yaml" for d in served)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(api: str, server: subprocess.Popen, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"prefect server at {api} did not become healthy in {seconds} s")
+
+
+@pytest.fixture
+def prefect_server(tmp_path: Path):
+    """A real Prefect server on loopback with its own database; stopped at the end of the test."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    env.pop("PREFECT_API_URL", None)
+    server = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        _wait_healthy(api, server)
+        yield {**env, "PREFECT_API_URL": api, "PWD": str(ROOT)}
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def _prefect(env: dict[str, str], *args: str, timeout: float = 240) -> str:
+    done = subprocess.run(
+        [PREFECT, "--no-prompt", *args],
+        env={**env, "COLUMNS": "300"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_deploy_all_and_a_process_worker_runs_the_crawl_deployment(prefect_server, tmp_path: Path):
+    images = tmp_path / "ai"
+    for index in range(3):
+        make_image(images / "prompt-1" / f"{index}.png", seed=index, size=(64, 64), fmt="PNG")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "sources": {"folders": [{"path": str(images), "label": "ai"}]},
+                "execution": {"workspace": str(tmp_path / "ws")},
+            }
+        ),
+        encoding="utf-8",
+    )
+    _prefect(prefect_server, "work-pool", "create", "aidetect", "--type", "process")
+    _prefect(prefect_server, "deploy", "--all")
+    listed = _prefect(prefect_server, "deployment", "ls")
+    for name in ("recrawl-and-retrain", "retrain", "crawl"):
+        assert name in listed
+    _prefect(prefect_server, "deployment", "run", "aidetect-scheduled-crawl/crawl", "--param", f"config_path={config}")
+    _prefect(prefect_server, "worker", "start", "--pool", "aidetect", "--run-once", timeout=300)
+    runs = _prefect(prefect_server, "flow-run", "ls", "--state", "COMPLETED")
+    assert "aidetect-scheduled-crawl" in runs, runs
+    assert list((tmp_path / "ws" / "catalog").glob("ingest-*.parquet")), "the deployment's run produced no catalog"
