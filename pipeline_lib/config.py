@@ -91,6 +91,10 @@ class DedupConfig(_Section):
 class ReviewConfig(_Section):
     mode: Literal["auto", "require", "off"] = "auto"
     thumbnail_size: int = Field(160, ge=32, le=1024)
+    timeout_hours: float = Field(72, gt=0, description="How long a paused/suspended run waits at the gate.")
+    host: str = Field("127.0.0.1", description="Address of the review page (loopback by default).")
+    port: int = Field(8765, ge=0, le=65535, description="Port of the review page (0: any free port).")
+    tiny_side: int = Field(128, ge=1, description="Images with a shorter side below this are flagged as tiny.")
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -120,6 +124,18 @@ class AugmentConfig(_Section):
     affine_translate: float = Field(0.1, ge=0, le=0.5)
     affine_scale_min: float = Field(0.9, gt=0)
     affine_scale_max: float = Field(1.1, gt=0)
+    blur_p: float = Field(0.0, ge=0, le=1, description="GaussianBlur probability (kernel 3 or 5, sigma 0.1..1.5).")
+    jpeg_p: float = Field(0.0, ge=0, le=1, description="JPEG re-compression probability.")
+    jpeg_quality_min: int = Field(60, ge=1, le=100)
+    jpeg_quality_max: int = Field(95, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _jpeg_range(self) -> AugmentConfig:
+        if self.jpeg_quality_min > self.jpeg_quality_max:
+            raise ValueError(
+                f"jpeg_quality_min ({self.jpeg_quality_min}) must be <= jpeg_quality_max ({self.jpeg_quality_max})"
+            )
+        return self
 
 
 class TrainConfig(_Section):
@@ -134,9 +150,16 @@ class TrainConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     patience: int = Field(5, ge=1)
+    schedule: Literal["none", "cosine", "step"] = Field(
+        "none", description="Learning-rate schedule over the whole run, stepped once per epoch."
+    )
+    step_size: int = Field(10, ge=1, description="schedule=step: multiply the lr by gamma every step_size epochs.")
+    gamma: float = Field(0.1, gt=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, le=0.5)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     num_workers: int = Field(2, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = Field(False, description="torch.compile the model on CUDA (ignored on CPU).")
     seed: int = 0
 
 
@@ -159,6 +182,8 @@ class TrackingConfig(_Section):
 class ExecutionConfig(_Section):
     workspace: Path = Path("workspace")
     refresh_cache: bool = False
+    reshuffle_splits: bool = Field(False, description="Start a new split registry version (CLI: --reshuffle).")
+    crawl: bool = Field(True, description="false: start from the crawl log as it stands (the retrain deployment).")
 
 
 class PipelineConfig(_Section):

@@ -1,4 +1,4 @@
-"""Fine-tuning: head-only then all layers, seeded augmentation, early stopping and exact resume from last.pt."""
+"""Fine-tuning: head-only then all layers, augmentation, lr schedule, early stopping, exact resume (last.pt)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, StepLR
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from pipeline_lib import preprocess
@@ -31,7 +32,9 @@ BEST_NAME = "best.pt"
 LAST_NAME = "last.pt"
 STATE_FORMAT = "aidetect-train-state-v1"
 # Settings that do not change the result; a resumed run may differ in them.
-_RUNTIME_KEYS = ("num_workers", "device")
+_RUNTIME_KEYS = ("num_workers", "device", "compile")
+_BLUR_KERNELS = (3, 5)
+_BLUR_SIGMA = (0.1, 1.5)
 
 
 @dataclass
@@ -46,6 +49,7 @@ class EpochStats:
     val_accuracy: float
     lr: float
     seconds: float
+    images_per_second: float = 0.0  # training images / seconds of the training pass (validation not counted)
 
 
 @dataclass
@@ -77,6 +81,17 @@ class _State:
     stopped_early: bool = False
 
 
+@dataclass
+class _Run:
+    """The live objects of one training run."""
+
+    model: Classifier
+    forward: nn.Module  # model, or its torch.compile wrapper (same parameters)
+    optimizer: torch.optim.SGD
+    scheduler: LRScheduler | None
+    weights: WeightsInfo
+
+
 def resolve_device(device: str) -> str:
     """'auto' -> cuda if available else cpu; 'cuda' without a GPU is an error."""
     if device == "auto":
@@ -89,21 +104,32 @@ def resolve_device(device: str) -> str:
 
 
 def build_augmentation(config: AugmentConfig) -> v2.Compose:
-    """The seed recipe on uint8 CHW tensors: rotation, h-flip, autocontrast, affine translate/scale."""
+    """On uint8 CHW tensors: rotation, h-flip, autocontrast, affine translate/scale, then optional blur and JPEG."""
     if config.affine_scale_min > config.affine_scale_max:
         raise ValueError(
             f"train.augment.affine_scale_min ({config.affine_scale_min}) must be <= "
             f"affine_scale_max ({config.affine_scale_max})"
         )
+    if config.jpeg_quality_min > config.jpeg_quality_max:
+        raise ValueError(
+            f"train.augment.jpeg_quality_min ({config.jpeg_quality_min}) must be <= "
+            f"jpeg_quality_max ({config.jpeg_quality_max})"
+        )
     t = config.affine_translate
-    return v2.Compose(
-        [
-            v2.RandomRotation(config.rotation_degrees),
-            v2.RandomHorizontalFlip(config.hflip_p),
-            v2.RandomAutocontrast(config.autocontrast_p),
-            v2.RandomAffine(0, translate=(t, t), scale=(config.affine_scale_min, config.affine_scale_max)),
-        ]
-    )
+    steps: list[nn.Module] = [
+        v2.RandomRotation(config.rotation_degrees),
+        v2.RandomHorizontalFlip(config.hflip_p),
+        v2.RandomAutocontrast(config.autocontrast_p),
+        v2.RandomAffine(0, translate=(t, t), scale=(config.affine_scale_min, config.affine_scale_max)),
+    ]
+    # Degradations real photos go through; only added when enabled so p=0 leaves the random stream unchanged.
+    if config.blur_p > 0:
+        blurs = [v2.GaussianBlur(kernel, sigma=_BLUR_SIGMA) for kernel in _BLUR_KERNELS]
+        steps.append(v2.RandomApply([v2.RandomChoice(blurs)], p=config.blur_p))
+    if config.jpeg_p > 0:
+        jpeg = v2.JPEG(quality=(config.jpeg_quality_min, config.jpeg_quality_max))
+        steps.append(v2.RandomApply([jpeg], p=config.jpeg_p))
+    return v2.Compose(steps)
 
 
 class CachedImages(Dataset):
@@ -129,11 +155,13 @@ class CachedImages(Dataset):
     def __len__(self) -> int:
         return len(self.shas)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """key: an index (uses self.epoch) or (epoch, index) as EpochSampler yields (works in persistent workers)."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         image = torch.from_numpy(preprocess.load_tensor(self.workspace, self.shas[index], self.size))
         if self.augment is not None:
             # Seeded by (seed, epoch, index): the same crops whatever the worker count or a resume.
-            sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+            sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed)
                 image = self.augment(image)
@@ -186,16 +214,42 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, 7]).generate_state(1)[0])
 
 
-def _loader(dataset: CachedImages, config: TrainConfig, shuffle: bool, epoch: int) -> DataLoader:
-    """A DataLoader whose shuffling (and worker seeds) depend only on (seed, epoch)."""
-    generator = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch))
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields (epoch, index) keys, shuffled by (seed, epoch): workers learn the epoch from the key itself."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool) -> None:
+        self.size = size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration belongs to."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        return iter([(self.epoch, index) for index in order])
+
+
+def make_loader(dataset: CachedImages, config: TrainConfig, shuffle: bool, device: str) -> DataLoader:
+    """A DataLoader for the whole run (call loader.sampler.set_epoch each epoch); pinned on cuda, workers kept."""
+    workers = config.num_workers
     return DataLoader(
         dataset,
         batch_size=config.batch_size,
-        shuffle=shuffle,
-        num_workers=config.num_workers,
-        generator=generator,
-        pin_memory=False,
+        sampler=EpochSampler(len(dataset), config.seed, shuffle),
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(config.seed),  # worker base seeds
+        pin_memory=device == "cuda",
+        persistent_workers=workers > 0,
     )
 
 
@@ -229,11 +283,48 @@ def _make_optimizer(model: Classifier, config: TrainConfig) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
+@contextlib.contextmanager
+def _closing(loaders: tuple[DataLoader, ...]) -> Iterator[tuple[DataLoader, ...]]:
+    """Stop the loaders' persistent worker processes on the way out, also when training fails."""
+    try:
+        yield loaders
+    finally:
+        for loader in loaders:
+            iterator, loader._iterator = loader._iterator, None
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> LRScheduler | None:
+    """Per-epoch schedule over the whole run (both param groups), or None for a constant lr."""
+    if config.schedule == "cosine":
+        return CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.schedule == "step":
+        return StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
+    return None
+
+
+def _compiled(model: Classifier, config: TrainConfig, device: str) -> nn.Module:
+    """torch.compile(model) when asked and on cuda; the model itself otherwise."""
+    if not config.compile:
+        return model
+    if device != "cuda":
+        log.info("train.compile ignored on %s: torch.compile is only used on CUDA", device)
+        return model
+    log.info("compiling the model with torch.compile (the first steps are slow)")
+    return torch.compile(model)  # type: ignore[return-value]
+
+
 def _train_epoch(
-    model: Classifier, loader: DataLoader, optimizer: torch.optim.Optimizer, device: str
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    device: str,
+    label_smoothing: float = 0.0,
 ) -> tuple[float, float]:
     """One pass over the training data; (mean loss, accuracy)."""
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in loader:
         inputs, targets = _to_input(images, device), labels.to(device)
@@ -251,7 +342,7 @@ def _train_epoch(
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
-def evaluate_loss(model: Classifier, loader: DataLoader, device: str) -> tuple[float, float]:
+def evaluate_loss(model: nn.Module, loader: DataLoader, device: str) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) in eval mode without gradients."""
     criterion = nn.CrossEntropyLoss(reduction="sum")
     was_training = model.training
@@ -275,7 +366,8 @@ def build_initial_model(config: TrainConfig) -> tuple[Classifier, WeightsInfo]:
         return build_model(config.model, config.weights)
 
 
-def _state_payload(state: _State, model: Classifier, optimizer: torch.optim.Optimizer, weights: WeightsInfo) -> dict:
+def _state_payload(state: _State, run: _Run) -> dict:
+    model = run.model
     return {
         "format": STATE_FORMAT,
         "fingerprint": state.fingerprint,
@@ -286,10 +378,11 @@ def _state_payload(state: _State, model: Classifier, optimizer: torch.optim.Opti
         "bad_epochs": state.bad_epochs,
         "done": state.done,
         "stopped_early": state.stopped_early,
-        "weights": {"name": weights.name, "sha256": weights.sha256},
+        "weights": {"name": run.weights.name, "sha256": run.weights.sha256},
         "model_name": model.name,
         "model": {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
         "rng": {"torch": torch.get_rng_state()},
     }
 
@@ -366,10 +459,8 @@ def _restored_rng(payload: dict[str, Any] | None) -> Iterator[None]:
         yield
 
 
-def _prepare(
-    config: TrainConfig, payload: dict[str, Any] | None, device: str
-) -> tuple[Classifier, torch.optim.SGD, WeightsInfo]:
-    """A fresh model from config.weights, or the model and optimizer of last.pt."""
+def _prepare(config: TrainConfig, payload: dict[str, Any] | None, device: str) -> _Run:
+    """A fresh model from config.weights, or the model, optimizer and scheduler of last.pt."""
     if payload is None:
         model, weights = build_initial_model(config)
     else:
@@ -379,9 +470,14 @@ def _prepare(
     if device == "cuda":
         model.to(memory_format=torch.channels_last)
     optimizer = _make_optimizer(model, config)
+    scheduler = _make_scheduler(optimizer, config)
     if payload is not None:
         optimizer.load_state_dict(payload["optimizer"])
-    return model, optimizer, weights
+        if scheduler is not None:
+            if payload.get("scheduler") is None:
+                raise RuntimeError("the training state lacks the lr scheduler state; delete last.pt to start over")
+            scheduler.load_state_dict(payload["scheduler"])
+    return _Run(model, _compiled(model, config, device), optimizer, scheduler, weights)
 
 
 def train_model(
@@ -407,13 +503,17 @@ def train_model(
     preprocess.preprocess_images(workspace, pd.concat([train_rows, val_rows]), config.image_size)
     train_set = _dataset(workspace, train_rows, config, augment=True)
     val_set = _dataset(workspace, val_rows, config, augment=False)
-    with _restored_rng(payload):
-        model, optimizer, weights = _prepare(config, payload, device)
+    loaders = (make_loader(train_set, config, True, device), make_loader(val_set, config, False, device))
+    with _restored_rng(payload), _closing(loaders):
+        run = _prepare(config, payload, device)
+        weights = run.weights
         if resumed is not None:
             log.info("resuming training in %s after epoch %d", out_dir, resumed)
         while state.epoch < config.epochs and not state.done:
-            stats = _run_epoch(model, optimizer, train_set, val_set, config, state.epoch + 1, device)
-            _finish_epoch(out_dir, state, stats, model, optimizer, weights, config)
+            stats = _run_epoch(run, loaders, config, state.epoch + 1, device)
+            if run.scheduler is not None:
+                run.scheduler.step()  # per epoch; stats.lr is the lr the epoch trained with
+            _finish_epoch(out_dir, state, stats, run, config)
             if on_epoch is not None:
                 on_epoch(stats)
             if stop_after_epoch is not None and state.epoch >= stop_after_epoch and not state.done:
@@ -423,22 +523,21 @@ def train_model(
 
 
 def _run_epoch(
-    model: Classifier,
-    optimizer: torch.optim.SGD,
-    train_set: CachedImages,
-    val_set: CachedImages,
-    config: TrainConfig,
-    epoch: int,
-    device: str,
+    run: _Run, loaders: tuple[DataLoader, DataLoader], config: TrainConfig, epoch: int, device: str
 ) -> EpochStats:
     """Train one epoch (head-only while epoch <= head_only_epochs) and validate."""
     started = time.perf_counter()
     phase = "head" if epoch <= config.head_only_epochs else "all"
     torch.manual_seed(_epoch_seed(config.seed, epoch))  # dropout etc. depend on (seed, epoch) only
-    train_set.epoch = epoch
-    _set_phase(model, phase)
-    train_loss, train_accuracy = _train_epoch(model, _loader(train_set, config, True, epoch), optimizer, device)
-    val_loss, val_accuracy = evaluate_loss(model, _loader(val_set, config, False, epoch), device)
+    train_loader, val_loader = loaders
+    for loader in loaders:
+        loader.sampler.set_epoch(epoch)
+        loader.dataset.epoch = epoch
+    lr = float(run.optimizer.param_groups[0]["lr"])
+    _set_phase(run.model, phase)
+    train_loss, train_accuracy = _train_epoch(run.forward, train_loader, run.optimizer, device, config.label_smoothing)
+    train_seconds = time.perf_counter() - started
+    val_loss, val_accuracy = evaluate_loss(run.forward, val_loader, device)
     return EpochStats(
         epoch=epoch,
         phase=phase,
@@ -446,8 +545,9 @@ def _run_epoch(
         train_accuracy=train_accuracy,
         val_loss=val_loss,
         val_accuracy=val_accuracy,
-        lr=float(optimizer.param_groups[0]["lr"]),
+        lr=lr,
         seconds=time.perf_counter() - started,
+        images_per_second=len(train_loader.dataset) / max(train_seconds, 1e-9),
     )
 
 
@@ -455,9 +555,7 @@ def _finish_epoch(
     out_dir: Path,
     state: _State,
     stats: EpochStats,
-    model: Classifier,
-    optimizer: torch.optim.SGD,
-    weights: WeightsInfo,
+    run: _Run,
     config: TrainConfig,
 ) -> None:
     """Update early stopping, write best.pt if improved, then last.pt (always, last)."""
@@ -466,17 +564,20 @@ def _finish_epoch(
     improved = _update_best(state, stats, config.patience)
     state.done = state.stopped_early or state.epoch >= config.epochs
     log.info(
-        "epoch %d/%d [%s] train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1fs%s",
+        "epoch %d/%d [%s] lr %.3g train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1fs, %.1f img/s%s",
         stats.epoch,
         config.epochs,
         stats.phase,
+        stats.lr,
         stats.train_loss,
         stats.train_accuracy,
         stats.val_loss,
         stats.val_accuracy,
         stats.seconds,
+        stats.images_per_second,
         " (best)" if improved else "",
     )
+    model, weights = run.model, run.weights
     if improved:
         meta = {
             "model_name": model.name,
@@ -491,4 +592,70 @@ def _finish_epoch(
         save_checkpoint(out_dir / BEST_NAME, model, meta)
     if state.stopped_early:
         log.info("early stopping after epoch %d: no val loss improvement for %d epochs", state.epoch, state.bad_epochs)
-    _save_state(out_dir / LAST_NAME, _state_payload(state, model, optimizer, weights))
+    _save_state(out_dir / LAST_NAME, _state_payload(state, run))
+
+
+_CURVE_KEYS = ("epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+def _curve_rows(history: Sequence[EpochStats] | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """History entries as dicts sorted by epoch; ValueError if empty or an entry lacks a needed key."""
+    rows = []
+    for number, item in enumerate(history):
+        if isinstance(item, EpochStats):
+            row = dataclasses.asdict(item)
+        elif isinstance(item, Mapping):
+            row = dict(item)
+        else:
+            raise TypeError(f"history entry {number} must be an EpochStats or a dict, got {type(item).__name__}")
+        missing = [key for key in _CURVE_KEYS if key not in row]
+        if missing:
+            raise ValueError(f"history entry {number} lacks {', '.join(missing)}")
+        rows.append(row)
+    if not rows:
+        raise ValueError("history is empty: no epochs to plot")
+    return sorted(rows, key=lambda row: int(row["epoch"]))
+
+
+def curve_marks(history: Sequence[EpochStats] | Sequence[Mapping[str, Any]]) -> tuple[int | None, int | None]:
+    """(first all-layers epoch after head-only epochs or None, best epoch = first lowest finite val loss or None)."""
+    rows = _curve_rows(history)
+    unfreeze = None
+    for previous, row in zip(rows, rows[1:], strict=False):
+        if previous["phase"] == "head" and row["phase"] == "all":
+            unfreeze = int(row["epoch"])
+            break
+    finite = [row for row in rows if math.isfinite(float(row["val_loss"]))]
+    best = int(min(finite, key=lambda row: float(row["val_loss"]))["epoch"]) if finite else None
+    return unfreeze, best
+
+
+def plot_learning_curves(history: list[EpochStats] | list[dict], path: Path) -> Path:
+    """PNG of train/val loss and accuracy per epoch, a dashed line where all layers unfreeze, a star at the best."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg only: no display, no pyplot global state
+    from matplotlib.figure import Figure
+
+    rows = _curve_rows(history)
+    unfreeze, best = curve_marks(rows)
+    epochs = [int(row["epoch"]) for row in rows]
+    figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    for axes, key in zip(figure.subplots(1, 2), ("loss", "accuracy"), strict=True):
+        val = [float(row[f"val_{key}"]) for row in rows]
+        axes.plot(epochs, [float(row[f"train_{key}"]) for row in rows], marker="o", markersize=3, label="train")
+        axes.plot(epochs, val, marker="o", markersize=3, label="val")
+        if unfreeze is not None:
+            axes.axvline(unfreeze - 0.5, color="grey", linestyle="--", label=f"all layers from epoch {unfreeze}")
+        if best is not None:
+            best_value = val[epochs.index(best)]
+            axes.plot([best], [best_value], marker="*", markersize=14, color="red", linestyle="none")
+            axes.annotate(f"best (epoch {best})", (best, best_value), textcoords="offset points", xytext=(6, 6))
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(key)
+        axes.set_title(f"{key} per epoch")
+        axes.grid(alpha=0.3)
+        axes.legend()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return path

@@ -69,3 +69,38 @@ def test_flatten_and_merge_do_not_mutate():
     assert merged == {"train": {"epochs": 2, "lr": 0.1}} and base["train"]["epochs"] == 1
     flat = flatten_config(PipelineConfig())
     assert flat["train.model"] == "resnet50" and "dedup.threshold" in flat
+
+
+def test_train_schedule_and_augment_defaults_keep_the_recipe():
+    train = PipelineConfig().train
+    assert (train.schedule, train.step_size, train.gamma, train.label_smoothing, train.compile) == (
+        "none",
+        10,
+        0.1,
+        0.0,
+        False,
+    )
+    augment = train.augment
+    assert (augment.blur_p, augment.jpeg_p, augment.jpeg_quality_min, augment.jpeg_quality_max) == (0.0, 0.0, 60, 95)
+    config = build_config({}, ["train.schedule=cosine", "train.label_smoothing=0.1", "train.augment.jpeg_p=0.5"])
+    assert (config.train.schedule, config.train.label_smoothing, config.train.augment.jpeg_p) == ("cosine", 0.1, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.schedule=linear", r"train\.schedule"),
+        ("train.label_smoothing=0.6", r"train\.label_smoothing"),
+        ("train.step_size=0", r"train\.step_size"),
+        ("train.augment.blur_p=1.5", r"train\.augment\.blur_p"),
+        ("train.augment.jpeg_quality_max=101", r"train\.augment\.jpeg_quality_max"),
+    ],
+)
+def test_train_option_bounds_are_named(override, key):
+    with pytest.raises(ConfigError, match=key):
+        build_config({}, [override])
+
+
+def test_jpeg_quality_range_must_be_ordered():
+    with pytest.raises(ConfigError, match=r"jpeg_quality_min \(90\) must be <= jpeg_quality_max \(80\)"):
+        build_config({}, ["train.augment.jpeg_quality_min=90", "train.augment.jpeg_quality_max=80"])
