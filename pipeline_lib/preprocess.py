@@ -21,7 +21,7 @@ from pipeline_lib.workspace import Workspace, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-POOL_THRESHOLD = 64  # fewer missing tensors than this are decoded in-process
+POOL_THRESHOLD = 1000  # fewer missing tensors are decoded in-process: a spawn pool importing torch costs seconds
 _CHUNK = 16
 
 

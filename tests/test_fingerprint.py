@@ -253,8 +253,9 @@ def test_algorithm_switch_uses_its_own_cache(workspace: Workspace) -> None:
     assert (larger["phash"].str.len() == 64).all()
 
 
-def test_process_pool_matches_sequential(workspace: Workspace) -> None:
-    n = fingerprint.PARALLEL_MIN_IMAGES
+def test_process_pool_matches_sequential(workspace: Workspace, monkeypatch) -> None:
+    n = 24
+    monkeypatch.setattr(fingerprint, "PARALLEL_MIN_IMAGES", n)
     table = catalog_of(workspace, n)
     broken = workspace.root / table["path"].iloc[5]
     broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
