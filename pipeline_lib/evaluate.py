@@ -32,6 +32,7 @@ POSITIVE = "ai"
 ROW_COLUMNS: tuple[str, ...] = ("sha256", "group", "label", "source", "url", "keyword")
 PREDICTION_COLUMNS: tuple[str, ...] = (*ROW_COLUMNS, "p_ai", "predicted", "correct")
 _BOOTSTRAP_CELLS = 5_000_000  # resampled indices held in memory at once
+CALIBRATION_BINS = 10  # equal-width bins of p_ai for ECE and the reliability plot
 
 
 def check_images(images: torch.Tensor) -> None:
@@ -162,10 +163,50 @@ def _ranking_metrics(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]
     }
 
 
+def calibration_bins(y_true: np.ndarray, p_ai: np.ndarray, n_bins: int = CALIBRATION_BINS) -> pd.DataFrame:
+    """Equal-width bins of p_ai over [0, 1]: count, mean p_ai and fraction of ai per bin (empty bins: count 0, nan).
+
+    Bin b holds p_ai in [b/n, (b+1)/n), found as floor(p_ai * n) so that decimal edges such as 0.3 fall in
+    the bin they start (linspace edges are off by an ulp); the last bin also holds p_ai = 1.
+    """
+    if not isinstance(n_bins, int) or isinstance(n_bins, bool) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    truth = np.asarray(y_true, dtype=np.float64)
+    scores = np.asarray(p_ai, dtype=np.float64)
+    if truth.shape != scores.shape or scores.ndim != 1:
+        raise ValueError(f"y_true and p_ai must be 1-D and the same length, got {truth.shape} and {scores.shape}")
+    if scores.size and (np.isnan(scores).any() or scores.min() < 0.0 or scores.max() > 1.0):
+        raise ValueError("p_ai must be probabilities in [0, 1] without NaN")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    index = np.clip(np.floor(scores * n_bins).astype(np.int64), 0, n_bins - 1)
+    count = np.bincount(index, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.bincount(index, weights=scores, minlength=n_bins) / count
+        frac_ai = np.bincount(index, weights=truth, minlength=n_bins) / count
+    return pd.DataFrame(
+        {"low": edges[:-1], "high": edges[1:], "count": count.astype(int), "mean_p_ai": mean_p, "frac_ai": frac_ai}
+    )
+
+
+def expected_calibration_error(y_true: np.ndarray, p_ai: np.ndarray, n_bins: int = CALIBRATION_BINS) -> float:
+    """ECE of p_ai: sum over equal-width bins of (bin share) * |fraction of ai - mean p_ai|."""
+    bins = calibration_bins(y_true, p_ai, n_bins)
+    filled = bins[bins["count"] > 0]
+    if filled.empty:
+        raise ValueError("cannot compute ECE on an empty test set")
+    weights = filled["count"].to_numpy(dtype=np.float64) / filled["count"].sum()
+    gaps = np.abs(filled["frac_ai"].to_numpy() - filled["mean_p_ai"].to_numpy())
+    return float(np.sum(weights * gaps))
+
+
 def compute_metrics(
-    predictions: pd.DataFrame, threshold: float, n_bootstrap: int = 1000, seed: int = 0
+    predictions: pd.DataFrame,
+    threshold: float,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    n_bins: int = CALIBRATION_BINS,
 ) -> dict[str, float]:
-    """Accuracy (+ bootstrap 95% CI), per-class precision/recall/F1, AUCs, confusion entries; plain floats."""
+    """Accuracy (+ bootstrap 95% CI), per-class precision/recall/F1, AUCs, ECE, confusion entries; plain floats."""
     _check_threshold(threshold)
     if len(predictions) == 0:
         raise ValueError("cannot compute metrics on an empty test set (is the test split empty?)")
@@ -179,6 +220,7 @@ def compute_metrics(
         metrics[f"recall_{name}"] = float(recall[index])
         metrics[f"f1_{name}"] = float(f1[index])
     metrics.update(_ranking_metrics(y_true, scores))
+    metrics["ece"] = expected_calibration_error(y_true, scores, n_bins)
     tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
     metrics.update({"tn": float(tn), "fp": float(fp), "fn": float(fn), "tp": float(tp)})
     metrics.update(
@@ -186,6 +228,14 @@ def compute_metrics(
     )
     metrics["threshold"] = float(threshold)
     return metrics
+
+
+def rescore_accuracy(
+    model: torch.nn.Module, images: torch.Tensor, test_rows: pd.DataFrame, threshold: float, batch_size: int = 64
+) -> float:
+    """Accuracy of model on test rows (images in the same order) at threshold: how a champion is re-scored."""
+    predictions = predictions_table(test_rows, predict_probabilities(model, images, batch_size), threshold)
+    return compute_metrics(predictions, threshold, n_bootstrap=0)["accuracy"]
 
 
 def per_group_accuracy(predictions: pd.DataFrame) -> pd.DataFrame:
@@ -273,4 +323,32 @@ def plot_pr(predictions: pd.DataFrame, path: Path) -> Path:
     axes.set_ylim(0.0, 1.05)
     axes.set_title("precision-recall (positive = ai)")
     axes.legend(loc="lower left")
+    return _save_figure(figure, path)
+
+
+def plot_reliability(predictions: pd.DataFrame, path: Path, n_bins: int = CALIBRATION_BINS) -> Path:
+    """PNG reliability diagram: fraction of ai vs mean p_ai per equal-width bin, with the ECE and bin counts."""
+    y_true = (predictions["label"] == POSITIVE).to_numpy(dtype=np.int64)
+    scores = predictions["p_ai"].to_numpy(dtype=np.float64)
+    figure = Figure(figsize=(4.0, 4.6))
+    axes, counts = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    if len(y_true) == 0:
+        _note(axes, "reliability undefined: the test set is empty")
+        counts.set_axis_off()
+        return _save_figure(figure, path)
+    bins = calibration_bins(y_true, scores, n_bins)
+    width = 1.0 / n_bins
+    filled = bins[bins["count"] > 0]
+    axes.bar(filled["low"], filled["frac_ai"], width=width, align="edge", alpha=0.7, label="share ai")
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    axes.plot(filled["mean_p_ai"], filled["frac_ai"], marker="o", color="tab:red", label="bin mean p_ai")
+    axes.set_xlim(0.0, 1.0)
+    axes.set_ylim(0.0, 1.05)
+    axes.set_ylabel("fraction ai")
+    ece = expected_calibration_error(y_true, scores, n_bins)
+    axes.set_title(f"reliability (ECE = {ece:.3f}, {n_bins} bins)")
+    axes.legend(loc="upper left", fontsize="small")
+    counts.bar(bins["low"], bins["count"], width=width, align="edge", edgecolor="black", color="tab:grey")
+    counts.set_xlabel("p_ai")
+    counts.set_ylabel("images")
     return _save_figure(figure, path)

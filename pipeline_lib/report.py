@@ -1,7 +1,13 @@
-"""The evaluation report: Grad-CAM maps and a self-contained HTML folder (index.html + img/ + plots/)."""
+"""The evaluation report: Grad-CAM maps and a self-contained HTML folder (index.html + img/ + plots/).
+
+index.html embeds every picture as a data: URI and links nothing else on disk, so it shows the same from disk
+and from MLflow's artifact view (which loads HTML from a blob: URL in a sandboxed iframe, where relative file
+links cannot resolve). The same pictures are also written as PNG files under img/ and plots/ in the folder.
+"""
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import math
@@ -53,6 +59,7 @@ HEADLINE_METRICS: tuple[str, ...] = (
     "accuracy_ci_high",
     "roc_auc",
     "average_precision",
+    "ece",
     "precision_ai",
     "recall_ai",
     "f1_ai",
@@ -128,22 +135,36 @@ def select_examples(predictions: pd.DataFrame, per_cell: int) -> pd.DataFrame:
     return selected.drop(columns=["confidence"])
 
 
-def _png_bytes(array: np.ndarray) -> bytes:
+def png_bytes(array: np.ndarray) -> bytes:
     """Encode an HxWx3 uint8 array as PNG."""
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def _write_pair(img_dir: Path, sha256: str, image: torch.Tensor, cam: np.ndarray) -> tuple[str, str]:
-    """Write <sha>_orig.png and <sha>_cam.png; return their paths relative to the report folder."""
-    if not _SAFE_NAME.match(sha256):
-        raise ValueError(f"selected row has an unusable sha256 {sha256!r} (expected a hex digest)")
+def data_uri(png: bytes) -> str:
+    """A data: URI of PNG bytes (what the report's <img> tags use)."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def cam_overlay(image: torch.Tensor, cam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(original HxWx3 uint8, CAM heat map blended over it HxWx3 uint8) for one uint8 CHW image."""
     rgb = image.permute(1, 2, 0).cpu().numpy()
     overlay = show_cam_on_image(rgb.astype(np.float32) / 255.0, cam, use_rgb=True)
-    atomic_write_bytes(img_dir / f"{sha256}_orig.png", _png_bytes(rgb))
-    atomic_write_bytes(img_dir / f"{sha256}_cam.png", _png_bytes(overlay))
-    return f"img/{sha256}_orig.png", f"img/{sha256}_cam.png"
+    return rgb, overlay
+
+
+def _write_pair(img_dir: Path, sha256: str, image: torch.Tensor, cam: np.ndarray) -> dict[str, str]:
+    """Write img/<sha>_orig.png and img/<sha>_cam.png; return their relative paths and data: URIs."""
+    if not _SAFE_NAME.match(sha256):
+        raise ValueError(f"selected row has an unusable sha256 {sha256!r} (expected a hex digest)")
+    pictures: dict[str, str] = {}
+    for kind, array in zip(("orig", "cam"), cam_overlay(image, cam), strict=True):
+        png = png_bytes(array)
+        atomic_write_bytes(img_dir / f"{sha256}_{kind}.png", png)
+        pictures[f"{kind}_file"] = f"img/{sha256}_{kind}.png"
+        pictures[kind] = data_uri(png)
+    return pictures
 
 
 def _link(url: str) -> str | None:
@@ -151,13 +172,12 @@ def _link(url: str) -> str | None:
     return url if urlsplit(url).scheme.lower() in ("http", "https") else None
 
 
-def _example(row: pd.Series, orig: str, cam: str) -> dict[str, Any]:
+def _example(row: pd.Series, pictures: dict[str, str]) -> dict[str, Any]:
     """Template fields of one selected row; the template escapes every string."""
     url = str(row["url"])
     return {
         "sha256": str(row["sha256"]),
-        "orig": orig,
-        "cam": cam,
+        **pictures,
         "p_ai": f"{float(row['p_ai']):.3f}",
         "label": str(row["label"]),
         "predicted": str(row["predicted"]),
@@ -170,7 +190,7 @@ def _example(row: pd.Series, orig: str, cam: str) -> dict[str, Any]:
 
 
 def _copy_plots(out_dir: Path, plots: dict[str, Path]) -> list[dict[str, str]]:
-    """Copy plot files into out_dir/plots/; return their names and relative paths."""
+    """Copy plot files into out_dir/plots/; return their names, relative paths and data: URIs."""
     copied: list[dict[str, str]] = []
     for name, source in plots.items():
         source = Path(source)
@@ -182,7 +202,7 @@ def _copy_plots(out_dir: Path, plots: dict[str, Path]) -> list[dict[str, str]]:
         target = out_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
-        copied.append({"name": name, "src": relative})
+        copied.append({"name": name, "file": relative, "src": data_uri(target.read_bytes())})
     return copied
 
 
@@ -243,18 +263,19 @@ def build_report(
     title: str,
     plots: dict[str, Path] | None = None,
     run_info: dict[str, str] | None = None,
+    cam_batch_size: int = 16,
 ) -> Path:
-    """Write out_dir/index.html with img/ and plots/ (relative links only); index.html is written last."""
+    """Write out_dir/index.html (pictures embedded) with img/ and plots/ beside it; index.html is written last."""
     _check_selected(images, selected)
     out_dir = Path(out_dir)
     img_dir = out_dir / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
-    cams = compute_cams(model, images, target_layer, method=cam_method)
+    cams = compute_cams(model, images, target_layer, method=cam_method, batch_size=cam_batch_size)
     rows = selected.reset_index(drop=True)
     sections: list[dict[str, Any]] = []
     for cell, _, _ in CELLS:
         examples = [
-            _example(rows.loc[i], *_write_pair(img_dir, str(rows.loc[i, "sha256"]), images[i], cams[i]))
+            _example(rows.loc[i], _write_pair(img_dir, str(rows.loc[i, "sha256"]), images[i], cams[i]))
             for i in rows.index[rows["cell"] == cell]
         ]
         sections.append({"id": cell, "title": CELL_TITLES[cell], "examples": examples})

@@ -22,6 +22,11 @@ from pipeline_lib.workspace import Workspace
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+IMAGE_SIZE_TAG = "image_size"  # model version tag: the square input size the model was trained at
+
+
+class ModelNotFoundError(LookupError):
+    """No registered champion, run or logged model where one was asked for; the message says what is missing."""
 
 
 def tracking_uri(uri: str | None, workspace: Workspace) -> str:
@@ -213,23 +218,28 @@ def register_model(
     test_digest: str,
     model_digest: str,
     champion_score: float | None = None,
+    image_size: int | None = None,
 ) -> ChampionDecision:
     """Register a model version; move the champion alias to it only if it beats the current one.
 
-    champion_score, when given, is the current champion re-scored on this test split; otherwise the
-    champion's recorded score is used if it was measured on the same test split (same digest).
+    champion_score, when given, is the current champion re-scored on this test split (its version's
+    test_digest/test_accuracy tags are then updated to it); otherwise the champion's recorded score is
+    used if it was measured on the same test split (same digest). image_size is kept as a version tag.
     """
     client = tracker.client
+    current = current_champion(tracker.uri, name)
     with _quiet(), _global_uri(tracker.uri):
         try:
             client.create_registered_model(name)
         except MlflowException:
             pass  # already registered
-        version = client.create_model_version(
-            name, model_uri, run_id=tracker.run_id, tags={"test_digest": test_digest, "model_digest": model_digest}
-        )
+        tags = {"test_digest": test_digest, "model_digest": model_digest}
+        if image_size is not None:
+            tags[IMAGE_SIZE_TAG] = str(int(image_size))
+        version = client.create_model_version(name, model_uri, run_id=tracker.run_id, tags=tags)
         client.set_model_version_tag(name, version.version, "test_accuracy", f"{score:.6f}")
-        current = current_champion(tracker.uri, name)
+    if current is not None and champion_score is not None:
+        _record_rescore(client, name, str(current.version), test_digest, champion_score, tracker.run_id)
     if current is None:
         promoted, reason, old_score = True, "no champion yet", None
     else:
@@ -252,6 +262,76 @@ def register_model(
         champion_version=None if current is None else str(current.version),
         reason=reason,
     )
+
+
+def _record_rescore(
+    client: MlflowClient, name: str, version: str, test_digest: str, score: float, run_id: str
+) -> None:
+    """Store a champion's score on a new test split on its version, so the next run on that split reuses it."""
+    with _quiet():
+        for key, value in (("test_digest", test_digest), ("test_accuracy", f"{score:.6f}"), ("rescored_by", run_id)):
+            client.set_model_version_tag(name, version, key, value)
+
+
+def _signature_image_size(model_uri: str) -> int | None:
+    """The square input size from a logged model's signature (tensor [-1, 3, S, S]), or None."""
+    from mlflow.models import get_model_info
+
+    try:
+        signature = get_model_info(model_uri).signature
+    except (MlflowException, OSError) as error:
+        log.debug("no model info for %s: %s", model_uri, error)
+        return None
+    if signature is None or signature.inputs is None:
+        return None
+    shapes = [getattr(spec, "shape", None) for spec in signature.inputs.inputs]
+    shape = shapes[0] if shapes else None
+    if shape is None or len(shape) != 4 or shape[-1] != shape[-2] or shape[-1] < 1:
+        return None
+    return int(shape[-1])
+
+
+def _load_torch(uri: str, model_uri: str, image_size: int | None, what: str) -> tuple[Any, int]:
+    """(torch model on CPU in eval mode, image size) of model_uri; ModelNotFoundError naming what is missing."""
+    import mlflow.pytorch
+
+    with _quiet(), _global_uri(uri):
+        try:
+            model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        except (MlflowException, OSError) as error:
+            raise ModelNotFoundError(f"{what}: cannot load {model_uri} from {uri}: {error}") from None
+        size = image_size or _signature_image_size(model_uri)
+    if size is None:
+        raise ModelNotFoundError(f"{what}: {model_uri} records no image size (no {IMAGE_SIZE_TAG!r} tag or signature)")
+    return model.eval(), int(size)
+
+
+def load_champion(uri: str, name: str) -> tuple[Any, int]:
+    """The champion of registered model name as (torch model in eval mode, image size it expects)."""
+    current = current_champion(uri, name)
+    if current is None:
+        raise ModelNotFoundError(
+            f"registered model {name!r} has no {CHAMPION!r} in {uri} (run the pipeline first, or pass a checkpoint)"
+        )
+    tagged = (current.tags or {}).get(IMAGE_SIZE_TAG)
+    return _load_torch(uri, f"models:/{name}@{CHAMPION}", int(tagged) if tagged else None, f"champion of {name!r}")
+
+
+def load_run_model(uri: str, run_id: str) -> tuple[Any, int]:
+    """The model logged by a run (name 'model') as (torch model in eval mode, image size it expects)."""
+    client = MlflowClient(tracking_uri=uri)
+    with _quiet():
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            raise ModelNotFoundError(f"no MLflow run {run_id!r} in {uri}") from None
+        found = client.search_logged_models(
+            experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+        )
+    if not found:
+        raise ModelNotFoundError(f"MLflow run {run_id} logged no model (its training may have failed)")
+    tagged = run.data.tags.get(f"aidetect.{IMAGE_SIZE_TAG}")
+    return _load_torch(uri, found[0].model_uri, int(tagged) if tagged else None, f"model of run {run_id}")
 
 
 def find_version(uri: str, name: str, model_digest: str) -> Any | None:

@@ -72,6 +72,16 @@ def crawl_sources(root: str, sources: SourcesConfig, folder_state: str) -> Stage
     return StageResult(log_ref, metrics, notes, table)
 
 
+@task(name="crawl-log")
+def current_crawl_log(root: str, log_digest: str) -> StageResult:
+    """Snapshot the crawl log as it stands (no crawling): what `retrain` starts from."""
+    workspace = Workspace.create(root)
+    table = crawl_lib.read_crawl_log(workspace)
+    if table.empty:
+        raise ValueError(f"nothing crawled yet in {workspace.root}: run `aidetect crawl` or `aidetect run`")
+    return StageResult(cat.write_table(workspace, "crawl", "log", table), {"crawl.logged": float(len(table))})
+
+
 @task(name="ingest")
 def ingest(root: str, crawl_log: Ref, config: IngestConfig) -> StageResult:
     """Validate new files into store/ or quarantine/ and snapshot the catalog."""
@@ -123,19 +133,25 @@ def review_gate(root: str, catalog: Ref, decisions_digest: str, config: ReviewCo
 
 
 @task(name="split")
-def make_split(root: str, catalog: Ref, config: SplitConfig) -> StageResult:
+def make_split(root: str, catalog: Ref, config: SplitConfig, reshuffle: bool = False) -> StageResult:
     """Sticky, group-aware, stratified train/val/test assignment."""
     workspace = Workspace.create(root)
     ratios = {"train": config.train, "val": config.val, "test": config.test}
-    plan = split.assign_splits(
-        cat.read_snapshot(workspace, catalog), ratios, config.seed, split.read_registry(workspace)
-    )
+    state = split.prepare_registry(workspace, ratios, config.seed, reshuffle)
+    table = cat.read_snapshot(workspace, catalog)
+    plan = split.assign_splits(table, ratios, config.seed, state.registry, state.version)
     split.check_no_leak(plan.catalog)
     split.write_registry(workspace, plan.registry)
+    split.write_registry_meta(workspace, state.version, ratios, config.seed)
     table, warnings = split.split_report(plan.catalog, ratios, config.min_groups_per_label)
     metrics = {f"split.{r.split}.{r.label}.images": float(r.images) for r in table.itertuples()}
     metrics |= {f"split.{r.split}.{r.label}.groups": float(r.groups) for r in table.itertuples()}
-    return StageResult(cat.write_snapshot(workspace, "split", plan.catalog), metrics, warnings)
+    metrics |= {"split.registry_version": float(state.version), "split.new_groups": float(plan.new_groups)}
+    largest = split.largest_groups(plan.catalog)
+    biggest = ", ".join(f"{g['group']} ({g['images']} {g['label']}, {g['split']})" for g in largest)
+    notes = [*warnings, *([state.note] if state.note else []), f"largest groups: {biggest}"]
+    rows = [{k: (v if isinstance(v, str) else float(v)) for k, v in row.items()} for row in table.to_dict("records")]
+    return StageResult(cat.write_snapshot(workspace, "split", plan.catalog), metrics, notes, rows)
 
 
 @task(name="preprocess")
@@ -185,6 +201,7 @@ def evaluate(root: str, catalog: Ref, model_ref: Ref, config: EvaluateConfig) ->
         ("confusion_matrix", evaluate_lib.plot_confusion_matrix),
         ("roc", evaluate_lib.plot_roc),
         ("pr", evaluate_lib.plot_pr),
+        ("reliability", evaluate_lib.plot_reliability),
     ):
         plot(predictions, out_dir / f"{name}.png")
         plots[name] = workspace.relative(out_dir / f"{name}.png")

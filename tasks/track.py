@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pandas as pd
@@ -11,10 +12,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline_lib import catalog as cat
-from pipeline_lib import models, tracking
+from pipeline_lib import evaluate as evaluate_lib
+from pipeline_lib import models, preprocess, tracking
 from pipeline_lib.config import PipelineConfig, config_to_yaml, flatten_config
 from pipeline_lib.workspace import Ref, Workspace
 from tasks.stages import EvalOutput, TrainOutput
+
+log = logging.getLogger(__name__)
 
 
 @task(name="mlflow-start", cache_policy=NO_CACHE)
@@ -116,11 +120,64 @@ def register(
         f"torchvision=={torchvision.__version__.split('+')[0]}",
     ]
     uri = tracking.log_pytorch_model(tracker, model, example, requirements)
+    champion_score = _rescore_champion(workspace, tracker.uri, name, evaluation, test_digest)
     decision = tracking.register_model(
-        tracker, uri, name, float(evaluation.metrics["accuracy"]), test_digest, model_ref.digest
+        tracker,
+        uri,
+        name,
+        float(evaluation.metrics["accuracy"]),
+        test_digest,
+        model_ref.digest,
+        champion_score=champion_score,
+        image_size=size,
     )
-    tracker.set_tags({"aidetect.model_version": decision.version, "aidetect.champion_decision": decision.reason})
-    return {"version": decision.version, "promoted": decision.promoted, "reason": decision.reason}
+    _log_decision(tracker, decision, rescored=champion_score is not None, image_size=size)
+    return {
+        "version": decision.version,
+        "promoted": decision.promoted,
+        "reason": decision.reason,
+        "challenger_score": decision.challenger_score,
+        "champion_score": decision.champion_score,
+        "champion_version": decision.champion_version,
+    }
+
+
+def _rescore_champion(
+    workspace: Workspace, uri: str, name: str, evaluation: EvalOutput, test_digest: str
+) -> float | None:
+    """The champion's accuracy on this test split when it was scored on another one; else None (nothing to do)."""
+    current = tracking.current_champion(uri, name)
+    if current is None or (current.tags or {}).get("test_digest") == test_digest:
+        return None
+    try:
+        champion, size = tracking.load_champion(uri, name)
+    except tracking.ModelNotFoundError as error:
+        log.warning("champion not re-scored: %s", error)
+        return None
+    rows = pd.read_parquet(evaluation.predictions.resolve(workspace))
+    images = preprocess.load_tensors(workspace, rows["sha256"].tolist(), size)
+    threshold = float(evaluation.metrics["threshold"])
+    return evaluate_lib.rescore_accuracy(champion, images, rows, threshold)
+
+
+def _log_decision(
+    tracker: tracking.Tracker, decision: tracking.ChampionDecision, rescored: bool, image_size: int
+) -> None:
+    """Both scores as metrics, the decision as tags of the run."""
+    scores = {"registry.challenger_score": decision.challenger_score}
+    if decision.champion_score is not None:
+        scores["registry.champion_score"] = decision.champion_score
+    tracker.log_metrics(scores | {"registry.promoted": float(decision.promoted)})
+    tracker.set_tags(
+        {
+            "aidetect.model_version": decision.version,
+            "aidetect.champion_decision": decision.reason,
+            "aidetect.champion_promoted": str(decision.promoted).lower(),
+            "aidetect.champion_previous_version": decision.champion_version or "",
+            "aidetect.champion_rescored": str(rescored).lower(),
+            f"aidetect.{tracking.IMAGE_SIZE_TAG}": str(image_size),
+        }
+    )
 
 
 @task(name="mlflow-finish", cache_policy=NO_CACHE)

@@ -15,13 +15,17 @@ from torchvision.models import resnet18
 
 from pipeline_lib.evaluate import (
     PREDICTION_COLUMNS,
+    calibration_bins,
     compute_metrics,
+    expected_calibration_error,
     per_group_accuracy,
     plot_confusion_matrix,
     plot_pr,
+    plot_reliability,
     plot_roc,
     predict_probabilities,
     predictions_table,
+    rescore_accuracy,
 )
 
 # Ten hand-made predictions at threshold 0.5 (ai = positive):
@@ -147,7 +151,7 @@ def test_per_group_accuracy_sorted_worst_first() -> None:
     assert list(table["accuracy"]) == [0.0, 0.5, 0.5, 1.0], f"group accuracies wrong: {list(table['accuracy'])}"
 
 
-@pytest.mark.parametrize("plot", [plot_confusion_matrix, plot_roc, plot_pr])
+@pytest.mark.parametrize("plot", [plot_confusion_matrix, plot_roc, plot_pr, plot_reliability])
 @pytest.mark.parametrize("single_class", [False, True])
 def test_plots_are_valid_pngs(plot, single_class: bool, hand_predictions: pd.DataFrame, tmp_path: Path) -> None:
     predictions = hand_predictions.head(5) if single_class else hand_predictions
@@ -181,3 +185,40 @@ def test_predict_probabilities_matches_softmax_and_restores_model() -> None:
 def test_predict_probabilities_rejects_float_images() -> None:
     with pytest.raises(ValueError, match="uint8"):
         predict_probabilities(TinyClassifier(), torch.rand(2, 3, 32, 32))
+
+
+def test_ece_matches_hand_computed_values(hand_predictions: pd.DataFrame) -> None:
+    # 10 bins, |share of ai - mean p_ai| per filled bin, weighted by bin size (n = 10):
+    #   0.05 r: .05 | 0.1 r: .1 | 0.2 r: .2 | 0.3 a: .7 | 0.55 r: .55 | 0.6 a + 0.65 r: |.5 - .625| x2
+    #   0.7 a: .3 | 0.8 a: .2 | 0.9 a: .1   -> (0.05+0.1+0.2+0.7+0.55+0.25+0.3+0.2+0.1) / 10 = 0.245
+    metrics = compute_metrics(hand_predictions, threshold=0.5, n_bootstrap=0)
+    assert metrics["ece"] == pytest.approx(0.245), f"ECE with 10 bins should be 0.245, got {metrics['ece']}"
+    y_true = (hand_predictions["label"] == "ai").to_numpy()
+    scores = hand_predictions["p_ai"].to_numpy()
+    # 2 bins: [0, .5): 0.3 a, 0.2 0.1 0.05 r -> |.25 - .1625| x 4/10; [.5, 1]: 4 a of 6, mean .7 -> |2/3 - .7| x 6/10
+    two = expected_calibration_error(y_true, scores, n_bins=2)
+    assert two == pytest.approx(0.0875 * 0.4 + (0.7 - 2 / 3) * 0.6), f"ECE with 2 bins wrong: {two}"
+    bins = calibration_bins(y_true, scores, n_bins=10)
+    assert list(bins["count"]) == [1, 1, 1, 1, 0, 1, 2, 1, 1, 1], f"bin counts wrong: {list(bins['count'])}"
+    assert math.isnan(bins.loc[4, "mean_p_ai"]), "an empty bin has no mean"
+
+
+def test_ece_is_zero_for_certain_right_answers_and_one_for_certain_wrong_ones() -> None:
+    truth = np.array([1, 1, 0, 0])
+    certain = np.array([1.0, 1.0, 0.0, 0.0])
+    assert expected_calibration_error(truth, certain) == 0.0, "p_ai = 1 must fall in the last bin"
+    assert expected_calibration_error(truth, np.array([0.0, 0.0, 1.0, 1.0])) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="n_bins"):
+        expected_calibration_error(truth, np.array([0.5] * 4), n_bins=0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        expected_calibration_error(truth, np.array([0.5, 0.5, 0.5, 1.5]))
+
+
+def test_rescore_accuracy_scores_a_model_on_rows(hand_predictions: pd.DataFrame) -> None:
+    torch.manual_seed(0)
+    model = TinyClassifier().eval()
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    p_ai = predict_probabilities(model, images)
+    expected = float(((p_ai >= 0.5) == (hand_predictions["label"] == "ai").to_numpy()).mean())
+    got = rescore_accuracy(model, images, hand_predictions, threshold=0.5, batch_size=3)
+    assert got == pytest.approx(expected), f"re-scored accuracy {got} != accuracy of the model's own p_ai {expected}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -44,6 +46,35 @@ class ImageTags(HTMLParser):
             self.images.append(dict(attrs))
         if tag == "a":
             self.links.append(dict(attrs).get("href") or "")
+
+
+class Examples(HTMLParser):
+    """The visible text of every <div class="example" data-sha256=...>, by sha256."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: dict[str, str] = {}
+        self.current: str | None = None
+        self.depth = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "div" and values.get("class") == "example":
+            self.current, self.depth = values.get("data-sha256") or "", 0
+            self.found[self.current] = ""
+        elif tag == "div" and self.current is not None:
+            self.depth += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "div" and self.current is not None:
+            if self.depth == 0:
+                self.current = None
+            else:
+                self.depth -= 1
+
+    def handle_data(self, data: str) -> None:
+        if self.current is not None:
+            self.found[self.current] += data
 
 
 @pytest.fixture(scope="module")
@@ -160,21 +191,70 @@ def test_select_examples_cells_limits_and_order() -> None:
     assert "cell" not in predictions.columns, "select_examples mutated its input"
 
 
-def test_build_report_references_existing_images_with_relative_links(tmp_path: Path, model: TinyClassifier) -> None:
-    index, selected = write_report(tmp_path, model, make_predictions())
+def test_build_report_embeds_both_pictures_of_every_selected_image(tmp_path: Path, model: TinyClassifier) -> None:
+    predictions = make_predictions()
+    index, selected = write_report(tmp_path, model, predictions)
     assert index == tmp_path / "report" / "index.html", f"unexpected index path {index}"
-    sources = [tag["src"] or "" for tag in parse(index).images]
-    for src in sources:
-        assert not src.startswith(("/", "http:", "https:", "file:")), f"image link {src!r} is not relative"
-        assert (index.parent / src).is_file(), f"index.html references {src} which is not on disk"
+    tags = parse(index)
+    by_file = {tag.get("data-file"): tag.get("src") or "" for tag in tags.images}
+    for src in by_file.values():
+        # MLflow's artifact view loads the HTML from a blob: URL, where relative file links cannot resolve.
+        assert src.startswith("data:image/png;base64,"), f"picture {src[:40]!r} is not embedded in the page"
     for sha in selected["sha256"]:
         for kind in ("orig", "cam"):
-            assert f"img/{sha}_{kind}.png" in sources, f"{kind} picture of {sha[:8]} is not in the report"
-            with Image.open(index.parent / "img" / f"{sha}_{kind}.png") as picture:
+            name = f"img/{sha}_{kind}.png"
+            assert name in by_file, f"{kind} picture of {sha[:8]} is not in the report"
+            embedded = base64.b64decode(by_file[name].split(",", 1)[1])
+            assert embedded == (index.parent / name).read_bytes(), f"embedded {name} differs from the file beside it"
+            with Image.open(io.BytesIO(embedded)) as picture:
                 assert picture.size == (32, 32), f"{kind} picture has size {picture.size}, expected 32x32"
-    assert "plots/roc.png" in sources, "the ROC plot was not copied into the report folder"
+    assert by_file.get("plots/roc.png", "").startswith("data:image/png"), "the ROC plot is not embedded"
+    assert (index.parent / "plots" / "roc.png").is_file(), "the ROC plot was not copied into the report folder"
     text = index.read_text(encoding="utf-8")
     assert "abc123" in text and "aidetect test report" in text, "run info or title missing from the report"
+    for link in tags.links:
+        assert link.startswith(("#", "http://", "https://")), f"link {link!r} would break outside the folder"
+
+
+def test_every_example_shows_p_ai_group_and_source(tmp_path: Path, model: TinyClassifier) -> None:
+    predictions = make_predictions()
+    index, selected = write_report(tmp_path, model, predictions)
+    examples = Examples()
+    examples.feed(index.read_text(encoding="utf-8"))
+    assert sorted(examples.found) == sorted(selected["sha256"]), "the report's examples are not the selected rows"
+    for row in selected.itertuples():
+        text = " ".join(examples.found[row.sha256].split())
+        assert f"p_ai {row.p_ai:.3f}" in text, f"p_ai of {row.sha256[:8]} missing: {text!r}"
+        assert f"group {row.group}" in text, f"group of {row.sha256[:8]} missing: {text!r}"
+        assert f"source {row.source}: {row.url}" in text, f"source/url of {row.sha256[:8]} missing: {text!r}"
+        assert ("Original" in text) and ("Grad-CAM" in text), "each example must caption Original | Grad-CAM"
+
+
+def test_compute_cams_does_not_depend_on_batch_size(model: TinyClassifier) -> None:
+    images = random_images(5, 32, seed=3)
+    layer = model.net.layer4[-1]
+    one_batch = compute_cams(model, images, layer, batch_size=5)
+    small = compute_cams(model, images, layer, batch_size=2)
+    np.testing.assert_allclose(small, one_batch, atol=1e-5, err_msg="CAM maps depend on the batch size")
+
+
+def test_report_lists_calibration_metric(tmp_path: Path, model: TinyClassifier) -> None:
+    predictions = make_predictions()
+    selected = select_examples(predictions, per_cell=1).head(1)
+    index = build_report(
+        tmp_path / "r",
+        model,
+        random_images(1, 32),
+        selected,
+        metrics={"accuracy": 0.5, "ece": 0.125, "zzz_other": 1.0},
+        per_group=per_group_accuracy(predictions),
+        target_layer=model.net.layer4[-1],
+        cam_method="gradcam",
+        title="t",
+    )
+    text = index.read_text(encoding="utf-8")
+    assert "<td>ece</td><td class=\"num\">0.1250</td>" in text, "ECE is not shown in the summary metrics"
+    assert text.index("<td>ece</td>") < text.index("<td>zzz_other</td>"), "ECE should be a headline metric"
 
 
 def test_build_report_escapes_crawled_text(tmp_path: Path, model: TinyClassifier) -> None:

@@ -2,10 +2,17 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from torch import nn
 
-from pipeline_lib import tracking
+from pipeline_lib import evaluate, models, preprocess, tracking
+from pipeline_lib.workspace import bytes_sha256
+from tasks import track
+from tasks.stages import EvalOutput
+from tests.conftest import make_image
+
+SIZE = 32  # image size of the test checkpoints
 
 
 def _tracker(workspace):
@@ -58,3 +65,113 @@ def test_champion_moves_only_on_improvement(workspace):
     mlflow.set_tracking_uri(tracker.uri)
     loaded = mlflow.pytorch.load_model(uri)
     assert loaded(torch.rand(5, 3, 4, 4)).shape == (5, 2), "pickled model must accept any batch size"
+
+
+def test_load_champion_and_run_model_round_trip_with_image_size(workspace):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    tracker = _tracker(workspace)
+    uri = tracking.log_pytorch_model(tracker, model, np.random.rand(1, 3, 4, 4).astype("float32"), ["torch"])
+    with pytest.raises(tracking.ModelNotFoundError, match="no 'champion'"):
+        tracking.load_champion(tracker.uri, "det")
+    tracking.register_model(tracker, uri, "det", 0.5, "t", "m", image_size=4)
+    champion, size = tracking.load_champion(tracker.uri, "det")
+    assert size == 4, f"champion image size should come from its version tag, got {size}"
+    images = torch.rand(3, 3, 4, 4)
+    torch.testing.assert_close(champion(images), model(images), msg="the loaded champion is not the logged model")
+    by_run, run_size = tracking.load_run_model(tracker.uri, tracker.run_id)
+    assert run_size == 4, f"a run's model image size should come from its signature, got {run_size}"
+    torch.testing.assert_close(by_run(images), model(images))
+    with pytest.raises(tracking.ModelNotFoundError, match="no MLflow run"):
+        tracking.load_run_model(tracker.uri, "0" * 32)
+    empty = _tracker(workspace)
+    with pytest.raises(tracking.ModelNotFoundError, match="logged no model"):
+        tracking.load_run_model(tracker.uri, empty.run_id)
+
+
+def _constant_model(workspace, name: str, real_bias: float, ai_bias: float):
+    """A resnet18 checkpoint whose head ignores the image: always ai or always real."""
+    model, _ = models.build_model("resnet18", "none")
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([real_bias, ai_bias]))
+    path = workspace.models / f"{name}.pt"
+    models.save_checkpoint(path, model, {"image_size": SIZE})
+    return workspace.ref(path)
+
+
+def _test_split(workspace, name: str, labels: list[str], seed: int):
+    """Stored images with these labels: the test rows of a split and a Ref to their table."""
+    shas = []
+    for index, _ in enumerate(labels):
+        image = make_image(workspace.root / "tmp.png", seed=seed * 100 + index, size=(40, 40), fmt="PNG")
+        data = image.read_bytes()
+        sha = bytes_sha256(data)
+        target = workspace.store_path(sha, "png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        shas.append(sha)
+    rows = pd.DataFrame(
+        {
+            "sha256": shas,
+            "group": [f"g{i}" for i in range(len(labels))],
+            "label": labels,
+            "source": "folder",
+            "url": "",
+            "keyword": "",
+        }
+    )
+    path = workspace.reports / f"{name}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows.to_parquet(path, index=False)
+    return rows, workspace.ref(path)
+
+
+def _register(workspace, model_ref, split, digest):
+    """Evaluate model_ref on the split like the evaluate task does, then run the register task."""
+    rows, rows_ref = split
+    model, meta = models.load_model(model_ref.resolve(workspace))
+    images = preprocess.load_tensors(workspace, rows["sha256"].tolist(), int(meta["image_size"]))
+    predictions = evaluate.predictions_table(rows, evaluate.predict_probabilities(model, images), 0.5)
+    predictions.to_parquet(rows_ref.resolve(workspace), index=False)
+    metrics = evaluate.compute_metrics(predictions, 0.5, n_bootstrap=0)
+    evaluation = EvalOutput(workspace.ref(rows_ref.resolve(workspace)), metrics, {}, [])
+    tracker = _tracker(workspace)
+    result = track.register.fn(str(workspace.root), tracker, model_ref, evaluation, digest, "det")
+    return result, tracking.run_summary(tracker.uri, tracker.run_id)
+
+
+def test_register_task_rescores_the_champion_when_the_test_split_changed(workspace):
+    always_ai = _constant_model(workspace, "ai1", 0.0, 5.0)
+    always_real = _constant_model(workspace, "real1", 5.0, 0.0)
+    split_a = _test_split(workspace, "a", ["ai", "ai", "ai", "real"], seed=1)  # always-ai: 0.75
+    split_b = _test_split(workspace, "b", ["ai", "real", "real", "real"], seed=2)  # always-real: 0.75
+    split_c = _test_split(workspace, "c", ["ai", "ai", "real", "real"], seed=3)  # both: 0.5
+
+    first, _ = _register(workspace, always_ai, split_a, "A")
+    assert first["promoted"] and first["reason"] == "no champion yet", first
+
+    # Split B: the champion (always ai) scored 0.75 on A, re-scored on B it gets 0.25 and loses to 0.75.
+    second, run = _register(workspace, always_real, split_b, "B")
+    assert second["promoted"], f"a better challenger must win after re-scoring: {second}"
+    assert second["champion_score"] == pytest.approx(0.25), f"champion re-scored on B should score 0.25: {second}"
+    assert run["metrics"]["registry.champion_score"] == pytest.approx(0.25)
+    assert run["metrics"]["registry.challenger_score"] == pytest.approx(0.75)
+    assert run["tags"]["aidetect.champion_rescored"] == "true" and run["tags"]["aidetect.champion_promoted"] == "true"
+    assert run["tags"]["aidetect.image_size"] == str(SIZE)
+
+    # Split C: the champion (always real) re-scored gets 0.5, a tie with the challenger: it stays.
+    third, run = _register(workspace, _constant_model(workspace, "ai2", 0.0, 6.0), split_c, "C")
+    assert not third["promoted"] and third["champion_score"] == pytest.approx(0.5), third
+    assert "<=" in run["tags"]["aidetect.champion_decision"], run["tags"]
+    champion = tracking.current_champion(workspace_uri(workspace), "det")
+    assert str(champion.version) == second["version"], "the champion moved without improving"
+    assert champion.tags["test_digest"] == "C", "the re-scored champion must record the split it was scored on"
+
+    # Same split C again: the champion's score on C is known, no second re-scoring.
+    fourth, run = _register(workspace, _constant_model(workspace, "real2", 6.0, 0.0), split_c, "C")
+    assert not fourth["promoted"] and fourth["champion_score"] == pytest.approx(0.5), fourth
+    assert run["tags"]["aidetect.champion_rescored"] == "false", "the champion was re-scored on the split it knew"
+
+
+def workspace_uri(workspace) -> str:
+    return tracking.tracking_uri(None, workspace)
