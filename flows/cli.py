@@ -24,7 +24,10 @@ from pipeline_lib.review import ReviewError, ReviewPending
 from pipeline_lib.workspace import Workspace, WorkspaceError
 
 app = typer.Typer(help="aidetect: build and maintain a detector of AI-generated images.", no_args_is_help=True)
-review_app = typer.Typer(help="Manual review: counts, bulk decisions from CSV.", no_args_is_help=True)
+review_app = typer.Typer(
+    help="Manual review: counts, bulk decisions from CSV, the review page, resuming a waiting run.",
+    no_args_is_help=True,
+)
 app.add_typer(review_app, name="review")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: built-in defaults).")]
@@ -307,6 +310,67 @@ def _server_is_up(api: str) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+@review_app.command("serve")
+def review_serve(
+    workspace: WorkspaceOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the review page.")] = 8765,
+):
+    """Serve the review page for the undecided images; 'finish review' resumes a waiting run if there is one."""
+    import pandas as pd
+
+    from pipeline_lib import review_server
+    from pipeline_lib.review import read_waiting
+    from pipeline_lib.status import latest_snapshot
+
+    ws = _workspace(workspace)
+    snapshot = latest_snapshot(ws, "dedup")
+    if snapshot is None:
+        _fail("nothing to review yet: run the pipeline (or `aidetect crawl`) first")
+
+    def on_finish(item: review_server.FinishIn) -> review_server.FinishResult:
+        waiting = read_waiting(ws)
+        if waiting is None:
+            return review_server.FinishResult(f"decisions saved; run `aidetect run --workspace {ws.root}` again")
+        from flows.review_gate import resume_run
+
+        try:
+            accepted, message = resume_run(str(waiting["flow_run_id"]), item.approve_remaining, item.note)
+        except Exception as error:  # noqa: BLE001 - shown on the page
+            return review_server.FinishResult(f"decisions saved; could not resume the waiting run: {error}")
+        return review_server.FinishResult(message, accepted)
+
+    app_ = review_server.create_app(ws, pd.read_parquet(snapshot), on_finish, reviewer="web")
+    typer.echo(f"review page: http://{host}:{port}/  (Ctrl-C to stop)")
+    review_server.serve_forever(app_, host, port)
+
+
+@review_app.command("done")
+def review_done(
+    workspace: WorkspaceOpt = None,
+    approve_remaining: Annotated[bool, typer.Option(help="Approve every image still undecided.")] = False,
+    note: str = "",
+):
+    """Resume the flow run that waits at the review gate (needs the Prefect server the run uses)."""
+    from flows.review_gate import resume_run
+    from pipeline_lib.review import read_waiting
+
+    ws = _workspace(workspace)
+    try:
+        waiting = read_waiting(ws)
+    except ReviewError as error:
+        _fail(str(error))
+    if waiting is None:
+        _fail(f"no flow run waits at the review gate of {ws.root}; run `aidetect run --workspace {ws.root}`")
+    try:
+        accepted, message = resume_run(str(waiting["flow_run_id"]), approve_remaining, note)
+    except Exception as error:  # noqa: BLE001 - a clear message instead of a traceback
+        _fail(f"could not resume flow run {waiting['flow_run_id']}: {error} (is PREFECT_API_URL the run's server?)")
+    if not accepted:
+        _fail(message)
+    typer.echo(message)
 
 
 @app.command()

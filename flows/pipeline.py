@@ -12,11 +12,12 @@ from prefect.context import get_run_context
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.states import State
 
-from pipeline_lib import review
+from flows import review_gate
 from pipeline_lib import tracking as tracking_lib
 from pipeline_lib.config import PipelineConfig
+from pipeline_lib.crawl import crawl_log_path
 from pipeline_lib.imports import with_imports
-from pipeline_lib.workspace import Workspace, digest_of, listing_digest
+from pipeline_lib.workspace import Workspace, digest_of, file_sha256, listing_digest
 from tasks import stages, track
 from tasks.caching import cached
 
@@ -98,7 +99,12 @@ def _crawl_and_ingest(
     sources = with_imports(config.sources, workspace)
     folders = listing_digest([source.path for source in sources.folders])  # new files in a folder miss the cache
     expiration = timedelta(hours=sources.recrawl_after_hours) if sources.recrawl_after_hours else None
-    crawled = run.run("crawl", stages.crawl_sources, root, sources, folders, expiration=expiration)
+    if config.execution.crawl:
+        crawled = run.run("crawl", stages.crawl_sources, root, sources, folders, expiration=expiration)
+    else:
+        log_file = crawl_log_path(workspace)
+        digest = file_sha256(log_file) if log_file.is_file() else ""
+        crawled = run.run("crawl", stages.current_crawl_log, root, digest)
     return crawled, run.run("ingest", stages.ingest, root, crawled.catalog, config.ingest)
 
 
@@ -107,9 +113,9 @@ def _data_stages(config: PipelineConfig, workspace: Workspace, run: StageRecorde
     _, ingested = _crawl_and_ingest(config, workspace, run)
     hashed = run.run("fingerprint", stages.fingerprint, root, ingested.catalog, config.dedup)
     deduped = run.run("dedup", stages.dedup, root, hashed.catalog, config.dedup)
-    decisions = review.decisions_digest(workspace)
-    approved = run.run("review", stages.review_gate, root, deduped.catalog, decisions, config.review)
-    return run.run("split", stages.make_split, root, approved.catalog, config.split)
+    approved = review_gate.review_stage(config, workspace, run, deduped)  # may pause/suspend for people
+    reshuffle = config.execution.reshuffle_splits
+    return run.run("split", stages.make_split, root, approved.catalog, config.split, reshuffle)
 
 
 def _model_stages(

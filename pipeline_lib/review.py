@@ -138,15 +138,129 @@ def apply_decisions(catalog: pd.DataFrame, decisions: dict[str, Decision], mode:
     )
 
 
-def pending_message(pending: int, workspace: Workspace) -> str:
-    """How to continue when the gate stops for review."""
+def pending_message(pending: int, workspace: Workspace, reason: str = "") -> str:
+    """How to continue when the gate stops for review (reason: e.g. that the pause timed out)."""
+    lead = f"{reason}: " if reason else ""
     return (
-        f"{pending} image(s) await review in {workspace.root} (review.mode=require). "
-        f"Open {workspace.review / 'pack' / 'index.html'} to look at them, then either "
-        f"`aidetect review export todo.csv --workspace {workspace.root}`, fill the decision column "
-        "(approve/reject) and `aidetect review apply todo.csv`, or set review.mode=auto; "
-        "then run the pipeline again: every stage before the gate comes back Cached."
+        f"{lead}{pending} image(s) await review in {workspace.root} (review.mode=require); they do not reach "
+        f"training. To continue: `aidetect review serve --workspace {workspace.root}` (a page on 127.0.0.1), decide "
+        f"them, then `aidetect run --workspace {workspace.root}` again: every stage before the gate comes back Cached. "
+        f"Alternatives: `aidetect review export todo.csv --workspace {workspace.root}`, fill the decision column "
+        "(approve/reject) and `aidetect review apply todo.csv`; or set review.mode=auto. "
+        f"The review pack is {workspace.review / 'pack' / 'index.html'}."
     )
+
+
+def undecided(catalog: pd.DataFrame, decisions: dict[str, Decision]) -> pd.DataFrame:
+    """Rows with status ok (or pending_review) and no decision yet, one per sha256, in catalog order."""
+    candidates = catalog[catalog["status"].isin([STATUS_OK, STATUS_PENDING])]
+    return candidates[~candidates["sha256"].isin(decisions)].drop_duplicates("sha256")
+
+
+def approve_remaining(
+    workspace: Workspace, catalog: pd.DataFrame, reviewer: str, group: str | None = None, note: str = ""
+) -> int:
+    """Append an approve decision for every undecided image (of one group if given); return the count."""
+    todo = undecided(catalog, read_decisions(workspace))
+    if group is not None:
+        todo = todo[todo["group"] == group]
+    decisions = [Decision(sha, "approve", "", reviewer) for sha in todo["sha256"]]
+    if note:
+        log.info("approve remaining (%s, %d images): %s", reviewer, len(decisions), note)
+    return append_decisions(workspace, decisions) if decisions else 0
+
+
+# --- the waiting run (written by the gate, read by `aidetect review done` and the review page) ---
+
+
+def waiting_path(workspace: Workspace) -> Path:
+    return workspace.review / "waiting.json"
+
+
+def write_waiting(workspace: Workspace, flow_run_id: str, how: str, pending: int, url: str = "") -> Path:
+    """Record which flow run waits at the gate (how: paused | suspended) and where its review page is."""
+    info = {"flow_run_id": flow_run_id, "how": how, "pending": pending, "url": url}
+    info["since"] = datetime.now(UTC).isoformat()
+    return atomic_write_text(waiting_path(workspace), json.dumps(info, indent=1))
+
+
+def read_waiting(workspace: Workspace) -> dict[str, object] | None:
+    """The waiting-run record, or None; a corrupt file raises ReviewError naming it."""
+    path = waiting_path(workspace)
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ReviewError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(info, dict) or not info.get("flow_run_id"):
+        raise ReviewError(f"{path} lacks flow_run_id")
+    return info
+
+
+def clear_waiting(workspace: Workspace, flow_run_id: str) -> None:
+    """Remove the waiting record if it still names flow_run_id."""
+    info = read_waiting(workspace)
+    if info is not None and str(info["flow_run_id"]) == str(flow_run_id):
+        waiting_path(workspace).unlink(missing_ok=True)
+
+
+# --- hints that speed up the clean-up ---
+
+
+@dataclass(frozen=True)
+class Hint:
+    """One remark about an image; flagged ones deserve a closer look."""
+
+    text: str
+    flagged: bool = False
+
+
+def review_hints(
+    workspace: Workspace, catalog: pd.DataFrame, face_rows: pd.DataFrame | None = None, tiny_side: int = 128
+) -> dict[str, list[Hint]]:
+    """Hints per sha256: tiny images, cross-group near-duplicates, and face counts for face_rows (cached)."""
+    hints: dict[str, list[Hint]] = {}
+    for row in catalog.drop_duplicates("sha256").itertuples():
+        width, height = row.width, row.height
+        if pd.notna(width) and pd.notna(height) and min(int(width), int(height)) < tiny_side:
+            hints.setdefault(row.sha256, []).append(Hint(f"tiny: {int(width)}×{int(height)}", True))
+    clustered = catalog[catalog["cluster"] != ""]
+    for _, members in clustered.groupby("cluster", sort=False):
+        groups = sorted(set(members["group"].astype(str)))
+        if len(groups) > 1:
+            for sha in members["sha256"].drop_duplicates():
+                hints.setdefault(sha, []).append(Hint(f"cross-group duplicate: {', '.join(groups)}", True))
+    if face_rows is not None and len(face_rows):
+        counts = _face_hints(workspace, face_rows)
+        for sha, hint in counts.items():
+            hints.setdefault(sha, []).insert(0, hint)
+    return hints
+
+
+def _face_hints(workspace: Workspace, rows: pd.DataFrame) -> dict[str, Hint]:
+    """Face hints per sha256, remembered in review/faces.json (an image's content never changes)."""
+    from pipeline_lib import faces
+
+    cache_path = workspace.review / "faces.json"
+    try:
+        known = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else {}
+    except json.JSONDecodeError:
+        known = {}
+    changed = False
+    out: dict[str, Hint] = {}
+    for row in rows.drop_duplicates("sha256").itertuples():
+        if row.sha256 not in known:
+            text, flagged = faces.face_hint(workspace.root / row.path)
+            if text == faces.UNAVAILABLE:
+                out[row.sha256] = Hint(text, False)
+                continue
+            known[row.sha256], changed = [text, flagged], True
+        text, flagged = known[row.sha256]
+        out[row.sha256] = Hint(text, bool(flagged))
+    if changed:
+        atomic_write_text(cache_path, json.dumps(known))
+    return out
 
 
 def write_thumbnail(source: Path, target: Path, size: int) -> None:
@@ -162,15 +276,25 @@ def write_thumbnail(source: Path, target: Path, size: int) -> None:
         tmp.replace(target)
 
 
-def write_review_pack(workspace: Workspace, catalog: pd.DataFrame, thumbnail_size: int = 160) -> Path:
-    """HTML page of images to review (pending first) and near-duplicate clusters side by side."""
+def write_review_pack(
+    workspace: Workspace, catalog: pd.DataFrame, thumbnail_size: int = 160, tiny_side: int = 128
+) -> Path:
+    """HTML page of images to review (pending first), near-duplicate clusters side by side, and hints.
+
+    Faces are counted for pending images only (the ones a person is asked about).
+    """
     pack = workspace.review / "pack"
     considered = catalog[catalog["status"].isin([STATUS_OK, STATUS_PENDING]) | (catalog["cluster"] != "")]
     for row in considered.drop_duplicates("sha256").itertuples():
         write_thumbnail(workspace.root / row.path, pack / "thumbs" / f"{row.sha256}.jpg", thumbnail_size)
-    cards = [_card(row) for row in considered[considered["status"] != "rejected"].itertuples() if row.cluster == ""]
+    hints = review_hints(workspace, considered, considered[considered["status"] == STATUS_PENDING], tiny_side)
+    cards = [
+        _card(row, hints=hints.get(row.sha256, []))
+        for row in considered[considered["status"] != "rejected"].itertuples()
+        if row.cluster == ""
+    ]
     clusters = [
-        _cluster_block(str(key), members)
+        _cluster_block(str(key), members, hints)
         for key, members in considered[considered["cluster"] != ""].groupby("cluster", sort=True)
     ]
     page = _PACK_TEMPLATE.format(
@@ -189,7 +313,7 @@ def _cluster_members(keeper: str, members: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([distinct[is_keeper], distinct[~is_keeper]])
 
 
-def _cluster_block(keeper: str, members: pd.DataFrame) -> str:
+def _cluster_block(keeper: str, members: pd.DataFrame, hints: dict[str, list[Hint]] | None = None) -> str:
     """A near-duplicate cluster: thumbnails side by side, keeper first and marked, cross-group clusters flagged."""
     esc = html.escape
     ordered = _cluster_members(keeper, members)
@@ -200,12 +324,29 @@ def _cluster_block(keeper: str, members: pd.DataFrame) -> str:
         f"<p class='cluster-head'>cluster <code>{esc(keeper[:12])}</code> · {len(ordered)} images · "
         f"groups: {esc(', '.join(groups))}</p>"
     )
-    cards = "".join(_card(row, keeper=row.sha256 == keeper) for row in ordered.itertuples())
+    hints = hints or {}
+    cards = "".join(
+        _card(row, keeper=row.sha256 == keeper, hints=hints.get(row.sha256, [])) for row in ordered.itertuples()
+    )
     css = "cluster cross-group" if cross else "cluster"
     return f"<div class='{css}' data-keeper='{esc(keeper)}'>{header}{flag}{cards}</div>"
 
 
-def _card(row: object, keeper: bool = False) -> str:
+def safe_href(url: str) -> str:
+    """The URL if it is http(s) or file, else "#" (no javascript: links from crawled data)."""
+    return url if url.lower().startswith(("http://", "https://", "file://")) else "#"
+
+
+def hints_html(hints: list[Hint]) -> str:
+    """Hints as escaped HTML spans (flagged ones marked)."""
+    esc = html.escape
+    return "".join(
+        f"<span class='hint{' flagged' if hint.flagged else ''}'>{'⚠ ' if hint.flagged else ''}{esc(hint.text)}</span> "
+        for hint in hints
+    )
+
+
+def _card(row: object, keeper: bool = False, hints: list[Hint] | None = None) -> str:
     esc = html.escape
     r = row  # itertuples row
     status = str(r.status)
@@ -216,8 +357,8 @@ def _card(row: object, keeper: bool = False) -> str:
         f"<figure class='{css}'><img src='thumbs/{esc(r.sha256)}.jpg' loading='lazy'>"
         f"<figcaption><b>{esc(str(r.label))}</b> · {esc(str(r.group))}{mark}<br>"
         f"{esc(str(r.width))}×{esc(str(r.height))} · {esc(status)}<br>"
-        f"<a href='{esc(str(r.url))}'>{esc(str(r.url))[:60]}</a><br><code>{esc(r.sha256[:12])}</code>"
-        "</figcaption></figure>"
+        f"<a href='{esc(safe_href(str(r.url)))}'>{esc(str(r.url)[:60])}</a><br><code>{esc(r.sha256[:12])}</code>"
+        f"<br>{hints_html(hints or [])}</figcaption></figure>"
     )
 
 
@@ -225,7 +366,8 @@ _PACK_TEMPLATE = """<!doctype html><html><head><meta charset='utf-8'><title>aide
 <style>body{{font-family:sans-serif;margin:1em}}figure{{display:inline-block;width:180px;margin:4px;
 vertical-align:top;font-size:11px}}figure img{{max-width:170px}}.cluster{{border:2px solid #c60;margin:6px;
 padding:4px}}.cross-group{{border-color:#c00;background:#fee}}.cross-group-flag{{color:#c00;font-weight:bold}}
-.keeper{{outline:3px solid #090}}.pending_review{{background:#ffd}}.duplicate_of{{opacity:.6}}</style></head><body>
+.keeper{{outline:3px solid #090}}.hint{{color:#555}}.flagged{{color:#c00;font-weight:bold}}
+.pending_review{{background:#ffd}}.duplicate_of{{opacity:.6}}</style></head><body>
 <h1>Review pack</h1><p>{n_pending} pending · {n_ok} approved or undecided</p>
 <h2>Near-duplicate clusters</h2><p>Each box is one cluster; the first image is the keeper, the others are
 marked duplicate_of it. Red boxes span several groups.</p>{clusters}

@@ -152,3 +152,35 @@ def test_review_pack_flags_cross_group_clusters_and_escapes_group_names(workspac
     assert "<script>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in block
     assert "cross-group" in block and "people" in block
+
+
+def test_hints_flag_tiny_images_cross_group_duplicates_and_faces(workspace):
+    from pipeline_lib import faces
+    from pipeline_lib.review import review_hints
+
+    catalog, keeper, other = _cluster_catalog(workspace, groups=("anna", "bob"))
+    catalog.loc[catalog["sha256"] == keeper, "status"] = "pending_review"
+    hints = review_hints(workspace, catalog, catalog[catalog["status"] == "pending_review"], tiny_side=64)
+    texts = {sha: [h.text for h in hs if h.flagged] for sha, hs in hints.items()}
+    assert "tiny: 48×40" in texts[keeper] and "cross-group duplicate: anna, bob" in texts[other]
+    face = hints[keeper][0]
+    if faces.available():
+        assert face.text == "no face found" and face.flagged, "random noise has no face"
+        assert keeper in (workspace.review / "faces.json").read_text(), "face counts are remembered"
+    else:
+        assert face.text == "face count unavailable"
+    page = write_review_pack(workspace, catalog, tiny_side=64).read_text()
+    assert "tiny: 48×40" in page and "cross-group duplicate" in page
+
+
+def test_recrawl_asks_only_about_new_images_and_rejected_stays_rejected(workspace):
+    from pipeline_lib.review import approve_remaining, undecided
+
+    catalog = _catalog(workspace)
+    append_decisions(workspace, [Decision(catalog.sha256[0], "reject", "unrelated", "me")])
+    approve_remaining(workspace, catalog, "me")
+    assert undecided(catalog, read_decisions(workspace)).empty
+    grown = new_rows(list(catalog.to_dict("records")) + [catalog.iloc[1].to_dict() | {"sha256": "n".ljust(64, "0")}])
+    assert list(undecided(grown, read_decisions(workspace))["sha256"]) == ["n".ljust(64, "0")]
+    outcome = apply_decisions(grown, read_decisions(workspace), "require")
+    assert outcome.catalog.status[0] == "rejected" and outcome.pending == 1

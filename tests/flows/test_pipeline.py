@@ -98,3 +98,17 @@ def test_full_pipeline_then_resume_then_all_cached(harness, tmp_path: Path):
     assert "Grad-CAM" in html and html.count("<img") >= 4
     predictions = pd.read_parquet(next(Path(first["report"]).parent.parent.glob("predictions.parquet")))
     assert set(predictions["sha256"]) == set(ok[ok["split"] == "test"]["sha256"])
+
+    # 4. Changing the split seed without --reshuffle is refused with a clear message; with it, a new registry version.
+    moved = _config(dataset, "http://127.0.0.1:9/unused?q={keyword}&first={offset}", root, ["split.seed=7"])
+    moved = moved.model_copy(update={"sources": config.sources})
+    state = pipeline(moved, return_state=True)
+    assert state.is_failed() and "--reshuffle" in str(state.result(raise_on_failure=False))
+    reshuffled = moved.model_copy(
+        update={"execution": moved.execution.model_copy(update={"reshuffle_splits": True})}
+    )
+    third = pipeline(reshuffled)
+    assert third["states"]["split"] == "Completed" and third["states"]["dedup"] == "Cached"
+    summary3 = tracking.run_summary(third["tracking_uri"], third["mlflow_run_id"])
+    assert summary3["metrics"]["split.registry_version"] == 2
+    assert (root / "splits" / "registry-v1.csv").is_file()

@@ -1,0 +1,89 @@
+"""A small flow (crawl of local folders .. review gate) and helpers shared by the review-gate flow tests."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+from flows import review_gate
+from flows.pipeline import StageRecorder, _crawl_and_ingest
+from pipeline_lib import review
+from pipeline_lib.catalog import read_snapshot
+from pipeline_lib.config import PipelineConfig, build_config
+from pipeline_lib.workspace import Workspace
+from tasks import stages, track
+from tests.conftest import make_image
+
+
+@flow(name="aidetect-review-gate-test")
+def gate_flow(config: PipelineConfig) -> dict[str, Any]:
+    """The pipeline's data stages up to and including the review gate (no split/training: fast)."""
+    workspace = Workspace.create(config.execution.workspace)
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(workspace.prefect / "results")}):
+        tracker = track.start_tracking(str(workspace.root), config, "gate-test", {"aidetect.kind": "test"})
+        run = StageRecorder(workspace, False, tracker)
+        try:
+            _, ingested = _crawl_and_ingest(config, workspace, run)
+            hashed = run.run("fingerprint", stages.fingerprint, str(workspace.root), ingested.catalog, config.dedup)
+            deduped = run.run("dedup", stages.dedup, str(workspace.root), hashed.catalog, config.dedup)
+            approved = review_gate.review_stage(config, workspace, run, deduped)
+        finally:
+            track.finish_tracking(tracker, "FINISHED")
+        statuses = read_snapshot(workspace, approved.catalog)["status"].value_counts().to_dict()
+    return {"states": run.states, "statuses": statuses}
+
+
+def add_images(data: Path, label: str, group: str, seeds: range) -> None:
+    """Distinct small images under data/<label>/<group>/."""
+    for seed in seeds:
+        make_image(data / label / group / f"{seed}.png", seed=seed * 7919 + 13, size=(72, 64), fmt="PNG")
+
+
+def gate_config(data: Path, root: Path, **review_cfg: Any) -> PipelineConfig:
+    folders = [{"path": str(data / label), "label": label} for label in ("real", "ai")]
+    mapping = {
+        "sources": {"folders": folders},
+        "review": {"mode": "require", "port": 0, **review_cfg},
+        "execution": {"workspace": str(root)},
+        "tracking": {"uri": f"sqlite:///{root.parent / 'mlflow.db'}"},
+    }
+    return build_config(mapping, origin="test")
+
+
+def wait_until_paused(workspace: Workspace, timeout: float = 60) -> UUID:
+    """The flow run id from review/waiting.json once the API says that run is paused."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = review.read_waiting(workspace) if review.waiting_path(workspace).exists() else None
+        if info:
+            run_id = UUID(str(info["flow_run_id"]))
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(run_id).state
+            if state is not None and state.is_paused():
+                return run_id
+        time.sleep(0.2)
+    raise TimeoutError("the flow run never reached PAUSED")
+
+
+def in_thread(target: Any, *args: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run target in a daemon thread with this thread's Prefect settings; its result or error lands in the dict."""
+    box: dict[str, Any] = {}
+    context = contextvars.copy_context()
+
+    def body() -> None:
+        try:
+            box["result"] = context.run(target, *args)
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            box["error"] = error
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, box

@@ -1,0 +1,145 @@
+"""The review gate under prefect_test_harness: pause + resume with input, timeout, suspend + resume (deployment)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.exceptions import Pause
+from prefect.flow_engine import run_flow
+
+from flows import review_gate
+from pipeline_lib import review
+from pipeline_lib.catalog import conform
+from pipeline_lib.status import latest_snapshot
+from pipeline_lib.workspace import Workspace
+from tests.flows.gate_helpers import add_images, gate_config, gate_flow, in_thread, wait_until_paused
+
+UPSTREAM = ["crawl", "ingest", "fingerprint", "dedup"]
+
+
+def _data(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    add_images(data, "real", "anna", range(0, 2))
+    add_images(data, "ai", "sd-1", range(10, 12))
+    return data
+
+
+def _decisions(workspace: Workspace) -> list[dict]:
+    path = review.decisions_path(workspace)
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_pause_then_resume_with_input_approves_the_rest(harness, tmp_path):
+    data, root = _data(tmp_path), tmp_path / "ws"
+    workspace = Workspace.create(root)
+    config = gate_config(data, root)
+    thread, box = in_thread(gate_flow, config)
+    run_id = wait_until_paused(workspace)
+    # Someone rejects one image on the page, then the run is resumed through the Prefect API with the form's input.
+    pending = review.undecided(_dedup_catalog(workspace), {})
+    first = pending["sha256"].iloc[0]
+    review.append_decisions(workspace, [review.Decision(first, "reject", "unrelated", "me")])
+    accepted, message = review_gate.resume_run(run_id, approve_remaining=True, note="checked")
+    assert accepted, message
+    thread.join(60)
+    assert not thread.is_alive() and "error" not in box, box.get("error")
+    result = box["result"]
+    assert [result["states"][s] for s in UPSTREAM] == ["Completed"] * 4
+    assert result["states"]["review"] == "Completed"
+    assert result["statuses"].get("rejected") == 1 and "pending_review" not in result["statuses"]
+    lines = _decisions(workspace)
+    assert lines[0]["reviewer"] == "me" and {line["reviewer"] for line in lines[1:]} == {"prefect-form"}
+    assert len(lines) == len(pending), "one decision per pending image, the rejected one not overruled"
+    assert review.read_decisions(workspace)[first].decision == "reject"
+    assert not review.waiting_path(workspace).exists()
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(run_id).state.is_completed()
+
+    # A re-crawl with one new image asks only about that one; the rejected image stays rejected.
+    add_images(data, "real", "anna", range(5, 6))
+    thread, box = in_thread(gate_flow, config)
+    wait_until_paused(workspace)
+    todo = review.undecided(_dedup_catalog(workspace), review.read_decisions(workspace))
+    assert len(todo) == 1 and todo["path"].iloc[0] != ""
+    assert json.loads(review.waiting_path(workspace).read_text())["pending"] == 1
+    review.append_decisions(workspace, [review.Decision(todo["sha256"].iloc[0], "approve", "", "me")])
+    accepted, message = review_gate.resume_run(json.loads(review.waiting_path(workspace).read_text())["flow_run_id"])
+    assert accepted, message
+    thread.join(60)
+    assert "error" not in box, box.get("error")
+    assert box["result"]["statuses"].get("rejected") == 1 and "pending_review" not in box["result"]["statuses"]
+
+
+def _dedup_catalog(workspace: Workspace) -> pd.DataFrame:
+    return conform(pd.read_parquet(latest_snapshot(workspace, "dedup")))
+
+
+def test_pause_timeout_ends_the_run_with_how_to_continue(harness, tmp_path, caplog):
+    root = tmp_path / "ws"
+    config = gate_config(_data(tmp_path), root, timeout_hours=1 / 3600)
+    state = gate_flow(config, return_state=True)
+    # Prefect's server fails a run whose pause expired ("never resumed"); the gate's ReviewPending explains more.
+    assert state.is_failed(), state
+    text = caplog.text
+    assert "ReviewPending" in text and "timed out after" in text, text[-2000:]
+    assert "aidetect review serve" in text and "aidetect run" in text
+    workspace = Workspace.open(root)
+    assert _decisions(workspace) == [] and not review.waiting_path(workspace).exists()
+
+
+def test_resuming_without_decisions_keeps_images_from_training(harness, tmp_path):
+    root = tmp_path / "ws"
+    workspace = Workspace.create(root)
+    thread, box = in_thread(gate_flow, gate_config(_data(tmp_path), root))
+    run_id = wait_until_paused(workspace)
+    assert review_gate.resume_run(run_id, note="later")[0]
+    thread.join(60)
+    assert isinstance(box.get("error"), review.ReviewPending), box
+    assert "aidetect review serve" in str(box["error"])
+    assert _decisions(workspace) == []
+
+
+def test_deployment_run_suspends_and_resumes_with_upstream_cached(harness, tmp_path):
+    root = tmp_path / "ws"
+    workspace = Workspace.create(root)
+    config = gate_config(_data(tmp_path), root)
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow(gate_flow)
+        deployment_id = client.create_deployment(flow_id=flow_id, name="review-gate-test")
+        flow_run = client.create_flow_run_from_deployment(
+            deployment_id, parameters={"config": config.model_dump(mode="json")}
+        )
+    with pytest.raises(Pause):  # the process gives the run up; a worker reruns it after the resume
+        run_flow(gate_flow, flow_run=flow_run, parameters={"config": config})
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(flow_run.id).state
+    assert state.is_paused() and state.name == "Suspended", state
+    waiting = review.read_waiting(workspace)
+    assert waiting["how"] == "suspended" and waiting["flow_run_id"] == str(flow_run.id)
+
+    # Decide one image by hand, resume from "another shell" with approve_remaining, and let the "worker" rerun it.
+    catalog = _dedup_catalog(workspace)
+    first = review.undecided(catalog, {})["sha256"].iloc[0]
+    review.append_decisions(workspace, [review.Decision(first, "reject", "several_people", "me")])
+    accepted, message = review_gate.resume_run(flow_run.id, approve_remaining=True)
+    assert accepted, message
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run.id)
+    result = run_flow(gate_flow, flow_run=flow_run, parameters={"config": config})
+    assert [result["states"][s] for s in UPSTREAM] == ["Cached"] * 4, result["states"]
+    assert result["states"]["review"] == "Completed"
+    assert result["statuses"].get("rejected") == 1 and "pending_review" not in result["statuses"]
+    assert {line["reviewer"] for line in _decisions(workspace)} == {"me", "prefect-form"}
+    assert not review.waiting_path(workspace).exists()
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_auto_and_off_never_wait(harness, tmp_path, mode):
+    root = tmp_path / "ws"
+    result = gate_flow(gate_config(_data(tmp_path), root, mode=mode))
+    assert result["states"]["review"] == "Completed" and result["statuses"] == {"ok": 4}
+    assert not review.waiting_path(Workspace.open(root)).exists()
