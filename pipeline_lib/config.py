@@ -34,6 +34,17 @@ class SearchSource(_Section):
         None, description="Search-page URL template with {keyword} and {offset}; for mirrors and tests."
     )
     api_key: str | None = Field(None, description="Flickr only.")
+    fallback_engine: Literal["bing", "google", "baidu", "flickr"] | None = Field(
+        None, description="Engine to retry keywords this engine returned nothing for (see health.fallback_sources)."
+    )
+
+    @model_validator(mode="after")
+    def _fallback_differs(self) -> SearchSource:
+        if self.fallback_engine is not None and self.fallback_engine == self.engine:
+            raise ValueError(f"fallback_engine must differ from engine ({self.engine!r})")
+        if self.fallback_engine == "flickr" and not self.api_key:
+            raise ValueError("fallback_engine 'flickr' needs api_key")
+        return self
 
 
 class UrlListSource(_Section):
@@ -173,6 +184,53 @@ class ReportConfig(_Section):
     images_per_cell: int = Field(6, ge=1, le=100)
 
 
+class AuditConfig(_Section):
+    """Format-shortcut audit: a metadata-only model predicting the label on the training split."""
+
+    enabled: bool = True
+    warn_above: float = Field(0.8, ge=0.5, le=1, description="Warn when the metadata model's ROC-AUC exceeds this.")
+    strict: bool = Field(False, description="Fail the run (instead of warning) above warn_above.")
+
+
+class NormalizeConfig(_Section):
+    """Re-encode every image of both classes the same way (decode, strip metadata, resize, JPEG)."""
+
+    mode: Literal["none", "jpeg"] = "none"
+    quality: int = Field(90, ge=1, le=100, description="Fixed JPEG quality (when quality_min/max are not set).")
+    quality_min: int | None = Field(None, ge=1, le=100, description="Random quality per image in [min, max].")
+    quality_max: int | None = Field(None, ge=1, le=100)
+    resize_shorter: int | None = Field(None, ge=8, le=4096, description="Resize so the shorter side is this.")
+    crop_square: bool = Field(False, description="Centre-crop to a square after resizing (removes aspect ratio).")
+
+    @model_validator(mode="after")
+    def _quality_range(self) -> NormalizeConfig:
+        if (self.quality_min is None) != (self.quality_max is None):
+            raise ValueError("preprocess.normalize.quality_min and quality_max must be set together")
+        if self.quality_min is not None and self.quality_max is not None and self.quality_min > self.quality_max:
+            raise ValueError(f"quality_min ({self.quality_min}) must be <= quality_max ({self.quality_max})")
+        return self
+
+
+class PreprocessConfig(_Section):
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+
+
+class CalibrationConfig(_Section):
+    """Temperature scaling on the validation split and the uncertain band of predict's verdict."""
+
+    temperature_scaling: bool = True
+    uncertain_low: float = Field(0.35, gt=0, lt=1, description="p_ai <= this: verdict real.")
+    uncertain_high: float = Field(0.65, gt=0, lt=1, description="p_ai >= this: verdict ai; between: uncertain.")
+
+    @model_validator(mode="after")
+    def _band(self) -> CalibrationConfig:
+        if self.uncertain_low >= self.uncertain_high:
+            raise ValueError(
+                f"calibration.uncertain_low ({self.uncertain_low}) must be < uncertain_high ({self.uncertain_high})"
+            )
+        return self
+
+
 class TrackingConfig(_Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<workspace>/mlflow.db.")
     experiment: str = "aidetect"
@@ -198,6 +256,9 @@ class PipelineConfig(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
 
