@@ -1,0 +1,68 @@
+"""A real `mlflow server` on loopback over a workspace's tracking store, for tests that read runs like the UI does."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, artifact_root: Path, seconds: float = 120) -> Iterator[str]:
+    """Start `mlflow server` on 127.0.0.1 (stopped on exit); yield its base URL once /health answers."""
+    port = _free_port()
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--default-artifact-root",
+        artifact_root.as_uri(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + seconds
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {server.returncode}")
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"mlflow server on {base} did not start in {seconds} s") from None
+                time.sleep(0.5)
+        yield base
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def get_json(base: str, path: str) -> dict[str, Any]:
+    """GET a REST endpoint of the MLflow server and decode its JSON."""
+    with urllib.request.urlopen(f"{base}{path}", timeout=30) as response:
+        return json.loads(response.read().decode("utf-8"))
