@@ -84,12 +84,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
-    from flows.pipeline import pipeline
+    from flows.pipeline import run_pipeline
     from pipeline_lib.models import WeightsNotFoundError
     from pipeline_lib.split import SplitError
 
     try:
-        return pipeline(cfg)
+        return run_pipeline(cfg)
     except ReviewPending as error:
         _fail(str(error), code=3)
         raise
@@ -411,14 +411,14 @@ def _predict_model(spec: str, config: Path | None, workspace: Path | None) -> tu
 
 
 def _print_predictions(rows: list[Any]) -> None:
-    """A plain table: p_ai, label, path (and the error or CAM file)."""
-    typer.echo(f"{'p_ai':>6}  {'label':<5}  path")
+    """A plain table: p_ai, label, verdict, path (and the error or CAM file)."""
+    typer.echo(f"{'p_ai':>6}  {'label':<5}  {'verdict':<9}  path")
     for row in rows:
         if row.error:
-            typer.secho(f"{'-':>6}  {'error':<5}  {row.path}: {row.error}", fg=typer.colors.RED)
+            typer.secho(f"{'-':>6}  {'error':<5}  {'-':<9}  {row.path}: {row.error}", fg=typer.colors.RED)
         else:
             cam = f"  (cam: {row.cam})" if row.cam else ""
-            typer.echo(f"{row.p_ai:6.3f}  {row.label:<5}  {row.path}{cam}")
+            typer.echo(f"{row.p_ai:6.3f}  {row.label:<5}  {row.verdict:<9}  {row.path}{cam}")
 
 
 @app.command()
@@ -435,14 +435,32 @@ def predict(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0)] = 0.5,
 ):
-    """p_ai and label per image (exit 1 if some file could not be read, 2 if the model or images are missing)."""
-    from pipeline_lib.predict import collect_paths, predict_files
+    """p_ai, label and verdict (ai / real / uncertain, band from config calibration) per image.
+
+    A checkpoint's <model>.calibration.json (temperature, normalisation) is applied when present.
+    Exit 1 if some file could not be read, 2 if the model or images are missing.
+    """
+    from pipeline_lib.predict import collect_paths, predict_files, read_calibration
 
     if not collect_paths(paths):
         _fail("no image files found in: " + ", ".join(map(str, paths)))
     loaded, meta = _predict_model(model, config, workspace)
+    band_config = _config(config, workspace, None, False).calibration
+    checkpoint = Path(model).expanduser()
     try:
-        rows = predict_files(loaded, meta, paths, batch_size, cam_dir=cam, cam_method=cam_method, threshold=threshold)
+        calibration = read_calibration(checkpoint) if checkpoint.is_file() else None
+        band = (band_config.uncertain_low, band_config.uncertain_high)
+        rows = predict_files(
+            loaded,
+            meta,
+            paths,
+            batch_size,
+            cam_dir=cam,
+            cam_method=cam_method,
+            threshold=threshold,
+            calibration=calibration,
+            band=band,
+        )
     except ValueError as error:
         _fail(str(error))
         raise

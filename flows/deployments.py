@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from prefect import Flow, flow
 
-from flows.pipeline import crawl_flow, pipeline
+from flows.pipeline import crawl_flow, run_pipeline
 from pipeline_lib.config import load_config
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
@@ -20,13 +20,13 @@ def recrawl_and_retrain(
     config_path: str = "configs/default.yaml", overrides: list[str] | None = None
 ) -> dict[str, Any]:
     """The whole pipeline: crawl new images, then every later stage whose inputs changed."""
-    return pipeline(load_config(config_path, overrides or []))
+    return run_pipeline(load_config(config_path, overrides or []))
 
 
 @flow(name="aidetect-retrain")
 def retrain(config_path: str = "configs/default.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Train and evaluate from the current catalog: no crawling; the crawl log as it stands feeds ingest."""
-    return pipeline(load_config(config_path, [*(overrides or []), "execution.crawl=false"]))
+    return run_pipeline(load_config(config_path, [*(overrides or []), "execution.crawl=false"]))
 
 
 @flow(name="aidetect-scheduled-crawl")

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import timedelta
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.states import State
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from flows import review_gate
 from pipeline_lib import tracking as tracking_lib
-from pipeline_lib.config import PipelineConfig
+from pipeline_lib.config import DedupConfig, ExecutionConfig, PipelineConfig
 from pipeline_lib.crawl import crawl_log_path
 from pipeline_lib.imports import with_imports
-from pipeline_lib.workspace import Workspace, digest_of, file_sha256, listing_digest
-from tasks import stages, track
+from pipeline_lib.workspace import Ref, Workspace, digest_of, file_sha256, listing_digest
+from tasks import per_image, stages, track
 from tasks.caching import cached
+
+log = logging.getLogger(__name__)
 
 
 class StageRecorder:
@@ -32,16 +36,78 @@ class StageRecorder:
         self.states: dict[str, str] = {}
 
     def run(self, name: str, task: Any, *args: Any, expiration: timedelta | None = None) -> Any:
+        started = time.perf_counter()
         state: State = cached(task, self.workspace, self.refresh, expiration)(*args, return_state=True)
+        return self.record(name, state, time.perf_counter() - started)
+
+    def record(self, name: str, state: State, seconds: float) -> Any:
+        """Keep a finished stage's state, log it on the parent run and as a nested run; its result (raise if failed)."""
         self.states[name] = state.name
-        result = state.result()  # raises if the stage failed
+        try:
+            result = state.result()  # raises if the stage failed
+        except BaseException:
+            self._child(name, state.name, {}, seconds, failed=True)
+            raise
         if isinstance(result, stages.StageResult):
             track.log_stage(self.tracker, name, state.name, result.metrics, result.notes, result.table)
             if result.table:
                 create_table_artifact(result.table, key=f"aidetect-{name}", description=f"{name}: per-source counts")
         else:
             track.log_stage(self.tracker, name, state.name, {}, [], [])
+        self._child(name, state.name, _numbers(getattr(result, "metrics", {})), seconds)
         return result
+
+    def _child(self, name: str, state: str, metrics: dict[str, float], seconds: float, failed: bool = False) -> None:
+        """The stage's nested MLflow run (a tracking failure is logged, never hides the stage's own outcome)."""
+        try:
+            tracking_lib.stage_run(self.tracker, name, state, metrics, seconds, failed=failed)
+        except Exception as error:  # the tracking store may be down; the stage's result still counts
+            log.warning("no nested MLflow run for stage %s: %s", name, error)
+
+
+def _numbers(metrics: Any) -> dict[str, float]:
+    """The numeric entries of a metrics mapping (anything else is left out)."""
+    if not isinstance(metrics, dict):
+        return {}
+    return {str(k): float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def fingerprint_stage(workspace: Workspace, refresh: bool, catalog: Ref, dedup: DedupConfig, chunk_size: int) -> State:
+    """Plan, hash the missing images in chunks mapped on the flow's task runner, merge; the merge's state.
+
+    A failed plan or chunk is returned as the stage's state (the merge does not run then).
+    """
+    root, algorithm, size = str(workspace.root), dedup.algorithm, dedup.hash_size
+    plan_task = cached(per_image.plan_fingerprint, workspace, refresh)
+    plan: State = plan_task(root, catalog, algorithm, size, chunk_size, return_state=True)
+    if not plan.is_completed():
+        return plan
+    chunks = plan.result()
+    futures = []
+    if chunks:
+        hash_task = cached(per_image.hash_chunk, workspace, refresh)
+        futures = list(hash_task.map(unmapped(root), chunks, unmapped(algorithm), unmapped(size)))
+    for future in futures:
+        future.wait()
+        if not future.state.is_completed():
+            return future.state
+    results = [future.result() for future in futures]
+    merge_task = cached(per_image.merge_fingerprints, workspace, refresh)
+    return merge_task(root, catalog, algorithm, size, results, return_state=True)
+
+
+def make_task_runner(execution: ExecutionConfig) -> TaskRunner:
+    """The task runner for mapped per-image tasks: threads, processes, or Dask (an existing cluster or a local one)."""
+    if execution.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if execution.dask_address:
+            return DaskTaskRunner(address=execution.dask_address)
+        cluster = {"n_workers": execution.max_workers or 2, "processes": True, "dashboard_address": None}
+        return DaskTaskRunner(cluster_kwargs=cluster | {"host": "127.0.0.1"})
+    if execution.task_runner == "processes":
+        return ProcessPoolTaskRunner(max_workers=execution.max_workers)
+    return ThreadPoolTaskRunner(max_workers=execution.max_workers)
 
 
 def _flow_run_tags(kind: str = "pipeline") -> dict[str, str]:
@@ -62,6 +128,11 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
     workspace = Workspace.create(config.execution.workspace)
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(workspace.prefect / "results")}):
         return _run_pipeline(config, workspace)
+
+
+def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """Run the pipeline flow with the task runner config.execution asks for."""
+    return pipeline.with_options(task_runner=make_task_runner(config.execution))(config)
 
 
 def _run_pipeline(config: PipelineConfig, workspace: Workspace) -> dict[str, Any]:
@@ -111,11 +182,14 @@ def _crawl_and_ingest(
 def _data_stages(config: PipelineConfig, workspace: Workspace, run: StageRecorder) -> stages.StageResult:
     root = str(workspace.root)
     _, ingested = _crawl_and_ingest(config, workspace, run)
-    hashed = run.run("fingerprint", stages.fingerprint, root, ingested.catalog, config.dedup)
+    started = time.perf_counter()
+    state = fingerprint_stage(workspace, run.refresh, ingested.catalog, config.dedup, config.execution.chunk_size)
+    hashed = run.record("fingerprint", state, time.perf_counter() - started)
     deduped = run.run("dedup", stages.dedup, root, hashed.catalog, config.dedup)
     approved = review_gate.review_stage(config, workspace, run, deduped)  # may pause/suspend for people
     reshuffle = config.execution.reshuffle_splits
-    return run.run("split", stages.make_split, root, approved.catalog, config.split, reshuffle)
+    normalize = config.preprocess.normalize
+    return run.run("split", stages.make_split, root, approved.catalog, config.split, reshuffle, config.audit, normalize)
 
 
 def _model_stages(
@@ -127,21 +201,25 @@ def _model_stages(
 ) -> dict[str, Any]:
     root = str(workspace.root)
     track.log_datasets(root, tracker, split.catalog)
-    run.run("preprocess", stages.preprocess_images, root, split.catalog, config.train.image_size)
-    trained = run.run("train", stages.train, root, split.catalog, config.train)
+    normalize = config.preprocess.normalize
+    run.run("preprocess", stages.preprocess_images, root, split.catalog, config.train.image_size, normalize)
+    trained = run.run("train", stages.train, root, split.catalog, config.train, normalize)
     track.log_training(tracker, trained)
-    evaluation = run.run("evaluate", stages.evaluate, root, split.catalog, trained.model, config.evaluate)
+    evaluate_args = (config.evaluate, config.calibration, normalize, config.report.cam_method)
+    evaluation = run.run("evaluate", stages.evaluate, root, split.catalog, trained.model, *evaluate_args)
     title = f"aidetect — {config.train.model} on {split.catalog.path}"
-    report_ref = run.run("report", stages.make_report, root, trained.model, evaluation, config.report, title)
+    report_args = (config.report, title, normalize)
+    report_ref = run.run("report", stages.make_report, root, trained.model, evaluation, *report_args)
     track.log_evaluation(root, tracker, evaluation, report_ref)
     test_digest = digest_of(split.catalog.digest, "test")[:16]
-    registered = track.register(root, tracker, trained.model, evaluation, test_digest, config.tracking.registered_model)
+    registry_name = config.tracking.registered_model
+    registered = track.register(root, tracker, trained.model, evaluation, test_digest, registry_name, normalize)
     return {
         "metrics": evaluation.metrics,
         "report": str(report_ref.resolve(workspace)),
         "model": str(trained.model.resolve(workspace)),
         "registry": registered,
-        "notes": split.notes,
+        "notes": [*split.notes, *evaluation.notes],
     }
 
 

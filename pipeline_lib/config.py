@@ -242,6 +242,14 @@ class ExecutionConfig(_Section):
     refresh_cache: bool = False
     reshuffle_splits: bool = Field(False, description="Start a new split registry version (CLI: --reshuffle).")
     crawl: bool = Field(True, description="false: start from the crawl log as it stands (the retrain deployment).")
+    task_runner: Literal["threads", "processes", "dask"] = Field(
+        "threads", description="Where mapped per-image tasks run: a thread pool, a process pool, or Dask."
+    )
+    max_workers: int | None = Field(None, ge=1, description="Workers of the task runner (None: its default).")
+    dask_address: str | None = Field(
+        None, description="Scheduler address of an existing Dask cluster (None: a LocalCluster for the run)."
+    )
+    chunk_size: int = Field(256, ge=1, description="Images per mapped per-image task.")
 
 
 class PipelineConfig(_Section):

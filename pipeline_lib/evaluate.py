@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from pipeline_lib import stats
+from pipeline_lib.normalize import ROBUSTNESS_VARIANTS, TensorFn
 from pipeline_lib.workspace import atomic_path
 
 log = logging.getLogger(__name__)
@@ -30,7 +33,8 @@ log = logging.getLogger(__name__)
 CLASS_NAMES: tuple[str, ...] = ("real", "ai")  # index = class id of the model's logits
 POSITIVE = "ai"
 ROW_COLUMNS: tuple[str, ...] = ("sha256", "group", "label", "source", "url", "keyword")
-PREDICTION_COLUMNS: tuple[str, ...] = (*ROW_COLUMNS, "p_ai", "predicted", "correct")
+OPTIONAL_ROW_COLUMNS: dict[str, str] = {"generator": "unknown"}  # copied when present, else this value
+PREDICTION_COLUMNS: tuple[str, ...] = (*ROW_COLUMNS, "generator", "p_ai", "p_ai_raw", "predicted", "correct")
 _BOOTSTRAP_CELLS = 5_000_000  # resampled indices held in memory at once
 CALIBRATION_BINS = 10  # equal-width bins of p_ai for ECE and the reliability plot
 
@@ -83,10 +87,10 @@ def to_float(batch: torch.Tensor, device: str) -> torch.Tensor:
     return batch.to(device=device, dtype=torch.float32) / 255.0
 
 
-def predict_probabilities(
+def predict_logits(
     model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64, device: str = "cpu"
 ) -> np.ndarray:
-    """p_ai = softmax(logits)[:, 1] for every image, in eval mode; the model is left as it was given."""
+    """Logits float64 [N, 2] (real, ai) for every image, in eval mode; the model is left as it was given."""
     check_images(images)
     _check_batch_size(batch_size)
     chunks: list[np.ndarray] = []
@@ -95,29 +99,61 @@ def predict_probabilities(
             logits = model(to_float(images[start : start + batch_size], device))
             if logits.ndim != 2 or logits.shape[1] != len(CLASS_NAMES):
                 raise ValueError(f"model must return logits shaped [N,2] (real, ai), got {list(logits.shape)}")
-            chunks.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
+            chunks.append(logits.float().cpu().numpy())
     log.debug("predicted %d images in batches of %d", len(images), batch_size)
-    return np.concatenate(chunks).astype(np.float64) if chunks else np.empty(0, dtype=np.float64)
+    return np.concatenate(chunks).astype(np.float64) if chunks else np.empty((0, 2), dtype=np.float64)
 
 
-def predictions_table(test_rows: pd.DataFrame, p_ai: np.ndarray, threshold: float) -> pd.DataFrame:
-    """A new frame: the rows' identity columns plus p_ai, predicted label (p_ai >= threshold -> ai), correct."""
+def softmax_p_ai(logits: np.ndarray) -> np.ndarray:
+    """p_ai = softmax(logits)[:, 1] for logits [N, 2] (real, ai)."""
+    array = np.asarray(logits, dtype=np.float64)
+    if array.ndim != 2 or array.shape[1] != len(CLASS_NAMES):
+        raise ValueError(f"logits must be shaped [N,2] (real, ai), got {list(array.shape)}")
+    return 1.0 / (1.0 + np.exp(np.clip(array[:, 0] - array[:, 1], -700.0, 700.0)))
+
+
+def predict_probabilities(
+    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64, device: str = "cpu"
+) -> np.ndarray:
+    """p_ai = softmax(logits)[:, 1] for every image, in eval mode; the model is left as it was given."""
+    return softmax_p_ai(predict_logits(model, images, batch_size, device))
+
+
+def _check_scores(p_ai: np.ndarray, n: int, name: str) -> np.ndarray:
+    scores = np.asarray(p_ai, dtype=np.float64)
+    if scores.shape != (n,):
+        raise ValueError(f"{name} must hold one value per test row ({n}), got shape {scores.shape}")
+    if scores.size and (np.isnan(scores).any() or scores.min() < 0.0 or scores.max() > 1.0):
+        raise ValueError(f"{name} must be probabilities in [0, 1] without NaN")
+    return scores
+
+
+def predictions_table(
+    test_rows: pd.DataFrame, p_ai: np.ndarray, threshold: float, p_ai_raw: np.ndarray | None = None
+) -> pd.DataFrame:
+    """A new frame: the rows' identity columns and generator, p_ai, p_ai_raw, predicted (p_ai >= threshold), correct.
+
+    p_ai is the score decisions use (calibrated when temperature scaling is on); p_ai_raw the model's own softmax
+    (defaults to p_ai). generator comes from the catalog (missing column: 'unknown').
+    """
     _check_threshold(threshold)
     missing = [name for name in ROW_COLUMNS if name not in test_rows.columns]
     if missing:
         raise ValueError(f"test rows are missing catalog columns: {', '.join(missing)}")
-    scores = np.asarray(p_ai, dtype=np.float64)
-    if scores.shape != (len(test_rows),):
-        raise ValueError(f"p_ai must hold one value per test row ({len(test_rows)}), got shape {scores.shape}")
-    if scores.size and (np.isnan(scores).any() or scores.min() < 0.0 or scores.max() > 1.0):
-        raise ValueError("p_ai must be probabilities in [0, 1] without NaN")
+    scores = _check_scores(p_ai, len(test_rows), "p_ai")
+    raw = scores if p_ai_raw is None else _check_scores(p_ai_raw, len(test_rows), "p_ai_raw")
     table = test_rows.loc[:, list(ROW_COLUMNS)].reset_index(drop=True).copy()
     for name in ROW_COLUMNS:
         table[name] = table[name].astype("string").fillna("")
+    for name, default in OPTIONAL_ROW_COLUMNS.items():
+        values = test_rows[name] if name in test_rows.columns else pd.Series(default, index=test_rows.index)
+        values = values.reset_index(drop=True).astype("string").fillna("")
+        table[name] = values.where(values != "", default)
     bad = sorted(set(table["label"]) - set(CLASS_NAMES))
     if bad:
         raise ValueError(f"test rows' label must be one of {CLASS_NAMES}, got {bad}")
     table["p_ai"] = scores
+    table["p_ai_raw"] = raw
     table["predicted"] = pd.Series(np.where(scores >= threshold, "ai", "real"), dtype="string")
     table["correct"] = (table["predicted"] == table["label"]).astype(bool)
     return table
@@ -214,6 +250,8 @@ def compute_metrics(
     hits = (y_true == y_pred).astype(np.float64)
     low, high = bootstrap_interval(hits, n_bootstrap, seed)
     metrics: dict[str, float] = {"accuracy": float(hits.mean()), "accuracy_ci_low": low, "accuracy_ci_high": high}
+    wilson_low, wilson_high = stats.wilson_interval(int(hits.sum()), int(hits.size))
+    metrics |= {"accuracy_wilson_low": wilson_low, "accuracy_wilson_high": wilson_high}
     precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=[0, 1], zero_division=0)
     for index, name in enumerate(CLASS_NAMES):
         metrics[f"precision_{name}"] = float(precision[index])
@@ -236,6 +274,50 @@ def rescore_accuracy(
     """Accuracy of model on test rows (images in the same order) at threshold: how a champion is re-scored."""
     predictions = predictions_table(test_rows, predict_probabilities(model, images, batch_size), threshold)
     return compute_metrics(predictions, threshold, n_bootstrap=0)["accuracy"]
+
+
+def robustness_metrics(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: pd.Series | np.ndarray | list,
+    threshold: float,
+    variants: dict[str, TensorFn] | None = None,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """robust.<variant>.accuracy and .roc_auc of the model on degraded copies of images (default: JPEG 95/75/50,
+    downscale 50%); p_ai = sigmoid(logit margin / temperature), the same decision rule as the clean score."""
+    _check_threshold(threshold)
+    check_images(images)
+    y_true = (np.asarray(labels, dtype=object) == POSITIVE).astype(np.int64)
+    if y_true.shape != (len(images),):
+        raise ValueError(f"labels must hold one entry per image ({len(images)}), got {y_true.shape}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    metrics: dict[str, float] = {}
+    for name, degrade in (ROBUSTNESS_VARIANTS if variants is None else variants).items():
+        logits = predict_logits(model, degrade(images), batch_size) if len(images) else np.empty((0, 2))
+        scores = softmax_p_ai(logits / temperature)
+        hits = (scores >= threshold).astype(np.int64) == y_true
+        metrics[f"robust.{name}.accuracy"] = float(hits.mean()) if hits.size else math.nan
+        metrics[f"robust.{name}.roc_auc"] = _ranking_metrics(y_true, scores)["roc_auc"] if hits.size else math.nan
+    return metrics
+
+
+def generator_metrics(predictions: pd.DataFrame, threshold: float) -> tuple[dict[str, float], pd.DataFrame]:
+    """(generator.<name>.accuracy/ap/roc_auc metrics, the stats.per_generator_metrics table) of a predictions table."""
+    table = stats.per_generator_metrics(predictions, threshold)
+    metrics: dict[str, float] = {}
+    for row in table.itertuples(index=False):
+        prefix = f"generator.{_slug(str(row.generator))}"
+        metrics |= {f"{prefix}.accuracy": row.accuracy, f"{prefix}.ap": row.average_precision}
+        metrics |= {f"{prefix}.roc_auc": row.roc_auc, f"{prefix}.n": float(row.n)}
+    return metrics, table
+
+
+def _slug(text: str) -> str:
+    """A name as an MLflow-safe metric name part (word characters, '-', '.'; others become '_')."""
+    return re.sub(r"[^\w\-.]+", "_", text.strip()).strip("_") or "_"
 
 
 def per_group_accuracy(predictions: pd.DataFrame) -> pd.DataFrame:

@@ -285,6 +285,78 @@ def fingerprint_catalog_with_stats(
     return FingerprintResult(_fill(table, cache, failed), len(hashed), n_cached, len(failed))
 
 
+HashJobs = list[tuple[str, str]]  # (sha256, path relative to the workspace root)
+HashRow = tuple[str, str, str, str]  # (sha256, hash of the configured algorithm, dhash, error class or "")
+
+
+def missing_hash_jobs(workspace: Workspace, catalog: pd.DataFrame, algorithm: str, hash_size: int) -> HashJobs:
+    """(sha256, relative path) of each distinct ok image whose hashes are not in the cache yet."""
+    check_params(algorithm, hash_size)
+    table = conform(catalog)
+    ok = table[table["status"] == STATUS_OK]
+    known = set(read_cache(cache_path(workspace, algorithm, hash_size))["sha256"])
+    firsts = ok.drop_duplicates("sha256")
+    return [
+        (str(sha), str(path)) for sha, path in zip(firsts["sha256"], firsts["path"], strict=True) if sha not in known
+    ]
+
+
+def chunked(jobs: HashJobs, size: int) -> list[tuple[tuple[str, str], ...]]:
+    """Jobs cut into tuples of at most size items (the unit of one mapped task)."""
+    if size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {size}")
+    return [tuple(jobs[start : start + size]) for start in range(0, len(jobs), size)]
+
+
+def hash_jobs(workspace: Workspace, jobs: Iterable[tuple[str, str]], algorithm: str, hash_size: int) -> list[HashRow]:
+    """Hash each (sha256, relative path) in turn; a file that cannot be hashed gives a row with its error class."""
+    check_params(algorithm, hash_size)
+    rows: list[HashRow] = []
+    for sha, path in jobs:
+        outcome = _hash_job(_HashJob(sha, str(workspace.root / path), algorithm, hash_size))
+        if outcome.error:
+            log.warning("cannot hash %s: %s: %s", sha[:12], outcome.error, outcome.message)
+        rows.append((outcome.sha256, outcome.phash, outcome.dhash, outcome.error))
+    return rows
+
+
+def merge_hash_rows(
+    workspace: Workspace, catalog: pd.DataFrame, rows: Iterable[HashRow], algorithm: str, hash_size: int
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Add hashed rows to the cache (atomically) and fill the catalog; images still missing are hashed here.
+
+    Returns the filled catalog and counts {"hashed", "cached", "unhashable"} of distinct ok images.
+    """
+    check_params(algorithm, hash_size)
+    table = conform(catalog)
+    outcomes = [_HashOutcome(sha, main, second, error) for sha, main, second, error in rows]
+    path = cache_path(workspace, algorithm, hash_size)
+    cache = read_cache(path)
+    given = {outcome.sha256 for outcome in outcomes}
+    late = [job for job in missing_hash_jobs(workspace, table, algorithm, hash_size) if job[0] not in given]
+    if late:  # e.g. the hash cache was removed after the plan was made: never leave an ok image unhashed
+        log.warning("fingerprint: %d images missing from the plan are hashed now", len(late))
+        outcomes += [_HashOutcome(*row) for row in hash_jobs(workspace, late, algorithm, hash_size)]
+    hashed, failed = _collect_quiet(outcomes)
+    known = set(cache["sha256"])
+    fresh = [o for o in hashed if o.sha256 not in known]
+    if fresh:
+        new = pd.DataFrame([(o.sha256, o.phash, o.dhash) for o in fresh], columns=list(CACHE_COLUMNS))
+        cache = pd.concat([cache, new.astype("string")], ignore_index=True)
+        _write_cache(path, cache)
+    n_ok = int(table.loc[table["status"] == STATUS_OK, "sha256"].nunique())
+    stats = {"hashed": len(fresh), "cached": n_ok - len(fresh) - len(failed), "unhashable": len(failed)}
+    log.info("fingerprint %s-%d: %s", algorithm, hash_size, stats)
+    return _fill(table, cache, failed), stats
+
+
+def _collect_quiet(outcomes: Iterable[_HashOutcome]) -> tuple[list[_HashOutcome], dict[str, str]]:
+    """Like _collect, without logging again (hash_jobs logged each failure where it happened)."""
+    hashed = [o for o in outcomes if not o.error]
+    failed = {o.sha256: o.error for o in outcomes if o.error}
+    return hashed, failed
+
+
 def fingerprint_catalog(
     workspace: Workspace, catalog: pd.DataFrame, algorithm: str, hash_size: int, workers: int | None = None
 ) -> pd.DataFrame:

@@ -1,9 +1,17 @@
-"""Score image files with a trained model: p_ai and a label per file, optional CAM overlays, per-file errors."""
+"""Score image files with a trained model: p_ai, a label and a verdict per file, optional CAM overlays, errors.
+
+A checkpoint may have a calibration file beside it (<model>.calibration.json, written by the pipeline's evaluate
+stage): the temperature fitted on the validation split and the normalisation policy the model was trained with.
+p_ai is then sigmoid(logit margin / T) and files are decoded with that policy; without the file T = 1.
+The verdict is ai / real / uncertain with the band from config calibration (uncertain_low, uncertain_high).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -12,11 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from pipeline_lib import models, report
-from pipeline_lib.evaluate import predict_probabilities
+from pipeline_lib.calibration import apply_temperature, verdicts
+from pipeline_lib.config import NormalizeConfig
+from pipeline_lib.evaluate import predict_logits, softmax_p_ai
 from pipeline_lib.preprocess import decode_image
-from pipeline_lib.workspace import atomic_write_bytes
+from pipeline_lib.workspace import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +35,74 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".avif", ".heic"}
 )
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+CALIBRATION_SUFFIX = ".calibration.json"
+DEFAULT_BAND = (0.35, 0.65)  # config calibration.uncertain_low / uncertain_high defaults
+
+
+@dataclass(frozen=True)
+class ModelCalibration:
+    """What scoring needs beside the weights: the temperature and the normalisation policy of training."""
+
+    temperature: float = 1.0
+    normalize: NormalizeConfig | None = None
+    details: dict[str, Any] | None = None  # e.g. ece_raw, ece, n_val: informative only
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        policy = None if self.normalize is None else self.normalize.model_dump(mode="json")
+        return {"temperature": self.temperature, "normalize": policy, **(self.details or {})}
+
+
+def calibration_path(checkpoint: Path) -> Path:
+    """<folder>/<model stem>.calibration.json beside a checkpoint (best.pt -> best.calibration.json)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + CALIBRATION_SUFFIX)
+
+
+def write_calibration(checkpoint: Path, calibration: ModelCalibration) -> Path:
+    """Write the calibration file beside checkpoint atomically; return its path."""
+    if not calibration.temperature > 0 or not math.isfinite(calibration.temperature):
+        raise ValueError(f"temperature must be a positive finite number, got {calibration.temperature}")
+    text = json.dumps(calibration.as_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    return atomic_write_text(calibration_path(checkpoint), text)
+
+
+def read_calibration(checkpoint: Path) -> ModelCalibration:
+    """The calibration beside checkpoint; ModelCalibration() (T = 1, no normalisation) when there is none.
+
+    A malformed file raises ValueError naming it (a silently ignored temperature would mis-state p_ai).
+    """
+    path = calibration_path(checkpoint)
+    if not path.is_file():
+        return ModelCalibration()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        temperature = float(data["temperature"])
+        policy = data.get("normalize")
+        normalize = None if policy is None else NormalizeConfig.model_validate(policy)
+    except (OSError, ValueError, KeyError, TypeError, ValidationError) as error:
+        raise ValueError(f"calibration file {path} is malformed: {error}") from None
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"calibration file {path}: temperature must be positive and finite, got {temperature}")
+    details = {k: v for k, v in data.items() if k not in ("temperature", "normalize")}
+    return ModelCalibration(temperature, normalize, details)
 
 
 @dataclass(frozen=True)
 class PredictionRow:
-    """One file's result: p_ai and label when it was scored, error when it was not; cam = overlay file or None."""
+    """One file's result: p_ai, label and verdict when it was scored, error when it was not; cam = overlay file.
+
+    p_ai is calibrated (temperature applied) and p_ai_raw is the model's own softmax; label thresholds p_ai,
+    verdict applies the uncertain band (ai / real / uncertain).
+    """
 
     path: str
     p_ai: float | None
     label: str | None
     error: str | None
     cam: str | None = None
+    verdict: str | None = None
+    p_ai_raw: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -65,14 +133,15 @@ def _image_size(meta: dict[str, Any]) -> int:
     return size
 
 
-def _decode(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
+def _decode(path: Path, size: int, policy: NormalizeConfig | None) -> tuple[np.ndarray | None, str | None]:
     """(uint8 CHW array, None) or (None, a clear error text) for one file."""
     if not path.exists():
         return None, "file not found"
     if not path.is_file():
         return None, "not a regular file"
     try:
-        return decode_image(path, size), None
+        sha = hashlib.sha256(path.read_bytes()).hexdigest() if policy is not None else None
+        return decode_image(path, size, policy, sha), None
     except Exception as error:  # PIL raises many types for bad files; each becomes a per-file error
         return None, f"unreadable image ({type(error).__name__}: {error})"
 
@@ -98,31 +167,40 @@ def _write_cams(
     return written
 
 
-def _score_batch(
-    model: torch.nn.Module,
-    batch: Sequence[Path],
-    size: int,
-    threshold: float,
-    cam_dir: Path | None,
-    cam_method: str,
-) -> list[PredictionRow]:
+@dataclass(frozen=True)
+class _Scoring:
+    """How a batch is scored: input size, decision threshold, uncertain band, calibration, CAM output."""
+
+    size: int
+    threshold: float
+    band: tuple[float, float]
+    calibration: ModelCalibration
+    cam_dir: Path | None
+    cam_method: str
+
+
+def _score_batch(model: torch.nn.Module, batch: Sequence[Path], how: _Scoring) -> list[PredictionRow]:
     """Decode, score and (optionally) explain one batch; unreadable files become error rows in place."""
-    decoded = [_decode(path, size) for path in batch]
+    decoded = [_decode(path, how.size, how.calibration.normalize) for path in batch]
     good = [i for i, (array, _) in enumerate(decoded) if array is not None]
-    scores: dict[int, float] = {}
+    scores: dict[int, tuple[float, float, str]] = {}
     cams: dict[int, str] = {}
     if good:
         images = torch.from_numpy(np.stack([decoded[i][0] for i in good]))
-        p_ai = predict_probabilities(model, images, batch_size=len(good))
-        scores = {i: float(p) for i, p in zip(good, p_ai, strict=True)}
-        if cam_dir is not None:
-            files = _write_cams(model, images, [batch[i] for i in good], cam_dir, cam_method)
+        logits = predict_logits(model, images, batch_size=len(good))
+        p_ai = apply_temperature(logits, how.calibration.temperature)
+        said = verdicts(p_ai, *how.band)
+        raw = softmax_p_ai(logits)
+        scores = {i: (float(p), float(r), str(v)) for i, p, r, v in zip(good, p_ai, raw, said, strict=True)}
+        if how.cam_dir is not None:
+            files = _write_cams(model, images, [batch[i] for i in good], how.cam_dir, how.cam_method)
             cams = dict(zip(good, files, strict=True))
     rows = []
     for i, path in enumerate(batch):
         if i in scores:
-            label = "ai" if scores[i] >= threshold else "real"
-            rows.append(PredictionRow(str(path), scores[i], label, None, cams.get(i)))
+            p_ai, raw, verdict = scores[i]
+            label = "ai" if p_ai >= how.threshold else "real"
+            rows.append(PredictionRow(str(path), p_ai, label, None, cams.get(i), verdict, raw))
         else:
             log.warning("not scored: %s: %s", path, decoded[i][1])
             rows.append(PredictionRow(str(path), None, None, decoded[i][1]))
@@ -137,11 +215,15 @@ def predict_files(
     cam_dir: Path | None = None,
     cam_method: str = "gradcam",
     threshold: float = 0.5,
+    calibration: ModelCalibration | None = None,
+    band: tuple[float, float] = DEFAULT_BAND,
 ) -> list[PredictionRow]:
     """One PredictionRow per file (folders walked recursively), in order, decoded at meta["image_size"], batched.
 
     A file that cannot be read or decoded gets an error row and the others are still scored.
     With cam_dir, an overlay PNG of the CAM (explaining "ai") is written there for every scored file.
+    calibration: temperature and normalisation of the model (read_calibration; default T = 1, no normalisation);
+    band: (uncertain_low, uncertain_high) of the verdict.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -149,14 +231,18 @@ def predict_files(
         raise ValueError(f"threshold must be strictly between 0 and 1, got {threshold}")
     if cam_method not in report.CAM_METHODS:
         raise ValueError(f"cam_method must be one of {', '.join(report.CAM_METHODS)}, got {cam_method!r}")
+    low, high = band
+    if not 0 < low < high < 1:
+        raise ValueError(f"uncertain band must satisfy 0 < uncertain_low < uncertain_high < 1, got {band}")
     size = _image_size(meta)
     files = collect_paths(paths)
     if cam_dir is not None:
         cam_dir = Path(cam_dir)
         cam_dir.mkdir(parents=True, exist_ok=True)
+    how = _Scoring(size, threshold, (low, high), calibration or ModelCalibration(), cam_dir, cam_method)
     rows: list[PredictionRow] = []
     for start in range(0, len(files), batch_size):
-        rows.extend(_score_batch(model, files[start : start + batch_size], size, threshold, cam_dir, cam_method))
+        rows.extend(_score_batch(model, files[start : start + batch_size], how))
     failed = sum(row.error is not None for row in rows)
     log.info("predicted %d file(s), %d not readable", len(rows) - failed, failed)
     return rows

@@ -1,4 +1,9 @@
-"""Decode each image once into a resized uint8 CHW tensor cache (cache/tensors/s<size>/ab/<sha>.npy)."""
+"""Decode each image once into a resized uint8 CHW tensor cache (cache/tensors/s<size>/ab/<sha>.npy).
+
+With a normalisation policy (config preprocess.normalize, mode jpeg) the image is re-encoded first
+(normalize.normalize_image: strip metadata, optional resize, JPEG round-trip) and the tensor is cached under
+cache/tensors/s<size>-<policy_key>/ab/<sha>.npy; policy None or mode 'none' keeps the plain paths.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ import torch
 from PIL import Image, ImageOps
 
 from pipeline_lib.catalog import STATUS_OK
+from pipeline_lib.config import NormalizeConfig
+from pipeline_lib.normalize import image_rng, normalize_image, normalized_bytes, policy_key
 from pipeline_lib.validate import to_rgb
 from pipeline_lib.workspace import Workspace, atomic_write_bytes
 
@@ -39,11 +46,24 @@ def _check_sha(sha256: str) -> None:
         raise ValueError(f"sha256 must be a lowercase hex digest, got {sha256!r}")
 
 
-def tensor_path(workspace: Workspace, sha256: str, size: int) -> Path:
-    """Cache location of one image's tensor: cache/tensors/s<size>/<sha[:2]>/<sha>.npy."""
-    _check_sha(sha256)
+def _active(policy: NormalizeConfig | None) -> NormalizeConfig | None:
+    """The policy when it re-encodes (mode jpeg), else None (plain decoding)."""
+    if policy is not None and not isinstance(policy, NormalizeConfig):
+        raise TypeError(f"policy must be a NormalizeConfig (preprocess.normalize) or None, got {type(policy).__name__}")
+    return policy if policy is not None and policy.mode != "none" else None
+
+
+def cache_folder_name(size: int, policy: NormalizeConfig | None = None) -> str:
+    """'s<size>' without normalisation, 's<size>-<policy_key>' with it."""
     _check_size(size)
-    return workspace.cache / "tensors" / f"s{size}" / sha256[:2] / f"{sha256}.npy"
+    active = _active(policy)
+    return f"s{size}" if active is None else f"s{size}-{policy_key(active)}"
+
+
+def tensor_path(workspace: Workspace, sha256: str, size: int, policy: NormalizeConfig | None = None) -> Path:
+    """Cache location of one image's tensor: cache/tensors/s<size>[-<policy_key>]/<sha[:2]>/<sha>.npy."""
+    _check_sha(sha256)
+    return workspace.cache / "tensors" / cache_folder_name(size, policy) / sha256[:2] / f"{sha256}.npy"
 
 
 def _resize_crop(image: Image.Image, size: int) -> Image.Image:
@@ -57,15 +77,27 @@ def _resize_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
-    """Decode an image file into a uint8 RGB array (3, size, size): EXIF-oriented, resized, centre-cropped."""
+def _rng_for(path: Path, sha256: str | None) -> np.random.Generator:
+    """Per-image generator for a random normalisation quality: from the sha (stored files are named <sha>.<ext>)."""
+    return image_rng(sha256 or Path(path).stem)
+
+
+def decode_image(path: Path, size: int, policy: NormalizeConfig | None = None, sha256: str | None = None) -> np.ndarray:
+    """Decode an image file into a uint8 RGB array (3, size, size): EXIF-oriented, resized, centre-cropped.
+
+    With a jpeg normalisation policy the full image is re-encoded (normalize_image) before the resize and crop;
+    a random quality is drawn from the image's sha256 (default: the file name's stem).
+    """
     _check_size(size)
+    active = _active(policy)
     with Image.open(path) as image:
-        if image.format == "JPEG":
+        if image.format == "JPEG" and active is None:
             image.draft("RGB", (size, size))  # DCT scaling: decode at >= size, much faster for large photos
         image.load()
-        oriented = ImageOps.exif_transpose(image)
-        rgb = to_rgb(oriented)
+        if active is None:
+            rgb = to_rgb(ImageOps.exif_transpose(image))
+        else:
+            rgb = normalize_image(image, active, _rng_for(path, sha256))
     array = np.asarray(_resize_crop(rgb, size), dtype=np.uint8)
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
@@ -99,11 +131,14 @@ def _read_array(path: Path, size: int) -> np.ndarray | None:
     return array
 
 
-def _cache_one(job: tuple[str, str, int]) -> str:
+_Job = tuple[str, str, int, NormalizeConfig | None, str]  # source, target, size, policy, sha256
+
+
+def _cache_one(job: _Job) -> str:
     """Decode source into target (a pool job); return "" on success or an error text."""
-    source, target, size = job
+    source, target, size, policy, sha256 = job
     try:
-        _write_array(Path(target), decode_image(Path(source), size))
+        _write_array(Path(target), decode_image(Path(source), size, policy, sha256))
     except Exception as error:  # PIL raises many types; each becomes a named failure
         return f"{type(error).__name__}: {error}"
     return ""
@@ -118,7 +153,7 @@ def _split_rows(catalog: pd.DataFrame) -> pd.DataFrame:
     return rows.drop_duplicates("sha256")
 
 
-def _run_jobs(jobs: list[tuple[str, str, int]], workers: int | None) -> list[str]:
+def _run_jobs(jobs: list[_Job], workers: int | None) -> list[str]:
     """Run decode jobs in-process or in a spawn process pool; return one error text per job ("" = ok)."""
     n_workers = workers if workers is not None else (os.cpu_count() or 1)
     if n_workers < 1:
@@ -130,23 +165,34 @@ def _run_jobs(jobs: list[tuple[str, str, int]], workers: int | None) -> list[str
         return list(pool.map(_cache_one, jobs, chunksize=_CHUNK))
 
 
-def preprocess_images(workspace: Workspace, catalog: pd.DataFrame, size: int, workers: int | None = None) -> int:
-    """Cache tensors of every ok image with a split (distinct sha); return how many were newly written."""
+def preprocess_images(
+    workspace: Workspace,
+    catalog: pd.DataFrame,
+    size: int,
+    workers: int | None = None,
+    policy: NormalizeConfig | None = None,
+) -> int:
+    """Cache tensors of every ok image with a split (distinct sha); return how many were newly written.
+
+    policy: preprocess.normalize; None or mode 'none' decodes the files as they are.
+    """
     _check_size(size)
+    active = _active(policy)
     rows = _split_rows(catalog)
-    jobs: list[tuple[str, str, int]] = []
+    jobs: list[_Job] = []
     for sha256, relative in zip(rows["sha256"], rows["path"], strict=True):
-        target = tensor_path(workspace, str(sha256), size)
+        target = tensor_path(workspace, str(sha256), size, active)
         if target.exists():
             continue
         source = workspace.root / str(relative)
         if not source.is_file():
             raise FileNotFoundError(f"original of {sha256} not found at {source} (the store lost a file)")
-        jobs.append((str(source), str(target), size))
+        jobs.append((str(source), str(target), size, active, str(sha256)))
     errors = _run_jobs(jobs, workers)
     failed = [f"{Path(job[0]).name}: {error}" for job, error in zip(jobs, errors, strict=True) if error]
     written = len(jobs) - len(failed)
-    log.info("preprocess s%d: %d new tensors, %d cached, %d failed", size, written, len(rows) - len(jobs), len(failed))
+    folder = cache_folder_name(size, active)
+    log.info("preprocess %s: %d new tensors, %d cached, %d failed", folder, written, len(rows) - len(jobs), len(failed))
     if failed:
         shown = "; ".join(failed[:5]) + (f" (+{len(failed) - 5} more)" if len(failed) > 5 else "")
         raise PreprocessError(f"{len(failed)} image(s) could not be decoded into tensors: {shown}")
@@ -163,20 +209,48 @@ def find_original(workspace: Workspace, sha256: str) -> Path:
     return matches[0]
 
 
-def load_tensor(workspace: Workspace, sha256: str, size: int) -> np.ndarray:
+def load_tensor(workspace: Workspace, sha256: str, size: int, policy: NormalizeConfig | None = None) -> np.ndarray:
     """One image's uint8 (3, size, size) array from the cache; decoded (and cached) when missing or damaged."""
-    path = tensor_path(workspace, sha256, size)
+    path = tensor_path(workspace, sha256, size, policy)
     array = _read_array(path, size)
     if array is None:
-        array = decode_image(find_original(workspace, sha256), size)
+        array = decode_image(find_original(workspace, sha256), size, policy, sha256)
         _write_array(path, array)
     return array
 
 
-def load_tensors(workspace: Workspace, shas: Iterable[str], size: int) -> torch.Tensor:
+def load_tensors(
+    workspace: Workspace, shas: Iterable[str], size: int, policy: NormalizeConfig | None = None
+) -> torch.Tensor:
     """uint8 tensor [N, 3, size, size] of the images in the given order (what evaluate/report expect)."""
     _check_size(size)
-    arrays = [load_tensor(workspace, str(sha), size) for sha in shas]
+    arrays = [load_tensor(workspace, str(sha), size, policy) for sha in shas]
     if not arrays:
         return torch.empty((0, 3, size, size), dtype=torch.uint8)
     return torch.from_numpy(np.stack(arrays))
+
+
+def audit_features(workspace: Workspace, rows: pd.DataFrame, policy: NormalizeConfig | None = None) -> pd.DataFrame:
+    """Metadata features (audit.FEATURE_COLUMNS) of usable rows as the model will see them.
+
+    Without a jpeg policy: the stored files (audit.metadata_features). With one: the bytes normalize_image would
+    decode (normalized_bytes with the same per-image quality as the tensor cache), so the audit checks what
+    normalisation leaves of the shortcut.
+    """
+    from pipeline_lib import audit  # scikit-learn: kept out of the decode pool's workers, which import this module
+
+    active = _active(policy)
+    if active is None:
+        return audit.metadata_features(workspace, rows)
+    usable = rows[rows["status"] == STATUS_OK]
+    records = []
+    for sha256, relative in zip(usable["sha256"], usable["path"], strict=True):
+        path = workspace.root / str(relative)
+        if not path.is_file():
+            raise audit.AuditError(f"stored file of {sha256} is missing: {path}")
+        with Image.open(path) as image:
+            image.load()
+            data = normalized_bytes(image, active, _rng_for(path, str(sha256)))
+        records.append(audit.file_metadata(data))
+    index = pd.Index(usable["sha256"], name="sha256")
+    return pd.DataFrame(records, columns=list(audit.FEATURE_COLUMNS), index=index).astype("float64")

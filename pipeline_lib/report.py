@@ -27,7 +27,9 @@ from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from pipeline_lib.cam_summary import cam_attention_summary, text_mask
 from pipeline_lib.evaluate import borrowed_model, check_images, to_float
+from pipeline_lib.normalize import ROBUSTNESS_VARIANTS
 from pipeline_lib.workspace import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -57,9 +59,13 @@ HEADLINE_METRICS: tuple[str, ...] = (
     "accuracy",
     "accuracy_ci_low",
     "accuracy_ci_high",
+    "accuracy_wilson_low",
+    "accuracy_wilson_high",
     "roc_auc",
     "average_precision",
     "ece",
+    "ece_raw",
+    "calibration.temperature",
     "precision_ai",
     "recall_ai",
     "f1_ai",
@@ -74,6 +80,8 @@ HEADLINE_METRICS: tuple[str, ...] = (
     "threshold",
 )
 WORST_GROUPS = 20
+CAM_FLAG_ABOVE = 0.5  # a CAM attention share (border or text) above this is flagged
+CAM_BORDER_FRACTION = 0.1
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _SELECTED_COLUMNS = ("sha256", "group", "label", "source", "url", "keyword", "p_ai", "predicted", "cell")
 
@@ -108,6 +116,90 @@ def compute_cams(
                 maps.append(np.asarray(cam(input_tensor=batch, targets=targets), dtype=np.float32))
     log.debug("computed %s maps for %d images", method, len(images))
     return np.clip(np.nan_to_num(np.concatenate(maps), nan=0.0), 0.0, 1.0)
+
+
+def cam_attention_metrics(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    target_layer: torch.nn.Module,
+    method: str = "gradcam",
+    batch_size: int = 16,
+    flag_above: float = CAM_FLAG_ABOVE,
+) -> dict[str, float]:
+    """CAM attention over images: cam.border_share_mean, cam.text_share_mean, cam.n_border_flagged, ... (floats).
+
+    The share of each image's CAM mass (explaining "ai") on the border band and on text-like regions; an image is
+    flagged when a share exceeds flag_above. A uniform map puts 0.36 of its mass on the border.
+    """
+    check_images(images)
+    if len(images) == 0:
+        return {"cam.n": 0.0}
+    cams = compute_cams(model, images, target_layer, method=method, batch_size=batch_size)
+    masks = [text_mask(np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())) for image in images]
+    summary = cam_attention_summary(cams, CAM_BORDER_FRACTION, flag_above, text_masks=masks)
+    keys = ("border_share_mean", "text_share_mean", "n_border_flagged", "n_text_flagged", "n", "flag_above")
+    return {f"cam.{key}": float(summary[key]) for key in keys}
+
+
+def cam_warnings(metrics: dict[str, float]) -> list[str]:
+    """Warnings for the report when the mean CAM share on the border or on text exceeds the flag threshold."""
+    flag_above = float(metrics.get("cam.flag_above", CAM_FLAG_ABOVE))
+    n = int(metrics.get("cam.n", 0))
+    lines = []
+    for part, what in (("border", "the image border"), ("text", "text-like regions")):
+        mean = float(metrics.get(f"cam.{part}_share_mean", math.nan))
+        flagged = int(metrics.get(f"cam.n_{part}_flagged", 0))
+        if not math.isnan(mean) and mean > flag_above:
+            lines.append(
+                f"The model puts {mean:.0%} of its attention on {what} on average ({flagged} of {n} test images "
+                f"above {flag_above:.0%}): it may be reading watermarks, borders or layout instead of content."
+            )
+    return lines
+
+
+def _robustness_rows(metrics: dict[str, float]) -> list[dict[str, str]]:
+    """Clean score first, then each robustness variant with its accuracy drop."""
+    if not any(name.startswith("robust.") for name in metrics):
+        return []
+    clean = float(metrics.get("accuracy", math.nan))
+    rows = [
+        {
+            "variant": "clean",
+            "accuracy": _format_value("accuracy", clean),
+            "drop": "",
+            "roc_auc": _format_value("roc_auc", metrics.get("roc_auc", math.nan)),
+        }
+    ]
+    names = [n for n in ROBUSTNESS_VARIANTS if f"robust.{n}.accuracy" in metrics]
+    names += sorted({n.split(".")[1] for n in metrics if n.startswith("robust.")} - set(names))
+    for name in names:
+        accuracy = float(metrics.get(f"robust.{name}.accuracy", math.nan))
+        rows.append(
+            {
+                "variant": name,
+                "accuracy": _format_value("accuracy", accuracy),
+                "drop": _format_value("drop", clean - accuracy),
+                "roc_auc": _format_value("roc_auc", metrics.get(f"robust.{name}.roc_auc", math.nan)),
+            }
+        )
+    return rows
+
+
+def _generator_rows(per_generator: pd.DataFrame | None) -> list[dict[str, str]]:
+    """stats.per_generator_metrics rows as template rows."""
+    if per_generator is None or per_generator.empty:
+        return []
+    return [
+        {
+            "generator": str(r["generator"]),
+            "n": str(int(r["n"])),
+            "n_ai": str(int(r["n_ai"])),
+            "accuracy": _format_value("accuracy", r["accuracy"]),
+            "average_precision": _format_value("ap", r["average_precision"]),
+            "roc_auc": _format_value("roc_auc", r["roc_auc"]),
+        }
+        for _, r in per_generator.iterrows()
+    ]
 
 
 def _confidence(predictions: pd.DataFrame) -> pd.Series:
@@ -264,8 +356,13 @@ def build_report(
     plots: dict[str, Path] | None = None,
     run_info: dict[str, str] | None = None,
     cam_batch_size: int = 16,
+    per_generator: pd.DataFrame | None = None,
 ) -> Path:
-    """Write out_dir/index.html (pictures embedded) with img/ and plots/ beside it; index.html is written last."""
+    """Write out_dir/index.html (pictures embedded) with img/ and plots/ beside it; index.html is written last.
+
+    Beside the summary metrics the page shows the robustness variants next to the clean score (robust.* metrics),
+    per-generator scores (per_generator, from stats.per_generator_metrics) and CAM attention warnings (cam.*).
+    """
     _check_selected(images, selected)
     out_dir = Path(out_dir)
     img_dir = out_dir / "img"
@@ -288,6 +385,9 @@ def build_report(
         "worst_groups": _group_rows(per_group),
         "n_groups": len(per_group),
         "sections": sections,
+        "robustness": _robustness_rows(metrics),
+        "generators": _generator_rows(per_generator),
+        "cam_warnings": cam_warnings(metrics),
     }
     index = atomic_write_text(out_dir / "index.html", render_html(context))
     log.info("report written to %s (%d examples)", index, len(rows))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import warnings
@@ -150,6 +151,58 @@ def start_run(
     with _quiet():
         run = MlflowClient(tracking_uri=uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
     return Tracker(uri, run.info.run_id)
+
+
+STAGE_KIND = "stage"  # aidetect.kind of the nested run of one stage (the pipeline's run has kind "pipeline")
+
+
+def stage_run(
+    parent: Tracker, stage: str, state: str, metrics: Mapping[str, float], seconds: float, failed: bool = False
+) -> Tracker:
+    """A finished child run of parent for one stage: its metrics, cache state and duration (by id, thread-safe)."""
+    experiment_id, inherited = _parent_context(parent.uri, parent.run_id)
+    tags = dict(inherited) | {
+        "mlflow.parentRunId": parent.run_id,
+        "aidetect.kind": STAGE_KIND,
+        "aidetect.stage": stage,
+        "aidetect.state": state,
+    }
+    with _quiet():
+        run = parent.client.create_run(experiment_id, run_name=stage, tags=tags)
+    child = Tracker(parent.uri, run.info.run_id)
+    child.log_metrics(dict(metrics) | {"stage.seconds": float(seconds)})
+    child.finish("FAILED" if failed else "FINISHED")
+    return child
+
+
+@functools.lru_cache(maxsize=64)
+def _parent_context(uri: str, run_id: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """Experiment id and the lineage tags (flow run id, git commit) a parent run hands to its stage runs."""
+    with _quiet():
+        run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    keys = ("prefect.flow_run_id", "prefect.deployment_id", "mlflow.source.git.commit")
+    return run.info.experiment_id, tuple((key, run.data.tags[key]) for key in keys if key in run.data.tags)
+
+
+def stage_runs(parent: Tracker) -> dict[str, dict[str, Any]]:
+    """The child stage runs of parent by stage name (the last one when a stage ran twice)."""
+    client = parent.client
+    with _quiet():
+        experiment_id = client.get_run(parent.run_id).info.experiment_id
+        runs = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'",
+            order_by=["attributes.start_time ASC"],
+        )
+    return {
+        run.data.tags.get("aidetect.stage", run.info.run_name): {
+            "run_id": run.info.run_id,
+            "status": run.info.status,
+            "state": run.data.tags.get("aidetect.state"),
+            "metrics": dict(run.data.metrics),
+        }
+        for run in runs
+    }
 
 
 @contextlib.contextmanager

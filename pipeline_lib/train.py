@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 
 from pipeline_lib import preprocess
 from pipeline_lib.catalog import STATUS_OK
-from pipeline_lib.config import LABELS, AugmentConfig, TrainConfig
+from pipeline_lib.config import LABELS, AugmentConfig, NormalizeConfig, TrainConfig
 from pipeline_lib.models import Classifier, WeightsInfo, build_model, save_checkpoint
 from pipeline_lib.workspace import Workspace, atomic_path, digest_of
 
@@ -143,8 +143,10 @@ class CachedImages(Dataset):
         size: int,
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         seed: int = 0,
+        policy: NormalizeConfig | None = None,
     ) -> None:
         self.workspace = workspace
+        self.policy = policy
         self.shas = shas
         self.labels = labels
         self.size = size
@@ -158,7 +160,7 @@ class CachedImages(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         """key: an index (uses self.epoch) or (epoch, index) as EpochSampler yields (works in persistent workers)."""
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
-        image = torch.from_numpy(preprocess.load_tensor(self.workspace, self.shas[index], self.size))
+        image = torch.from_numpy(preprocess.load_tensor(self.workspace, self.shas[index], self.size, self.policy))
         if self.augment is not None:
             # Seeded by (seed, epoch, index): the same crops whatever the worker count or a resume.
             sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
@@ -192,22 +194,27 @@ def _train_val(catalog: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return train, val
 
 
-def _fingerprint(config: TrainConfig, train: pd.DataFrame, val: pd.DataFrame) -> str:
+def _fingerprint(
+    config: TrainConfig, train: pd.DataFrame, val: pd.DataFrame, policy: NormalizeConfig | None = None
+) -> str:
     """Digest of the settings that shape the result and of the exact train/val images and labels."""
     settings = config.model_dump_json(exclude=set(_RUNTIME_KEYS))
     parts = [settings]
+    if policy is not None and policy.mode != "none":
+        parts.append(f"normalize:{policy.model_dump_json()}")  # unchanged digest without normalisation
     for name, frame in (("train", train), ("val", val)):
         parts.append(name)
         parts.extend((frame["sha256"].astype(str) + ":" + frame["label"].astype(str)).tolist())
     return digest_of(*parts)
 
 
-def _dataset(workspace: Workspace, rows: pd.DataFrame, config: TrainConfig, augment: bool) -> CachedImages:
+def _dataset(
+    workspace: Workspace, rows: pd.DataFrame, config: TrainConfig, augment: bool, policy: NormalizeConfig | None
+) -> CachedImages:
     labels = [LABELS.index(str(label)) for label in rows["label"]]
     transform = build_augmentation(config.augment) if augment else None
-    return CachedImages(
-        workspace, rows["sha256"].astype(str).tolist(), labels, config.image_size, transform, config.seed
-    )
+    shas = rows["sha256"].astype(str).tolist()
+    return CachedImages(workspace, shas, labels, config.image_size, transform, config.seed, policy)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -487,22 +494,26 @@ def train_model(
     out_dir: Path,
     on_epoch: Callable[[EpochStats], None] | None = None,
     stop_after_epoch: int | None = None,
+    policy: NormalizeConfig | None = None,
 ) -> TrainResult:
-    """Fine-tune on the train split, early-stop on val loss; resume from out_dir/last.pt if present."""
+    """Fine-tune on the train split, early-stop on val loss; resume from out_dir/last.pt if present.
+
+    policy: preprocess.normalize, the re-encoding the tensors are decoded with (None: the files as they are).
+    """
     train_rows, val_rows = _train_val(catalog)
     device = resolve_device(config.device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(config, train_rows, val_rows)
+    fingerprint = _fingerprint(config, train_rows, val_rows, policy)
     payload = _load_state(out_dir / LAST_NAME, fingerprint)
     state = _state_from(payload) if payload is not None else _State(fingerprint)
     resumed = state.epoch if payload is not None else None
     if state.done:
         log.info("training in %s already finished at epoch %d (best %d)", out_dir, state.epoch, state.best_epoch)
         return _result(out_dir, state, WeightsInfo(**payload["weights"]), device, resumed)
-    preprocess.preprocess_images(workspace, pd.concat([train_rows, val_rows]), config.image_size)
-    train_set = _dataset(workspace, train_rows, config, augment=True)
-    val_set = _dataset(workspace, val_rows, config, augment=False)
+    preprocess.preprocess_images(workspace, pd.concat([train_rows, val_rows]), config.image_size, policy=policy)
+    train_set = _dataset(workspace, train_rows, config, augment=True, policy=policy)
+    val_set = _dataset(workspace, val_rows, config, augment=False, policy=policy)
     loaders = (make_loader(train_set, config, True, device), make_loader(val_set, config, False, device))
     with _restored_rng(payload), _closing(loaders):
         run = _prepare(config, payload, device)

@@ -2,31 +2,44 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from prefect import task
 
+from pipeline_lib import audit as audit_lib
+from pipeline_lib import calibration as calibration_lib
 from pipeline_lib import catalog as cat
 from pipeline_lib import crawl as crawl_lib
 from pipeline_lib import dedup as dedup_lib
 from pipeline_lib import evaluate as evaluate_lib
 from pipeline_lib import fingerprint as fingerprint_lib
+from pipeline_lib import health, models, preprocess, report, review, split
 from pipeline_lib import ingest as ingest_lib
-from pipeline_lib import models, preprocess, report, review, split
+from pipeline_lib import predict as predict_lib
 from pipeline_lib import train as train_lib
 from pipeline_lib.config import (
+    AuditConfig,
+    CalibrationConfig,
     DedupConfig,
     EvaluateConfig,
     IngestConfig,
+    NormalizeConfig,
     ReportConfig,
     ReviewConfig,
     SourcesConfig,
     SplitConfig,
     TrainConfig,
 )
+from pipeline_lib.normalize import policy_key
 from pipeline_lib.workspace import Ref, Workspace, digest_of
+
+log = logging.getLogger(__name__)
+
+CAM_SUMMARY_LIMIT = 512  # test images whose CAMs the attention summary covers (the first ones by sha256)
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,15 @@ class EvalOutput:
     metrics: dict[str, float]
     plots: dict[str, str]
     worst_groups: list[dict[str, Any]]
+    temperature: float = 1.0  # fitted on the validation split (1.0: no temperature scaling)
+    generators: list[dict[str, Any]] = field(default_factory=list)  # stats.per_generator_metrics rows
+    calibration_file: str = ""  # <model>.calibration.json beside the checkpoint (workspace-relative)
+    notes: list[str] = field(default_factory=list)
+
+
+def _active(policy: NormalizeConfig | None) -> NormalizeConfig | None:
+    """The normalisation policy when it re-encodes, else None (the plain tensor cache)."""
+    return policy if policy is not None and policy.mode != "none" else None
 
 
 @task(name="crawl")
@@ -63,13 +85,37 @@ def crawl_sources(root: str, sources: SourcesConfig, folder_state: str) -> Stage
     """Fetch new files from every source into incoming/ and snapshot the crawl log."""
     workspace = Workspace.create(root)
     result = crawl_lib.crawl_sources(workspace, sources)
-    log_ref = cat.write_table(workspace, "crawl", "log", result.log)
-    totals = result.summary[["new", "skipped", "failed"]].sum()
+    summary, crawl_log, fallback_notes = _crawl_fallbacks(workspace, sources, result)
+    log_ref = cat.write_table(workspace, "crawl", "log", crawl_log)
+    totals = summary[["new", "skipped", "failed"]].sum()
     metrics = {f"crawl.{k}": float(v) for k, v in totals.items()}
-    notes = [f"{r.source} {r.keyword!r}: {r.error}" for r in result.summary.itertuples() if r.error]
-    rows = result.summary.to_dict("records")
+    notes = [f"{r.source} {r.keyword!r}: {r.error}" for r in summary.itertuples() if r.error]
+    keywords = health.keyword_health(summary)
+    flagged = health.flagged(keywords)
+    notes += [f"crawl health: {r.source} {r.keyword!r} {r.flag}: {r.message}" for r in flagged.itertuples()]
+    notes += fallback_notes
+    metrics |= health.engine_counts(summary) | health.keyword_counts(summary)
+    metrics["crawl.flagged_keywords"] = float(len(flagged))
+    rows = summary.to_dict("records")
     table = [{k: (v if isinstance(v, str) else int(v)) for k, v in row.items()} for row in rows]
     return StageResult(log_ref, metrics, notes, table)
+
+
+def _crawl_fallbacks(
+    workspace: Workspace, sources: SourcesConfig, result: crawl_lib.CrawlResult
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Crawl keywords that returned nothing once more on their source's fallback_engine; merged summary and log."""
+    fallbacks = health.fallback_sources(health.keyword_health(result.summary), sources)
+    if not fallbacks:
+        return result.summary, result.log, []
+    retry = sources.model_copy(update={"search": fallbacks, "urls": [], "folders": []})
+    again = crawl_lib.crawl_sources(workspace, retry)
+    notes = [
+        f"crawl health: retried {len(s.keywords)} keyword(s) with no results on {s.engine} (fallback engine)"
+        for s in fallbacks
+    ]
+    merged = pd.concat([result.summary, again.summary], ignore_index=True)
+    return merged, again.log, notes  # the crawl log is cumulative: the second one holds both runs' rows
 
 
 @task(name="crawl-log")
@@ -133,8 +179,19 @@ def review_gate(root: str, catalog: Ref, decisions_digest: str, config: ReviewCo
 
 
 @task(name="split")
-def make_split(root: str, catalog: Ref, config: SplitConfig, reshuffle: bool = False) -> StageResult:
-    """Sticky, group-aware, stratified train/val/test assignment."""
+def make_split(
+    root: str,
+    catalog: Ref,
+    config: SplitConfig,
+    reshuffle: bool = False,
+    audit: AuditConfig | None = None,
+    normalize: NormalizeConfig | None = None,
+) -> StageResult:
+    """Sticky, group-aware, stratified train/val/test assignment, then the format-shortcut audit (config audit).
+
+    The audit fits a metadata-only model on the training split (on the normalised files when
+    preprocess.normalize re-encodes them); above audit.warn_above it warns, or fails in strict mode.
+    """
     workspace = Workspace.create(root)
     ratios = {"train": config.train, "val": config.val, "test": config.test}
     state = split.prepare_registry(workspace, ratios, config.seed, reshuffle)
@@ -150,24 +207,74 @@ def make_split(root: str, catalog: Ref, config: SplitConfig, reshuffle: bool = F
     largest = split.largest_groups(plan.catalog)
     biggest = ", ".join(f"{g['group']} ({g['images']} {g['label']}, {g['split']})" for g in largest)
     notes = [*warnings, *([state.note] if state.note else []), f"largest groups: {biggest}"]
+    if audit is not None and audit.enabled:
+        audit_metrics, audit_note = shortcut_audit(workspace, plan.catalog, audit, normalize, config.seed)
+        metrics |= audit_metrics
+        notes.append(audit_note)
     rows = [{k: (v if isinstance(v, str) else float(v)) for k, v in row.items()} for row in table.to_dict("records")]
     return StageResult(cat.write_snapshot(workspace, "split", plan.catalog), metrics, notes, rows)
 
 
+def _audit_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The training split's usable rows, or all assigned usable rows when train has < 2 images of a label."""
+    usable = table[(table["status"] == cat.STATUS_OK) & (table["split"].fillna("") != "")].drop_duplicates("sha256")
+    train_rows = usable[usable["split"] == "train"]
+    counts = train_rows["label"].value_counts()
+    if all(counts.get(label, 0) >= audit_lib.MIN_PER_CLASS for label in ("real", "ai")):
+        return train_rows, "train split"
+    return usable, "all splits (the train split has too few images per label)"
+
+
+def shortcut_audit(
+    workspace: Workspace, table: pd.DataFrame, config: AuditConfig, normalize: NormalizeConfig | None, seed: int
+) -> tuple[dict[str, float], str]:
+    """(audit.* metrics, a note with the verdict); AuditError naming the AUC and top features in strict mode."""
+    rows, scope = _audit_rows(table)
+    features = preprocess.audit_features(workspace, rows, normalize)
+    result = audit_lib.audit_shortcuts(features, rows["label"].astype(str).to_numpy(), seed=seed)
+    verdict, message = audit_lib.audit_verdict(result, config.warn_above, config.strict)
+    active = _active(normalize)
+    seen = f"normalised files ({policy_key(active)})" if active else "stored files"
+    note = f"format-shortcut audit [{verdict}] on the {scope}, {seen}: {message}"
+    if verdict == "fail":
+        fix = (
+            "Fix: set preprocess.normalize.mode=jpeg (optionally resize_shorter and crop_square) so both classes "
+            "are re-encoded alike"
+            if active is None
+            else "Normalisation is on, yet metadata still predicts the label: add preprocess.normalize.resize_shorter "
+            "and crop_square, or a random quality range (quality_min/quality_max)"
+        )
+        raise audit_lib.AuditError(
+            f"{note}. A detector would learn the file instead of the image. {fix}, or collect real and AI images "
+            "in the same formats and sizes; audit.strict=false only warns."
+        )
+    if verdict == "warn":
+        log.warning(note)
+    metrics = result.metrics() | {"audit.flagged": float(verdict != "ok")}
+    return metrics, note
+
+
 @task(name="preprocess")
-def preprocess_images(root: str, catalog: Ref, image_size: int) -> StageResult:
-    """Decode each split image once into the resized uint8 tensor cache."""
+def preprocess_images(
+    root: str, catalog: Ref, image_size: int, normalize: NormalizeConfig | None = None
+) -> StageResult:
+    """Decode each split image once (re-encoded per preprocess.normalize) into the resized uint8 tensor cache."""
     workspace = Workspace.create(root)
-    written = preprocess.preprocess_images(workspace, cat.read_snapshot(workspace, catalog), image_size)
-    return StageResult(catalog, {"preprocess.new_tensors": float(written)})
+    table = cat.read_snapshot(workspace, catalog)
+    written = preprocess.preprocess_images(workspace, table, image_size, policy=_active(normalize))
+    notes = [f"tensors: cache/tensors/{preprocess.cache_folder_name(image_size, _active(normalize))}"]
+    return StageResult(catalog, {"preprocess.new_tensors": float(written)}, notes)
 
 
 @task(name="train")
-def train(root: str, catalog: Ref, config: TrainConfig) -> TrainOutput:
+def train(root: str, catalog: Ref, config: TrainConfig, normalize: NormalizeConfig | None = None) -> TrainOutput:
     """Fine-tune the classifier; resumes from the last epoch checkpoint of the same inputs."""
     workspace = Workspace.create(root)
-    out_dir = workspace.models / digest_of(catalog.digest, config.model_dump_json())[:16]
-    result = train_lib.train_model(workspace, cat.read_snapshot(workspace, catalog), config, out_dir)
+    active = _active(normalize)
+    parts = [catalog.digest, config.model_dump_json(), *([active.model_dump_json()] if active else [])]
+    out_dir = workspace.models / digest_of(*parts)[:16]
+    table = cat.read_snapshot(workspace, catalog)
+    result = train_lib.train_model(workspace, table, config, out_dir, policy=active)
     history = [vars(epoch) | {} for epoch in result.history]
     return TrainOutput(
         model=workspace.ref(result.best_path),
@@ -180,22 +287,44 @@ def train(root: str, catalog: Ref, config: TrainConfig) -> TrainOutput:
     )
 
 
+def _split_rows(table: pd.DataFrame, name: str) -> pd.DataFrame:
+    rows = table[(table["status"] == cat.STATUS_OK) & (table["split"] == name)].drop_duplicates("sha256")
+    return rows.sort_values("sha256").reset_index(drop=True)
+
+
 def _test_rows(workspace: Workspace, catalog: Ref) -> pd.DataFrame:
-    table = cat.read_snapshot(workspace, catalog)
-    return table[(table["status"] == cat.STATUS_OK) & (table["split"] == "test")].drop_duplicates("sha256")
+    return _split_rows(cat.read_snapshot(workspace, catalog), "test")
 
 
-@task(name="evaluate")
-def evaluate(root: str, catalog: Ref, model_ref: Ref, config: EvaluateConfig) -> EvalOutput:
-    """Score the test split: metrics, predictions table and plots."""
-    workspace = Workspace.create(root)
-    model, meta = models.load_model(model_ref.resolve(workspace))
-    rows = _test_rows(workspace, catalog)
-    images = preprocess.load_tensors(workspace, rows["sha256"].tolist(), int(meta["image_size"]))
-    p_ai = evaluate_lib.predict_probabilities(model, images)
-    predictions = evaluate_lib.predictions_table(rows, p_ai, config.threshold)
-    out_dir = workspace.reports / digest_of(catalog.digest, model_ref.digest, config.model_dump_json())[:16]
-    out_dir.mkdir(parents=True, exist_ok=True)
+def fit_calibration(
+    workspace: Workspace,
+    model: Any,
+    val_rows: pd.DataFrame,
+    size: int,
+    config: CalibrationConfig,
+    normalize: NormalizeConfig | None,
+) -> tuple[float, dict[str, float], list[str]]:
+    """(temperature fitted on the validation split's logits, calibration.* metrics, notes); T = 1 when off/empty."""
+    if not config.temperature_scaling:
+        return 1.0, {"calibration.temperature": 1.0}, ["temperature scaling off (calibration.temperature_scaling)"]
+    if val_rows.empty:
+        return 1.0, {"calibration.temperature": 1.0}, ["temperature scaling skipped: the validation split is empty"]
+    images = preprocess.load_tensors(workspace, val_rows["sha256"].tolist(), size, _active(normalize))
+    logits = evaluate_lib.predict_logits(model, images)
+    labels = val_rows["label"].astype(str).to_numpy()
+    temperature = calibration_lib.fit_temperature(logits, labels)
+    raw = calibration_lib.expected_calibration_error(evaluate_lib.softmax_p_ai(logits), labels)
+    fitted = calibration_lib.expected_calibration_error(calibration_lib.apply_temperature(logits, temperature), labels)
+    metrics = {
+        "calibration.temperature": temperature,
+        "calibration.val_n": float(len(val_rows)),
+        "calibration.val_ece_raw": raw,
+        "calibration.val_ece": fitted,
+    }
+    return temperature, metrics, [f"temperature scaling: T={temperature:.3f} on {len(val_rows)} validation images"]
+
+
+def _plots(workspace: Workspace, predictions: pd.DataFrame, out_dir: Any) -> dict[str, str]:
     plots = {}
     for name, plot in (
         ("confusion_matrix", evaluate_lib.plot_confusion_matrix),
@@ -205,21 +334,86 @@ def evaluate(root: str, catalog: Ref, model_ref: Ref, config: EvaluateConfig) ->
     ):
         plot(predictions, out_dir / f"{name}.png")
         plots[name] = workspace.relative(out_dir / f"{name}.png")
+    return plots
+
+
+@task(name="evaluate")
+def evaluate(
+    root: str,
+    catalog: Ref,
+    model_ref: Ref,
+    config: EvaluateConfig,
+    calibration: CalibrationConfig | None = None,
+    normalize: NormalizeConfig | None = None,
+    cam_method: str = "gradcam",
+) -> EvalOutput:
+    """Score the test split: metrics (Wilson and bootstrap CIs, robustness, per generator, calibration, CAM
+    attention), the predictions table (p_ai calibrated, p_ai_raw), plots, and <model>.calibration.json."""
+    workspace = Workspace.create(root)
+    model_path = model_ref.resolve(workspace)
+    model, meta = models.load_model(model_path)
+    size, active = int(meta["image_size"]), _active(normalize)
+    table = cat.read_snapshot(workspace, catalog)
+    rows = _split_rows(table, "test")
+    temperature, calibration_metrics, notes = fit_calibration(
+        workspace, model, _split_rows(table, "val"), size, calibration or CalibrationConfig(), normalize
+    )
+    images = preprocess.load_tensors(workspace, rows["sha256"].tolist(), size, active)
+    logits = evaluate_lib.predict_logits(model, images)
+    p_raw = evaluate_lib.softmax_p_ai(logits)
+    p_ai = calibration_lib.apply_temperature(logits, temperature) if len(rows) else p_raw
+    predictions = evaluate_lib.predictions_table(rows, p_ai, config.threshold, p_ai_raw=p_raw)
+    out_dir = workspace.reports / digest_of(catalog.digest, model_ref.digest, config.model_dump_json())[:16]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = _plots(workspace, predictions, out_dir)
     predictions_path = out_dir / "predictions.parquet"
     predictions.to_parquet(predictions_path, index=False)
     metrics = evaluate_lib.compute_metrics(predictions, config.threshold, config.bootstrap)
+    y_true = (rows["label"].astype(str) == evaluate_lib.POSITIVE).to_numpy(dtype=np.int64)
+    metrics["ece_raw"] = evaluate_lib.expected_calibration_error(y_true, p_raw)
+    metrics |= calibration_metrics
+    labels = rows["label"].astype(str).to_numpy()
+    metrics |= evaluate_lib.robustness_metrics(model, images, labels, config.threshold, temperature=temperature)
+    generator_metrics, generators = evaluate_lib.generator_metrics(predictions, config.threshold)
+    metrics |= generator_metrics
+    subset = images[:CAM_SUMMARY_LIMIT]
+    metrics |= report.cam_attention_metrics(model, subset, models.target_layer(model), cam_method)
+    notes += report.cam_warnings(metrics)
+    written = predict_lib.write_calibration(
+        model_path,
+        predict_lib.ModelCalibration(
+            temperature, active, {"ece_raw": metrics["ece_raw"], "ece": metrics["ece"], "fitted_on": "val"}
+        ),
+    )
     worst = evaluate_lib.per_group_accuracy(predictions).head(10).to_dict("records")
-    return EvalOutput(workspace.ref(predictions_path), metrics, plots, worst)
+    return EvalOutput(
+        workspace.ref(predictions_path),
+        metrics,
+        plots,
+        worst,
+        temperature=temperature,
+        generators=generators.to_dict("records"),
+        calibration_file=workspace.relative(written),
+        notes=notes,
+    )
 
 
 @task(name="report")
-def make_report(root: str, model_ref: Ref, evaluation: EvalOutput, config: ReportConfig, title: str) -> Ref:
-    """Self-contained HTML report with Original | Grad-CAM pairs."""
+def make_report(
+    root: str,
+    model_ref: Ref,
+    evaluation: EvalOutput,
+    config: ReportConfig,
+    title: str,
+    normalize: NormalizeConfig | None = None,
+) -> Ref:
+    """Self-contained HTML report with Original | Grad-CAM pairs, robustness, per-generator scores, CAM warnings."""
     workspace = Workspace.create(root)
     model, meta = models.load_model(model_ref.resolve(workspace))
     predictions = pd.read_parquet(evaluation.predictions.resolve(workspace))
     selected = report.select_examples(predictions, config.images_per_cell)
-    images = preprocess.load_tensors(workspace, selected["sha256"].tolist(), int(meta["image_size"]))
+    size, active = int(meta["image_size"]), _active(normalize)
+    images = preprocess.load_tensors(workspace, selected["sha256"].tolist(), size, active)
     out_dir = evaluation.predictions.resolve(workspace).parent / "report"
     index = report.build_report(
         out_dir,
@@ -232,6 +426,12 @@ def make_report(root: str, model_ref: Ref, evaluation: EvalOutput, config: Repor
         config.cam_method,
         title,
         plots={name: workspace.root / path for name, path in evaluation.plots.items()},
-        run_info={"model": str(meta.get("model_name")), "model digest": model_ref.digest[:16]},
+        run_info={
+            "model": str(meta.get("model_name")),
+            "model digest": model_ref.digest[:16],
+            "normalisation": policy_key(active) if active else "none",
+            "temperature": f"{evaluation.temperature:.4f}",
+        },
+        per_generator=pd.DataFrame(evaluation.generators) if evaluation.generators else None,
     )
     return workspace.ref(index)

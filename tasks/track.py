@@ -13,8 +13,8 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline_lib import catalog as cat
 from pipeline_lib import evaluate as evaluate_lib
-from pipeline_lib import models, preprocess, tracking
-from pipeline_lib.config import PipelineConfig, config_to_yaml, flatten_config
+from pipeline_lib import models, preprocess, stats, tracking
+from pipeline_lib.config import NormalizeConfig, PipelineConfig, config_to_yaml, flatten_config
 from pipeline_lib.workspace import Ref, Workspace
 from tasks.stages import EvalOutput, TrainOutput
 
@@ -104,9 +104,19 @@ def log_evaluation(root: str, tracker: tracking.Tracker, evaluation: EvalOutput,
 
 @task(name="mlflow-register", cache_policy=NO_CACHE)
 def register(
-    root: str, tracker: tracking.Tracker, model_ref: Ref, evaluation: EvalOutput, test_digest: str, name: str
+    root: str,
+    tracker: tracking.Tracker,
+    model_ref: Ref,
+    evaluation: EvalOutput,
+    test_digest: str,
+    name: str,
+    normalize: NormalizeConfig | None = None,
 ) -> dict[str, Any]:
-    """Log the best model (pickle format) unless this checkpoint is registered already; maybe move the champion."""
+    """Log the best model (pickle format) unless this checkpoint is registered already; maybe move the champion.
+
+    When there is a champion it is scored on this test split too (decoded with this run's normalisation), and
+    McNemar's paired test on the two models' per-image correctness says whether the difference is more than noise.
+    """
     workspace = Workspace.create(root)
     existing = tracking.find_version(tracker.uri, name, model_ref.digest)
     if existing is not None:
@@ -120,7 +130,9 @@ def register(
         f"torchvision=={torchvision.__version__.split('+')[0]}",
     ]
     uri = tracking.log_pytorch_model(tracker, model, example, requirements)
-    champion_score = _rescore_champion(workspace, tracker.uri, name, evaluation, test_digest)
+    champion = _score_champion(workspace, tracker.uri, name, evaluation, normalize)
+    champion_score = _rescore_champion(tracker.uri, name, test_digest, champion)
+    paired = _paired_test(workspace, tracker, evaluation, champion)
     decision = tracking.register_model(
         tracker,
         uri,
@@ -132,7 +144,7 @@ def register(
         image_size=size,
     )
     _log_decision(tracker, decision, rescored=champion_score is not None, image_size=size)
-    return {
+    return paired | {
         "version": decision.version,
         "promoted": decision.promoted,
         "reason": decision.reason,
@@ -142,22 +154,46 @@ def register(
     }
 
 
-def _rescore_champion(
-    workspace: Workspace, uri: str, name: str, evaluation: EvalOutput, test_digest: str
-) -> float | None:
-    """The champion's accuracy on this test split when it was scored on another one; else None (nothing to do)."""
-    current = tracking.current_champion(uri, name)
-    if current is None or (current.tags or {}).get("test_digest") == test_digest:
+def _score_champion(
+    workspace: Workspace, uri: str, name: str, evaluation: EvalOutput, normalize: NormalizeConfig | None
+) -> pd.DataFrame | None:
+    """The champion's predictions on this run's test images (same order as the challenger's), or None."""
+    if tracking.current_champion(uri, name) is None:
         return None
     try:
         champion, size = tracking.load_champion(uri, name)
     except tracking.ModelNotFoundError as error:
-        log.warning("champion not re-scored: %s", error)
+        log.warning("champion not scored: %s", error)
         return None
     rows = pd.read_parquet(evaluation.predictions.resolve(workspace))
-    images = preprocess.load_tensors(workspace, rows["sha256"].tolist(), size)
+    policy = normalize if normalize is not None and normalize.mode != "none" else None
+    images = preprocess.load_tensors(workspace, rows["sha256"].tolist(), size, policy)
     threshold = float(evaluation.metrics["threshold"])
-    return evaluate_lib.rescore_accuracy(champion, images, rows, threshold)
+    return evaluate_lib.predictions_table(rows, evaluate_lib.predict_probabilities(champion, images), threshold)
+
+
+def _rescore_champion(uri: str, name: str, test_digest: str, champion: pd.DataFrame | None) -> float | None:
+    """The champion's accuracy on this test split when it was scored on another one; else None (nothing to do)."""
+    current = tracking.current_champion(uri, name)
+    if champion is None or current is None or (current.tags or {}).get("test_digest") == test_digest:
+        return None
+    return float(champion["correct"].mean()) if len(champion) else None
+
+
+def _paired_test(
+    workspace: Workspace, tracker: tracking.Tracker, evaluation: EvalOutput, champion: pd.DataFrame | None
+) -> dict[str, Any]:
+    """McNemar on champion vs challenger correctness over the same test images: metric and tags, and a log line."""
+    if champion is None or champion.empty:
+        return {}
+    challenger = pd.read_parquet(evaluation.predictions.resolve(workspace))
+    result = stats.mcnemar(champion["correct"].to_numpy(bool), challenger["correct"].to_numpy(bool))
+    message = result.describe()
+    log.info("champion vs challenger: %s", message)
+    counts = {"registry.mcnemar_b": float(result.b), "registry.mcnemar_c": float(result.c)}
+    tracker.log_metrics({"registry.mcnemar_p": result.p_value} | counts)
+    tracker.set_tags({"registry.mcnemar_p": f"{result.p_value:.6g}", "aidetect.champion_mcnemar": message})
+    return {"mcnemar_p": result.p_value, "mcnemar": message}
 
 
 def _log_decision(

@@ -18,15 +18,20 @@ from pipeline_lib.evaluate import (
     calibration_bins,
     compute_metrics,
     expected_calibration_error,
+    generator_metrics,
     per_group_accuracy,
     plot_confusion_matrix,
     plot_pr,
     plot_reliability,
     plot_roc,
+    predict_logits,
     predict_probabilities,
     predictions_table,
     rescore_accuracy,
+    robustness_metrics,
+    softmax_p_ai,
 )
+from pipeline_lib.normalize import ROBUSTNESS_VARIANTS
 
 # Ten hand-made predictions at threshold 0.5 (ai = positive):
 #   ai   rows: 0.9 0.8 0.7 0.6 | 0.3        -> tp = 4, fn = 1
@@ -222,3 +227,68 @@ def test_rescore_accuracy_scores_a_model_on_rows(hand_predictions: pd.DataFrame)
     expected = float(((p_ai >= 0.5) == (hand_predictions["label"] == "ai").to_numpy()).mean())
     got = rescore_accuracy(model, images, hand_predictions, threshold=0.5, batch_size=3)
     assert got == pytest.approx(expected), f"re-scored accuracy {got} != accuracy of the model's own p_ai {expected}"
+
+
+class HighFrequencyModel(nn.Module):
+    """logit margin (ai - real) = 40 * (mean |horizontal pixel difference| - 0.1): noise reads as ai."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        energy = (x[..., 1:] - x[..., :-1]).abs().mean(dim=(1, 2, 3))
+        margin = 40.0 * (energy - 0.1)
+        return torch.stack([-margin / 2, margin / 2], dim=1)
+
+
+def _noise_and_flat(n: int = 6, size: int = 32) -> tuple[torch.Tensor, list[str]]:
+    generator = torch.Generator().manual_seed(0)
+    noisy = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+    flat = (
+        torch.full((n, 3, size, size), 128, dtype=torch.uint8) + torch.arange(n, dtype=torch.uint8)[:, None, None, None]
+    )
+    return torch.cat([noisy, flat]), ["ai"] * n + ["real"] * n
+
+
+def test_wilson_interval_next_to_bootstrap(hand_predictions: pd.DataFrame) -> None:
+    metrics = compute_metrics(hand_predictions, threshold=0.5, n_bootstrap=200)
+    # 7 of 10 right: the Wilson 95% interval is (0.3968, 0.8922) (textbook value).
+    assert metrics["accuracy_wilson_low"] == pytest.approx(0.396773, abs=1e-5), metrics
+    assert metrics["accuracy_wilson_high"] == pytest.approx(0.892211, abs=1e-5), metrics
+    assert metrics["accuracy_ci_low"] <= metrics["accuracy"] <= metrics["accuracy_ci_high"]
+
+
+def test_predict_logits_match_probabilities() -> None:
+    images, _ = _noise_and_flat(3)
+    logits = predict_logits(HighFrequencyModel(), images, batch_size=4)
+    assert logits.shape == (6, 2)
+    assert np.allclose(softmax_p_ai(logits), predict_probabilities(HighFrequencyModel(), images))
+
+
+def test_robustness_metrics_on_a_tiny_model() -> None:
+    images, labels = _noise_and_flat()
+    model = HighFrequencyModel()
+    clean = predictions_table(make_rows(labels), predict_probabilities(model, images), 0.5)
+    assert clean["correct"].all(), "the toy model separates noise from flat images"
+    metrics = robustness_metrics(model, images, labels, threshold=0.5)
+    assert set(metrics) == {f"robust.{v}.{m}" for v in ROBUSTNESS_VARIANTS for m in ("accuracy", "roc_auc")}
+    assert all(0.0 <= value <= 1.0 for value in metrics.values()), metrics
+    assert metrics["robust.downscale50.accuracy"] < 1.0, "downscaling removes the noise the model looks at"
+    assert metrics["robust.jpeg50.accuracy"] <= metrics["robust.jpeg95.accuracy"] + 1e-9, metrics
+    same = robustness_metrics(model, images, labels, 0.5, variants={"identity": lambda x: x})
+    assert same == {"robust.identity.accuracy": 1.0, "robust.identity.roc_auc": 1.0}
+    with pytest.raises(ValueError, match="one entry per image"):
+        robustness_metrics(model, images, labels[:-1], 0.5)
+
+
+def test_per_generator_metrics_from_the_predictions_table() -> None:
+    rows = make_rows(["ai", "ai", "ai", "ai", "real", "real", "real"])
+    rows["generator"] = ["midjourney", "midjourney", "sd", "sd", "camera", "camera", ""]
+    table = predictions_table(rows, np.array([0.9, 0.8, 0.4, 0.7, 0.2, 0.6, 0.1]), 0.5, p_ai_raw=np.full(7, 0.5))
+    assert list(table["generator"]) == ["midjourney", "midjourney", "sd", "sd", "camera", "camera", "unknown"]
+    assert (table["p_ai_raw"] == 0.5).all() and table["p_ai"].iloc[0] == 0.9
+    assert predictions_table(make_rows(["ai"]), np.array([0.9]), 0.5)["generator"].tolist() == ["unknown"]
+    metrics, per_generator = generator_metrics(table, 0.5)
+    assert metrics["generator.midjourney.accuracy"] == 1.0 and metrics["generator.sd.accuracy"] == 0.5
+    # sd's AI scores 0.4, 0.7 against all real scores 0.2, 0.6, 0.1: 5 of 6 pairs ranked right.
+    assert metrics["generator.sd.roc_auc"] == pytest.approx(5 / 6)
+    assert metrics["generator.midjourney.ap"] == pytest.approx(1.0)
+    assert metrics["generator.camera.accuracy"] == 0.5 and math.isnan(metrics["generator.camera.roc_auc"])
+    assert per_generator.iloc[0]["accuracy"] <= per_generator.iloc[-1]["accuracy"], "worst first"

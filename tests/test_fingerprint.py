@@ -265,3 +265,38 @@ def test_process_pool_matches_sequential(workspace: Workspace, monkeypatch) -> N
     assert sequential.n_hashed == 0 and sequential.n_cached == n - 1
     pd.testing.assert_frame_equal(parallel.catalog, sequential.catalog)
     assert parallel.catalog["status"].iloc[5].startswith("invalid:unhashable:")
+
+
+def test_planned_chunks_hash_and_merge_like_the_one_call(workspace: Workspace) -> None:
+    table = catalog_of(workspace, 5)
+    twice = pd.concat([table, table.iloc[[0]]], ignore_index=True)
+    fingerprint_catalog(workspace, table.iloc[:2], "phash", 8)  # two already cached
+    jobs = fingerprint.missing_hash_jobs(workspace, twice, "phash", 8)
+    assert [sha for sha, _ in jobs] == list(table["sha256"].iloc[2:])
+    assert all(not Path(path).is_absolute() for _, path in jobs)
+    chunks = fingerprint.chunked(jobs, 2)
+    assert [len(chunk) for chunk in chunks] == [2, 1]
+    rows = [row for chunk in chunks for row in fingerprint.hash_jobs(workspace, chunk, "phash", 8)]
+    assert all(error == "" for *_, error in rows)
+    merged, stats = fingerprint.merge_hash_rows(workspace, twice, rows, "phash", 8)
+    assert stats == {"hashed": 3, "cached": 2, "unhashable": 0}
+    expected = [hash_pair(workspace.root / path, "phash", 8) for path in twice["path"]]
+    assert list(zip(merged["phash"], merged["dhash"], strict=True)) == expected
+    assert fingerprint.missing_hash_jobs(workspace, twice, "phash", 8) == []
+    with pytest.raises(ValueError, match="chunk size"):
+        fingerprint.chunked(jobs, 0)
+
+
+def test_merge_records_unhashable_rows_and_hashes_what_the_plan_missed(workspace: Workspace) -> None:
+    table = catalog_of(workspace, 3)
+    jobs = fingerprint.missing_hash_jobs(workspace, table, "phash", 8)
+    (workspace.root / jobs[1][1]).write_bytes(b"garbage")  # damaged after validation
+    rows = fingerprint.hash_jobs(workspace, jobs[:2], "phash", 8)  # the third image is not in any chunk
+    assert rows[1][3] != "" and rows[1][1] == ""
+    merged, stats = fingerprint.merge_hash_rows(workspace, table, rows, "phash", 8)
+    assert stats == {"hashed": 2, "cached": 0, "unhashable": 1}
+    assert merged["status"].iloc[1].startswith("invalid:unhashable:")
+    assert merged["phash"].iloc[2] == hash_pair(workspace.root / table["path"].iloc[2])[0]
+    assert sorted(pd.read_parquet(cache_path(workspace, "phash", 8))["sha256"]) == sorted(
+        table["sha256"].iloc[[0, 2]]
+    )

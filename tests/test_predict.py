@@ -10,8 +10,18 @@ import torch
 from PIL import Image
 
 from pipeline_lib import models
+from pipeline_lib.config import NormalizeConfig
 from pipeline_lib.evaluate import predict_probabilities
-from pipeline_lib.predict import PredictionRow, cam_file_name, collect_paths, predict_files
+from pipeline_lib.predict import (
+    ModelCalibration,
+    PredictionRow,
+    calibration_path,
+    cam_file_name,
+    collect_paths,
+    predict_files,
+    read_calibration,
+    write_calibration,
+)
 from pipeline_lib.preprocess import decode_image
 from tests.conftest import make_image
 
@@ -109,4 +119,51 @@ def test_predict_files_rejects_bad_arguments(tmp_path: Path, model: models.Class
         predict_files(model, {"image_size": SIZE}, [path], cam_dir=tmp_path / "c", cam_method="nope")
     assert predict_files(model, {"image_size": SIZE}, []) == [], "no files, no rows"
     row = PredictionRow("p", 0.25, "real", None)
-    assert row.as_dict() == {"path": "p", "p_ai": 0.25, "label": "real", "error": None, "cam": None}
+    expected = {"path": "p", "p_ai": 0.25, "label": "real", "error": None, "cam": None}
+    assert row.as_dict() == expected | {"verdict": None, "p_ai_raw": None}
+    with pytest.raises(ValueError, match="uncertain band"):
+        predict_files(model, {"image_size": SIZE}, [path], band=(0.7, 0.3))
+
+
+def test_verdict_follows_the_uncertain_band(tmp_path: Path, model: models.Classifier) -> None:
+    files = make_folder(tmp_path / "in")
+    paths = [files[k] for k in ("a", "b", "c", "d")]
+    rows = predict_files(model, {"image_size": SIZE}, paths, band=(0.35, 0.65))
+    for row in rows:
+        expected = "ai" if row.p_ai >= 0.65 else "real" if row.p_ai <= 0.35 else "uncertain"
+        assert row.verdict == expected, f"{row.path}: p_ai {row.p_ai} gave verdict {row.verdict}"
+        assert row.p_ai_raw == pytest.approx(row.p_ai), "without calibration p_ai is the raw softmax"
+    # A band around every score: all uncertain; a band below every score: all ai.
+    low, high = min(r.p_ai for r in rows), max(r.p_ai for r in rows)
+    wide = predict_files(model, {"image_size": SIZE}, paths, band=(low / 2, (1 + high) / 2))
+    assert {r.verdict for r in wide} == {"uncertain"}, [r.verdict for r in wide]
+    narrow = predict_files(model, {"image_size": SIZE}, paths, band=(low / 3, low / 2))
+    assert {r.verdict for r in narrow} == {"ai"}, [r.verdict for r in narrow]
+
+
+def test_calibration_file_round_trip_and_temperature_applied(tmp_path: Path, model: models.Classifier) -> None:
+    checkpoint = tmp_path / "best.pt"
+    assert calibration_path(checkpoint) == tmp_path / "best.calibration.json"
+    assert read_calibration(checkpoint) == ModelCalibration(), "no file: T = 1, no normalisation"
+    written = write_calibration(checkpoint, ModelCalibration(4.0, None, {"ece": 0.1}))
+    loaded = read_calibration(checkpoint)
+    assert written.is_file() and loaded.temperature == 4.0 and loaded.details == {"ece": 0.1}
+    image = make_image(tmp_path / "a.png", seed=5, fmt="PNG")
+    plain = predict_files(model, {"image_size": SIZE}, [image])[0]
+    hot = predict_files(model, {"image_size": SIZE}, [image], calibration=loaded)[0]
+    margin = np.log(plain.p_ai / (1 - plain.p_ai))
+    assert hot.p_ai_raw == pytest.approx(plain.p_ai, abs=1e-9), "p_ai_raw is the uncalibrated score"
+    assert hot.p_ai == pytest.approx(1 / (1 + np.exp(-margin / 4.0)), abs=1e-6), "p_ai must be sigmoid(margin / T)"
+    assert abs(hot.p_ai - 0.5) <= abs(plain.p_ai - 0.5), "T > 1 must pull p_ai towards 0.5"
+    # The policy of training travels with the file and changes the decoded pixels.
+    policy = NormalizeConfig(mode="jpeg", quality=30)
+    write_calibration(checkpoint, ModelCalibration(1.0, policy))
+    assert read_calibration(checkpoint).normalize == policy
+    normalised = predict_files(model, {"image_size": SIZE}, [image], calibration=read_calibration(checkpoint))[0]
+    assert normalised.p_ai != pytest.approx(plain.p_ai, abs=1e-9), "the JPEG policy must change what the model sees"
+    calibration_path(checkpoint).write_text('{"temperature": -1}', encoding="utf-8")
+    with pytest.raises(ValueError, match="calibration.json"):
+        read_calibration(checkpoint)
+    calibration_path(checkpoint).write_text("not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="malformed"):
+        read_calibration(checkpoint)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from pipeline_lib import catalog as cat
 from pipeline_lib import preprocess
+from pipeline_lib.config import NormalizeConfig
 from pipeline_lib.workspace import Workspace, put_in_store
 from tests.conftest import make_image
 
@@ -153,3 +154,46 @@ def test_load_tensors_repairs_damaged_cache(workspace: Workspace) -> None:
 def test_load_tensors_unknown_sha(workspace: Workspace) -> None:
     with pytest.raises(FileNotFoundError, match="ef" + "2" * 62):
         preprocess.load_tensors(workspace, ["ef" + "2" * 62], 8)
+
+
+def _noisy(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_normalised_cache_path_and_pixels_differ_from_none(workspace: Workspace) -> None:
+    policy = NormalizeConfig(mode="jpeg", quality=40)
+    sha, relative = _store_image(workspace, _noisy(1))
+    table = _catalog([(sha, relative, "ok", "train")])
+    plain_path = preprocess.tensor_path(workspace, sha, 16)
+    assert preprocess.tensor_path(workspace, sha, 16, NormalizeConfig()) == plain_path, "mode none: same paths"
+    normalised_path = preprocess.tensor_path(workspace, sha, 16, policy)
+    assert normalised_path == workspace.cache / "tensors" / "s16-jpeg-q40" / sha[:2] / f"{sha}.npy"
+    assert preprocess.preprocess_images(workspace, table, 16) == 1
+    assert preprocess.preprocess_images(workspace, table, 16, policy=policy) == 1, "another policy, another cache"
+    assert preprocess.preprocess_images(workspace, table, 16, policy=policy) == 0, "normalised cache reused"
+    plain, normalised = np.load(plain_path), np.load(normalised_path)
+    assert plain.shape == normalised.shape == (3, 16, 16)
+    assert not np.array_equal(plain, normalised), "JPEG q40 re-encoding must change the pixels"
+    loaded = preprocess.load_tensors(workspace, [sha], 16, policy)
+    assert torch.equal(loaded[0], torch.from_numpy(normalised)), "load_tensors must read the policy's cache"
+    assert torch.equal(preprocess.load_tensors(workspace, [sha], 16)[0], torch.from_numpy(plain))
+    # Decoding on the fly (no cache) gives the same pixels as the cache.
+    normalised_path.unlink()
+    assert np.array_equal(preprocess.load_tensor(workspace, sha, 16, policy), normalised)
+
+
+def test_audit_features_of_normalised_files_lose_the_format_shortcut(workspace: Workspace) -> None:
+    rows = []
+    for i in range(6):
+        sha, relative = _store_image(workspace, _noisy(i, (64, 48)), "PNG")
+        rows.append((sha, relative, "ok", "train"))
+        sha, relative = _store_image(workspace, _noisy(10 + i, (50, 40)), "JPEG", quality=95)
+        rows.append((sha, relative, "ok", "train"))
+    table = _catalog(rows)
+    raw = preprocess.audit_features(workspace, table)
+    assert set(raw["format_png"]) == {0.0, 1.0}, "stored files keep their formats"
+    policy = NormalizeConfig(mode="jpeg", quality=80, resize_shorter=32, crop_square=True)
+    normalised = preprocess.audit_features(workspace, table, policy)
+    assert (normalised["format_jpeg"] == 1.0).all() and (normalised["width"] == 32).all()
+    assert (normalised["height"] == 32).all() and (normalised["jpeg_quality"] == 80).all()
+    assert list(normalised.index) == list(raw.index)

@@ -175,3 +175,19 @@ def test_register_task_rescores_the_champion_when_the_test_split_changed(workspa
 
 def workspace_uri(workspace) -> str:
     return tracking.tracking_uri(None, workspace)
+
+
+def test_stage_runs_are_finished_children_hidden_from_recent_runs(workspace):
+    parent = _tracker(workspace)
+    parent.set_tags({"prefect.flow_run_id": "flow-1"})
+    tracking.stage_run(parent, "ingest", "Completed", {"ingest.ok": 3.0, "bad": float("inf")}, 1.5)
+    tracking.stage_run(parent, "train", "Failed", {}, 0.25, failed=True)
+    children = tracking.stage_runs(parent)
+    assert set(children) == {"ingest", "train"}
+    assert children["ingest"]["status"] == "FINISHED" and children["ingest"]["state"] == "Completed"
+    assert children["ingest"]["metrics"] == {"ingest.ok": 3.0, "stage.seconds": 1.5}
+    assert children["train"]["status"] == "FAILED" and children["train"]["state"] == "Failed"
+    summary = tracking.run_summary(parent.uri, children["ingest"]["run_id"])
+    assert summary["tags"]["mlflow.parentRunId"] == parent.run_id
+    assert summary["tags"]["aidetect.kind"] == "stage" and summary["tags"]["prefect.flow_run_id"] == "flow-1"
+    assert [r["run_id"] for r in tracking.recent_runs(parent.uri, "exp")] == [parent.run_id]

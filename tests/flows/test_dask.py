@@ -1,0 +1,121 @@
+"""The mapped fingerprint stage on a real Dask LocalCluster (loopback) gives the same catalog as the thread runner."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from distributed import LocalCluster
+from prefect import flow
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+from flows.pipeline import StageRecorder, _crawl_and_ingest, fingerprint_stage, make_task_runner
+from pipeline_lib import fingerprint as fingerprint_lib
+from pipeline_lib import tracking
+from pipeline_lib.catalog import STATUS_OK, read_snapshot
+from pipeline_lib.config import ExecutionConfig, PipelineConfig, build_config
+from pipeline_lib.workspace import Workspace
+from tasks import track
+from tests.conftest import make_image
+
+HASH_COLUMNS = ["sha256", "path", "status", "phash", "dhash"]
+
+
+@flow(name="aidetect-fingerprint-test")
+def fingerprint_flow(config: PipelineConfig) -> dict[str, Any]:
+    """The pipeline's crawl (folders) -> ingest -> fingerprint stages, through the pipeline's own functions."""
+    workspace = Workspace.create(config.execution.workspace)
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(workspace.prefect / "results")}):
+        tracker = track.start_tracking(str(workspace.root), config, "fingerprint-test", {"aidetect.kind": "test"})
+        run = StageRecorder(workspace, False, tracker)
+        try:
+            _, ingested = _crawl_and_ingest(config, workspace, run)
+            started = time.perf_counter()
+            state = fingerprint_stage(workspace, False, ingested.catalog, config.dedup, config.execution.chunk_size)
+            hashed = run.record("fingerprint", state, time.perf_counter() - started)
+        finally:
+            track.finish_tracking(tracker, "FINISHED")
+    return {"states": run.states, "catalog": hashed.catalog, "tracker": tracker}
+
+
+def _images(data: Path) -> None:
+    """Twelve distinct images in four groups, one exact duplicate, one PNG; 3-image chunks make several chunks."""
+    for label in ("real", "ai"):
+        for index in range(6):
+            fmt = "PNG" if index == 5 else "JPEG"
+            seed = index * 31 + (0 if label == "real" else 1000)
+            make_image(data / label / f"g{index % 2}" / f"{index}.{fmt.lower()}", seed=seed, size=(72, 64), fmt=fmt)
+    shutil.copy(data / "real" / "g0" / "0.jpeg", data / "real" / "g1" / "copy.jpeg")
+
+
+def _config(data: Path, root: Path, execution: dict[str, Any]) -> PipelineConfig:
+    folders = [{"path": str(data / label), "label": label} for label in ("real", "ai")]
+    mapping = {
+        "sources": {"folders": folders},
+        "execution": {"workspace": str(root), "chunk_size": 3, **execution},
+        "tracking": {"uri": f"sqlite:///{root.parent / 'mlflow.db'}"},
+    }
+    return build_config(mapping, origin="test")
+
+
+def _run(config: PipelineConfig) -> dict[str, Any]:
+    return fingerprint_flow.with_options(task_runner=make_task_runner(config.execution))(config)
+
+
+def _hashes(result: dict[str, Any], root: Path) -> pd.DataFrame:
+    table = read_snapshot(Workspace.open(root), result["catalog"])
+    return table[HASH_COLUMNS].sort_values(["sha256", "path"]).reset_index(drop=True)
+
+
+def _hash_chunk_tasks(cluster: LocalCluster) -> int:
+    """How many tasks named after hash_chunk the cluster's scheduler has run."""
+    prefixes = cluster.scheduler.task_prefixes
+    return sum(sum(prefix.state_counts.values()) for name, prefix in prefixes.items() if "hash" in name)
+
+
+@pytest.mark.timeout(120)
+def test_fingerprint_on_dask_cluster_equals_threads(harness, tmp_path: Path):
+    data = tmp_path / "data"
+    _images(data)
+    threads = _run(_config(data, tmp_path / "threads", {"task_runner": "threads", "max_workers": 2}))
+    expected = _hashes(threads, tmp_path / "threads")
+    ok = expected[expected["status"] == STATUS_OK]
+    assert len(ok) == 13 and ok["sha256"].nunique() == 12
+    assert (ok["phash"].str.len() == 16).all() and (ok["dhash"].str.len() == 16).all()
+    for row in ok.itertuples():  # the mapped chunks hash exactly like the pure function
+        assert (row.phash, row.dhash) == fingerprint_lib.hash_pair(tmp_path / "threads" / row.path)
+
+    cluster_kwargs = {"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    with LocalCluster(host="127.0.0.1", **cluster_kwargs) as cluster:
+        address = cluster.scheduler_address
+        dask_config = _config(data, tmp_path / "dask", {"task_runner": "dask", "dask_address": address})
+        on_dask = _run(dask_config)
+        assert _hash_chunk_tasks(cluster) >= 4  # 12 distinct images in chunks of 3 ran on the cluster
+        again = _run(dask_config)
+
+    pd.testing.assert_frame_equal(_hashes(on_dask, tmp_path / "dask"), expected)
+    assert on_dask["states"]["fingerprint"] == "Completed"
+    assert set(again["states"].values()) == {"Cached"}, again["states"]
+    assert again["catalog"] == on_dask["catalog"]
+    stages = tracking.stage_runs(on_dask["tracker"])
+    assert set(stages) == {"crawl", "ingest", "fingerprint"}, stages
+    assert stages["fingerprint"]["metrics"]["fingerprint.hashed"] == 12
+    assert stages["fingerprint"]["status"] == "FINISHED" and stages["fingerprint"]["state"] == "Completed"
+
+
+def test_task_runner_choice():
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    assert isinstance(make_task_runner(ExecutionConfig()), ThreadPoolTaskRunner)
+    assert isinstance(make_task_runner(ExecutionConfig(task_runner="processes", max_workers=2)), ProcessPoolTaskRunner)
+    remote = make_task_runner(ExecutionConfig(task_runner="dask", dask_address="tcp://127.0.0.1:8786"))
+    assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://127.0.0.1:8786"
+    local = make_task_runner(ExecutionConfig(task_runner="dask", max_workers=3))
+    assert local.cluster_kwargs["n_workers"] == 3 and local.cluster_kwargs["host"] == "127.0.0.1"
+    with pytest.raises(ValueError, match="task_runner"):
+        ExecutionConfig(task_runner="gpu")
