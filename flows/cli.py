@@ -75,7 +75,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
             f"{metrics['accuracy_ci_high']:.3f}, n={int(metrics['n_test'])}), ROC-AUC {metrics['roc_auc']:.3f}"
         )
     for note in summary.get("notes", []):
-        typer.secho(f"split: {note}", fg=typer.colors.YELLOW if "minimum" in note else None)
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW if ("minimum" in note or "[warn]" in note) else None)
     typer.echo(f"report: {summary['report']}")
     typer.echo(f"model registry: {summary['registry']}")
     typer.echo(

@@ -192,8 +192,14 @@ def audit_shortcuts(features: pd.DataFrame, labels: pd.Series | np.ndarray | lis
     return result
 
 
-def audit_verdict(result: AuditResult, warn_above: float, strict: bool) -> tuple[str, str]:
-    """('ok' | 'warn' | 'fail', message): above warn_above warns, or fails in strict mode; skipped audits warn."""
+def audit_verdict(
+    result: AuditResult, warn_above: float, strict: bool, normalized: bool = False
+) -> tuple[str, str]:
+    """('ok' | 'warn' | 'fail', message): above warn_above warns, or fails in strict mode; skipped audits warn.
+
+    `normalized`: the features were read from re-encoded files, so format and EXIF are gone; what still separates
+    the labels is compressibility or size, which may be the content itself (noise, texture) or a size shortcut.
+    """
     if not 0.5 <= warn_above <= 1:
         raise ValueError(f"audit.warn_above must be in [0.5, 1], got {warn_above}")
     if math.isnan(result.roc_auc):
@@ -202,7 +208,12 @@ def audit_verdict(result: AuditResult, warn_above: float, strict: bool) -> tuple
     summary = f"metadata-only model ROC-AUC {result.roc_auc:.3f} on {result.n} images (top features: {top})"
     if result.roc_auc <= warn_above:
         return "ok", summary
-    advice = "labels are predictable from file format/size/EXIF; set preprocess.normalize.mode=jpeg"
+    advice = (
+        "even after re-encoding, labels are predictable from size or compressibility (bytes per pixel follows noise "
+        "and texture): check that this is the content and not the source, e.g. set preprocess.normalize.resize_shorter"
+        if normalized
+        else "labels are predictable from file format/size/EXIF; set preprocess.normalize.mode=jpeg"
+    )
     return ("fail" if strict else "warn"), f"{summary} exceeds audit.warn_above={warn_above}: {advice}"
 
 

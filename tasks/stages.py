@@ -232,8 +232,8 @@ def shortcut_audit(
     rows, scope = _audit_rows(table)
     features = preprocess.audit_features(workspace, rows, normalize)
     result = audit_lib.audit_shortcuts(features, rows["label"].astype(str).to_numpy(), seed=seed)
-    verdict, message = audit_lib.audit_verdict(result, config.warn_above, config.strict)
     active = _active(normalize)
+    verdict, message = audit_lib.audit_verdict(result, config.warn_above, config.strict, normalized=bool(active))
     seen = f"normalised files ({policy_key(active)})" if active else "stored files"
     note = f"format-shortcut audit [{verdict}] on the {scope}, {seen}: {message}"
     if verdict == "fail":

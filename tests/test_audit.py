@@ -157,3 +157,12 @@ def test_verdict_threshold_and_metrics() -> None:
     }
     with pytest.raises(ValueError, match="warn_above"):
         audit_verdict(result, 1.5, strict=False)
+
+
+def test_verdict_after_normalisation_gives_other_advice():
+    from pipeline_lib.audit import AuditResult
+
+    result = AuditResult(roc_auc=0.99, top_features=[("bytes_per_pixel", 1.0)], n=40, n_per_label={}, folds=5, note="")
+    assert "normalize.mode=jpeg" in audit_verdict(result, 0.8, strict=False)[1]
+    level, message = audit_verdict(result, 0.8, strict=False, normalized=True)
+    assert level == "warn" and "even after re-encoding" in message and "mode=jpeg" not in message
