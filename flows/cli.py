@@ -96,6 +96,24 @@ def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     except (ConfigError, SplitError, WeightsNotFoundError, WorkspaceError) as error:
         _fail(f"{type(error).__name__}: {error}")
         raise
+    except Exception as error:
+        if _review_timed_out(error):  # Prefect fails a run whose pause expired before the gate can say more
+            _fail(
+                "the review gate timed out with images still pending: decide them with "
+                f"`aidetect review serve --workspace {cfg.execution.workspace}`, then run `aidetect run` again",
+                code=3,
+            )
+        raise
+
+
+def _review_timed_out(error: BaseException) -> bool:
+    """True if error (or its cause) is a pause that expired: a FlowPauseTimeout or a run 'never resumed'."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if type(seen).__name__ == "FlowPauseTimeout" or "never resumed" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @app.command()

@@ -47,3 +47,18 @@ def test_import_rejects_a_bad_label_then_imports_and_status_counts(harness, tmp_
     info = json.loads(status.stdout)
     assert info["label"] == {"ai": 4}
     assert (ws / "crawl" / "imports.json").is_file()
+
+
+def test_review_timeout_exits_3_with_how_to_continue(harness, tmp_path: Path):
+    folder = tmp_path / "ai"
+    for index in range(2):
+        make_image(folder / "prompt-a" / f"v{index}.png", seed=index, size=(64, 64), fmt="PNG")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"sources:\n  folders:\n    - path: {folder}\n      label: ai\n"
+        "review:\n  mode: require\n  timeout_hours: 0.0003\n  port: 0\n",
+        encoding="utf-8",
+    )
+    result = runner.invoke(app, ["run", "--config", str(config), "--workspace", str(tmp_path / "ws")])
+    assert result.exit_code == 3, result.output
+    assert "aidetect review serve" in result.output and "aidetect run" in result.output
