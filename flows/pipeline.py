@@ -143,8 +143,9 @@ def _run_pipeline(config: PipelineConfig, workspace: Workspace) -> dict[str, Any
     tracker = track.start_tracking(root, config, tags["prefect.flow_run_name"] or "pipeline", tags)
     stages_run = StageRecorder(workspace, config.execution.refresh_cache, tracker)
     try:
-        catalog = _data_stages(config, workspace, stages_run)
-        summary = _model_stages(config, workspace, stages_run, tracker, catalog)
+        with tracking_lib.system_metrics(tracker, config.tracking.system_metrics_interval_s):
+            catalog = _data_stages(config, workspace, stages_run)
+            summary = _model_stages(config, workspace, stages_run, tracker, catalog)
     except BaseException:
         track.finish_tracking(tracker, "FAILED")
         raise

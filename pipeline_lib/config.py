@@ -235,6 +235,7 @@ class TrackingConfig(_Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<workspace>/mlflow.db.")
     experiment: str = "aidetect"
     registered_model: str = "aidetect"
+    system_metrics_interval_s: float = Field(5.0, ge=0, description="CPU/memory/GPU sampling; 0 disables.")
 
 
 class ExecutionConfig(_Section):

@@ -206,6 +206,27 @@ def stage_runs(parent: Tracker) -> dict[str, dict[str, Any]]:
 
 
 @contextlib.contextmanager
+def system_metrics(tracker: Tracker, interval_s: float) -> Iterator[None]:
+    """Sample CPU, memory, disk and GPU use into the run (MLflow's system/* metrics) while the block runs.
+
+    The monitor logs to the run by id from its own thread; interval_s <= 0 disables it.
+    """
+    if interval_s <= 0:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    with _quiet():
+        monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=interval_s, tracking_uri=tracker.uri)
+        monitor.start()
+    try:
+        yield
+    finally:
+        with _quiet():
+            monitor.finish()
+
+
+@contextlib.contextmanager
 def _global_uri(uri: str) -> Iterator[None]:
     """Point MLflow's global tracking URI at uri for a block (model URIs models:/m-... resolve through it)."""
     previous = mlflow.get_tracking_uri()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -14,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from pipeline_lib import catalog as cat
 from pipeline_lib import evaluate as evaluate_lib
 from pipeline_lib import models, preprocess, stats, tracking
+from pipeline_lib import train as train_lib
 from pipeline_lib.config import NormalizeConfig, PipelineConfig, config_to_yaml, flatten_config
 from pipeline_lib.workspace import Ref, Workspace
 from tasks.stages import EvalOutput, TrainOutput
@@ -89,6 +92,10 @@ def log_training(tracker: tracking.Tracker, output: TrainOutput) -> None:
     history = pd.DataFrame(output.history)
     if len(history):
         tracker.log_table(history, "training/history.json")
+        with tempfile.TemporaryDirectory() as folder:
+            tracker.log_artifact(
+                train_lib.plot_learning_curves(output.history, Path(folder) / "learning_curves.png"), "training"
+            )
 
 
 @task(name="mlflow-log-evaluation", cache_policy=NO_CACHE)

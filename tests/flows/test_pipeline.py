@@ -27,6 +27,7 @@ FAST = [
     "train.image_size=32",
     "evaluate.bootstrap=50",
     "report.images_per_cell=2",
+    "tracking.system_metrics_interval_s=1",
 ]
 
 
@@ -97,6 +98,8 @@ def test_full_pipeline_then_resume_then_all_cached(harness, tmp_path: Path):
     assert "config.yaml" in artifacts, artifacts
     assert any(a.startswith("report/") and a.endswith("index.html") for a in artifacts), artifacts
     assert any(a.startswith("plots/") and a.endswith(".png") for a in artifacts), artifacts
+    assert "training/learning_curves.png" in artifacts, artifacts
+    assert any(key.startswith("system/") for key in summary["metrics"]), "no system metrics sampled"
     assert any(a.startswith("catalog/") and a.endswith(".parquet") for a in artifacts)
     failed_runs = [
         r for r in tracking.recent_runs(first["tracking_uri"], "aidetect", limit=10) if r["status"] == "FAILED"
