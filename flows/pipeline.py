@@ -49,11 +49,11 @@ class StageRecorder:
             self._child(name, state.name, {}, seconds, failed=True)
             raise
         if isinstance(result, stages.StageResult):
-            track.log_stage(self.tracker, name, state.name, result.metrics, result.notes, result.table)
+            track.log_stage.fn(self.tracker, name, state.name, result.metrics, result.notes, result.table)
             if result.table:
                 create_table_artifact(result.table, key=f"aidetect-{name}", description=f"{name}: per-source counts")
         else:
-            track.log_stage(self.tracker, name, state.name, {}, [], [])
+            track.log_stage.fn(self.tracker, name, state.name, {}, [], [])
         self._child(name, state.name, _numbers(getattr(result, "metrics", {})), seconds)
         return result
 

@@ -22,7 +22,7 @@ from tests.flows.mlflow_server import get_json, mlflow_server
 pytestmark = pytest.mark.slow
 DEMO_YAML = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 FAST = [
-    "train.epochs=3",
+    "train.epochs=5",
     "train.head_only_epochs=1",
     "train.image_size=32",
     "evaluate.bootstrap=50",
@@ -38,7 +38,7 @@ def _config(dataset, endpoint: str, root: Path, overrides: list[str]):
 
 
 def test_full_pipeline_then_resume_then_all_cached(harness, tmp_path: Path):
-    dataset = demo_data.generate_demo_dataset(tmp_path / "data", n_persons_per_class=6, image_size=64, seed=3)
+    dataset = demo_data.generate_demo_dataset(tmp_path / "data", n_persons_per_class=10, image_size=64, seed=3)
     root = tmp_path / "ws"
     with demo_data.search_site(dataset) as endpoint:
         # 1. A run that fails in the train stage (its weights file does not exist).
