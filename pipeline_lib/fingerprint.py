@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 ALGORITHMS: tuple[str, ...] = ("phash", "dhash", "whash", "ahash")
 CACHE_COLUMNS: tuple[str, ...] = ("sha256", "phash", "dhash")
-PARALLEL_MIN_IMAGES = 600  # measured break-even of a 2-worker spawn pool (benchmarks/bench_hashing.py)
+PARALLEL_MIN_IMAGES = 200  # measured break-even of a 2-worker spawn pool: ~165 images (benchmarks/bench_hashing.py)
 # T = DRAFT_FACTOR * hash_size: images are box-reduced to >= T pixels per side before the final LANCZOS resize;
 # twice what phash and whash resize to (4 * hash_size), so the LANCZOS resize still does the filtering.
 DRAFT_FACTOR = 8
