@@ -119,6 +119,11 @@ class SplitConfig(_Section):
     test: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
     min_groups_per_label: int = Field(2, ge=1)
+    leave_out_generator: str | None = Field(
+        None,
+        min_length=1,
+        description="Leave-one-generator-out: that generator's AI images are only in test (a per-run view).",
+    )
 
     @model_validator(mode="after")
     def _ratios_sum_to_one(self) -> SplitConfig:

@@ -247,3 +247,47 @@ def check_no_leak(catalog: pd.DataFrame) -> None:
         leaking = spread[spread > 1]
         if len(leaking):
             raise SplitError(f"{column} {leaking.index[0]!r} appears in {int(leaking.iloc[0])} splits")
+
+
+def _generators(catalog: pd.DataFrame) -> pd.Series:
+    return catalog["generator"].fillna("").astype(str)
+
+
+def known_generators(catalog: pd.DataFrame) -> list[str]:
+    """The generators of usable, assigned AI rows, sorted."""
+    usable = (catalog["status"] == STATUS_OK) & (catalog["split"] != "") & (catalog["label"] == "ai")
+    return sorted(g for g in _generators(catalog)[usable].unique() if g)
+
+
+def left_out_images(catalog: pd.DataFrame, generator: str) -> int:
+    """How many usable rows of that generator are in the test split."""
+    rows = (catalog["status"] == STATUS_OK) & (catalog["split"] == "test") & (_generators(catalog) == generator)
+    return int(rows.sum())
+
+
+def leave_generator_out(catalog: pd.DataFrame, generator: str) -> pd.DataFrame:
+    """Move every split unit holding a usable row of that generator to "test" (leave-one-generator-out).
+
+    Whole units move (joined groups, real images with them), so no group or duplicate cluster leaks and no
+    row of the generator stays in train or val. Apply it after assign_splits: the result is a per-run view,
+    the sticky registry keeps the units' regular splits. Raises SplitError naming the known generators when
+    no usable AI row has that generator, or when no AI image would be left to train on.
+    """
+    known = known_generators(catalog)
+    if generator not in known:
+        raise SplitError(
+            f"split.leave_out_generator {generator!r} matches no usable AI image; "
+            f"known generators: {', '.join(known) or 'none'}"
+        )
+    out = catalog.copy()
+    assigned = (out["status"] == STATUS_OK) & (out["split"] != "")
+    unit_of = split_units(out)
+    units = out["group"].astype(str).map(unit_of)
+    moved = set(units[assigned & (_generators(out) == generator)])
+    out.loc[assigned & units.isin(moved), "split"] = "test"
+    if not ((out["split"] == "train") & (out["label"] == "ai") & assigned).any():
+        raise SplitError(
+            f"leaving out generator {generator!r} leaves no AI image in train; known generators: {', '.join(known)}"
+        )
+    log.info("leave-one-generator-out: %s, %d unit(s) moved to test", generator, len(moved))
+    return out

@@ -191,28 +191,37 @@ def make_split(
 
     The audit fits a metadata-only model on the training split (on the normalised files when
     preprocess.normalize re-encodes them); above audit.warn_above it warns, or fails in strict mode.
+    With split.leave_out_generator, that generator's units go to test after assignment (leave-one-generator-out);
+    the sticky registry is not updated for them: the assignment is a per-run view.
     """
     workspace = Workspace.create(root)
     ratios = {"train": config.train, "val": config.val, "test": config.test}
     state = split.prepare_registry(workspace, ratios, config.seed, reshuffle)
     table = cat.read_snapshot(workspace, catalog)
     plan = split.assign_splits(table, ratios, config.seed, state.registry, state.version)
-    split.check_no_leak(plan.catalog)
+    assigned, left_out = plan.catalog, config.leave_out_generator
+    if left_out:
+        assigned = split.leave_generator_out(assigned, left_out)
+    split.check_no_leak(assigned)
     split.write_registry(workspace, plan.registry)
     split.write_registry_meta(workspace, state.version, ratios, config.seed)
-    table, warnings = split.split_report(plan.catalog, ratios, config.min_groups_per_label)
+    table, warnings = split.split_report(assigned, ratios, config.min_groups_per_label)
     metrics = {f"split.{r.split}.{r.label}.images": float(r.images) for r in table.itertuples()}
     metrics |= {f"split.{r.split}.{r.label}.groups": float(r.groups) for r in table.itertuples()}
     metrics |= {"split.registry_version": float(state.version), "split.new_groups": float(plan.new_groups)}
-    largest = split.largest_groups(plan.catalog)
+    largest = split.largest_groups(assigned)
     biggest = ", ".join(f"{g['group']} ({g['images']} {g['label']}, {g['split']})" for g in largest)
     notes = [*warnings, *([state.note] if state.note else []), f"largest groups: {biggest}"]
+    if left_out:
+        n_left_out = split.left_out_images(assigned, left_out)
+        metrics["split.left_out_generator_images"] = float(n_left_out)
+        notes.append(f"leave-one-generator-out: {left_out} ({n_left_out} images) only in test")
     if audit is not None and audit.enabled:
-        audit_metrics, audit_note = shortcut_audit(workspace, plan.catalog, audit, normalize, config.seed)
+        audit_metrics, audit_note = shortcut_audit(workspace, assigned, audit, normalize, config.seed)
         metrics |= audit_metrics
         notes.append(audit_note)
     rows = [{k: (v if isinstance(v, str) else float(v)) for k, v in row.items()} for row in table.to_dict("records")]
-    return StageResult(cat.write_snapshot(workspace, "split", plan.catalog), metrics, notes, rows)
+    return StageResult(cat.write_snapshot(workspace, "split", assigned), metrics, notes, rows)
 
 
 def _audit_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:

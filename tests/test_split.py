@@ -4,7 +4,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline_lib.catalog import new_rows
-from pipeline_lib.split import SplitError, assign_splits, check_no_leak, split_report, split_units
+from pipeline_lib.split import (
+    SplitError,
+    assign_splits,
+    check_no_leak,
+    leave_generator_out,
+    left_out_images,
+    split_report,
+    split_units,
+)
 
 RATIOS = {"train": 0.6, "val": 0.2, "test": 0.2}
 
@@ -127,3 +135,96 @@ def test_changed_ratios_need_reshuffle_which_starts_a_new_version(tmp_path):
     assert (workspace.splits / "registry-v1.csv").is_file()
     plan2 = assign_splits(catalog, other, 3, fresh.registry, fresh.version)
     assert set(plan2.registry["registry_version"]) == {2}
+
+
+def _with_generators(groups: list[tuple[str, str, int, str]], clusters: dict[str, str] | None = None) -> pd.DataFrame:
+    """groups: (group, label, n_images, generator)."""
+    catalog = _catalog([(g, label, n) for g, label, n, _ in groups], clusters)
+    generator_of = {g: gen for g, _, _, gen in groups}
+    return catalog.assign(generator=catalog["group"].map(generator_of).astype("string"))
+
+
+def _generator_catalog() -> pd.DataFrame:
+    groups = [(f"r{i}", "real", 2, "camera") for i in range(8)]
+    groups += [(f"mj{i}", "ai", 2, "midjourney") for i in range(4)]
+    groups += [(f"sd{i}", "ai", 2, "stable-diffusion") for i in range(6)]
+    # A mixed group: one midjourney image inside an otherwise stable-diffusion folder.
+    mixed = _with_generators([("mixed", "ai", 3, "stable-diffusion")])
+    mixed.loc[0, "generator"] = "midjourney"
+    # r0 shares a duplicate cluster with mj0, so they are one unit and must move together.
+    return pd.concat([_with_generators(groups, {"r0-0": "k", "mj0-1": "k"}), mixed], ignore_index=True)
+
+
+def test_leave_generator_out_moves_exactly_that_generators_units_to_test():
+    plan = assign_splits(_generator_catalog(), RATIOS, seed=0)
+    assert (plan.catalog.loc[plan.catalog["generator"] == "midjourney", "split"] != "test").any()
+    before = plan.catalog.copy()
+    out = leave_generator_out(plan.catalog, "midjourney")
+    pd.testing.assert_frame_equal(plan.catalog, before)
+    check_no_leak(out)
+    assert set(out.loc[out["generator"] == "midjourney", "split"]) == {"test"}
+    moving = {f"mj{i}" for i in range(4)} | {"mixed", "r0"}
+    moved = out["split"] != before["split"]
+    assert set(out.loc[moved, "group"]) <= moving
+    assert set(out.loc[out["group"].isin(moving), "split"]) == {"test"}
+    untouched = ~out["group"].isin(moving)
+    assert (out.loc[untouched, "split"] == before.loc[untouched, "split"]).all()
+    assert left_out_images(out, "midjourney") == 4 * 2 + 1
+    assert (out.loc[out["split"] == "train", "label"] == "ai").any()
+
+
+def test_leave_generator_out_ignores_unusable_rows():
+    plan = assign_splits(_generator_catalog(), RATIOS, seed=0)
+    catalog = plan.catalog.copy()
+    catalog.loc[catalog["group"] == "mj1", ["status", "split"]] = ["invalid:truncated", ""]
+    out = leave_generator_out(catalog, "midjourney")
+    assert set(out.loc[out["group"] == "mj1", "split"]) == {""}
+    assert left_out_images(out, "midjourney") == 3 * 2 + 1
+
+
+def test_leave_generator_out_unknown_generator_names_the_known_ones():
+    plan = assign_splits(_generator_catalog(), RATIOS, seed=0)
+    with pytest.raises(SplitError, match=r"'dalle'.*known generators: midjourney, stable-diffusion$"):
+        leave_generator_out(plan.catalog, "dalle")
+    with pytest.raises(SplitError, match="'camera' matches no usable AI image"):
+        leave_generator_out(plan.catalog, "camera")
+
+
+def test_leave_generator_out_refuses_to_leave_no_ai_image_in_train():
+    catalog = _with_generators(
+        [(f"r{i}", "real", 2, "camera") for i in range(4)] + [(f"mj{i}", "ai", 2, "midjourney") for i in range(4)]
+    )
+    plan = assign_splits(catalog, RATIOS, seed=0)
+    with pytest.raises(SplitError, match="leaves no AI image in train"):
+        leave_generator_out(plan.catalog, "midjourney")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    groups=st.lists(
+        st.tuples(st.sampled_from(["camera", "mj", "sd", "dalle"]), st.integers(1, 4)), min_size=4, max_size=20
+    ),
+    seed=st.integers(0, 5),
+    links=st.lists(st.tuples(st.integers(0, 19), st.integers(0, 19)), max_size=6),
+)
+def test_properties_leave_generator_out(groups, seed, links):
+    named = [(f"g{i}", "real" if gen == "camera" else "ai", n, gen) for i, (gen, n) in enumerate(groups)]
+    named += [("anchor", "ai", 2, "sd")]
+    clusters = {}
+    for k, (x, y) in enumerate(links):
+        if x < len(groups) and y < len(groups):
+            clusters[f"g{x}-0"] = clusters[f"g{y}-0"] = f"c{k}"
+    plan = assign_splits(_with_generators(named, clusters), RATIOS, seed)
+    for generator in ("mj", "dalle"):
+        if not ((plan.catalog["generator"] == generator) & (plan.catalog["split"] != "")).any():
+            continue
+        try:
+            out = leave_generator_out(plan.catalog, generator)
+        except SplitError as error:
+            assert "leaves no AI image in train" in str(error)
+            continue
+        check_no_leak(out)
+        assert set(out.loc[out["generator"] == generator, "split"]) == {"test"}
+        moved = out["split"] != plan.catalog["split"]
+        assert set(out.loc[moved, "split"]) <= {"test"}
+        assert left_out_images(out, generator) == int((out["generator"] == generator).sum())
