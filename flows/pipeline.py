@@ -16,7 +16,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from flows import review_gate
 from pipeline_lib import tracking as tracking_lib
-from pipeline_lib.config import DedupConfig, ExecutionConfig, PipelineConfig
+from pipeline_lib.config import DedupConfig, ExecutionConfig, IngestConfig, NormalizeConfig, PipelineConfig
 from pipeline_lib.crawl import crawl_log_path
 from pipeline_lib.imports import with_imports
 from pipeline_lib.workspace import Ref, Workspace, digest_of, file_sha256, listing_digest
@@ -94,6 +94,50 @@ def fingerprint_stage(workspace: Workspace, refresh: bool, catalog: Ref, dedup: 
     results = [future.result() for future in futures]
     merge_task = cached(per_image.merge_fingerprints, workspace, refresh)
     return merge_task(root, catalog, algorithm, size, results, return_state=True)
+
+
+def _map_chunks(task: Any, workspace: Workspace, refresh: bool, chunks: list[Any], *args: Any) -> list[Any] | State:
+    """Run task(root, chunk, *args) per chunk on the flow's task runner; the results, or the first failed state."""
+    futures = []
+    if chunks:
+        mapped = cached(task, workspace, refresh)
+        futures = list(mapped.map(unmapped(str(workspace.root)), chunks, *[unmapped(arg) for arg in args]))
+    for future in futures:
+        future.wait()
+        if not future.state.is_completed():
+            return future.state
+    return [future.result() for future in futures]
+
+
+def preprocess_stage(
+    workspace: Workspace, refresh: bool, catalog: Ref, size: int, policy: NormalizeConfig | None, chunk_size: int
+) -> State:
+    """Plan, decode the missing tensors in chunks mapped on the flow's task runner, merge; the merge's state."""
+    root = str(workspace.root)
+    plan: State = cached(per_image.plan_preprocess, workspace, refresh)(
+        root, catalog, size, policy, chunk_size, return_state=True
+    )
+    if not plan.is_completed():
+        return plan
+    results = _map_chunks(per_image.tensor_chunk, workspace, refresh, plan.result(), size, policy)
+    if isinstance(results, State):
+        return results
+    merge_task = cached(per_image.merge_preprocess, workspace, refresh)
+    return merge_task(root, catalog, size, policy, results, return_state=True)
+
+
+def ingest_stage(workspace: Workspace, refresh: bool, crawl_log: Ref, config: IngestConfig, chunk_size: int) -> State:
+    """Plan, validate the new files in chunks mapped on the flow's task runner, merge (places files); its state."""
+    root = str(workspace.root)
+    plan: State = cached(per_image.plan_ingest, workspace, refresh)(
+        root, crawl_log, config, chunk_size, return_state=True
+    )
+    if not plan.is_completed():
+        return plan
+    results = _map_chunks(per_image.validate_chunk, workspace, refresh, plan.result(), config)
+    if isinstance(results, State):
+        return results
+    return cached(per_image.merge_ingest, workspace, refresh)(root, crawl_log, config, results, return_state=True)
 
 
 def make_task_runner(execution: ExecutionConfig) -> TaskRunner:
@@ -177,7 +221,9 @@ def _crawl_and_ingest(
         log_file = crawl_log_path(workspace)
         digest = file_sha256(log_file) if log_file.is_file() else ""
         crawled = run.run("crawl", stages.current_crawl_log, root, digest)
-    return crawled, run.run("ingest", stages.ingest, root, crawled.catalog, config.ingest)
+    started = time.perf_counter()
+    state = ingest_stage(workspace, run.refresh, crawled.catalog, config.ingest, config.execution.chunk_size)
+    return crawled, run.record("ingest", state, time.perf_counter() - started)
 
 
 def _data_stages(config: PipelineConfig, workspace: Workspace, run: StageRecorder) -> stages.StageResult:
@@ -203,7 +249,10 @@ def _model_stages(
     root = str(workspace.root)
     track.log_datasets(root, tracker, split.catalog)
     normalize = config.preprocess.normalize
-    run.run("preprocess", stages.preprocess_images, root, split.catalog, config.train.image_size, normalize)
+    started = time.perf_counter()
+    size, chunk_size = config.train.image_size, config.execution.chunk_size
+    state = preprocess_stage(workspace, run.refresh, split.catalog, size, normalize, chunk_size)
+    run.record("preprocess", state, time.perf_counter() - started)
     trained = run.run("train", stages.train, root, split.catalog, config.train, normalize)
     track.log_training(tracker, trained)
     evaluate_args = (config.evaluate, config.calibration, normalize, config.report.cam_method)

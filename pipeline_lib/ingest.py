@@ -153,10 +153,52 @@ def _unique_files(crawl_log: pd.DataFrame) -> dict[str, str]:
     return files
 
 
+def _source(workspace: Workspace, sha256: str, ext: str) -> Path:
+    """The file to validate for sha256: an existing stored/quarantined copy, else the incoming download."""
+    return next(iter(_stored_copies(workspace, sha256, ext)), workspace.incoming / sha256[:2] / f"{sha256}.{ext}")
+
+
+IngestJobs = list[tuple[str, str]]  # (sha256, path of the file to validate relative to the workspace root)
+
+
+def validation_jobs(workspace: Workspace, files: Mapping[str, str]) -> IngestJobs:
+    """(sha256, relative path) of each file that needs validating: no reusable record, file present. No side effects."""
+    jobs: IngestJobs = []
+    for sha256, ext in files.items():
+        if _reusable(workspace, sha256, ext) is not None:
+            continue
+        source = _source(workspace, sha256, ext)
+        if source.is_file():
+            jobs.append((sha256, workspace.relative(source)))
+    return jobs
+
+
+def validate_files(workspace: Workspace, jobs: Iterable[tuple[str, str]], config: IngestConfig) -> list[dict[str, Any]]:
+    """Check each (sha256, relative path) without moving it: ImageCheck dicts with their "sha256" added."""
+    checks = []
+    for sha256, relative in jobs:
+        job = _Job(sha256, str(workspace.root / relative), config.min_side, config.max_pixels, config.animated)
+        checks.append({"sha256": sha256, **dataclasses.asdict(_validate_job(job)[1])})
+    return checks
+
+
+def checks_by_sha(rows: Iterable[Mapping[str, Any]]) -> dict[str, ImageCheck]:
+    """sha256 -> ImageCheck of validate_files' dicts."""
+    return {str(row["sha256"]): ImageCheck(**{k: v for k, v in row.items() if k != "sha256"}) for row in rows}
+
+
 def place_files(
-    workspace: Workspace, files: Mapping[str, str], config: IngestConfig, workers: int | None = None
+    workspace: Workspace,
+    files: Mapping[str, str],
+    config: IngestConfig,
+    workers: int | None = None,
+    checks: Mapping[str, ImageCheck] | None = None,
 ) -> dict[str, Placement]:
-    """Validate and place each sha256 -> ext not ingested before; reuse earlier records for the rest."""
+    """Validate and place each sha256 -> ext not ingested before; reuse earlier records for the rest.
+
+    checks: results of validating some files already (validate_files); the others are validated here.
+    """
+    known = dict(checks or {})
     placements: dict[str, Placement] = {}
     jobs: list[_Job] = []
     for sha256, ext in files.items():
@@ -166,15 +208,18 @@ def place_files(
             placements[sha256] = earlier
             _drop_redundant_incoming(incoming, sha256)
             continue
-        source = next(iter(_stored_copies(workspace, sha256, ext)), incoming)
+        source = _source(workspace, sha256, ext)
         if not source.is_file():
             placements[sha256] = Placement("", ImageCheck(False, MISSING_FILE, None, None, "", "", None, 0, False))
             continue
         jobs.append(_Job(sha256, str(source), config.min_side, config.max_pixels, config.animated))
-    checks = _validate_jobs(jobs, workers)
+    # a sha mismatch describes one particular file, which may have been replaced since: check that again
+    late = [job for job in jobs if job.sha256 not in known or known[job.sha256].reason == SHA_MISMATCH]
+    known.update(_validate_jobs(late, workers))
     for job in jobs:
-        placements[job.sha256] = _place(workspace, job.sha256, Path(job.source), checks[job.sha256])
-    log.info("ingest: %d files, %d validated now, %d known before", len(files), len(jobs), len(files) - len(jobs))
+        placements[job.sha256] = _place(workspace, job.sha256, Path(job.source), known[job.sha256])
+    n_known = len(files) - len(jobs)
+    log.info("ingest: %d files, %d validated now (%d here), %d known before", len(files), len(jobs), len(late), n_known)
     return placements
 
 
@@ -200,19 +245,34 @@ def _require_log_columns(columns: Iterable[str]) -> None:
         raise ValueError(f"crawl log is missing columns {missing}; expected at least {list(LOG_COLUMNS)}")
 
 
+def files_to_ingest(crawl_log: pd.DataFrame) -> dict[str, str]:
+    """sha256 -> ext of the crawl log's fetched files (first row of each, in log order); checks the columns."""
+    _require_log_columns(crawl_log.columns)
+    return _unique_files(_fetched(crawl_log))
+
+
+def _fetched(crawl_log: pd.DataFrame) -> pd.DataFrame:
+    return crawl_log[crawl_log["sha256"].fillna("").astype(str) != ""]
+
+
 def ingest(
-    workspace: Workspace, crawl_log: pd.DataFrame, config: IngestConfig, workers: int | None = None
+    workspace: Workspace,
+    crawl_log: pd.DataFrame,
+    config: IngestConfig,
+    workers: int | None = None,
+    checks: Mapping[str, ImageCheck] | None = None,
 ) -> pd.DataFrame:
     """Catalog with one row per successful crawl-log row (sha256 != ""), in log order; idempotent.
 
-    New files are validated (in a process pool of `workers` when there are many) and moved to store/ or
-    quarantine/; files seen before reuse their validation record. A missing file gives invalid:missing_file.
+    New files are validated (in a process pool of `workers` when there are many; `checks` gives results already
+    computed, e.g. by mapped validate_files chunks) and moved to store/ or quarantine/; files seen before reuse
+    their validation record. A missing file gives invalid:missing_file.
     """
     _require_log_columns(crawl_log.columns)
-    fetched = crawl_log[crawl_log["sha256"].fillna("").astype(str) != ""]
+    fetched = _fetched(crawl_log)
     if fetched.empty:
         return empty_catalog()
-    placements = place_files(workspace, _unique_files(fetched), config, workers)
+    placements = place_files(workspace, _unique_files(fetched), config, workers, checks)
     records = fetched.to_dict("records")
     return new_rows(_catalog_row(entry, placements[str(entry["sha256"])]) for entry in records)
 

@@ -199,6 +199,80 @@ def preprocess_images(
     return written
 
 
+TensorJobs = list[tuple[str, str]]  # (sha256, path of the original relative to the workspace root)
+
+
+def missing_tensor_jobs(
+    workspace: Workspace, catalog: pd.DataFrame, size: int, policy: NormalizeConfig | None = None
+) -> TensorJobs:
+    """(sha256, relative path) of each ok image with a split whose tensor is not cached yet (distinct sha)."""
+    _check_size(size)
+    active = _active(policy)
+    rows = _split_rows(catalog)
+    jobs: TensorJobs = []
+    for sha256, relative in zip(rows["sha256"], rows["path"], strict=True):
+        if tensor_path(workspace, str(sha256), size, active).exists():
+            continue
+        source = workspace.root / str(relative)
+        if not source.is_file():
+            raise FileNotFoundError(f"original of {sha256} not found at {source} (the store lost a file)")
+        jobs.append((str(sha256), str(relative)))
+    return jobs
+
+
+def write_tensors(
+    workspace: Workspace, jobs: Iterable[tuple[str, str]], size: int, policy: NormalizeConfig | None = None
+) -> tuple[int, list[str]]:
+    """Decode each (sha256, relative path) into its tensor (atomic writes); (how many written, "name: error" list).
+
+    A tensor already cached (e.g. written by another chunk) is left as it is and not counted.
+    """
+    _check_size(size)
+    active = _active(policy)
+    written, errors = 0, []
+    for sha256, relative in jobs:
+        target = tensor_path(workspace, sha256, size, active)
+        if target.exists():
+            continue
+        source = workspace.root / relative
+        error = _cache_one((str(source), str(target), size, active, sha256))
+        if error:
+            log.warning("cannot decode %s: %s", source.name, error)
+            errors.append(f"{source.name}: {error}")
+        else:
+            written += 1
+    return written, errors
+
+
+def merge_tensor_results(
+    workspace: Workspace,
+    catalog: pd.DataFrame,
+    size: int,
+    policy: NormalizeConfig | None,
+    results: Iterable[tuple[int, list[str]]],
+) -> int:
+    """Total new tensors of the chunks' (written, errors); images still missing are decoded here.
+
+    Raises PreprocessError naming the images that could not be decoded (as preprocess_images does).
+    """
+    outcomes = list(results)
+    written = sum(int(count) for count, _ in outcomes)
+    failed = [error for _, errors in outcomes for error in errors]
+    failed_names = {error.split(": ", 1)[0] for error in failed}
+    late = [
+        job for job in missing_tensor_jobs(workspace, catalog, size, policy) if Path(job[1]).name not in failed_names
+    ]
+    if late:  # e.g. the tensor cache was cleared after the plan was made: never leave a split image undecoded
+        log.warning("preprocess: %d images missing from the plan are decoded now", len(late))
+        more, errors = write_tensors(workspace, late, size, policy)
+        written, failed = written + more, failed + errors
+    log.info("preprocess %s: %d new tensors, %d failed", cache_folder_name(size, policy), written, len(failed))
+    if failed:
+        shown = "; ".join(failed[:5]) + (f" (+{len(failed) - 5} more)" if len(failed) > 5 else "")
+        raise PreprocessError(f"{len(failed)} image(s) could not be decoded into tensors: {shown}")
+    return written
+
+
 def find_original(workspace: Workspace, sha256: str) -> Path:
     """The stored original of sha256 (store/ab/<sha>.<ext>); FileNotFoundError naming the folder if absent."""
     _check_sha(sha256)

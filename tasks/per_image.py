@@ -7,11 +7,15 @@ on threads, processes or Dask workers that see the workspace's filesystem.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from prefect import task
 
 from pipeline_lib import catalog as cat
 from pipeline_lib import fingerprint as fingerprint_lib
+from pipeline_lib import ingest as ingest_lib
+from pipeline_lib import preprocess as preprocess_lib
+from pipeline_lib.config import IngestConfig, NormalizeConfig
 from pipeline_lib.workspace import Ref, Workspace
 from tasks.stages import StageResult
 
@@ -61,3 +65,72 @@ def merge_fingerprints(
     hashed, stats = fingerprint_lib.merge_hash_rows(workspace, table, rows, algorithm, hash_size)
     metrics = {f"fingerprint.{key}": float(value) for key, value in stats.items()}
     return StageResult(cat.write_snapshot(workspace, "fingerprint", hashed), metrics)
+
+
+def _active(policy: NormalizeConfig | None) -> NormalizeConfig | None:
+    """The normalisation policy when it re-encodes, else None (the plain tensor cache)."""
+    return policy if policy is not None and policy.mode != "none" else None
+
+
+@task(name="preprocess-plan")
+def plan_preprocess(
+    root: str, catalog_ref: Ref, size: int, policy: NormalizeConfig | None = None, chunk_size: int = 256
+) -> list[Chunk]:
+    """Chunks of the split images whose tensors are not cached yet."""
+    workspace = Workspace.create(root)
+    table = cat.read_snapshot(workspace, catalog_ref)
+    jobs = preprocess_lib.missing_tensor_jobs(workspace, table, size, _active(policy))
+    chunks = fingerprint_lib.chunked(jobs, chunk_size)
+    log.info("preprocess: %d images to decode in %d chunks of <= %d", len(jobs), len(chunks), chunk_size)
+    return chunks
+
+
+@task(name="preprocess-tensor-chunk")
+def tensor_chunk(root: str, chunk: Chunk, size: int, policy: NormalizeConfig | None = None) -> tuple[int, list[str]]:
+    """Decode one chunk into the tensor cache (atomic writes): (new tensors, per-image errors); never raises for one."""
+    return preprocess_lib.write_tensors(Workspace.create(root), chunk, size, _active(policy))
+
+
+@task(name="preprocess-merge")
+def merge_preprocess(
+    root: str,
+    catalog_ref: Ref,
+    size: int,
+    policy: NormalizeConfig | None,
+    results: list[tuple[int, list[str]]],
+) -> StageResult:
+    """Sum the chunks' new tensors (PreprocessError naming any image that failed); the catalog passes through."""
+    workspace = Workspace.create(root)
+    active = _active(policy)
+    table = cat.read_snapshot(workspace, catalog_ref)
+    written = preprocess_lib.merge_tensor_results(workspace, table, size, active, results)
+    notes = [f"tensors: cache/tensors/{preprocess_lib.cache_folder_name(size, active)}"]
+    return StageResult(catalog_ref, {"preprocess.new_tensors": float(written)}, notes)
+
+
+@task(name="ingest-plan")
+def plan_ingest(root: str, crawl_log: Ref, config: IngestConfig, chunk_size: int = 256) -> list[Chunk]:
+    """Chunks of the crawled files that need validating (no reusable validation record)."""
+    workspace = Workspace.create(root)
+    files = ingest_lib.files_to_ingest(cat.read_table(workspace, crawl_log))
+    jobs = ingest_lib.validation_jobs(workspace, files)
+    chunks = fingerprint_lib.chunked(jobs, chunk_size)
+    log.info("ingest: %d of %d files to validate in %d chunks of <= %d", len(jobs), len(files), len(chunks), chunk_size)
+    return chunks
+
+
+@task(name="ingest-validate-chunk")
+def validate_chunk(root: str, chunk: Chunk, config: IngestConfig) -> list[dict[str, Any]]:
+    """ImageCheck dicts (with sha256) of one chunk's files; nothing is moved."""
+    return ingest_lib.validate_files(Workspace.create(root), chunk, config)
+
+
+@task(name="ingest-merge")
+def merge_ingest(root: str, crawl_log: Ref, config: IngestConfig, results: list[list[dict[str, Any]]]) -> StageResult:
+    """Place the files (store/ or quarantine/, validation records) and snapshot the catalog, as the ingest task."""
+    workspace = Workspace.create(root)
+    checks = ingest_lib.checks_by_sha(row for rows in results for row in rows)
+    table = ingest_lib.ingest(workspace, cat.read_table(workspace, crawl_log), config, checks=checks)
+    summary = ingest_lib.ingest_summary(table)
+    metrics = {f"ingest.{k}": float(v) for k, v in summary.items()}
+    return StageResult(cat.write_snapshot(workspace, "ingest", table), metrics)

@@ -17,7 +17,16 @@ from PIL import Image
 from pipeline_lib.catalog import COLUMNS
 from pipeline_lib.config import FolderSource, IngestConfig, SourcesConfig
 from pipeline_lib.crawl import crawl_sources
-from pipeline_lib.ingest import LOG_COLUMNS, ingest, ingest_summary, validation_record_path
+from pipeline_lib.ingest import (
+    LOG_COLUMNS,
+    checks_by_sha,
+    files_to_ingest,
+    ingest,
+    ingest_summary,
+    validate_files,
+    validation_jobs,
+    validation_record_path,
+)
 from pipeline_lib.workspace import Workspace, bytes_sha256, file_sha256
 
 CONFIG = IngestConfig(min_side=16, max_pixels=10_000_000)
@@ -199,6 +208,31 @@ def test_process_pool_validation_matches(tmp_path: Path) -> None:
     serial = ingest(serial_ws, crawl(serial_ws, files), CONFIG, workers=1)
     pd.testing.assert_frame_equal(pooled, serial)
     assert list(pooled["status"]) == [item.status for item in files]
+
+
+def test_planned_chunk_checks_give_the_same_catalog_as_ingest(tmp_path: Path) -> None:
+    """plan (validation_jobs) -> validate_files per chunk (moves nothing) -> ingest with the checks == plain ingest."""
+    files = crawled_files()
+    mapped_ws, plain_ws = Workspace.create(tmp_path / "mapped"), Workspace.create(tmp_path / "plain")
+    crawl_log = crawl(mapped_ws, files)
+    wanted = files_to_ingest(crawl_log)
+    jobs = validation_jobs(mapped_ws, wanted)
+    assert sorted(sha for sha, _ in jobs) == sorted(wanted) and all(p.startswith("incoming/") for _, p in jobs)
+    rows = validate_files(mapped_ws, jobs[:3], CONFIG) + validate_files(mapped_ws, jobs[3:], CONFIG)
+    assert all((mapped_ws.root / path).is_file() for _, path in jobs), "validation must not move files"
+    assert not list(mapped_ws.cache.glob("validation/*.json")), "validation must not write records"
+    checks = checks_by_sha(rows)
+    assert checks[bytes_sha256(files[0].data)].ok is (files[0].status == "ok")
+    mapped = ingest(mapped_ws, crawl_log, CONFIG, checks=checks)
+    plain = ingest(plain_ws, crawl(plain_ws, files), CONFIG)
+    pd.testing.assert_frame_equal(mapped.drop(columns="fetched_at"), plain.drop(columns="fetched_at"))
+    assert validation_jobs(mapped_ws, wanted) == [], "placed files have reusable records"
+    assert not [p for p in mapped_ws.incoming.rglob("*") if p.is_file()]
+
+
+def test_files_to_ingest_names_a_missing_column() -> None:
+    with pytest.raises(ValueError, match="label"):
+        files_to_ingest(pd.DataFrame({name: [] for name in LOG_COLUMNS if name != "label"}))
 
 
 # --------------------------------------------------------------------------------------------------------------

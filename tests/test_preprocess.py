@@ -116,6 +116,33 @@ def test_preprocess_images_reports_bad_files(workspace: Workspace) -> None:
         preprocess.preprocess_images(workspace, missing, 16)
 
 
+def test_chunked_tensor_jobs_match_preprocess_images(workspace: Workspace, tmp_path: Path) -> None:
+    ok = [_store_image(workspace, Image.open(make_image(tmp_path / f"{i}.png", seed=i, fmt="PNG"))) for i in range(4)]
+    table = _catalog([(*entry, "ok", "train") for entry in ok] + [(*ok[0], "ok", "train")])
+    jobs = preprocess.missing_tensor_jobs(workspace, table, 24)
+    assert sorted(jobs) == sorted(ok)  # one job per distinct sha
+    results = [preprocess.write_tensors(workspace, jobs[:2], 24), preprocess.write_tensors(workspace, jobs[2:], 24)]
+    assert results == [(2, []), (2, [])]
+    assert preprocess.missing_tensor_jobs(workspace, table, 24) == []
+    assert preprocess.merge_tensor_results(workspace, table, 24, None, results) == 4
+    for sha, relative in ok:
+        expected = preprocess.decode_image(workspace.root / relative, 24)
+        np.testing.assert_array_equal(np.load(preprocess.tensor_path(workspace, sha, 24)), expected)
+    assert preprocess.write_tensors(workspace, jobs, 24) == (0, [])  # cached tensors are not written again
+    preprocess.tensor_path(workspace, ok[0][0], 24).unlink()  # lost after the plan: the merge decodes it
+    assert preprocess.merge_tensor_results(workspace, table, 24, None, []) == 1
+
+
+def test_chunk_errors_are_returned_then_raised_by_the_merge(workspace: Workspace) -> None:
+    sha, relative = put_in_store(workspace, b"definitely not an image", "jpg")
+    table = _catalog([(sha, workspace.relative(relative), "ok", "train")])
+    written, errors = preprocess.write_tensors(workspace, preprocess.missing_tensor_jobs(workspace, table, 16), 16)
+    assert written == 0 and len(errors) == 1 and sha in errors[0]
+    with pytest.raises(preprocess.PreprocessError, match=sha):
+        preprocess.merge_tensor_results(workspace, table, 16, None, [(written, errors)])
+    assert not preprocess.tensor_path(workspace, sha, 16).exists()
+
+
 def test_preprocess_images_with_process_pool(workspace: Workspace, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(preprocess, "POOL_THRESHOLD", 2)
     stored = [

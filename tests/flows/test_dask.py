@@ -1,4 +1,5 @@
-"""The mapped fingerprint stage on a real Dask LocalCluster (loopback) gives the same catalog as the thread runner."""
+"""The mapped ingest, fingerprint and preprocess stages on a real Dask LocalCluster (loopback) give the same catalog
+and tensors as the thread runner."""
 
 from __future__ import annotations
 
@@ -7,22 +8,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from distributed import LocalCluster
 from prefect import flow
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-from flows.pipeline import StageRecorder, _crawl_and_ingest, fingerprint_stage, make_task_runner
+from flows.pipeline import StageRecorder, _crawl_and_ingest, fingerprint_stage, make_task_runner, preprocess_stage
 from pipeline_lib import fingerprint as fingerprint_lib
+from pipeline_lib import preprocess as preprocess_lib
 from pipeline_lib import tracking
-from pipeline_lib.catalog import STATUS_OK, read_snapshot
+from pipeline_lib.catalog import STATUS_OK, read_snapshot, write_snapshot
 from pipeline_lib.config import ExecutionConfig, PipelineConfig, build_config
-from pipeline_lib.workspace import Workspace
+from pipeline_lib.workspace import Ref, Workspace
 from tasks import track
 from tests.conftest import make_image
 
 HASH_COLUMNS = ["sha256", "path", "status", "phash", "dhash"]
+INGEST_COLUMNS = ["sha256", "path", "status", "width", "height", "format", "mode", "n_bytes", "label", "group"]
+IMAGE_SIZE = 24
 
 
 @flow(name="aidetect-fingerprint-test")
@@ -37,9 +42,21 @@ def fingerprint_flow(config: PipelineConfig) -> dict[str, Any]:
             started = time.perf_counter()
             state = fingerprint_stage(workspace, False, ingested.catalog, config.dedup, config.execution.chunk_size)
             hashed = run.record("fingerprint", state, time.perf_counter() - started)
+            split_ref = _all_train(workspace, hashed.catalog)
+            started = time.perf_counter()
+            size, chunk_size = config.train.image_size, config.execution.chunk_size
+            state = preprocess_stage(workspace, False, split_ref, size, config.preprocess.normalize, chunk_size)
+            run.record("preprocess", state, time.perf_counter() - started)
         finally:
             track.finish_tracking(tracker, "FINISHED")
-    return {"states": run.states, "catalog": hashed.catalog, "tracker": tracker}
+    return {"states": run.states, "ingest": ingested.catalog, "catalog": hashed.catalog, "tracker": tracker}
+
+
+def _all_train(workspace: Workspace, catalog: Ref) -> Ref:
+    """The catalog with every ok row in the train split (what preprocess needs; the split stage is not under test)."""
+    table = read_snapshot(workspace, catalog)
+    table.loc[table["status"] == STATUS_OK, "split"] = "train"
+    return write_snapshot(workspace, "split", table)
 
 
 def _images(data: Path) -> None:
@@ -57,6 +74,7 @@ def _config(data: Path, root: Path, execution: dict[str, Any]) -> PipelineConfig
     mapping = {
         "sources": {"folders": folders},
         "execution": {"workspace": str(root), "chunk_size": 3, **execution},
+        "train": {"image_size": IMAGE_SIZE},
         "tracking": {"uri": f"sqlite:///{root.parent / 'mlflow.db'}"},
     }
     return build_config(mapping, origin="test")
@@ -71,14 +89,24 @@ def _hashes(result: dict[str, Any], root: Path) -> pd.DataFrame:
     return table[HASH_COLUMNS].sort_values(["sha256", "path"]).reset_index(drop=True)
 
 
-def _hash_chunk_tasks(cluster: LocalCluster) -> int:
-    """How many tasks named after hash_chunk the cluster's scheduler has run."""
+def _ingested(result: dict[str, Any], root: Path) -> pd.DataFrame:
+    table = read_snapshot(Workspace.open(root), result["ingest"])
+    return table[INGEST_COLUMNS].sort_values(["sha256", "path"]).reset_index(drop=True)
+
+
+def _tensors(root: Path, shas: list[str]) -> dict[str, np.ndarray]:
+    workspace = Workspace.open(root)
+    return {sha: np.load(preprocess_lib.tensor_path(workspace, sha, IMAGE_SIZE)) for sha in shas}
+
+
+def _cluster_tasks(cluster: LocalCluster, part: str) -> int:
+    """How many tasks whose name contains part (e.g. hash for hash_chunk) the cluster's scheduler has run."""
     prefixes = cluster.scheduler.task_prefixes
-    return sum(sum(prefix.state_counts.values()) for name, prefix in prefixes.items() if "hash" in name)
+    return sum(sum(prefix.state_counts.values()) for name, prefix in prefixes.items() if part in name)
 
 
 @pytest.mark.timeout(120)
-def test_fingerprint_on_dask_cluster_equals_threads(harness, tmp_path: Path):
+def test_per_image_stages_on_dask_cluster_equal_threads(harness, tmp_path: Path):
     data = tmp_path / "data"
     _images(data)
     threads = _run(_config(data, tmp_path / "threads", {"task_runner": "threads", "max_workers": 2}))
@@ -94,16 +122,31 @@ def test_fingerprint_on_dask_cluster_equals_threads(harness, tmp_path: Path):
         address = cluster.scheduler_address
         dask_config = _config(data, tmp_path / "dask", {"task_runner": "dask", "dask_address": address})
         on_dask = _run(dask_config)
-        assert _hash_chunk_tasks(cluster) >= 4  # 12 distinct images in chunks of 3 ran on the cluster
+        for part in ("validate", "hash", "tensor"):  # 12 distinct images in chunks of 3 ran on the cluster
+            assert _cluster_tasks(cluster, part) >= 4, (part, list(cluster.scheduler.task_prefixes))
         again = _run(dask_config)
 
     pd.testing.assert_frame_equal(_hashes(on_dask, tmp_path / "dask"), expected)
+    pd.testing.assert_frame_equal(_ingested(on_dask, tmp_path / "dask"), _ingested(threads, tmp_path / "threads"))
+    shas = sorted(ok["sha256"].unique())
+    thread_tensors, dask_tensors = _tensors(tmp_path / "threads", shas), _tensors(tmp_path / "dask", shas)
+    for sha in shas:
+        assert dask_tensors[sha].shape == (3, IMAGE_SIZE, IMAGE_SIZE) and dask_tensors[sha].dtype == np.uint8
+        np.testing.assert_array_equal(dask_tensors[sha], thread_tensors[sha])
+        stored = preprocess_lib.find_original(Workspace.open(tmp_path / "dask"), sha)
+        np.testing.assert_array_equal(dask_tensors[sha], preprocess_lib.decode_image(stored, IMAGE_SIZE))
+    assert not list((tmp_path / "dask" / "incoming").rglob("*.*"))  # every crawled file was moved by the merge
     assert on_dask["states"]["fingerprint"] == "Completed"
     assert set(again["states"].values()) == {"Cached"}, again["states"]
     assert again["catalog"] == on_dask["catalog"]
     stages = tracking.stage_runs(on_dask["tracker"])
-    assert set(stages) == {"crawl", "ingest", "fingerprint"}, stages
+    assert set(stages) == {"crawl", "ingest", "fingerprint", "preprocess"}, stages
     assert stages["fingerprint"]["metrics"]["fingerprint.hashed"] == 12
+    assert stages["preprocess"]["metrics"]["preprocess.new_tensors"] == 12
+    assert stages["ingest"]["metrics"]["ingest.ok"] == 13 and stages["ingest"]["state"] == "Completed"
+    thread_ingest = tracking.stage_runs(threads["tracker"])["ingest"]["metrics"]
+    counts = {key: value for key, value in stages["ingest"]["metrics"].items() if key.startswith("ingest.")}
+    assert counts == {key: value for key, value in thread_ingest.items() if key.startswith("ingest.")}
     assert stages["fingerprint"]["status"] == "FINISHED" and stages["fingerprint"]["state"] == "Completed"
 
 
