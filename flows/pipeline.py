@@ -226,13 +226,20 @@ def _crawl_and_ingest(
     return crawled, run.record("ingest", state, time.perf_counter() - started)
 
 
-def _data_stages(config: PipelineConfig, workspace: Workspace, run: StageRecorder) -> stages.StageResult:
-    root = str(workspace.root)
-    _, ingested = _crawl_and_ingest(config, workspace, run)
+def fingerprint_and_dedup(
+    config: PipelineConfig, workspace: Workspace, run: StageRecorder, ingested: stages.StageResult
+) -> stages.StageResult:
+    """Perceptual hashes (mapped over chunks), then exact and near-duplicate clusters."""
     started = time.perf_counter()
     state = fingerprint_stage(workspace, run.refresh, ingested.catalog, config.dedup, config.execution.chunk_size)
     hashed = run.record("fingerprint", state, time.perf_counter() - started)
-    deduped = run.run("dedup", stages.dedup, root, hashed.catalog, config.dedup)
+    return run.run("dedup", stages.dedup, str(workspace.root), hashed.catalog, config.dedup)
+
+
+def _data_stages(config: PipelineConfig, workspace: Workspace, run: StageRecorder) -> stages.StageResult:
+    root = str(workspace.root)
+    _, ingested = _crawl_and_ingest(config, workspace, run)
+    deduped = fingerprint_and_dedup(config, workspace, run, ingested)
     approved = review_gate.review_stage(config, workspace, run, deduped)  # may pause/suspend for people
     reshuffle = config.execution.reshuffle_splits
     normalize = config.preprocess.normalize

@@ -16,9 +16,7 @@ from pipeline_lib import catalog as cat
 from pipeline_lib import crawl as crawl_lib
 from pipeline_lib import dedup as dedup_lib
 from pipeline_lib import evaluate as evaluate_lib
-from pipeline_lib import fingerprint as fingerprint_lib
 from pipeline_lib import health, models, preprocess, report, review, split
-from pipeline_lib import ingest as ingest_lib
 from pipeline_lib import predict as predict_lib
 from pipeline_lib import train as train_lib
 from pipeline_lib.config import (
@@ -26,7 +24,6 @@ from pipeline_lib.config import (
     CalibrationConfig,
     DedupConfig,
     EvaluateConfig,
-    IngestConfig,
     NormalizeConfig,
     ReportConfig,
     ReviewConfig,
@@ -126,27 +123,6 @@ def current_crawl_log(root: str, log_digest: str) -> StageResult:
     if table.empty:
         raise ValueError(f"nothing crawled yet in {workspace.root}: run `aidetect crawl` or `aidetect run`")
     return StageResult(cat.write_table(workspace, "crawl", "log", table), {"crawl.logged": float(len(table))})
-
-
-@task(name="ingest")
-def ingest(root: str, crawl_log: Ref, config: IngestConfig) -> StageResult:
-    """Validate new files into store/ or quarantine/ and snapshot the catalog."""
-    workspace = Workspace.create(root)
-    log_table = cat.read_table(workspace, crawl_log)
-    table = ingest_lib.ingest(workspace, log_table, config)
-    summary = ingest_lib.ingest_summary(table)
-    return StageResult(
-        cat.write_snapshot(workspace, "ingest", table), {f"ingest.{k}": float(v) for k, v in summary.items()}
-    )
-
-
-@task(name="fingerprint")
-def fingerprint(root: str, catalog: Ref, config: DedupConfig) -> StageResult:
-    """Perceptual hashes for every ok image (only new images are hashed)."""
-    workspace = Workspace.create(root)
-    table = cat.read_snapshot(workspace, catalog)
-    hashed = fingerprint_lib.fingerprint_catalog(workspace, table, config.algorithm, config.hash_size)
-    return StageResult(cat.write_snapshot(workspace, "fingerprint", hashed))
 
 
 @task(name="dedup")
@@ -261,18 +237,6 @@ def shortcut_audit(
         log.warning(note)
     metrics = result.metrics() | {"audit.flagged": float(verdict != "ok")}
     return metrics, note
-
-
-@task(name="preprocess")
-def preprocess_images(
-    root: str, catalog: Ref, image_size: int, normalize: NormalizeConfig | None = None
-) -> StageResult:
-    """Decode each split image once (re-encoded per preprocess.normalize) into the resized uint8 tensor cache."""
-    workspace = Workspace.create(root)
-    table = cat.read_snapshot(workspace, catalog)
-    written = preprocess.preprocess_images(workspace, table, image_size, policy=_active(normalize))
-    notes = [f"tensors: cache/tensors/{preprocess.cache_folder_name(image_size, _active(normalize))}"]
-    return StageResult(catalog, {"preprocess.new_tensors": float(written)}, notes)
 
 
 @task(name="train")

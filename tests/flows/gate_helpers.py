@@ -14,12 +14,12 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from flows import review_gate
-from flows.pipeline import StageRecorder, _crawl_and_ingest
+from flows.pipeline import StageRecorder, _crawl_and_ingest, fingerprint_and_dedup
 from pipeline_lib import review
 from pipeline_lib.catalog import read_snapshot
 from pipeline_lib.config import PipelineConfig, build_config
 from pipeline_lib.workspace import Workspace
-from tasks import stages, track
+from tasks import track
 from tests.conftest import make_image
 
 
@@ -32,8 +32,7 @@ def gate_flow(config: PipelineConfig) -> dict[str, Any]:
         run = StageRecorder(workspace, False, tracker)
         try:
             _, ingested = _crawl_and_ingest(config, workspace, run)
-            hashed = run.run("fingerprint", stages.fingerprint, str(workspace.root), ingested.catalog, config.dedup)
-            deduped = run.run("dedup", stages.dedup, str(workspace.root), hashed.catalog, config.dedup)
+            deduped = fingerprint_and_dedup(config, workspace, run, ingested)
             approved = review_gate.review_stage(config, workspace, run, deduped)
         finally:
             track.finish_tracking(tracker, "FINISHED")
