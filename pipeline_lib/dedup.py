@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import combinations
 from math import comb
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -282,19 +283,20 @@ def parse_hashes(hex_hashes: Iterable[str]) -> list[int]:
         raise ValueError(f"phash values must be hexadecimal: {error}") from error
 
 
-class _UnionFind:
-    """Disjoint sets over 0..n-1."""
+class UnionFind:
+    """Disjoint sets of hashable, ordered items (image positions here, groups in split); the smallest item is root."""
 
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
+    def __init__(self) -> None:
+        self.parent: dict[Any, Any] = {}
 
-    def find(self, item: int) -> int:
+    def find(self, item: Any) -> Any:
+        self.parent.setdefault(item, item)
         while self.parent[item] != item:
-            self.parent[item] = self.parent[self.parent[item]]
+            self.parent[item] = self.parent[self.parent[item]]  # path halving
             item = self.parent[item]
         return item
 
-    def union(self, a: int, b: int) -> None:
+    def union(self, a: Any, b: Any) -> None:
         root_a, root_b = self.find(a), self.find(b)
         if root_a != root_b:
             self.parent[max(root_a, root_b)] = min(root_a, root_b)
@@ -331,7 +333,7 @@ def _firsts(ok: pd.DataFrame) -> pd.DataFrame:
 def _clusters(firsts: pd.DataFrame, threshold: int) -> list[list[int]]:
     """Positions (in firsts) of each near-duplicate cluster with >= 2 members."""
     pairs = find_near_pairs(parse_hashes(firsts["phash"]), threshold)
-    forest = _UnionFind(len(firsts))
+    forest = UnionFind()
     for i, j in pairs:
         forest.union(i, j)
     members: dict[int, list[int]] = {}

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import pandas as pd
 
 from pipeline_lib.catalog import SPLITS, STATUS_OK
+from pipeline_lib.dedup import UnionFind
 from pipeline_lib.workspace import Workspace, atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -22,26 +23,9 @@ class SplitError(ValueError):
     """The data cannot be split as configured."""
 
 
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def find(self, item: str) -> str:
-        self.parent.setdefault(item, item)
-        while self.parent[item] != item:
-            self.parent[item] = self.parent[self.parent[item]]
-            item = self.parent[item]
-        return item
-
-    def union(self, a: str, b: str) -> None:
-        root_a, root_b = self.find(a), self.find(b)
-        if root_a != root_b:
-            self.parent[max(root_a, root_b)] = min(root_a, root_b)
-
-
 def split_units(catalog: pd.DataFrame) -> dict[str, str]:
     """Map each group to its split unit: groups sharing a duplicate cluster are joined (union-find)."""
-    forest = _UnionFind()
+    forest = UnionFind()
     for group in catalog["group"].unique():
         forest.find(str(group))
     clustered = catalog[catalog["cluster"] != ""]

@@ -1,4 +1,4 @@
-"""A real `mlflow server` on loopback over a workspace's tracking store, for tests that read runs like the UI does."""
+"""Servers for tests, on loopback: a real `mlflow server` over a workspace's store, and helpers to start any server."""
 
 from __future__ import annotations
 
@@ -14,16 +14,34 @@ from pathlib import Path
 from typing import Any
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+def wait_healthy(url: str, server: subprocess.Popen, seconds: float) -> None:
+    """Return once GET url answers 200; raise if the server process exits or the time runs out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer in {seconds} s")
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def mlflow_server(backend_uri: str, artifact_root: Path, seconds: float = 120) -> Iterator[str]:
     """Start `mlflow server` on 127.0.0.1 (stopped on exit); yield its base URL once /health answers."""
-    port = _free_port()
+    port = free_port()
     command = [
         str(Path(sys.executable).parent / "mlflow"),
         "server",
@@ -41,18 +59,7 @@ def mlflow_server(backend_uri: str, artifact_root: Path, seconds: float = 120) -
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + seconds
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {server.returncode}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"mlflow server on {base} did not start in {seconds} s") from None
-                time.sleep(0.5)
+        wait_healthy(f"{base}/health", server, seconds)
         yield base
     finally:
         server.terminate()

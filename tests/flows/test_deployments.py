@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from prefect.client.schemas.schedules import CronSchedule
 
 from flows.deployments import entrypoint_flow, read_deployments, runner_deployments
 from tests.conftest import make_image
+from tests.flows.mlflow_server import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -38,30 +36,10 @@ def test_every_deployment_points_at_a_flow_that_accepts_its_parameters():
     assert all(d.parameters["config_path"] == "/tmp/my.yaml" for d in served)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(api: str, server: subprocess.Popen, seconds: float = 90) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"prefect server at {api} did not become healthy in {seconds} s")
-
-
 @pytest.fixture
 def prefect_server(tmp_path: Path):
     """A real Prefect server on loopback with its own database; stopped at the end of the test."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
@@ -80,7 +58,7 @@ def prefect_server(tmp_path: Path):
     )
     api = f"http://127.0.0.1:{port}/api"
     try:
-        _wait_healthy(api, server)
+        wait_healthy(f"{api}/health", server, 90)
         yield {**env, "PREFECT_API_URL": api, "PWD": str(ROOT)}
     finally:
         server.terminate()
