@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from prefect import Flow, flow
 
-from flows.pipeline import crawl_flow, run_pipeline
+from flows.pipeline import crawl_flow, pipeline_in_current_flow
 from pipeline_lib.config import load_config
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
@@ -19,14 +19,17 @@ PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
 def recrawl_and_retrain(
     config_path: str = "configs/default.yaml", overrides: list[str] | None = None
 ) -> dict[str, Any]:
-    """The whole pipeline: crawl new images, then every later stage whose inputs changed."""
-    return run_pipeline(load_config(config_path, overrides or []))
+    """The whole pipeline: crawl new images, then every later stage whose inputs changed.
+
+    The stages run in this flow run itself (not a subflow), so that the review gate can suspend the deployment run.
+    """
+    return pipeline_in_current_flow(load_config(config_path, overrides or []))
 
 
 @flow(name="aidetect-retrain")
 def retrain(config_path: str = "configs/default.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Train and evaluate from the current catalog: no crawling; the crawl log as it stands feeds ingest."""
-    return run_pipeline(load_config(config_path, [*(overrides or []), "execution.crawl=false"]))
+    return pipeline_in_current_flow(load_config(config_path, [*(overrides or []), "execution.crawl=false"]))
 
 
 @flow(name="aidetect-scheduled-crawl")

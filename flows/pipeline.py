@@ -82,16 +82,9 @@ def fingerprint_stage(workspace: Workspace, refresh: bool, catalog: Ref, dedup: 
     plan: State = plan_task(root, catalog, algorithm, size, chunk_size, return_state=True)
     if not plan.is_completed():
         return plan
-    chunks = plan.result()
-    futures = []
-    if chunks:
-        hash_task = cached(per_image.hash_chunk, workspace, refresh)
-        futures = list(hash_task.map(unmapped(root), chunks, unmapped(algorithm), unmapped(size)))
-    for future in futures:
-        future.wait()
-        if not future.state.is_completed():
-            return future.state
-    results = [future.result() for future in futures]
+    results = _map_chunks(per_image.hash_chunk, workspace, refresh, plan.result(), algorithm, size)
+    if isinstance(results, State):
+        return results
     merge_task = cached(per_image.merge_fingerprints, workspace, refresh)
     return merge_task(root, catalog, algorithm, size, results, return_state=True)
 
@@ -169,6 +162,11 @@ def _flow_run_tags(kind: str = "pipeline") -> dict[str, str]:
 @flow(name="aidetect-pipeline")
 def pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Crawl, ingest, fingerprint, dedup, review, split, preprocess, train, evaluate and report."""
+    return pipeline_in_current_flow(config)
+
+
+def pipeline_in_current_flow(config: PipelineConfig) -> dict[str, Any]:
+    """The pipeline's stages inside the flow run that calls this (a deployment's own run, so its gate can suspend)."""
     workspace = Workspace.create(config.execution.workspace)
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(workspace.prefect / "results")}):
         return _run_pipeline(config, workspace)
