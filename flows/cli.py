@@ -420,12 +420,14 @@ def _predict_model(spec: str, config: Path | None, workspace: Path | None) -> tu
     try:
         if spec == "champion":
             model, size = tracking.load_champion(uri, cfg.tracking.registered_model)
+            calibration = tracking.champion_calibration(uri, cfg.tracking.registered_model)
         else:
             model, size = tracking.load_run_model(uri, spec)
+            calibration = None
     except tracking.ModelNotFoundError as error:
         _fail(f"model not found: {error}")
         raise
-    return model, {"image_size": size, "model": spec}
+    return model, {"image_size": size, "model": spec, "calibration": calibration}
 
 
 def _print_predictions(rows: list[Any]) -> None:
@@ -455,10 +457,11 @@ def predict(
 ):
     """p_ai, label and verdict (ai / real / uncertain, band from config calibration) per image.
 
-    A checkpoint's <model>.calibration.json (temperature, normalisation) is applied when present.
+    The temperature and normalisation of training are applied: from a checkpoint's <model>.calibration.json, or from
+    the champion's model-version tag.
     Exit 1 if some file could not be read, 2 if the model or images are missing.
     """
-    from pipeline_lib.predict import collect_paths, predict_files, read_calibration
+    from pipeline_lib.predict import collect_paths, parse_calibration, predict_files, read_calibration
 
     if not collect_paths(paths):
         _fail("no image files found in: " + ", ".join(map(str, paths)))
@@ -466,7 +469,12 @@ def predict(
     band_config = _config(config, workspace, None, False).calibration
     checkpoint = Path(model).expanduser()
     try:
-        calibration = read_calibration(checkpoint) if checkpoint.is_file() else None
+        if checkpoint.is_file():
+            calibration = read_calibration(checkpoint)
+        elif meta.get("calibration"):
+            calibration = parse_calibration(meta["calibration"], f"calibration tag of model {model!r}")
+        else:
+            calibration = None
         band = (band_config.uncertain_low, band_config.uncertain_high)
         rows = predict_files(
             loaded,

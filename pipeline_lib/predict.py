@@ -76,14 +76,23 @@ def read_calibration(checkpoint: Path) -> ModelCalibration:
     if not path.is_file():
         return ModelCalibration()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ValueError(f"calibration file {path} is unreadable: {error}") from None
+    return parse_calibration(text, f"calibration file {path}")
+
+
+def parse_calibration(text: str, where: str) -> ModelCalibration:
+    """A ModelCalibration from its JSON text (a file beside a checkpoint, or a model version's tag)."""
+    try:
+        data = json.loads(text)
         temperature = float(data["temperature"])
         policy = data.get("normalize")
         normalize = None if policy is None else NormalizeConfig.model_validate(policy)
     except (OSError, ValueError, KeyError, TypeError, ValidationError) as error:
-        raise ValueError(f"calibration file {path} is malformed: {error}") from None
+        raise ValueError(f"{where} is malformed: {error}") from None
     if not temperature > 0 or not math.isfinite(temperature):
-        raise ValueError(f"calibration file {path}: temperature must be positive and finite, got {temperature}")
+        raise ValueError(f"{where}: temperature must be positive and finite, got {temperature}")
     details = {k: v for k, v in data.items() if k not in ("temperature", "normalize")}
     return ModelCalibration(temperature, normalize, details)
 

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 IMAGE_SIZE_TAG = "image_size"  # model version tag: the square input size the model was trained at
+CALIBRATION_TAG = "calibration"  # model version tag: JSON with the temperature and normalisation policy
 
 
 class ModelNotFoundError(LookupError):
@@ -293,6 +294,7 @@ def register_model(
     model_digest: str,
     champion_score: float | None = None,
     image_size: int | None = None,
+    calibration: str | None = None,
 ) -> ChampionDecision:
     """Register a model version; move the champion alias to it only if it beats the current one.
 
@@ -310,6 +312,8 @@ def register_model(
         tags = {"test_digest": test_digest, "model_digest": model_digest}
         if image_size is not None:
             tags[IMAGE_SIZE_TAG] = str(int(image_size))
+        if calibration is not None:
+            tags[CALIBRATION_TAG] = calibration
         version = client.create_model_version(name, model_uri, run_id=tracker.run_id, tags=tags)
         client.set_model_version_tag(name, version.version, "test_accuracy", f"{score:.6f}")
     if current is not None and champion_score is not None:
@@ -389,6 +393,12 @@ def load_champion(uri: str, name: str) -> tuple[Any, int]:
         )
     tagged = (current.tags or {}).get(IMAGE_SIZE_TAG)
     return _load_torch(uri, f"models:/{name}@{CHAMPION}", int(tagged) if tagged else None, f"champion of {name!r}")
+
+
+def champion_calibration(uri: str, name: str) -> str | None:
+    """The champion version's calibration tag (JSON text), or None when it has none."""
+    current = current_champion(uri, name)
+    return None if current is None else (current.tags or {}).get(CALIBRATION_TAG)
 
 
 def load_run_model(uri: str, run_id: str) -> tuple[Any, int]:

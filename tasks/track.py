@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from pipeline_lib import evaluate as evaluate_lib
 from pipeline_lib import models, preprocess, stats, tracking
 from pipeline_lib import train as train_lib
 from pipeline_lib.config import NormalizeConfig, PipelineConfig, config_to_yaml, flatten_config
+from pipeline_lib.predict import ModelCalibration
 from pipeline_lib.workspace import Ref, Workspace
 from tasks.stages import EvalOutput, TrainOutput
 
@@ -149,6 +151,7 @@ def register(
         model_ref.digest,
         champion_score=champion_score,
         image_size=size,
+        calibration=json.dumps(ModelCalibration(evaluation.temperature, normalize).as_dict()),
     )
     _log_decision(tracker, decision, rescored=champion_score is not None, image_size=size)
     return paired | {

@@ -1,5 +1,7 @@
 """Real MLflow on SQLite in tmp_path."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -191,3 +193,19 @@ def test_stage_runs_are_finished_children_hidden_from_recent_runs(workspace):
     assert summary["tags"]["mlflow.parentRunId"] == parent.run_id
     assert summary["tags"]["aidetect.kind"] == "stage" and summary["tags"]["prefect.flow_run_id"] == "flow-1"
     assert [r["run_id"] for r in tracking.recent_runs(parent.uri, "exp")] == [parent.run_id]
+
+
+def test_champion_carries_its_calibration_for_predict(workspace):
+    from pipeline_lib.config import NormalizeConfig
+    from pipeline_lib.predict import ModelCalibration, parse_calibration
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    tracker = _tracker(workspace)
+    uri = tracking.log_pytorch_model(tracker, model, np.random.rand(1, 3, 4, 4).astype("float32"), ["torch"])
+    text = json.dumps(ModelCalibration(0.5, NormalizeConfig(mode="jpeg", quality=80)).as_dict())
+    tracking.register_model(tracker, uri, "cal", 0.9, "t", "m", image_size=4, calibration=text)
+    found = parse_calibration(tracking.champion_calibration(tracker.uri, "cal"), "champion tag")
+    assert found.temperature == 0.5 and found.normalize.quality == 80
+    assert tracking.champion_calibration(tracker.uri, "no-such-model") is None
+    with pytest.raises(ValueError, match="champion tag is malformed"):
+        parse_calibration("{}", "champion tag")
