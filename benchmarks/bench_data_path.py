@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
+from synthetic import photo_like_image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
@@ -42,18 +43,8 @@ BATCH = 16
 
 def photo_like(seed: int) -> bytes:
     """JPEG bytes of a photo-like image: upsampled colour field, a few shapes, pixel noise."""
-    rng = np.random.default_rng(seed)
-    field = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
-    image = Image.fromarray(field).resize((WIDTH, HEIGHT), Image.Resampling.BICUBIC)
-    draw = ImageDraw.Draw(image)
-    for _ in range(8):
-        x0, y0 = int(rng.integers(0, WIDTH - 200)), int(rng.integers(0, HEIGHT - 200))
-        x1, y1 = x0 + int(rng.integers(50, 500)), y0 + int(rng.integers(50, 500))
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
-    pixels = np.asarray(image, dtype=np.int16) + rng.normal(0, 8, size=(HEIGHT, WIDTH, 3)).astype(np.int16)
     buffer = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=QUALITY)
+    photo_like_image(seed, WIDTH, HEIGHT, max_shape=500).save(buffer, "JPEG", quality=QUALITY)
     return buffer.getvalue()
 
 

@@ -24,7 +24,8 @@ import imagehash
 import numpy as np
 import pandas as pd
 import scipy.fftpack
-from PIL import Image, ImageDraw
+from PIL import Image
+from synthetic import photo_like_image
 
 from pipeline_lib import fingerprint
 from pipeline_lib.catalog import new_rows
@@ -39,17 +40,7 @@ QUALITY = 90
 
 def structured_image(seed: int) -> Image.Image:
     """A photo-like RGB image: upsampled low-frequency colour field, a few shapes, pixel noise."""
-    rng = np.random.default_rng(seed)
-    field = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
-    image = Image.fromarray(field).resize((WIDTH, HEIGHT), Image.Resampling.BICUBIC)
-    draw = ImageDraw.Draw(image)
-    for _ in range(8):
-        x0, y0 = int(rng.integers(0, WIDTH - 200)), int(rng.integers(0, HEIGHT - 200))
-        x1, y1 = x0 + int(rng.integers(50, 600)), y0 + int(rng.integers(50, 600))
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
-    pixels = np.asarray(image, dtype=np.int16) + rng.normal(0, 8, size=(HEIGHT, WIDTH, 3)).astype(np.int16)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    return photo_like_image(seed, WIDTH, HEIGHT, max_shape=600)
 
 
 def make_images(folder: Path, n: int) -> list[Path]:

@@ -72,65 +72,51 @@ def _numbers(metrics: Any) -> dict[str, float]:
     return {str(k): float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def fingerprint_stage(workspace: Workspace, refresh: bool, catalog: Ref, dedup: DedupConfig, chunk_size: int) -> State:
-    """Plan, hash the missing images in chunks mapped on the flow's task runner, merge; the merge's state.
-
-    A failed plan or chunk is returned as the stage's state (the merge does not run then).
-    """
-    root, algorithm, size = str(workspace.root), dedup.algorithm, dedup.hash_size
-    plan_task = cached(per_image.plan_fingerprint, workspace, refresh)
-    plan: State = plan_task(root, catalog, algorithm, size, chunk_size, return_state=True)
+def _per_image_stage(
+    workspace: Workspace,
+    refresh: bool,
+    tasks: tuple[Any, Any, Any],
+    source: Ref,
+    params: tuple[Any, ...],
+    chunk_size: int,
+) -> State:
+    """plan(root, source, *params, chunk_size) -> chunks; chunk(root, chunk, *params) mapped on the flow's task runner;
+    merge(root, source, *params, results). The merge's state, or the failed plan's or chunk's (then no merge)."""
+    plan_task, chunk_task, merge_task = tasks
+    root = str(workspace.root)
+    plan: State = cached(plan_task, workspace, refresh)(root, source, *params, chunk_size, return_state=True)
     if not plan.is_completed():
         return plan
-    results = _map_chunks(per_image.hash_chunk, workspace, refresh, plan.result(), algorithm, size)
-    if isinstance(results, State):
-        return results
-    merge_task = cached(per_image.merge_fingerprints, workspace, refresh)
-    return merge_task(root, catalog, algorithm, size, results, return_state=True)
-
-
-def _map_chunks(task: Any, workspace: Workspace, refresh: bool, chunks: list[Any], *args: Any) -> list[Any] | State:
-    """Run task(root, chunk, *args) per chunk on the flow's task runner; the results, or the first failed state."""
     futures = []
-    if chunks:
-        mapped = cached(task, workspace, refresh)
-        futures = list(mapped.map(unmapped(str(workspace.root)), chunks, *[unmapped(arg) for arg in args]))
+    if chunks := plan.result():
+        mapped = cached(chunk_task, workspace, refresh)
+        futures = list(mapped.map(unmapped(root), chunks, *[unmapped(param) for param in params]))
     for future in futures:
         future.wait()
         if not future.state.is_completed():
             return future.state
-    return [future.result() for future in futures]
+    results = [future.result() for future in futures]
+    return cached(merge_task, workspace, refresh)(root, source, *params, results, return_state=True)
+
+
+def fingerprint_stage(workspace: Workspace, refresh: bool, catalog: Ref, dedup: DedupConfig, chunk_size: int) -> State:
+    """Plan, hash the missing images in chunks, merge into the hash cache and a catalog snapshot."""
+    tasks = (per_image.plan_fingerprint, per_image.hash_chunk, per_image.merge_fingerprints)
+    return _per_image_stage(workspace, refresh, tasks, catalog, (dedup.algorithm, dedup.hash_size), chunk_size)
 
 
 def preprocess_stage(
     workspace: Workspace, refresh: bool, catalog: Ref, size: int, policy: NormalizeConfig | None, chunk_size: int
 ) -> State:
-    """Plan, decode the missing tensors in chunks mapped on the flow's task runner, merge; the merge's state."""
-    root = str(workspace.root)
-    plan: State = cached(per_image.plan_preprocess, workspace, refresh)(
-        root, catalog, size, policy, chunk_size, return_state=True
-    )
-    if not plan.is_completed():
-        return plan
-    results = _map_chunks(per_image.tensor_chunk, workspace, refresh, plan.result(), size, policy)
-    if isinstance(results, State):
-        return results
-    merge_task = cached(per_image.merge_preprocess, workspace, refresh)
-    return merge_task(root, catalog, size, policy, results, return_state=True)
+    """Plan, decode the missing tensors in chunks, merge (count them, raise for images that failed)."""
+    tasks = (per_image.plan_preprocess, per_image.tensor_chunk, per_image.merge_preprocess)
+    return _per_image_stage(workspace, refresh, tasks, catalog, (size, policy), chunk_size)
 
 
 def ingest_stage(workspace: Workspace, refresh: bool, crawl_log: Ref, config: IngestConfig, chunk_size: int) -> State:
-    """Plan, validate the new files in chunks mapped on the flow's task runner, merge (places files); its state."""
-    root = str(workspace.root)
-    plan: State = cached(per_image.plan_ingest, workspace, refresh)(
-        root, crawl_log, config, chunk_size, return_state=True
-    )
-    if not plan.is_completed():
-        return plan
-    results = _map_chunks(per_image.validate_chunk, workspace, refresh, plan.result(), config)
-    if isinstance(results, State):
-        return results
-    return cached(per_image.merge_ingest, workspace, refresh)(root, crawl_log, config, results, return_state=True)
+    """Plan, validate the new files in chunks, merge (place files in store/ or quarantine/, snapshot the catalog)."""
+    tasks = (per_image.plan_ingest, per_image.validate_chunk, per_image.merge_ingest)
+    return _per_image_stage(workspace, refresh, tasks, crawl_log, (config,), chunk_size)
 
 
 def make_task_runner(execution: ExecutionConfig) -> TaskRunner:

@@ -689,6 +689,16 @@ ENGINES: dict[str, tuple[type, type]] = {
 ENDPOINT_ENGINES: tuple[str, ...] = ("bing", "google")
 
 
+def _read_utf8(path: Path, what: str) -> str:
+    """A user's text file (UTF-8, BOM allowed); FileNotFoundError or ValueError naming what and where."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what} {path} is not UTF-8 text ({error})") from None
+
+
 def _clean_keyword(text: str) -> str:
     return unicodedata.normalize("NFC", text).strip()
 
@@ -696,12 +706,7 @@ def _clean_keyword(text: str) -> str:
 def read_keywords(path: Path) -> list[str]:
     """Keywords from a UTF-8 .txt (one per line, '#' comments) or .csv (a `keyword` column)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"keywords file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"keywords file {path} is not UTF-8 text ({error})") from None
+    text = _read_utf8(path, "keywords file")
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(text))
         if "keyword" not in (reader.fieldnames or []):
@@ -818,12 +823,7 @@ class UrlEntry:
 def read_url_list(path: Path) -> list[UrlEntry]:
     """Rows of a url,label,group CSV; ValueError naming file and line for a missing column, bad label or empty url."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"URL list not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"URL list {path} is not UTF-8 text ({error})") from None
+    text = _read_utf8(path, "URL list")
     reader = csv.DictReader(io.StringIO(text))
     missing = [c for c in ("url", "label", "group") if c not in (reader.fieldnames or [])]
     if missing:
@@ -911,9 +911,7 @@ def _group_by_pattern(pattern: str, where: str) -> GroupOf:
 
 def read_group_csv(path: Path, root: Path) -> dict[str, str]:
     """file (relative to root, POSIX) -> group from a CSV with columns file,group."""
-    if not path.is_file():
-        raise FileNotFoundError(f"group CSV not found: {path}")
-    reader = csv.DictReader(io.StringIO(path.read_text(encoding="utf-8-sig")))
+    reader = csv.DictReader(io.StringIO(_read_utf8(path, "group CSV")))
     missing = [c for c in ("file", "group") if c not in (reader.fieldnames or [])]
     if missing:
         raise ValueError(f"{path}, line 1: missing column(s) {', '.join(missing)} (header must be file,group)")

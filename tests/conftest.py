@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny generated images and an isolated MLflow store per test."""
+"""Shared test helpers: tiny generated images, a tiny classifier, and an isolated MLflow store per test."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch import nn
+from torchvision.models import resnet18
 
 from pipeline_lib.workspace import Workspace
 
@@ -30,3 +33,14 @@ def make_image(path: Path, seed: int = 0, size: tuple[int, int] = (48, 40), fmt:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, fmt)
     return path
+
+
+class TinyClassifier(nn.Module):
+    """Same interface as pipeline_lib.models.Classifier: [0,1] NCHW floats in, logits [N,2] out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = resnet18(weights=None, num_classes=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.models import resnet18
 
 from pipeline_lib.evaluate import (
     PREDICTION_COLUMNS,
@@ -32,23 +31,13 @@ from pipeline_lib.evaluate import (
     softmax_p_ai,
 )
 from pipeline_lib.normalize import ROBUSTNESS_VARIANTS
+from tests.conftest import TinyClassifier
 
 # Ten hand-made predictions at threshold 0.5 (ai = positive):
 #   ai   rows: 0.9 0.8 0.7 0.6 | 0.3        -> tp = 4, fn = 1
 #   real rows: 0.65 0.55 | 0.2 0.1 0.05     -> fp = 2, tn = 3
 AI_SCORES = [0.9, 0.8, 0.7, 0.6, 0.3]
 REAL_SCORES = [0.65, 0.55, 0.2, 0.1, 0.05]
-
-
-class TinyClassifier(nn.Module):
-    """Same interface as pipeline_lib.models.Classifier: [0,1] NCHW floats in, logits [N,2] out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = resnet18(weights=None, num_classes=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 def make_rows(labels: list[str], groups: list[str] | None = None) -> pd.DataFrame:

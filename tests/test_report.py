@@ -12,25 +12,13 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from torch import nn
-from torchvision.models import resnet18
 
 from pipeline_lib.evaluate import per_group_accuracy, plot_roc, predictions_table
 from pipeline_lib.report import CAM_METHODS, build_report, compute_cams, select_examples
+from tests.conftest import TinyClassifier
 
 HOSTILE_GROUP = "<script>alert(1)</script>"
 HOSTILE_URL = 'http://127.0.0.1/a.jpg?q="><img onerror=alert(2) src=x>'
-
-
-class TinyClassifier(nn.Module):
-    """Same interface as pipeline_lib.models.Classifier: [0,1] NCHW floats in, logits [N,2] out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = resnet18(weights=None, num_classes=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class ImageTags(HTMLParser):

@@ -38,6 +38,15 @@ def wait_healthy(url: str, server: subprocess.Popen, seconds: float) -> None:
         time.sleep(0.5)
 
 
+def stop(server: subprocess.Popen) -> None:
+    """Terminate a server process; kill it if it has not exited after 20 s."""
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
 @contextlib.contextmanager
 def mlflow_server(backend_uri: str, artifact_root: Path, seconds: float = 120) -> Iterator[str]:
     """Start `mlflow server` on 127.0.0.1 (stopped on exit); yield its base URL once /health answers."""
@@ -62,11 +71,7 @@ def mlflow_server(backend_uri: str, artifact_root: Path, seconds: float = 120) -
         wait_healthy(f"{base}/health", server, seconds)
         yield base
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
 
 
 def get_json(base: str, path: str) -> dict[str, Any]:

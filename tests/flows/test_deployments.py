@@ -14,7 +14,7 @@ from prefect.client.schemas.schedules import CronSchedule
 
 from flows.deployments import entrypoint_flow, read_deployments, runner_deployments
 from tests.conftest import make_image
-from tests.flows.mlflow_server import free_port, wait_healthy
+from tests.flows.mlflow_server import free_port, stop, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -61,11 +61,7 @@ def prefect_server(tmp_path: Path):
         wait_healthy(f"{api}/health", server, 90)
         yield {**env, "PREFECT_API_URL": api, "PWD": str(ROOT)}
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
 
 
 def _prefect(env: dict[str, str], *args: str, timeout: float = 240) -> str:
