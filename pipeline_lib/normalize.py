@@ -14,17 +14,22 @@ import hashlib
 import io
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from pipeline_lib.config import NormalizeConfig
 from pipeline_lib.validate import to_rgb
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 
-TensorFn = Callable[[torch.Tensor], torch.Tensor]
+# torch is imported where the tensor functions run: the decode workers of preprocess import this module, and a
+# worker that imported torch would start seconds later.
+TensorFn = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
 def _check_image(image: object) -> None:
@@ -129,6 +134,8 @@ def policy_key(policy: NormalizeConfig) -> str:
 
 
 def _check_tensor(images: torch.Tensor) -> None:
+    import torch
+
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
         kind = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must be a uint8 torch.Tensor [3,H,W] or [N,3,H,W], got {kind}")
@@ -140,6 +147,8 @@ def _per_image(transform: Callable[[Image.Image], Image.Image]) -> TensorFn:
     """Lift a PIL transform to uint8 CHW / NCHW tensors (CPU result, same shape)."""
 
     def apply(images: torch.Tensor) -> torch.Tensor:
+        import torch
+
         _check_tensor(images)
         batch = images.unsqueeze(0) if images.ndim == 3 else images
         out = []

@@ -165,7 +165,9 @@ class CachedImages(Dataset):
             # Seeded by (seed, epoch, index): the same crops whatever the worker count or a resume.
             sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed)
+                # The CPU generator only: in a CUDA build torch.manual_seed also queues a CUDA seeding that
+                # formats a stack trace, 0.18 ms per call against 0.002 ms (H100 machine, torch 2.11).
+                torch.default_generator.manual_seed(sample_seed)
                 image = self.augment(image)
         return image, self.labels[index]
 

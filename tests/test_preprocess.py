@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -224,3 +226,10 @@ def test_audit_features_of_normalised_files_lose_the_format_shortcut(workspace: 
     assert (normalised["format_jpeg"] == 1.0).all() and (normalised["width"] == 32).all()
     assert (normalised["height"] == 32).all() and (normalised["jpeg_quality"] == 80).all()
     assert list(normalised.index) == list(raw.index)
+
+
+def test_decode_workers_import_no_torch() -> None:
+    """The spawn pool's workers import this module; torch would add seconds to each worker's start."""
+    code = "import sys, pipeline_lib.preprocess, pipeline_lib.normalize; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
