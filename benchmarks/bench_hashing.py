@@ -43,14 +43,46 @@ def structured_image(seed: int) -> Image.Image:
     return photo_like_image(seed, WIDTH, HEIGHT, max_shape=600)
 
 
-def make_images(folder: Path, n: int) -> list[Path]:
-    """n JPEGs (quality QUALITY) in folder/store layout-free paths."""
+SWEEP_QUALITIES = (75, 85, 90, 95)
+
+
+def make_images(folder: Path, n: int, quality: int = QUALITY) -> list[Path]:
+    """n JPEGs at quality in folder (the same pictures whatever the quality: seeds 0..n-1)."""
+    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for seed in range(n):
         path = folder / f"img{seed:04d}.jpg"
-        structured_image(seed).save(path, "JPEG", quality=QUALITY)
+        structured_image(seed).save(path, "JPEG", quality=quality)
         paths.append(path)
     return paths
+
+
+def quality_sweep(root: Path, n: int, repeats: int) -> list[dict[str, float]]:
+    """One-core speedup and decode-only ceiling at each of SWEEP_QUALITIES, on n of the same pictures.
+
+    The draft decode still Huffman-decodes the whole entropy-coded stream, so its cost follows the file size: the
+    ratio to the naive loop falls as the quality (bits per pixel) rises.
+    """
+    rows = []
+    for quality in SWEEP_QUALITIES:
+        paths = make_images(root / f"q{quality}", n, quality)
+        naive_s = min(time_naive(paths)[0] for _ in range(repeats))
+        seq_s = min(time_sequential(paths)[0] for _ in range(repeats))
+        floor_s = min(time_draft_decode_only(paths) for _ in range(repeats))
+        mean_bytes = float(np.mean([p.stat().st_size for p in paths]))
+        rows.append(
+            {
+                "jpeg_quality": quality,
+                "mean_file_bytes": int(mean_bytes),
+                "bits_per_pixel": round(8 * mean_bytes / (WIDTH * HEIGHT), 2),
+                "naive_images_per_s": rate(n, naive_s),
+                "project_one_core_images_per_s": rate(n, seq_s),
+                "project_one_core_speedup": round(naive_s / seq_s, 2),
+                "draft_decode_only_speedup_ceiling": round(naive_s / floor_s, 2),
+            }
+        )
+        log.info("quality %d: %s", quality, rows[-1])
+    return rows
 
 
 def rate(n: int, seconds: float) -> float:
@@ -213,6 +245,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="16 images instead of 128")
     parser.add_argument("-n", type=int, default=None, help="number of images (default 128, --quick 16)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes of the single-core loops (best kept)")
+    parser.add_argument(
+        "--sweep", type=int, default=None, help="images per JPEG quality in the quality sweep (default n/4; 0: skip)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     n = args.n or (16 if args.quick else 128)
@@ -237,6 +272,8 @@ def main() -> None:
         log.info("pool (%d workers): %.2f s, of which start-up ~%.2f s", workers, pool["total_s"], startup_s)
         agree = agreement(paths, draft_hashes, naive_hashes)
         mean_bytes = int(np.mean([p.stat().st_size for p in paths]))
+        sweep_n = max(4, n // 4) if args.sweep is None else args.sweep
+        sweep = quality_sweep(root / "sweep", sweep_n, args.repeats) if sweep_n > 0 else []
     naive_rate = n / naive_s
     seconds_saved_per_image = seq_s / n - warm_s / n
     summary = {
@@ -245,6 +282,7 @@ def main() -> None:
         "image_size": [WIDTH, HEIGHT],
         "jpeg_quality": QUALITY,
         "mean_file_bytes": mean_bytes,
+        "bits_per_pixel": round(8 * mean_bytes / (WIDTH * HEIGHT), 2),
         "cpu_count": os.cpu_count(),
         "hash_version": fingerprint.HASH_VERSION,
         "single_core_repeats_best_of": args.repeats,
@@ -270,6 +308,8 @@ def main() -> None:
         ),
         "parallel_min_images": fingerprint.PARALLEL_MIN_IMAGES,
         **agree,
+        "quality_sweep_images_per_quality": sweep_n,
+        "quality_sweep": sweep,
     }
     print(json.dumps(summary))
 
