@@ -37,6 +37,15 @@ def _config(dataset, endpoint: str, root: Path, overrides: list[str]):
     return build_config(data, FAST + overrides, origin="test")
 
 
+def _file_stamps(root: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every file under root, by path relative to root."""
+    return {
+        path.relative_to(root).as_posix(): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in root.rglob("*")
+        if path.is_file()
+    }
+
+
 def test_full_pipeline_then_resume_then_all_cached(harness, tmp_path: Path):
     dataset = demo_data.generate_demo_dataset(tmp_path / "data", n_persons_per_class=10, image_size=64, seed=3)
     root = tmp_path / "ws"
@@ -56,13 +65,15 @@ def test_full_pipeline_then_resume_then_all_cached(harness, tmp_path: Path):
         assert [first["states"][s] for s in upstream] == ["Cached"] * len(upstream), first["states"]
         assert [first["states"][s] for s in ("train", "evaluate", "report")] == ["Completed"] * 3
 
-        # 3. Nothing new: every stage Cached, in under a tenth of the time.
+        # 3. Nothing new: every stage Cached, and nothing in the workspace rewritten.
+        before = _file_stamps(root)
         second = pipeline(config)
     assert set(second["states"].values()) == {"Cached"}, second["states"]
-    # Every stage was computed once, across the failed run and its fixed re-run: a tenth of that, at most.
+    changed = {path for path, stamp in _file_stamps(root).items() if before.get(path) != stamp}
+    assert not {p for p in changed if p.startswith(("models/", "cache/", "store/", "reports/", "catalog/"))}, changed
+    # The time is printed, not asserted (timing targets live in benchmarks/ and the README's demo figures).
     computed = broken_seconds + first["seconds"]
     print(f"pipeline seconds: computed {computed:.2f}, all cached {second['seconds']:.2f}")
-    assert second["seconds"] < computed / 10, (computed, second["seconds"])
     assert second["mlflow_run_id"] != first["mlflow_run_id"]
 
     workspace = Workspace.open(root)
