@@ -116,9 +116,11 @@ def build_augmentation(config: AugmentConfig) -> v2.Compose:
             f"jpeg_quality_max ({config.jpeg_quality_max})"
         )
     t = config.affine_translate
-    # Rotation, translation and scale in one warp: the same geometry as a rotation followed by an affine (uniform
-    # scaling commutes with rotation), one interpolation instead of two, and half the per-sample cost. The flip
-    # after it gives the same distribution (the translation range is symmetric).
+    # The recipe's RandomRotation and RandomAffine as one warp: the same mapping of pixels as a rotation followed
+    # by a translate/scale (uniform scaling commutes with rotation), one interpolation instead of two, and half the
+    # per-sample cost. One difference: where the shift or a zoom-out shows what the separate rotation had cut off
+    # at the frame, the single warp shows those pixels instead of black. The flip after the warp gives the same
+    # distribution (the translation range is symmetric).
     steps: list[nn.Module] = [
         v2.RandomAffine(
             config.rotation_degrees, translate=(t, t), scale=(config.affine_scale_min, config.affine_scale_max)
