@@ -437,12 +437,18 @@ def search_site(dataset: DemoDataset, port: int = 0) -> Iterator[str]:
     except OSError as error:
         log.warning("port %d is not free (%s); serving the demo site on a free port instead", port, error)
         server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    with serving(server) as bound:
+        yield f"http://127.0.0.1:{bound}/images/async?q={{keyword}}&first={{offset}}"
+
+
+@contextlib.contextmanager
+def serving(server: ThreadingHTTPServer) -> Iterator[int]:
+    """Run server in a daemon thread; yield its port; shut it down and close it on the way out."""
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    port = server.server_address[1]
     try:
-        yield f"http://127.0.0.1:{port}/images/async?q={{keyword}}&first={{offset}}"
+        yield server.server_address[1]
     finally:
         server.shutdown()
         server.server_close()

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from pipeline_lib.demo_data import result_page as bing_result_page
+from pipeline_lib.demo_data import serving
 
 log = logging.getLogger(__name__)
 
@@ -127,16 +128,8 @@ class LoopbackSite:
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
                     self.close_connection = True
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{server.server_address[1]}/search?q={{keyword}}&first={{offset}}"
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(5)
+        with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as port:
+            yield f"http://127.0.0.1:{port}/search?q={{keyword}}&first={{offset}}"
 
 
 def _send(handler: BaseHTTPRequestHandler, status: int, body: bytes) -> None:

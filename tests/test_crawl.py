@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import socket
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -20,7 +19,14 @@ import pytest
 from pipeline_lib import crawl
 from pipeline_lib.config import FolderSource, IngestConfig, SearchSource, SourcesConfig, UrlListSource, build_config
 from pipeline_lib.crawl import crawl_sources, detect_ext, read_crawl_log
-from pipeline_lib.demo_data import DemoDataset, demo_config_dict, generate_demo_dataset, result_page, search_site
+from pipeline_lib.demo_data import (
+    DemoDataset,
+    demo_config_dict,
+    generate_demo_dataset,
+    result_page,
+    search_site,
+    serving,
+)
 from pipeline_lib.ingest import LOG_COLUMNS, ingest
 from pipeline_lib.workspace import Workspace, file_sha256
 from tests.conftest import make_image
@@ -93,16 +99,8 @@ class TestSite:
                 self.end_headers()
                 self.wfile.write(body)
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{server.server_address[1]}/search?q={{keyword}}&first={{offset}}"
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(5)
+        with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as port:
+            yield f"http://127.0.0.1:{port}/search?q={{keyword}}&first={{offset}}"
 
 
 def _jpeg(tmp_path: Path, seed: int) -> bytes:
