@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -153,9 +155,23 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
 
 def pipeline_in_current_flow(config: PipelineConfig) -> dict[str, Any]:
     """The pipeline's stages inside the flow run that calls this (a deployment's own run, so its gate can suspend)."""
-    workspace = Workspace.create(config.execution.workspace)
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(workspace.prefect / "results")}):
-        return _run_pipeline(config, workspace)
+    started = time.perf_counter()
+    tags = _flow_run_tags()
+    with tracked_stages(config, tags["prefect.flow_run_name"] or "pipeline", tags) as (workspace, stages_run, tracker):
+        with tracking_lib.system_metrics(tracker, config.tracking.system_metrics_interval_s):
+            catalog = _data_stages(config, workspace, stages_run)
+            summary = _model_stages(config, workspace, stages_run, tracker, catalog)
+        summary |= {
+            "states": stages_run.states,
+            "seconds": round(time.perf_counter() - started, 2),
+            "mlflow_run_id": tracker.run_id,
+            "tracking_uri": tracker.uri,
+            "workspace": str(workspace.root),
+        }
+        tracker.log_metrics({"pipeline.seconds": summary["seconds"]})
+    _publish(summary, tracker)
+    get_run_logger().info("stages: %s", ", ".join(f"{k}={v}" for k, v in stages_run.states.items()))
+    return summary
 
 
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
@@ -163,32 +179,24 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     return pipeline.with_options(task_runner=make_task_runner(config.execution))(config)
 
 
-def _run_pipeline(config: PipelineConfig, workspace: Workspace) -> dict[str, Any]:
-    logger = get_run_logger()
-    started = time.perf_counter()
-    root = str(workspace.root)
-    tags = _flow_run_tags()
-    tracker = track.start_tracking(root, config, tags["prefect.flow_run_name"] or "pipeline", tags)
-    stages_run = StageRecorder(workspace, config.execution.refresh_cache, tracker)
-    try:
-        with tracking_lib.system_metrics(tracker, config.tracking.system_metrics_interval_s):
-            catalog = _data_stages(config, workspace, stages_run)
-            summary = _model_stages(config, workspace, stages_run, tracker, catalog)
-    except BaseException:
-        track.finish_tracking(tracker, "FAILED")
-        raise
-    summary |= {
-        "states": stages_run.states,
-        "seconds": round(time.perf_counter() - started, 2),
-        "mlflow_run_id": tracker.run_id,
-        "tracking_uri": tracker.uri,
-        "workspace": root,
-    }
-    tracker.log_metrics({"pipeline.seconds": summary["seconds"]})
-    track.finish_tracking(tracker, "FINISHED")
-    _publish(summary, tracker)
-    logger.info("stages: %s", ", ".join(f"{k}={v}" for k, v in stages_run.states.items()))
-    return summary
+@contextlib.contextmanager
+def tracked_stages(
+    config: PipelineConfig, run_name: str, tags: dict[str, str]
+) -> Iterator[tuple[Workspace, StageRecorder, tracking_lib.Tracker]]:
+    """What a flow's stages run in: the workspace, Prefect results stored inside it, an MLflow run and a recorder.
+
+    The MLflow run ends FINISHED with the block, FAILED when the block raises (a suspended review gate included).
+    """
+    workspace = Workspace.create(config.execution.workspace)
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(workspace.prefect / "results")}):
+        tracker = track.start_tracking(str(workspace.root), config, run_name, tags)
+        recorder = StageRecorder(workspace, config.execution.refresh_cache, tracker)
+        try:
+            yield workspace, recorder, tracker
+        except BaseException:
+            track.finish_tracking(tracker, "FAILED")
+            raise
+        track.finish_tracking(tracker, "FINISHED")
 
 
 def _crawl_and_ingest(
@@ -291,18 +299,9 @@ def _publish(summary: dict[str, Any], tracker: tracking_lib.Tracker) -> None:
 @flow(name="aidetect-crawl")
 def crawl_flow(config: PipelineConfig) -> dict[str, Any]:
     """Crawl and ingest only (grow the catalog without training); recorded as an MLflow run of kind crawl."""
-    workspace = Workspace.create(config.execution.workspace)
-    root = str(workspace.root)
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(workspace.prefect / "results")}):
-        tags = _flow_run_tags(kind="crawl")
-        tracker = track.start_tracking(root, config, f"crawl-{tags['prefect.flow_run_name']}", tags)
-        run = StageRecorder(workspace, config.execution.refresh_cache, tracker)
-        try:
-            crawled, ingested = _crawl_and_ingest(config, workspace, run)
-        except BaseException:
-            track.finish_tracking(tracker, "FAILED")
-            raise
-        track.finish_tracking(tracker, "FINISHED")
+    tags = _flow_run_tags(kind="crawl")
+    with tracked_stages(config, f"crawl-{tags['prefect.flow_run_name']}", tags) as (workspace, run, tracker):
+        crawled, ingested = _crawl_and_ingest(config, workspace, run)
     return {
         "states": run.states,
         "counts": crawled.metrics | ingested.metrics,

@@ -11,31 +11,23 @@ from uuid import UUID
 
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from flows import review_gate
-from flows.pipeline import StageRecorder, _crawl_and_ingest, fingerprint_and_dedup
+from flows.pipeline import _crawl_and_ingest, fingerprint_and_dedup, tracked_stages
 from pipeline_lib import review
 from pipeline_lib.catalog import read_snapshot
 from pipeline_lib.config import PipelineConfig, build_config
 from pipeline_lib.workspace import Workspace
-from tasks import track
 from tests.conftest import make_image
 
 
 @flow(name="aidetect-review-gate-test")
 def gate_flow(config: PipelineConfig) -> dict[str, Any]:
     """The pipeline's data stages up to and including the review gate (no split/training: fast)."""
-    workspace = Workspace.create(config.execution.workspace)
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(workspace.prefect / "results")}):
-        tracker = track.start_tracking(str(workspace.root), config, "gate-test", {"aidetect.kind": "test"})
-        run = StageRecorder(workspace, False, tracker)
-        try:
-            _, ingested = _crawl_and_ingest(config, workspace, run)
-            deduped = fingerprint_and_dedup(config, workspace, run, ingested)
-            approved = review_gate.review_stage(config, workspace, run, deduped)
-        finally:
-            track.finish_tracking(tracker, "FINISHED")
+    with tracked_stages(config, "gate-test", {"aidetect.kind": "test"}) as (workspace, run, _):
+        _, ingested = _crawl_and_ingest(config, workspace, run)
+        deduped = fingerprint_and_dedup(config, workspace, run, ingested)
+        approved = review_gate.review_stage(config, workspace, run, deduped)
         statuses = read_snapshot(workspace, approved.catalog)["status"].value_counts().to_dict()
     return {"states": run.states, "statuses": statuses}
 

@@ -13,16 +13,14 @@ import pandas as pd
 import pytest
 from distributed import LocalCluster
 from prefect import flow
-from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-from flows.pipeline import StageRecorder, _crawl_and_ingest, fingerprint_stage, make_task_runner, preprocess_stage
+from flows.pipeline import _crawl_and_ingest, fingerprint_stage, make_task_runner, preprocess_stage, tracked_stages
 from pipeline_lib import fingerprint as fingerprint_lib
 from pipeline_lib import preprocess as preprocess_lib
 from pipeline_lib import tracking
 from pipeline_lib.catalog import STATUS_OK, read_snapshot, write_snapshot
 from pipeline_lib.config import ExecutionConfig, PipelineConfig, build_config
 from pipeline_lib.workspace import Ref, Workspace
-from tasks import track
 from tests.conftest import make_image
 
 HASH_COLUMNS = ["sha256", "path", "status", "phash", "dhash"]
@@ -33,22 +31,16 @@ IMAGE_SIZE = 24
 @flow(name="aidetect-fingerprint-test")
 def fingerprint_flow(config: PipelineConfig) -> dict[str, Any]:
     """The pipeline's crawl (folders) -> ingest -> fingerprint stages, through the pipeline's own functions."""
-    workspace = Workspace.create(config.execution.workspace)
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(workspace.prefect / "results")}):
-        tracker = track.start_tracking(str(workspace.root), config, "fingerprint-test", {"aidetect.kind": "test"})
-        run = StageRecorder(workspace, False, tracker)
-        try:
-            _, ingested = _crawl_and_ingest(config, workspace, run)
-            started = time.perf_counter()
-            state = fingerprint_stage(workspace, False, ingested.catalog, config.dedup, config.execution.chunk_size)
-            hashed = run.record("fingerprint", state, time.perf_counter() - started)
-            split_ref = _all_train(workspace, hashed.catalog)
-            started = time.perf_counter()
-            size, chunk_size = config.train.image_size, config.execution.chunk_size
-            state = preprocess_stage(workspace, False, split_ref, size, config.preprocess.normalize, chunk_size)
-            run.record("preprocess", state, time.perf_counter() - started)
-        finally:
-            track.finish_tracking(tracker, "FINISHED")
+    with tracked_stages(config, "fingerprint-test", {"aidetect.kind": "test"}) as (workspace, run, tracker):
+        _, ingested = _crawl_and_ingest(config, workspace, run)
+        started = time.perf_counter()
+        state = fingerprint_stage(workspace, False, ingested.catalog, config.dedup, config.execution.chunk_size)
+        hashed = run.record("fingerprint", state, time.perf_counter() - started)
+        split_ref = _all_train(workspace, hashed.catalog)
+        started = time.perf_counter()
+        size, chunk_size = config.train.image_size, config.execution.chunk_size
+        state = preprocess_stage(workspace, False, split_ref, size, config.preprocess.normalize, chunk_size)
+        run.record("preprocess", state, time.perf_counter() - started)
     return {"states": run.states, "ingest": ingested.catalog, "catalog": hashed.catalog, "tracker": tracker}
 
 
