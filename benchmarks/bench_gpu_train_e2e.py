@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from bench_gpu_train import VARIANTS, measure
 from synthetic import photo_like_image
 
 from pipeline_lib import catalog as cat
@@ -54,33 +55,6 @@ def make_catalog(workspace: Workspace, n: int) -> pd.DataFrame:
             }
         )
     return cat.new_rows(records)
-
-
-def step_rate(config: TrainConfig, steps: int = 20) -> float:
-    """images/s of train_model's own step (bf16 autocast, channels_last, SGD) on a batch already on the GPU."""
-    model, _ = train_lib.build_initial_model(config)
-    model.to("cuda").to(memory_format=torch.channels_last).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    batch = torch.randint(0, 256, (config.batch_size, 3, config.image_size, config.image_size), dtype=torch.uint8)
-    inputs = train_lib._to_input(batch, "cuda")
-    targets = torch.randint(0, 2, (config.batch_size,), device="cuda")
-    criterion = torch.nn.CrossEntropyLoss()
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with train_lib._autocast("cuda"):
-            loss = criterion(model(inputs).float(), targets)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return config.batch_size * steps / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -118,8 +92,8 @@ def main() -> None:
                 for epoch in result.history
             ]
             log.info("workers=%d: %s", workers, runs[f"workers_{workers}"])
-        config = TrainConfig(**base, head_only_epochs=0)
-        model_step = step_rate(config)
+        step_variant = next(variant for variant in VARIANTS if variant.name == "bf16_channels_last")  # train's step
+        model_step = measure(step_variant, "resnet50", args.batch, args.size, warmup=5, steps=20)["images_per_s"]
     best = max(run[-1]["images_per_s"] for run in runs.values())  # epoch 3: all layers, warmed up
     summary = {
         "benchmark": "gpu_train_e2e",
