@@ -82,10 +82,12 @@ INCOMPLETE_READ = re.compile(r"IncompleteRead\((\d+) bytes read")
 
 @dataclass(frozen=True)
 class CrawlResult:
-    """The whole cumulative crawl log, and one summary row per (source, keyword) of this run."""
+    """The whole cumulative crawl log, one summary row per (source, keyword) of this run, and the (source, keyword)
+    pairs not searched because they were searched less than sources.recrawl_after_hours ago."""
 
     log: pd.DataFrame
     summary: pd.DataFrame
+    not_due: list[tuple[str, str]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,6 +142,50 @@ def write_crawl_log(workspace: Workspace, frame: pd.DataFrame) -> Path:
     with atomic_path(path) as tmp:
         conform_log(frame).to_parquet(tmp, index=False, engine="pyarrow")
     return path
+
+
+SEARCHES_FILE = "searches.parquet"
+SEARCH_COLUMNS: dict[str, str] = {"source": "string", "keyword": "string", "searched_at": "datetime64[ns, UTC]"}
+
+
+def searches_path(workspace: Workspace) -> Path:
+    """Where the last search time of every (search source, keyword) is kept."""
+    return workspace.crawl / SEARCHES_FILE
+
+
+def read_searches(workspace: Workspace) -> pd.DataFrame:
+    """(source, keyword, searched_at) of every keyword searched before; empty if none; ValueError naming the file."""
+    path = searches_path(workspace)
+    if not path.is_file():
+        return pd.DataFrame({name: pd.Series([], dtype=dtype) for name, dtype in SEARCH_COLUMNS.items()})
+    try:
+        frame = pd.read_parquet(path, engine="pyarrow")
+        return frame[list(SEARCH_COLUMNS)].astype(SEARCH_COLUMNS)
+    except Exception as error:  # pyarrow raises several types for damaged files
+        raise ValueError(f"search log {path} is unreadable ({error}); delete it to search all keywords again") from None
+
+
+def _record_searches(workspace: Workspace, previous: pd.DataFrame, summary: pd.DataFrame, now: datetime) -> None:
+    """Stamp the keywords this run searched to the end (no results counts, an error does not): latest per keyword."""
+    done = summary[summary["source"].str.startswith("search:") & summary["error"].isin(["", NO_RESULTS])]
+    if done.empty:
+        return
+    fresh = pd.DataFrame({"source": done["source"], "keyword": done["keyword"], "searched_at": now})
+    table = pd.concat([previous, fresh.astype(SEARCH_COLUMNS)], ignore_index=True)
+    table = table.drop_duplicates(["source", "keyword"], keep="last").reset_index(drop=True)
+    with atomic_path(searches_path(workspace)) as tmp:
+        table.to_parquet(tmp, index=False, engine="pyarrow")
+
+
+def due_keywords(
+    searches: pd.DataFrame, source: str, keywords: list[str], now: datetime, hours: float
+) -> tuple[list[str], list[str]]:
+    """(keywords to search, keywords searched on source less than `hours` ago); hours 0: all are due."""
+    rows = searches[searches["source"] == source]
+    last = dict(zip(rows["keyword"], rows["searched_at"], strict=True))
+    limit = pd.Timedelta(hours=hours)
+    recent = [k for k in keywords if k in last and hours > 0 and pd.Timestamp(now) - last[k] < limit]
+    return [k for k in keywords if k not in recent], recent
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1036,21 +1082,44 @@ def _as_utc(now: datetime | None) -> datetime:
     return now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
 
 
+def _due_jobs(
+    jobs: list[_SearchJob | _UrlJob | _FolderJob], searches: pd.DataFrame, now: datetime, hours: float
+) -> tuple[list[_SearchJob | _UrlJob | _FolderJob], list[tuple[str, str]]]:
+    """The jobs with only the keywords due for a search again, and the (source, keyword) pairs left out."""
+    due_jobs: list[_SearchJob | _UrlJob | _FolderJob] = []
+    not_due: list[tuple[str, str]] = []
+    for job in jobs:
+        if isinstance(job, _SearchJob):
+            name = f"search:{job.source.engine}"
+            due, recent = due_keywords(searches, name, job.keywords, now, hours)
+            not_due += [(name, keyword) for keyword in recent]
+            job = _SearchJob(job.source, due)
+        due_jobs.append(job)
+    return due_jobs, not_due
+
+
 def crawl_sources(workspace: Workspace, sources: SourcesConfig, now: datetime | None = None) -> CrawlResult:
     """Fetch new files from every source into incoming/; return the cumulative log and a per-keyword summary.
 
     `now` (UTC; naive means UTC) stamps this run's rows. The log is persisted after each keyword and source and
-    at the end, also when a source raises.
+    at the end, also when a source raises. A keyword searched (on the same engine) less than
+    sources.recrawl_after_hours before `now` is not searched again; URLs fetched once are never fetched again.
     """
-    jobs = _plan(sources)
-    state = CrawlState(workspace, read_crawl_log(workspace), _as_utc(now))
+    stamp = _as_utc(now)
+    searches = read_searches(workspace)
+    jobs, not_due = _due_jobs(_plan(sources), searches, stamp, sources.recrawl_after_hours)
+    if not_due:
+        hours = sources.recrawl_after_hours
+        log.info("crawl: %d keyword(s) searched within %g h are not searched again", len(not_due), hours)
+    state = CrawlState(workspace, read_crawl_log(workspace), stamp)
     try:
         for job in jobs:
             _run_job(state, sources, job)
     finally:
         state.checkpoint(force=True)
     summary = state.summary()
+    _record_searches(workspace, searches, summary, stamp)
     log.info(
         "crawl: new=%d skipped=%d failed=%d", summary["new"].sum(), summary["skipped"].sum(), summary["failed"].sum()
     )
-    return CrawlResult(state.log_frame(), summary)
+    return CrawlResult(state.log_frame(), summary, not_due)

@@ -41,7 +41,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> DemoDataset:
 
 
 def _sources(**kwargs: Any) -> SourcesConfig:
-    base = {"allow_private_addresses": True, "request_timeout_s": 3, "max_retries": 1}
+    """Loopback sources; recrawl_after_hours 0 (every crawl searches every keyword) unless a test says otherwise."""
+    base = {"allow_private_addresses": True, "request_timeout_s": 3, "max_retries": 1, "recrawl_after_hours": 0}
     return SourcesConfig.model_validate(base | kwargs)
 
 
@@ -230,6 +231,57 @@ def test_network_loss_keeps_what_was_fetched(workspace: Workspace, dataset: Demo
     assert rows.loc["person-01", "new"] == 0 and rows.loc["person-01", "skipped"] == len(kept)
     assert rows.loc["person-02", "new"] > 0
     assert set(second.log["url"]) == _served_urls(dataset, endpoint, ["person-01", "person-02"])
+
+
+def test_a_keyword_is_searched_again_only_after_recrawl_after_hours(workspace: Workspace, tmp_path: Path) -> None:
+    site = TestSite({"0.jpg": _jpeg(tmp_path, 0)})
+    keywords = tmp_path / "names.txt"
+    keywords.write_text("alice\n", encoding="utf-8")
+    sources = _sources(search=[_bing("", [], keywords_file=keywords)], recrawl_after_hours=20)
+    with site.serve() as endpoint:
+        sources = sources.model_copy(update={"search": [sources.search[0].model_copy(update={"endpoint": endpoint})]})
+        crawl_sources(workspace, sources, now=NOW)
+        searched = pd.read_parquet(crawl.searches_path(workspace))
+        assert searched[["source", "keyword"]].values.tolist() == [["search:bing", "alice"]]
+
+        # 19 h later, a name added to the file: only the new name is searched, the log file is not rewritten
+        keywords.write_text("alice\nbob\n", encoding="utf-8")
+        log_stamp = crawl.crawl_log_path(workspace).stat().st_mtime_ns
+        later = crawl_sources(workspace, sources, now=NOW + pd.Timedelta(hours=19))
+        assert site.queries == ["alice", "bob"], site.queries
+        assert later.not_due == [("search:bing", "alice")]
+        assert crawl.crawl_log_path(workspace).stat().st_mtime_ns == log_stamp, "nothing new: the log is not rewritten"
+
+        # 21 h after the first search (a daily schedule with slack): alice is due again, bob not yet
+        next_day = crawl_sources(workspace, sources, now=NOW + pd.Timedelta(hours=21))
+    assert site.queries == ["alice", "bob", "alice"], site.queries
+    assert next_day.not_due == [("search:bing", "bob")]
+    stamps = pd.read_parquet(crawl.searches_path(workspace)).set_index("keyword")["searched_at"]
+    assert stamps["alice"] == pd.Timestamp(NOW + pd.Timedelta(hours=21)), stamps
+    assert stamps["bob"] == pd.Timestamp(NOW + pd.Timedelta(hours=19)), stamps
+
+
+def test_a_failed_search_is_not_stamped_and_is_tried_again(workspace: Workspace, dataset: DemoDataset) -> None:
+    dead = f"http://127.0.0.1:{_closed_port()}/images/async?q={{keyword}}&first={{offset}}"
+    sources = _sources(search=[_bing(dead, ["person-01"])], recrawl_after_hours=20)
+    first = crawl_sources(workspace, sources, now=NOW)
+    assert "search page failed" in first.summary.iloc[0]["error"]
+    assert not crawl.searches_path(workspace).exists(), "a search that failed must not wait recrawl_after_hours"
+    with search_site(dataset) as endpoint:
+        healthy = _sources(search=[_bing(endpoint, ["person-01"])], recrawl_after_hours=20)
+        second = crawl_sources(workspace, healthy, now=NOW + pd.Timedelta(minutes=5))
+    assert second.not_due == [] and second.summary.iloc[0]["new"] > 0
+
+
+def test_due_keywords_boundaries() -> None:
+    searches = pd.DataFrame(
+        {"source": ["search:bing", "search:google"], "keyword": ["a", "b"], "searched_at": [pd.Timestamp(NOW)] * 2}
+    ).astype(crawl.SEARCH_COLUMNS)
+    at = NOW + pd.Timedelta(hours=20)
+    assert crawl.due_keywords(searches, "search:bing", ["a", "b"], at, 20) == (["a", "b"], [])
+    assert crawl.due_keywords(searches, "search:bing", ["a", "b"], at, 20.5) == (["b"], ["a"])
+    assert crawl.due_keywords(searches, "search:google", ["a", "b"], at, 21) == (["a"], ["b"])
+    assert crawl.due_keywords(searches, "search:bing", ["a"], NOW, 0) == (["a"], []), "0 h: every crawl searches"
 
 
 def test_log_is_persisted_when_a_source_raises(
