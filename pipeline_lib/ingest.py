@@ -57,9 +57,14 @@ class _Job:
     animated: str
 
 
-def validation_record_path(workspace: Workspace, sha256: str) -> Path:
-    """Where the validation record of one sha256 is kept."""
-    return workspace.cache / "validation" / f"{sha256}.json"
+def policy_folder(config: IngestConfig) -> str:
+    """The name of one ingest policy's records: min_side, max_pixels and animated decide whether a file is usable."""
+    return f"min{config.min_side}-px{config.max_pixels}-{config.animated}"
+
+
+def validation_record_path(workspace: Workspace, sha256: str, config: IngestConfig) -> Path:
+    """Where the validation record of one sha256 under one ingest policy is kept (another policy judges it again)."""
+    return workspace.cache / "validation" / policy_folder(config) / f"{sha256}.json"
 
 
 def _quarantine_path(workspace: Workspace, sha256: str, ext: str) -> Path:
@@ -77,9 +82,9 @@ def _read_record(path: Path) -> ImageCheck | None:
         return None
 
 
-def _write_record(workspace: Workspace, sha256: str, check: ImageCheck) -> None:
+def _write_record(workspace: Workspace, sha256: str, check: ImageCheck, config: IngestConfig) -> None:
     text = json.dumps(dataclasses.asdict(check), sort_keys=True)
-    atomic_write_text(validation_record_path(workspace, sha256), text)
+    atomic_write_text(validation_record_path(workspace, sha256, config), text)
 
 
 def _stored_copies(workspace: Workspace, sha256: str, ext: str) -> list[Path]:
@@ -93,9 +98,9 @@ def _target(workspace: Workspace, sha256: str, ext: str, check: ImageCheck) -> P
     return workspace.store_path(sha256, ext) if check.ok else _quarantine_path(workspace, sha256, ext)
 
 
-def _reusable(workspace: Workspace, sha256: str, ext: str) -> Placement | None:
-    """The earlier placement of sha256 if both its record and its file (where the record says) still exist."""
-    check = _read_record(validation_record_path(workspace, sha256))
+def _reusable(workspace: Workspace, sha256: str, ext: str, config: IngestConfig) -> Placement | None:
+    """The earlier placement of sha256 under this policy if its record and its file (where it says) still exist."""
+    check = _read_record(validation_record_path(workspace, sha256, config))
     if check is None:
         return None
     for copy in _stored_copies(workspace, sha256, ext):
@@ -124,13 +129,13 @@ def _validate_jobs(jobs: list[_Job], workers: int | None) -> dict[str, ImageChec
         return dict(pool.map(_validate_job, jobs, chunksize=chunksize))
 
 
-def _place(workspace: Workspace, sha256: str, source: Path, check: ImageCheck) -> Placement:
+def _place(workspace: Workspace, sha256: str, source: Path, check: ImageCheck, config: IngestConfig) -> Placement:
     """Move a validated file (same filesystem, byte-identical) to store/ or quarantine/, then record its check."""
     target = _target(workspace, sha256, source.suffix[1:], check)
     if source != target:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, target)
-    _write_record(workspace, sha256, check)
+    _write_record(workspace, sha256, check, config)
     return Placement(workspace.relative(target), check)
 
 
@@ -161,11 +166,14 @@ def _source(workspace: Workspace, sha256: str, ext: str) -> Path:
 IngestJobs = list[tuple[str, str]]  # (sha256, path of the file to validate relative to the workspace root)
 
 
-def validation_jobs(workspace: Workspace, files: Mapping[str, str]) -> IngestJobs:
-    """(sha256, relative path) of each file that needs validating: no reusable record, file present. No side effects."""
+def validation_jobs(workspace: Workspace, files: Mapping[str, str], config: IngestConfig) -> IngestJobs:
+    """(sha256, relative path) of each file that needs validating: no reusable record under this policy, file present.
+
+    No side effects.
+    """
     jobs: IngestJobs = []
     for sha256, ext in files.items():
-        if _reusable(workspace, sha256, ext) is not None:
+        if _reusable(workspace, sha256, ext, config) is not None:
             continue
         source = _source(workspace, sha256, ext)
         if source.is_file():
@@ -203,7 +211,7 @@ def place_files(
     jobs: list[_Job] = []
     for sha256, ext in files.items():
         incoming = workspace.incoming / sha256[:2] / f"{sha256}.{ext}"
-        earlier = _reusable(workspace, sha256, ext)
+        earlier = _reusable(workspace, sha256, ext, config)
         if earlier is not None:
             placements[sha256] = earlier
             _drop_redundant_incoming(incoming, sha256)
@@ -217,7 +225,7 @@ def place_files(
     late = [job for job in jobs if job.sha256 not in known or known[job.sha256].reason == SHA_MISMATCH]
     known.update(_validate_jobs(late, workers))
     for job in jobs:
-        placements[job.sha256] = _place(workspace, job.sha256, Path(job.source), known[job.sha256])
+        placements[job.sha256] = _place(workspace, job.sha256, Path(job.source), known[job.sha256], config)
     n_known = len(files) - len(jobs)
     log.info("ingest: %d files, %d validated now (%d here), %d known before", len(files), len(jobs), len(late), n_known)
     return placements

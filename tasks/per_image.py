@@ -110,10 +110,10 @@ def merge_preprocess(
 
 @task(name="ingest-plan")
 def plan_ingest(root: str, crawl_log: Ref, config: IngestConfig, chunk_size: int = 256) -> list[Chunk]:
-    """Chunks of the crawled files that need validating (no reusable validation record)."""
+    """Chunks of the crawled files that need validating (no reusable validation record under this ingest policy)."""
     workspace = Workspace.create(root)
     files = ingest_lib.files_to_ingest(cat.read_table(workspace, crawl_log))
-    jobs = ingest_lib.validation_jobs(workspace, files)
+    jobs = ingest_lib.validation_jobs(workspace, files, config)
     chunks = fingerprint_lib.chunked(jobs, chunk_size)
     log.info("ingest: %d of %d files to validate in %d chunks of <= %d", len(jobs), len(files), len(chunks), chunk_size)
     return chunks

@@ -144,7 +144,7 @@ def test_summary_counts_reasons(workspace: Workspace) -> None:
 def test_second_ingest_reuses_validation_records(workspace: Workspace) -> None:
     crawl_log = crawl(workspace, crawled_files())
     first = ingest(workspace, crawl_log, CONFIG)
-    records = {sha: validation_record_path(workspace, sha) for sha in first["sha256"]}
+    records = {sha: validation_record_path(workspace, sha, CONFIG) for sha in first["sha256"]}
     assert all(path.is_file() for path in records.values())
     stamps = {sha: path.stat().st_mtime_ns for sha, path in records.items()}
     placed = {path: (workspace.root / path).stat().st_mtime_ns for path in first["path"]}
@@ -152,6 +152,29 @@ def test_second_ingest_reuses_validation_records(workspace: Workspace) -> None:
     pd.testing.assert_frame_equal(first, second)
     assert {sha: path.stat().st_mtime_ns for sha, path in records.items()} == stamps, "files were validated again"
     assert {path: (workspace.root / path).stat().st_mtime_ns for path in second["path"]} == placed
+
+
+def test_another_ingest_policy_judges_every_file_again(workspace: Workspace) -> None:
+    crawl_log = crawl(workspace, crawled_files())
+    first = ingest(workspace, crawl_log, CONFIG)
+    small = first.set_index("keyword").loc["small"]
+    assert small["status"] == "invalid:too_small" and small["path"].startswith("quarantine/")
+
+    # min_side 8 admits the 8x30 image: it is judged again and moves from quarantine/ to store/
+    lenient = IngestConfig(min_side=8, max_pixels=CONFIG.max_pixels)
+    second = ingest(workspace, crawl_log, lenient).set_index("keyword")
+    assert second.loc["small", "status"] == "ok" and second.loc["small", "path"].startswith("store/")
+    assert (workspace.root / second.loc["small", "path"]).is_file()
+    assert validation_record_path(workspace, small["sha256"], lenient).is_file()
+
+    # back to the first policy: its records say too_small, the file goes back to quarantine/
+    again = ingest(workspace, crawl_log, CONFIG)
+    pd.testing.assert_frame_equal(again, first)
+    assert (workspace.root / small["path"]).is_file()
+
+    # animated=reject and max_pixels are part of the policy too
+    for changed in (CONFIG.model_copy(update={"animated": "reject"}), CONFIG.model_copy(update={"max_pixels": 999})):
+        assert validation_jobs(workspace, files_to_ingest(crawl_log), changed), f"{changed} reused another policy"
 
 
 def test_recrawled_copy_is_dropped_from_incoming(workspace: Workspace) -> None:
@@ -216,17 +239,17 @@ def test_planned_chunk_checks_give_the_same_catalog_as_ingest(tmp_path: Path) ->
     mapped_ws, plain_ws = Workspace.create(tmp_path / "mapped"), Workspace.create(tmp_path / "plain")
     crawl_log = crawl(mapped_ws, files)
     wanted = files_to_ingest(crawl_log)
-    jobs = validation_jobs(mapped_ws, wanted)
+    jobs = validation_jobs(mapped_ws, wanted, CONFIG)
     assert sorted(sha for sha, _ in jobs) == sorted(wanted) and all(p.startswith("incoming/") for _, p in jobs)
     rows = validate_files(mapped_ws, jobs[:3], CONFIG) + validate_files(mapped_ws, jobs[3:], CONFIG)
     assert all((mapped_ws.root / path).is_file() for _, path in jobs), "validation must not move files"
-    assert not list(mapped_ws.cache.glob("validation/*.json")), "validation must not write records"
+    assert not list(mapped_ws.cache.glob("validation/**/*.json")), "validation must not write records"
     checks = checks_by_sha(rows)
     assert checks[bytes_sha256(files[0].data)].ok is (files[0].status == "ok")
     mapped = ingest(mapped_ws, crawl_log, CONFIG, checks=checks)
     plain = ingest(plain_ws, crawl(plain_ws, files), CONFIG)
     pd.testing.assert_frame_equal(mapped.drop(columns="fetched_at"), plain.drop(columns="fetched_at"))
-    assert validation_jobs(mapped_ws, wanted) == [], "placed files have reusable records"
+    assert validation_jobs(mapped_ws, wanted, CONFIG) == [], "placed files have reusable records"
     assert not [p for p in mapped_ws.incoming.rglob("*") if p.is_file()]
 
 
