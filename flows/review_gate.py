@@ -62,6 +62,11 @@ def review_stage(config: PipelineConfig, workspace: Workspace, run: Any, deduped
 
 
 def _gate(config: PipelineConfig, workspace: Workspace, run: Any, deduped: stages.StageResult) -> Any:
+    """The gate keyed by the decisions file; in auto mode the approvals are recorded there first."""
+    if config.review.mode == "auto":
+        recorded = review.record_auto_approvals(workspace, read_snapshot(workspace, deduped.catalog))
+        if recorded:
+            get_run_logger().info("review.mode auto: %d new image(s) approved (reviewer 'auto')", recorded)
     digest = review.decisions_digest(workspace)
     return run.run("review", stages.review_gate, str(workspace.root), deduped.catalog, digest, config.review)
 

@@ -19,6 +19,7 @@ from pipeline_lib.workspace import Workspace, atomic_write_text, bytes_sha256
 log = logging.getLogger(__name__)
 
 DECISIONS = ("approve", "reject")
+AUTO_REVIEWER = "auto"  # the reviewer of approvals that review.mode auto records
 REJECT_REASONS = ("duplicate", "several_people", "unrelated", "other", "")
 
 
@@ -129,12 +130,14 @@ def apply_decisions(catalog: pd.DataFrame, decisions: dict[str, Decision], mode:
     out.loc[rejected, "status"] = STATUS_REJECTED
     if mode == "require":
         out.loc[undecided, "status"] = STATUS_PENDING
+    by_auto = out["sha256"].map(lambda sha: sha in decisions and decisions[sha].reviewer == AUTO_REVIEWER)
     return GateOutcome(
         catalog=out,
         approved=int((candidates & (decided == "approve")).sum()),
         rejected=int(rejected.sum()),
         pending=int(undecided.sum()) if mode == "require" else 0,
-        auto_approved=int(undecided.sum()) if mode != "require" else 0,
+        auto_approved=int((candidates & (decided == "approve") & by_auto).sum())
+        + (int(undecided.sum()) if mode != "require" else 0),
     )
 
 
@@ -168,6 +171,15 @@ def approve_remaining(
     if note:
         log.info("approve remaining (%s, %d images): %s", reviewer, len(decisions), note)
     return append_decisions(workspace, decisions) if decisions else 0
+
+
+def record_auto_approvals(workspace: Workspace, catalog: pd.DataFrame) -> int:
+    """review.mode auto: append an approval (reviewer "auto") for every undecided image; return the count.
+
+    So decisions.jsonl, the review page, `aidetect status` and `review status` say what was trained on. A later
+    human decision (a later line) still wins; images decided before keep their decision.
+    """
+    return approve_remaining(workspace, catalog, AUTO_REVIEWER)
 
 
 # --- the waiting run (written by the gate, read by `aidetect review done` and the review page) ---

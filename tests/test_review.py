@@ -12,6 +12,7 @@ from pipeline_lib.review import (
     decisions_digest,
     read_decisions,
     read_decisions_csv,
+    record_auto_approvals,
     write_review_pack,
 )
 from tests.conftest import make_image
@@ -68,6 +69,22 @@ def test_modes(workspace):
         "pending_review",
     ]
     assert catalog.status[0] == "ok", "input must not be mutated"
+
+
+def test_auto_mode_records_its_approvals_once_and_people_still_win(workspace):
+    catalog = _catalog(workspace)
+    append_decisions(workspace, [Decision(catalog["sha256"][1], "reject", "unrelated", "alice")])
+    assert record_auto_approvals(workspace, catalog) == 2, "the two undecided ok images (not duplicates, not invalid)"
+    decisions = read_decisions(workspace)
+    assert {sha[:2]: (d.decision, d.reviewer) for sha, d in decisions.items()} == {
+        "s0": ("approve", "auto"),
+        "s1": ("reject", "alice"),
+        "s2": ("approve", "auto"),
+    }
+    digest = decisions_digest(workspace)
+    assert record_auto_approvals(workspace, catalog) == 0 and decisions_digest(workspace) == digest, "appended twice"
+    outcome = apply_decisions(catalog, read_decisions(workspace), "auto")
+    assert (outcome.approved, outcome.rejected, outcome.auto_approved, outcome.pending) == (2, 1, 2, 0)
 
 
 def test_csv_decisions(tmp_path):
