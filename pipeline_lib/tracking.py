@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import math
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -70,12 +71,7 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log finite numeric metrics; NaN and inf are skipped with a debug line."""
-        rows = []
-        for key, value in metrics.items():
-            if value is None or not math.isfinite(float(value)):
-                log.debug("metric %s=%r not logged (not finite)", key, value)
-                continue
-            rows.append(mlflow.entities.Metric(str(key), float(value), _now_ms(), step or 0))
+        rows = _metric_rows(metrics, step)
         for start in range(0, len(rows), 500):
             self.client.log_batch(self.run_id, metrics=rows[start : start + 500])
 
@@ -119,6 +115,17 @@ class Tracker:
         return f"#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
 
 
+def _metric_rows(metrics: Mapping[str, float], step: int | None = None) -> list[Any]:
+    """MLflow Metric entities of the finite values (NaN and inf are skipped with a debug line)."""
+    rows = []
+    for key, value in metrics.items():
+        if value is None or not math.isfinite(float(value)):
+            log.debug("metric %s=%r not logged (not finite)", key, value)
+            continue
+        rows.append(mlflow.entities.Metric(str(key), float(value), _now_ms(), step or 0))
+    return rows
+
+
 def _now_ms() -> int:
     import time
 
@@ -157,23 +164,61 @@ def start_run(
 STAGE_KIND = "stage"  # aidetect.kind of the nested run of one stage (the pipeline's run has kind "pipeline")
 
 
+KEY_PARAM_PREFIX = "key."  # params of a stage run: the parts of its cache key (pipeline_lib.cachekey)
+
+
 def stage_run(
-    parent: Tracker, stage: str, state: str, metrics: Mapping[str, float], seconds: float, failed: bool = False
+    parent: Tracker,
+    stage: str,
+    state: str,
+    metrics: Mapping[str, float],
+    seconds: float,
+    failed: bool = False,
+    params: Mapping[str, str] | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> Tracker:
-    """A finished child run of parent for one stage: its metrics, cache state and duration (by id, thread-safe)."""
+    """A finished child run of parent for one stage: its metrics, cache state, duration, and the params and tags
+    given (the parts of its cache key), by id, thread-safe."""
     experiment_id, inherited = _parent_context(parent.uri, parent.run_id)
-    tags = dict(inherited) | {
+    all_tags = dict(inherited) | dict(tags or {}) | {
         "mlflow.parentRunId": parent.run_id,
         "aidetect.kind": STAGE_KIND,
         "aidetect.stage": stage,
         "aidetect.state": state,
     }
     with _quiet():
-        run = parent.client.create_run(experiment_id, run_name=stage, tags=tags)
+        run = parent.client.create_run(experiment_id, run_name=stage, tags=all_tags)
     child = Tracker(parent.uri, run.info.run_id)
-    child.log_metrics(dict(metrics) | {"stage.seconds": float(seconds)})
+    rows = _metric_rows(dict(metrics) | {"stage.seconds": float(seconds)})
+    values = [mlflow.entities.Param(str(k), str(v)[:6000]) for k, v in (params or {}).items()]
+    for start in range(0, max(len(rows), len(values)), 100):  # one call for a stage's params and metrics
+        child.client.log_batch(child.run_id, metrics=rows[start : start + 100], params=values[start : start + 100])
     child.finish("FAILED" if failed else "FINISHED")
     return child
+
+
+def previous_stage_keys(parent: Tracker, workspace: str, scan: int = 200) -> dict[str, dict[str, str]]:
+    """Stage name -> the key.* params of its latest run in this workspace under another parent run (one query).
+
+    Only the latest `scan` stage runs of the experiment are looked at (other workspaces may share it).
+    """
+    experiment_id, _ = _parent_context(parent.uri, parent.run_id)
+    with _quiet():
+        runs = parent.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`aidetect.kind` = '{STAGE_KIND}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=scan,
+        )
+    found: dict[str, dict[str, str]] = {}
+    for run in runs:
+        tags, stage = run.data.tags, run.data.tags.get("aidetect.stage", "")
+        if stage in found or tags.get("aidetect.workspace") != workspace:
+            continue
+        if tags.get("mlflow.parentRunId") != parent.run_id:
+            params = run.data.params
+            found[stage] = {k[len(KEY_PARAM_PREFIX) :]: v for k, v in params.items() if k.startswith(KEY_PARAM_PREFIX)}
+    return found
 
 
 @functools.lru_cache(maxsize=64)
@@ -283,6 +328,37 @@ class ChampionDecision:
     champion_score: float | None
     champion_version: str | None
     reason: str
+    alias: str = CHAMPION
+    comparable: bool = True
+
+
+def alias_for(leave_out_generator: str | None) -> str:
+    """The alias a run competes for: `champion`, or `loo-<generator>` for a leave-one-generator-out run."""
+    if not leave_out_generator:
+        return CHAMPION
+    return "loo-" + (re.sub(r"[^a-z0-9_-]+", "-", leave_out_generator.lower()).strip("-") or "generator")
+
+
+def _decide(
+    alias: str,
+    score: float,
+    current: Any,
+    old_score: float | None,
+    not_comparable: str | None,
+    promote: bool,
+) -> tuple[bool, str]:
+    """(promoted, reason) of a challenger with score against the alias holder current (old_score: its score)."""
+    if current is None:
+        return True, f"no {alias} yet"
+    if not_comparable is None and (old_score is None or math.isnan(old_score)):
+        not_comparable = f"{alias} was scored on another test split and not re-scored"
+    if not_comparable is not None:
+        if promote:
+            return True, f"{not_comparable}; promoted anyway (--promote)"
+        return False, f"{not_comparable}; {alias} stays (pass --promote to promote this model anyway)"
+    if score > old_score:  # type: ignore[operator]
+        return True, f"accuracy {score:.4f} > {alias} {old_score:.4f}"
+    return False, f"accuracy {score:.4f} <= {alias} {old_score:.4f}"
 
 
 def register_model(
@@ -295,15 +371,20 @@ def register_model(
     champion_score: float | None = None,
     image_size: int | None = None,
     calibration: str | None = None,
+    alias: str = CHAMPION,
+    not_comparable: str | None = None,
+    promote: bool = False,
 ) -> ChampionDecision:
-    """Register a model version; move the champion alias to it only if it beats the current one.
+    """Register a model version; move `alias` to it only if it beats the current holder on a fair comparison.
 
-    champion_score, when given, is the current champion re-scored on this test split (its version's
-    test_digest/test_accuracy tags are then updated to it); otherwise the champion's recorded score is
-    used if it was measured on the same test split (same digest). image_size is kept as a version tag.
+    champion_score, when given, is the holder re-scored on this test split (its version's test_digest and
+    test_accuracy tags are then updated, unless not comparable); otherwise the holder's recorded score is used if
+    it was measured on the same test split (same digest). not_comparable (a reason) means the holder trained on some
+    of these test images: the alias stays unless promote. image_size is kept as a version tag. Only `alias` and its
+    holder's tags are ever changed: a leave-one-generator-out alias never moves `champion`.
     """
     client = tracker.client
-    current = current_champion(tracker.uri, name)
+    current = current_champion(tracker.uri, name, alias)
     with _quiet(), _global_uri(tracker.uri):
         try:
             client.create_registered_model(name)
@@ -316,22 +397,14 @@ def register_model(
             tags[CALIBRATION_TAG] = calibration
         version = client.create_model_version(name, model_uri, run_id=tracker.run_id, tags=tags)
         client.set_model_version_tag(name, version.version, "test_accuracy", f"{score:.6f}")
-    if current is not None and champion_score is not None:
+    if current is not None and champion_score is not None and not_comparable is None:
         _record_rescore(client, name, str(current.version), test_digest, champion_score, tracker.run_id)
-    if current is None:
-        promoted, reason, old_score = True, "no champion yet", None
-    else:
-        old_score = champion_score
-        if old_score is None and current.tags.get("test_digest") == test_digest:
-            old_score = float(current.tags.get("test_accuracy", "nan"))
-        if old_score is None or math.isnan(old_score):
-            promoted, reason = False, "champion was scored on another test split and not re-scored"
-        elif score > old_score:
-            promoted, reason = True, f"accuracy {score:.4f} > champion {old_score:.4f}"
-        else:
-            promoted, reason = False, f"accuracy {score:.4f} <= champion {old_score:.4f}"
+    old_score = champion_score
+    if current is not None and old_score is None and current.tags.get("test_digest") == test_digest:
+        old_score = float(current.tags.get("test_accuracy", "nan"))
+    promoted, reason = _decide(alias, score, current, old_score, not_comparable, promote)
     if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
+        client.set_registered_model_alias(name, alias, version.version)
     return ChampionDecision(
         version=str(version.version),
         promoted=promoted,
@@ -339,6 +412,8 @@ def register_model(
         champion_score=old_score,
         champion_version=None if current is None else str(current.version),
         reason=reason,
+        alias=alias,
+        comparable=not_comparable is None,
     )
 
 
@@ -384,21 +459,42 @@ def _load_torch(uri: str, model_uri: str, image_size: int | None, what: str) -> 
     return model.eval(), int(size)
 
 
-def load_champion(uri: str, name: str) -> tuple[Any, int]:
-    """The champion of registered model name as (torch model in eval mode, image size it expects)."""
-    current = current_champion(uri, name)
+def load_champion(uri: str, name: str, alias: str = CHAMPION) -> tuple[Any, int]:
+    """The champion (or another alias) of registered model name as (torch model in eval mode, its image size)."""
+    current = current_champion(uri, name, alias)
     if current is None:
         raise ModelNotFoundError(
-            f"registered model {name!r} has no {CHAMPION!r} in {uri} (run the pipeline first, or pass a checkpoint)"
+            f"registered model {name!r} has no {alias!r} in {uri} (run the pipeline first, or pass a checkpoint)"
         )
     tagged = (current.tags or {}).get(IMAGE_SIZE_TAG)
-    return _load_torch(uri, f"models:/{name}@{CHAMPION}", int(tagged) if tagged else None, f"champion of {name!r}")
+    return _load_torch(uri, f"models:/{name}@{alias}", int(tagged) if tagged else None, f"{alias} of {name!r}")
 
 
-def champion_calibration(uri: str, name: str) -> str | None:
-    """The champion version's calibration tag (JSON text), or None when it has none."""
-    current = current_champion(uri, name)
+def champion_calibration(uri: str, name: str, alias: str = CHAMPION) -> str | None:
+    """The champion (or alias) version's calibration tag (JSON text), or None when it has none."""
+    current = current_champion(uri, name, alias)
     return None if current is None else (current.tags or {}).get(CALIBRATION_TAG)
+
+
+CATALOG_ARTIFACTS = "catalog"  # where a pipeline run keeps the split catalog snapshot its model was trained on
+
+
+def run_catalog(uri: str, run_id: str | None) -> pd.DataFrame | None:
+    """The split catalog snapshot a run logged under CATALOG_ARTIFACTS (its model's training data), or None."""
+    if not run_id:
+        return None
+    import tempfile
+
+    with _quiet(), tempfile.TemporaryDirectory() as folder:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=CATALOG_ARTIFACTS, dst_path=folder, tracking_uri=uri
+            )
+        except (MlflowException, OSError) as error:
+            log.debug("run %s has no %s artifacts: %s", run_id, CATALOG_ARTIFACTS, error)
+            return None
+        tables = [pd.read_parquet(path) for path in sorted(Path(local).rglob("*.parquet"))]
+    return pd.concat(tables, ignore_index=True) if tables else None
 
 
 def load_run_model(uri: str, run_id: str) -> tuple[Any, int]:
@@ -443,11 +539,11 @@ def code_version(start: Path | None = None) -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-def current_champion(uri: str, name: str) -> Any | None:
-    """The model version holding the champion alias, or None."""
+def current_champion(uri: str, name: str, alias: str = CHAMPION) -> Any | None:
+    """The model version holding the champion alias (or another alias), or None."""
     with _quiet():
         try:
-            return MlflowClient(tracking_uri=uri).get_model_version_by_alias(name, CHAMPION)
+            return MlflowClient(tracking_uri=uri).get_model_version_by_alias(name, alias)
         except MlflowException:
             return None
 

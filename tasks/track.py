@@ -14,12 +14,13 @@ import torchvision
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from pipeline_lib import calibration as calibration_lib
 from pipeline_lib import catalog as cat
+from pipeline_lib import comparison, models, preprocess, stats, tracking
 from pipeline_lib import evaluate as evaluate_lib
-from pipeline_lib import models, preprocess, stats, tracking
 from pipeline_lib import train as train_lib
 from pipeline_lib.config import NormalizeConfig, PipelineConfig, config_to_yaml, flatten_config
-from pipeline_lib.predict import ModelCalibration
+from pipeline_lib.predict import ModelCalibration, parse_calibration
 from pipeline_lib.workspace import Ref, Workspace
 from tasks.stages import EvalOutput, TrainOutput
 
@@ -66,7 +67,7 @@ def log_datasets(root: str, tracker: tracking.Tracker, split_catalog: Ref) -> No
         rows = usable[usable["split"] == split][["sha256", "label", "group", "source", "url", "path"]]
         digest = tracking_digest(split_catalog.digest, split)
         tracker.log_dataset(rows.reset_index(drop=True), f"catalog-{split}", digest, str(split_catalog.path), context)
-    tracker.log_artifact(split_catalog.resolve(workspace), "catalog")
+    tracker.log_artifact(split_catalog.resolve(workspace), tracking.CATALOG_ARTIFACTS)
     tracker.set_tags({"aidetect.catalog": split_catalog.path, "aidetect.catalog_digest": split_catalog.digest})
 
 
@@ -84,6 +85,8 @@ def log_training(tracker: tracking.Tracker, output: TrainOutput) -> None:
         step = int(epoch["epoch"])
         tracker.log_metrics({f"train.{k}": v for k, v in epoch.items() if isinstance(v, int | float)}, step=step)
     tracker.log_metrics({"train.best_epoch": output.best_epoch, "train.stopped_early": float(output.stopped_early)})
+    if output.resumed_from_epoch is not None:
+        tracker.log_metrics({"train.resumed_from_epoch": float(output.resumed_from_epoch)})
     tracker.set_tags(
         {
             "aidetect.weights": output.weights_name,
@@ -120,11 +123,16 @@ def register(
     test_digest: str,
     name: str,
     normalize: NormalizeConfig | None = None,
+    alias: str = tracking.CHAMPION,
+    promote: bool = False,
 ) -> dict[str, Any]:
-    """Log the best model (pickle format) unless this checkpoint is registered already; maybe move the champion.
+    """Log the best model (pickle format) unless this checkpoint is registered already; maybe move the alias to it.
 
-    When there is a champion it is scored on this test split too (decoded with this run's normalisation), and
-    McNemar's paired test on the two models' per-image correctness says whether the difference is more than noise.
+    alias is `champion`, or `loo-<generator>` for a leave-one-generator-out run (which never touches `champion`).
+    The model holding the alias is scored on this test split too, decoded with its own recorded normalisation and
+    calibrated with its own temperature (its version's calibration tag); McNemar's paired test on the two models'
+    per-image correctness says whether the difference is more than noise. When some of these test images were in
+    that model's training or validation data the two are not comparable: the alias stays unless promote (--promote).
     """
     workspace = Workspace.create(root)
     existing = tracking.find_version(tracker.uri, name, model_ref.digest)
@@ -139,8 +147,10 @@ def register(
         f"torchvision=={torchvision.__version__.split('+')[0]}",
     ]
     uri = tracking.log_pytorch_model(tracker, model, example, requirements)
-    champion = _score_champion(workspace, tracker.uri, name, evaluation, normalize)
-    champion_score = _rescore_champion(tracker.uri, name, test_digest, champion)
+    holder = tracking.current_champion(tracker.uri, name, alias)
+    unfair = _not_comparable(tracker.uri, holder, evaluation, workspace)
+    champion = _score_champion(workspace, tracker.uri, name, alias, evaluation)
+    champion_score = _rescore_champion(test_digest, holder, champion)
     paired = _paired_test(workspace, tracker, evaluation, champion)
     decision = tracking.register_model(
         tracker,
@@ -152,40 +162,67 @@ def register(
         champion_score=champion_score,
         image_size=size,
         calibration=json.dumps(ModelCalibration(evaluation.temperature, normalize).as_dict()),
+        alias=alias,
+        not_comparable=unfair,
+        promote=promote,
     )
     _log_decision(tracker, decision, rescored=champion_score is not None, image_size=size)
     return paired | {
         "version": decision.version,
         "promoted": decision.promoted,
         "reason": decision.reason,
+        "alias": alias,
+        "comparable": unfair is None,
         "challenger_score": decision.challenger_score,
         "champion_score": decision.champion_score,
         "champion_version": decision.champion_version,
     }
 
 
+def _not_comparable(uri: str, holder: Any, evaluation: EvalOutput, workspace: Workspace) -> str | None:
+    """Why the alias holder cannot be compared on this test split (it trained on some of it), or None."""
+    if holder is None:
+        return None
+    trained_on = tracking.run_catalog(uri, holder.run_id)
+    if trained_on is None:
+        log.warning("version %s of the registry records no training catalog: overlap not checked", holder.version)
+        return None
+    test = pd.read_parquet(evaluation.predictions.resolve(workspace), columns=["sha256"])["sha256"]
+    return comparison.overlap_reason(test.tolist(), comparison.seen_in_training(trained_on), str(holder.version))
+
+
 def _score_champion(
-    workspace: Workspace, uri: str, name: str, evaluation: EvalOutput, normalize: NormalizeConfig | None
+    workspace: Workspace, uri: str, name: str, alias: str, evaluation: EvalOutput
 ) -> pd.DataFrame | None:
-    """The champion's predictions on this run's test images (same order as the challenger's), or None."""
-    if tracking.current_champion(uri, name) is None:
+    """The alias holder's predictions on this run's test images (same order as the challenger's), or None.
+
+    The images are decoded with the holder's own normalisation and its logits calibrated with its own temperature.
+    """
+    if tracking.current_champion(uri, name, alias) is None:
         return None
     try:
-        champion, size = tracking.load_champion(uri, name)
-    except tracking.ModelNotFoundError as error:
-        log.warning("champion not scored: %s", error)
+        champion, size = tracking.load_champion(uri, name, alias)
+        recorded = tracking.champion_calibration(uri, name, alias)
+        calibration = parse_calibration(recorded, f"calibration tag of {name}@{alias}") if recorded else None
+    except (tracking.ModelNotFoundError, ValueError) as error:
+        log.warning("%s not scored: %s", alias, error)
         return None
+    calibration = calibration or ModelCalibration()
     rows = pd.read_parquet(evaluation.predictions.resolve(workspace))
-    policy = normalize if normalize is not None and normalize.mode != "none" else None
+    if rows.empty:
+        return None
+    policy = calibration.normalize
+    policy = policy if policy is not None and policy.mode != "none" else None
     images = preprocess.load_tensors(workspace, rows["sha256"].tolist(), size, policy)
+    logits = evaluate_lib.predict_logits(champion, images)
+    p_ai = calibration_lib.apply_temperature(logits, calibration.temperature)
     threshold = float(evaluation.metrics["threshold"])
-    return evaluate_lib.predictions_table(rows, evaluate_lib.predict_probabilities(champion, images), threshold)
+    return evaluate_lib.predictions_table(rows, p_ai, threshold, p_ai_raw=evaluate_lib.softmax_p_ai(logits))
 
 
-def _rescore_champion(uri: str, name: str, test_digest: str, champion: pd.DataFrame | None) -> float | None:
-    """The champion's accuracy on this test split when it was scored on another one; else None (nothing to do)."""
-    current = tracking.current_champion(uri, name)
-    if champion is None or current is None or (current.tags or {}).get("test_digest") == test_digest:
+def _rescore_champion(test_digest: str, holder: Any, champion: pd.DataFrame | None) -> float | None:
+    """The holder's accuracy on this test split when it was scored on another one; else None (nothing to do)."""
+    if champion is None or holder is None or (holder.tags or {}).get("test_digest") == test_digest:
         return None
     return float(champion["correct"].mean()) if len(champion) else None
 
@@ -221,6 +258,8 @@ def _log_decision(
             "aidetect.champion_promoted": str(decision.promoted).lower(),
             "aidetect.champion_previous_version": decision.champion_version or "",
             "aidetect.champion_rescored": str(rescored).lower(),
+            "aidetect.champion_alias": decision.alias,
+            "aidetect.champion_comparable": str(decision.comparable).lower(),
             f"aidetect.{tracking.IMAGE_SIZE_TAG}": str(image_size),
         }
     )

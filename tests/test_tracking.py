@@ -209,3 +209,95 @@ def test_champion_carries_its_calibration_for_predict(workspace):
     assert tracking.champion_calibration(tracker.uri, "no-such-model") is None
     with pytest.raises(ValueError, match="champion tag is malformed"):
         parse_calibration("{}", "champion tag")
+
+
+def test_alias_of_a_leave_one_generator_out_run():
+    assert tracking.alias_for(None) == tracking.alias_for("") == "champion"
+    assert tracking.alias_for("Stable Diffusion 1.5") == "loo-stable-diffusion-1-5"
+    assert tracking.alias_for("midjourney") == "loo-midjourney"
+
+
+def _logged(workspace):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    tracker = _tracker(workspace)
+    return tracker, tracking.log_pytorch_model(tracker, model, np.random.rand(1, 3, 4, 4).astype("float32"), ["t"])
+
+
+def test_a_not_comparable_challenger_moves_the_alias_only_with_promote(workspace):
+    tracker, uri = _logged(workspace)
+    first = tracking.register_model(tracker, uri, "det", 0.6, "A", "m1")
+    unfair = "not comparable: 2 of the 4 test images were in the training or validation data of version 1"
+    kept = tracking.register_model(tracker, uri, "det", 0.9, "B", "m2", champion_score=0.95, not_comparable=unfair)
+    assert not kept.promoted and not kept.comparable and "pass --promote" in kept.reason, kept
+    champion = tracking.current_champion(tracker.uri, "det")
+    assert str(champion.version) == first.version and champion.tags["test_digest"] == "A", "an unfair score was kept"
+    forced = tracking.register_model(tracker, uri, "det", 0.5, "B", "m3", not_comparable=unfair, promote=True)
+    assert forced.promoted and "promoted anyway (--promote)" in forced.reason, forced
+    assert str(tracking.current_champion(tracker.uri, "det").version) == forced.version
+
+
+def test_a_leave_one_generator_out_model_never_touches_the_champion(workspace):
+    tracker, uri = _logged(workspace)
+    champion = tracking.register_model(tracker, uri, "det", 0.6, "A", "m1")
+    before = dict(tracking.current_champion(tracker.uri, "det").tags)
+    loo = tracking.register_model(tracker, uri, "det", 0.99, "LOO", "m2", champion_score=0.1, alias="loo-mj")
+    assert loo.promoted and loo.reason == "no loo-mj yet" and loo.alias == "loo-mj", loo
+    again = tracking.register_model(tracker, uri, "det", 0.3, "LOO", "m3", champion_score=0.99, alias="loo-mj")
+    assert not again.promoted and again.reason == "accuracy 0.3000 <= loo-mj 0.9900", again
+    current = tracking.current_champion(tracker.uri, "det")
+    assert str(current.version) == champion.version and dict(current.tags) == before
+    assert str(tracking.current_champion(tracker.uri, "det", "loo-mj").version) == loo.version
+
+
+def _register_with(workspace, model_ref, split, digest, threshold=0.5, calibration=None, catalog=None):
+    """Like _register, at a threshold; the run then logs `catalog` (its training data) as the pipeline does."""
+    rows, rows_ref = split
+    model, meta = models.load_model(model_ref.resolve(workspace))
+    images = preprocess.load_tensors(workspace, rows["sha256"].tolist(), int(meta["image_size"]))
+    predictions = evaluate.predictions_table(rows, evaluate.predict_probabilities(model, images), threshold)
+    predictions.to_parquet(rows_ref.resolve(workspace), index=False)
+    metrics = evaluate.compute_metrics(predictions, threshold, n_bootstrap=0)
+    temperature, normalize = calibration or (1.0, None)
+    evaluation = EvalOutput(workspace.ref(rows_ref.resolve(workspace)), metrics, {}, [], temperature=temperature)
+    tracker = _tracker(workspace)
+    if catalog is not None:
+        path = workspace.reports / f"catalog-{digest}.parquet"
+        catalog.to_parquet(path, index=False)
+        tracker.log_artifact(path, tracking.CATALOG_ARTIFACTS)
+    result = track.register.fn(str(workspace.root), tracker, model_ref, evaluation, digest, "det", normalize)
+    return result, tracking.run_summary(tracker.uri, tracker.run_id)
+
+
+def test_the_champion_is_rescored_with_its_own_temperature_and_normalisation(workspace):
+    from pipeline_lib.config import NormalizeConfig
+    from pipeline_lib.normalize import policy_key
+
+    # p_ai = sigmoid(0.85) = 0.70 for every image: "ai" at threshold 0.6, but its own T=4 makes it 0.55: "real"
+    champion = _constant_model(workspace, "hot", 0.0, 0.85)
+    own = (4.0, NormalizeConfig(mode="jpeg", quality=70))
+    first, _ = _register_with(workspace, champion, _test_split(workspace, "a", ["real", "ai"], seed=1), "A", 0.6, own)
+    assert first["promoted"], first
+    split_b = _test_split(workspace, "b", ["real", "real", "real", "ai"], seed=2)
+    second, run = _register_with(workspace, _constant_model(workspace, "ai3", 0.0, 5.0), split_b, "B", 0.6)
+    assert second["champion_score"] == pytest.approx(0.75), "with T=1 the champion would say ai and score 0.25"
+    assert not second["promoted"] and second["comparable"], second
+    policy_folder = workspace.cache / "tensors" / f"s{SIZE}-{policy_key(own[1])}"
+    assert policy_folder.is_dir(), "the champion's images were not decoded with its own normalisation"
+
+
+def test_a_champion_trained_on_the_test_images_is_reported_not_comparable(workspace):
+    split_a = _test_split(workspace, "a", ["ai", "real"], seed=1)
+    split_b = _test_split(workspace, "b", ["ai", "real", "real", "ai"], seed=2)
+    trained_on = pd.DataFrame(
+        {"sha256": [*split_a[0]["sha256"], split_b[0]["sha256"][0]], "status": "ok", "split": ["test", "train", "val"]}
+    )
+    always_real = _constant_model(workspace, "real9", 5.0, 0.0)
+    first, _ = _register_with(workspace, always_real, split_a, "A", catalog=trained_on)
+    better = _constant_model(workspace, "ai9", 0.0, 5.0)
+    second, run = _register_with(workspace, better, split_b, "B")
+    assert not second["comparable"] and not second["promoted"], second
+    assert second["reason"].startswith("not comparable: 1 of the 4 test images were in the training or validation"), (
+        second["reason"]
+    )
+    assert run["tags"]["aidetect.champion_comparable"] == "false"
+    assert str(tracking.current_champion(workspace_uri(workspace), "det").version) == first["version"]
