@@ -5,12 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from pipeline_lib.catalog import SPLITS, STATUS_OK
+from pipeline_lib.config import LABELS
 from pipeline_lib.dedup import UnionFind
 from pipeline_lib.workspace import Workspace, atomic_write_bytes
 
@@ -180,6 +184,17 @@ def prepare_registry(workspace: Workspace, ratios: dict[str, float], seed: int, 
     return RegistryState(registry, version, "")
 
 
+def registry_version_for(workspace: Workspace, reshuffle: bool) -> int:
+    """The registry version a split will use: the current one, or with reshuffle the next one (once one exists).
+
+    The split stage is keyed on this number instead of the --reshuffle flag, so the run after a reshuffle uses the
+    same version and comes back Cached, while every new --reshuffle makes a new version.
+    """
+    meta = read_registry_meta(workspace) or {"version": 1}
+    current = int(meta["version"])
+    return current + 1 if reshuffle and read_registry(workspace) is not None else current
+
+
 def largest_groups(catalog: pd.DataFrame, n: int = 5) -> list[dict[str, object]]:
     """The n largest groups of usable, assigned rows: group, label, split, images."""
     rows = catalog[(catalog["status"] == STATUS_OK) & (catalog["split"] != "")]
@@ -213,13 +228,65 @@ def split_report(catalog: pd.DataFrame, ratios: dict[str, float], min_groups: in
     table["target"] = table["split"].map(ratios)
     table["deviation"] = (table["share"] - table["target"]).round(4)
     warnings = []
+    for label in sorted(set(LABELS) - set(totals.index)):
+        warnings.append(f"label {label} has no usable image: a detector cannot be trained without it")
     for split in SPLITS:
-        for label in sorted(totals.index):
+        for label in LABELS:
             match = table[(table["split"] == split) & (table["label"] == label)]
             groups = int(match["groups"].sum()) if len(match) else 0
             if ratios.get(split, 0) > 0 and groups < min_groups:
                 warnings.append(f"split {split} has {groups} group(s) of label {label} (minimum {min_groups})")
     return table, warnings
+
+
+@dataclass(frozen=True)
+class LabelShortfall:
+    """A label with fewer than the minimum number of groups in some split (groups per split)."""
+
+    label: str
+    groups: Mapping[str, int]
+
+
+def label_shortfalls(
+    report: Sequence[Mapping[str, Any]], ratios: Mapping[str, float], min_groups: int
+) -> list[LabelShortfall]:
+    """The labels with fewer than min_groups groups in a split whose ratio is above 0 (rows of split_report)."""
+    groups = {(str(row["split"]), str(row["label"])): int(row["groups"]) for row in report}
+    shortfalls = []
+    for label in LABELS:
+        per_split = {split: groups.get((split, label), 0) for split in SPLITS if ratios.get(split, 0) > 0}
+        if any(n < min_groups for n in per_split.values()):
+            shortfalls.append(LabelShortfall(label, per_split))
+    return shortfalls
+
+
+def shortfall_message(shortfalls: Sequence[LabelShortfall], folders: Mapping[str, Sequence[Path]], root: Path) -> str:
+    """Why training cannot start and how to add images of each short label (its folders, `aidetect import`)."""
+    lines = []
+    for item in shortfalls:
+        counts = ", ".join(f"{n} in {split}" for split, n in item.groups.items())
+        where = " or ".join(str(folder) for folder in folders.get(item.label, []))
+        fill = f"put {item.label} images into {where} (one sub-folder per group), or " if where else ""
+        lines.append(
+            f"label {item.label!r} has too few groups ({counts}; split.min_groups_per_label needs each): "
+            f"{fill}add a folder with `aidetect import FOLDER --label {item.label} --workspace {root}`"
+            + (", or add names to a search source's keywords" if item.label == "real" else "")
+        )
+    return "; ".join(lines) + ". Then run again. Nothing was trained or registered."
+
+
+TRAINSET_COLUMNS: tuple[str, ...] = ("sha256", "path", "label", "group", "split", "status")
+
+
+def training_set(catalog: pd.DataFrame) -> pd.DataFrame:
+    """What training depends on, and nothing else: the usable train and val images (sha256, content-addressed
+    path, label, group, split), sorted.
+
+    Its digest keys the train stage, so URLs, fetch times, test images or unused rows never retrain a model.
+    """
+    rows = catalog[(catalog["status"] == STATUS_OK) & catalog["split"].isin(("train", "val"))]
+    table = rows[list(TRAINSET_COLUMNS)].drop_duplicates("sha256").astype("string")
+    return table.sort_values("sha256").reset_index(drop=True)
 
 
 def check_no_leak(catalog: pd.DataFrame) -> None:

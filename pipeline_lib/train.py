@@ -503,16 +503,21 @@ def train_model(
     on_epoch: Callable[[EpochStats], None] | None = None,
     stop_after_epoch: int | None = None,
     policy: NormalizeConfig | None = None,
+    resume: bool = True,
 ) -> TrainResult:
     """Fine-tune on the train split, early-stop on val loss; resume from out_dir/last.pt if present.
 
     policy: preprocess.normalize, the re-encoding the tensors are decoded with (None: the files as they are).
+    resume: False starts from epoch 0 even when out_dir holds a training state (its files are overwritten).
     """
     train_rows, val_rows = _train_val(catalog)
     device = resolve_device(config.device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(config, train_rows, val_rows, policy)
+    if not resume:
+        for name in (LAST_NAME, BEST_NAME):  # an earlier run's best.pt must not outlive a fresh start
+            (out_dir / name).unlink(missing_ok=True)
     payload = _load_state(out_dir / LAST_NAME, fingerprint)
     state = _state_from(payload) if payload is not None else _State(fingerprint)
     resumed = state.epoch if payload is not None else None

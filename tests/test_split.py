@@ -8,10 +8,13 @@ from pipeline_lib.split import (
     SplitError,
     assign_splits,
     check_no_leak,
+    label_shortfalls,
     leave_generator_out,
     left_out_images,
+    shortfall_message,
     split_report,
     split_units,
+    training_set,
 )
 
 RATIOS = {"train": 0.6, "val": 0.2, "test": 0.2}
@@ -47,6 +50,43 @@ def test_too_few_groups_warns():
     plan = assign_splits(_catalog([("r0", "real", 3), ("a0", "ai", 3)]), RATIOS, seed=0)
     _, warnings = split_report(plan.catalog, RATIOS, min_groups=2)
     assert any("split test" in w for w in warnings)
+
+
+def test_a_missing_label_is_warned_about_and_named_with_how_to_add_images(tmp_path):
+    plan = assign_splits(_catalog([(f"r{i}", "real", 2) for i in range(6)]), RATIOS, seed=0)
+    table, warnings = split_report(plan.catalog, RATIOS, min_groups=2)
+    assert "label ai has no usable image: a detector cannot be trained without it" in warnings, warnings
+    assert "split train has 0 group(s) of label ai (minimum 2)" in warnings, warnings
+    rows = table.to_dict("records")
+    shortfalls = label_shortfalls(rows, RATIOS, min_groups=1)
+    assert [(s.label, dict(s.groups)) for s in shortfalls] == [("ai", {"train": 0, "val": 0, "test": 0})]
+    message = shortfall_message(shortfalls, {"ai": [tmp_path / "ai_images"]}, tmp_path / "ws")
+    assert f"put ai images into {tmp_path / 'ai_images'}" in message
+    assert f"`aidetect import FOLDER --label ai --workspace {tmp_path / 'ws'}`" in message
+    assert message.endswith("Nothing was trained or registered."), message
+
+
+def test_label_shortfalls_count_only_splits_with_a_ratio():
+    rows = [
+        {"split": "train", "label": "real", "groups": 3},
+        {"split": "test", "label": "real", "groups": 1},
+        {"split": "train", "label": "ai", "groups": 2},
+        {"split": "test", "label": "ai", "groups": 2},
+    ]
+    no_val = {"train": 0.8, "val": 0.0, "test": 0.2}
+    assert [s.label for s in label_shortfalls(rows, no_val, min_groups=2)] == ["real"]
+    assert label_shortfalls(rows, no_val, min_groups=1) == []
+    assert [s.label for s in label_shortfalls(rows, RATIOS, min_groups=1)] == ["real", "ai"], "val is empty"
+
+
+def test_training_set_keeps_only_what_training_depends_on():
+    groups = [(f"r{i}", "real", 2) for i in range(5)] + [(f"a{i}", "ai", 2) for i in range(5)]
+    plan = assign_splits(_catalog(groups), RATIOS, 0)
+    table = plan.catalog.assign(url="http://a/", fetched_at=pd.Timestamp("2024-01-01", tz="UTC"))
+    moved = table.assign(url="http://b/", fetched_at=pd.Timestamp("2025-01-01", tz="UTC")).iloc[::-1]
+    pd.testing.assert_frame_equal(training_set(table), training_set(moved))
+    assert set(training_set(table)["split"]) == {"train", "val"}, "test images never key the training"
+    assert list(training_set(table).columns) == ["sha256", "path", "label", "group", "split", "status"]
 
 
 def test_leak_check_catches_a_group_in_two_splits():
@@ -112,6 +152,19 @@ def _registry_workspace(tmp_path):
     from pipeline_lib.workspace import Workspace
 
     return Workspace.create(tmp_path / "ws")
+
+
+def test_the_registry_version_a_split_uses(tmp_path):
+    from pipeline_lib.split import registry_version_for, write_registry, write_registry_meta
+    from pipeline_lib.workspace import Workspace
+
+    workspace = Workspace.create(tmp_path / "ws")
+    assert registry_version_for(workspace, reshuffle=True) == 1, "nothing to reshuffle before the first split"
+    plan = assign_splits(_catalog([("r0", "real", 2), ("a0", "ai", 2)]), RATIOS, seed=0)
+    write_registry(workspace, plan.registry)
+    write_registry_meta(workspace, 3, RATIOS, 0)
+    assert registry_version_for(workspace, reshuffle=False) == 3
+    assert registry_version_for(workspace, reshuffle=True) == 4
 
 
 def test_changed_ratios_need_reshuffle_which_starts_a_new_version(tmp_path):

@@ -163,6 +163,19 @@ def test_resume_is_bitwise_identical(data: tuple[Workspace, pd.DataFrame], tmp_p
     assert again.best_epoch == full.best_epoch and len(again.history) == 3
 
 
+def test_without_resume_a_finished_run_trains_again_from_epoch_0(
+    data: tuple[Workspace, pd.DataFrame], tmp_path: Path
+) -> None:
+    workspace, table = data
+    config = _config(epochs=2, head_only_epochs=1)
+    first = train_lib.train_model(workspace, table, config, tmp_path / "run")
+    stamps = {name: (tmp_path / "run" / name).stat().st_mtime_ns for name in ("best.pt", "last.pt")}
+    fresh = train_lib.train_model(workspace, table, config, tmp_path / "run", resume=False)
+    assert fresh.resumed_from_epoch is None and [e.epoch for e in fresh.history] == [1, 2]
+    assert all((tmp_path / "run" / name).stat().st_mtime_ns != stamp for name, stamp in stamps.items()), "not rewritten"
+    assert _untimed(fresh.history) == _untimed(first.history), "a fresh start repeats the same seeded run"
+
+
 def test_other_settings_in_same_folder_refused(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
     workspace, table = data
     train_lib.train_model(workspace, table, _config(epochs=1), tmp_path / "run")
