@@ -35,7 +35,7 @@ WorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", "-w", help="Wo
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override, e.g. --set train.epochs=3")]
 RefreshOpt = Annotated[bool, typer.Option("--refresh-cache", help="Recompute every stage.")]
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-DEMO_PORT = 47811  # loopback port of the demo's search site; stable so that a second demo run is fully cached
+DEMO_PORT = 47811  # loopback port of the demo's search site; stable so that a second demo run fetches nothing
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -125,9 +125,18 @@ def run(
     reshuffle: Annotated[
         bool, typer.Option("--reshuffle", help="Start a new split registry version (after changing split ratios/seed).")
     ] = False,
+    promote: Annotated[
+        bool,
+        typer.Option(
+            "--promote",
+            help="Make this run's model the champion even when no fair comparison is possible (the champion "
+            "trained on some of the test images, e.g. after --reshuffle).",
+        ),
+    ] = False,
 ):
     """Run the whole pipeline (cached stages are skipped)."""
     extra = list(set_ or []) + (["execution.reshuffle_splits=true"] if reshuffle else [])
+    extra += ["execution.promote=true"] if promote else []
     _print_summary(_run_pipeline(_config(config, workspace, extra, refresh_cache)))
 
 

@@ -34,7 +34,8 @@ def retrain(config_path: str = "configs/default.yaml", overrides: list[str] | No
 
 @flow(name="aidetect-scheduled-crawl")
 def recrawl(config_path: str = "configs/default.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Crawl and ingest only; the crawl stage's cache expires after sources.recrawl_after_hours."""
+    """Crawl and ingest only. Every run crawls: keywords searched more than sources.recrawl_after_hours ago (20 h by
+    default, so every day on the daily schedule) are searched again; URLs already fetched are skipped."""
     return crawl_flow(load_config(config_path, overrides or []))
 
 

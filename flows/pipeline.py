@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
@@ -17,38 +17,52 @@ from prefect.states import State
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from flows import review_gate
+from pipeline_lib import cachekey
+from pipeline_lib import split as split_lib
 from pipeline_lib import tracking as tracking_lib
 from pipeline_lib.config import DedupConfig, ExecutionConfig, IngestConfig, NormalizeConfig, PipelineConfig
 from pipeline_lib.crawl import crawl_log_path
 from pipeline_lib.imports import with_imports
-from pipeline_lib.workspace import Ref, Workspace, digest_of, file_sha256, listing_digest
+from pipeline_lib.workspace import Ref, Workspace, digest_of, file_sha256
 from tasks import per_image, stages, track
-from tasks.caching import cached
+from tasks.caching import cached, stage_key
 
 log = logging.getLogger(__name__)
 
 
 class StageRecorder:
-    """Runs stage tasks, keeps each one's final state name, and logs it to MLflow as it goes."""
+    """Runs stage tasks, keeps each one's final state name, and logs it to MLflow as it goes (with its cache key)."""
 
     def __init__(self, workspace: Workspace, refresh: bool, tracker: tracking_lib.Tracker) -> None:
         self.workspace = workspace
         self.refresh = refresh
         self.tracker = tracker
+        self.index = cachekey.CodeIndex()  # parses the project's code once per flow run
         self.states: dict[str, str] = {}
+        self._earlier: dict[str, dict[str, str]] | None = None  # stage -> key parts of its previous run
 
-    def run(self, name: str, task: Any, *args: Any, expiration: timedelta | None = None) -> Any:
+    def run(self, name: str, task: Any, *args: Any, cache: bool = True) -> Any:
+        """Run a stage task keyed by its stage key (cache=False: it runs every time); its result."""
         started = time.perf_counter()
-        state: State = cached(task, self.workspace, self.refresh, expiration)(*args, return_state=True)
-        return self.record(name, state, time.perf_counter() - started)
+        key = stage_key(task, args, self.index)
+        state: State = cached(task, self.workspace, self.refresh, self.index, cache)(*args, return_state=True)
+        return self.record(name, state, time.perf_counter() - started, key)
 
-    def record(self, name: str, state: State, seconds: float) -> Any:
-        """Keep a finished stage's state, log it on the parent run and as a nested run; its result (raise if failed)."""
+    def per_image(self, name: str, tasks: tuple[Any, Any, Any], source: Ref, params: tuple[Any, ...], chunk: int):
+        """Run a per-image stage (plan, mapped chunks, merge); the stage's key is its plan's."""
+        started = time.perf_counter()
+        key = stage_key(tasks[0], (str(self.workspace.root), source, *params, chunk), self.index)
+        state = _per_image_stage(self.workspace, self.refresh, tasks, source, params, chunk, self.index)
+        return self.record(name, state, time.perf_counter() - started, key)
+
+    def record(self, name: str, state: State, seconds: float, key: cachekey.StageKey | None = None) -> Any:
+        """Keep a finished stage's state, log it on the parent run and as a nested run (with its key's parts when
+        given); its result (raise if failed)."""
         self.states[name] = state.name
         try:
             result = state.result()  # raises if the stage failed
         except BaseException:
-            self._child(name, state.name, {}, seconds, failed=True)
+            self._child(name, state.name, {}, seconds, key, failed=True)
             raise
         if isinstance(result, stages.StageResult):
             track.log_stage.fn(self.tracker, name, state.name, result.metrics, result.notes, result.table)
@@ -56,15 +70,36 @@ class StageRecorder:
                 create_table_artifact(result.table, key=f"aidetect-{name}", description=f"{name}: per-source counts")
         else:
             track.log_stage.fn(self.tracker, name, state.name, {}, [], [])
-        self._child(name, state.name, _numbers(getattr(result, "metrics", {})), seconds)
+        self._child(name, state.name, _numbers(getattr(result, "metrics", {})), seconds, key)
         return result
 
-    def _child(self, name: str, state: str, metrics: dict[str, float], seconds: float, failed: bool = False) -> None:
-        """The stage's nested MLflow run (a tracking failure is logged, never hides the stage's own outcome)."""
+    def _child(
+        self,
+        name: str,
+        state: str,
+        metrics: dict[str, float],
+        seconds: float,
+        key: cachekey.StageKey | None,
+        failed: bool = False,
+    ) -> None:
+        """The stage's nested MLflow run with its key's parts and what changed since the stage's previous run.
+
+        A tracking failure is logged, never hides the stage's own outcome.
+        """
+        shown = cachekey.shown_parts(key or cachekey.StageKey({}))
         try:
-            tracking_lib.stage_run(self.tracker, name, state, metrics, seconds, failed=failed)
+            if self._earlier is None:
+                self._earlier = tracking_lib.previous_stage_keys(self.tracker, str(self.workspace.root))
+            changed = cachekey.changed_parts(shown, self._earlier.get(name))
+            tags = {"aidetect.cache_key": key.digest if key else "", "aidetect.key_changed": changed}
+            tags["aidetect.workspace"] = str(self.workspace.root)
+            params = {f"{tracking_lib.KEY_PARAM_PREFIX}{part}": value for part, value in shown.items()}
+            tracking_lib.stage_run(self.tracker, name, state, metrics, seconds, failed, params, tags)
         except Exception as error:  # the tracking store may be down; the stage's result still counts
             log.warning("no nested MLflow run for stage %s: %s", name, error)
+            return
+        if state != "Cached":
+            log.info("stage %s %s; key parts changed since its previous run: %s", name, state.lower(), changed)
 
 
 def _numbers(metrics: Any) -> dict[str, float]:
@@ -81,44 +116,49 @@ def _per_image_stage(
     source: Ref,
     params: tuple[Any, ...],
     chunk_size: int,
+    index: cachekey.CodeIndex | None = None,
 ) -> State:
     """plan(root, source, *params, chunk_size) -> chunks; chunk(root, chunk, *params) mapped on the flow's task runner;
     merge(root, source, *params, results). The merge's state, or the failed plan's or chunk's (then no merge)."""
     plan_task, chunk_task, merge_task = tasks
     root = str(workspace.root)
-    plan: State = cached(plan_task, workspace, refresh)(root, source, *params, chunk_size, return_state=True)
+    index = index or cachekey.CodeIndex()
+    plan: State = cached(plan_task, workspace, refresh, index)(root, source, *params, chunk_size, return_state=True)
     if not plan.is_completed():
         return plan
     futures = []
     if chunks := plan.result():
-        mapped = cached(chunk_task, workspace, refresh)
+        mapped = cached(chunk_task, workspace, refresh, index)
         futures = list(mapped.map(unmapped(root), chunks, *[unmapped(param) for param in params]))
     for future in futures:
         future.wait()
         if not future.state.is_completed():
             return future.state
     results = [future.result() for future in futures]
-    return cached(merge_task, workspace, refresh)(root, source, *params, results, return_state=True)
+    return cached(merge_task, workspace, refresh, index)(root, source, *params, results, return_state=True)
+
+
+FINGERPRINT_TASKS = (per_image.plan_fingerprint, per_image.hash_chunk, per_image.merge_fingerprints)
+PREPROCESS_TASKS = (per_image.plan_preprocess, per_image.tensor_chunk, per_image.merge_preprocess)
+INGEST_TASKS = (per_image.plan_ingest, per_image.validate_chunk, per_image.merge_ingest)
 
 
 def fingerprint_stage(workspace: Workspace, refresh: bool, catalog: Ref, dedup: DedupConfig, chunk_size: int) -> State:
     """Plan, hash the missing images in chunks, merge into the hash cache and a catalog snapshot."""
-    tasks = (per_image.plan_fingerprint, per_image.hash_chunk, per_image.merge_fingerprints)
-    return _per_image_stage(workspace, refresh, tasks, catalog, (dedup.algorithm, dedup.hash_size), chunk_size)
+    params = (dedup.algorithm, dedup.hash_size)
+    return _per_image_stage(workspace, refresh, FINGERPRINT_TASKS, catalog, params, chunk_size)
 
 
 def preprocess_stage(
     workspace: Workspace, refresh: bool, catalog: Ref, size: int, policy: NormalizeConfig | None, chunk_size: int
 ) -> State:
     """Plan, decode the missing tensors in chunks, merge (count them, raise for images that failed)."""
-    tasks = (per_image.plan_preprocess, per_image.tensor_chunk, per_image.merge_preprocess)
-    return _per_image_stage(workspace, refresh, tasks, catalog, (size, policy), chunk_size)
+    return _per_image_stage(workspace, refresh, PREPROCESS_TASKS, catalog, (size, policy), chunk_size)
 
 
 def ingest_stage(workspace: Workspace, refresh: bool, crawl_log: Ref, config: IngestConfig, chunk_size: int) -> State:
     """Plan, validate the new files in chunks, merge (place files in store/ or quarantine/, snapshot the catalog)."""
-    tasks = (per_image.plan_ingest, per_image.validate_chunk, per_image.merge_ingest)
-    return _per_image_stage(workspace, refresh, tasks, crawl_log, (config,), chunk_size)
+    return _per_image_stage(workspace, refresh, INGEST_TASKS, crawl_log, (config,), chunk_size)
 
 
 def make_task_runner(execution: ExecutionConfig) -> TaskRunner:
@@ -202,29 +242,31 @@ def tracked_stages(
 def _crawl_and_ingest(
     config: PipelineConfig, workspace: Workspace, run: StageRecorder
 ) -> tuple[stages.StageResult, stages.StageResult]:
-    """Crawl the configured sources plus the workspace's imported folders, then ingest."""
+    """Crawl the configured sources plus the workspace's imported folders (every time it is asked), then ingest.
+
+    The crawl log decides what is fetched again: a keyword searched within sources.recrawl_after_hours is not
+    searched again (with --refresh-cache it is), a URL fetched once never again, a local file only when new or changed.
+    """
     root = str(workspace.root)
     sources = with_imports(config.sources, workspace)
-    folders = listing_digest([source.path for source in sources.folders])  # new files in a folder miss the cache
-    expiration = timedelta(hours=sources.recrawl_after_hours) if sources.recrawl_after_hours else None
     if config.execution.crawl:
-        crawled = run.run("crawl", stages.crawl_sources, root, sources, folders, expiration=expiration)
+        if run.refresh:
+            sources = sources.model_copy(update={"recrawl_after_hours": 0.0})
+        crawled = run.run("crawl", stages.crawl_sources, root, sources, cache=False)
     else:
         log_file = crawl_log_path(workspace)
         digest = file_sha256(log_file) if log_file.is_file() else ""
         crawled = run.run("crawl", stages.current_crawl_log, root, digest)
-    started = time.perf_counter()
-    state = ingest_stage(workspace, run.refresh, crawled.catalog, config.ingest, config.execution.chunk_size)
-    return crawled, run.record("ingest", state, time.perf_counter() - started)
+    ingested = run.per_image("ingest", INGEST_TASKS, crawled.catalog, (config.ingest,), config.execution.chunk_size)
+    return crawled, ingested
 
 
 def fingerprint_and_dedup(
     config: PipelineConfig, workspace: Workspace, run: StageRecorder, ingested: stages.StageResult
 ) -> stages.StageResult:
     """Perceptual hashes (mapped over chunks), then exact and near-duplicate clusters."""
-    started = time.perf_counter()
-    state = fingerprint_stage(workspace, run.refresh, ingested.catalog, config.dedup, config.execution.chunk_size)
-    hashed = run.record("fingerprint", state, time.perf_counter() - started)
+    params = (config.dedup.algorithm, config.dedup.hash_size)
+    hashed = run.per_image("fingerprint", FINGERPRINT_TASKS, ingested.catalog, params, config.execution.chunk_size)
     return run.run("dedup", stages.dedup, str(workspace.root), hashed.catalog, config.dedup)
 
 
@@ -233,9 +275,20 @@ def _data_stages(config: PipelineConfig, workspace: Workspace, run: StageRecorde
     _, ingested = _crawl_and_ingest(config, workspace, run)
     deduped = fingerprint_and_dedup(config, workspace, run, ingested)
     approved = review_gate.review_stage(config, workspace, run, deduped)  # may pause/suspend for people
-    reshuffle = config.execution.reshuffle_splits
+    version = split_lib.registry_version_for(workspace, config.execution.reshuffle_splits)  # what --reshuffle asks
     normalize = config.preprocess.normalize
-    return run.run("split", stages.make_split, root, approved.catalog, config.split, reshuffle, config.audit, normalize)
+    return run.run("split", stages.make_split, root, approved.catalog, config.split, version, config.audit, normalize)
+
+
+def _check_trainable(config: PipelineConfig, workspace: Workspace, split: stages.StageResult) -> None:
+    """SplitError naming a label with too few groups in train, val or test, and how to add images; before training."""
+    ratios = {"train": config.split.train, "val": config.split.val, "test": config.split.test}
+    shortfalls = split_lib.label_shortfalls(split.table, ratios, config.split.min_groups_per_label)
+    if shortfalls:
+        folders: dict[str, list[Path]] = {}
+        for source in with_imports(config.sources, workspace).folders:
+            folders.setdefault(source.label, []).append(Path(source.path))
+        raise split_lib.SplitError(split_lib.shortfall_message(shortfalls, folders, workspace.root))
 
 
 def _model_stages(
@@ -246,13 +299,13 @@ def _model_stages(
     split: stages.StageResult,
 ) -> dict[str, Any]:
     root = str(workspace.root)
+    _check_trainable(config, workspace, split)
     track.log_datasets(root, tracker, split.catalog)
     normalize = config.preprocess.normalize
-    started = time.perf_counter()
     size, chunk_size = config.train.image_size, config.execution.chunk_size
-    state = preprocess_stage(workspace, run.refresh, split.catalog, size, normalize, chunk_size)
-    run.record("preprocess", state, time.perf_counter() - started)
-    trained = run.run("train", stages.train, root, split.catalog, config.train, normalize)
+    run.per_image("preprocess", PREPROCESS_TASKS, split.catalog, (size, normalize), chunk_size)
+    trainset = split.trainset or split.catalog
+    trained = run.run("train", stages.train, root, trainset, config.train, normalize, not run.refresh)
     track.log_training(tracker, trained)
     evaluate_args = (config.evaluate, config.calibration, normalize, config.report.cam_method)
     evaluation = run.run("evaluate", stages.evaluate, root, split.catalog, trained.model, *evaluate_args)
@@ -261,8 +314,17 @@ def _model_stages(
     report_ref = run.run("report", stages.make_report, root, trained.model, evaluation, *report_args)
     track.log_evaluation(root, tracker, evaluation, report_ref)
     test_digest = digest_of(split.catalog.digest, "test")[:16]
-    registry_name = config.tracking.registered_model
-    registered = track.register(root, tracker, trained.model, evaluation, test_digest, registry_name, normalize)
+    registered = track.register(
+        root,
+        tracker,
+        trained.model,
+        evaluation,
+        test_digest,
+        config.tracking.registered_model,
+        normalize,
+        alias=tracking_lib.alias_for(config.split.leave_out_generator),
+        promote=config.execution.promote,
+    )
     return {
         "metrics": evaluation.metrics,
         "report": str(report_ref.resolve(workspace)),

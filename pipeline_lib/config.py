@@ -74,7 +74,12 @@ class SourcesConfig(_Section):
     search: list[SearchSource] = Field(default_factory=list)
     urls: list[UrlListSource] = Field(default_factory=list)
     folders: list[FolderSource] = Field(default_factory=list)
-    recrawl_after_hours: float = Field(24.0, ge=0)
+    recrawl_after_hours: float = Field(
+        20.0,
+        ge=0,
+        description="A keyword searched less than this many hours ago is not searched again (0: every crawl). "
+        "Below 24 so that a daily schedule searches every keyword each day.",
+    )
     request_timeout_s: float = Field(10.0, gt=0)
     max_retries: int = Field(3, ge=0, le=10)
     allow_private_addresses: bool = False
@@ -248,6 +253,11 @@ class ExecutionConfig(_Section):
     refresh_cache: bool = False
     reshuffle_splits: bool = Field(False, description="Start a new split registry version (CLI: --reshuffle).")
     crawl: bool = Field(True, description="false: start from the crawl log as it stands (the retrain deployment).")
+    promote: bool = Field(
+        False,
+        description="Move the registry alias to this run's model even when it cannot be compared fairly with the "
+        "current holder (CLI: --promote).",
+    )
     task_runner: Literal["threads", "processes", "dask"] = Field(
         "threads", description="Where mapped per-image tasks run: a thread pool, a process pool, or Dask."
     )

@@ -428,8 +428,9 @@ def _handler_class(site_dir: Path, index: dict[str, list[str]]) -> type[BaseHTTP
 def search_site(dataset: DemoDataset, port: int = 0) -> Iterator[str]:
     """Serve the real class as a Bing-like search site on 127.0.0.1; yield its endpoint template.
 
-    A fixed `port` keeps the URLs (and so the crawl stage's cache key) the same from one demo run to the next;
-    if that port is taken, a free one is used (the next run then re-crawls, finding every file already held).
+    A fixed `port` keeps the URLs (and so the crawl log) the same from one demo run to the next, so a second run
+    fetches nothing; if that port is taken, a free one is used (the next run then fetches the new URLs, finds every
+    file already held, and only the stages before training recompute).
     """
     handler = _handler_class(dataset.site_dir, _site_index(dataset.site_dir))
     try:

@@ -32,7 +32,8 @@ from pipeline_lib.config import (
     TrainConfig,
 )
 from pipeline_lib.normalize import policy_key
-from pipeline_lib.workspace import Ref, Workspace, digest_of
+from pipeline_lib.workspace import Ref, Workspace
+from tasks.caching import current_stage_key
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     table: list[dict[str, Any]] = field(default_factory=list)
+    trainset: Ref | None = None  # split only: split.training_set, the content the train stage is keyed on
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class TrainOutput:
     weights_name: str
     weights_sha256: str
     device: str
+    resumed_from_epoch: int | None = None  # the epoch of last.pt training continued after; None: from epoch 0
 
 
 @dataclass(frozen=True)
@@ -78,15 +81,22 @@ def _active(policy: NormalizeConfig | None) -> NormalizeConfig | None:
 
 
 @task(name="crawl")
-def crawl_sources(root: str, sources: SourcesConfig, folder_state: str) -> StageResult:
-    """Fetch new files from every source into incoming/ and snapshot the crawl log."""
+def crawl_sources(root: str, sources: SourcesConfig) -> StageResult:
+    """Fetch new files from every source into incoming/ and snapshot the crawl log (keywords searched within
+    sources.recrawl_after_hours are not searched again)."""
     workspace = Workspace.create(root)
     result = crawl_lib.crawl_sources(workspace, sources)
     summary, crawl_log, fallback_notes = _crawl_fallbacks(workspace, sources, result)
     log_ref = cat.write_table(workspace, "crawl", "log", crawl_log)
     totals = summary[["new", "skipped", "failed"]].sum()
     metrics = {f"crawl.{k}": float(v) for k, v in totals.items()}
+    metrics["crawl.keywords_not_due"] = float(len(result.not_due))
     notes = [f"{r.source} {r.keyword!r}: {r.error}" for r in summary.itertuples() if r.error]
+    if result.not_due:
+        notes.append(
+            f"{len(result.not_due)} keyword(s) searched less than sources.recrawl_after_hours="
+            f"{sources.recrawl_after_hours:g} h ago were not searched again"
+        )
     keywords = health.keyword_health(summary)
     flagged = health.flagged(keywords)
     notes += [f"crawl health: {r.source} {r.keyword!r} {r.flag}: {r.message}" for r in flagged.itertuples()]
@@ -159,7 +169,7 @@ def make_split(
     root: str,
     catalog: Ref,
     config: SplitConfig,
-    reshuffle: bool = False,
+    registry_version: int = 1,
     audit: AuditConfig | None = None,
     normalize: NormalizeConfig | None = None,
 ) -> StageResult:
@@ -168,10 +178,12 @@ def make_split(
     The audit fits a metadata-only model on the training split (on the normalised files when
     preprocess.normalize re-encodes them); above audit.warn_above it warns, or fails in strict mode.
     With split.leave_out_generator, that generator's units go to test after assignment (leave-one-generator-out);
-    the sticky registry is not updated for them: the assignment is a per-run view.
+    the sticky registry is not updated for them: the assignment is a per-run view. registry_version above the
+    workspace's current version starts that new version (--reshuffle; split.registry_version_for).
     """
     workspace = Workspace.create(root)
     ratios = {"train": config.train, "val": config.val, "test": config.test}
+    reshuffle = registry_version > split.registry_version_for(workspace, reshuffle=False)
     state = split.prepare_registry(workspace, ratios, config.seed, reshuffle)
     table = cat.read_snapshot(workspace, catalog)
     plan = split.assign_splits(table, ratios, config.seed, state.registry, state.version)
@@ -197,7 +209,8 @@ def make_split(
         metrics |= audit_metrics
         notes.append(audit_note)
     rows = [{k: (v if isinstance(v, str) else float(v)) for k, v in row.items()} for row in table.to_dict("records")]
-    return StageResult(cat.write_snapshot(workspace, "split", assigned), metrics, notes, rows)
+    trainset = cat.write_table(workspace, "catalog", "trainset", split.training_set(assigned))
+    return StageResult(cat.write_snapshot(workspace, "split", assigned), metrics, notes, rows, trainset)
 
 
 def _audit_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
@@ -240,14 +253,19 @@ def shortcut_audit(
 
 
 @task(name="train")
-def train(root: str, catalog: Ref, config: TrainConfig, normalize: NormalizeConfig | None = None) -> TrainOutput:
-    """Fine-tune the classifier; resumes from the last epoch checkpoint of the same inputs."""
+def train(
+    root: str, trainset: Ref, config: TrainConfig, normalize: NormalizeConfig | None = None, resume: bool = True
+) -> TrainOutput:
+    """Fine-tune the classifier in models/<stage key>/ (split.training_set in, so only content keys it).
+
+    resume: continue from that folder's last.pt (a run of the same key that was interrupted); False (--refresh-cache)
+    trains from epoch 0.
+    """
     workspace = Workspace.create(root)
     active = _active(normalize)
-    parts = [catalog.digest, config.model_dump_json(), *([active.model_dump_json()] if active else [])]
-    out_dir = workspace.models / digest_of(*parts)[:16]
-    table = cat.read_snapshot(workspace, catalog)
-    result = train_lib.train_model(workspace, table, config, out_dir, policy=active)
+    out_dir = workspace.models / current_stage_key()[:16]
+    table = cat.read_table(workspace, trainset)
+    result = train_lib.train_model(workspace, table, config, out_dir, policy=active, resume=resume)
     history = [vars(epoch) | {} for epoch in result.history]
     return TrainOutput(
         model=workspace.ref(result.best_path),
@@ -257,6 +275,7 @@ def train(root: str, catalog: Ref, config: TrainConfig, normalize: NormalizeConf
         weights_name=result.weights.name,
         weights_sha256=result.weights.sha256,
         device=result.device,
+        resumed_from_epoch=result.resumed_from_epoch,
     )
 
 
@@ -336,7 +355,7 @@ def evaluate(
     p_raw = evaluate_lib.softmax_p_ai(logits)
     p_ai = calibration_lib.apply_temperature(logits, temperature) if len(rows) else p_raw
     predictions = evaluate_lib.predictions_table(rows, p_ai, config.threshold, p_ai_raw=p_raw)
-    out_dir = workspace.reports / digest_of(catalog.digest, model_ref.digest, config.model_dump_json())[:16]
+    out_dir = workspace.reports / current_stage_key()[:16]  # one folder per key: a cached result's files stay put
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = _plots(workspace, predictions, out_dir)
     predictions_path = out_dir / "predictions.parquet"
@@ -387,7 +406,7 @@ def make_report(
     selected = report.select_examples(predictions, config.images_per_cell)
     size, active = int(meta["image_size"]), _active(normalize)
     images = preprocess.load_tensors(workspace, selected["sha256"].tolist(), size, active)
-    out_dir = evaluation.predictions.resolve(workspace).parent / "report"
+    out_dir = evaluation.predictions.resolve(workspace).parent / f"report-{current_stage_key()[:12]}"
     index = report.build_report(
         out_dir,
         model,

@@ -1,0 +1,393 @@
+"""What makes a stage run again: one change at a time on a finished run, and the exact stages that recompute.
+
+Real Prefect (the harness), MLflow on SQLite in tmp_path, icrawler against a loopback site; tiny data and a tiny
+model (resnet18 from scratch at 32 px, one epoch) so that the whole matrix takes a few minutes on 2 busy cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from flows.pipeline import pipeline
+from pipeline_lib import comparison, demo_data, review, tracking
+from pipeline_lib.catalog import read_snapshot
+from pipeline_lib.config import FolderSource, PipelineConfig, build_config, merge_mappings, read_yaml_mapping
+from pipeline_lib.imports import add_import
+from pipeline_lib.status import latest_snapshot, workspace_status
+from pipeline_lib.workspace import Workspace, file_sha256
+from tests.conftest import make_image
+
+# 15 pipeline runs: more than the suite's 600 s per test on a machine shared with other jobs
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+REPO = Path(__file__).resolve().parents[2]
+DEMO_YAML = REPO / "configs" / "demo.yaml"
+DEDUP_SOURCE = REPO / "pipeline_lib" / "dedup.py"
+STAGES = ("crawl", "ingest", "fingerprint", "dedup", "review", "split", "preprocess", "train", "evaluate", "report")
+ALL = set(STAGES)
+TINY = [
+    "train.image_size=16",
+    "train.epochs=1",
+    "train.head_only_epochs=0",
+    "train.batch_size=64",
+    "evaluate.bootstrap=0",
+    "report.images_per_cell=1",
+    "audit.enabled=false",
+    "split.min_groups_per_label=1",
+    "sources.recrawl_after_hours=20",
+    "tracking.system_metrics_interval_s=0",
+]
+
+
+@dataclass
+class World:
+    """The files the config names, the loopback site and the workspace of the matrix."""
+
+    root: Path
+    data: demo_data.DemoDataset
+    keywords: Path
+    url_list: Path
+    imported: Path
+    endpoint: str = ""
+
+    @property
+    def ws(self) -> Path:
+        return self.root / "ws"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+    def config(self, overrides: list[str]) -> PipelineConfig:
+        """The demo config with a keyword file and a URL list, tiny settings, then overrides."""
+        demo = demo_data.demo_config_dict(self.data, self.endpoint, self.ws)
+        data = merge_mappings(read_yaml_mapping(DEMO_YAML), demo)
+        search = data["sources"]["search"][0] | {"keywords": [], "keywords_file": str(self.keywords)}
+        sources = data["sources"] | {"search": [search], "urls": [{"csv": str(self.url_list)}]}
+        data = merge_mappings(data, {"sources": sources, "tracking": {"uri": self.tracking_uri}})
+        return build_config(data, TINY + overrides, origin="matrix")
+
+    def listed_url(self, name: str) -> str:
+        return self.endpoint.split("/images/")[0] + f"/img/listed/{name}"
+
+
+def _world(root: Path) -> World:
+    data = demo_data.generate_demo_dataset(root / "data", n_persons_per_class=4, image_size=64, seed=5)
+    world = World(root, data, root / "keywords.txt", root / "urls.csv", root / "imported")
+    world.keywords.write_text("\n".join(data.keywords[:3]) + "\n", encoding="utf-8")  # person-04 comes later
+    for index in range(3):  # served by the site, reachable only through the URL list
+        make_image(data.site_dir / "listed" / f"{index}.jpg", seed=700 + index, size=(64, 64))
+    for number, group in enumerate(("other-01", "other-02")):
+        for index in range(2):
+            image = world.imported / group / f"{index}.png"
+            make_image(image, seed=800 + 10 * number + index, size=(56, 56), fmt="PNG")
+    add_import(Workspace.create(world.ws), FolderSource(path=world.imported, label="ai", generator="other"))
+    return world
+
+
+def _add_keyword(world: World) -> None:
+    world.keywords.write_text("\n".join(world.data.keywords) + "\n", encoding="utf-8")
+
+
+def _add_url(world: World) -> None:
+    with world.url_list.open("a", encoding="utf-8") as handle:
+        handle.write(f"{world.listed_url('2.jpg')},real,listed-02\n")
+
+
+def _add_imported_image(world: World) -> None:
+    make_image(world.imported / "other-03" / "0.png", seed=4242, size=(40, 40), fmt="PNG")  # below min_side 48
+
+
+def _reject_one_test_image(world: World) -> None:
+    workspace = Workspace.open(world.ws)
+    split = read_snapshot(workspace, workspace.ref(latest_snapshot(workspace, "split")))
+    test = split[(split["split"] == "test") & (split["status"] == "ok")]
+    review.append_decisions(workspace, [review.Decision(sorted(test["sha256"])[0], "reject", "unrelated", "tester")])
+
+
+@contextlib.contextmanager
+def _edited_dedup_module() -> Iterator[None]:
+    """A real change to the code of pipeline_lib/dedup.py on disk (one more constant), undone afterwards."""
+    original = DEDUP_SOURCE.read_bytes()
+    DEDUP_SOURCE.write_bytes(original + b"\n_CACHE_MATRIX_PROBE = 1  # written by tests/flows/test_cache_matrix.py\n")
+    try:
+        yield
+    finally:
+        DEDUP_SOURCE.write_bytes(original)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One row: what changes, the overrides kept from then on, those of this run only, and what recomputes."""
+
+    name: str
+    completed: set[str]
+    edit: Callable[[World], None] | None = None
+    overrides: tuple[str, ...] = ()
+    once: tuple[str, ...] = ()
+    code_change: bool = False
+
+
+# One change at a time, each on top of the run before. Listed: the stages that come back Completed; every other
+# stage comes back Cached. The crawl runs whenever a run asks for crawling; its log decides what is fetched.
+MATRIX: tuple[Change, ...] = (
+    Change("no change at all: the crawl finds nothing new, nothing is rewritten", {"crawl"}),
+    Change("a name added to the keyword file", ALL, edit=_add_keyword),
+    Change(
+        "a line added to the URL list: its new group lands in test, the train and val images are unchanged",
+        ALL - {"train"},
+        edit=_add_url,
+    ),
+    Change("an image added to an imported folder: its new group lands in val", ALL, edit=_add_imported_image),
+    Change(
+        "ingest.min_side 32 -> 48: that 40 px image is judged again and quarantined, so the train and val images are "
+        "those of the keyword row again, whose model is cached",
+        ALL - {"train"},
+        overrides=("ingest.min_side=48",),
+    ),
+    Change("dedup.threshold 6 -> 5: the same clusters", {"crawl", "dedup"}, overrides=("dedup.threshold=5",)),
+    Change(
+        "one review decision: a test image rejected (the training data is unchanged)",
+        {"crawl", "review", "split", "preprocess", "evaluate", "report"},
+        edit=_reject_one_test_image,
+    ),
+    Change(
+        "split ratios with --reshuffle",
+        {"crawl", "split", "preprocess", "train", "evaluate", "report"},
+        overrides=("split.train=0.5", "split.val=0.25", "split.test=0.25"),
+        once=("execution.reshuffle_splits=true",),
+    ),
+    Change("train.lr", {"crawl", "train", "evaluate", "report"}, overrides=("train.lr=0.01",)),
+    Change("evaluate.threshold", {"crawl", "evaluate", "report"}, overrides=("evaluate.threshold=0.6",)),
+    Change(
+        "report.cam_method (evaluate measures the CAM attention too)",
+        {"crawl", "evaluate", "report"},
+        overrides=("report.cam_method=gradcam++",),
+    ),
+    Change("the code of pipeline_lib/dedup.py (split imports it)", {"crawl", "dedup", "split"}, code_change=True),
+    Change(
+        "split.leave_out_generator=other, this run only",
+        {"crawl", "split", "preprocess", "train", "evaluate", "report"},
+        once=("split.leave_out_generator=other",),
+    ),
+    Change("--refresh-cache", ALL, once=("execution.refresh_cache=true",)),
+)
+
+
+def _stamps(root: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every file in the workspace but MLflow's artifacts (each run logs its own)."""
+    return {
+        path.relative_to(root).as_posix(): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in root.rglob("*")
+        if path.is_file() and not path.relative_to(root).as_posix().startswith("mlartifacts/")
+    }
+
+
+def _aliases(world: World) -> dict[str, tuple[str, dict[str, str]]]:
+    """alias -> (version, its tags) in the registry."""
+    found = {}
+    for alias in (tracking.CHAMPION, "loo-other"):
+        version = tracking.current_champion(world.tracking_uri, "aidetect", alias)
+        if version is not None:
+            found[alias] = (str(version.version), dict(version.tags))
+    return found
+
+
+@dataclass
+class Row:
+    """What one run of the matrix returned and left behind."""
+
+    change: Change
+    summary: dict[str, Any]
+    run: dict[str, Any]  # tracking.run_summary of its MLflow run
+    before: dict[str, tuple[int, int]]
+    after: dict[str, tuple[int, int]]
+    aliases_before: dict[str, tuple[str, dict[str, str]]]
+    aliases_after: dict[str, tuple[str, dict[str, str]]]
+
+
+@pytest.fixture(scope="module")
+def matrix(harness, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A finished run, then every change of MATRIX in turn (torch on one thread: two busy cores are slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield _run_matrix(_world(tmp_path_factory.mktemp("matrix")))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_matrix(world: World) -> dict[str, Any]:
+    dedup_source = file_sha256(DEDUP_SOURCE)
+    rows: dict[str, Row] = {}
+    overrides: list[str] = []
+    with demo_data.search_site(world.data) as endpoint:
+        world.endpoint = endpoint
+        lines = [f"{world.listed_url(name)},real,listed-01" for name in ("0.jpg", "1.jpg")]
+        world.url_list.write_text("url,label,group\n" + "\n".join(lines) + "\n", encoding="utf-8")
+        base = pipeline(world.config(overrides))
+        for change in MATRIX:
+            if change.edit is not None:
+                change.edit(world)
+            overrides += change.overrides
+            before, aliases = _stamps(world.ws), _aliases(world)
+            with _edited_dedup_module() if change.code_change else contextlib.nullcontext():
+                summary = pipeline(world.config([*overrides, *change.once]))
+            run = tracking.run_summary(world.tracking_uri, summary["mlflow_run_id"])
+            rows[change.name] = Row(change, summary, run, before, _stamps(world.ws), aliases, _aliases(world))
+    return {"world": world, "base": base, "rows": rows, "dedup_source": dedup_source}
+
+
+def _row(matrix: dict[str, Any], start: str) -> Row:
+    return next(row for name, row in matrix["rows"].items() if name.startswith(start))
+
+
+def _split_catalog(matrix: dict[str, Any], row: Row) -> pd.DataFrame:
+    workspace = Workspace.open(matrix["world"].ws)
+    path = row.run["tags"]["aidetect.catalog"]
+    return read_snapshot(workspace, workspace.ref(workspace.root / path))
+
+
+def test_invalidation_matrix(matrix: dict[str, Any]) -> None:
+    assert matrix["base"]["states"] == dict.fromkeys(STAGES, "Completed"), matrix["base"]["states"]
+    wrong = []
+    for name, row in matrix["rows"].items():
+        expected = {stage: "Completed" if stage in row.change.completed else "Cached" for stage in STAGES}
+        if row.summary["states"] != expected:
+            differs = {stage: state for stage, state in row.summary["states"].items() if state != expected.get(stage)}
+            wrong.append(f"{name}: expected Completed {sorted(row.change.completed)}; differs: {differs}")
+    assert not wrong, "\n".join(wrong)
+    assert file_sha256(DEDUP_SOURCE) == matrix["dedup_source"], "pipeline_lib/dedup.py was not restored"
+
+
+def test_a_run_without_changes_rewrites_nothing(matrix: dict[str, Any]) -> None:
+    row = _row(matrix, "no change")
+    changed = sorted(path for path in set(row.before) | set(row.after) if row.before.get(path) != row.after.get(path))
+    assert not changed, f"a run that found nothing new wrote: {changed}"
+
+
+def test_a_new_ingest_policy_judges_seen_files_again(matrix: dict[str, Any]) -> None:
+    statuses = {}
+    for start in ("an image added", "ingest.min_side"):
+        catalog = _split_catalog(matrix, _row(matrix, start))
+        statuses[start] = set(catalog[catalog["group"] == "other-03"]["status"])
+    assert statuses == {"an image added": {"ok"}, "ingest.min_side": {"invalid:too_small"}}, statuses
+
+
+def test_training_is_keyed_by_the_content_of_its_images(matrix: dict[str, Any]) -> None:
+    models = {start: _row(matrix, start).summary["model"] for start in ("a name", "a line", "an image", "ingest")}
+    assert models["a name"] == models["a line"] == models["ingest"] != models["an image"], models
+    groups = {}
+    for start, group in (("a line", "listed-02"), ("an image", "other-03")):
+        catalog = _split_catalog(matrix, _row(matrix, start))
+        groups[group] = set(catalog[catalog["group"] == group]["split"])
+    assert groups == {"listed-02": {"test"}, "other-03": {"val"}}, groups
+
+
+def test_the_parts_that_changed_are_logged_on_the_stage_run(matrix: dict[str, Any]) -> None:
+    world = matrix["world"]
+    expected = {
+        "train.lr": ("train", "input.config"),
+        "the code of pipeline_lib/dedup.py": ("dedup", "code.pipeline_lib.dedup"),
+        "evaluate.threshold": ("evaluate", "input.config"),
+    }
+    for start, (stage, part) in expected.items():
+        row = _row(matrix, start)
+        children = tracking.stage_runs(tracking.Tracker(world.tracking_uri, row.summary["mlflow_run_id"]))
+        child = tracking.run_summary(world.tracking_uri, children[stage]["run_id"])
+        assert child["tags"]["aidetect.key_changed"] == part, (start, child["tags"]["aidetect.key_changed"])
+        assert child["params"][f"key.{part}"] and "key.code.task" in child["params"], sorted(child["params"])
+    dedup = tracking.run_summary(
+        world.tracking_uri,
+        tracking.stage_runs(tracking.Tracker(world.tracking_uri, _row(matrix, "the code").summary["mlflow_run_id"]))[
+            "split"
+        ]["run_id"],
+    )
+    assert dedup["tags"]["aidetect.key_changed"] == "code.pipeline_lib.dedup", "split imports dedup"
+
+
+def test_refresh_cache_trains_the_same_key_again_from_epoch_0(matrix: dict[str, Any]) -> None:
+    lr, refresh = _row(matrix, "train.lr"), _row(matrix, "--refresh-cache")
+    model = Path(refresh.summary["model"])
+    assert model == Path(lr.summary["model"]), "the same content must give the same models/<stage key>/ folder"
+    relative = model.relative_to(matrix["world"].ws).as_posix()
+    assert refresh.before[relative] != refresh.after[relative], "best.pt was returned as it was, not retrained"
+    assert "train.resumed_from_epoch" not in refresh.run["metrics"], "a refreshed run resumed from last.pt"
+    assert refresh.run["metrics"]["train.best_epoch"] == 1
+
+
+def test_a_champion_that_trained_on_the_test_images_is_not_comparable(matrix: dict[str, Any]) -> None:
+    row = _row(matrix, "split ratios with --reshuffle")
+    champion_version, _ = row.aliases_before[tracking.CHAMPION]
+    registry = row.summary["registry"]
+    test = _split_catalog(matrix, row)
+    test_images = set(test[(test["split"] == "test") & (test["status"] == "ok")]["sha256"])
+    uri = matrix["world"].tracking_uri
+    champion_run = MlflowClient(tracking_uri=uri).get_model_version("aidetect", champion_version).run_id
+    trained_on = comparison.seen_in_training(tracking.run_catalog(uri, champion_run))
+    assert test_images & trained_on, "the reshuffle must put images the champion trained on into test"
+    assert registry["comparable"] is False and registry["promoted"] is False, registry
+    assert "not comparable" in registry["reason"] and "--promote" in registry["reason"], registry["reason"]
+    assert row.aliases_after[tracking.CHAMPION] == row.aliases_before[tracking.CHAMPION], "the champion moved"
+    assert row.run["tags"]["aidetect.champion_comparable"] == "false"
+    assert champion_version == row.aliases_after[tracking.CHAMPION][0]
+
+
+def test_leave_one_generator_out_gets_its_own_alias_and_leaves_the_champion(matrix: dict[str, Any]) -> None:
+    row = _row(matrix, "split.leave_out_generator")
+    assert row.summary["registry"]["alias"] == "loo-other" and row.summary["registry"]["promoted"], row.summary
+    assert row.aliases_after["loo-other"][0] == row.summary["registry"]["version"]
+    assert row.aliases_after[tracking.CHAMPION] == row.aliases_before[tracking.CHAMPION], "champion or its tags moved"
+
+
+def test_auto_review_records_what_was_trained_on(matrix: dict[str, Any]) -> None:
+    workspace = Workspace.open(matrix["world"].ws)
+    decisions = review.read_decisions(workspace)
+    status = workspace_status(workspace)
+    assert status["undecided"] == 0 and status["decisions"] == len(decisions), status
+    catalog = _split_catalog(matrix, _row(matrix, "--refresh-cache"))
+    trained = set(catalog[catalog["status"] == "ok"]["sha256"])
+    assert {sha for sha, d in decisions.items() if d.decision == "approve"} >= trained
+    assert {d.reviewer for d in decisions.values()} == {review.AUTO_REVIEWER, "tester"}
+
+
+def test_a_one_label_workspace_exits_2_naming_the_label_and_registers_nothing(harness, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    for group in range(4):
+        for index in range(2):
+            make_image(tmp_path / "real" / f"p{group}" / f"{index}.jpg", seed=10 * group + index, size=(64, 64))
+    empty = tmp_path / "ai_images"
+    empty.mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"sources:\n  folders:\n    - {{path: {tmp_path / 'real'}, label: real}}\n    - {{path: {empty}, label: ai}}\n"
+        "review: {mode: auto}\nsplit: {min_groups_per_label: 1}\naudit: {enabled: false}\n"
+        "tracking: {system_metrics_interval_s: 0}\n"
+        "train: {model: resnet18, weights: none, image_size: 16, epochs: 1, num_workers: 0}\n",
+        encoding="utf-8",
+    )
+    ws = tmp_path / "ws"
+    result = CliRunner().invoke(app, ["run", "--config", str(config), "--workspace", str(ws)])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "label 'ai' has too few groups (0 in train, 0 in val, 0 in test" in message, message
+    assert f"put ai images into {empty}" in message and "aidetect import FOLDER --label ai" in message, message
+    assert "Nothing was trained or registered" in message
+    assert not list((ws / "models").iterdir()), "a model was trained"
+    uri = tracking.tracking_uri(None, Workspace.open(ws))
+    assert MlflowClient(tracking_uri=uri).search_registered_models() == [], "a one-label model was registered"
+    run = tracking.recent_runs(uri, "aidetect")[0]
+    notes = MlflowClient(tracking_uri=uri).download_artifacts(run["run_id"], "notes/split.txt", str(tmp_path))
+    assert "label ai has no usable image" in Path(notes).read_text(encoding="utf-8")
+    assert run["status"] == "FAILED"
