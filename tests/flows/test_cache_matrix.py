@@ -292,26 +292,31 @@ def test_training_is_keyed_by_the_content_of_its_images(matrix: dict[str, Any]) 
     assert groups == {"listed-02": {"test"}, "other-03": {"val"}}, groups
 
 
+def _stage_run(matrix: dict[str, Any], start: str, stage: str) -> dict[str, Any]:
+    """tracking.run_summary of one stage's nested run in one row's pipeline run."""
+    uri = matrix["world"].tracking_uri
+    children = tracking.stage_runs(tracking.Tracker(uri, _row(matrix, start).summary["mlflow_run_id"]))
+    return tracking.run_summary(uri, children[stage]["run_id"])
+
+
 def test_the_parts_that_changed_are_logged_on_the_stage_run(matrix: dict[str, Any]) -> None:
-    world = matrix["world"]
     expected = {
-        "train.lr": ("train", "input.config"),
-        "the code of pipeline_lib/dedup.py": ("dedup", "code.pipeline_lib.dedup"),
-        "evaluate.threshold": ("evaluate", "input.config"),
+        ("train.lr", "train"): "input.config",
+        ("evaluate.threshold", "evaluate"): "input.config",
+        ("the code of pipeline_lib/dedup.py", "dedup"): "code.pipeline_lib.dedup",
+        ("the code of pipeline_lib/dedup.py", "split"): "code.pipeline_lib.dedup",  # split imports dedup
+        ("a name added", "crawl"): "file.search.0.keywords_file",
     }
-    for start, (stage, part) in expected.items():
-        row = _row(matrix, start)
-        children = tracking.stage_runs(tracking.Tracker(world.tracking_uri, row.summary["mlflow_run_id"]))
-        child = tracking.run_summary(world.tracking_uri, children[stage]["run_id"])
-        assert child["tags"]["aidetect.key_changed"] == part, (start, child["tags"]["aidetect.key_changed"])
+    for (start, stage), part in expected.items():
+        child = _stage_run(matrix, start, stage)
+        assert child["tags"]["aidetect.key_changed"] == part, (start, stage, child["tags"]["aidetect.key_changed"])
         assert child["params"][f"key.{part}"] and "key.code.task" in child["params"], sorted(child["params"])
-    dedup = tracking.run_summary(
-        world.tracking_uri,
-        tracking.stage_runs(tracking.Tracker(world.tracking_uri, _row(matrix, "the code").summary["mlflow_run_id"]))[
-            "split"
-        ]["run_id"],
-    )
-    assert dedup["tags"]["aidetect.key_changed"] == "code.pipeline_lib.dedup", "split imports dedup"
+    train = _stage_run(matrix, "train.lr", "train")
+    folder = Path(_row(matrix, "train.lr").summary["model"]).parent.name
+    assert train["tags"]["aidetect.cache_key"][:16] == folder, "the logged key is not the key Prefect used"
+    assert {"key.lib.torch", "key.code.pipeline_lib.train", "key.input.trainset"} <= set(train["params"])
+    unchanged = _stage_run(matrix, "no change", "ingest")
+    assert unchanged["tags"]["aidetect.key_changed"] == "(none: the key is unchanged)"
 
 
 def test_refresh_cache_trains_the_same_key_again_from_epoch_0(matrix: dict[str, Any]) -> None:
