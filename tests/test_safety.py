@@ -8,7 +8,7 @@ from urllib.parse import unquote
 import pytest
 
 from pipeline_lib.config import SourcesConfig
-from pipeline_lib.crawl import crawl_sources, detect_ext, read_crawl_log
+from pipeline_lib.crawl import crawl_sources, detect_ext, read_crawl_log, read_searches
 from pipeline_lib.safety import UnsafeUrlError, check_url
 from pipeline_lib.workspace import Workspace, file_sha256
 from tests.conftest import make_image
@@ -119,9 +119,11 @@ def test_hostile_keywords_and_remote_names_never_become_paths(workspace: Workspa
 
     files = {p.relative_to(workspace.root).as_posix() for p in workspace.root.rglob("*") if p.is_file()}
     files -= {p.relative_to(workspace.root).as_posix() for p in before if p.is_relative_to(workspace.root)}
-    expected = {f"incoming/{sha[:2]}/{sha}.jpg" for sha in stored["sha256"]} | {"crawl/log.parquet"}
+    logs = {"crawl/log.parquet", "crawl/searches.parquet"}  # the keywords are data in the logs, never paths
+    expected = {f"incoming/{sha[:2]}/{sha}.jpg" for sha in stored["sha256"]} | logs
     assert files == expected
-    for path in files - {"crawl/log.parquet"}:
+    assert read_searches(workspace)["keyword"].tolist() == HOSTILE_KEYWORDS
+    for path in files - logs:
         assert file_sha256(workspace.root / path) == Path(path).stem
     created = {p for p in tmp_path.rglob("*")} - before
     assert all(p.is_relative_to(workspace.root) for p in created), "nothing is written outside the workspace"
