@@ -474,7 +474,6 @@ def demo_config_dict(dataset: DemoDataset, endpoint: str, workspace: Path) -> di
             "allow_private_addresses": True,
             "request_timeout_s": 5,
             "max_retries": 1,
-            "recrawl_after_hours": 0,
         },
         "execution": {"workspace": str(workspace)},
     }
