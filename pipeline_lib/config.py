@@ -172,6 +172,11 @@ class TrainConfig(_Section):
     step_size: int = Field(10, ge=1, description="schedule=step: multiply the lr by gamma every step_size epochs.")
     gamma: float = Field(0.1, gt=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, le=0.5)
+    class_balance: Literal["none", "weighted", "undersample"] = Field(
+        "weighted",
+        description="none: the classes as they come; weighted: loss weighted by inverse class frequency; "
+        "undersample: each epoch, a fresh random subset of the larger class as large as the smaller one.",
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     num_workers: int = Field(2, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"

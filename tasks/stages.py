@@ -58,6 +58,7 @@ class TrainOutput:
     weights_name: str
     weights_sha256: str
     device: str
+    balance: dict[str, float] = field(default_factory=dict)  # train.ClassBalance.metrics()
 
 
 @dataclass(frozen=True)
@@ -185,9 +186,12 @@ def make_split(
     metrics = {f"split.{r.split}.{r.label}.images": float(r.images) for r in table.itertuples()}
     metrics |= {f"split.{r.split}.{r.label}.groups": float(r.groups) for r in table.itertuples()}
     metrics |= {"split.registry_version": float(state.version), "split.new_groups": float(plan.new_groups)}
+    ratios = split.class_ratios(table)
+    metrics |= {f"split.{r.split}.real_per_ai": float(r.real_per_ai) for r in ratios.itertuples()}
     largest = split.largest_groups(assigned)
     biggest = ", ".join(f"{g['group']} ({g['images']} {g['label']}, {g['split']})" for g in largest)
-    notes = [*warnings, *([state.note] if state.note else []), f"largest groups: {biggest}"]
+    notes = [*warnings, *([state.note] if state.note else []), split.describe_ratios(ratios)]
+    notes.append(f"largest groups: {biggest}")
     if left_out:
         n_left_out = split.left_out_images(assigned, left_out)
         metrics["split.left_out_generator_images"] = float(n_left_out)
@@ -257,6 +261,7 @@ def train(root: str, catalog: Ref, config: TrainConfig, normalize: NormalizeConf
         weights_name=result.weights.name,
         weights_sha256=result.weights.sha256,
         device=result.device,
+        balance=result.balance,
     )
 
 
