@@ -192,6 +192,9 @@ class EvaluateConfig(_Section):
 class ReportConfig(_Section):
     cam_method: Literal["gradcam", "gradcam++", "eigencam", "scorecam"] = "gradcam"
     images_per_cell: int = Field(6, ge=1, le=100)
+    cam_target: Literal["predicted", "ai", "real"] = Field(
+        "predicted", description="The class the CAM maps explain: each image's predicted class, or always ai / real."
+    )
 
 
 class AuditConfig(_Section):

@@ -314,6 +314,7 @@ def register_model(
             tags[IMAGE_SIZE_TAG] = str(int(image_size))
         if calibration is not None:
             tags[CALIBRATION_TAG] = calibration
+            client.set_tag(tracker.run_id, f"aidetect.{CALIBRATION_TAG}", calibration)  # predict --model RUN_ID
         version = client.create_model_version(name, model_uri, run_id=tracker.run_id, tags=tags)
         client.set_model_version_tag(name, version.version, "test_accuracy", f"{score:.6f}")
     if current is not None and champion_score is not None:
@@ -399,6 +400,25 @@ def champion_calibration(uri: str, name: str) -> str | None:
     """The champion version's calibration tag (JSON text), or None when it has none."""
     current = current_champion(uri, name)
     return None if current is None else (current.tags or {}).get(CALIBRATION_TAG)
+
+
+def run_calibration(uri: str, run_id: str) -> str | None:
+    """The calibration (JSON text) of the model a run logged: the run's aidetect.calibration tag, else the
+    calibration tag of a model version registered from the run; None when neither exists."""
+    client = MlflowClient(tracking_uri=uri)
+    with _quiet():
+        try:
+            tagged = client.get_run(run_id).data.tags.get(f"aidetect.{CALIBRATION_TAG}")
+        except MlflowException:
+            raise ModelNotFoundError(f"no MLflow run {run_id!r} in {uri}") from None
+        if tagged:
+            return tagged
+        try:
+            versions = client.search_model_versions(f"run_id = '{run_id}'")
+        except MlflowException:
+            return None
+    found = [v.tags.get(CALIBRATION_TAG) for v in versions if (v.tags or {}).get(CALIBRATION_TAG)]
+    return found[0] if found else None
 
 
 def load_run_model(uri: str, run_id: str) -> tuple[Any, int]:

@@ -411,5 +411,6 @@ def make_report(
             "temperature": f"{evaluation.temperature:.4f}",
         },
         per_generator=pd.DataFrame(evaluation.generators) if evaluation.generators else None,
+        cam_target=config.cam_target,
     )
     return workspace.ref(index)
