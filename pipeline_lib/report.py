@@ -30,7 +30,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pipeline_lib.cam_summary import cam_attention_summary, text_mask
 from pipeline_lib.evaluate import CLASS_NAMES, borrowed_model, check_images, to_float
-from pipeline_lib.normalize import ROBUSTNESS_VARIANTS
+from pipeline_lib.normalize import ROBUSTNESS_DESCRIPTION, ROBUSTNESS_VARIANTS
 from pipeline_lib.workspace import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -410,6 +410,7 @@ def build_report(
         "n_groups": len(per_group),
         "sections": sections,
         "robustness": _robustness_rows(metrics),
+        "robustness_how": ROBUSTNESS_DESCRIPTION,
         "generators": _generator_rows(per_generator),
         "cam_warnings": cam_warnings(metrics),
     }

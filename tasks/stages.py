@@ -350,8 +350,12 @@ def evaluate(
     y_true = (rows["label"].astype(str) == evaluate_lib.POSITIVE).to_numpy(dtype=np.int64)
     metrics["ece_raw"] = evaluate_lib.expected_calibration_error(y_true, p_raw)
     metrics |= calibration_metrics
-    labels = rows["label"].astype(str).to_numpy()
-    metrics |= evaluate_lib.robustness_metrics(model, images, labels, config.threshold, temperature=temperature)
+    labels, shas = rows["label"].astype(str).to_numpy(), rows["sha256"].tolist()
+
+    def degraded(variant: str) -> Any:  # the original files degraded, then preprocessed as for training
+        return preprocess.degraded_tensors(workspace, shas, size, variant, active)
+
+    metrics |= evaluate_lib.robustness_metrics(model, degraded, labels, config.threshold, temperature=temperature)
     generator_metrics, generators = evaluate_lib.generator_metrics(predictions, config.threshold)
     metrics |= generator_metrics
     subset = images[:CAM_SUMMARY_LIMIT]

@@ -299,3 +299,24 @@ def test_per_image_targets_differ_from_one_target(model: TinyClassifier) -> None
     np.testing.assert_allclose(mixed[1], compute_cams(model, images[1:], layer, target_class=1)[0], atol=1e-5)
     with pytest.raises(ValueError, match="one class per image"):
         compute_cams(model, images, layer, target_class=[0])
+
+
+def test_robustness_section_says_the_files_were_degraded(tmp_path: Path, model: TinyClassifier) -> None:
+    predictions = make_predictions()
+    selected = select_examples(predictions, per_cell=1).head(1)
+    metrics = {"accuracy": 0.9, "robust.jpeg75.accuracy": 0.8, "robust.jpeg75.roc_auc": 0.85}
+    index = build_report(
+        tmp_path / "r",
+        model,
+        random_images(1, 32),
+        selected,
+        metrics=metrics,
+        per_group=per_group_accuracy(predictions),
+        target_layer=model.net.layer4[-1],
+        cam_method="gradcam",
+        title="t",
+    )
+    text = " ".join(index.read_text(encoding="utf-8").split())
+    assert "The original test files degraded as a user would degrade them (re-encoded as JPEG at quality" in text
+    assert "same preprocessing as training" in text and "not to the model-input tensor" in text
+    assert "<td>jpeg75</td><td class=\"num\">0.8000</td><td class=\"num\">0.1000</td>" in text
