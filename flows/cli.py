@@ -147,9 +147,11 @@ def import_folder(
     folder: Annotated[Path, typer.Argument(help="Folder of images, e.g. Midjourney or Stable Diffusion output.")],
     label: Annotated[str, typer.Option("--label", help="real or ai")],
     group_by: Annotated[
-        str, typer.Option("--group-by", help="folder | pattern:REGEX | csv:FILE (columns file,group)")
+        str, typer.Option("--group-by", help="folder | pattern:REGEX | csv:FILE (columns file,group[,generator])")
     ] = "folder",
-    generator: Annotated[str, typer.Option(help="e.g. midjourney, stable-diffusion")] = "unknown",
+    generator: Annotated[
+        str, typer.Option(help="e.g. midjourney, stable-diffusion (a csv:FILE generator column overrides it per file)")
+    ] = "unknown",
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     set_: SetOpt = None,

@@ -55,7 +55,10 @@ class UrlListSource(_Section):
 
 
 class FolderSource(_Section):
-    """Local images (how AI images arrive); group from sub-folder, pattern or CSV."""
+    """Local images (how AI images arrive); group from sub-folder, pattern or CSV (file,group[,generator]).
+
+    generator names the tool that made the images; a group CSV's optional generator column overrides it per file.
+    """
 
     path: Path
     label: Label

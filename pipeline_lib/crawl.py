@@ -909,25 +909,38 @@ def _group_by_pattern(pattern: str, where: str) -> GroupOf:
     return group_of
 
 
-def read_group_csv(path: Path, root: Path) -> dict[str, str]:
-    """file (relative to root, POSIX) -> group from a CSV with columns file,group."""
+def read_group_table(path: Path) -> dict[str, tuple[str, str]]:
+    """file (relative to the folder, POSIX) -> (group, generator) from a CSV with columns file,group[,generator].
+
+    generator is "" where the optional column is absent or the cell is empty (the folder's generator applies).
+    """
     reader = csv.DictReader(io.StringIO(_read_utf8(path, "group CSV")))
     missing = [c for c in ("file", "group") if c not in (reader.fieldnames or [])]
     if missing:
-        raise ValueError(f"{path}, line 1: missing column(s) {', '.join(missing)} (header must be file,group)")
-    groups: dict[str, str] = {}
+        raise ValueError(
+            f"{path}, line 1: missing column(s) {', '.join(missing)} (header must be file,group[,generator])"
+        )
+    table: dict[str, tuple[str, str]] = {}
     for row in reader:
         file, group = (row.get("file") or "").strip(), _clean_keyword(row.get("group") or "")
         if not file or not group:
             raise ValueError(f"{path}, line {reader.line_num}: empty file or group")
-        groups[PurePosixPath(Path(file).as_posix()).as_posix()] = group
-    return groups
+        table[PurePosixPath(Path(file).as_posix()).as_posix()] = (group, _clean_keyword(row.get("generator") or ""))
+    return table
+
+
+def read_group_csv(path: Path, root: Path) -> dict[str, str]:
+    """file (relative to root, POSIX) -> group from a CSV with columns file,group[,generator]."""
+    return {file: group for file, (group, _) in read_group_table(path).items()}
+
+
+def _group_csv_path(spec: str, root: Path) -> Path:
+    csv_path = Path(spec)
+    return csv_path if csv_path.is_absolute() else root / csv_path
 
 
 def _group_by_csv(spec: str, root: Path) -> GroupOf:
-    csv_path = Path(spec)
-    if not csv_path.is_absolute():
-        csv_path = root / csv_path
+    csv_path = _group_csv_path(spec, root)
     groups = read_group_csv(csv_path, root)
 
     def group_of(path: Path) -> tuple[str, str]:
@@ -948,6 +961,23 @@ def folder_grouper(source: FolderSource, index: int) -> GroupOf:
     return _group_by_csv(source.group_by.removeprefix("csv:"), root)
 
 
+GeneratorOf = Callable[[Path], str]  # file -> generator
+
+
+def folder_generators(source: FolderSource) -> GeneratorOf:
+    """The generator of each file: the group CSV's generator column where it names one, else source.generator."""
+    root = Path(source.path)
+    if not source.group_by.startswith("csv:"):
+        return lambda path: source.generator
+    table = read_group_table(_group_csv_path(source.group_by.removeprefix("csv:"), root))
+
+    def generator_of(path: Path) -> str:
+        _, generator = table.get(path.relative_to(root).as_posix(), ("", ""))
+        return generator or source.generator
+
+    return generator_of
+
+
 def image_files(root: Path) -> Iterator[Path]:
     """Image files under root, sorted, recursive, skipping hidden files/folders and .gitkeep."""
     for path in sorted(root.rglob("*")):
@@ -962,6 +992,7 @@ def image_files(root: Path) -> Iterator[Path]:
 class _FolderJob:
     source: FolderSource
     group_of: GroupOf
+    generator_of: GeneratorOf | None = None  # default: source.generator for every file
 
 
 def _crawl_folder(state: CrawlState, job: _FolderJob) -> None:
@@ -971,16 +1002,20 @@ def _crawl_folder(state: CrawlState, job: _FolderJob) -> None:
     found = False
     for path in image_files(Path(source.path)):
         found = True
-        _import_file(state, name, source, path, job.group_of)
+        generator = job.generator_of(path) if job.generator_of is not None else source.generator
+        _import_file(state, name, source, path, job.group_of, generator)
         state.checkpoint()
     if not found:
         state.note(name, "", f"no image files in {source.path}")
 
 
-def _import_file(state: CrawlState, name: str, source: FolderSource, path: Path, group_of: GroupOf) -> None:
+def _import_file(
+    state: CrawlState, name: str, source: FolderSource, path: Path, group_of: GroupOf, generator: str | None = None
+) -> None:
     url = path.absolute().as_uri()
     group, error = group_of(path)
-    meta = {"source": name, "label": source.label, "group": group, "keyword": group, "generator": source.generator}
+    generator = source.generator if generator is None else generator
+    meta = {"source": name, "label": source.label, "group": group, "keyword": group, "generator": generator}
     try:
         data = path.read_bytes()
     except OSError as failure:
@@ -1014,7 +1049,7 @@ def _plan(sources: SourcesConfig) -> list[_SearchJob | _UrlJob | _FolderJob]:
     for index, source in enumerate(sources.folders):
         if not Path(source.path).is_dir():
             raise FileNotFoundError(f"sources.folders[{index}].path is not a folder: {source.path}")
-        jobs.append(_FolderJob(source, folder_grouper(source, index)))
+        jobs.append(_FolderJob(source, folder_grouper(source, index), folder_generators(source)))
     return jobs
 
 

@@ -395,6 +395,28 @@ def test_folder_grouped_by_csv(workspace: Workspace, tmp_path: Path) -> None:
         crawl_sources(workspace, _sources(folders=[FolderSource(path=root, label="ai", group_by="csv:other.csv")]))
 
 
+def test_group_csv_generator_column_names_each_files_generator(workspace: Workspace, tmp_path: Path) -> None:
+    root = _folder(tmp_path / "imgs")
+    (root / "groups.csv").write_text(
+        "file,group,generator\n"
+        "alice/alice_1.jpg,p1,midjourney\n"
+        "alice/deeper/alice_2.png,p1,stable-diffusion\n"
+        "bob_7.jpg,p2,\n"
+        "noname.jpg,p3, DALL·E 3 \n",
+        encoding="utf-8",
+    )
+    source = FolderSource(path=root, label="ai", group_by="csv:groups.csv", generator="unknown-tool")
+    result = crawl_sources(workspace, _sources(folders=[source]))
+    generators = dict(zip(result.log["url"].map(lambda u: Path(u).name), result.log["generator"], strict=True))
+    assert generators == {
+        "alice_1.jpg": "midjourney",
+        "alice_2.png": "stable-diffusion",
+        "bob_7.jpg": "unknown-tool",  # empty cell: the folder's generator
+        "noname.jpg": "DALL·E 3",
+    }
+    assert crawl.read_group_csv(root / "groups.csv", root)["bob_7.jpg"] == "p2"
+
+
 def test_file_already_in_the_store_is_logged_but_not_copied(workspace: Workspace, tmp_path: Path) -> None:
     root = tmp_path / "imgs"
     data = make_image(root / "p" / "a.jpg", seed=3).read_bytes()
