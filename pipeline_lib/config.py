@@ -31,17 +31,22 @@ class SearchSource(_Section):
     filters: dict[str, str] = Field(default_factory=dict)
     threads: int = Field(4, ge=1, le=32)
     endpoint: str | None = Field(
-        None, description="Search-page URL template with {keyword} and {offset}; for mirrors and tests."
+        None,
+        description="bing, google, baidu: search-page URL template with {keyword} and {offset}; flickr: its REST API "
+        "URL (default https://api.flickr.com/services/rest/). For mirrors and tests.",
     )
     api_key: str | None = Field(None, description="Flickr only.")
     fallback_engine: Literal["bing", "google", "baidu", "flickr"] | None = Field(
         None, description="Engine to retry keywords this engine returned nothing for (see health.fallback_sources)."
     )
+    fallback_endpoint: str | None = Field(None, description="The fallback engine's endpoint (as endpoint).")
 
     @model_validator(mode="after")
     def _fallback_differs(self) -> SearchSource:
         if self.fallback_engine is not None and self.fallback_engine == self.engine:
             raise ValueError(f"fallback_engine must differ from engine ({self.engine!r})")
+        if self.fallback_endpoint is not None and self.fallback_engine is None:
+            raise ValueError("fallback_endpoint needs fallback_engine")
         if self.fallback_engine == "flickr" and not self.api_key:
             raise ValueError("fallback_engine 'flickr' needs api_key")
         return self

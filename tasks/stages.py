@@ -103,15 +103,12 @@ def _crawl_fallbacks(
     workspace: Workspace, sources: SourcesConfig, result: crawl_lib.CrawlResult
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Crawl keywords that returned nothing once more on their source's fallback_engine; merged summary and log."""
-    fallbacks = health.fallback_sources(health.keyword_health(result.summary), sources)
+    fallbacks = health.fallback_plan(health.keyword_health(result.summary), sources)
     if not fallbacks:
         return result.summary, result.log, []
-    retry = sources.model_copy(update={"search": fallbacks, "urls": [], "folders": []})
+    retry = sources.model_copy(update={"search": [f.source for f in fallbacks], "urls": [], "folders": []})
     again = crawl_lib.crawl_sources(workspace, retry)
-    notes = [
-        f"crawl health: retried {len(s.keywords)} keyword(s) with no results on {s.engine} (fallback engine)"
-        for s in fallbacks
-    ]
+    notes = [fallback.describe() for fallback in fallbacks]
     merged = pd.concat([result.summary, again.summary], ignore_index=True)
     return merged, again.log, notes  # the crawl log is cumulative: the second one holds both runs' rows
 
