@@ -420,7 +420,7 @@ def test_class_balance_raises_minority_recall(imbalanced: tuple[Workspace, pd.Da
     recall: dict[str, float] = {}
     for mode in ("none", "weighted", "undersample"):
         config = _config(
-            image_size=16, batch_size=10, epochs=4, head_only_epochs=4, augment=augment, class_balance=mode
+            image_size=16, batch_size=10, epochs=3, head_only_epochs=3, augment=augment, class_balance=mode
         )
         result = train_lib.train_model(workspace, table, config, tmp_path / mode)
         model, _ = models.load_model(result.best_path)
