@@ -156,9 +156,11 @@ def import_folder(
     folder: Annotated[Path, typer.Argument(help="Folder of images, e.g. Midjourney or Stable Diffusion output.")],
     label: Annotated[str, typer.Option("--label", help="real or ai")],
     group_by: Annotated[
-        str, typer.Option("--group-by", help="folder | pattern:REGEX | csv:FILE (columns file,group)")
+        str, typer.Option("--group-by", help="folder | pattern:REGEX | csv:FILE (columns file,group[,generator])")
     ] = "folder",
-    generator: Annotated[str, typer.Option(help="e.g. midjourney, stable-diffusion")] = "unknown",
+    generator: Annotated[
+        str, typer.Option(help="e.g. midjourney, stable-diffusion (a csv:FILE generator column overrides it per file)")
+    ] = "unknown",
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     set_: SetOpt = None,
@@ -432,7 +434,14 @@ def _predict_model(spec: str, config: Path | None, workspace: Path | None) -> tu
             calibration = tracking.champion_calibration(uri, cfg.tracking.registered_model)
         else:
             model, size = tracking.load_run_model(uri, spec)
-            calibration = None
+            calibration = tracking.run_calibration(uri, spec)
+            if calibration is None:
+                typer.secho(
+                    f"note: run {spec} records no calibration: p_ai is the model's own softmax and the files are "
+                    "decoded without normalisation",
+                    fg=typer.colors.YELLOW,
+                    err=True,
+                )
     except tracking.ModelNotFoundError as error:
         _fail(f"model not found: {error}")
         raise
@@ -460,6 +469,10 @@ def predict(
     config: ConfigOpt = None,
     cam: Annotated[Path | None, typer.Option("--cam", help="Write CAM overlay PNGs into this folder.")] = None,
     cam_method: Annotated[str, typer.Option("--cam-method", help="gradcam, gradcam++, eigencam, scorecam")] = "gradcam",
+    cam_target: Annotated[
+        str | None,
+        typer.Option("--cam-target", help="predicted, ai or real: what CAMs explain (default: report.cam_target)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0)] = 0.5,
@@ -467,7 +480,7 @@ def predict(
     """p_ai, label and verdict (ai / real / uncertain, band from config calibration) per image.
 
     The temperature and normalisation of training are applied: from a checkpoint's <model>.calibration.json, or from
-    the champion's model-version tag.
+    the champion's or the run's calibration tag (--model champion / RUN_ID).
     Exit 1 if some file could not be read, 2 if the model or images are missing.
     """
     from pipeline_lib.predict import collect_paths, parse_calibration, predict_files, read_calibration
@@ -475,7 +488,8 @@ def predict(
     if not collect_paths(paths):
         _fail("no image files found in: " + ", ".join(map(str, paths)))
     loaded, meta = _predict_model(model, config, workspace)
-    band_config = _config(config, workspace, None, False).calibration
+    settings = _config(config, workspace, None, False)
+    band_config = settings.calibration
     checkpoint = Path(model).expanduser()
     try:
         if checkpoint.is_file():
@@ -495,6 +509,7 @@ def predict(
             threshold=threshold,
             calibration=calibration,
             band=band,
+            cam_target=cam_target or settings.report.cam_target,
         )
     except ValueError as error:
         _fail(str(error))

@@ -31,17 +31,22 @@ class SearchSource(_Section):
     filters: dict[str, str] = Field(default_factory=dict)
     threads: int = Field(4, ge=1, le=32)
     endpoint: str | None = Field(
-        None, description="Search-page URL template with {keyword} and {offset}; for mirrors and tests."
+        None,
+        description="bing, google, baidu: search-page URL template with {keyword} and {offset}; flickr: its REST API "
+        "URL (default https://api.flickr.com/services/rest/). For mirrors and tests.",
     )
     api_key: str | None = Field(None, description="Flickr only.")
     fallback_engine: Literal["bing", "google", "baidu", "flickr"] | None = Field(
         None, description="Engine to retry keywords this engine returned nothing for (see health.fallback_sources)."
     )
+    fallback_endpoint: str | None = Field(None, description="The fallback engine's endpoint (as endpoint).")
 
     @model_validator(mode="after")
     def _fallback_differs(self) -> SearchSource:
         if self.fallback_engine is not None and self.fallback_engine == self.engine:
             raise ValueError(f"fallback_engine must differ from engine ({self.engine!r})")
+        if self.fallback_endpoint is not None and self.fallback_engine is None:
+            raise ValueError("fallback_endpoint needs fallback_engine")
         if self.fallback_engine == "flickr" and not self.api_key:
             raise ValueError("fallback_engine 'flickr' needs api_key")
         return self
@@ -55,7 +60,10 @@ class UrlListSource(_Section):
 
 
 class FolderSource(_Section):
-    """Local images (how AI images arrive); group from sub-folder, pattern or CSV."""
+    """Local images (how AI images arrive); group from sub-folder, pattern or CSV (file,group[,generator]).
+
+    generator names the tool that made the images; a group CSV's optional generator column overrides it per file.
+    """
 
     path: Path
     label: Label
@@ -177,6 +185,11 @@ class TrainConfig(_Section):
     step_size: int = Field(10, ge=1, description="schedule=step: multiply the lr by gamma every step_size epochs.")
     gamma: float = Field(0.1, gt=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, le=0.5)
+    class_balance: Literal["none", "weighted", "undersample"] = Field(
+        "weighted",
+        description="none: the classes as they come; weighted: loss weighted by inverse class frequency; "
+        "undersample: each epoch, a fresh random subset of the larger class as large as the smaller one.",
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     num_workers: int = Field(2, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -192,6 +205,9 @@ class EvaluateConfig(_Section):
 class ReportConfig(_Section):
     cam_method: Literal["gradcam", "gradcam++", "eigencam", "scorecam"] = "gradcam"
     images_per_cell: int = Field(6, ge=1, le=100)
+    cam_target: Literal["predicted", "ai", "real"] = Field(
+        "predicted", description="The class the CAM maps explain: each image's predicted class, or always ai / real."
+    )
 
 
 class AuditConfig(_Section):

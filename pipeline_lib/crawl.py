@@ -57,6 +57,19 @@ SUMMARY_COLUMNS: tuple[str, ...] = ("source", "keyword", "new", "skipped", "fail
 BING_ENDPOINT = "https://www.bing.com/images/async?q={keyword}&first={offset}"
 BING_PAGE_STEP = 20
 GOOGLE_PAGE_STEP = 100
+BAIDU_ENDPOINT = "http://image.baidu.com/search/acjson?tn=resultjson_com&ipn=rj&word={keyword}&pn={offset}&rn=30"
+BAIDU_PAGE_STEP = 30
+FLICKR_API = "https://api.flickr.com/services/rest/"  # what icrawler's FlickrFeeder and FlickrParser call
+# The search parameters icrawler's FlickrFeeder passes on to flickr.photos.search (it ignores any other key).
+FLICKR_SEARCH_PARAMS = frozenset(
+    {
+        "user_id", "tags", "tag_mode", "text", "license", "sort", "privacy_filter", "accuracy", "safe_search",
+        "content_type", "machine_tags", "machine_tag_mode", "group_id", "contacts", "woe_id", "place_id", "has_geo",
+        "geo_context", "lat", "lon", "radius", "radius_units", "is_commons", "in_gallery", "is_getty", "extras",
+        "per_page", "page", "color_codes", "styles", "orientation", "min_upload_date", "max_upload_date",
+        "min_taken_date", "max_taken_date",
+    }
+)  # fmt: skip
 FORMAT_EXT: dict[str, str] = {
     "JPEG": "jpg",
     "MPO": "jpg",
@@ -556,12 +569,15 @@ class WorkspaceDownloader(ImageDownloader):
 
 
 class _PageSession:
-    """Wraps the crawler's session for parsers: page failures become notes."""
+    """Wraps the crawler's session for parsers: page failures become notes; URLs under rewrite[0] are sent to
+    rewrite[1] instead (an API mirror, e.g. a loopback Flickr for tests)."""
 
-    def __init__(self, session: requests.Session, notes: list[str]) -> None:
-        self._session, self._notes = session, notes
+    def __init__(self, session: requests.Session, notes: list[str], rewrite: tuple[str, str] | None = None) -> None:
+        self._session, self._notes, self._rewrite = session, notes, rewrite
 
     def get(self, url: str, **kwargs: Any) -> requests.Response:
+        if self._rewrite is not None and url.startswith(self._rewrite[0]):
+            url = self._rewrite[1] + url[len(self._rewrite[0]) :]
         try:
             return self._session.get(url, **kwargs)
         except Exception as error:
@@ -575,10 +591,17 @@ class _PageSession:
 class _GuardedParse:
     """Parser mixin: a parse that returns None or raises yields no tasks (and a note) instead of killing a worker."""
 
-    def __init__(self, thread_num: int, signal: Any, session: Any, notes: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        thread_num: int,
+        signal: Any,
+        session: Any,
+        notes: list[str] | None = None,
+        rewrite: tuple[str, str] | None = None,
+    ) -> None:
         super().__init__(thread_num, signal, session)  # type: ignore[call-arg]
         self.notes: list[str] = notes if notes is not None else []
-        self.session = _PageSession(session, self.notes)
+        self.session = _PageSession(session, self.notes, rewrite)
 
     def parse(self, response: requests.Response, **kwargs: Any) -> list[dict[str, Any]]:
         if response.status_code != 200:
@@ -656,6 +679,19 @@ class EndpointGoogleFeeder(GoogleFeeder):
             self.out_queue.put(endpoint.format(keyword=quote(keyword, safe=""), offset=start) + suffix)
 
 
+class EndpointBaiduFeeder(BaiduFeeder):
+    """BaiduFeeder that formats a configurable endpoint (keyword URL-quoted) with Baidu's filters appended."""
+
+    def feed(
+        self, keyword: str, offset: int, max_num: int, filters: dict[str, str] | None = None, endpoint: str = ""
+    ) -> None:
+        filter_str = self.get_filter().apply(filters, sep="&")
+        suffix = "&" + filter_str if filter_str else ""
+        template = endpoint or BAIDU_ENDPOINT
+        for start in range(offset, offset + max_num, BAIDU_PAGE_STEP):
+            self.out_queue.put(template.format(keyword=quote(keyword, safe=""), offset=start) + suffix)
+
+
 class _Crawler(Crawler):
     """icrawler's Crawler with a quiet logger setup and a fast poll loop that checkpoints the log."""
 
@@ -701,9 +737,11 @@ def _run_crawler(
     parser_kwargs: dict[str, Any],
     max_num: int,
     notes: list[str] | None,
+    rewrite: tuple[str, str] | None = None,
 ) -> None:
-    """Build an icrawler Crawler with our downloader and run it to the end."""
+    """Build an icrawler Crawler with our downloader and run it to the end (rewrite: see _PageSession)."""
     feeder_cls, parser_cls = components
+    parser_args = None if notes is None else {"notes": notes} | ({"rewrite": rewrite} if rewrite else {})
     crawler = _Crawler(
         feeder_cls=feeder_cls,
         parser_cls=parser_cls,
@@ -711,7 +749,7 @@ def _run_crawler(
         downloader_threads=threads,
         storage=_NoStorage(),
         log_level=logging.WARNING,
-        extra_parser_args=None if notes is None else {"notes": notes},
+        extra_parser_args=parser_args,
         extra_downloader_args={"state": state, "origin": origin, "sources": sources},
     )
     crawler.heartbeat = state.checkpoint
@@ -729,10 +767,11 @@ def _run_crawler(
 ENGINES: dict[str, tuple[type, type]] = {
     "bing": (EndpointBingFeeder, _BingParser),
     "google": (EndpointGoogleFeeder, _GoogleParser),
-    "baidu": (BaiduFeeder, _BaiduParser),
+    "baidu": (EndpointBaiduFeeder, _BaiduParser),
     "flickr": (FlickrFeeder, _FlickrParser),
 }
-ENDPOINT_ENGINES: tuple[str, ...] = ("bing", "google")
+TEMPLATE_ENGINES: tuple[str, ...] = ("bing", "google", "baidu")  # endpoint: a search-page URL template
+ENDPOINT_ENGINES: tuple[str, ...] = (*TEMPLATE_ENGINES, "flickr")  # flickr's endpoint: its REST API URL
 
 
 def _read_utf8(path: Path, what: str) -> str:
@@ -774,30 +813,52 @@ def source_keywords(source: SearchSource, index: int) -> list[str]:
     return unique
 
 
-def _check_search_source(source: SearchSource, index: int) -> None:
-    """Engine-specific settings: endpoint only for bing and google, api_key for flickr, filters the engine knows."""
-    where = f"sources.search[{index}]"
-    if source.endpoint is not None:
-        if source.engine not in ENDPOINT_ENGINES:
-            raise ValueError(
-                f"{where}.endpoint is only supported for engines {', '.join(ENDPOINT_ENGINES)}, not {source.engine}"
-            )
-        try:
-            probe = source.endpoint.format(keyword="k", offset=0)
-        except (KeyError, IndexError, ValueError) as error:
-            raise ValueError(f"{where}.endpoint must use only {{keyword}} and {{offset}}: {error!r}") from None
-        if "{keyword}" not in source.endpoint or "{offset}" not in source.endpoint:
-            raise ValueError(f"{where}.endpoint must contain {{keyword}} and {{offset}}, got {source.endpoint!r}")
-        if urlsplit(probe).scheme not in ("http", "https"):
-            raise ValueError(f"{where}.endpoint must be an http(s) URL, got {source.endpoint!r}")
-    if source.engine == "flickr":
-        if not source.api_key:
-            raise ValueError(f"{where}.api_key is required for engine flickr")
+def _check_endpoint(engine: str, endpoint: str, where: str) -> None:
+    """A search-page template with {keyword} and {offset} (bing, google, baidu) or an http(s) API URL (flickr)."""
+    if engine == "flickr":
+        if urlsplit(endpoint).scheme not in ("http", "https") or "{" in endpoint:
+            raise ValueError(f"{where} for flickr must be the http(s) URL of its REST API, got {endpoint!r}")
         return
     try:
-        ENGINES[source.engine][0].get_filter(None).apply(source.filters or None)
+        probe = endpoint.format(keyword="k", offset=0)
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"{where} must use only {{keyword}} and {{offset}}: {error!r}") from None
+    if "{keyword}" not in endpoint or "{offset}" not in endpoint:
+        raise ValueError(f"{where} must contain {{keyword}} and {{offset}}, got {endpoint!r}")
+    if urlsplit(probe).scheme not in ("http", "https"):
+        raise ValueError(f"{where} must be an http(s) URL, got {endpoint!r}")
+
+
+def _filter_error(engine: str, filters: dict[str, str]) -> str:
+    """Why the engine refuses these filters ("" when it takes them all): icrawler's vocabulary per engine."""
+    if engine == "flickr":
+        unknown = sorted(set(filters) - FLICKR_SEARCH_PARAMS)
+        return f"unsupported flickr search parameter(s) {', '.join(unknown)}" if unknown else ""
+    try:
+        ENGINES[engine][0].get_filter(None).apply(filters or None)
     except (KeyError, ValueError, TypeError, AssertionError) as error:
-        raise ValueError(f"{where}.filters: {error}") from None
+        return str(error) or f"{type(error).__name__} for {filters}"
+    return ""
+
+
+def portable_filters(filters: dict[str, str], engine: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(the filters engine supports, the ones it does not): each filter is tried alone in engine's vocabulary."""
+    kept = {name: value for name, value in filters.items() if not _filter_error(engine, {name: value})}
+    return kept, {name: value for name, value in filters.items() if name not in kept}
+
+
+def _check_search_source(source: SearchSource, index: int) -> None:
+    """Engine-specific settings: endpoint form per engine, api_key for flickr, filters the engine knows."""
+    where = f"sources.search[{index}]"
+    if source.endpoint is not None:
+        _check_endpoint(source.engine, source.endpoint, f"{where}.endpoint")
+    if source.fallback_endpoint is not None and source.fallback_engine is not None:
+        _check_endpoint(source.fallback_engine, source.fallback_endpoint, f"{where}.fallback_endpoint")
+    if source.engine == "flickr" and not source.api_key:
+        raise ValueError(f"{where}.api_key is required for engine flickr")
+    error = _filter_error(source.engine, dict(source.filters))
+    if error:
+        raise ValueError(f"{where}.filters: {error}")
 
 
 def _search_kwargs(source: SearchSource, keyword: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -810,7 +871,8 @@ def _search_kwargs(source: SearchSource, keyword: str) -> tuple[dict[str, Any], 
         feeder = {"keyword": keyword, "offset": 0, "max_num": source.max_num, "language": None, "filters": filters}
         return feeder | {"endpoint": source.endpoint}, {}
     if source.engine == "baidu":
-        return {"keyword": keyword, "offset": 0, "max_num": source.max_num, "filters": filters}, {}
+        feeder = {"keyword": keyword, "offset": 0, "max_num": source.max_num, "filters": filters}
+        return feeder | {"endpoint": source.endpoint or BAIDU_ENDPOINT}, {}
     feeder = {"apikey": source.api_key, "max_num": source.max_num, "text": keyword, **source.filters}
     return feeder, {"apikey": source.api_key, "size_preference": FLICKR_SIZES}
 
@@ -830,6 +892,8 @@ def _crawl_keyword(state: CrawlState, sources: SourcesConfig, job: _SearchJob, k
     notes: list[str] = []
     feeder_kwargs, parser_kwargs = _search_kwargs(source, keyword)
     parser_kwargs |= {"req_timeout": sources.request_timeout_s, "max_retry": sources.max_retries + 1}
+    # icrawler's Flickr components call the API at a fixed URL: a configured endpoint replaces it.
+    rewrite = (FLICKR_API, source.endpoint) if source.engine == "flickr" and source.endpoint else None
     try:
         _run_crawler(
             state,
@@ -841,6 +905,7 @@ def _crawl_keyword(state: CrawlState, sources: SourcesConfig, job: _SearchJob, k
             parser_kwargs,
             source.max_num,
             notes,
+            rewrite,
         )
     except Exception as error:
         log.exception("%s %r failed", name, keyword)
@@ -955,25 +1020,38 @@ def _group_by_pattern(pattern: str, where: str) -> GroupOf:
     return group_of
 
 
-def read_group_csv(path: Path, root: Path) -> dict[str, str]:
-    """file (relative to root, POSIX) -> group from a CSV with columns file,group."""
+def read_group_table(path: Path) -> dict[str, tuple[str, str]]:
+    """file (relative to the folder, POSIX) -> (group, generator) from a CSV with columns file,group[,generator].
+
+    generator is "" where the optional column is absent or the cell is empty (the folder's generator applies).
+    """
     reader = csv.DictReader(io.StringIO(_read_utf8(path, "group CSV")))
     missing = [c for c in ("file", "group") if c not in (reader.fieldnames or [])]
     if missing:
-        raise ValueError(f"{path}, line 1: missing column(s) {', '.join(missing)} (header must be file,group)")
-    groups: dict[str, str] = {}
+        raise ValueError(
+            f"{path}, line 1: missing column(s) {', '.join(missing)} (header must be file,group[,generator])"
+        )
+    table: dict[str, tuple[str, str]] = {}
     for row in reader:
         file, group = (row.get("file") or "").strip(), _clean_keyword(row.get("group") or "")
         if not file or not group:
             raise ValueError(f"{path}, line {reader.line_num}: empty file or group")
-        groups[PurePosixPath(Path(file).as_posix()).as_posix()] = group
-    return groups
+        table[PurePosixPath(Path(file).as_posix()).as_posix()] = (group, _clean_keyword(row.get("generator") or ""))
+    return table
+
+
+def read_group_csv(path: Path, root: Path) -> dict[str, str]:
+    """file (relative to root, POSIX) -> group from a CSV with columns file,group[,generator]."""
+    return {file: group for file, (group, _) in read_group_table(path).items()}
+
+
+def _group_csv_path(spec: str, root: Path) -> Path:
+    csv_path = Path(spec)
+    return csv_path if csv_path.is_absolute() else root / csv_path
 
 
 def _group_by_csv(spec: str, root: Path) -> GroupOf:
-    csv_path = Path(spec)
-    if not csv_path.is_absolute():
-        csv_path = root / csv_path
+    csv_path = _group_csv_path(spec, root)
     groups = read_group_csv(csv_path, root)
 
     def group_of(path: Path) -> tuple[str, str]:
@@ -994,6 +1072,23 @@ def folder_grouper(source: FolderSource, index: int) -> GroupOf:
     return _group_by_csv(source.group_by.removeprefix("csv:"), root)
 
 
+GeneratorOf = Callable[[Path], str]  # file -> generator
+
+
+def folder_generators(source: FolderSource) -> GeneratorOf:
+    """The generator of each file: the group CSV's generator column where it names one, else source.generator."""
+    root = Path(source.path)
+    if not source.group_by.startswith("csv:"):
+        return lambda path: source.generator
+    table = read_group_table(_group_csv_path(source.group_by.removeprefix("csv:"), root))
+
+    def generator_of(path: Path) -> str:
+        _, generator = table.get(path.relative_to(root).as_posix(), ("", ""))
+        return generator or source.generator
+
+    return generator_of
+
+
 def image_files(root: Path) -> Iterator[Path]:
     """Image files under root, sorted, recursive, skipping hidden files/folders and .gitkeep."""
     for path in sorted(root.rglob("*")):
@@ -1008,6 +1103,7 @@ def image_files(root: Path) -> Iterator[Path]:
 class _FolderJob:
     source: FolderSource
     group_of: GroupOf
+    generator_of: GeneratorOf | None = None  # default: source.generator for every file
 
 
 def _crawl_folder(state: CrawlState, job: _FolderJob) -> None:
@@ -1017,16 +1113,20 @@ def _crawl_folder(state: CrawlState, job: _FolderJob) -> None:
     found = False
     for path in image_files(Path(source.path)):
         found = True
-        _import_file(state, name, source, path, job.group_of)
+        generator = job.generator_of(path) if job.generator_of is not None else source.generator
+        _import_file(state, name, source, path, job.group_of, generator)
         state.checkpoint()
     if not found:
         state.note(name, "", f"no image files in {source.path}")
 
 
-def _import_file(state: CrawlState, name: str, source: FolderSource, path: Path, group_of: GroupOf) -> None:
+def _import_file(
+    state: CrawlState, name: str, source: FolderSource, path: Path, group_of: GroupOf, generator: str | None = None
+) -> None:
     url = path.absolute().as_uri()
     group, error = group_of(path)
-    meta = {"source": name, "label": source.label, "group": group, "keyword": group, "generator": source.generator}
+    generator = source.generator if generator is None else generator
+    meta = {"source": name, "label": source.label, "group": group, "keyword": group, "generator": generator}
     try:
         data = path.read_bytes()
     except OSError as failure:
@@ -1060,7 +1160,7 @@ def _plan(sources: SourcesConfig) -> list[_SearchJob | _UrlJob | _FolderJob]:
     for index, source in enumerate(sources.folders):
         if not Path(source.path).is_dir():
             raise FileNotFoundError(f"sources.folders[{index}].path is not a folder: {source.path}")
-        jobs.append(_FolderJob(source, folder_grouper(source, index)))
+        jobs.append(_FolderJob(source, folder_grouper(source, index), folder_generators(source)))
     return jobs
 
 

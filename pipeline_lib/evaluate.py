@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from sklearn.metrics import (
 )
 
 from pipeline_lib import stats
-from pipeline_lib.normalize import ROBUSTNESS_VARIANTS, TensorFn
+from pipeline_lib.normalize import ROBUSTNESS_VARIANTS
 from pipeline_lib.workspace import atomic_path
 
 log = logging.getLogger(__name__)
@@ -278,25 +278,30 @@ def rescore_accuracy(
 
 def robustness_metrics(
     model: torch.nn.Module,
-    images: torch.Tensor,
+    load_variant: Callable[[str], torch.Tensor],
     labels: pd.Series | np.ndarray | list,
     threshold: float,
-    variants: dict[str, TensorFn] | None = None,
+    variants: Sequence[str] | None = None,
     temperature: float = 1.0,
     batch_size: int = 64,
 ) -> dict[str, float]:
-    """robust.<variant>.accuracy and .roc_auc of the model on degraded copies of images (default: JPEG 95/75/50,
-    downscale 50%); p_ai = sigmoid(logit margin / temperature), the same decision rule as the clean score."""
+    """robust.<variant>.accuracy and .roc_auc of the model on each variant's images (default: normalize's JPEG
+    95/75/50 and downscale 50%); p_ai = sigmoid(logit margin / temperature), the same decision rule as the clean score.
+
+    load_variant(name) gives the variant's uint8 images [N,3,H,W] in the order of labels, e.g.
+    preprocess.degraded_tensors: the original files degraded as a user would, then preprocessed as for training.
+    """
     _check_threshold(threshold)
-    check_images(images)
     y_true = (np.asarray(labels, dtype=object) == POSITIVE).astype(np.int64)
-    if y_true.shape != (len(images),):
-        raise ValueError(f"labels must hold one entry per image ({len(images)}), got {y_true.shape}")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     metrics: dict[str, float] = {}
-    for name, degrade in (ROBUSTNESS_VARIANTS if variants is None else variants).items():
-        logits = predict_logits(model, degrade(images), batch_size) if len(images) else np.empty((0, 2))
+    for name in ROBUSTNESS_VARIANTS if variants is None else variants:
+        images = load_variant(name)
+        check_images(images)
+        if y_true.shape != (len(images),):
+            raise ValueError(f"labels must hold one entry per image ({len(images)}), got {y_true.shape}")
+        logits = predict_logits(model, images, batch_size) if len(images) else np.empty((0, 2))
         scores = softmax_p_ai(logits / temperature)
         hits = (scores >= threshold).astype(np.int64) == y_true
         metrics[f"robust.{name}.accuracy"] = float(hits.mean()) if hits.size else math.nan

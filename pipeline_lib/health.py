@@ -3,19 +3,20 @@
 icrawler's parsers break silently when a search site changes its HTML (Google's does, often): the crawl then
 "succeeds" with zero results. `keyword_health` turns a crawl summary (crawl.SUMMARY_COLUMNS) into one row per
 keyword with a flag; `engine_counts` / `keyword_counts` give flat metrics to log every run, so a broken engine
-shows up as a drop across runs; `fallback_sources` builds search sources that retry the flagged keywords with
-each source's `fallback_engine`.
+shows up as a drop across runs; `fallback_plan` / `fallback_sources` build search sources that retry the flagged
+keywords with each source's `fallback_engine`, keeping the filters that engine supports and naming the others.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass, field
 
 import pandas as pd
 
 from pipeline_lib.config import SearchSource, SourcesConfig
-from pipeline_lib.crawl import source_keywords
+from pipeline_lib.crawl import portable_filters, source_keywords
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +141,54 @@ def keyword_counts(summary: pd.DataFrame) -> dict[str, float]:
     return metrics
 
 
-def fallback_sources(health: pd.DataFrame, sources: SourcesConfig) -> list[SearchSource]:
-    """For each search source with a fallback_engine: a copy on that engine for its no_results keywords.
+@dataclass(frozen=True)
+class Fallback:
+    """A retry of a source's empty keywords on its fallback engine, and the filters that engine cannot take."""
 
-    The copy keeps label, max_num and threads; filters and endpoint are engine-specific and are dropped.
+    source: SearchSource
+    engine: str  # the engine it stands in for
+    dropped: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """A note for the run: the keywords retried, the filters kept and those dropped."""
+        kept = ", ".join(f"{k}={v}" for k, v in self.source.filters.items()) or "none"
+        text = (
+            f"crawl health: retried {len(self.source.keywords)} keyword(s) with no results on {self.engine} "
+            f"with the fallback engine {self.source.engine}; filters kept: {kept}"
+        )
+        if self.dropped:
+            dropped = ", ".join(f"{k}={v}" for k, v in self.dropped.items())
+            text += f"; dropped: {dropped} ({self.source.engine} does not support them)"
+        return text
+
+
+def _fallback(source: SearchSource, keywords: list[str]) -> Fallback:
+    """The retry of keywords on source.fallback_engine with the filters that engine supports."""
+    engine = str(source.fallback_engine)
+    kept, dropped = portable_filters(dict(source.filters), engine)
+    if dropped:
+        log.warning("crawl health: fallback %s drops filters %s (unsupported there)", engine, dropped)
+    retry = SearchSource(
+        engine=engine,
+        keywords=keywords,
+        label=source.label,
+        max_num=source.max_num,
+        filters=kept,
+        threads=source.threads,
+        endpoint=source.fallback_endpoint,
+        api_key=source.api_key if engine == "flickr" else None,
+    )
+    return Fallback(retry, source.engine, dropped)
+
+
+def fallback_plan(health: pd.DataFrame, sources: SourcesConfig) -> list[Fallback]:
+    """For each search source with a fallback_engine: a retry on that engine for its no_results keywords.
+
+    The retry keeps label, max_num, threads and the filters the fallback engine supports (icrawler's vocabulary of
+    that engine; the others are listed in Fallback.dropped); its endpoint is the source's fallback_endpoint.
     """
     empty = health[health["flag"] == FLAG_NO_RESULTS]
-    out: list[SearchSource] = []
+    out: list[Fallback] = []
     for index, source in enumerate(sources.search):
         if source.fallback_engine is None:
             continue
@@ -156,14 +198,10 @@ def fallback_sources(health: pd.DataFrame, sources: SourcesConfig) -> list[Searc
         if not keywords:
             continue
         log.info("crawl health: %d keyword(s) of %s -> %s", len(keywords), source.engine, source.fallback_engine)
-        out.append(
-            SearchSource(
-                engine=source.fallback_engine,
-                keywords=keywords,
-                label=source.label,
-                max_num=source.max_num,
-                threads=source.threads,
-                api_key=source.api_key if source.fallback_engine == "flickr" else None,
-            )
-        )
+        out.append(_fallback(source, keywords))
     return out
+
+
+def fallback_sources(health: pd.DataFrame, sources: SourcesConfig) -> list[SearchSource]:
+    """The retry sources of fallback_plan (see there)."""
+    return [fallback.source for fallback in fallback_plan(health, sources)]

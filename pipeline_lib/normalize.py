@@ -4,8 +4,9 @@
 (and centre-crops to a square), then encodes as JPEG at a fixed or random quality in memory and decodes it again,
 so that real photos and generator output reach the model with the same container, quality and metadata.
 
-`ROBUSTNESS_VARIANTS` maps a name to a function on uint8 tensors ([3,H,W] or [N,3,H,W]) that degrades the images
-the way the evaluation of the test split under JPEG 95/75/50 and 50% downscaling needs; the size is kept.
+`ROBUSTNESS_VARIANTS` maps a name to a function that writes a degraded copy of an image file the way a user would
+(re-encoded as JPEG 95/75/50, or downscaled to 50%): the robustness evaluation degrades the original test files with
+`degrade_file`, then decodes them with the same preprocessing as training (preprocess.degraded_tensors).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import hashlib
 import io
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -22,14 +22,9 @@ from PIL import Image, ImageOps
 from pipeline_lib.config import NormalizeConfig
 from pipeline_lib.validate import to_rgb
 
-if TYPE_CHECKING:
-    import torch
-
+# No torch here: the decode workers of preprocess import this module, and a worker that imported torch would start
+# seconds later.
 log = logging.getLogger(__name__)
-
-# torch is imported where the tensor functions run: the decode workers of preprocess import this module, and a
-# worker that imported torch would start seconds later.
-TensorFn = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
 def _check_image(image: object) -> None:
@@ -130,66 +125,47 @@ def policy_key(policy: NormalizeConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Robustness variants on uint8 tensors
+# Robustness variants: degraded files, as a user would make them
+
+FileFn = Callable[[Image.Image], bytes]  # decoded original (RGB, EXIF orientation applied) -> bytes of the new file
+ROBUSTNESS_DESCRIPTION = "re-encoded as JPEG at quality 95, 75 and 50; downscaled to 50% and saved as PNG"
 
 
-def _check_tensor(images: torch.Tensor) -> None:
-    import torch
-
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
-        kind = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a uint8 torch.Tensor [3,H,W] or [N,3,H,W], got {kind}")
-    if images.ndim not in (3, 4) or images.shape[-3] != 3:
-        raise ValueError(f"images must have shape [3,H,W] or [N,3,H,W], got {list(images.shape)}")
+def jpeg_file(quality: int) -> FileFn:
+    """File function: the whole image re-encoded as a baseline JPEG (4:2:0) at quality."""
+    if not isinstance(quality, int) or isinstance(quality, bool) or not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be an integer in 1..100, got {quality!r}")
+    return lambda image: jpeg_roundtrip(image, quality)[1]
 
 
-def _per_image(transform: Callable[[Image.Image], Image.Image]) -> TensorFn:
-    """Lift a PIL transform to uint8 CHW / NCHW tensors (CPU result, same shape)."""
-
-    def apply(images: torch.Tensor) -> torch.Tensor:
-        import torch
-
-        _check_tensor(images)
-        batch = images.unsqueeze(0) if images.ndim == 3 else images
-        out = []
-        for chw in batch.detach().cpu():
-            pil = Image.fromarray(np.ascontiguousarray(chw.permute(1, 2, 0).numpy()), mode="RGB")
-            result = np.asarray(transform(pil).convert("RGB"), dtype=np.uint8)
-            out.append(torch.from_numpy(result.copy()).permute(2, 0, 1))
-        stacked = torch.stack(out) if out else batch.detach().cpu().clone()
-        return stacked[0] if images.ndim == 3 else stacked
-
-    return apply
-
-
-def jpeg_variant(quality: int) -> TensorFn:
-    """Tensor function: JPEG-encode each image at quality and decode it back."""
-    return _per_image(lambda image: jpeg_roundtrip(image, quality)[0])
-
-
-def downscale_variant(factor: float) -> TensorFn:
-    """Tensor function: downscale each image by factor (bicubic) and scale it back up to its size (bilinear)."""
+def downscale_file(factor: float) -> FileFn:
+    """File function: the image downscaled by factor (bicubic) and saved as PNG (lossless: only pixels are lost)."""
     if not 0 < factor < 1:
         raise ValueError(f"downscale factor must be in (0, 1), got {factor}")
 
-    def transform(image: Image.Image) -> Image.Image:
+    def degrade(image: Image.Image) -> bytes:
         small = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
-        return image.resize(small, Image.Resampling.BICUBIC).resize(image.size, Image.Resampling.BILINEAR)
+        buffer = io.BytesIO()
+        image.resize(small, Image.Resampling.BICUBIC).save(buffer, format="PNG", compress_level=1)
+        return buffer.getvalue()
 
-    return _per_image(transform)
+    return degrade
 
 
-ROBUSTNESS_VARIANTS: dict[str, TensorFn] = {
-    "jpeg95": jpeg_variant(95),
-    "jpeg75": jpeg_variant(75),
-    "jpeg50": jpeg_variant(50),
-    "downscale50": downscale_variant(0.5),
+ROBUSTNESS_VARIANTS: dict[str, FileFn] = {
+    "jpeg95": jpeg_file(95),
+    "jpeg75": jpeg_file(75),
+    "jpeg50": jpeg_file(50),
+    "downscale50": downscale_file(0.5),
 }
 robustness_variants = ROBUSTNESS_VARIANTS  # the name used in the issue
 
 
-def apply_variant(images: torch.Tensor, name: str) -> torch.Tensor:
-    """Apply the named robustness variant; ValueError listing the known names otherwise."""
+def degrade_file(data: bytes, name: str) -> bytes:
+    """The bytes of an image file degraded by the named variant: decoded like training decodes it (EXIF orientation
+    applied, RGB, metadata dropped), then written again (a JPEG at that quality, or a smaller PNG)."""
     if name not in ROBUSTNESS_VARIANTS:
         raise ValueError(f"unknown robustness variant {name!r}; known: {', '.join(ROBUSTNESS_VARIANTS)}")
-    return ROBUSTNESS_VARIANTS[name](images)
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return ROBUSTNESS_VARIANTS[name](strip_metadata(image))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from pydantic import ValidationError
 
@@ -163,10 +164,18 @@ def cam_file_name(path: Path) -> str:
 
 
 def _write_cams(
-    model: torch.nn.Module, images: torch.Tensor, paths: Sequence[Path], cam_dir: Path, cam_method: str
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    paths: Sequence[Path],
+    cam_dir: Path,
+    cam_method: str,
+    classes: Sequence[int] | None = None,
 ) -> list[str]:
-    """CAM overlays (explaining "ai") of a batch written as PNG files into cam_dir; return their paths."""
-    maps = report.compute_cams(model, images, models.target_layer(model), method=cam_method, batch_size=len(images))
+    """CAM overlays of a batch (explaining classes, one index per image; default "ai") written as PNG files into
+    cam_dir; return their paths."""
+    target = list(classes) if classes is not None else 1
+    layer = models.target_layer(model)
+    maps = report.compute_cams(model, images, layer, method=cam_method, batch_size=len(images), target_class=target)
     written: list[str] = []
     for image, cam, path in zip(images, maps, paths, strict=True):
         _, overlay = report.cam_overlay(image, cam)
@@ -186,6 +195,7 @@ class _Scoring:
     calibration: ModelCalibration
     cam_dir: Path | None
     cam_method: str
+    cam_target: str = "predicted"
 
 
 def _score_batch(model: torch.nn.Module, batch: Sequence[Path], how: _Scoring) -> list[PredictionRow]:
@@ -202,7 +212,9 @@ def _score_batch(model: torch.nn.Module, batch: Sequence[Path], how: _Scoring) -
         raw = softmax_p_ai(logits)
         scores = {i: (float(p), float(r), str(v)) for i, p, r, v in zip(good, p_ai, raw, said, strict=True)}
         if how.cam_dir is not None:
-            files = _write_cams(model, images, [batch[i] for i in good], how.cam_dir, how.cam_method)
+            predicted = pd.DataFrame({"predicted": np.where(p_ai >= how.threshold, "ai", "real")})
+            classes = report.cam_classes(predicted, how.cam_target)
+            files = _write_cams(model, images, [batch[i] for i in good], how.cam_dir, how.cam_method, classes)
             cams = dict(zip(good, files, strict=True))
     rows = []
     for i, path in enumerate(batch):
@@ -226,11 +238,13 @@ def predict_files(
     threshold: float = 0.5,
     calibration: ModelCalibration | None = None,
     band: tuple[float, float] = DEFAULT_BAND,
+    cam_target: str = "predicted",
 ) -> list[PredictionRow]:
     """One PredictionRow per file (folders walked recursively), in order, decoded at meta["image_size"], batched.
 
     A file that cannot be read or decoded gets an error row and the others are still scored.
-    With cam_dir, an overlay PNG of the CAM (explaining "ai") is written there for every scored file.
+    With cam_dir, an overlay PNG of the CAM is written there for every scored file; cam_target (report.cam_target)
+    says which class it explains: the file's predicted label (default), or always "ai" / "real".
     calibration: temperature and normalisation of the model (read_calibration; default T = 1, no normalisation);
     band: (uncertain_low, uncertain_high) of the verdict.
     """
@@ -240,6 +254,8 @@ def predict_files(
         raise ValueError(f"threshold must be strictly between 0 and 1, got {threshold}")
     if cam_method not in report.CAM_METHODS:
         raise ValueError(f"cam_method must be one of {', '.join(report.CAM_METHODS)}, got {cam_method!r}")
+    if cam_target not in report.CAM_TARGETS:
+        raise ValueError(f"cam_target must be one of {', '.join(report.CAM_TARGETS)}, got {cam_target!r}")
     low, high = band
     if not 0 < low < high < 1:
         raise ValueError(f"uncertain band must satisfy 0 < uncertain_low < uncertain_high < 1, got {band}")
@@ -248,7 +264,7 @@ def predict_files(
     if cam_dir is not None:
         cam_dir = Path(cam_dir)
         cam_dir.mkdir(parents=True, exist_ok=True)
-    how = _Scoring(size, threshold, (low, high), calibration or ModelCalibration(), cam_dir, cam_method)
+    how = _Scoring(size, threshold, (low, high), calibration or ModelCalibration(), cam_dir, cam_method, cam_target)
     rows: list[PredictionRow] = []
     for start in range(0, len(files), batch_size):
         rows.extend(_score_batch(model, files[start : start + batch_size], how))

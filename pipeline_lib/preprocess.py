@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 
 from pipeline_lib.catalog import STATUS_OK
 from pipeline_lib.config import NormalizeConfig
-from pipeline_lib.normalize import image_rng, normalize_image, normalized_bytes, policy_key
+from pipeline_lib.normalize import degrade_file, image_rng, normalize_image, normalized_bytes, policy_key
 from pipeline_lib.validate import to_rgb
 from pipeline_lib.workspace import Workspace, atomic_write_bytes
 
@@ -82,16 +82,21 @@ def _resize_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def _rng_for(path: Path, sha256: str | None) -> np.random.Generator:
+def _rng_for(path: Path | BinaryIO, sha256: str | None) -> np.random.Generator:
     """Per-image generator for a random normalisation quality: from the sha (stored files are named <sha>.<ext>)."""
+    if sha256 is None and not isinstance(path, str | os.PathLike):
+        raise ValueError("decoding an open file with a normalisation policy needs its sha256")
     return image_rng(sha256 or Path(path).stem)
 
 
-def decode_image(path: Path, size: int, policy: NormalizeConfig | None = None, sha256: str | None = None) -> np.ndarray:
-    """Decode an image file into a uint8 RGB array (3, size, size): EXIF-oriented, resized, centre-cropped.
+def decode_image(
+    path: Path | BinaryIO, size: int, policy: NormalizeConfig | None = None, sha256: str | None = None
+) -> np.ndarray:
+    """Decode an image file (a path or an open binary file) into a uint8 RGB array (3, size, size): EXIF-oriented,
+    resized, centre-cropped.
 
     With a jpeg normalisation policy the full image is re-encoded (normalize_image) before the resize and crop;
-    a random quality is drawn from the image's sha256 (default: the file name's stem).
+    a random quality is drawn from the image's sha256 (default: the file name's stem; required for an open file).
     """
     _check_size(size)
     active = _active(policy)
@@ -306,6 +311,26 @@ def load_tensors(
 
     _check_size(size)
     arrays = [load_tensor(workspace, str(sha), size, policy) for sha in shas]
+    if not arrays:
+        return torch.empty((0, 3, size, size), dtype=torch.uint8)
+    return torch.from_numpy(np.stack(arrays))
+
+
+def degraded_tensors(
+    workspace: Workspace, shas: Iterable[str], size: int, variant: str, policy: NormalizeConfig | None = None
+) -> torch.Tensor:
+    """uint8 [N, 3, size, size] of the stored originals degraded as files (normalize.degrade_file: re-encoded at a
+    JPEG quality, or downscaled), then decoded exactly as training decodes (decode_image with the policy).
+
+    The degraded files exist only in memory; nothing is cached (the robustness pass runs once per evaluation).
+    """
+    import torch
+
+    _check_size(size)
+    arrays = []
+    for sha in map(str, shas):
+        data = degrade_file(find_original(workspace, sha).read_bytes(), variant)
+        arrays.append(decode_image(io.BytesIO(data), size, policy, sha))
     if not arrays:
         return torch.empty((0, 3, size, size), dtype=torch.uint8)
     return torch.from_numpy(np.stack(arrays))

@@ -13,6 +13,7 @@ import logging
 import math
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,8 +29,8 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pipeline_lib.cam_summary import cam_attention_summary, text_mask
-from pipeline_lib.evaluate import borrowed_model, check_images, to_float
-from pipeline_lib.normalize import ROBUSTNESS_VARIANTS
+from pipeline_lib.evaluate import CLASS_NAMES, borrowed_model, check_images, to_float
+from pipeline_lib.normalize import ROBUSTNESS_DESCRIPTION, ROBUSTNESS_VARIANTS
 from pipeline_lib.workspace import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,11 @@ HEADLINE_METRICS: tuple[str, ...] = (
     "n_test",
     "threshold",
 )
+CAM_TARGETS: dict[str, str] = {  # report.cam_target -> how the report says it
+    "predicted": "each image's predicted class",
+    "ai": "the \u201cai\u201d class",
+    "real": "the \u201creal\u201d class",
+}
 WORST_GROUPS = 20
 CAM_FLAG_ABOVE = 0.5  # a CAM attention share (border or text) above this is flagged
 CAM_BORDER_FRACTION = 0.1
@@ -92,16 +98,20 @@ def compute_cams(
     target_layer: torch.nn.Module,
     method: str = "gradcam",
     batch_size: int = 16,
-    target_class: int = 1,
+    target_class: int | Sequence[int] = 1,
     device: str = "cpu",
 ) -> np.ndarray:
-    """CAM maps float32 [N, H, W] in [0, 1] explaining target_class (1 = ai); the model is left as given."""
+    """CAM maps float32 [N, H, W] in [0, 1] explaining target_class (1 = ai, 0 = real), or one class index per
+    image; the model is left as given."""
     check_images(images)
     if method not in CAM_METHODS:
         raise ValueError(f"report.cam_method must be one of {', '.join(CAM_METHODS)}, got {method!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if target_class < 0:
+    classes = [target_class] * len(images) if isinstance(target_class, int) else [int(c) for c in target_class]
+    if len(classes) != len(images):
+        raise ValueError(f"target_class must hold one class per image ({len(images)}), got {len(classes)}")
+    if any(c < 0 for c in classes):
         raise ValueError(f"target_class must be a class index >= 0 (0 = real, 1 = ai), got {target_class}")
     height, width = images.shape[-2:]
     if len(images) == 0:
@@ -112,7 +122,7 @@ def compute_cams(
         with CAM_METHODS[method](model=model, target_layers=[target_layer]) as cam:
             for start in range(0, len(images), batch_size):
                 batch = to_float(images[start : start + batch_size], device)
-                targets = [ClassifierOutputTarget(target_class) for _ in range(len(batch))]
+                targets = [ClassifierOutputTarget(c) for c in classes[start : start + batch_size]]
                 maps.append(np.asarray(cam(input_tensor=batch, targets=targets), dtype=np.float32))
     log.debug("computed %s maps for %d images", method, len(images))
     return np.clip(np.nan_to_num(np.concatenate(maps), nan=0.0), 0.0, 1.0)
@@ -333,6 +343,15 @@ def render_html(context: dict[str, Any]) -> str:
     return environment.get_template("report.html").render(**context)
 
 
+def cam_classes(selected: pd.DataFrame, cam_target: str) -> list[int]:
+    """The class index each selected row's CAM explains: its predicted class, or always ai or real (cam_target)."""
+    if cam_target not in CAM_TARGETS:
+        raise ValueError(f"report.cam_target must be one of {', '.join(CAM_TARGETS)}, got {cam_target!r}")
+    if cam_target != "predicted":
+        return [CLASS_NAMES.index(cam_target)] * len(selected)
+    return [CLASS_NAMES.index(str(label)) for label in selected["predicted"]]
+
+
 def _check_selected(images: torch.Tensor, selected: pd.DataFrame) -> None:
     """Raise ValueError unless images and selected rows line up and the rows have what the report shows."""
     check_images(images)
@@ -357,28 +376,33 @@ def build_report(
     run_info: dict[str, str] | None = None,
     cam_batch_size: int = 16,
     per_generator: pd.DataFrame | None = None,
+    cam_target: str = "predicted",
 ) -> Path:
     """Write out_dir/index.html (pictures embedded) with img/ and plots/ beside it; index.html is written last.
 
     Beside the summary metrics the page shows the robustness variants next to the clean score (robust.* metrics),
     per-generator scores (per_generator, from stats.per_generator_metrics) and CAM attention warnings (cam.*).
+    cam_target (report.cam_target): the CAMs explain each image's predicted class, or always "ai" / "real".
     """
     _check_selected(images, selected)
     out_dir = Path(out_dir)
     img_dir = out_dir / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
-    cams = compute_cams(model, images, target_layer, method=cam_method, batch_size=cam_batch_size)
     rows = selected.reset_index(drop=True)
+    classes = cam_classes(rows, cam_target)
+    cams = compute_cams(model, images, target_layer, method=cam_method, batch_size=cam_batch_size, target_class=classes)
     sections: list[dict[str, Any]] = []
     for cell, _, _ in CELLS:
         examples = [
             _example(rows.loc[i], _write_pair(img_dir, str(rows.loc[i, "sha256"]), images[i], cams[i]))
+            | {"explains": CLASS_NAMES[classes[i]]}
             for i in rows.index[rows["cell"] == cell]
         ]
         sections.append({"id": cell, "title": CELL_TITLES[cell], "examples": examples})
     context = {
         "title": title,
         "cam_method": cam_method,
+        "cam_target": CAM_TARGETS[cam_target],
         "run_info": sorted((str(k), str(v)) for k, v in (run_info or {}).items()),
         "metrics": _metric_rows(metrics),
         "plots": _copy_plots(out_dir, plots or {}),
@@ -386,6 +410,7 @@ def build_report(
         "n_groups": len(per_group),
         "sections": sections,
         "robustness": _robustness_rows(metrics),
+        "robustness_how": ROBUSTNESS_DESCRIPTION,
         "generators": _generator_rows(per_generator),
         "cam_warnings": cam_warnings(metrics),
     }

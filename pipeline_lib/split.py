@@ -220,13 +220,18 @@ def write_registry(workspace: Workspace, registry: pd.DataFrame) -> None:
 
 
 def split_report(catalog: pd.DataFrame, ratios: dict[str, float], min_groups: int) -> tuple[pd.DataFrame, list[str]]:
-    """Images and groups per split and label with the deviation from target, plus warnings."""
+    """Images and groups per split and label with the deviation from target, plus warnings.
+
+    share: the label's images in this split / all its images; split_share: the label's share of the split's images
+    (the class ratio training and evaluation see).
+    """
     rows = catalog[(catalog["status"] == STATUS_OK) & (catalog["split"] != "")]
     table = rows.groupby(["split", "label"]).agg(images=("sha256", "size"), groups=("group", "nunique")).reset_index()
     totals = rows.groupby("label").size()
     table["share"] = table.apply(lambda r: r["images"] / totals[r["label"]], axis=1).round(4)
     table["target"] = table["split"].map(ratios)
     table["deviation"] = (table["share"] - table["target"]).round(4)
+    table["split_share"] = (table["images"] / table.groupby("split")["images"].transform("sum")).round(4)
     warnings = []
     for label in sorted(set(LABELS) - set(totals.index)):
         warnings.append(f"label {label} has no usable image: a detector cannot be trained without it")
@@ -287,6 +292,21 @@ def training_set(catalog: pd.DataFrame) -> pd.DataFrame:
     rows = catalog[(catalog["status"] == STATUS_OK) & catalog["split"].isin(("train", "val"))]
     table = rows[list(TRAINSET_COLUMNS)].drop_duplicates("sha256").astype("string")
     return table.sort_values("sha256").reset_index(drop=True)
+def class_ratios(report: pd.DataFrame) -> pd.DataFrame:
+    """Per split (train, val, test order): real and ai images and real_per_ai (inf without ai, nan when empty)."""
+    counts = report.pivot_table(index="split", columns="label", values="images", aggfunc="sum", fill_value=0)
+    counts = counts.reindex(index=[s for s in SPLITS if s in counts.index], columns=["real", "ai"], fill_value=0)
+    frame = counts.astype("int64").reset_index()
+    frame.columns.name = None
+    real, ai = frame["real"].astype(float), frame["ai"].astype(float)
+    frame["real_per_ai"] = (real / ai).where(ai > 0, float("inf")).where((real + ai) > 0, float("nan"))
+    return frame
+
+
+def describe_ratios(ratios: pd.DataFrame) -> str:
+    """One line for the run's notes, e.g. 'class ratio real:ai per split: train 40:10 (4.00:1), test 9:9 (1.00:1)'."""
+    parts = [f"{r.split} {r.real}:{r.ai} ({r.real_per_ai:.2f}:1)" for r in ratios.itertuples()]
+    return "class ratio real:ai per split: " + ", ".join(parts)
 
 
 def check_no_leak(catalog: pd.DataFrame) -> None:

@@ -395,6 +395,7 @@ def register_model(
             tags[IMAGE_SIZE_TAG] = str(int(image_size))
         if calibration is not None:
             tags[CALIBRATION_TAG] = calibration
+            client.set_tag(tracker.run_id, f"aidetect.{CALIBRATION_TAG}", calibration)  # predict --model RUN_ID
         version = client.create_model_version(name, model_uri, run_id=tracker.run_id, tags=tags)
         client.set_model_version_tag(name, version.version, "test_accuracy", f"{score:.6f}")
     if current is not None and champion_score is not None and not_comparable is None:
@@ -495,6 +496,23 @@ def run_catalog(uri: str, run_id: str | None) -> pd.DataFrame | None:
             return None
         tables = [pd.read_parquet(path) for path in sorted(Path(local).rglob("*.parquet"))]
     return pd.concat(tables, ignore_index=True) if tables else None
+def run_calibration(uri: str, run_id: str) -> str | None:
+    """The calibration (JSON text) of the model a run logged: the run's aidetect.calibration tag, else the
+    calibration tag of a model version registered from the run; None when neither exists."""
+    client = MlflowClient(tracking_uri=uri)
+    with _quiet():
+        try:
+            tagged = client.get_run(run_id).data.tags.get(f"aidetect.{CALIBRATION_TAG}")
+        except MlflowException:
+            raise ModelNotFoundError(f"no MLflow run {run_id!r} in {uri}") from None
+        if tagged:
+            return tagged
+        try:
+            versions = client.search_model_versions(f"run_id = '{run_id}'")
+        except MlflowException:
+            return None
+    found = [v.tags.get(CALIBRATION_TAG) for v in versions if (v.tags or {}).get(CALIBRATION_TAG)]
+    return found[0] if found else None
 
 
 def load_run_model(uri: str, run_id: str) -> tuple[Any, int]:

@@ -65,6 +65,23 @@ class TrainResult:
     weights: WeightsInfo
     device: str
     resumed_from_epoch: int | None = None
+    balance: dict[str, float] = field(default_factory=dict)  # ClassBalance.metrics() of the training split
+
+
+@dataclass(frozen=True)
+class ClassBalance:
+    """How training treats the classes (train.class_balance): images per class, loss weights, images per epoch."""
+
+    mode: str
+    counts: dict[str, int]
+    weights: dict[str, float]
+    per_epoch: int
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for MLflow: <label>.images, <label>.weight, images_per_epoch."""
+        flat = {f"{label}.images": float(n) for label, n in self.counts.items()}
+        flat |= {f"{label}.weight": weight for label, weight in self.weights.items()}
+        return flat | {"images_per_epoch": float(self.per_epoch)}
 
 
 @dataclass
@@ -178,6 +195,30 @@ class CachedImages(Dataset):
         return image, self.labels[index]
 
 
+def class_balance(labels: Sequence[int], mode: str) -> ClassBalance:
+    """Per-class counts of label indices (LABELS order) and what train.class_balance makes of them.
+
+    weighted: each class's loss weight is n / (classes * n_class) (inverse frequency, mean weight 1), so a 4:1 split
+    weighs every minority image four times as much; none and undersample keep weight 1. undersample draws as many
+    images of each class per epoch as the smallest class has.
+    """
+    if mode not in ("none", "weighted", "undersample"):
+        raise ValueError(f"train.class_balance must be none, weighted or undersample, got {mode!r}")
+    counts = {label: sum(1 for value in labels if value == index) for index, label in enumerate(LABELS)}
+    present = [n for n in counts.values() if n > 0]
+    weights = dict.fromkeys(LABELS, 1.0)
+    if mode == "weighted" and len(present) > 1:
+        weights = {label: (len(labels) / (len(present) * n) if n else 1.0) for label, n in counts.items()}
+    per_epoch = len(present) * min(present) if mode == "undersample" and len(present) > 1 else len(labels)
+    return ClassBalance(mode, counts, weights, per_epoch)
+
+
+def _loss_weights(balance: ClassBalance) -> torch.Tensor | None:
+    """The CrossEntropyLoss class weights (LABELS order), or None when every weight is 1."""
+    values = [balance.weights[label] for label in LABELS]
+    return None if all(value == 1.0 for value in values) else torch.tensor(values, dtype=torch.float32)
+
+
 def _rows(catalog: pd.DataFrame, split: str) -> pd.DataFrame:
     """Status-ok rows of one split, one per sha256, in a stable order."""
     rows = catalog[(catalog["status"] == STATUS_OK) & (catalog["split"] == split)].drop_duplicates("sha256")
@@ -254,13 +295,43 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return iter([(self.epoch, index) for index in order])
 
 
-def make_loader(dataset: CachedImages, config: TrainConfig, shuffle: bool, device: str) -> DataLoader:
-    """A DataLoader for the whole run (call loader.sampler.set_epoch each epoch); pinned on cuda, workers kept."""
+class UndersampledEpochSampler(EpochSampler):
+    """EpochSampler over a class-balanced subset: per epoch, as many images of each class as the smallest class has,
+    drawn at random by (seed, epoch) (all of the smallest class), then shuffled."""
+
+    def __init__(self, labels: Sequence[int], seed: int) -> None:
+        super().__init__(len(labels), seed, shuffle=True)
+        members = [[i for i, label in enumerate(labels) if label == value] for value in sorted(set(labels))]
+        self.members = [torch.tensor(indices, dtype=torch.int64) for indices in members]
+        self.per_class = min((len(indices) for indices in members), default=0)
+
+    def __len__(self) -> int:
+        return self.per_class * len(self.members)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+        drawn = [group[torch.randperm(len(group), generator=generator)[: self.per_class]] for group in self.members]
+        chosen = torch.cat(drawn) if drawn else torch.empty(0, dtype=torch.int64)
+        order = chosen[torch.randperm(len(chosen), generator=generator)].tolist()
+        return iter([(self.epoch, index) for index in order])
+
+
+def make_loader(
+    dataset: CachedImages, config: TrainConfig, shuffle: bool, device: str, undersample: bool = False
+) -> DataLoader:
+    """A DataLoader for the whole run (call loader.sampler.set_epoch each epoch); pinned on cuda, workers kept.
+
+    undersample: draw a class-balanced subset each epoch (UndersampledEpochSampler; implies shuffling).
+    """
     workers = config.num_workers
+    if undersample:
+        sampler: EpochSampler = UndersampledEpochSampler(dataset.labels, config.seed)
+    else:
+        sampler = EpochSampler(len(dataset), config.seed, shuffle)
     return DataLoader(
         dataset,
         batch_size=config.batch_size,
-        sampler=EpochSampler(len(dataset), config.seed, shuffle),
+        sampler=sampler,
         num_workers=workers,
         generator=torch.Generator().manual_seed(config.seed),  # worker base seeds
         pin_memory=device == "cuda",
@@ -337,9 +408,11 @@ def _train_epoch(
     optimizer: torch.optim.Optimizer,
     device: str,
     label_smoothing: float = 0.0,
+    class_weights: torch.Tensor | None = None,
 ) -> tuple[float, float]:
-    """One pass over the training data; (mean loss, accuracy)."""
-    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    """One pass over the training data; (mean loss, accuracy). class_weights: per-class loss weights or None."""
+    weight = class_weights.to(device) if class_weights is not None else None
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in loader:
         inputs, targets = _to_input(images, device), labels.to(device)
@@ -437,7 +510,9 @@ def _state_from(payload: dict[str, Any]) -> _State:
     )
 
 
-def _result(out_dir: Path, state: _State, weights: WeightsInfo, device: str, resumed: int | None) -> TrainResult:
+def _result(
+    out_dir: Path, state: _State, weights: WeightsInfo, device: str, resumed: int | None, balance: ClassBalance
+) -> TrainResult:
     best = out_dir / BEST_NAME
     if not best.is_file():
         raise FileNotFoundError(f"best model {best} is missing although {out_dir / LAST_NAME} exists; delete both")
@@ -451,17 +526,28 @@ def _result(out_dir: Path, state: _State, weights: WeightsInfo, device: str, res
         weights=weights,
         device=device,
         resumed_from_epoch=resumed,
+        balance=balance.metrics(),
     )
 
 
-def _update_best(state: _State, stats: EpochStats, patience: int) -> bool:
-    """Record the epoch for early stopping; True if it is the new best."""
-    if stats.val_loss < state.best_val_loss:
-        state.best_val_loss, state.best_epoch, state.bad_epochs = stats.val_loss, stats.epoch, 0
-        return True
-    state.bad_epochs += 1
-    if state.bad_epochs >= patience:
+def _update_best(state: _State, stats: EpochStats, patience: int, may_stop: bool = True) -> bool:
+    """Record the epoch for early stopping; True if it is the new best of the whole run (best.pt).
+
+    1. best.pt keeps the lowest val loss of the run, whichever phase it came from.
+    2. Early stopping counts the epochs since the best val loss of the current phase: at the phase change the
+       counter and that best restart, so the all-layers phase gets `patience` epochs of its own.
+    3. may_stop False (a head-only epoch with an all-layers phase to come) counts but never stops the run.
+    """
+    earlier = [e.val_loss for e in state.history if e.epoch < stats.epoch and e.phase == stats.phase]
+    phase_best = min((loss for loss in earlier if not math.isnan(loss)), default=math.inf)
+    if not earlier:
+        state.bad_epochs = 0  # 2. the first epoch of a phase: the counter restarts
+    state.bad_epochs = 0 if stats.val_loss < phase_best else state.bad_epochs + 1
+    if may_stop and state.bad_epochs >= patience:
         state.stopped_early = True
+    if stats.val_loss < state.best_val_loss:
+        state.best_val_loss, state.best_epoch = stats.val_loss, stats.epoch
+        return True
     return False
 
 
@@ -521,13 +607,19 @@ def train_model(
     payload = _load_state(out_dir / LAST_NAME, fingerprint)
     state = _state_from(payload) if payload is not None else _State(fingerprint)
     resumed = state.epoch if payload is not None else None
+    balance = class_balance([LABELS.index(str(label)) for label in train_rows["label"]], config.class_balance)
     if state.done:
         log.info("training in %s already finished at epoch %d (best %d)", out_dir, state.epoch, state.best_epoch)
-        return _result(out_dir, state, WeightsInfo(**payload["weights"]), device, resumed)
+        return _result(out_dir, state, WeightsInfo(**payload["weights"]), device, resumed, balance)
+    _log_balance(balance)
     preprocess.preprocess_images(workspace, pd.concat([train_rows, val_rows]), config.image_size, policy=policy)
     train_set = _dataset(workspace, train_rows, config, augment=True, policy=policy)
     val_set = _dataset(workspace, val_rows, config, augment=False, policy=policy)
-    loaders = (make_loader(train_set, config, True, device), make_loader(val_set, config, False, device))
+    undersample = config.class_balance == "undersample"
+    loaders = (
+        make_loader(train_set, config, True, device, undersample=undersample),
+        make_loader(val_set, config, False, device),
+    )
     with _restored_rng(payload), _closing(loaders):
         run = _prepare(config, payload, device)
         weights = run.weights
@@ -543,7 +635,20 @@ def train_model(
             if stop_after_epoch is not None and state.epoch >= stop_after_epoch and not state.done:
                 log.info("stopping after epoch %d as asked (resume by calling again)", state.epoch)
                 break
-    return _result(out_dir, state, weights, device, resumed)
+    return _result(out_dir, state, weights, device, resumed, balance)
+
+
+def _log_balance(balance: ClassBalance) -> None:
+    """One log line: the class counts of the training split and what train.class_balance does with them."""
+    counts = " ".join(f"{label}={n}" for label, n in balance.counts.items())
+    weights = " ".join(f"{label}={w:.3g}" for label, w in balance.weights.items())
+    log.info(
+        "class balance %s: train %s, loss weights %s, %d images per epoch (validation loss unweighted)",
+        balance.mode,
+        counts,
+        weights,
+        balance.per_epoch,
+    )
 
 
 def _run_epoch(
@@ -559,7 +664,10 @@ def _run_epoch(
         loader.dataset.epoch = epoch
     lr = float(run.optimizer.param_groups[0]["lr"])
     _set_phase(run.model, phase)
-    train_loss, train_accuracy = _train_epoch(run.forward, train_loader, run.optimizer, device, config.label_smoothing)
+    weights = _loss_weights(class_balance(train_loader.dataset.labels, config.class_balance))
+    train_loss, train_accuracy = _train_epoch(
+        run.forward, train_loader, run.optimizer, device, config.label_smoothing, weights
+    )
     train_seconds = time.perf_counter() - started
     val_loss, val_accuracy = evaluate_loss(run.forward, val_loader, device)
     return EpochStats(
@@ -571,7 +679,7 @@ def _run_epoch(
         val_accuracy=val_accuracy,
         lr=lr,
         seconds=time.perf_counter() - started,
-        images_per_second=len(train_loader.dataset) / max(train_seconds, 1e-9),
+        images_per_second=len(train_loader.sampler) / max(train_seconds, 1e-9),
     )
 
 
@@ -585,7 +693,9 @@ def _finish_epoch(
     """Update early stopping, write best.pt if improved, then last.pt (always, last)."""
     state.epoch = stats.epoch
     state.history.append(stats)
-    improved = _update_best(state, stats, config.patience)
+    # Only the all-layers phase may stop the run early, unless the run is head-only throughout.
+    may_stop = stats.phase == "all" or config.head_only_epochs >= config.epochs
+    improved = _update_best(state, stats, config.patience, may_stop)
     state.done = state.stopped_early or state.epoch >= config.epochs
     log.info(
         "epoch %d/%d [%s] lr %.3g train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1fs, %.1f img/s%s",
@@ -615,7 +725,12 @@ def _finish_epoch(
         }
         save_checkpoint(out_dir / BEST_NAME, model, meta)
     if state.stopped_early:
-        log.info("early stopping after epoch %d: no val loss improvement for %d epochs", state.epoch, state.bad_epochs)
+        log.info(
+            "early stopping after epoch %d: no val loss improvement in the %s phase for %d epochs",
+            state.epoch,
+            stats.phase,
+            state.bad_epochs,
+        )
     _save_state(out_dir / LAST_NAME, _state_payload(state, run))
 
 

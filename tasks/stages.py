@@ -61,6 +61,7 @@ class TrainOutput:
     weights_sha256: str
     device: str
     resumed_from_epoch: int | None = None  # the epoch of last.pt training continued after; None: from epoch 0
+    balance: dict[str, float] = field(default_factory=dict)  # train.ClassBalance.metrics()
 
 
 @dataclass(frozen=True)
@@ -112,15 +113,12 @@ def _crawl_fallbacks(
     workspace: Workspace, sources: SourcesConfig, result: crawl_lib.CrawlResult
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Crawl keywords that returned nothing once more on their source's fallback_engine; merged summary and log."""
-    fallbacks = health.fallback_sources(health.keyword_health(result.summary), sources)
+    fallbacks = health.fallback_plan(health.keyword_health(result.summary), sources)
     if not fallbacks:
         return result.summary, result.log, []
-    retry = sources.model_copy(update={"search": fallbacks, "urls": [], "folders": []})
+    retry = sources.model_copy(update={"search": [f.source for f in fallbacks], "urls": [], "folders": []})
     again = crawl_lib.crawl_sources(workspace, retry)
-    notes = [
-        f"crawl health: retried {len(s.keywords)} keyword(s) with no results on {s.engine} (fallback engine)"
-        for s in fallbacks
-    ]
+    notes = [fallback.describe() for fallback in fallbacks]
     merged = pd.concat([result.summary, again.summary], ignore_index=True)
     return merged, again.log, notes  # the crawl log is cumulative: the second one holds both runs' rows
 
@@ -197,9 +195,12 @@ def make_split(
     metrics = {f"split.{r.split}.{r.label}.images": float(r.images) for r in table.itertuples()}
     metrics |= {f"split.{r.split}.{r.label}.groups": float(r.groups) for r in table.itertuples()}
     metrics |= {"split.registry_version": float(state.version), "split.new_groups": float(plan.new_groups)}
+    ratios = split.class_ratios(table)
+    metrics |= {f"split.{r.split}.real_per_ai": float(r.real_per_ai) for r in ratios.itertuples()}
     largest = split.largest_groups(assigned)
     biggest = ", ".join(f"{g['group']} ({g['images']} {g['label']}, {g['split']})" for g in largest)
-    notes = [*warnings, *([state.note] if state.note else []), f"largest groups: {biggest}"]
+    notes = [*warnings, *([state.note] if state.note else []), split.describe_ratios(ratios)]
+    notes.append(f"largest groups: {biggest}")
     if left_out:
         n_left_out = split.left_out_images(assigned, left_out)
         metrics["split.left_out_generator_images"] = float(n_left_out)
@@ -276,6 +277,7 @@ def train(
         weights_sha256=result.weights.sha256,
         device=result.device,
         resumed_from_epoch=result.resumed_from_epoch,
+        balance=result.balance,
     )
 
 
@@ -364,8 +366,12 @@ def evaluate(
     y_true = (rows["label"].astype(str) == evaluate_lib.POSITIVE).to_numpy(dtype=np.int64)
     metrics["ece_raw"] = evaluate_lib.expected_calibration_error(y_true, p_raw)
     metrics |= calibration_metrics
-    labels = rows["label"].astype(str).to_numpy()
-    metrics |= evaluate_lib.robustness_metrics(model, images, labels, config.threshold, temperature=temperature)
+    labels, shas = rows["label"].astype(str).to_numpy(), rows["sha256"].tolist()
+
+    def degraded(variant: str) -> Any:  # the original files degraded, then preprocessed as for training
+        return preprocess.degraded_tensors(workspace, shas, size, variant, active)
+
+    metrics |= evaluate_lib.robustness_metrics(model, degraded, labels, config.threshold, temperature=temperature)
     generator_metrics, generators = evaluate_lib.generator_metrics(predictions, config.threshold)
     metrics |= generator_metrics
     subset = images[:CAM_SUMMARY_LIMIT]
@@ -425,5 +431,6 @@ def make_report(
             "temperature": f"{evaluation.temperature:.4f}",
         },
         per_generator=pd.DataFrame(evaluation.generators) if evaluation.generators else None,
+        cam_target=config.cam_target,
     )
     return workspace.ref(index)

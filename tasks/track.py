@@ -80,13 +80,14 @@ def tracking_digest(catalog_digest: str, split: str) -> str:
 
 @task(name="mlflow-log-training", cache_policy=NO_CACHE)
 def log_training(tracker: tracking.Tracker, output: TrainOutput) -> None:
-    """Per-epoch curves, the best epoch and the weights' provenance."""
+    """Per-epoch curves, the best epoch, the class balance (counts, loss weights) and the weights' provenance."""
     for epoch in output.history:
         step = int(epoch["epoch"])
         tracker.log_metrics({f"train.{k}": v for k, v in epoch.items() if isinstance(v, int | float)}, step=step)
     tracker.log_metrics({"train.best_epoch": output.best_epoch, "train.stopped_early": float(output.stopped_early)})
     if output.resumed_from_epoch is not None:
         tracker.log_metrics({"train.resumed_from_epoch": float(output.resumed_from_epoch)})
+    tracker.log_metrics({f"train.class_balance.{k}": v for k, v in output.balance.items()})
     tracker.set_tags(
         {
             "aidetect.weights": output.weights_name,

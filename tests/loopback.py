@@ -1,4 +1,5 @@
-"""A scriptable search site on 127.0.0.1 for crawl tests: Bing- or Google-format result pages plus images.
+"""A scriptable search site on 127.0.0.1 for crawl tests: Bing-, Google- or Baidu-format result pages, a Flickr-like
+REST API (/services/rest/), plus images.
 
 Image answers can be made to fail: the first N requests with HTTP 500, every request after a sleep longer than
 the client's timeout, or with a truncated body (Content-Length larger than the bytes sent, then the connection
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import string
 import threading
 import time
 from collections import Counter
@@ -17,6 +19,8 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from icrawler.builtin.baidu import BaiduParser
 
 from pipeline_lib.demo_data import result_page as bing_result_page
 from pipeline_lib.demo_data import serving
@@ -44,6 +48,26 @@ def changed_google_page(image_urls: list[str]) -> str:
     return f"<!doctype html><html><head><script>var x = 1;</script></head><body>{items}</body></html>"
 
 
+# Baidu's objURL cipher: icrawler's own decoder (BaiduParser._decode_url, ciphertext -> plaintext) inverted per char.
+_BAIDU_CHARS = {BaiduParser._decode_url(None, char): char for char in string.ascii_lowercase + string.digits}
+_BAIDU_WORDS = {":": "_z2C$q", ".": "_z&e3B", "/": "AzdH3F"}
+
+
+def baidu_obj_url(url: str) -> str:
+    """A URL enciphered the way Baidu's acjson answers give objURL."""
+    enciphered = "".join(_BAIDU_CHARS.get(char, char) for char in url)
+    for plain, cipher in _BAIDU_WORDS.items():
+        enciphered = enciphered.replace(plain, cipher)
+    return enciphered
+
+
+def baidu_result_page(image_urls: list[str]) -> str:
+    """A Baidu acjson answer: items with an enciphered objURL (the last one only a hoverURL) and an empty item."""
+    items: list[dict[str, str]] = [{"objURL": baidu_obj_url(url), "fromPageTitle": "x"} for url in image_urls[:-1]]
+    items += [{"hoverURL": url} for url in image_urls[-1:]]
+    return json.dumps({"queryExt": "q", "listNum": len(items), "data": [*items, {}]})
+
+
 class LoopbackSite:
     """Serve `images` under /img/<name> and a result page listing all of them (or `listing[query]`) at offset 0.
 
@@ -63,6 +87,7 @@ class LoopbackSite:
         self.queries: list[str] = []
         self.search_paths: list[str] = []
         self.listing: dict[str, list[str]] | None = None  # query -> image names (default: all of them)
+        self.api_calls: list[dict[str, str]] = []  # Flickr REST calls (query parameters)
         self._lock = threading.Lock()
 
     def _count(self, name: str) -> int:
@@ -82,6 +107,25 @@ class LoopbackSite:
         names = everything if first == "0" else []
         body = self.page([f"{base}/img/{quote(name, safe='')}" for name in names]).encode()
         _send(handler, 200, body)
+
+    def answer_flickr(self, handler: BaseHTTPRequestHandler, base: str) -> None:
+        """flickr.photos.search (photo ids = image names, page 1 only) and flickr.photos.getSizes, as Flickr's JSON."""
+        params = {key: values[0] for key, values in parse_qs(urlsplit(handler.path).query).items()}
+        with self._lock:
+            self.api_calls.append(params)
+        if params.get("method") == "flickr.photos.search":
+            with self._lock:
+                self.queries.append(params.get("text", ""))
+            names = list(self.images) if self.listing is None else self.listing.get(params.get("text", ""), [])
+            photos = [{"id": name, "title": name} for name in names] if params.get("page") == "1" else []
+            body = {"stat": "ok", "photos": {"page": params.get("page"), "photo": photos}}
+        elif params.get("method") == "flickr.photos.getSizes":
+            url = f"{base}/img/{quote(params.get('photo_id', ''), safe='')}"
+            sizes = [{"label": "Square", "source": f"{url}?square"}, {"label": "Original", "source": url}]
+            body = {"stat": "ok", "sizes": {"size": sizes}}
+        else:
+            body = {"stat": "fail", "message": f"unknown method {params.get('method')}"}
+        _send(handler, 200, json.dumps(body).encode())
 
     def answer_image(self, handler: BaseHTTPRequestHandler, name: str) -> None:
         """The image, or the failure scripted for this request of it."""
@@ -123,6 +167,8 @@ class LoopbackSite:
                 try:
                     if path == "/search":
                         site.answer_search(self, base)
+                    elif path == "/services/rest/":
+                        site.answer_flickr(self, base)
                     else:
                         site.answer_image(self, unquote(path.removeprefix("/img/")))
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)

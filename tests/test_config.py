@@ -104,3 +104,63 @@ def test_train_option_bounds_are_named(override, key):
 def test_jpeg_quality_range_must_be_ordered():
     with pytest.raises(ConfigError, match=r"jpeg_quality_min \(90\) must be <= jpeg_quality_max \(80\)"):
         build_config({}, ["train.augment.jpeg_quality_min=90", "train.augment.jpeg_quality_max=80"])
+
+
+def test_reference_config_is_the_published_method():
+    reference = load_config(REPO / "configs" / "reference.yaml")
+    search = reference.sources.search[0]
+    assert (search.engine, search.max_num) == ("google", 10)
+    assert search.filters == {"type": "photo", "color": "color", "size": ">4mp"}  # icrawler's Google vocabulary
+    assert search.keywords_file == REPO / "configs" / "keywords.txt"
+    folder = reference.sources.folders[0]
+    assert folder.path == REPO / "configs" / "midjourney" and folder.path.is_dir() and folder.generator == "midjourney"
+    train = reference.train
+    assert (train.model, train.weights, train.batch_size, train.head_only_epochs) == ("resnet50", "imagenet", 64, 5)
+    assert train.backbone_lr is None and train.momentum == 0.9 and train.patience == 5
+    assert round(reference.split.test * 900) == 200
+    assert reference.report.cam_target == "predicted"
+
+
+def _leaf_lines(node, prefix: str = "") -> dict[str, int]:
+    """'a.b.0.c' -> line (0-based) of every leaf of a composed YAML node."""
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        found = {}
+        for key, value in node.value:
+            name = f"{prefix}.{key.value}" if prefix else key.value
+            found |= _leaf_lines(value, name) if not isinstance(value, yaml.ScalarNode) else {name: key.start_mark.line}
+        return found
+    if isinstance(node, yaml.SequenceNode):
+        return {k: v for i, item in enumerate(node.value) for k, v in _leaf_lines(item, f"{prefix}.{i}").items()}
+    return {prefix: node.start_mark.line}
+
+
+def _flat(value, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, dict):
+        named = {(f"{prefix}.{key}" if prefix else key): child for key, child in value.items()}
+        return {k: v for name, child in named.items() for k, v in _flat(child, name).items()}
+    if isinstance(value, list):
+        return {k: v for i, child in enumerate(value) for k, v in _flat(child, f"{prefix}.{i}").items()}
+    return {prefix: value}
+
+
+def test_reference_config_comments_every_line_where_default_differs():
+    import yaml
+
+    from pipeline_lib.config import read_yaml_mapping
+
+    text = (REPO / "configs" / "reference.yaml").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    where = _leaf_lines(yaml.compose(text))
+    reference = _flat(build_config(read_yaml_mapping(REPO / "configs" / "reference.yaml")).model_dump(mode="json"))
+    default = _flat(build_config(read_yaml_mapping(REPO / "configs" / "default.yaml")).model_dump(mode="json"))
+    differing = sorted(key for key in reference.keys() | default.keys() if reference.get(key) != default.get(key))
+    assert "sources.search.0.engine" in differing and "train.backbone_lr" in differing
+    for key in differing:
+        assert key in where, f"{key} differs from default.yaml but is not written in reference.yaml"
+        line = lines[where[key]]
+        assert "# " in line and "default.yaml:" in line.split("#", 1)[1], f"no 'default.yaml:' comment on {line!r}"
+    commented = {number for number in where.values() if "default.yaml:" in lines[number]}
+    needed = {where[key] for key in differing}
+    assert commented <= needed, f"'default.yaml:' where nothing differs: {[lines[n] for n in commented - needed]}"

@@ -30,7 +30,7 @@ from pipeline_lib.demo_data import (
 from pipeline_lib.ingest import LOG_COLUMNS, ingest
 from pipeline_lib.workspace import Workspace, file_sha256
 from tests.conftest import make_image
-from tests.loopback import LoopbackSite, changed_google_page, google_result_page
+from tests.loopback import LoopbackSite, baidu_result_page, changed_google_page, google_result_page
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -308,10 +308,6 @@ def test_max_num_limits_each_keyword(workspace: Workspace, tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("source", "message"),
     [
-        (
-            {"engine": "baidu", "keywords": ["x"], "endpoint": "http://h/?q={keyword}&s={offset}"},
-            r"search\[0\].endpoint is only supported for engines bing, google",
-        ),
         ({"engine": "google", "keywords": ["x"], "endpoint": "ftp://h/?q={keyword}&s={offset}"}, r"http\(s\) URL"),
         ({"engine": "google", "keywords": ["x"], "filters": {"type": "cartoon"}}, r"search\[0\].filters"),
         ({"engine": "bing", "keywords": ["x"], "endpoint": "http://h/?q={keyword}"}, r"search\[0\].endpoint"),
@@ -447,6 +443,28 @@ def test_folder_grouped_by_csv(workspace: Workspace, tmp_path: Path) -> None:
         crawl_sources(workspace, _sources(folders=[FolderSource(path=root, label="ai", group_by="csv:other.csv")]))
 
 
+def test_group_csv_generator_column_names_each_files_generator(workspace: Workspace, tmp_path: Path) -> None:
+    root = _folder(tmp_path / "imgs")
+    (root / "groups.csv").write_text(
+        "file,group,generator\n"
+        "alice/alice_1.jpg,p1,midjourney\n"
+        "alice/deeper/alice_2.png,p1,stable-diffusion\n"
+        "bob_7.jpg,p2,\n"
+        "noname.jpg,p3, DALL·E 3 \n",
+        encoding="utf-8",
+    )
+    source = FolderSource(path=root, label="ai", group_by="csv:groups.csv", generator="unknown-tool")
+    result = crawl_sources(workspace, _sources(folders=[source]))
+    generators = dict(zip(result.log["url"].map(lambda u: Path(u).name), result.log["generator"], strict=True))
+    assert generators == {
+        "alice_1.jpg": "midjourney",
+        "alice_2.png": "stable-diffusion",
+        "bob_7.jpg": "unknown-tool",  # empty cell: the folder's generator
+        "noname.jpg": "DALL·E 3",
+    }
+    assert crawl.read_group_csv(root / "groups.csv", root)["bob_7.jpg"] == "p2"
+
+
 def test_file_already_in_the_store_is_logged_but_not_copied(workspace: Workspace, tmp_path: Path) -> None:
     root = tmp_path / "imgs"
     data = make_image(root / "p" / "a.jpg", seed=3).read_bytes()
@@ -516,6 +534,85 @@ def test_google_page_the_parser_cannot_read_is_a_summary_note(
     assert (result.summary["new"] == 0).all() and (result.summary["failed"] == 0).all()
     assert result.summary["error"].str.contains(note, regex=False).all(), result.summary["error"].tolist()
     assert result.log.empty and not site.hits
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Baidu and Flickr through icrawler's BaiduParser and FlickrParser
+
+
+def test_baidu_parser_crawls_a_loopback_site(workspace: Workspace, tmp_path: Path) -> None:
+    site = LoopbackSite(_images(tmp_path, 3), page=baidu_result_page)
+    with site.serve() as endpoint:
+        filters = {"type": "face", "color": "blackandwhite", "size": "large"}
+        source = {"engine": "baidu", "endpoint": endpoint, "keywords": ["山田 太郎"], "filters": filters, "threads": 2}
+        result = crawl_sources(workspace, _sources(search=[source]))
+        base = endpoint.split("/search")[0]
+    assert site.queries == ["山田 太郎"]
+    assert site.search_paths[0].endswith("&first=0&s=0&lm=0&st=-1&face=1&ic=2048&z=3"), site.search_paths
+    assert set(result.log["url"]) == {f"{base}/img/{name}" for name in site.images}, "objURL and hoverURL items"
+    assert set(result.log["source"]) == {"search:baidu"} and set(result.log["keyword"]) == {"山田 太郎"}
+    assert result.summary[["new", "skipped", "failed"]].values.tolist() == [[3, 0, 0]]
+    for row in result.log.itertuples():
+        assert _incoming(workspace, row.sha256, row.ext).read_bytes() == site.images[row.url.rsplit("/", 1)[1]]
+
+
+def test_baidu_answer_that_is_not_json_is_an_empty_keyword(workspace: Workspace, tmp_path: Path) -> None:
+    site = LoopbackSite(_images(tmp_path, 1), page=lambda urls: "<html>verify you are human</html>")
+    with site.serve() as endpoint:
+        source = {"engine": "baidu", "endpoint": endpoint, "keywords": ["x", "y"], "threads": 1}
+        result = crawl_sources(workspace, _sources(search=[source]))
+    # BaiduParser logs the JSON error and yields nothing: each keyword ends as "no results", the crawl goes on.
+    assert result.summary["keyword"].tolist() == ["x", "y"] and (result.summary["new"] == 0).all()
+    assert (result.summary["error"] == "no results").all() and not site.hits
+
+
+def test_flickr_parser_crawls_a_loopback_api(workspace: Workspace, tmp_path: Path) -> None:
+    site = LoopbackSite(_images(tmp_path, 3))
+    site.listing = {"cats": ["0.jpg", "2.jpg"]}
+    with site.serve() as endpoint:
+        api = endpoint.split("/search")[0] + "/services/rest/"
+        source = {"engine": "flickr", "endpoint": api, "api_key": "k", "keywords": ["cats", "dogs"], "threads": 2}
+        source["filters"] = {"license": "4", "sort": "relevance"}
+        result = crawl_sources(workspace, _sources(search=[source]))
+        base = endpoint.split("/search")[0]
+    assert set(result.log["url"]) == {f"{base}/img/0.jpg", f"{base}/img/2.jpg"}, "the Original size is fetched"
+    rows = result.summary.set_index("keyword")
+    assert rows.loc["cats", "new"] == 2 and rows.loc["dogs", "new"] == 0 and rows.loc["dogs", "error"] == "no results"
+    search = [call for call in site.api_calls if call["method"] == "flickr.photos.search"]
+    assert {call["text"] for call in search} == {"cats", "dogs"}
+    assert all(call["api_key"] == "k" and call["license"] == "4" and call["sort"] == "relevance" for call in search)
+    sizes = [call for call in site.api_calls if call["method"] == "flickr.photos.getSizes"]
+    assert sorted(call["photo_id"] for call in sizes) == ["0.jpg", "2.jpg"]
+    assert not site.hits["0.jpg?square"]
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ({"engine": "flickr", "api_key": "k", "keywords": ["x"], "endpoint": "http://h/?q={keyword}"}, "REST"),
+        ({"engine": "flickr", "api_key": "k", "keywords": ["x"], "filters": {"type": "photo"}}, "parameter.*type"),
+        ({"engine": "baidu", "keywords": ["x"], "endpoint": "http://h/?q={keyword}"}, r"search\[0\].endpoint"),
+        ({"engine": "baidu", "keywords": ["x"], "filters": {"type": "photo"}}, r"search\[0\].filters"),
+        (
+            {"engine": "google", "keywords": ["x"], "fallback_engine": "bing", "fallback_endpoint": "http://h/"},
+            r"search\[0\].fallback_endpoint must contain",
+        ),
+    ],
+)
+def test_bad_baidu_and_flickr_settings_are_named(workspace: Workspace, source: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        crawl_sources(workspace, _sources(search=[source]))
+
+
+def test_portable_filters_keep_what_the_other_engine_understands() -> None:
+    reference = {"type": "photo", "color": "color", "size": ">4mp"}
+    assert crawl.portable_filters(reference, "bing") == ({"type": "photo", "color": "color"}, {"size": ">4mp"})
+    assert crawl.portable_filters(reference, "baidu") == ({}, reference)
+    assert crawl.portable_filters(reference, "flickr") == ({}, reference)
+    assert crawl.portable_filters({"size": ">2000x2000", "type": "photo"}, "google") == (
+        {"type": "photo"},
+        {"size": ">2000x2000"},
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pipeline_lib.health import (
     HEALTH_COLUMNS,
     engine_counts,
     engine_of,
+    fallback_plan,
     fallback_sources,
     flagged,
     keyword_counts,
@@ -21,7 +22,7 @@ from pipeline_lib.health import (
 )
 from pipeline_lib.workspace import Workspace
 from tests.conftest import make_image
-from tests.loopback import LoopbackSite
+from tests.loopback import LoopbackSite, google_result_page
 
 
 def summary(rows: list[tuple[str, str, int, int, int, str]]) -> pd.DataFrame:
@@ -110,3 +111,38 @@ def test_fallback_engine_config_validation() -> None:
         build_config({"sources": {"search": [{"keywords": ["a"], "fallback_engine": "flickr"}]}})
     no_fallback = SourcesConfig(search=[SearchSource(keywords=["x"])])
     assert fallback_sources(keyword_health(summary([("search:bing", "x", 0, 0, 0, "")])), no_fallback) == []
+
+
+def test_fallback_keeps_the_filters_its_engine_supports_and_names_the_dropped(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    images = {f"{i}.jpg": make_image(tmp_path / f"{i}.jpg", seed=i).read_bytes() for i in range(2)}
+    google, bing = LoopbackSite(images, page=google_result_page), LoopbackSite(images)
+    google.listing = {"cats": list(images), "unicorns": []}  # Google lists nothing for unicorns
+    with google.serve() as google_endpoint, bing.serve() as bing_endpoint:
+        search = {
+            "engine": "google",
+            "endpoint": google_endpoint.replace("first=", "start="),
+            "keywords": ["cats", "unicorns"],
+            "filters": {"type": "photo", "color": "color", "size": ">4mp"},
+            "threads": 2,
+            "fallback_engine": "bing",
+            "fallback_endpoint": bing_endpoint,
+        }
+        sources = SourcesConfig.model_validate(
+            {"allow_private_addresses": True, "request_timeout_s": 3, "max_retries": 0, "search": [search]}
+        )
+        first = crawl_sources(workspace, sources)
+        plan = fallback_plan(keyword_health(first.summary), sources)
+        assert len(plan) == 1 and plan[0].source.keywords == ["unicorns"] and plan[0].engine == "google"
+        assert plan[0].source.filters == {"type": "photo", "color": "color"}
+        assert plan[0].dropped == {"size": ">4mp"}
+        retry = sources.model_copy(update={"search": [plan[0].source]})
+        again = crawl_sources(workspace, retry)
+    assert bing.queries == ["unicorns"]
+    assert bing.search_paths[0].endswith("&qft=+filterui:photo-photo+filterui:color2-color"), bing.search_paths
+    unicorns = again.summary.set_index("keyword").loc["unicorns"]
+    assert unicorns["new"] + unicorns["skipped"] == 2  # the same bytes as Google's cats: already held
+    note = plan[0].describe()
+    assert "filters kept: type=photo, color=color" in note and "dropped: size=>4mp (bing does not support them)" in note
+    assert fallback_sources(keyword_health(first.summary), sources) == [plan[0].source]

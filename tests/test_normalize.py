@@ -1,4 +1,4 @@
-"""Normalisation: metadata stripped, resize policy, fixed/random JPEG quality; robustness variants on tensors."""
+"""Normalisation: metadata stripped, resize policy, fixed/random JPEG quality; robustness variants on files."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pipeline_lib.audit import file_metadata
 from pipeline_lib.config import ConfigError, NormalizeConfig, build_config
 from pipeline_lib.normalize import (
     ROBUSTNESS_VARIANTS,
-    apply_variant,
+    degrade_file,
+    downscale_file,
     image_rng,
+    jpeg_file,
     normalize_image,
     normalized_bytes,
     pick_quality,
@@ -98,38 +99,49 @@ def test_policy_config_validation_and_keys() -> None:
         build_config({"preprocess": {"normalize": {"quality_min": 90, "quality_max": 50}}})
 
 
-def _tensor(n: int = 2, size: int = 32) -> torch.Tensor:
-    rng = np.random.default_rng(3)
-    arrays = [np.asarray(photo(size, size, seed=s)) for s in range(n)]
-    noisy = np.clip(np.stack(arrays).astype(np.int16) + rng.integers(-30, 31, (n, size, size, 3)), 0, 255)
-    return torch.from_numpy(noisy.astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
+def _file(image: Image.Image, fmt: str = "JPEG", **save: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()
 
 
-def test_robustness_variants_keep_shape_and_degrade_in_order() -> None:
-    images = _tensor()
+def test_robustness_variants_write_degraded_files_at_full_resolution() -> None:
+    noisy = np.asarray(photo(120, 90, seed=2)).astype(np.int16)
+    noisy = np.clip(noisy + np.random.default_rng(3).integers(-30, 31, noisy.shape), 0, 255).astype(np.uint8)
+    original = _file(Image.fromarray(noisy), "PNG")
     assert set(ROBUSTNESS_VARIANTS) == {"jpeg95", "jpeg75", "jpeg50", "downscale50"}
     errors = {}
     for name in ROBUSTNESS_VARIANTS:
-        out = apply_variant(images, name)
-        assert out.shape == images.shape and out.dtype == torch.uint8
-        errors[name] = (out.float() - images.float()).abs().mean().item()
-    assert 0 < errors["jpeg95"] < errors["jpeg75"] < errors["jpeg50"]
-    assert errors["downscale50"] > errors["jpeg95"]
-    single = apply_variant(images[0], "jpeg75")
-    assert single.shape == images[0].shape and torch.equal(single, apply_variant(images, "jpeg75")[0])
+        data = degrade_file(original, name)
+        meta = file_metadata(data)
+        with Image.open(io.BytesIO(data)) as degraded:
+            pixels = np.asarray(degraded.convert("RGB").resize((120, 90), Image.Resampling.BILINEAR))
+            size = degraded.size
+        if name.startswith("jpeg"):
+            assert meta["format_jpeg"] == 1 and meta["jpeg_quality"] == int(name.removeprefix("jpeg")), (name, meta)
+            assert size == (120, 90), f"{name} must keep the file's resolution, got {size}"
+        else:
+            assert meta["format_png"] == 1 and size == (60, 45), f"downscale50 must halve the file, got {size}"
+        errors[name] = np.abs(pixels.astype(float) - noisy.astype(float)).mean()
+    assert 0 < errors["jpeg95"] < errors["jpeg75"] < errors["jpeg50"], errors
 
 
-def test_downscale_removes_a_one_pixel_checkerboard() -> None:
-    board = (np.indices((16, 16)).sum(axis=0) % 2 * 255).astype(np.uint8)
-    images = torch.from_numpy(np.stack([board] * 3))
-    out = apply_variant(images, "downscale50").float()
-    assert out.std().item() < 0.25 * images.float().std().item()
+def test_degrading_a_jpeg_file_changes_its_bytes_at_quality_75() -> None:
+    exif = Image.Exif()
+    exif[274] = 6  # rotate 90 degrees on display
+    original = _file(photo(80, 60), "JPEG", quality=95, exif=exif.tobytes())
+    degraded = degrade_file(original, "jpeg75")
+    assert degraded != original
+    with Image.open(io.BytesIO(degraded)) as image:
+        assert image.size == (60, 80), "EXIF orientation is applied before re-encoding (as training decodes)"
+        assert not image.getexif()
+    assert file_metadata(degraded)["jpeg_quality"] == 75
 
 
 def test_variant_errors() -> None:
     with pytest.raises(ValueError, match="unknown robustness variant"):
-        apply_variant(_tensor(), "blur")
-    with pytest.raises(ValueError, match="uint8"):
-        apply_variant(_tensor().float(), "jpeg95")
-    with pytest.raises(ValueError, match="shape"):
-        apply_variant(torch.zeros((1, 4, 8, 8), dtype=torch.uint8), "jpeg95")
+        degrade_file(_file(photo()), "blur")
+    with pytest.raises(ValueError, match="1..100"):
+        jpeg_file(0)
+    with pytest.raises(ValueError, match="downscale factor"):
+        downscale_file(1.5)

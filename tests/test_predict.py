@@ -103,6 +103,20 @@ def test_predict_files_writes_cam_overlays(tmp_path: Path, model: models.Classif
     assert files["corrupt"].exists(), "input files must be left alone"
 
 
+def test_cam_overlays_explain_the_predicted_label_by_default(tmp_path: Path, model: models.Classifier) -> None:
+    make_folder(tmp_path / "in")
+    overlays = {}
+    for target in ("predicted", "ai", "real"):
+        cams = tmp_path / target  # 96 px: layer4 maps 3x3 (at 32 px they are 1x1 and every CAM is flat)
+        rows = predict_files(model, {"image_size": 96}, [tmp_path / "in"], cam_dir=cams, cam_target=target)
+        overlays[target] = {Path(r.path).name: (r.label, Path(r.cam).read_bytes()) for r in rows if r.error is None}
+    assert any(overlays["ai"][name][1] != overlays["real"][name][1] for name in overlays["ai"]), "target ignored"
+    for name, (label, picture) in overlays["predicted"].items():
+        assert picture == overlays[label][name][1], f"{name} (predicted {label}) explains another class"
+    with pytest.raises(ValueError, match="cam_target"):
+        predict_files(model, {"image_size": SIZE}, [tmp_path / "in"], cam_dir=tmp_path / "c", cam_target="fake")
+
+
 def test_same_stem_in_two_folders_gets_two_overlay_files(tmp_path: Path) -> None:
     one, two = tmp_path / "x" / "img.png", tmp_path / "y" / "img.png"
     assert cam_file_name(one) != cam_file_name(two), "overlays of same-named files would overwrite each other"

@@ -233,3 +233,30 @@ def test_decode_workers_import_no_torch() -> None:
     code = "import sys, pipeline_lib.preprocess, pipeline_lib.normalize; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_robustness_pass_degrades_the_file_then_preprocesses_like_training(workspace: Workspace) -> None:
+    import io
+
+    from pipeline_lib.normalize import degrade_file, jpeg_roundtrip
+
+    noise = np.random.default_rng(7).integers(0, 256, size=(150, 200, 3), dtype=np.uint8)
+    sha, relative = _store_image(workspace, Image.fromarray(noise), "JPEG", quality=95)
+    original = (workspace.root / relative).read_bytes()
+    degraded_file = degrade_file(original, "jpeg75")
+    assert degraded_file != original, "quality 75 must re-encode the file"
+    with Image.open(io.BytesIO(degraded_file)) as image:
+        assert image.size == (200, 150), "the whole file is re-encoded, not the 32 px model input"
+    tensors = preprocess.degraded_tensors(workspace, [sha], 32, "jpeg75")
+    assert tensors.shape == (1, 3, 32, 32) and tensors.dtype == torch.uint8
+    assert np.array_equal(tensors[0].numpy(), preprocess.decode_image(io.BytesIO(degraded_file), 32))
+    clean = preprocess.load_tensor(workspace, sha, 32)
+    on_tensor, _ = jpeg_roundtrip(Image.fromarray(clean.transpose(1, 2, 0)), 75)
+    assert not np.array_equal(tensors[0].numpy(), np.asarray(on_tensor).transpose(2, 0, 1)), "the tensor was degraded"
+    policy = NormalizeConfig(mode="jpeg", quality_min=60, quality_max=90)
+    normalised = preprocess.degraded_tensors(workspace, [sha], 32, "jpeg75", policy)
+    expected = preprocess.decode_image(io.BytesIO(degraded_file), 32, policy, sha)  # training's quality for this sha
+    assert np.array_equal(normalised[0].numpy(), expected)
+    assert preprocess.degraded_tensors(workspace, [], 32, "jpeg75").shape == (0, 3, 32, 32)
+    with pytest.raises(ValueError, match="needs its sha256"):
+        preprocess.decode_image(io.BytesIO(degraded_file), 32, policy)

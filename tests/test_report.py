@@ -255,3 +255,68 @@ def test_build_report_escapes_crawled_text(tmp_path: Path, model: TinyClassifier
     tags = parse(index)
     assert all("onerror" not in tag for tag in tags.images), "a crawled url injected an <img onerror=...>"
     assert all(not link.lower().startswith("javascript:") for link in tags.links), "a javascript: url became a link"
+
+
+@pytest.mark.parametrize("cam_target", ["predicted", "ai", "real"])
+def test_cams_explain_the_configured_target(tmp_path: Path, model: TinyClassifier, cam_target: str) -> None:
+    from pipeline_lib.report import cam_overlay, png_bytes
+
+    predictions = make_predictions()
+    selected = select_examples(predictions, per_cell=1).reset_index(drop=True)
+    images = random_images(len(selected), 96, seed=4)  # layer4 maps 3x3: at 32 px every CAM is flat
+    index = build_report(
+        tmp_path / "r",
+        model,
+        images,
+        selected,
+        metrics={"accuracy": 0.5},
+        per_group=per_group_accuracy(predictions),
+        target_layer=model.net.layer4[-1],
+        cam_method="gradcam",
+        title="t",
+        cam_target=cam_target,
+    )
+    explained = selected["predicted"] if cam_target == "predicted" else [cam_target] * len(selected)
+    classes = [("real", "ai").index(name) for name in explained]
+    cams = compute_cams(model, images, model.net.layer4[-1], target_class=classes)  # one batch, as the report does
+    for i, row in selected.iterrows():
+        written = (index.parent / "img" / f"{row['sha256']}_cam.png").read_bytes()
+        expected = png_bytes(cam_overlay(images[i], cams[i])[1])
+        assert written == expected, f"row {i} (predicted {row['predicted']}) explains another class"
+    text = index.read_text(encoding="utf-8")
+    said = {"predicted": "each image&#39;s predicted class", "ai": "the “ai” class", "real": "the “real” class"}
+    assert f'<strong class="cam-target">{said[cam_target]}</strong>' in text, "the report must say what CAMs explain"
+    if cam_target == "predicted":
+        assert "Grad-CAM (real)" in text and "Grad-CAM (ai)" in text
+
+
+def test_per_image_targets_differ_from_one_target(model: TinyClassifier) -> None:
+    images = random_images(2, 96, seed=5)
+    layer = model.net.layer4[-1]
+    mixed = compute_cams(model, images, layer, target_class=[0, 1])
+    assert not np.allclose(mixed[0], compute_cams(model, images[:1], layer, target_class=1)[0], atol=1e-3)
+    np.testing.assert_allclose(mixed[0], compute_cams(model, images[:1], layer, target_class=0)[0], atol=1e-5)
+    np.testing.assert_allclose(mixed[1], compute_cams(model, images[1:], layer, target_class=1)[0], atol=1e-5)
+    with pytest.raises(ValueError, match="one class per image"):
+        compute_cams(model, images, layer, target_class=[0])
+
+
+def test_robustness_section_says_the_files_were_degraded(tmp_path: Path, model: TinyClassifier) -> None:
+    predictions = make_predictions()
+    selected = select_examples(predictions, per_cell=1).head(1)
+    metrics = {"accuracy": 0.9, "robust.jpeg75.accuracy": 0.8, "robust.jpeg75.roc_auc": 0.85}
+    index = build_report(
+        tmp_path / "r",
+        model,
+        random_images(1, 32),
+        selected,
+        metrics=metrics,
+        per_group=per_group_accuracy(predictions),
+        target_layer=model.net.layer4[-1],
+        cam_method="gradcam",
+        title="t",
+    )
+    text = " ".join(index.read_text(encoding="utf-8").split())
+    assert "The original test files degraded as a user would degrade them (re-encoded as JPEG at quality" in text
+    assert "same preprocessing as training" in text and "not to the model-input tensor" in text
+    assert "<td>jpeg75</td><td class=\"num\">0.8000</td><td class=\"num\">0.1000</td>" in text

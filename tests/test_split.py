@@ -8,6 +8,8 @@ from pipeline_lib.split import (
     SplitError,
     assign_splits,
     check_no_leak,
+    class_ratios,
+    describe_ratios,
     label_shortfalls,
     leave_generator_out,
     left_out_images,
@@ -281,3 +283,17 @@ def test_properties_leave_generator_out(groups, seed, links):
         moved = out["split"] != plan.catalog["split"]
         assert set(out.loc[moved, "split"]) <= {"test"}
         assert left_out_images(out, generator) == int((out["generator"] == generator).sum())
+
+
+def test_report_shows_the_class_ratio_of_each_split():
+    groups = [(f"r{i}", "real", 4) for i in range(10)] + [(f"a{i}", "ai", 1) for i in range(10)]
+    plan = assign_splits(_catalog(groups), RATIOS, seed=0)
+    table, _ = split_report(plan.catalog, RATIOS, min_groups=1)
+    train = table[table["split"] == "train"].set_index("label")
+    assert train["split_share"].to_dict() == pytest.approx({"real": 0.8, "ai": 0.2})
+    ratios = class_ratios(table).set_index("split")
+    assert list(ratios.index) == ["train", "val", "test"]
+    assert (ratios["real_per_ai"] == 4.0).all(), ratios
+    assert describe_ratios(class_ratios(table)).startswith("class ratio real:ai per split: train 24:6 (4.00:1)")
+    only_real = class_ratios(table[table["label"] == "real"])
+    assert (only_real["ai"] == 0).all() and (only_real["real_per_ai"] == float("inf")).all()

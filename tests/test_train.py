@@ -350,3 +350,122 @@ def test_plot_learning_curves(data: tuple[Workspace, pd.DataFrame], tmp_path: Pa
     with pytest.raises(ValueError, match="val_loss"):
         train_lib.plot_learning_curves([{"epoch": 1, "phase": "all"}], tmp_path / "e.png")
     assert not (tmp_path / "e.png").exists()
+
+
+def test_all_layers_train_for_patience_epochs_after_a_stalled_head_phase(
+    data: tuple[Workspace, pd.DataFrame], tmp_path: Path
+) -> None:
+    workspace, table = data
+    # The head's lr is too small to change a float32 weight: val loss is identical over the head-only epochs,
+    # which alone would exhaust patience 2 by epoch 3. The backbone trains at a real lr once unfrozen.
+    config = _config(epochs=9, head_only_epochs=3, lr=1e-12, backbone_lr=0.05, weight_decay=0.0, patience=2)
+    initial, _ = train_lib.build_initial_model(config)
+    result = train_lib.train_model(workspace, table, config, tmp_path / "run")
+    head = [e for e in result.history if e.phase == "head"]
+    full = [e for e in result.history if e.phase == "all"]
+    assert len(head) == 3 and len({e.val_loss for e in head}) == 1, "the head-only phase should stall"
+    assert len(full) >= config.patience, f"all layers trained only {len(full)} epochs: {_untimed(result.history)}"
+    trained = torch.load(result.last_path, weights_only=True)["model"]
+    first_conv = "backbone.conv1.weight"
+    assert not torch.equal(trained[first_conv], initial.state_dict()[first_conv]), "the backbone never changed"
+    if result.stopped_early:
+        assert result.history[-1].phase == "all"
+
+
+def _stats(epoch: int, phase: str, val_loss: float) -> train_lib.EpochStats:
+    return train_lib.EpochStats(epoch, phase, 0.5, 0.5, val_loss, 0.5, 0.01, 1.0)
+
+
+def test_patience_restarts_at_the_phase_change_and_best_spans_both_phases() -> None:
+    state = train_lib._State("x")
+    losses = [("head", 0.5), ("head", 0.6), ("head", 0.7), ("all", 0.9), ("all", 0.8), ("all", 0.85), ("all", 0.95)]
+    stopped_at = None
+    for epoch, (phase, loss) in enumerate(losses, start=1):
+        stats = _stats(epoch, phase, loss)
+        state.history.append(stats)
+        train_lib._update_best(state, stats, patience=2, may_stop=phase == "all")
+        if state.stopped_early and stopped_at is None:
+            stopped_at = epoch
+    # Head epochs 2 and 3 exhaust patience 2 but may not stop; the all-layers phase starts a counter of its own:
+    # 0.9 (phase best), 0.8 (better), then two epochs without improvement stop at epoch 7.
+    assert stopped_at == 7 and state.bad_epochs == 2
+    assert state.best_epoch == 1 and state.best_val_loss == 0.5, "best.pt comes from the head phase here"
+
+
+def _level(rng: np.random.Generator, value: float) -> np.ndarray:
+    """A flat image of brightness value with a little noise."""
+    return np.clip(value + rng.integers(-12, 13, size=(40, 40, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def imbalanced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, pd.DataFrame]:
+    """4:1 real to ai in train; overlapping brightness (real 40-170, ai 90-220); balanced val and test."""
+    workspace = Workspace.create(tmp_path_factory.mktemp("imbalanced") / "ws")
+    rng = np.random.default_rng(0)
+    records = []
+    for split, per_label in (
+        ("train", {"real": 40, "ai": 10}),
+        ("val", {"real": 8, "ai": 8}),
+        ("test", {"real": 20, "ai": 20}),
+    ):
+        for label, count in per_label.items():
+            for i in range(count):
+                value = rng.uniform(40, 170) if label == "real" else rng.uniform(90, 220)
+                buffer = io.BytesIO()
+                Image.fromarray(_level(rng, value)).save(buffer, "PNG")
+                sha, path = put_in_store(workspace, buffer.getvalue(), "png")
+                group = f"{label}-{split}-{i % 2}"
+                records.append(
+                    {"sha256": sha, "path": workspace.relative(path), "label": label, "group": group}
+                    | {"status": "ok", "split": split}
+                )
+    return workspace, cat.new_rows(records)
+
+
+def test_class_balance_raises_minority_recall(imbalanced: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
+    from pipeline_lib import evaluate, preprocess
+
+    workspace, table = imbalanced
+    test = table[table["split"] == "test"]
+    images = preprocess.load_tensors(workspace, test["sha256"].tolist(), 16)
+    is_ai = (test["label"] == "ai").to_numpy()
+    augment = AugmentConfig(rotation_degrees=0, affine_translate=0.0, autocontrast_p=0.0)
+    recall: dict[str, float] = {}
+    for mode in ("none", "weighted", "undersample"):
+        config = _config(
+            image_size=16, batch_size=10, epochs=3, head_only_epochs=3, augment=augment, class_balance=mode
+        )
+        result = train_lib.train_model(workspace, table, config, tmp_path / mode)
+        model, _ = models.load_model(result.best_path)
+        p_ai = evaluate.predict_probabilities(model, images)
+        recall[mode] = float((p_ai[is_ai] >= 0.5).mean())
+        assert result.balance["real.images"] == 40 and result.balance["ai.images"] == 10
+        if mode == "weighted":
+            assert result.balance["real.weight"] == pytest.approx(0.625) and result.balance["ai.weight"] == 2.5
+        if mode == "undersample":
+            assert result.balance["images_per_epoch"] == 20 and result.balance["ai.weight"] == 1.0
+    assert recall["weighted"] > recall["none"] and recall["undersample"] > recall["none"], recall
+
+
+def test_class_balance_summary_and_undersampled_epochs() -> None:
+    labels = [0] * 8 + [1] * 2
+    assert train_lib.class_balance(labels, "none").weights == {"real": 1.0, "ai": 1.0}
+    weighted = train_lib.class_balance(labels, "weighted")
+    assert weighted.weights == {"real": 0.625, "ai": 2.5} and weighted.per_epoch == 10
+    assert train_lib.class_balance([0, 0, 1, 1], "weighted").weights == {"real": 1.0, "ai": 1.0}
+    assert train_lib.class_balance([0, 0, 0], "undersample").per_epoch == 3  # one class: nothing to balance
+    with pytest.raises(ValueError, match="class_balance"):
+        train_lib.class_balance(labels, "oversample")
+    sampler = train_lib.UndersampledEpochSampler(labels, seed=0)
+    epochs = []
+    for epoch in (1, 2, 3):
+        sampler.set_epoch(epoch)
+        keys = list(sampler)
+        assert len(keys) == len(sampler) == 4 and {e for e, _ in keys} == {epoch}
+        drawn = [index for _, index in keys]
+        assert sorted(i for i in drawn if i >= 8) == [8, 9], "every minority image, every epoch"
+        assert len({i for i in drawn if i < 8}) == 2
+        epochs.append(drawn)
+    assert len({tuple(sorted(d)) for d in epochs}) > 1, "the majority subset should change between epochs"
+    sampler.set_epoch(1)
+    assert [index for _, index in sampler] == epochs[0], "the draw depends on (seed, epoch) only"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -63,3 +64,56 @@ def test_predict_missing_model_exits_2_with_a_clear_message(tmp_path: Path) -> N
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["predict", str(tmp_path / "empty"), "--model", str(not_a_model)])
     assert result.exit_code == 2 and "no image files" in result.output, result.output
+
+
+def _logged_run(workspace: Path, model: torch.nn.Module, calibration: str | None) -> str:
+    """An MLflow run in the workspace's store that logged model (and registered it with calibration, if given)."""
+    from pipeline_lib import tracking
+
+    ws = Workspace.open(workspace)
+    tracker = tracking.start_run(tracking.tracking_uri(None, ws), "aidetect", ws, "run", {})
+    example = torch.rand(1, 3, 32, 32).numpy()
+    uri = tracking.log_pytorch_model(tracker, model, example, ["torch"])
+    if calibration is not None:
+        tracking.register_model(tracker, uri, "aidetect", 0.9, "t", "m", image_size=32, calibration=calibration)
+    tracker.finish()
+    return tracker.run_id
+
+
+def _predict_json(*args: str) -> list[dict]:
+    result = runner.invoke(app, ["predict", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_predict_with_a_run_id_uses_the_runs_calibration_and_normalisation(tmp_path: Path) -> None:
+    from pipeline_lib.config import NormalizeConfig
+    from pipeline_lib.predict import ModelCalibration, write_calibration
+
+    images = [make_image(tmp_path / "in" / f"{i}.jpg", seed=i, size=(60, 50)) for i in range(3)]
+    path = checkpoint(tmp_path)
+    model, _ = models.load_model(path)
+    calibration = ModelCalibration(4.0, NormalizeConfig(mode="jpeg", quality=20))
+    write_calibration(path, calibration)
+    workspace = str(Workspace.create(tmp_path / "ws").root)
+    run_id = _logged_run(Path(workspace), model, json.dumps(calibration.as_dict()))
+    by_run = _predict_json(str(tmp_path / "in"), "--model", run_id, "--workspace", workspace)
+    by_champion = _predict_json(str(tmp_path / "in"), "--model", "champion", "--workspace", workspace)
+    by_file = _predict_json(str(tmp_path / "in"), "--model", str(path))
+    assert len(by_run) == len(images)
+    for run_row, champion_row, file_row in zip(by_run, by_champion, by_file, strict=True):
+        assert run_row["p_ai"] == pytest.approx(champion_row["p_ai"], abs=1e-6), (run_row, champion_row)
+        assert run_row["p_ai"] == pytest.approx(file_row["p_ai"], abs=1e-6), "not the checkpoint's calibration"
+        assert run_row["p_ai_raw"] == pytest.approx(file_row["p_ai_raw"], abs=1e-6), "not decoded with the policy"
+        assert run_row["p_ai"] != pytest.approx(run_row["p_ai_raw"], abs=1e-9), "temperature 4 was not applied"
+
+
+def test_predict_with_a_run_without_calibration_says_so(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "a.jpg", seed=1)
+    model, _ = models.load_model(checkpoint(tmp_path))
+    workspace = str(Workspace.create(tmp_path / "ws").root)
+    run_id = _logged_run(Path(workspace), model, None)
+    result = runner.invoke(app, ["predict", str(image), "--model", run_id, "--workspace", workspace, "--json"])
+    assert result.exit_code == 0 and "records no calibration" in result.stderr, result.output
+    row = json.loads(result.stdout)[0]
+    assert row["p_ai"] == row["p_ai_raw"]
