@@ -269,10 +269,15 @@ def compute_metrics(
 
 
 def rescore_accuracy(
-    model: torch.nn.Module, images: torch.Tensor, test_rows: pd.DataFrame, threshold: float, batch_size: int = 64
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    test_rows: pd.DataFrame,
+    threshold: float,
+    batch_size: int = 64,
+    device: str = "cpu",
 ) -> float:
     """Accuracy of model on test rows (images in the same order) at threshold: how a champion is re-scored."""
-    predictions = predictions_table(test_rows, predict_probabilities(model, images, batch_size), threshold)
+    predictions = predictions_table(test_rows, predict_probabilities(model, images, batch_size, device), threshold)
     return compute_metrics(predictions, threshold, n_bootstrap=0)["accuracy"]
 
 
@@ -284,9 +289,11 @@ def robustness_metrics(
     variants: dict[str, TensorFn] | None = None,
     temperature: float = 1.0,
     batch_size: int = 64,
+    device: str = "cpu",
 ) -> dict[str, float]:
     """robust.<variant>.accuracy and .roc_auc of the model on degraded copies of images (default: JPEG 95/75/50,
-    downscale 50%); p_ai = sigmoid(logit margin / temperature), the same decision rule as the clean score."""
+    downscale 50%); p_ai = sigmoid(logit margin / temperature), the same decision rule as the clean score.
+    The copies are degraded on the CPU and scored on device in batches."""
     _check_threshold(threshold)
     check_images(images)
     y_true = (np.asarray(labels, dtype=object) == POSITIVE).astype(np.int64)
@@ -296,7 +303,7 @@ def robustness_metrics(
         raise ValueError(f"temperature must be positive, got {temperature}")
     metrics: dict[str, float] = {}
     for name, degrade in (ROBUSTNESS_VARIANTS if variants is None else variants).items():
-        logits = predict_logits(model, degrade(images), batch_size) if len(images) else np.empty((0, 2))
+        logits = predict_logits(model, degrade(images), batch_size, device) if len(images) else np.empty((0, 2))
         scores = softmax_p_ai(logits / temperature)
         hits = (scores >= threshold).astype(np.int64) == y_true
         metrics[f"robust.{name}.accuracy"] = float(hits.mean()) if hits.size else math.nan

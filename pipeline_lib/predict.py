@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from pipeline_lib import models, report
 from pipeline_lib.calibration import apply_temperature, verdicts
 from pipeline_lib.config import NormalizeConfig
-from pipeline_lib.evaluate import predict_logits, softmax_p_ai
+from pipeline_lib.evaluate import borrowed_model, predict_logits, softmax_p_ai
 from pipeline_lib.preprocess import decode_image
 from pipeline_lib.workspace import atomic_write_bytes, atomic_write_text
 
@@ -163,10 +163,16 @@ def cam_file_name(path: Path) -> str:
 
 
 def _write_cams(
-    model: torch.nn.Module, images: torch.Tensor, paths: Sequence[Path], cam_dir: Path, cam_method: str
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    paths: Sequence[Path],
+    cam_dir: Path,
+    cam_method: str,
+    device: str = "cpu",
 ) -> list[str]:
-    """CAM overlays (explaining "ai") of a batch written as PNG files into cam_dir; return their paths."""
-    maps = report.compute_cams(model, images, models.target_layer(model), method=cam_method, batch_size=len(images))
+    """CAM overlays (explaining "ai") of a batch, computed on device, written as PNG files into cam_dir."""
+    layer = models.target_layer(model)
+    maps = report.compute_cams(model, images, layer, method=cam_method, batch_size=len(images), device=device)
     written: list[str] = []
     for image, cam, path in zip(images, maps, paths, strict=True):
         _, overlay = report.cam_overlay(image, cam)
@@ -186,6 +192,7 @@ class _Scoring:
     calibration: ModelCalibration
     cam_dir: Path | None
     cam_method: str
+    device: str = "cpu"
 
 
 def _score_batch(model: torch.nn.Module, batch: Sequence[Path], how: _Scoring) -> list[PredictionRow]:
@@ -196,13 +203,13 @@ def _score_batch(model: torch.nn.Module, batch: Sequence[Path], how: _Scoring) -
     cams: dict[int, str] = {}
     if good:
         images = torch.from_numpy(np.stack([decoded[i][0] for i in good]))
-        logits = predict_logits(model, images, batch_size=len(good))
+        logits = predict_logits(model, images, batch_size=len(good), device=how.device)
         p_ai = apply_temperature(logits, how.calibration.temperature)
         said = verdicts(p_ai, *how.band)
         raw = softmax_p_ai(logits)
         scores = {i: (float(p), float(r), str(v)) for i, p, r, v in zip(good, p_ai, raw, said, strict=True)}
         if how.cam_dir is not None:
-            files = _write_cams(model, images, [batch[i] for i in good], how.cam_dir, how.cam_method)
+            files = _write_cams(model, images, [batch[i] for i in good], how.cam_dir, how.cam_method, how.device)
             cams = dict(zip(good, files, strict=True))
     rows = []
     for i, path in enumerate(batch):
@@ -226,13 +233,15 @@ def predict_files(
     threshold: float = 0.5,
     calibration: ModelCalibration | None = None,
     band: tuple[float, float] = DEFAULT_BAND,
+    device: str = "cpu",
 ) -> list[PredictionRow]:
     """One PredictionRow per file (folders walked recursively), in order, decoded at meta["image_size"], batched.
 
     A file that cannot be read or decoded gets an error row and the others are still scored.
     With cam_dir, an overlay PNG of the CAM (explaining "ai") is written there for every scored file.
     calibration: temperature and normalisation of the model (read_calibration; default T = 1, no normalisation);
-    band: (uncertain_low, uncertain_high) of the verdict.
+    band: (uncertain_low, uncertain_high) of the verdict; device: where the model scores (and explains) each batch
+    (the model is moved there once and handed back where it was).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -248,10 +257,11 @@ def predict_files(
     if cam_dir is not None:
         cam_dir = Path(cam_dir)
         cam_dir.mkdir(parents=True, exist_ok=True)
-    how = _Scoring(size, threshold, (low, high), calibration or ModelCalibration(), cam_dir, cam_method)
+    how = _Scoring(size, threshold, (low, high), calibration or ModelCalibration(), cam_dir, cam_method, device)
     rows: list[PredictionRow] = []
-    for start in range(0, len(files), batch_size):
-        rows.extend(_score_batch(model, files[start : start + batch_size], how))
+    with borrowed_model(model, device):
+        for start in range(0, len(files), batch_size):
+            rows.extend(_score_batch(model, files[start : start + batch_size], how))
     failed = sum(row.error is not None for row in rows)
     log.info("predicted %d file(s), %d not readable", len(rows) - failed, failed)
     return rows

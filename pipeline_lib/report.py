@@ -125,16 +125,18 @@ def cam_attention_metrics(
     method: str = "gradcam",
     batch_size: int = 16,
     flag_above: float = CAM_FLAG_ABOVE,
+    device: str = "cpu",
 ) -> dict[str, float]:
     """CAM attention over images: cam.border_share_mean, cam.text_share_mean, cam.n_border_flagged, ... (floats).
 
     The share of each image's CAM mass (explaining "ai") on the border band and on text-like regions; an image is
-    flagged when a share exceeds flag_above. A uniform map puts 0.36 of its mass on the border.
+    flagged when a share exceeds flag_above. A uniform map puts 0.36 of its mass on the border. The CAMs are
+    computed on device in batches; the text masks (an image heuristic) on the CPU.
     """
     check_images(images)
     if len(images) == 0:
         return {"cam.n": 0.0}
-    cams = compute_cams(model, images, target_layer, method=method, batch_size=batch_size)
+    cams = compute_cams(model, images, target_layer, method=method, batch_size=batch_size, device=device)
     masks = [text_mask(np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())) for image in images]
     summary = cam_attention_summary(cams, CAM_BORDER_FRACTION, flag_above, text_masks=masks)
     keys = ("border_share_mean", "text_share_mean", "n_border_flagged", "n_text_flagged", "n", "flag_above")
@@ -357,17 +359,19 @@ def build_report(
     run_info: dict[str, str] | None = None,
     cam_batch_size: int = 16,
     per_generator: pd.DataFrame | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Write out_dir/index.html (pictures embedded) with img/ and plots/ beside it; index.html is written last.
 
     Beside the summary metrics the page shows the robustness variants next to the clean score (robust.* metrics),
     per-generator scores (per_generator, from stats.per_generator_metrics) and CAM attention warnings (cam.*).
+    The CAMs are computed on device.
     """
     _check_selected(images, selected)
     out_dir = Path(out_dir)
     img_dir = out_dir / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
-    cams = compute_cams(model, images, target_layer, method=cam_method, batch_size=cam_batch_size)
+    cams = compute_cams(model, images, target_layer, method=cam_method, batch_size=cam_batch_size, device=device)
     rows = selected.reset_index(drop=True)
     sections: list[dict[str, Any]] = []
     for cell, _, _ in CELLS:

@@ -15,8 +15,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline_lib import catalog as cat
+from pipeline_lib import devices, models, preprocess, stats, tracking
 from pipeline_lib import evaluate as evaluate_lib
-from pipeline_lib import models, preprocess, stats, tracking
 from pipeline_lib import train as train_lib
 from pipeline_lib.config import NormalizeConfig, PipelineConfig, config_to_yaml, flatten_config
 from pipeline_lib.predict import ModelCalibration
@@ -89,6 +89,8 @@ def log_training(tracker: tracking.Tracker, output: TrainOutput) -> None:
             "aidetect.weights": output.weights_name,
             "aidetect.weights_sha256": output.weights_sha256,
             "aidetect.device": output.device,
+            "aidetect.precision": output.precision,
+            "aidetect.augment_on": output.augment_on,
         }
     )
     history = pd.DataFrame(output.history)
@@ -120,11 +122,13 @@ def register(
     test_digest: str,
     name: str,
     normalize: NormalizeConfig | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Log the best model (pickle format) unless this checkpoint is registered already; maybe move the champion.
 
-    When there is a champion it is scored on this test split too (decoded with this run's normalisation), and
-    McNemar's paired test on the two models' per-image correctness says whether the difference is more than noise.
+    When there is a champion it is scored on this test split too (decoded with this run's normalisation, on device
+    in batches), and McNemar's paired test on the two models' per-image correctness says whether the difference is
+    more than noise.
     """
     workspace = Workspace.create(root)
     existing = tracking.find_version(tracker.uri, name, model_ref.digest)
@@ -139,7 +143,7 @@ def register(
         f"torchvision=={torchvision.__version__.split('+')[0]}",
     ]
     uri = tracking.log_pytorch_model(tracker, model, example, requirements)
-    champion = _score_champion(workspace, tracker.uri, name, evaluation, normalize)
+    champion = _score_champion(workspace, tracker.uri, name, evaluation, normalize, device)
     champion_score = _rescore_champion(tracker.uri, name, test_digest, champion)
     paired = _paired_test(workspace, tracker, evaluation, champion)
     decision = tracking.register_model(
@@ -165,7 +169,12 @@ def register(
 
 
 def _score_champion(
-    workspace: Workspace, uri: str, name: str, evaluation: EvalOutput, normalize: NormalizeConfig | None
+    workspace: Workspace,
+    uri: str,
+    name: str,
+    evaluation: EvalOutput,
+    normalize: NormalizeConfig | None,
+    device: str = "cpu",
 ) -> pd.DataFrame | None:
     """The champion's predictions on this run's test images (same order as the challenger's), or None."""
     if tracking.current_champion(uri, name) is None:
@@ -179,7 +188,8 @@ def _score_champion(
     policy = normalize if normalize is not None and normalize.mode != "none" else None
     images = preprocess.load_tensors(workspace, rows["sha256"].tolist(), size, policy)
     threshold = float(evaluation.metrics["threshold"])
-    return evaluate_lib.predictions_table(rows, evaluate_lib.predict_probabilities(champion, images), threshold)
+    scores = evaluate_lib.predict_probabilities(champion, images, device=devices.resolve_device(device))
+    return evaluate_lib.predictions_table(rows, scores, threshold)
 
 
 def _rescore_champion(uri: str, name: str, test_digest: str, champion: pd.DataFrame | None) -> float | None:
