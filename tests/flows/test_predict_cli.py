@@ -1,10 +1,11 @@
-"""`aidetect predict`: a checkpoint path, JSON output, per-file errors, CAM overlays, missing models."""
+"""`aidetect predict`: a checkpoint path, JSON output, per-file errors, CAM overlays, missing models, --device."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -63,3 +64,17 @@ def test_predict_missing_model_exits_2_with_a_clear_message(tmp_path: Path) -> N
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["predict", str(tmp_path / "empty"), "--model", str(not_a_model)])
     assert result.exit_code == 2 and "no image files" in result.output, result.output
+
+
+def test_predict_device_option(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "a.jpg")
+    model = str(checkpoint(tmp_path))
+    on_cpu = runner.invoke(app, ["predict", str(image), "--model", model, "--json", "--device", "cpu"])
+    auto = runner.invoke(app, ["predict", str(image), "--model", model, "--json"])
+    assert on_cpu.exit_code == 0 and auto.exit_code == 0, on_cpu.output + auto.output
+    assert json.loads(on_cpu.stdout)[0]["p_ai"] == pytest.approx(json.loads(auto.stdout)[0]["p_ai"], abs=2e-3)
+    wrong = runner.invoke(app, ["predict", str(image), "--model", model, "--device", "gpu"])
+    assert wrong.exit_code == 2 and "--device" in wrong.output and "cuda:N" in wrong.output
+    if not torch.cuda.is_available():
+        missing = runner.invoke(app, ["predict", str(image), "--model", model, "--device", "cuda:0"])
+        assert missing.exit_code == 2 and "no CUDA device" in missing.output
