@@ -1,9 +1,11 @@
-"""Benchmark: ResNet50 training images/s on one CUDA GPU: fp32, tf32, bf16 autocast + channels_last (+ compile).
+"""Benchmark: ResNet50 training images/s on one CUDA GPU: fp32, tf32, bf16 or fp16 autocast + channels_last
+(+ compile).
 
 Synthetic tensors already on the device (measures the model step, not the data path), warm-up steps, then timed
 steps between torch.cuda.synchronize() calls. Prints one JSON object on stdout; progress goes to stderr.
-Without CUDA it prints {"skipped": "no CUDA device"} and exits 0.
-Usage: .venv/bin/python benchmarks/bench_gpu_train.py [--compile] [--batch 128] [--warmup 10] [--steps 30]
+Without CUDA it prints {"skipped": "no CUDA device"} and exits 0; --smoke runs the fp32 step of a tiny resnet18 on
+the CPU instead (checks that the script works, measures nothing useful).
+Usage: .venv/bin/python benchmarks/bench_gpu_train.py [--compile] [--batch 128] [--warmup 10] [--steps 30] [--smoke]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline_lib import devices
 from pipeline_lib.models import build_model
 
 log = logging.getLogger("bench_gpu_train")
@@ -33,17 +36,24 @@ class Variant:
 
     name: str
     tf32: bool
-    bf16: bool
+    precision: str  # fp32 | bf16 | fp16 (fp16 steps through a GradScaler, as train does)
     channels_last: bool
     compiled: bool
 
 
 VARIANTS = (
-    Variant("fp32", tf32=False, bf16=False, channels_last=False, compiled=False),
-    Variant("tf32", tf32=True, bf16=False, channels_last=False, compiled=False),
-    Variant("bf16_channels_last", tf32=True, bf16=True, channels_last=True, compiled=False),
+    Variant("fp32", tf32=False, precision="fp32", channels_last=False, compiled=False),
+    Variant("tf32", tf32=True, precision="fp32", channels_last=False, compiled=False),
+    Variant("bf16_channels_last", tf32=True, precision="bf16", channels_last=True, compiled=False),
+    Variant("fp16_channels_last", tf32=True, precision="fp16", channels_last=True, compiled=False),
 )
-COMPILED = Variant("bf16_channels_last_compile", tf32=True, bf16=True, channels_last=True, compiled=True)
+COMPILED = Variant("bf16_channels_last_compile", tf32=True, precision="bf16", channels_last=True, compiled=True)
+
+
+def train_variant(precision: str) -> Variant:
+    """The variant train runs on CUDA at a resolved precision (bf16 or fp16 + channels_last; fp32 as is)."""
+    names = {"bf16": "bf16_channels_last", "fp16": "fp16_channels_last", "fp32": "fp32"}
+    return next(variant for variant in VARIANTS if variant.name == names[precision])
 
 
 def set_tf32(enabled: bool) -> None:
@@ -57,18 +67,28 @@ def set_tf32(enabled: bool) -> None:
         torch.backends.cudnn.allow_tf32 = enabled
 
 
-def autocast(variant: Variant) -> contextlib.AbstractContextManager:
-    """A fresh bf16 autocast context for bf16 variants, else a no-op."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if variant.bf16 else contextlib.nullcontext()
+def autocast(variant: Variant, device: str = "cuda") -> contextlib.AbstractContextManager:
+    """A fresh autocast context for bf16/fp16 variants, else a no-op."""
+    return devices.autocast(device, variant.precision)
 
 
-def measure(variant: Variant, model_name: str, batch: int, size: int, warmup: int, steps: int) -> dict[str, float]:
-    """images/s, ms per step, peak memory and the final loss of one variant."""
-    set_tf32(variant.tf32)
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (CUDA); nothing on the CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    variant: Variant, model_name: str, batch: int, size: int, warmup: int, steps: int, device: str = "cuda"
+) -> dict[str, float]:
+    """images/s, ms per step, peak memory (CUDA) and the final loss of one variant."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        set_tf32(variant.tf32)
     torch.manual_seed(0)
-    model = build_model(model_name, "none")[0].cuda()
-    inputs = torch.rand(batch, 3, size, size, device="cuda")
-    targets = torch.randint(0, 2, (batch,), device="cuda")
+    model = build_model(model_name, "none")[0].to(device)
+    inputs = torch.rand(batch, 3, size, size, device=device)
+    targets = torch.randint(0, 2, (batch,), device=device)
     if variant.channels_last:
         model = model.to(memory_format=torch.channels_last)
         inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -76,26 +96,33 @@ def measure(variant: Variant, model_name: str, batch: int, size: int, warmup: in
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     forward = torch.compile(model) if variant.compiled else model
     criterion = nn.CrossEntropyLoss()
+    scaler = devices.grad_scaler(device, variant.precision)
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(variant):
+        with autocast(variant, device):
             loss = criterion(forward(inputs).float(), targets)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         return loss.detach()
 
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    synchronize(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     for _ in range(warmup):  # cudnn autotuning, allocator growth, compilation
         step()
-    torch.cuda.synchronize()
+    synchronize(device)
     warmup_s = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(steps):
         loss = step()
-    torch.cuda.synchronize()
+    synchronize(device)
     seconds = time.perf_counter() - started
     final_loss = float(loss.item())
     if not math.isfinite(final_loss):
@@ -104,7 +131,7 @@ def measure(variant: Variant, model_name: str, batch: int, size: int, warmup: in
         "images_per_s": round(batch * steps / seconds, 1),
         "ms_per_step": round(1000 * seconds / steps, 2),
         "warmup_s": round(warmup_s, 2),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "final_loss": round(final_loss, 4),
     }
     return result
@@ -113,7 +140,8 @@ def measure(variant: Variant, model_name: str, batch: int, size: int, warmup: in
 def release(variant: Variant) -> None:
     """Free the finished variant's memory (and compiled graphs) before the next one."""
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if variant.compiled:
         torch._dynamo.reset()
 
@@ -128,29 +156,40 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--compile", action="store_true", help="also time bf16 + channels_last + torch.compile")
+    parser.add_argument("--smoke", action="store_true", help="tiny fp32 resnet18 steps on the CPU: checks the script")
     args = parser.parse_args()
     if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.size < 32:
         parser.error("need --batch >= 1, --steps >= 1, --warmup >= 0 and --size >= 32")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
-    if not torch.cuda.is_available():
+    if args.smoke:
+        device, variants = "cpu", [VARIANTS[0]]
+        args.model, args.batch, args.size, args.warmup, args.steps = "resnet18", 4, 32, 1, 2
+    elif not torch.cuda.is_available():
         print(json.dumps({"skipped": "no CUDA device"}))
         return
-    torch.backends.cudnn.benchmark = True
-    variants = [*VARIANTS, COMPILED] if args.compile else list(VARIANTS)
+    else:
+        device = "cuda"
+        torch.backends.cudnn.benchmark = True
+        bf16 = devices.resolve_precision("auto", device) == "bf16"
+        variants = [v for v in VARIANTS if bf16 or v.precision != "bf16"]
+        variants += [COMPILED] if args.compile and bf16 else []
     results = {}
     for variant in variants:
         log.info("%s: %d warm-up + %d timed steps at batch %d ...", variant.name, args.warmup, args.steps, args.batch)
-        results[variant.name] = measure(variant, args.model, args.batch, args.size, args.warmup, args.steps)
+        results[variant.name] = measure(variant, args.model, args.batch, args.size, args.warmup, args.steps, device)
         release(variant)
         log.info("%s: %s", variant.name, results[variant.name])
-    set_tf32(False)
+    if device == "cuda":
+        set_tf32(False)
     base = results["fp32"]["images_per_s"]
     summary = {
         "benchmark": "gpu_train",
-        "device": torch.cuda.get_device_name(0),
+        "smoke": args.smoke,
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "precision_auto": devices.resolve_precision("auto", device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
+        "cudnn": torch.backends.cudnn.version() if device == "cuda" else None,
         "cpu_count": os.cpu_count(),
         "model": args.model,
         "batch_size": args.batch,

@@ -29,6 +29,8 @@ review_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(review_app, name="review")
+weights_app = typer.Typer(help="Pretrained weights in TORCH_HOME's cache.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: built-in defaults).")]
 WorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace directory.")]
@@ -85,7 +87,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     from flows.pipeline import run_pipeline
-    from pipeline_lib.models import WeightsNotFoundError
+    from pipeline_lib.models import WeightsError, WeightsNotFoundError
     from pipeline_lib.split import SplitError
 
     try:
@@ -93,7 +95,7 @@ def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     except ReviewPending as error:
         _fail(str(error), code=3)
         raise
-    except (ConfigError, SplitError, WeightsNotFoundError, WorkspaceError) as error:
+    except (ConfigError, SplitError, WeightsNotFoundError, WeightsError, WorkspaceError) as error:
         _fail(f"{type(error).__name__}: {error}")
         raise
     except Exception as error:
@@ -415,6 +417,36 @@ def ui(workspace: WorkspaceOpt = None, port: int = 5000, host: str = "127.0.0.1"
     os.execv(command[0], command) if os.name == "posix" else subprocess.run(command, check=False)
 
 
+@weights_app.command("fetch")
+def weights_fetch(
+    model: Annotated[
+        str | None,
+        typer.Argument(help="resnet50, resnet18, efficientnet_b0 or convnext_tiny (default: the config's model)."),
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option("--url", help="Download from this URL (a mirror) instead of torchvision's; name-<sha256>.pth."),
+    ] = None,
+    config: ConfigOpt = None,
+):
+    """Download the ImageNet weights `train.weights: imagenet` starts from into TORCH_HOME's cache, hash-checked."""
+    from pipeline_lib import models
+
+    base = _config(config, None, None, False).train
+    name = model or base.model
+    source = url or (base.weights_url if name == base.model else None)
+    overrides = [f"train.model={name}"] + ([f"train.weights_url={source}"] if source else [])
+    train = _config(config, None, overrides, False).train
+    try:
+        fetched = models.fetch_imagenet_weights(train.model, train.weights_url)
+    except (models.WeightsNotFoundError, models.WeightsError) as error:
+        _fail(str(error))
+        raise
+    state = "downloaded to" if fetched.downloaded else "already in the cache:"
+    typer.echo(f"{train.model}: {state} {fetched.path}")
+    typer.echo(f"sha256 {fetched.sha256}")
+
+
 def _predict_model(spec: str, config: Path | None, workspace: Path | None) -> tuple[Any, dict[str, Any]]:
     """(model, meta with image_size) from a checkpoint path, 'champion' or an MLflow run id; exit 2 if not found."""
     from pipeline_lib import models, tracking
@@ -476,17 +508,27 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0)] = 0.5,
+    device: Annotated[
+        str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+    ] = "auto",
 ):
     """p_ai, label and verdict (ai / real / uncertain, band from config calibration) per image.
 
     The temperature and normalisation of training are applied: from a checkpoint's <model>.calibration.json, or from
-    the champion's or the run's calibration tag (--model champion / RUN_ID).
-    Exit 1 if some file could not be read, 2 if the model or images are missing.
+    the champion's or the run's calibration tag (--model champion / RUN_ID). The model scores (and explains) the
+    images in batches on --device.
+    Exit 1 if some file could not be read, 2 if the model or images are missing or the device is not available.
     """
+    from pipeline_lib.devices import resolve_device
     from pipeline_lib.predict import collect_paths, parse_calibration, predict_files, read_calibration
 
     if not collect_paths(paths):
         _fail("no image files found in: " + ", ".join(map(str, paths)))
+    try:
+        where = resolve_device(device)
+    except (ValueError, RuntimeError) as error:
+        _fail(f"--device: {error}")
+        raise
     loaded, meta = _predict_model(model, config, workspace)
     settings = _config(config, workspace, None, False)
     band_config = settings.calibration
@@ -510,6 +552,7 @@ def predict(
             calibration=calibration,
             band=band,
             cam_target=cam_target or settings.report.cam_target,
+            device=where,
         )
     except ValueError as error:
         _fail(str(error))

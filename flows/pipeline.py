@@ -196,6 +196,8 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
 def pipeline_in_current_flow(config: PipelineConfig) -> dict[str, Any]:
     """The pipeline's stages inside the flow run that calls this (a deployment's own run, so its gate can suspend)."""
     started = time.perf_counter()
+    # Before the crawl: a weights download that fails (offline) stops the run now, not after the review.
+    stages.fetch_weights(config.train)
     tags = _flow_run_tags()
     with tracked_stages(config, tags["prefect.flow_run_name"] or "pipeline", tags) as (workspace, stages_run, tracker):
         with tracking_lib.system_metrics(tracker, config.tracking.system_metrics_interval_s):
@@ -307,10 +309,11 @@ def _model_stages(
     trainset = split.trainset or split.catalog
     trained = run.run("train", stages.train, root, trainset, config.train, normalize, not run.refresh)
     track.log_training(tracker, trained)
-    evaluate_args = (config.evaluate, config.calibration, normalize, config.report.cam_method)
+    device = config.train.device  # every model stage runs where training did
+    evaluate_args = (config.evaluate, config.calibration, normalize, config.report.cam_method, device)
     evaluation = run.run("evaluate", stages.evaluate, root, split.catalog, trained.model, *evaluate_args)
     title = f"aidetect — {config.train.model} on {split.catalog.path}"
-    report_args = (config.report, title, normalize)
+    report_args = (config.report, title, normalize, device)
     report_ref = run.run("report", stages.make_report, root, trained.model, evaluation, *report_args)
     track.log_evaluation(root, tracker, evaluation, report_ref)
     test_digest = digest_of(split.catalog.digest, "test")[:16]
@@ -324,6 +327,7 @@ def _model_stages(
         normalize,
         alias=tracking_lib.alias_for(config.split.leave_out_generator),
         promote=config.execution.promote,
+        device=device,
     )
     return {
         "metrics": evaluation.metrics,

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import posixpath
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Label = Literal["real", "ai"]
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")  # torch.hub checks the sha256 prefix a file name carries
 LABELS: tuple[str, ...] = ("real", "ai")
 
 
@@ -170,6 +175,11 @@ class AugmentConfig(_Section):
 class TrainConfig(_Section):
     model: Literal["resnet50", "resnet18", "efficientnet_b0", "convnext_tiny"] = "resnet50"
     weights: str = Field("imagenet", description="'imagenet', 'none' or a path to a state_dict file.")
+    weights_url: str | None = Field(
+        None,
+        description="Where weights 'imagenet' are downloaded from (default: torchvision's URL for train.model); "
+        "for mirrors and tests. The file name must carry its sha256 prefix (name-<hex>.pth), which is checked.",
+    )
     image_size: int = Field(224, ge=16, le=1024)
     batch_size: int = Field(64, ge=1)
     epochs: int = Field(30, ge=1)
@@ -191,10 +201,42 @@ class TrainConfig(_Section):
         "undersample: each epoch, a fresh random subset of the larger class as large as the smaller one.",
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    num_workers: int = Field(2, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="DataLoader workers; auto: min(8, CPUs - 1) feeding a GPU, min(4, CPUs // 4) on a CPU."
+    )
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on GPUs that have it, fp16 with a gradient scaler on other CUDA GPUs, fp32 "
+        "on CPU and MPS."
+    )
+    augment_on: Literal["auto", "loader", "device"] = Field(
+        "auto",
+        description="Where training images are augmented: loader (the DataLoader workers), device (whole batches on "
+        "the training device), auto (device on CUDA, else loader).",
+    )
     compile: bool = Field(False, description="torch.compile the model on CUDA (ignored on CPU).")
     seed: int = 0
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        return value
+
+    @field_validator("weights_url")
+    @classmethod
+    def _check_weights_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if urlsplit(value).scheme not in ("http", "https", "file"):
+            raise ValueError(f"must be an http(s) or file URL, got {value!r}")
+        if not HASH_IN_NAME.search(posixpath.basename(urlsplit(value).path)):
+            raise ValueError(
+                f"the file name must carry its sha256 prefix (e.g. resnet50-11ad3fa6.pth) so that the download "
+                f"is hash-checked, got {value!r}"
+            )
+        return value
 
 
 class EvaluateConfig(_Section):

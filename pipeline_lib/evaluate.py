@@ -269,10 +269,15 @@ def compute_metrics(
 
 
 def rescore_accuracy(
-    model: torch.nn.Module, images: torch.Tensor, test_rows: pd.DataFrame, threshold: float, batch_size: int = 64
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    test_rows: pd.DataFrame,
+    threshold: float,
+    batch_size: int = 64,
+    device: str = "cpu",
 ) -> float:
     """Accuracy of model on test rows (images in the same order) at threshold: how a champion is re-scored."""
-    predictions = predictions_table(test_rows, predict_probabilities(model, images, batch_size), threshold)
+    predictions = predictions_table(test_rows, predict_probabilities(model, images, batch_size, device), threshold)
     return compute_metrics(predictions, threshold, n_bootstrap=0)["accuracy"]
 
 
@@ -284,12 +289,14 @@ def robustness_metrics(
     variants: Sequence[str] | None = None,
     temperature: float = 1.0,
     batch_size: int = 64,
+    device: str = "cpu",
 ) -> dict[str, float]:
     """robust.<variant>.accuracy and .roc_auc of the model on each variant's images (default: normalize's JPEG
     95/75/50 and downscale 50%); p_ai = sigmoid(logit margin / temperature), the same decision rule as the clean score.
 
     load_variant(name) gives the variant's uint8 images [N,3,H,W] in the order of labels, e.g.
     preprocess.degraded_tensors: the original files degraded as a user would, then preprocessed as for training.
+    The images are scored on device in batches.
     """
     _check_threshold(threshold)
     y_true = (np.asarray(labels, dtype=object) == POSITIVE).astype(np.int64)
@@ -301,7 +308,7 @@ def robustness_metrics(
         check_images(images)
         if y_true.shape != (len(images),):
             raise ValueError(f"labels must hold one entry per image ({len(images)}), got {y_true.shape}")
-        logits = predict_logits(model, images, batch_size) if len(images) else np.empty((0, 2))
+        logits = predict_logits(model, images, batch_size, device) if len(images) else np.empty((0, 2))
         scores = softmax_p_ai(logits / temperature)
         hits = (scores >= threshold).astype(np.int64) == y_true
         metrics[f"robust.{name}.accuracy"] = float(hits.mean()) if hits.size else math.nan

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import logging
-import os
+import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ _HEAD_PREFIX: dict[str, str] = {
 
 
 class WeightsNotFoundError(FileNotFoundError):
-    """Initial weights are not on disk (they are never downloaded); the message says where to put them."""
+    """Initial weights are not on disk and could not be fetched; the message names the file, URL and command."""
 
 
 class WeightsError(ValueError):
@@ -42,6 +44,15 @@ class WeightsError(ValueError):
 
 class CheckpointError(ValueError):
     """A model checkpoint is corrupt or not an aidetect checkpoint; the message names the file."""
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """ImageNet weights in TORCH_HOME's cache: where, their sha256, and whether this call downloaded them."""
+
+    path: Path
+    sha256: str
+    downloaded: bool
 
 
 @dataclass(frozen=True)
@@ -109,11 +120,96 @@ class Classifier(nn.Module):
         return list(self.backbone.parameters())
 
 
-def imagenet_weights_path(name: str) -> Path:
-    """Where torchvision's default ImageNet weights for name are expected in the local torch hub cache."""
+_HASH_PREFIX = re.compile(r"-([a-f0-9]{8,})\.")  # the sha256 prefix torch.hub checks in a weights file name
+
+
+def imagenet_weights_url(name: str) -> str:
+    """torchvision's download URL of the default ImageNet weights for name."""
     _check_name(name)
-    url = torchvision.models.get_model_weights(name).DEFAULT.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlsplit(url).path)
+    return str(torchvision.models.get_model_weights(name).DEFAULT.url)
+
+
+def imagenet_weights_path(name: str, url: str | None = None) -> Path:
+    """Where torch.hub keeps the weights downloaded from url (default: torchvision's): TORCH_HOME's checkpoints."""
+    _check_name(name)
+    source = url or imagenet_weights_url(name)
+    return Path(torch.hub.get_dir()) / "checkpoints" / posixpath.basename(urlsplit(source).path)
+
+
+def fetch_command(name: str) -> str:
+    """The command that downloads the ImageNet weights of name into TORCH_HOME's cache."""
+    return f"aidetect weights fetch {name}"
+
+
+def _missing_message(name: str, path: Path, url: str, reason: str) -> str:
+    return (
+        f"ImageNet weights for {name} are not in TORCH_HOME's cache: {path} ({reason}). Fetch them with "
+        f"`{fetch_command(name)}`, which downloads {url} (hash-checked) to that file; offline, download the file "
+        "on another machine and copy it there (or set TORCH_HOME). Or set train.weights to a local state_dict file, "
+        "or train.weights=none to start from random weights."
+    )
+
+
+def _checked_sha256(path: Path) -> str:
+    """The file's sha256; WeightsError when it does not start with the prefix the file name carries."""
+    digest = file_sha256(path)
+    match = _HASH_PREFIX.search(path.name)
+    if match and not digest.startswith(match.group(1)):
+        raise WeightsError(
+            f"weights file {path} is damaged: its sha256 {digest[:16]}... does not start with {match.group(1)} as "
+            "its name says; delete it and fetch it again"
+        )
+    return digest
+
+
+def fetch_imagenet_weights(name: str, url: str | None = None, progress: bool = True) -> WeightsFile:
+    """The ImageNet weights of name in TORCH_HOME's cache, downloaded from url (default: torchvision's) if missing.
+
+    The download goes through torch.hub (a progress bar, the sha256 prefix in the file name checked, nothing kept
+    when it fails). Raises WeightsNotFoundError naming the file, URL and command when the download fails
+    (offline), WeightsError when the hash does not match or the file is not a state dict.
+    """
+    source = url or imagenet_weights_url(name)
+    path = imagenet_weights_path(name, source)
+    if path.is_file():
+        return WeightsFile(path, _checked_sha256(path), downloaded=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading the ImageNet weights of %s from %s to %s", name, source, path)
+    try:
+        torch.hub.load_state_dict_from_url(
+            source, str(path.parent), map_location="cpu", progress=progress, check_hash=True, weights_only=True
+        )
+    except (OSError, http.client.HTTPException) as error:  # URLError, HTTPError, timeouts, a dropped connection
+        raise WeightsNotFoundError(_missing_message(name, path, source, f"the download failed: {error}")) from None
+    except RuntimeError as error:
+        if "hash" not in str(error):
+            raise WeightsError(f"weights downloaded from {source} to {path} are unreadable: {error}") from None
+        raise WeightsError(f"download of {source} rejected, nothing was stored: {error}") from None
+    except Exception as error:  # torch.load raises many types for a file that is not a state dict
+        raise WeightsError(f"weights downloaded from {source} to {path} are not a state dict: {error}") from None
+    digest = file_sha256(path)
+    log.info("downloaded the ImageNet weights of %s: %s (sha256 %s)", name, path, digest)
+    return WeightsFile(path, digest, downloaded=True)
+
+
+def ensure_initial_weights(name: str, weights: str, url: str | None = None, progress: bool = True) -> Path | None:
+    """Before any stage runs: the file train.weights names is on disk, ImageNet weights downloaded if missing.
+
+    Returns the file (None for 'none'); WeightsNotFoundError / WeightsError as fetch_imagenet_weights.
+    """
+    _check_name(name)
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        fetched = fetch_imagenet_weights(name, url, progress)
+        log.info("initial weights of %s: imagenet, %s (sha256 %s)", name, fetched.path, fetched.sha256)
+        return fetched.path
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsNotFoundError(
+            f"weights file {path} not found: train.weights must be 'imagenet', 'none' or an existing state_dict file"
+        )
+    return path
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -162,20 +258,18 @@ def _load_into(model: Classifier, path: Path) -> None:
     target.load_state_dict(state, strict=True)
 
 
-def build_model(name: str, weights: str) -> tuple[Classifier, WeightsInfo]:
-    """A Classifier with 'none' (random), 'imagenet' (local cache only, never downloaded) or file-path weights."""
+def build_model(name: str, weights: str, url: str | None = None) -> tuple[Classifier, WeightsInfo]:
+    """A Classifier with 'none' (random), 'imagenet' (TORCH_HOME's cache: ensure_initial_weights downloads them
+    first) or file-path weights; url is where the ImageNet file comes from (default: torchvision's)."""
     _check_name(name)
     model = Classifier(name)
     if weights == "none":
         return model, WeightsInfo("none", "")
     if weights == "imagenet":
-        path = imagenet_weights_path(name)
+        source = url or imagenet_weights_url(name)
+        path = imagenet_weights_path(name, source)
         if not path.is_file():
-            raise WeightsNotFoundError(
-                f"ImageNet weights for {name} not found at {path} (they are never downloaded). Copy the file "
-                f"{path.name} there (or set TORCH_HOME), or set train.weights to a local state_dict file, "
-                "or train.weights=none to start from random weights"
-            )
+            raise WeightsNotFoundError(_missing_message(name, path, source, "the file is missing"))
         name_text = "imagenet"
     else:
         path = Path(weights).expanduser()
@@ -186,8 +280,9 @@ def build_model(name: str, weights: str) -> tuple[Classifier, WeightsInfo]:
             )
         name_text = str(path)
     _load_into(model, path)
-    log.info("built %s with weights %s from %s", name, name_text, path)
-    return model, WeightsInfo(name_text, file_sha256(path))
+    info = WeightsInfo(name_text, file_sha256(path))
+    log.info("built %s with weights %s from %s (sha256 %s)", name, name_text, path, info.sha256)
+    return model, info
 
 
 def target_layer(model: nn.Module) -> nn.Module:

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from pipeline_lib import models, report
 from pipeline_lib.calibration import apply_temperature, verdicts
 from pipeline_lib.config import NormalizeConfig
-from pipeline_lib.evaluate import predict_logits, softmax_p_ai
+from pipeline_lib.evaluate import borrowed_model, predict_logits, softmax_p_ai
 from pipeline_lib.preprocess import decode_image
 from pipeline_lib.workspace import atomic_write_bytes, atomic_write_text
 
@@ -170,12 +170,15 @@ def _write_cams(
     cam_dir: Path,
     cam_method: str,
     classes: Sequence[int] | None = None,
+    device: str = "cpu",
 ) -> list[str]:
-    """CAM overlays of a batch (explaining classes, one index per image; default "ai") written as PNG files into
-    cam_dir; return their paths."""
+    """CAM overlays of a batch (explaining classes, one index per image; default "ai"), computed on device, written
+    as PNG files into cam_dir; return their paths."""
     target = list(classes) if classes is not None else 1
     layer = models.target_layer(model)
-    maps = report.compute_cams(model, images, layer, method=cam_method, batch_size=len(images), target_class=target)
+    maps = report.compute_cams(
+        model, images, layer, method=cam_method, batch_size=len(images), target_class=target, device=device
+    )
     written: list[str] = []
     for image, cam, path in zip(images, maps, paths, strict=True):
         _, overlay = report.cam_overlay(image, cam)
@@ -196,6 +199,7 @@ class _Scoring:
     cam_dir: Path | None
     cam_method: str
     cam_target: str = "predicted"
+    device: str = "cpu"
 
 
 def _score_batch(model: torch.nn.Module, batch: Sequence[Path], how: _Scoring) -> list[PredictionRow]:
@@ -206,7 +210,7 @@ def _score_batch(model: torch.nn.Module, batch: Sequence[Path], how: _Scoring) -
     cams: dict[int, str] = {}
     if good:
         images = torch.from_numpy(np.stack([decoded[i][0] for i in good]))
-        logits = predict_logits(model, images, batch_size=len(good))
+        logits = predict_logits(model, images, batch_size=len(good), device=how.device)
         p_ai = apply_temperature(logits, how.calibration.temperature)
         said = verdicts(p_ai, *how.band)
         raw = softmax_p_ai(logits)
@@ -214,7 +218,8 @@ def _score_batch(model: torch.nn.Module, batch: Sequence[Path], how: _Scoring) -
         if how.cam_dir is not None:
             predicted = pd.DataFrame({"predicted": np.where(p_ai >= how.threshold, "ai", "real")})
             classes = report.cam_classes(predicted, how.cam_target)
-            files = _write_cams(model, images, [batch[i] for i in good], how.cam_dir, how.cam_method, classes)
+            paths = [batch[i] for i in good]
+            files = _write_cams(model, images, paths, how.cam_dir, how.cam_method, classes, how.device)
             cams = dict(zip(good, files, strict=True))
     rows = []
     for i, path in enumerate(batch):
@@ -239,6 +244,7 @@ def predict_files(
     calibration: ModelCalibration | None = None,
     band: tuple[float, float] = DEFAULT_BAND,
     cam_target: str = "predicted",
+    device: str = "cpu",
 ) -> list[PredictionRow]:
     """One PredictionRow per file (folders walked recursively), in order, decoded at meta["image_size"], batched.
 
@@ -246,7 +252,8 @@ def predict_files(
     With cam_dir, an overlay PNG of the CAM is written there for every scored file; cam_target (report.cam_target)
     says which class it explains: the file's predicted label (default), or always "ai" / "real".
     calibration: temperature and normalisation of the model (read_calibration; default T = 1, no normalisation);
-    band: (uncertain_low, uncertain_high) of the verdict.
+    band: (uncertain_low, uncertain_high) of the verdict; device: where the model scores (and explains) each batch
+    (the model is moved there once and handed back where it was).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -264,10 +271,13 @@ def predict_files(
     if cam_dir is not None:
         cam_dir = Path(cam_dir)
         cam_dir.mkdir(parents=True, exist_ok=True)
-    how = _Scoring(size, threshold, (low, high), calibration or ModelCalibration(), cam_dir, cam_method, cam_target)
+    how = _Scoring(
+        size, threshold, (low, high), calibration or ModelCalibration(), cam_dir, cam_method, cam_target, device
+    )
     rows: list[PredictionRow] = []
-    for start in range(0, len(files), batch_size):
-        rows.extend(_score_batch(model, files[start : start + batch_size], how))
+    with borrowed_model(model, device):
+        for start in range(0, len(files), batch_size):
+            rows.extend(_score_batch(model, files[start : start + batch_size], how))
     failed = sum(row.error is not None for row in rows)
     log.info("predicted %d file(s), %d not readable", len(rows) - failed, failed)
     return rows

@@ -135,16 +135,18 @@ def cam_attention_metrics(
     method: str = "gradcam",
     batch_size: int = 16,
     flag_above: float = CAM_FLAG_ABOVE,
+    device: str = "cpu",
 ) -> dict[str, float]:
     """CAM attention over images: cam.border_share_mean, cam.text_share_mean, cam.n_border_flagged, ... (floats).
 
     The share of each image's CAM mass (explaining "ai") on the border band and on text-like regions; an image is
-    flagged when a share exceeds flag_above. A uniform map puts 0.36 of its mass on the border.
+    flagged when a share exceeds flag_above. A uniform map puts 0.36 of its mass on the border. The CAMs are
+    computed on device in batches; the text masks (an image heuristic) on the CPU.
     """
     check_images(images)
     if len(images) == 0:
         return {"cam.n": 0.0}
-    cams = compute_cams(model, images, target_layer, method=method, batch_size=batch_size)
+    cams = compute_cams(model, images, target_layer, method=method, batch_size=batch_size, device=device)
     masks = [text_mask(np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())) for image in images]
     summary = cam_attention_summary(cams, CAM_BORDER_FRACTION, flag_above, text_masks=masks)
     keys = ("border_share_mean", "text_share_mean", "n_border_flagged", "n_text_flagged", "n", "flag_above")
@@ -377,12 +379,14 @@ def build_report(
     cam_batch_size: int = 16,
     per_generator: pd.DataFrame | None = None,
     cam_target: str = "predicted",
+    device: str = "cpu",
 ) -> Path:
     """Write out_dir/index.html (pictures embedded) with img/ and plots/ beside it; index.html is written last.
 
     Beside the summary metrics the page shows the robustness variants next to the clean score (robust.* metrics),
     per-generator scores (per_generator, from stats.per_generator_metrics) and CAM attention warnings (cam.*).
     cam_target (report.cam_target): the CAMs explain each image's predicted class, or always "ai" / "real".
+    The CAMs are computed on device.
     """
     _check_selected(images, selected)
     out_dir = Path(out_dir)
@@ -390,7 +394,9 @@ def build_report(
     img_dir.mkdir(parents=True, exist_ok=True)
     rows = selected.reset_index(drop=True)
     classes = cam_classes(rows, cam_target)
-    cams = compute_cams(model, images, target_layer, method=cam_method, batch_size=cam_batch_size, target_class=classes)
+    cams = compute_cams(
+        model, images, target_layer, cam_method, batch_size=cam_batch_size, target_class=classes, device=device
+    )
     sections: list[dict[str, Any]] = []
     for cell, _, _ in CELLS:
         examples = [

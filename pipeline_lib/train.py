@@ -20,7 +20,8 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, StepLR
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from pipeline_lib import preprocess
+from pipeline_lib import augment as augment_lib
+from pipeline_lib import devices, preprocess
 from pipeline_lib.catalog import STATUS_OK
 from pipeline_lib.config import LABELS, AugmentConfig, NormalizeConfig, TrainConfig
 from pipeline_lib.models import Classifier, WeightsInfo, build_model, save_checkpoint
@@ -32,7 +33,7 @@ BEST_NAME = "best.pt"
 LAST_NAME = "last.pt"
 STATE_FORMAT = "aidetect-train-state-v1"
 # Settings that do not change the result; a resumed run may differ in them.
-_RUNTIME_KEYS = ("num_workers", "device", "compile")
+_RUNTIME_KEYS = ("num_workers", "device", "compile", "precision", "augment_on")
 _BLUR_KERNELS = (3, 5)
 _BLUR_SIGMA = (0.1, 1.5)
 
@@ -66,6 +67,8 @@ class TrainResult:
     device: str
     resumed_from_epoch: int | None = None
     balance: dict[str, float] = field(default_factory=dict)  # ClassBalance.metrics() of the training split
+    precision: str = "fp32"  # bf16 | fp16 | fp32, what the run trained with
+    augment_on: str = "loader"  # loader | device, where the training images were augmented
 
 
 @dataclass(frozen=True)
@@ -107,17 +110,29 @@ class _Run:
     optimizer: torch.optim.SGD
     scheduler: LRScheduler | None
     weights: WeightsInfo
+    device: str = "cpu"
+    precision: str = "fp32"
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
 
 
 def resolve_device(device: str) -> str:
-    """'auto' -> cuda if available else cpu; 'cuda' without a GPU is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available (use train.device=auto or cpu)")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"train.device must be auto, cpu or cuda, got {device!r}")
-    return device
+    """auto -> cuda, else mps, else cpu; cpu, cuda, cuda:N and mps as given when available, else RuntimeError."""
+    return devices.resolve_device(device)
+
+
+def _is_cuda(device: str) -> bool:
+    return devices.device_type(device) == "cuda"
+
+
+def resolve_augment_on(augment_on: str, device: str, config: AugmentConfig) -> str:
+    """'device' or 'loader': auto augments on a CUDA device, in the loader elsewhere (or where JPEG cannot run)."""
+    if augment_on not in ("auto", "loader", "device"):
+        raise ValueError(f"train.augment_on must be auto, loader or device, got {augment_on!r}")
+    if augment_on != "auto":
+        return augment_on
+    if not _is_cuda(device):
+        return "loader"
+    return "device" if config.jpeg_p == 0 or augment_lib.jpeg_works_on(device) else "loader"
 
 
 def build_augmentation(config: AugmentConfig) -> v2.Compose:
@@ -156,7 +171,11 @@ def build_augmentation(config: AugmentConfig) -> v2.Compose:
 
 
 class CachedImages(Dataset):
-    """(uint8 CHW tensor, label index) per row from the tensor cache; optional augmentation seeded per sample."""
+    """(uint8 CHW tensor, label index) per row from the tensor cache; optional augmentation seeded per sample.
+
+    With draw instead of augment, the item is (image as stored, label index, the sample's augmentation parameters):
+    the batch is augmented later on the training device (augment.apply_params).
+    """
 
     def __init__(
         self,
@@ -167,8 +186,12 @@ class CachedImages(Dataset):
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         seed: int = 0,
         policy: NormalizeConfig | None = None,
+        draw: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        if augment is not None and draw is not None:
+            raise ValueError("CachedImages takes augment (in the loader) or draw (on the device), not both")
         self.workspace = workspace
+        self.draw = draw
         self.policy = policy
         self.shas = shas
         self.labels = labels
@@ -180,19 +203,38 @@ class CachedImages(Dataset):
     def __len__(self) -> int:
         return len(self.shas)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
         """key: an index (uses self.epoch) or (epoch, index) as EpochSampler yields (works in persistent workers)."""
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         image = torch.from_numpy(preprocess.load_tensor(self.workspace, self.shas[index], self.size, self.policy))
+        if self.draw is not None:
+            return image, self.labels[index], self._seeded(epoch, index, self.draw, image)
         if self.augment is not None:
-            # Seeded by (seed, epoch, index): the same crops whatever the worker count or a resume.
-            sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
-            with torch.random.fork_rng(devices=[]):
-                # The CPU generator only: in a CUDA build torch.manual_seed also queues a CUDA seeding that
-                # formats a stack trace, 0.18 ms per call against 0.002 ms (H100 machine, torch 2.11).
-                torch.default_generator.manual_seed(sample_seed)
-                image = self.augment(image)
+            image = self._seeded(epoch, index, self.augment, image)
         return image, self.labels[index]
+
+    def _seeded(
+        self, epoch: int, index: int, function: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor
+    ) -> torch.Tensor:
+        """function(image) with the CPU generator seeded by (seed, epoch, index): the same augmentation whatever
+        the worker count, a resume, or whether the loader or the device applies it."""
+        sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+        with torch.random.fork_rng(devices=[]):
+            # The CPU generator only: in a CUDA build torch.manual_seed also queues a CUDA seeding that
+            # formats a stack trace, 0.18 ms per call against 0.002 ms (H100 machine, torch 2.11).
+            torch.default_generator.manual_seed(sample_seed)
+            return function(image)
+
+
+class ParamDraw:
+    """Draws one sample's augmentation parameters in a loader worker (picklable for spawned workers)."""
+
+    def __init__(self, config: AugmentConfig) -> None:
+        build_augmentation(config)  # the same checks as the loader path
+        self.config = config
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return augment_lib.draw_params(self.config, int(image.shape[-2]), int(image.shape[-1]))
 
 
 def class_balance(labels: Sequence[int], mode: str) -> ClassBalance:
@@ -258,12 +300,19 @@ def _fingerprint(
 
 
 def _dataset(
-    workspace: Workspace, rows: pd.DataFrame, config: TrainConfig, augment: bool, policy: NormalizeConfig | None
+    workspace: Workspace,
+    rows: pd.DataFrame,
+    config: TrainConfig,
+    augment: bool,
+    policy: NormalizeConfig | None,
+    on_device: bool = False,
 ) -> CachedImages:
+    """The dataset of rows; augment=True augments in the loader, or with on_device only draws the parameters."""
     labels = [LABELS.index(str(label)) for label in rows["label"]]
-    transform = build_augmentation(config.augment) if augment else None
+    transform = build_augmentation(config.augment) if augment and not on_device else None
+    draw = ParamDraw(config.augment) if augment and on_device else None
     shas = rows["sha256"].astype(str).tolist()
-    return CachedImages(workspace, shas, labels, config.image_size, transform, config.seed, policy)
+    return CachedImages(workspace, shas, labels, config.image_size, transform, config.seed, policy, draw=draw)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -323,7 +372,7 @@ def make_loader(
 
     undersample: draw a class-balanced subset each epoch (UndersampledEpochSampler; implies shuffling).
     """
-    workers = config.num_workers
+    workers = devices.resolve_num_workers(config.num_workers, device)
     if undersample:
         sampler: EpochSampler = UndersampledEpochSampler(dataset.labels, config.seed)
     else:
@@ -334,20 +383,23 @@ def make_loader(
         sampler=sampler,
         num_workers=workers,
         generator=torch.Generator().manual_seed(config.seed),  # worker base seeds
-        pin_memory=device == "cuda",
+        pin_memory=_is_cuda(device),
         persistent_workers=workers > 0,
     )
 
 
-def _autocast(device: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on cuda; nothing on cpu (keeps CPU runs bitwise reproducible)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+def _autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to bf16 or fp16 on device; nothing for fp32 (keeps CPU runs bitwise reproducible)."""
+    return devices.autocast(device, precision)
 
 
-def _to_input(images: torch.Tensor, device: str) -> torch.Tensor:
-    """uint8 batch -> float [0, 1] on device (channels_last on cuda)."""
-    batch = images.to(device=device, non_blocking=True).float().div_(255.0)
-    return batch.contiguous(memory_format=torch.channels_last) if device == "cuda" else batch
+def _to_input(images: torch.Tensor, device: str, params: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 batch -> float [0, 1] on device (channels_last on cuda), augmented there first when params are given."""
+    batch = images.to(device=device, non_blocking=True)
+    if params is not None:
+        batch = augment_lib.apply_params(batch, params)
+    batch = batch.float().div_(255.0)
+    return batch.contiguous(memory_format=torch.channels_last) if _is_cuda(device) else batch
 
 
 def _set_phase(model: Classifier, phase: str) -> None:
@@ -395,7 +447,7 @@ def _compiled(model: Classifier, config: TrainConfig, device: str) -> nn.Module:
     """torch.compile(model) when asked and on cuda; the model itself otherwise."""
     if not config.compile:
         return model
-    if device != "cuda":
+    if not _is_cuda(device):
         log.info("train.compile ignored on %s: torch.compile is only used on CUDA", device)
         return model
     log.info("compiling the model with torch.compile (the first steps are slow)")
@@ -409,34 +461,47 @@ def _train_epoch(
     device: str,
     label_smoothing: float = 0.0,
     class_weights: torch.Tensor | None = None,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, float]:
-    """One pass over the training data; (mean loss, accuracy). class_weights: per-class loss weights or None."""
+    """One pass over the training data; (mean loss, accuracy). Batches with parameters are augmented on device;
+    class_weights: per-class loss weights or None."""
     weight = class_weights.to(device) if class_weights is not None else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
     total_loss, correct, seen = 0.0, 0, 0
-    for images, labels in loader:
-        inputs, targets = _to_input(images, device), labels.to(device)
+    for images, labels, *params in loader:
+        inputs, targets = _to_input(images, device, params[0] if params else None), labels.to(device)
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device):
+        with _autocast(device, precision):
             logits = model(inputs)
             loss = criterion(logits.float(), targets)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} (lower train.lr?)")
-        loss.backward()
-        optimizer.step()
+        _step(loss, optimizer, scaler)
         total_loss += float(loss.item()) * len(targets)
         correct += int((logits.argmax(dim=1) == targets).sum().item())
         seen += len(targets)
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
-def evaluate_loss(model: nn.Module, loader: DataLoader, device: str) -> tuple[float, float]:
+def _step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """Backward and optimizer step; with fp16 through the gradient scaler (which skips steps with inf gradients)."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def evaluate_loss(model: nn.Module, loader: DataLoader, device: str, precision: str = "fp32") -> tuple[float, float]:
     """(mean cross-entropy, accuracy) in eval mode without gradients."""
     criterion = nn.CrossEntropyLoss(reduction="sum")
     was_training = model.training
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), _autocast(device, precision):
         for images, labels in loader:
             inputs, targets = _to_input(images, device), labels.to(device)
             logits = model(inputs).float()
@@ -451,7 +516,7 @@ def build_initial_model(config: TrainConfig) -> tuple[Classifier, WeightsInfo]:
     """The model training starts from: config.weights, random parts initialised from config.seed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return build_model(config.model, config.weights)
+        return build_model(config.model, config.weights, config.weights_url)
 
 
 def _state_payload(state: _State, run: _Run) -> dict:
@@ -471,8 +536,17 @@ def _state_payload(state: _State, run: _Run) -> dict:
         "model": {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()},
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
-        "rng": {"torch": torch.get_rng_state()},
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "rng": _rng_state(run.device),
     }
+
+
+def _rng_state(device: str) -> dict[str, torch.Tensor]:
+    """The CPU generator's state, and the training GPU's on CUDA (what a resumed run continues from)."""
+    state = {"torch": torch.get_rng_state()}
+    if _is_cuda(device):
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return state
 
 
 def _save_state(path: Path, payload: dict[str, Any]) -> None:
@@ -551,16 +625,26 @@ def _update_best(state: _State, stats: EpochStats, patience: int, may_stop: bool
     return False
 
 
+def _cuda_index(device: str) -> int:
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
+
+
 @contextlib.contextmanager
-def _restored_rng(payload: dict[str, Any] | None) -> Iterator[None]:
-    """Train inside a forked CPU RNG (the caller's is untouched), restored from last.pt when resuming."""
-    with torch.random.fork_rng(devices=[]):
+def _restored_rng(payload: dict[str, Any] | None, device: str = "cpu") -> Iterator[None]:
+    """Train inside forked RNGs (the caller's are untouched): the CPU's, and the GPU's on CUDA; restored from
+    last.pt when resuming (a CUDA state saved by a GPU run is ignored when the run continues on another device)."""
+    cuda = _is_cuda(device)
+    with torch.random.fork_rng(devices=[_cuda_index(device)] if cuda else []):
         if payload is not None:
-            torch.set_rng_state(payload["rng"]["torch"])
+            rng = payload["rng"]
+            torch.set_rng_state(rng["torch"])
+            if cuda and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], torch.device(device))
         yield
 
 
-def _prepare(config: TrainConfig, payload: dict[str, Any] | None, device: str) -> _Run:
+def _prepare(config: TrainConfig, payload: dict[str, Any] | None, device: str, precision: str = "fp32") -> _Run:
     """A fresh model from config.weights, or the model, optimizer and scheduler of last.pt."""
     if payload is None:
         model, weights = build_initial_model(config)
@@ -568,17 +652,21 @@ def _prepare(config: TrainConfig, payload: dict[str, Any] | None, device: str) -
         model, weights = build_model(config.model, "none")[0], WeightsInfo(**payload["weights"])
         model.load_state_dict(payload["model"], strict=True)
     model.to(device)
-    if device == "cuda":
+    if _is_cuda(device):
         model.to(memory_format=torch.channels_last)
     optimizer = _make_optimizer(model, config)
     scheduler = _make_scheduler(optimizer, config)
+    scaler = devices.grad_scaler(device, precision)
     if payload is not None:
         optimizer.load_state_dict(payload["optimizer"])
         if scheduler is not None:
             if payload.get("scheduler") is None:
                 raise RuntimeError("the training state lacks the lr scheduler state; delete last.pt to start over")
             scheduler.load_state_dict(payload["scheduler"])
-    return _Run(model, _compiled(model, config, device), optimizer, scheduler, weights)
+        if scaler is not None and payload.get("scaler"):
+            scaler.load_state_dict(payload["scaler"])  # an fp16 run continues with its loss scale
+    forward = _compiled(model, config, device)
+    return _Run(model, forward, optimizer, scheduler, weights, device, precision, scaler)
 
 
 def train_model(
@@ -598,6 +686,8 @@ def train_model(
     """
     train_rows, val_rows = _train_val(catalog)
     device = resolve_device(config.device)
+    precision = devices.resolve_precision(config.precision, device)
+    augment_on = resolve_augment_on(config.augment_on, device, config.augment)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(config, train_rows, val_rows, policy)
@@ -610,19 +700,22 @@ def train_model(
     balance = class_balance([LABELS.index(str(label)) for label in train_rows["label"]], config.class_balance)
     if state.done:
         log.info("training in %s already finished at epoch %d (best %d)", out_dir, state.epoch, state.best_epoch)
-        return _result(out_dir, state, WeightsInfo(**payload["weights"]), device, resumed, balance)
+        finished = _result(out_dir, state, WeightsInfo(**payload["weights"]), device, resumed, balance)
+        return dataclasses.replace(finished, precision=precision, augment_on=augment_on)
     _log_balance(balance)
     preprocess.preprocess_images(workspace, pd.concat([train_rows, val_rows]), config.image_size, policy=policy)
-    train_set = _dataset(workspace, train_rows, config, augment=True, policy=policy)
+    on_device = augment_on == "device"
+    train_set = _dataset(workspace, train_rows, config, augment=True, policy=policy, on_device=on_device)
     val_set = _dataset(workspace, val_rows, config, augment=False, policy=policy)
     undersample = config.class_balance == "undersample"
     loaders = (
         make_loader(train_set, config, True, device, undersample=undersample),
         make_loader(val_set, config, False, device),
     )
-    with _restored_rng(payload), _closing(loaders):
-        run = _prepare(config, payload, device)
+    with _restored_rng(payload, device), _closing(loaders):
+        run = _prepare(config, payload, device, precision)
         weights = run.weights
+        log.info("training on %s in %s, augmenting on the %s", device, precision, augment_on)
         if resumed is not None:
             log.info("resuming training in %s after epoch %d", out_dir, resumed)
         while state.epoch < config.epochs and not state.done:
@@ -635,7 +728,9 @@ def train_model(
             if stop_after_epoch is not None and state.epoch >= stop_after_epoch and not state.done:
                 log.info("stopping after epoch %d as asked (resume by calling again)", state.epoch)
                 break
-    return _result(out_dir, state, weights, device, resumed, balance)
+    return dataclasses.replace(
+        _result(out_dir, state, weights, device, resumed, balance), precision=precision, augment_on=augment_on
+    )
 
 
 def _log_balance(balance: ClassBalance) -> None:
@@ -666,10 +761,10 @@ def _run_epoch(
     _set_phase(run.model, phase)
     weights = _loss_weights(class_balance(train_loader.dataset.labels, config.class_balance))
     train_loss, train_accuracy = _train_epoch(
-        run.forward, train_loader, run.optimizer, device, config.label_smoothing, weights
+        run.forward, train_loader, run.optimizer, device, config.label_smoothing, weights, run.precision, run.scaler
     )
     train_seconds = time.perf_counter() - started
-    val_loss, val_accuracy = evaluate_loss(run.forward, val_loader, device)
+    val_loss, val_accuracy = evaluate_loss(run.forward, val_loader, device, run.precision)
     return EpochStats(
         epoch=epoch,
         phase=phase,

@@ -9,14 +9,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from pipeline_lib import audit as audit_lib
 from pipeline_lib import calibration as calibration_lib
 from pipeline_lib import catalog as cat
 from pipeline_lib import crawl as crawl_lib
 from pipeline_lib import dedup as dedup_lib
+from pipeline_lib import devices, health, models, preprocess, report, review, split
 from pipeline_lib import evaluate as evaluate_lib
-from pipeline_lib import health, models, preprocess, report, review, split
 from pipeline_lib import predict as predict_lib
 from pipeline_lib import train as train_lib
 from pipeline_lib.config import (
@@ -62,6 +63,8 @@ class TrainOutput:
     device: str
     resumed_from_epoch: int | None = None  # the epoch of last.pt training continued after; None: from epoch 0
     balance: dict[str, float] = field(default_factory=dict)  # train.ClassBalance.metrics()
+    precision: str = ""
+    augment_on: str = ""
 
 
 @dataclass(frozen=True)
@@ -253,6 +256,14 @@ def shortcut_audit(
     return metrics, note
 
 
+@task(name="weights", cache_policy=NO_CACHE)
+def fetch_weights(config: TrainConfig) -> str:
+    """Before the first stage: the initial weights train.weights names are on disk, ImageNet ones downloaded
+    (hash-checked) if missing; the file's path ("" for none). Fails naming the file, URL and command offline."""
+    path = models.ensure_initial_weights(config.model, config.weights, config.weights_url)
+    return "" if path is None else str(path)
+
+
 @task(name="train")
 def train(
     root: str, trainset: Ref, config: TrainConfig, normalize: NormalizeConfig | None = None, resume: bool = True
@@ -278,6 +289,8 @@ def train(
         device=result.device,
         resumed_from_epoch=result.resumed_from_epoch,
         balance=result.balance,
+        precision=result.precision,
+        augment_on=result.augment_on,
     )
 
 
@@ -297,6 +310,7 @@ def fit_calibration(
     size: int,
     config: CalibrationConfig,
     normalize: NormalizeConfig | None,
+    device: str = "cpu",
 ) -> tuple[float, dict[str, float], list[str]]:
     """(temperature fitted on the validation split's logits, calibration.* metrics, notes); T = 1 when off/empty."""
     if not config.temperature_scaling:
@@ -304,7 +318,7 @@ def fit_calibration(
     if val_rows.empty:
         return 1.0, {"calibration.temperature": 1.0}, ["temperature scaling skipped: the validation split is empty"]
     images = preprocess.load_tensors(workspace, val_rows["sha256"].tolist(), size, _active(normalize))
-    logits = evaluate_lib.predict_logits(model, images)
+    logits = evaluate_lib.predict_logits(model, images, device=device)
     labels = val_rows["label"].astype(str).to_numpy()
     temperature = calibration_lib.fit_temperature(logits, labels)
     raw = calibration_lib.expected_calibration_error(evaluate_lib.softmax_p_ai(logits), labels)
@@ -340,20 +354,23 @@ def evaluate(
     calibration: CalibrationConfig | None = None,
     normalize: NormalizeConfig | None = None,
     cam_method: str = "gradcam",
+    device: str = "cpu",
 ) -> EvalOutput:
-    """Score the test split: metrics (Wilson and bootstrap CIs, robustness, per generator, calibration, CAM
-    attention), the predictions table (p_ai calibrated, p_ai_raw), plots, and <model>.calibration.json."""
+    """Score the test split on device (train.device): metrics (Wilson and bootstrap CIs, robustness, per generator,
+    calibration, CAM attention), the predictions table (p_ai calibrated, p_ai_raw), plots, <model>.calibration.json."""
     workspace = Workspace.create(root)
     model_path = model_ref.resolve(workspace)
     model, meta = models.load_model(model_path)
+    device = devices.resolve_device(device)
+    model.to(device)  # once: every pass below borrows it there
     size, active = int(meta["image_size"]), _active(normalize)
     table = cat.read_snapshot(workspace, catalog)
     rows = _split_rows(table, "test")
     temperature, calibration_metrics, notes = fit_calibration(
-        workspace, model, _split_rows(table, "val"), size, calibration or CalibrationConfig(), normalize
+        workspace, model, _split_rows(table, "val"), size, calibration or CalibrationConfig(), normalize, device
     )
     images = preprocess.load_tensors(workspace, rows["sha256"].tolist(), size, active)
-    logits = evaluate_lib.predict_logits(model, images)
+    logits = evaluate_lib.predict_logits(model, images, device=device)
     p_raw = evaluate_lib.softmax_p_ai(logits)
     p_ai = calibration_lib.apply_temperature(logits, temperature) if len(rows) else p_raw
     predictions = evaluate_lib.predictions_table(rows, p_ai, config.threshold, p_ai_raw=p_raw)
@@ -371,11 +388,13 @@ def evaluate(
     def degraded(variant: str) -> Any:  # the original files degraded, then preprocessed as for training
         return preprocess.degraded_tensors(workspace, shas, size, variant, active)
 
-    metrics |= evaluate_lib.robustness_metrics(model, degraded, labels, config.threshold, temperature=temperature)
+    metrics |= evaluate_lib.robustness_metrics(
+        model, degraded, labels, config.threshold, temperature=temperature, device=device
+    )
     generator_metrics, generators = evaluate_lib.generator_metrics(predictions, config.threshold)
     metrics |= generator_metrics
     subset = images[:CAM_SUMMARY_LIMIT]
-    metrics |= report.cam_attention_metrics(model, subset, models.target_layer(model), cam_method)
+    metrics |= report.cam_attention_metrics(model, subset, models.target_layer(model), cam_method, device=device)
     notes += report.cam_warnings(metrics)
     written = predict_lib.write_calibration(
         model_path,
@@ -404,10 +423,13 @@ def make_report(
     config: ReportConfig,
     title: str,
     normalize: NormalizeConfig | None = None,
+    device: str = "cpu",
 ) -> Ref:
-    """Self-contained HTML report with Original | Grad-CAM pairs, robustness, per-generator scores, CAM warnings."""
+    """Self-contained HTML report with Original | Grad-CAM pairs (computed on device), robustness, per-generator
+    scores, CAM warnings."""
     workspace = Workspace.create(root)
     model, meta = models.load_model(model_ref.resolve(workspace))
+    device = devices.resolve_device(device)
     predictions = pd.read_parquet(evaluation.predictions.resolve(workspace))
     selected = report.select_examples(predictions, config.images_per_cell)
     size, active = int(meta["image_size"]), _active(normalize)
@@ -432,5 +454,6 @@ def make_report(
         },
         per_generator=pd.DataFrame(evaluation.generators) if evaluation.generators else None,
         cam_target=config.cam_target,
+        device=device,
     )
     return workspace.ref(index)

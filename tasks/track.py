@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline_lib import calibration as calibration_lib
 from pipeline_lib import catalog as cat
-from pipeline_lib import comparison, models, preprocess, stats, tracking
+from pipeline_lib import comparison, devices, models, preprocess, stats, tracking
 from pipeline_lib import evaluate as evaluate_lib
 from pipeline_lib import train as train_lib
 from pipeline_lib.config import NormalizeConfig, PipelineConfig, config_to_yaml, flatten_config
@@ -93,6 +93,8 @@ def log_training(tracker: tracking.Tracker, output: TrainOutput) -> None:
             "aidetect.weights": output.weights_name,
             "aidetect.weights_sha256": output.weights_sha256,
             "aidetect.device": output.device,
+            "aidetect.precision": output.precision,
+            "aidetect.augment_on": output.augment_on,
         }
     )
     history = pd.DataFrame(output.history)
@@ -126,14 +128,16 @@ def register(
     normalize: NormalizeConfig | None = None,
     alias: str = tracking.CHAMPION,
     promote: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Log the best model (pickle format) unless this checkpoint is registered already; maybe move the alias to it.
 
     alias is `champion`, or `loo-<generator>` for a leave-one-generator-out run (which never touches `champion`).
-    The model holding the alias is scored on this test split too, decoded with its own recorded normalisation and
-    calibrated with its own temperature (its version's calibration tag); McNemar's paired test on the two models'
-    per-image correctness says whether the difference is more than noise. When some of these test images were in
-    that model's training or validation data the two are not comparable: the alias stays unless promote (--promote).
+    The model holding the alias is scored on this test split too (on device, in batches), decoded with its own
+    recorded normalisation and calibrated with its own temperature (its version's calibration tag); McNemar's paired
+    test on the two models' per-image correctness says whether the difference is more than noise. When some of these
+    test images were in that model's training or validation data the two are not comparable: the alias stays unless
+    promote (--promote).
     """
     workspace = Workspace.create(root)
     existing = tracking.find_version(tracker.uri, name, model_ref.digest)
@@ -150,7 +154,7 @@ def register(
     uri = tracking.log_pytorch_model(tracker, model, example, requirements)
     holder = tracking.current_champion(tracker.uri, name, alias)
     unfair = _not_comparable(tracker.uri, holder, evaluation, workspace)
-    champion = _score_champion(workspace, tracker.uri, name, alias, evaluation)
+    champion = _score_champion(workspace, tracker.uri, name, alias, evaluation, device)
     champion_score = _rescore_champion(test_digest, holder, champion)
     paired = _paired_test(workspace, tracker, evaluation, champion)
     decision = tracking.register_model(
@@ -193,7 +197,7 @@ def _not_comparable(uri: str, holder: Any, evaluation: EvalOutput, workspace: Wo
 
 
 def _score_champion(
-    workspace: Workspace, uri: str, name: str, alias: str, evaluation: EvalOutput
+    workspace: Workspace, uri: str, name: str, alias: str, evaluation: EvalOutput, device: str = "cpu"
 ) -> pd.DataFrame | None:
     """The alias holder's predictions on this run's test images (same order as the challenger's), or None.
 
@@ -215,7 +219,7 @@ def _score_champion(
     policy = calibration.normalize
     policy = policy if policy is not None and policy.mode != "none" else None
     images = preprocess.load_tensors(workspace, rows["sha256"].tolist(), size, policy)
-    logits = evaluate_lib.predict_logits(champion, images)
+    logits = evaluate_lib.predict_logits(champion, images, device=devices.resolve_device(device))
     p_ai = calibration_lib.apply_temperature(logits, calibration.temperature)
     threshold = float(evaluation.metrics["threshold"])
     return evaluate_lib.predictions_table(rows, p_ai, threshold, p_ai_raw=evaluate_lib.softmax_p_ai(logits))

@@ -183,3 +183,38 @@ def _send(handler: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
     handler.send_header("Content-Length", str(len(body)))
     handler.end_headers()
     handler.wfile.write(body)
+
+
+@contextlib.contextmanager
+def serve_files(files: dict[str, bytes]) -> Iterator[tuple[str, Counter[str]]]:
+    """Serve files by name on a free 127.0.0.1 port (404 for others); yield (base URL, requests per name)."""
+    hits: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet server
+            log.debug("loopback files: " + format, *args)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            name = unquote(urlsplit(self.path).path.lstrip("/"))
+            with lock:
+                hits[name] += 1
+            if name in files:
+                _send(self, 200, files[name])
+            else:
+                _send(self, 404, b"not found")
+
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as port:
+        yield f"http://127.0.0.1:{port}", hits
+
+
+def closed_port_url(name: str) -> str:
+    """An http URL on 127.0.0.1 where nothing listens (connection refused): what a download sees offline."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{name}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torchvision
 
 from pipeline_lib import models
 from pipeline_lib.workspace import file_sha256
+from tests.loopback import closed_port_url, serve_files
 
 
 def _images(n: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -48,15 +51,17 @@ def test_unknown_model_name() -> None:
         models.build_model("vgg11", "none")
 
 
-def test_imagenet_weights_missing_names_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_imagenet_weights_missing_names_path_url_and_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     assert models.imagenet_weights_path("resnet18") == expected
+    assert models.imagenet_weights_url("resnet18") == torchvision.models.ResNet18_Weights.DEFAULT.url
     with pytest.raises(models.WeightsNotFoundError) as caught:
         models.build_model("resnet18", "imagenet")
     assert isinstance(caught.value, FileNotFoundError)
     message = str(caught.value)
     assert str(expected) in message and "weights=none" in message
+    assert torchvision.models.ResNet18_Weights.DEFAULT.url in message and "aidetect weights fetch resnet18" in message
 
 
 def test_imagenet_weights_from_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,6 +74,66 @@ def test_imagenet_weights_from_local_cache(tmp_path: Path, monkeypatch: pytest.M
     assert info == models.WeightsInfo("imagenet", file_sha256(path))
     assert torch.equal(model.backbone.conv1.weight, source.conv1.weight)
     assert torch.equal(model.backbone.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+
+
+def _hashed(state: dict[str, torch.Tensor], stem: str = "tiny") -> tuple[str, bytes]:
+    """A state dict saved to bytes, named <stem>-<sha256 prefix>.pth as torch.hub expects."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    return f"{stem}-{hashlib.sha256(data).hexdigest()[:8]}.pth", data
+
+
+def test_fetch_downloads_once_into_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    name, data = _hashed({"w": torch.arange(6.0)})
+    with serve_files({name: data}) as (base, hits):
+        fetched = models.fetch_imagenet_weights("resnet18", f"{base}/{name}", progress=False)
+        again = models.fetch_imagenet_weights("resnet18", f"{base}/{name}", progress=False)
+    assert fetched.path == tmp_path / "torch" / "hub" / "checkpoints" / name
+    assert fetched.downloaded and fetched.path.read_bytes() == data
+    assert fetched.sha256 == hashlib.sha256(data).hexdigest()
+    assert not again.downloaded and again.sha256 == fetched.sha256 and hits[name] == 1
+    assert [p.name for p in fetched.path.parent.iterdir()] == [name]  # no temporary file left behind
+
+
+def test_fetch_rejects_a_hash_mismatch_and_keeps_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _, data = _hashed({"w": torch.ones(3)})
+    liar = "tiny-00000000.pth"  # the name claims another sha256 prefix
+    with serve_files({liar: data}) as (base, _), pytest.raises(models.WeightsError, match="hash"):
+        models.fetch_imagenet_weights("resnet18", f"{base}/{liar}", progress=False)
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    assert not list(checkpoints.iterdir())
+    checkpoints.joinpath(liar).write_bytes(data)  # the same bytes put there by hand are caught too
+    with pytest.raises(models.WeightsError, match="damaged"):
+        models.fetch_imagenet_weights("resnet18", f"http://127.0.0.1:9/{liar}", progress=False)
+
+
+def test_fetch_offline_names_file_url_and_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    url = closed_port_url("resnet50-11ad3fa6.pth")
+    with pytest.raises(models.WeightsNotFoundError) as caught:
+        models.ensure_initial_weights("resnet50", "imagenet", url, progress=False)
+    message = str(caught.value)
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
+    assert str(expected) in message and url in message and "`aidetect weights fetch resnet50`" in message
+    assert not expected.exists()
+
+
+def test_ensure_initial_weights_then_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    source = torchvision.models.efficientnet_b0()  # the smallest backbone: a real file the model must fit
+    name, data = _hashed(source.state_dict(), "efficientnet_b0")
+    assert models.ensure_initial_weights("efficientnet_b0", "none") is None
+    with pytest.raises(models.WeightsNotFoundError, match="not found"):
+        models.ensure_initial_weights("efficientnet_b0", str(tmp_path / "missing.pt"))
+    with serve_files({name: data}) as (base, _):
+        path = models.ensure_initial_weights("efficientnet_b0", "imagenet", f"{base}/{name}", progress=False)
+    model, info = models.build_model("efficientnet_b0", "imagenet", f"{base}/{name}")  # no download: the cache
+    assert path == models.imagenet_weights_path("efficientnet_b0", f"{base}/{name}")
+    assert info == models.WeightsInfo("imagenet", hashlib.sha256(data).hexdigest())
+    assert torch.equal(model.backbone.features[0][0].weight, source.features[0][0].weight)
 
 
 def test_weights_from_state_dict_file(tmp_path: Path) -> None:

@@ -15,8 +15,9 @@ import torch
 import torchvision
 from PIL import Image
 
+from pipeline_lib import augment as augment_lib
 from pipeline_lib import catalog as cat
-from pipeline_lib import models
+from pipeline_lib import devices, models
 from pipeline_lib import train as train_lib
 from pipeline_lib.config import AugmentConfig, TrainConfig
 from pipeline_lib.workspace import Workspace, put_in_store
@@ -469,3 +470,75 @@ def test_class_balance_summary_and_undersampled_epochs() -> None:
     assert len({tuple(sorted(d)) for d in epochs}) > 1, "the majority subset should change between epochs"
     sampler.set_epoch(1)
     assert [index for _, index in sampler] == epochs[0], "the draw depends on (seed, epoch) only"
+def test_augmenting_on_the_device_continues_the_same_run(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
+    workspace, table = data
+    augment = AugmentConfig(rotation_degrees=10, affine_translate=0.1, autocontrast_p=0.0, blur_p=0.5, jpeg_p=0.5)
+    config = _config(epochs=2, head_only_epochs=1, augment=augment, augment_on="loader")
+    loader = train_lib.train_model(workspace, table, config, tmp_path / "loader")
+    on_device = config.model_copy(update={"augment_on": "device"})
+    device = train_lib.train_model(workspace, table, on_device, tmp_path / "device")
+    assert (loader.augment_on, device.augment_on) == ("loader", "device")
+    # The workers draw each sample's parameters with the loader path's seeds: the same images, the same run.
+    assert _untimed(device.history) == _untimed(loader.history)
+    first = torch.load(loader.last_path, weights_only=True)["model"]
+    assert _states_equal(first, torch.load(device.last_path, weights_only=True)["model"])
+    # Where augmentation runs is a runtime setting: a run started in the loader finishes on the device.
+    train_lib.train_model(workspace, table, config, tmp_path / "switch", stop_after_epoch=1)
+    switched = train_lib.train_model(workspace, table, on_device, tmp_path / "switch")
+    assert switched.resumed_from_epoch == 1 and _untimed(switched.history) == _untimed(loader.history)
+
+
+def test_device_augmentation_dataset_items(data: tuple[Workspace, pd.DataFrame]) -> None:
+    workspace, table = data
+    rows = table[table["split"] == "train"].reset_index(drop=True)
+    config = _config()
+    dataset = train_lib._dataset(workspace, rows, config, augment=True, policy=None, on_device=True)
+    image, label, params = dataset[(3, 0)]
+    assert image.dtype == torch.uint8 and image.shape == (3, SIZE, SIZE) and params.shape == (9,)
+    loader_set = train_lib._dataset(workspace, rows, config, augment=True, policy=None)
+    augmented, same_label = loader_set[(3, 0)]
+    assert same_label == label and torch.equal(augment_lib.apply_params(image[None], params[None])[0], augmented)
+    with pytest.raises(ValueError, match="not both"):
+        train_lib.CachedImages(workspace, [], [], SIZE, augment=lambda x: x, draw=lambda x: x)
+
+
+def test_bf16_autocast_on_the_cpu(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
+    workspace, table = data
+    result = train_lib.train_model(workspace, table, _config(epochs=1, precision="bf16"), tmp_path / "run")
+    assert result.precision == "bf16" and np.isfinite(result.history[0].train_loss)
+    assert train_lib.train_model(workspace, table, _config(epochs=1), tmp_path / "fp32").precision == "fp32"
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        train_lib.train_model(workspace, table, _config(epochs=1, precision="fp16"), tmp_path / "fp16")
+
+
+def test_fp16_step_goes_through_the_gradient_scaler(data: tuple[Workspace, pd.DataFrame]) -> None:
+    workspace, table = data
+    rows = table[table["split"] == "train"].reset_index(drop=True)
+    config = _config()
+    loader = train_lib.make_loader(train_lib._dataset(workspace, rows, config, True, None), config, True, "cpu")
+    model, _ = train_lib.build_initial_model(config)
+    optimizer = train_lib._make_optimizer(model, config)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    before = model.head.weight.detach().clone()
+    loss, accuracy = train_lib._train_epoch(model, loader, optimizer, "cpu", precision="fp16", scaler=scaler)
+    assert np.isfinite(loss) and 0 <= accuracy <= 1
+    assert not torch.equal(model.head.weight, before) and model.head.weight.dtype == torch.float32
+    assert scaler.get_scale() == 2.0**12  # two finite steps, each growing the scale once
+
+
+def test_num_workers_auto_and_rng_state(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
+    workspace, table = data
+    rows = table[table["split"] == "train"].reset_index(drop=True)
+    dataset = train_lib.CachedImages(workspace, rows["sha256"].tolist(), [0] * len(rows), SIZE)
+    loader = train_lib.make_loader(dataset, _config(num_workers="auto"), shuffle=False, device="cpu")
+    assert loader.num_workers == devices.choose_num_workers("auto", devices.usable_cpu_count(), "cpu")
+    assert set(train_lib._rng_state("cpu")) == {"torch"}
+    config = _config(epochs=2, head_only_epochs=1)
+    full = train_lib.train_model(workspace, table, config, tmp_path / "full")
+    train_lib.train_model(workspace, table, config, tmp_path / "gpu-run", stop_after_epoch=1)
+    state = torch.load(tmp_path / "gpu-run" / "last.pt", weights_only=True)
+    assert set(state["rng"]) == {"torch"} and state["scaler"] is None
+    state["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # as a GPU run saves it; ignored on the CPU
+    torch.save(state, tmp_path / "gpu-run" / "last.pt")
+    resumed = train_lib.train_model(workspace, table, config, tmp_path / "gpu-run")
+    assert resumed.resumed_from_epoch == 1 and _untimed(resumed.history) == _untimed(full.history)

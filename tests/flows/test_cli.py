@@ -1,14 +1,19 @@
-"""The `aidetect` command: clear errors with exit code 2, import of a folder, status."""
+"""The `aidetect` command: clear errors with exit code 2, import of a folder, status, fetching weights."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from pathlib import Path
 
+import pytest
+import torch
 from typer.testing import CliRunner
 
 from flows.cli import app
 from tests.conftest import make_image
+from tests.loopback import closed_port_url, serve_files
 
 runner = CliRunner()
 
@@ -49,16 +54,75 @@ def test_import_rejects_a_bad_label_then_imports_and_status_counts(harness, tmp_
     assert (ws / "crawl" / "imports.json").is_file()
 
 
-def test_review_timeout_exits_3_with_how_to_continue(harness, tmp_path: Path):
+def test_review_timeout_exits_3_with_how_to_continue(harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     folder = tmp_path / "ai"
     for index in range(2):
         make_image(folder / "prompt-a" / f"v{index}.png", seed=index, size=(64, 64), fmt="PNG")
+    name, data = _hashed_weights()
+    config = tmp_path / "config.yaml"
+    with serve_files({name: data}) as (base, _):
+        config.write_text(
+            f"sources:\n  folders:\n    - path: {folder}\n      label: ai\n"
+            "review:\n  mode: require\n  timeout_hours: 0.0003\n  port: 0\n"
+            f"train:\n  model: resnet18\n  weights: imagenet\n  weights_url: {base}/{name}\n",
+            encoding="utf-8",
+        )
+        result = runner.invoke(app, ["run", "--config", str(config), "--workspace", str(tmp_path / "ws")])
+    assert result.exit_code == 3, result.output
+    assert "aidetect review serve" in result.output and "aidetect run" in result.output
+    # The weights training will need were fetched at the start, not after the review.
+    assert (tmp_path / "torch" / "hub" / "checkpoints" / name).read_bytes() == data
+
+
+def _hashed_weights(stem: str = "tiny") -> tuple[str, bytes]:
+    """A small state dict named <stem>-<sha256 prefix>.pth, as torch.hub checks it."""
+    buffer = io.BytesIO()
+    torch.save({"w": torch.arange(4.0)}, buffer)
+    data = buffer.getvalue()
+    return f"{stem}-{hashlib.sha256(data).hexdigest()[:8]}.pth", data
+
+
+def test_weights_fetch_stores_the_file_where_torch_looks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    name, data = _hashed_weights()
+    liar = "tiny-00000000.pth"
+    stored = tmp_path / "torch" / "hub" / "checkpoints" / name
+    with serve_files({name: data, liar: data}) as (base, hits):
+        result = runner.invoke(app, ["weights", "fetch", "resnet18", "--url", f"{base}/{name}"])
+        assert result.exit_code == 0, result.output
+        assert str(stored) in result.output and hashlib.sha256(data).hexdigest() in result.output
+        again = runner.invoke(app, ["weights", "fetch", "resnet18", "--url", f"{base}/{name}"])
+        assert again.exit_code == 0 and "already in the cache" in again.output and hits[name] == 1
+        wrong = runner.invoke(app, ["weights", "fetch", "resnet18", "--url", f"{base}/{liar}"])
+    assert stored.read_bytes() == data
+    assert wrong.exit_code == 2 and "hash" in wrong.output and not stored.with_name(liar).exists()
+    url = closed_port_url("resnet50-11ad3fa6.pth")
+    offline = runner.invoke(app, ["weights", "fetch", "--url", url])  # the model from the config: resnet50
+    assert offline.exit_code == 2
+    text = " ".join(offline.output.split())
+    assert "resnet50-11ad3fa6.pth" in text and url in text and "aidetect weights fetch resnet50" in text
+    unknown = runner.invoke(app, ["weights", "fetch", "vgg11"])
+    assert unknown.exit_code == 2 and "train.model" in unknown.output
+    unhashed = runner.invoke(app, ["weights", "fetch", "resnet18", "--url", "https://mirror.example/resnet18.pth"])
+    assert unhashed.exit_code == 2 and "sha256 prefix" in " ".join(unhashed.output.split())
+
+
+def test_run_offline_without_weights_exits_2_before_any_stage(
+    harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    make_image(tmp_path / "ai" / "prompt-a" / "v0.png", seed=1, size=(64, 64), fmt="PNG")
+    url = closed_port_url("resnet18-f37072fd.pth")
     config = tmp_path / "config.yaml"
     config.write_text(
-        f"sources:\n  folders:\n    - path: {folder}\n      label: ai\n"
-        "review:\n  mode: require\n  timeout_hours: 0.0003\n  port: 0\n",
+        f"sources:\n  folders:\n    - path: {tmp_path / 'ai'}\n      label: ai\n"
+        f"train:\n  model: resnet18\n  weights: imagenet\n  weights_url: {url}\n",
         encoding="utf-8",
     )
     result = runner.invoke(app, ["run", "--config", str(config), "--workspace", str(tmp_path / "ws")])
-    assert result.exit_code == 3, result.output
-    assert "aidetect review serve" in result.output and "aidetect run" in result.output
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert str(expected) in text and url in text and "`aidetect weights fetch resnet18`" in text
+    assert not (tmp_path / "ws").exists()  # no stage ran: nothing crawled, no workspace, no MLflow run

@@ -50,13 +50,16 @@ def test_full_pipeline_then_resume_then_all_cached(harness, tmp_path: Path):
     dataset = demo_data.generate_demo_dataset(tmp_path / "data", n_persons_per_class=10, image_size=64, seed=3)
     root = tmp_path / "ws"
     with demo_data.search_site(dataset) as endpoint:
-        # 1. A run that fails in the train stage (its weights file does not exist).
-        broken = _config(dataset, endpoint, root, ["train.weights=/nonexistent/weights.pt"])
+        # 1. A run that fails in the train stage (its weights file is not a state dict; a missing file would stop
+        # the run before the crawl).
+        garbage = tmp_path / "garbage-weights.pt"
+        garbage.write_bytes(b"not a state dict")
+        broken = _config(dataset, endpoint, root, [f"train.weights={garbage}"])
         started = time.perf_counter()
         state = pipeline(broken, return_state=True)
         broken_seconds = time.perf_counter() - started
         assert state.is_failed()
-        assert "nonexistent" in str(state.result(raise_on_failure=False))
+        assert "garbage-weights.pt" in str(state.result(raise_on_failure=False))
 
         # 2. Fixed and run again: the crawl runs (it always does) and finds nothing new, so everything before train
         # comes from the cache.

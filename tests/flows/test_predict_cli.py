@@ -1,4 +1,4 @@
-"""`aidetect predict`: a checkpoint path, JSON output, per-file errors, CAM overlays, missing models."""
+"""`aidetect predict`: a checkpoint path, JSON output, per-file errors, CAM overlays, missing models, --device."""
 
 from __future__ import annotations
 
@@ -117,3 +117,15 @@ def test_predict_with_a_run_without_calibration_says_so(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "records no calibration" in result.stderr, result.output
     row = json.loads(result.stdout)[0]
     assert row["p_ai"] == row["p_ai_raw"]
+def test_predict_device_option(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "a.jpg")
+    model = str(checkpoint(tmp_path))
+    on_cpu = runner.invoke(app, ["predict", str(image), "--model", model, "--json", "--device", "cpu"])
+    auto = runner.invoke(app, ["predict", str(image), "--model", model, "--json"])
+    assert on_cpu.exit_code == 0 and auto.exit_code == 0, on_cpu.output + auto.output
+    assert json.loads(on_cpu.stdout)[0]["p_ai"] == pytest.approx(json.loads(auto.stdout)[0]["p_ai"], abs=2e-3)
+    wrong = runner.invoke(app, ["predict", str(image), "--model", model, "--device", "gpu"])
+    assert wrong.exit_code == 2 and "--device" in wrong.output and "cuda:N" in wrong.output
+    if not torch.cuda.is_available():
+        missing = runner.invoke(app, ["predict", str(image), "--model", model, "--device", "cuda:0"])
+        assert missing.exit_code == 2 and "no CUDA device" in missing.output
