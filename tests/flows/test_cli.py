@@ -62,3 +62,18 @@ def test_review_timeout_exits_3_with_how_to_continue(harness, tmp_path: Path):
     result = runner.invoke(app, ["run", "--config", str(config), "--workspace", str(tmp_path / "ws")])
     assert result.exit_code == 3, result.output
     assert "aidetect review serve" in result.output and "aidetect run" in result.output
+
+
+def test_status_and_ui_use_the_configured_tracking_server_and_say_when_it_is_down(tmp_path: Path):
+    from pipeline_lib.workspace import Workspace
+    from tests.flows.mlflow_server import free_port
+
+    ws = Workspace.create(tmp_path / "ws").root
+    down = f"http://127.0.0.1:{free_port()}"
+    result = runner.invoke(app, ["status", "--workspace", str(ws), "--set", f"tracking.uri={down}", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["tracking_uri"] == down and info["runs"] == []
+    assert info["runs_error"] == f"no MLflow tracking server answers at {down} (tracking.uri)"
+    result = runner.invoke(app, ["ui", "--workspace", str(ws), "--set", f"tracking.uri={down}"])
+    assert result.exit_code == 0 and f"MLflow UI: {down}  (the tracking server of tracking.uri)" in result.output
