@@ -201,7 +201,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 def tracked_stages(
     config: PipelineConfig, run_name: str, tags: dict[str, str]
 ) -> Iterator[tuple[Workspace, StageRecorder, tracking_lib.Tracker]]:
-    """What a flow's stages run in: the workspace, Prefect results stored inside it, an MLflow run and a recorder.
+    """What a flow's stages run in: the workspace, Prefect results stored inside it, the task runner of
+    config.execution for the per-image chunks (stage_task_runner), an MLflow run and a recorder.
 
     The MLflow run ends FINISHED with the block, FAILED when the block raises (a suspended review gate included).
     """
