@@ -80,13 +80,20 @@ def _print_summary(summary: dict[str, Any]) -> None:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW if ("minimum" in note or "[warn]" in note) else None)
     typer.echo(f"report: {summary['report']}")
     typer.echo(f"model registry: {summary['registry']}")
-    typer.echo(
-        f"MLflow run {summary['mlflow_run_id']}: open the UI with `aidetect ui --workspace {summary['workspace']}`"
-    )
+    uri = str(summary.get("tracking_uri", ""))
+    if uri.startswith(("http://", "https://")):
+        typer.echo(f"MLflow run {summary['mlflow_run_id']}: in the UI of the tracking server {uri}")
+    elif uri.startswith("sqlite:") and uri.endswith(f"{summary['workspace']}/mlflow.db"):
+        typer.echo(
+            f"MLflow run {summary['mlflow_run_id']}: open the UI with `aidetect ui --workspace {summary['workspace']}`"
+        )
+    else:
+        typer.echo(f"MLflow run {summary['mlflow_run_id']}: open the UI with `aidetect ui` and this run's --config")
 
 
 def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     from flows.pipeline import run_pipeline
+    from pipeline_lib.cluster import ClusterError
     from pipeline_lib.models import WeightsError, WeightsNotFoundError
     from pipeline_lib.split import SplitError
 
@@ -95,7 +102,7 @@ def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     except ReviewPending as error:
         _fail(str(error), code=3)
         raise
-    except (ConfigError, SplitError, WeightsNotFoundError, WeightsError, WorkspaceError) as error:
+    except (ClusterError, ConfigError, SplitError, WeightsNotFoundError, WeightsError, WorkspaceError) as error:
         _fail(f"{type(error).__name__}: {error}")
         raise
     except Exception as error:
@@ -227,19 +234,26 @@ def demo(
 
 
 @app.command()
-def status(workspace: WorkspaceOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False):
-    """Catalog counts by status, label and split; pending reviews; last runs."""
-    from pipeline_lib import tracking
+def status(
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+):
+    """Catalog counts by status, label and split; pending reviews; last runs (from tracking.uri of the config)."""
     from pipeline_lib.status import workspace_status
 
-    ws = _workspace(workspace)
+    cfg = _config(config, workspace, set_, False)
+    ws = _workspace(cfg.execution.workspace)
     info = workspace_status(ws)
-    info["runs"] = (
-        tracking.recent_runs(tracking.tracking_uri(None, ws), "aidetect") if (ws.root / "mlflow.db").exists() else []
-    )
+    info["tracking_uri"], info["runs"], runs_error = _recent_runs(cfg, ws)
+    if runs_error:
+        info["runs_error"] = runs_error
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
+    if runs_error:
+        typer.secho(f"runs: {runs_error}", fg=typer.colors.YELLOW)
     typer.echo(f"workspace: {info['workspace']} (latest stage: {info['stage']})")
     typer.echo(f"images: {info['images']}")
     for key in ("status", "label", "split"):
@@ -251,6 +265,18 @@ def status(workspace: WorkspaceOpt = None, as_json: Annotated[bool, typer.Option
             f"  run {run_info['run_id'][:8]} {run_info['status']} {run_info['start_time']} "
             f"acc={run_info['test_accuracy']}"
         )
+
+
+def _recent_runs(cfg: PipelineConfig, ws: Workspace) -> tuple[str, list[dict[str, Any]], str]:
+    """(tracking URI, the latest pipeline runs there, why they could not be read or '')."""
+    from pipeline_lib import tracking
+
+    uri = tracking.tracking_uri(cfg.tracking.uri, ws)
+    if cfg.tracking.uri is None and not (ws.root / "mlflow.db").exists():
+        return uri, [], ""
+    if tracking.is_server(uri) and not _server_is_up(uri):
+        return uri, [], f"no MLflow tracking server answers at {uri} (tracking.uri)"
+    return uri, tracking.recent_runs(uri, cfg.tracking.experiment), ""
 
 
 @review_app.command("status")
@@ -405,15 +431,31 @@ def review_done(
 
 
 @app.command()
-def ui(workspace: WorkspaceOpt = None, port: int = 5000, host: str = "127.0.0.1"):
-    """Start the MLflow UI on the workspace's tracking store (and say how to start Prefect's)."""
-    ws = _workspace(workspace)
+def ui(
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    port: Annotated[int | None, typer.Option(help="Port of the UI (default 5000).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address of the UI (default 127.0.0.1).")] = None,
+):
+    """The MLflow UI of tracking.uri: a tracking server's own, or started here on a database store (default: the
+    workspace's SQLite); and how to start Prefect's."""
+    from pipeline_lib import tracking
+
+    cfg = _config(config, workspace, set_, False)
+    prefect_hint = "Prefect UI: run `prefect server start` in another shell, then http://127.0.0.1:4200"
+    if cfg.tracking.uri and tracking.is_server(cfg.tracking.uri):
+        typer.echo(f"MLflow UI: {tracking.ui_address(cfg.tracking.uri)}  (the tracking server of tracking.uri)")
+        typer.echo(prefect_hint)
+        return
+    ws = _workspace(cfg.execution.workspace)
+    uri = tracking.tracking_uri(cfg.tracking.uri, ws)
+    host, port = host or tracking.LOCAL_UI_HOST, port or tracking.LOCAL_UI_PORT
     mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-    uri = f"sqlite:///{ws.root / 'mlflow.db'}"
     typer.echo(f"MLflow UI: http://{host}:{port}  (store {uri})")
-    typer.echo("Prefect UI: run `prefect server start` in another shell, then http://127.0.0.1:4200")
+    typer.echo(prefect_hint)
     command = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    command += ["--default-artifact-root", (ws.root / "mlartifacts").as_uri()]
+    command += ["--default-artifact-root", tracking.artifact_root(ws)]
     os.execv(command[0], command) if os.name == "posix" else subprocess.run(command, check=False)
 
 

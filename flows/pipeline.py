@@ -11,13 +11,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.context import get_run_context
+from prefect.context import FlowRunContext, get_run_context
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.states import State
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from flows import review_gate
-from pipeline_lib import cachekey
+from pipeline_lib import cachekey, cluster
 from pipeline_lib import split as split_lib
 from pipeline_lib import tracking as tracking_lib
 from pipeline_lib.config import DedupConfig, ExecutionConfig, IngestConfig, NormalizeConfig, PipelineConfig
@@ -132,6 +132,8 @@ def _per_image_stage(
         futures = list(mapped.map(unmapped(root), chunks, *[unmapped(param) for param in params]))
     for future in futures:
         future.wait()
+        if not future.state.is_final():  # the runner lost the task before it ran: raise the runner's own error
+            future.result()
         if not future.state.is_completed():
             return future.state
     results = [future.result() for future in futures]
@@ -173,6 +175,21 @@ def make_task_runner(execution: ExecutionConfig) -> TaskRunner:
     if execution.task_runner == "processes":
         return ProcessPoolTaskRunner(max_workers=execution.max_workers)
     return ThreadPoolTaskRunner(max_workers=execution.max_workers)
+
+
+@contextlib.contextmanager
+def stage_task_runner(execution: ExecutionConfig, workspace: Workspace) -> Iterator[TaskRunner]:
+    """Map the per-image tasks of this flow run on the task runner execution asks for, whatever runner the flow was
+    started with (a deployment's flow runs on threads); an existing Dask cluster must first show that every worker
+    sees the workspace (cluster.ClusterError if not). Only the mapped chunk tasks go to that runner: every other
+    stage (plan, merge, dedup, split, train, ...) runs in the flow's own process."""
+    if execution.task_runner == "dask" and execution.dask_address:
+        cluster.check_workers_see(execution.dask_address, workspace.root)
+    context = FlowRunContext.get()
+    if context is None:
+        raise RuntimeError("stage_task_runner needs a flow run")
+    with make_task_runner(execution) as runner, context.model_copy(update={"task_runner": runner}):
+        yield runner
 
 
 def _flow_run_tags(kind: str = "pipeline") -> dict[str, str]:
@@ -217,20 +234,22 @@ def pipeline_in_current_flow(config: PipelineConfig) -> dict[str, Any]:
 
 
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
-    """Run the pipeline flow with the task runner config.execution asks for."""
-    return pipeline.with_options(task_runner=make_task_runner(config.execution))(config)
+    """Run the pipeline flow; its per-image tasks map on the task runner config.execution asks for."""
+    return pipeline(config)
 
 
 @contextlib.contextmanager
 def tracked_stages(
     config: PipelineConfig, run_name: str, tags: dict[str, str]
 ) -> Iterator[tuple[Workspace, StageRecorder, tracking_lib.Tracker]]:
-    """What a flow's stages run in: the workspace, Prefect results stored inside it, an MLflow run and a recorder.
+    """What a flow's stages run in: the workspace, Prefect results stored inside it, the task runner of
+    config.execution for the per-image chunks (stage_task_runner), an MLflow run and a recorder.
 
     The MLflow run ends FINISHED with the block, FAILED when the block raises (a suspended review gate included).
     """
     workspace = Workspace.create(config.execution.workspace)
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(workspace.prefect / "results")}):
+    settings = temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(workspace.prefect / "results")})
+    with settings, stage_task_runner(config.execution, workspace):
         tracker = track.start_tracking(str(workspace.root), config, run_name, tags)
         recorder = StageRecorder(workspace, config.execution.refresh_cache, tracker)
         try:
@@ -355,11 +374,8 @@ def _publish(summary: dict[str, Any], tracker: tracking_lib.Tracker) -> None:
         f"- pipeline seconds: {summary['seconds']}",
     ]
     create_markdown_artifact("\n".join(lines), key="aidetect-summary", description="aidetect run summary")
-    create_link_artifact(
-        f"http://127.0.0.1:5000/{tracker.run_url()}",
-        link_text="MLflow run (after `aidetect ui`)",
-        key="aidetect-mlflow-run",
-    )
+    link, text = tracker.ui_link()
+    create_link_artifact(link, link_text=text, key="aidetect-mlflow-run")
 
 
 @flow(name="aidetect-crawl")

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 IMAGE_SIZE_TAG = "image_size"  # model version tag: the square input size the model was trained at
 CALIBRATION_TAG = "calibration"  # model version tag: JSON with the temperature and normalisation policy
+LOCAL_UI_HOST, LOCAL_UI_PORT = "127.0.0.1", 5000  # where `aidetect ui` serves a store that has no server of its own
 
 
 class ModelNotFoundError(LookupError):
@@ -35,6 +36,16 @@ class ModelNotFoundError(LookupError):
 def tracking_uri(uri: str | None, workspace: Workspace) -> str:
     """The configured tracking URI, or the embedded SQLite store inside the workspace."""
     return uri or f"sqlite:///{workspace.root / 'mlflow.db'}"
+
+
+def is_server(uri: str) -> bool:
+    """True if uri is an MLflow tracking server (http/https), which serves its own UI and artifacts."""
+    return uri.startswith(("http://", "https://"))
+
+
+def ui_address(uri: str) -> str:
+    """Where the MLflow UI of a tracking URI is: the server itself, or where `aidetect ui` serves a database store."""
+    return uri.rstrip("/") if is_server(uri) else f"http://{LOCAL_UI_HOST}:{LOCAL_UI_PORT}"
 
 
 def artifact_root(workspace: Workspace) -> str:
@@ -114,6 +125,11 @@ class Tracker:
         run = self.client.get_run(self.run_id)
         return f"#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
 
+    def ui_link(self) -> tuple[str, str]:
+        """(URL of the run in the MLflow UI of this tracking URI, link text saying whether `aidetect ui` must run)."""
+        url = f"{ui_address(self.uri)}/{self.run_url()}"
+        return url, "MLflow run" if is_server(self.uri) else "MLflow run (after `aidetect ui`)"
+
 
 def _metric_rows(metrics: Mapping[str, float], step: int | None = None) -> list[Any]:
     """MLflow Metric entities of the finite values (NaN and inf are skipped with a debug line)."""
@@ -133,13 +149,13 @@ def _now_ms() -> int:
 
 
 def ensure_experiment(uri: str, name: str, workspace: Workspace) -> str:
-    """Id of the named experiment, created with its artifacts inside the workspace if new."""
+    """Id of the named experiment; a new one keeps its artifacts in the workspace, unless a tracking server has them."""
     client = MlflowClient(tracking_uri=uri)
     with _quiet():
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        location = artifact_root(workspace) if uri.startswith("sqlite:") else None
+        location = None if is_server(uri) else artifact_root(workspace)
         return client.create_experiment(name, artifact_location=location)
 
 
@@ -396,7 +412,9 @@ def register_model(
         if calibration is not None:
             tags[CALIBRATION_TAG] = calibration
             client.set_tag(tracker.run_id, f"aidetect.{CALIBRATION_TAG}", calibration)  # predict --model RUN_ID
-        version = client.create_model_version(name, model_uri, run_id=tracker.run_id, tags=tags)
+        version = client.create_model_version(
+            name, model_uri, run_id=tracker.run_id, tags=tags, model_id=_logged_model_id(model_uri)
+        )
         client.set_model_version_tag(name, version.version, "test_accuracy", f"{score:.6f}")
     if current is not None and champion_score is not None and not_comparable is None:
         _record_rescore(client, name, str(current.version), test_digest, champion_score, tracker.run_id)
@@ -416,6 +434,11 @@ def register_model(
         alias=alias,
         comparable=not_comparable is None,
     )
+
+
+def _logged_model_id(model_uri: str) -> str | None:
+    """The logged model's id in a models:/m-<id> URI (a tracking server requires it with such a source), else None."""
+    return model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
 
 
 def _record_rescore(

@@ -48,16 +48,20 @@ def stop(server: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, artifact_root: Path, seconds: float = 120) -> Iterator[str]:
-    """Start `mlflow server` on 127.0.0.1 (stopped on exit); yield its base URL once /health answers."""
+def mlflow_server(backend_uri: str, artifact_root: Path, seconds: float = 120, proxy: bool = False) -> Iterator[str]:
+    """Start `mlflow server` on 127.0.0.1 (stopped on exit); yield its base URL once /health answers.
+
+    proxy: the server stores artifacts under artifact_root itself (--artifacts-destination) and clients upload them
+    through it, as in the team setup (deploy/); otherwise clients write to artifact_root directly.
+    """
     port = free_port()
+    artifacts = ["--artifacts-destination" if proxy else "--default-artifact-root", artifact_root.as_uri()]
     command = [
         str(Path(sys.executable).parent / "mlflow"),
         "server",
         "--backend-store-uri",
         backend_uri,
-        "--default-artifact-root",
-        artifact_root.as_uri(),
+        *artifacts,
         "--host",
         "127.0.0.1",
         "--port",
@@ -77,4 +81,13 @@ def mlflow_server(backend_uri: str, artifact_root: Path, seconds: float = 120) -
 def get_json(base: str, path: str) -> dict[str, Any]:
     """GET a REST endpoint of the MLflow server and decode its JSON."""
     with urllib.request.urlopen(f"{base}{path}", timeout=30) as response:
+        return json.loads(response.read().decode("utf-8"))
+
+
+def post_json(base: str, path: str, body: dict[str, Any]) -> Any:
+    """POST a JSON body to a server's REST API (MLflow's searches, Prefect's filters) and decode its JSON answer."""
+    request = urllib.request.Request(
+        f"{base}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read().decode("utf-8"))

@@ -126,3 +126,18 @@ def test_run_offline_without_weights_exits_2_before_any_stage(
     expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     assert str(expected) in text and url in text and "`aidetect weights fetch resnet18`" in text
     assert not (tmp_path / "ws").exists()  # no stage ran: nothing crawled, no workspace, no MLflow run
+
+
+def test_status_and_ui_use_the_configured_tracking_server_and_say_when_it_is_down(tmp_path: Path):
+    from pipeline_lib.workspace import Workspace
+    from tests.flows.mlflow_server import free_port
+
+    ws = Workspace.create(tmp_path / "ws").root
+    down = f"http://127.0.0.1:{free_port()}"
+    result = runner.invoke(app, ["status", "--workspace", str(ws), "--set", f"tracking.uri={down}", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["tracking_uri"] == down and info["runs"] == []
+    assert info["runs_error"] == f"no MLflow tracking server answers at {down} (tracking.uri)"
+    result = runner.invoke(app, ["ui", "--workspace", str(ws), "--set", f"tracking.uri={down}"])
+    assert result.exit_code == 0 and f"MLflow UI: {down}  (the tracking server of tracking.uri)" in result.output

@@ -1,5 +1,6 @@
-"""The mapped ingest, fingerprint and preprocess stages on a real Dask LocalCluster (loopback) give the same catalog
-and tensors as the thread runner."""
+"""The mapped ingest, fingerprint and preprocess stages give the same catalog and tensors on threads, on a process
+pool and on a Dask cluster of `dask scheduler` + `dask worker` processes (loopback); a cluster whose workers cannot
+see the workspace stops a run before its first stage."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from distributed import LocalCluster
+import yaml
 from prefect import flow
+from typer.testing import CliRunner
 
+from flows.cli import app
 from flows.pipeline import _crawl_and_ingest, fingerprint_stage, make_task_runner, preprocess_stage, tracked_stages
 from pipeline_lib import fingerprint as fingerprint_lib
 from pipeline_lib import preprocess as preprocess_lib
@@ -22,6 +25,7 @@ from pipeline_lib.catalog import STATUS_OK, read_snapshot, write_snapshot
 from pipeline_lib.config import ExecutionConfig, PipelineConfig, build_config
 from pipeline_lib.workspace import Ref, Workspace
 from tests.conftest import make_image
+from tests.flows.team_servers import chunk_tasks_on, dask_cluster
 
 HASH_COLUMNS = ["sha256", "path", "status", "phash", "dhash"]
 INGEST_COLUMNS = ["sha256", "path", "status", "width", "height", "format", "mode", "n_bytes", "label", "group"]
@@ -73,7 +77,8 @@ def _config(data: Path, root: Path, execution: dict[str, Any]) -> PipelineConfig
 
 
 def _run(config: PipelineConfig) -> dict[str, Any]:
-    return fingerprint_flow.with_options(task_runner=make_task_runner(config.execution))(config)
+    """The flow as a deployment would start it (default runner): the stages map on config.execution's runner."""
+    return fingerprint_flow(config)
 
 
 def _hashes(result: dict[str, Any], root: Path) -> pd.DataFrame:
@@ -91,14 +96,8 @@ def _tensors(root: Path, shas: list[str]) -> dict[str, np.ndarray]:
     return {sha: np.load(preprocess_lib.tensor_path(workspace, sha, IMAGE_SIZE)) for sha in shas}
 
 
-def _cluster_tasks(cluster: LocalCluster, part: str) -> int:
-    """How many tasks whose name contains part (e.g. hash for hash_chunk) the cluster's scheduler has run."""
-    prefixes = cluster.scheduler.task_prefixes
-    return sum(sum(prefix.state_counts.values()) for name, prefix in prefixes.items() if part in name)
-
-
-@pytest.mark.timeout(120)
-def test_per_image_stages_on_dask_cluster_equal_threads(harness, tmp_path: Path):
+@pytest.mark.timeout(300)
+def test_per_image_stages_on_processes_and_a_dask_cluster_equal_threads(harness, tmp_path: Path):
     data = tmp_path / "data"
     _images(data)
     threads = _run(_config(data, tmp_path / "threads", {"task_runner": "threads", "max_workers": 2}))
@@ -109,13 +108,17 @@ def test_per_image_stages_on_dask_cluster_equal_threads(harness, tmp_path: Path)
     for row in ok.itertuples():  # the mapped chunks hash exactly like the pure function
         assert (row.phash, row.dhash) == fingerprint_lib.hash_pair(tmp_path / "threads" / row.path)
 
-    cluster_kwargs = {"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
-    with LocalCluster(host="127.0.0.1", **cluster_kwargs) as cluster:
-        address = cluster.scheduler_address
+    processes = _run(_config(data, tmp_path / "processes", {"task_runner": "processes", "max_workers": 2}))
+    pd.testing.assert_frame_equal(_hashes(processes, tmp_path / "processes"), expected)
+    pd.testing.assert_frame_equal(
+        _ingested(processes, tmp_path / "processes"), _ingested(threads, tmp_path / "threads")
+    )
+
+    with dask_cluster(tmp_path, n_workers=2) as address:
         dask_config = _config(data, tmp_path / "dask", {"task_runner": "dask", "dask_address": address})
         on_dask = _run(dask_config)
-        for part in ("validate", "hash", "tensor"):  # 12 distinct images in chunks of 3 ran on the cluster
-            assert _cluster_tasks(cluster, part) >= 4, (part, list(cluster.scheduler.task_prefixes))
+        ran = chunk_tasks_on(address)  # 12 distinct images in chunks of 3 ran on the 2 worker processes
+        assert ran["worker_processes"] == 2 and all(ran[part] >= 4 for part in ("validate", "hash", "tensor")), ran
         again = _run(dask_config)
 
     pd.testing.assert_frame_equal(_hashes(on_dask, tmp_path / "dask"), expected)
@@ -155,3 +158,26 @@ def test_task_runner_choice():
     assert local.cluster_kwargs["n_workers"] == 3 and local.cluster_kwargs["host"] == "127.0.0.1"
     with pytest.raises(ValueError, match="task_runner"):
         ExecutionConfig(task_runner="gpu")
+
+
+@pytest.mark.timeout(240)
+def test_a_run_on_a_cluster_whose_workers_cannot_see_the_workspace_stops_before_any_stage(harness, tmp_path: Path):
+    data, root = tmp_path / "data", tmp_path / "ws"
+    _images(data)
+    root.mkdir()  # the workers get an empty folder of their own at this path (as on a machine without the share)
+    with dask_cluster(tmp_path, n_workers=1, hidden=root) as address:
+        config = tmp_path / "config.yaml"
+        mapping = {
+            "sources": {"folders": [{"path": str(data / "real"), "label": "real"}]},
+            "execution": {"workspace": str(root), "task_runner": "dask", "dask_address": address},
+            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        }
+        config.write_text(yaml.safe_dump(mapping), encoding="utf-8")
+        result = CliRunner().invoke(app, ["run", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert f"1 of 1 Dask worker(s) of {address} cannot use the workspace {root}" in message, message
+    assert "cannot read" in message and "same path" in message, message
+    assert not (root / "catalog").exists() or not list((root / "catalog").iterdir())  # no stage ran
+    assert not (root / "crawl" / "log.parquet").exists()
+    assert [path.name for path in root.iterdir() if path.name.startswith(".cluster-check")] == []

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,10 +11,9 @@ from prefect.client.schemas.schedules import CronSchedule
 
 from flows.deployments import entrypoint_flow, read_deployments, runner_deployments
 from tests.conftest import make_image
-from tests.flows.mlflow_server import free_port, stop, wait_healthy
+from tests.flows import team_servers
 
 ROOT = Path(__file__).resolve().parents[2]
-PREFECT = str(Path(sys.executable).parent / "prefect")
 
 
 def test_every_deployment_points_at_a_flow_that_accepts_its_parameters():
@@ -38,43 +34,13 @@ def test_every_deployment_points_at_a_flow_that_accepts_its_parameters():
 
 @pytest.fixture
 def prefect_server(tmp_path: Path):
-    """A real Prefect server on loopback with its own database; stopped at the end of the test."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-    }
-    env.pop("PREFECT_API_URL", None)
-    server = subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_healthy(f"{api}/health", server, 90)
-        yield {**env, "PREFECT_API_URL": api, "PWD": str(ROOT)}
-    finally:
-        stop(server)
+    """A real Prefect server on loopback with its own SQLite database; stopped at the end of the test."""
+    with team_servers.prefect_server(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}") as env:
+        yield {**env, "PWD": str(ROOT)}
 
 
 def _prefect(env: dict[str, str], *args: str, timeout: float = 240) -> str:
-    done = subprocess.run(
-        [PREFECT, "--no-prompt", *args],
-        env={**env, "COLUMNS": "300"},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
+    return team_servers.prefect_cli(env, *args, cwd=ROOT, timeout=timeout)
 
 
 @pytest.mark.slow
