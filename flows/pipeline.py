@@ -115,10 +115,18 @@ def preprocess_stage(
     return _per_image_stage(workspace, refresh, tasks, catalog, (size, policy), chunk_size)
 
 
-def ingest_stage(workspace: Workspace, refresh: bool, crawl_log: Ref, config: IngestConfig, chunk_size: int) -> State:
-    """Plan, validate the new files in chunks, merge (place files in store/ or quarantine/, snapshot the catalog)."""
+def ingest_stage(
+    workspace: Workspace,
+    refresh: bool,
+    crawl_log: Ref,
+    config: IngestConfig,
+    chunk_size: int,
+    hashing: tuple[str, int] | None = None,
+) -> State:
+    """Plan, validate (and hash, one decode) the new files in chunks, merge (place files in store/ or quarantine/,
+    hashes into the fingerprint cache, snapshot the catalog)."""
     tasks = (per_image.plan_ingest, per_image.validate_chunk, per_image.merge_ingest)
-    return _per_image_stage(workspace, refresh, tasks, crawl_log, (config,), chunk_size)
+    return _per_image_stage(workspace, refresh, tasks, crawl_log, (config, hashing), chunk_size)
 
 
 def make_task_runner(execution: ExecutionConfig) -> TaskRunner:
@@ -214,7 +222,8 @@ def _crawl_and_ingest(
         digest = file_sha256(log_file) if log_file.is_file() else ""
         crawled = run.run("crawl", stages.current_crawl_log, root, digest)
     started = time.perf_counter()
-    state = ingest_stage(workspace, run.refresh, crawled.catalog, config.ingest, config.execution.chunk_size)
+    hashing = (config.dedup.algorithm, config.dedup.hash_size)  # ingest's decode fills the fingerprint cache
+    state = ingest_stage(workspace, run.refresh, crawled.catalog, config.ingest, config.execution.chunk_size, hashing)
     return crawled, run.record("ingest", state, time.perf_counter() - started)
 
 
