@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,14 +156,45 @@ def atomic_path(target: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def atomic_write_bytes(target: Path, data: bytes) -> Path:
-    """Write data to target atomically (no partial file is ever visible at target)."""
+def atomic_write_bytes(target: Path, data: bytes, durable: bool = True) -> Path:
+    """Write data to target atomically (no partial file is ever visible at target).
+
+    durable: fsync the data before the rename. Without it the caller makes a batch durable later (sync_files).
+    """
     with atomic_path(target) as tmp:
         with open(tmp, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
     return Path(target)
+
+
+def sync_files(paths: Iterable[Path]) -> int:
+    """fsync each file, then each distinct folder holding them once (their new names); return the folder count.
+
+    Makes a batch of atomic_write_bytes(..., durable=False) writes durable: after a crash each file is whole or
+    absent once this returned. Files that vanished since (moved on by a later stage) are skipped.
+    """
+    folders: set[Path] = set()
+    for path in paths:
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        folders.add(Path(path).parent)
+    if os.name == "posix":  # a folder cannot be opened for fsync elsewhere
+        for folder in folders:
+            descriptor = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+    return len(folders)
 
 
 def atomic_write_text(target: Path, text: str) -> Path:
