@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -62,3 +63,30 @@ def test_review_timeout_exits_3_with_how_to_continue(harness, tmp_path: Path):
     result = runner.invoke(app, ["run", "--config", str(config), "--workspace", str(tmp_path / "ws")])
     assert result.exit_code == 3, result.output
     assert "aidetect review serve" in result.output and "aidetect run" in result.output
+
+
+def test_review_pack_is_built_on_request_with_the_decisions_so_far(tmp_path: Path):
+    from pipeline_lib.catalog import new_rows, write_snapshot
+    from pipeline_lib.review import Decision, append_decisions, thumbnail_path
+    from pipeline_lib.workspace import Workspace
+
+    result = runner.invoke(app, ["review", "pack", "--workspace", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "nowhere" in result.output
+    workspace = Workspace.create(tmp_path / "ws")
+    result = runner.invoke(app, ["review", "pack", "--workspace", str(workspace.root)])
+    assert result.exit_code == 2 and "nothing to review yet" in result.output
+    rows = []
+    for seed in range(3):
+        sha = f"{seed}".ljust(64, "a")
+        path = make_image(workspace.store / sha[:2] / f"{sha}.jpg", seed=seed, size=(640, 480))
+        rows.append({"sha256": sha, "path": workspace.relative(path), "label": "real", "group": "g", "status": "ok"})
+    write_snapshot(workspace, "dedup", new_rows(rows))
+    append_decisions(workspace, [Decision(rows[0]["sha256"], "reject", "unrelated", "me")])
+    result = runner.invoke(app, ["review", "pack", "--workspace", str(workspace.root), "--thumbnail-size", "64"])
+    assert result.exit_code == 0, result.output
+    assert "2 image(s) undecided" in result.output
+    page = (workspace.review / "pack" / "index.html").read_text(encoding="utf-8")
+    assert "2 pending" in page and page.count("<figure") == 2, "the rejected image is not shown"
+    for row in rows[1:]:
+        with Image.open(thumbnail_path(workspace, row["sha256"])) as thumb:
+            assert max(thumb.size) == 64
