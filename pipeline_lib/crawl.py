@@ -83,6 +83,7 @@ MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024
 BACKOFF_BASE_S = 0.2
 CHECKPOINT_INTERVAL_S = 5.0
 POLL_INTERVAL_S = 0.05
+QUEUE_TIMEOUT_S = 0.05  # how long an idle downloader thread waits before it checks whether the parsers are done
 NO_RESULTS = "no results"
 INCOMPLETE_READ = re.compile(r"IncompleteRead\((\d+) bytes read")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -483,7 +484,9 @@ class WorkspaceDownloader(ImageDownloader):
         self._pending = 0
         self._seen: set[str] = set()
 
-    def worker_exec(self, max_num: int, default_ext: str = "jpg", queue_timeout: float = 0.2, **kwargs: Any) -> None:
+    def worker_exec(
+        self, max_num: int, default_ext: str = "jpg", queue_timeout: float = QUEUE_TIMEOUT_S, **kwargs: Any
+    ) -> None:
         """Take tasks until the parsers are done (an empty queue alone does not end the worker)."""
         self.max_num = max_num
         while not self.signal.get("reach_max_num"):

@@ -22,7 +22,7 @@ from pipeline_lib.config import IngestConfig
 from pipeline_lib.fingerprint import store_hashes
 from pipeline_lib.jobs import SHA_MISMATCH, Validated, ValidateJob, map_jobs, validate_job
 from pipeline_lib.validate import ImageCheck
-from pipeline_lib.workspace import Workspace, atomic_write_text, file_sha256
+from pipeline_lib.workspace import Workspace, atomic_write_bytes, file_sha256, sync_files
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,9 @@ def _read_record(path: Path) -> ImageCheck | None:
 
 
 def _write_record(workspace: Workspace, sha256: str, check: ImageCheck) -> None:
+    """Write the record atomically; place_files makes its batch of records durable at once (sync_files)."""
     text = json.dumps(dataclasses.asdict(check), sort_keys=True)
-    atomic_write_text(validation_record_path(workspace, sha256), text)
+    atomic_write_bytes(validation_record_path(workspace, sha256), text.encode("utf-8"), durable=False)
 
 
 def _stored_copies(workspace: Workspace, sha256: str, ext: str) -> list[Path]:
@@ -221,6 +222,8 @@ def place_files(
             found[done.sha256] = done.hashes
     for job in jobs:
         placements[job.sha256] = _place(workspace, job.sha256, Path(job.source), known[job.sha256])
+    placed = [workspace.root / placements[job.sha256].path for job in jobs]
+    sync_files([validation_record_path(workspace, job.sha256) for job in jobs] + placed)  # records, moves
     n_known = len(files) - len(jobs)
     log.info("ingest: %d files, %d validated now (%d here), %d known before", len(files), len(jobs), len(late), n_known)
     if hashing is not None:
