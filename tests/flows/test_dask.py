@@ -114,8 +114,9 @@ def test_per_image_stages_on_dask_cluster_equal_threads(harness, tmp_path: Path)
         address = cluster.scheduler_address
         dask_config = _config(data, tmp_path / "dask", {"task_runner": "dask", "dask_address": address})
         on_dask = _run(dask_config)
-        for part in ("validate", "hash", "tensor"):  # 12 distinct images in chunks of 3 ran on the cluster
+        for part in ("validate", "tensor"):  # 12 distinct images in chunks of 3 ran on the cluster
             assert _cluster_tasks(cluster, part) >= 4, (part, list(cluster.scheduler.task_prefixes))
+        assert _cluster_tasks(cluster, "hash") == 0, "the validate chunks hashed every image: none left to hash"
         again = _run(dask_config)
 
     pd.testing.assert_frame_equal(_hashes(on_dask, tmp_path / "dask"), expected)
@@ -133,7 +134,8 @@ def test_per_image_stages_on_dask_cluster_equal_threads(harness, tmp_path: Path)
     assert again["catalog"] == on_dask["catalog"]
     stages = tracking.stage_runs(on_dask["tracker"])
     assert set(stages) == {"crawl", "ingest", "fingerprint", "preprocess"}, stages
-    assert stages["fingerprint"]["metrics"]["fingerprint.hashed"] == 12
+    assert stages["fingerprint"]["metrics"]["fingerprint.hashed"] == 0  # ingest's decode hashed them
+    assert stages["fingerprint"]["metrics"]["fingerprint.cached"] == 12
     assert stages["preprocess"]["metrics"]["preprocess.new_tensors"] == 12
     assert stages["ingest"]["metrics"]["ingest.ok"] == 13 and stages["ingest"]["state"] == "Completed"
     thread_ingest = tracking.stage_runs(threads["tracker"])["ingest"]["metrics"]
