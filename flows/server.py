@@ -147,6 +147,9 @@ def stop_server(home: Path, timeout_s: float = 60.0) -> ServerRecord | None:
     record = read_record(home)
     if record is None:
         return None
+    if not is_up(record.api_url):  # gone already (e.g. after a reboot): its pid may belong to another process now
+        record_path(home).unlink(missing_ok=True)
+        return record
     _terminate(record.pid)
     deadline = time.monotonic() + timeout_s
     while _alive(record.pid) and is_up(record.api_url):
