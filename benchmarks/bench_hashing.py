@@ -11,6 +11,7 @@ import json
 import logging
 import multiprocessing
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,9 +28,10 @@ import scipy.fftpack
 from PIL import Image
 from synthetic import photo_like_image
 
-from pipeline_lib import fingerprint
+from pipeline_lib import fingerprint, hashing, jobs
 from pipeline_lib.catalog import new_rows
-from pipeline_lib.fingerprint import fingerprint_catalog_with_stats, hash_pair
+from pipeline_lib.fingerprint import fingerprint_catalog_with_stats
+from pipeline_lib.hashing import hash_pair
 from pipeline_lib.workspace import Workspace, file_sha256
 
 log = logging.getLogger("bench_hashing")
@@ -114,10 +116,9 @@ def time_draft_decode_only(paths: list[Path]) -> float:
 
 
 def _warm_worker(barrier: Barrier) -> None:
-    """Pool initializer: import all that hashing needs (the project, scipy), wait until all workers are."""
+    """Pool initializer: import all that hashing needs, wait until all workers have."""
     tiny = np.zeros((64, 64), dtype=np.float32)
-    fingerprint._phash(tiny, 8)
-    fingerprint._dhash(tiny, 8)
+    hashing.hashes_of_luma(tiny, "phash", 8)
     barrier.wait(timeout=300)
 
 
@@ -127,7 +128,7 @@ def _noop(value: int) -> int:
 
 @contextmanager
 def started_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
-    """A spawn pool like fingerprint's whose `workers` processes have all started and imported the project."""
+    """A spawn pool like jobs.run_in_pool's whose `workers` processes have all started and imported hashing."""
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(workers + 1)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_warm_worker, initargs=(barrier,)) as pool:
@@ -138,11 +139,33 @@ def started_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
         yield pool
 
 
+# Run with `python -c` (no __main__ file for the workers to re-import): what a pool started by the library costs.
+STARTUP_PROBE = """
+import multiprocessing, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from pipeline_lib import jobs
+workers = int(sys.argv[1])
+start = time.perf_counter()
+context = multiprocessing.get_context("spawn")
+with ProcessPoolExecutor(workers, mp_context=context, initializer=jobs.idle_cores) as pool:  # each imports jobs
+    for future in [pool.submit(jobs.idle_cores) for _ in range(workers)]:  # each submit starts one more worker
+        future.result()
+print(time.perf_counter() - start)
+"""
+
+
 def time_pool_startup(workers: int) -> float:
-    """Seconds to start `workers` spawned processes that import the project (and scipy), then shut them down."""
+    """Seconds to start `workers` spawned processes that import pipeline_lib.jobs (what hashing needs), run one
+    tiny call each and shut down; the parent is a bare `python -c`, so only the workers' own imports count."""
+    command = [sys.executable, "-c", STARTUP_PROBE, str(workers)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def time_import(module: str) -> float:
+    """Wall seconds of a fresh interpreter that imports module (what a spawned worker pays for it)."""
     start = time.perf_counter()
-    with started_pool(workers):
-        pass
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True, cwd=Path(__file__).parents[1])
     return time.perf_counter() - start
 
 
@@ -160,29 +183,30 @@ def catalog_in_workspace(root: Path, paths: list[Path]) -> tuple[Workspace, pd.D
 
 
 def time_pool(root: Path, paths: list[Path], workers: int) -> dict[str, float]:
-    """fingerprint_catalog_with_stats (process pool) over a catalog of the files: total and cache-write seconds."""
-    workspace, catalog = catalog_in_workspace(root, paths)
-    default_minimum = fingerprint.PARALLEL_MIN_IMAGES
-    fingerprint.PARALLEL_MIN_IMAGES = 1  # the pool is what is measured, even for fewer images than the default
-    try:
-        start = time.perf_counter()
-        result = fingerprint_catalog_with_stats(workspace, catalog, "phash", 8, workers=workers)
-        total = time.perf_counter() - start
-    finally:
-        fingerprint.PARALLEL_MIN_IMAGES = default_minimum
-    cache = fingerprint.read_cache(fingerprint.cache_path(workspace, "phash", 8))
+    """Hash the files through a pool started for them (start-up included), as jobs.run_in_pool does."""
+    work = [jobs.HashJob(path.stem, str(path), "phash", 8) for path in paths]
     start = time.perf_counter()
-    fingerprint._write_cache(root / "cache-write-timing.parquet", cache)
-    return {"total_s": total, "cache_write_s": time.perf_counter() - start, "n_hashed": result.n_hashed}
+    outcomes = list(jobs.run_in_pool(jobs.hash_job, work, workers))
+    total = time.perf_counter() - start
+    return {"total_s": total, "n_hashed": sum(not outcome.error for outcome in outcomes)}
+
+
+def time_library_default(root: Path, paths: list[Path]) -> dict[str, float]:
+    """fingerprint_catalog_with_stats with the default workers: in this process or a pool, as jobs.map_jobs decides;
+    the time includes writing the hash cache."""
+    workspace, catalog = catalog_in_workspace(root, paths)
+    start = time.perf_counter()
+    result = fingerprint_catalog_with_stats(workspace, catalog, "phash", 8)
+    return {"total_s": time.perf_counter() - start, "n_hashed": result.n_hashed}
 
 
 def time_warm_pool(paths: list[Path], workers: int) -> float:
-    """Seconds to hash the files through an already started pool, mapped as fingerprint's _run_jobs maps them."""
-    jobs = [fingerprint._HashJob(path.stem, str(path), "phash", 8) for path in paths]
-    chunksize = max(1, min(256, len(jobs) // (4 * workers)))
+    """Seconds to hash the files through an already started pool, mapped as jobs.run_in_pool maps them."""
+    work = [jobs.HashJob(path.stem, str(path), "phash", 8) for path in paths]
+    chunksize = max(1, min(256, -(-len(work) // (4 * workers))))
     with started_pool(workers) as pool:
         start = time.perf_counter()
-        outcomes = list(pool.map(fingerprint._hash_job, jobs, chunksize=chunksize))
+        outcomes = list(pool.map(jobs.hash_job, work, chunksize=chunksize))
         seconds = time.perf_counter() - start
     failed = [o for o in outcomes if o.error]
     if failed:
@@ -202,7 +226,7 @@ def _block_means(pixels: np.ndarray, factor: int) -> np.ndarray:
 
 def box_reduced_luma_phash(path: Path) -> str:
     """phash-8 of the full-resolution luma box-reduced in float, as the module docstring defines (independent)."""
-    target = fingerprint.DRAFT_FACTOR * 8
+    target = hashing.DRAFT_FACTOR * 8
     with Image.open(path) as image:
         image.draft("L", None)  # luma at full resolution, no DCT scaling
         image.load()
@@ -267,8 +291,11 @@ def main() -> None:
         naive_s, seq_s = min(naive_runs), min(seq_runs)
         floor_s = min(time_draft_decode_only(paths) for _ in range(args.repeats))
         startup_s = min(time_pool_startup(workers) for _ in range(args.repeats))
+        import_light = min(time_import("pipeline_lib.jobs") for _ in range(args.repeats))
+        import_pandas = min(time_import("pipeline_lib.fingerprint") for _ in range(args.repeats))
         warm_s = min(time_warm_pool(paths, workers) for _ in range(args.repeats))
         pool = time_pool(root / "ws", paths, workers)
+        default = time_library_default(root / "ws-default", paths)
         log.info("pool (%d workers): %.2f s, of which start-up ~%.2f s", workers, pool["total_s"], startup_s)
         agree = agreement(paths, draft_hashes, naive_hashes)
         mean_bytes = int(np.mean([p.stat().st_size for p in paths]))
@@ -276,6 +303,7 @@ def main() -> None:
         sweep = quality_sweep(root / "sweep", sweep_n, args.repeats) if sweep_n > 0 else []
     naive_rate = n / naive_s
     seconds_saved_per_image = seq_s / n - warm_s / n
+    idle = jobs.idle_cores()
     summary = {
         "benchmark": "hashing",
         "n_images": n,
@@ -295,10 +323,15 @@ def main() -> None:
         "project_one_core_fraction_of_ceiling": round(floor_s / seq_s, 3),
         "pool_workers": workers,
         "pool_images_hashed": pool["n_hashed"],
-        "pool_forced_below_parallel_min_images": n < fingerprint.PARALLEL_MIN_IMAGES,
         "pool_total_s": round(pool["total_s"], 3),
         "pool_startup_s": round(startup_s, 3),
-        "pool_cache_write_s": round(pool["cache_write_s"], 3),
+        "pool_startup_s_per_worker_cpu": round(startup_s * min(workers, idle) / workers, 3),
+        "worker_module_import_s": round(import_light, 3),
+        "worker_import_s_if_it_imported_fingerprint_and_pandas": round(import_pandas, 3),
+        "library_default_images_per_s": rate(n, default["total_s"]),
+        "library_default_pool_workers": jobs.pool_size(n - jobs.SAMPLE_JOBS, seq_s / n, workers, idle, startup_s),
+        "worker_startup_s_constant": jobs.WORKER_STARTUP_S,
+        "idle_cores_at_end": round(idle, 2),
         "project_pool_images_per_s_incl_startup": rate(n, pool["total_s"]),
         "project_pool_speedup_incl_startup": round((n / pool["total_s"]) / naive_rate, 2),
         "project_pool_images_per_s_excl_startup": rate(n, warm_s),
@@ -306,7 +339,6 @@ def main() -> None:
         "pool_break_even_images_estimate": (
             int(np.ceil(startup_s / seconds_saved_per_image)) if seconds_saved_per_image > 0 else None
         ),
-        "parallel_min_images": fingerprint.PARALLEL_MIN_IMAGES,
         **agree,
         "quality_sweep_images_per_quality": sweep_n,
         "quality_sweep": sweep,

@@ -31,6 +31,11 @@ review_app = typer.Typer(
 app.add_typer(review_app, name="review")
 weights_app = typer.Typer(help="Pretrained weights in TORCH_HOME's cache.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
+server_app = typer.Typer(
+    help="A Prefect server kept up between commands (saves each command the temporary server's start-up).",
+    no_args_is_help=True,
+)
+app.add_typer(server_app, name="server")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: built-in defaults).")]
 WorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace directory.")]
@@ -93,12 +98,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     from flows.pipeline import run_pipeline
+    from flows.server import prefect_api
     from pipeline_lib.cluster import ClusterError
     from pipeline_lib.models import WeightsError, WeightsNotFoundError
     from pipeline_lib.split import SplitError
 
     try:
-        return run_pipeline(cfg)
+        with prefect_api():
+            return run_pipeline(cfg)
     except ReviewPending as error:
         _fail(str(error), code=3)
         raise
@@ -155,8 +162,11 @@ def crawl(
 ):
     """Crawl and ingest only: grow the catalog."""
     from flows.pipeline import crawl_flow
+    from flows.server import prefect_api
 
-    result = crawl_flow(_config(config, workspace, set_, refresh_cache))
+    cfg = _config(config, workspace, set_, refresh_cache)
+    with prefect_api():
+        result = crawl_flow(cfg)
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
@@ -178,6 +188,7 @@ def import_folder(
     from pydantic import ValidationError
 
     from flows.pipeline import crawl_flow
+    from flows.server import prefect_api
     from pipeline_lib.config import FolderSource
     from pipeline_lib.imports import add_import
 
@@ -194,7 +205,8 @@ def import_folder(
         add_import(Workspace.create(cfg.execution.workspace), source)
     except ConfigError as error:
         _fail(str(error))
-    result = crawl_flow(cfg)
+    with prefect_api():
+        result = crawl_flow(cfg)
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
@@ -314,6 +326,33 @@ def review_export(target: Path, workspace: WorkspaceOpt = None):
     typer.echo(f"{len(todo)} undecided image(s) written to {target}; fill decision with approve/reject")
 
 
+@review_app.command("pack")
+def review_pack(
+    workspace: WorkspaceOpt = None,
+    thumbnail_size: Annotated[int, typer.Option(help="Longest side of the thumbnails, pixels.", min=32)] = 160,
+):
+    """Build the review pack now (review/pack/index.html: thumbnails, near-duplicate clusters, hints).
+
+    A run builds it by itself only in review.mode=require; thumbnails already made are reused.
+    """
+    import pandas as pd
+
+    from pipeline_lib.review import apply_decisions, read_decisions, write_review_pack
+    from pipeline_lib.status import latest_snapshot
+
+    ws = _workspace(workspace)
+    snapshot = latest_snapshot(ws, "dedup")
+    if snapshot is None:
+        _fail("nothing to review yet: run the pipeline (or `aidetect crawl`) first")
+    try:
+        outcome = apply_decisions(pd.read_parquet(snapshot), read_decisions(ws), "require")
+    except ReviewError as error:
+        _fail(str(error))
+        raise
+    index = write_review_pack(ws, outcome.catalog, thumbnail_size)
+    typer.echo(f"review pack: {index} ({outcome.pending} image(s) undecided)")
+
+
 @review_app.command("apply")
 def review_apply(csv_file: Path, workspace: WorkspaceOpt = None, reviewer: str = "csv"):
     """Append the decisions of a CSV (sha256,decision[,reason]) to review/decisions.jsonl."""
@@ -340,23 +379,24 @@ def serve(
 ):
     """Run prefect.yaml's schedules in this process (Prefect's serve), against a running Prefect server."""
     from prefect import serve as prefect_serve
-    from prefect.settings import PREFECT_API_URL
 
     from flows.deployments import runner_deployments
+    from flows.server import prefect_api
 
-    api = PREFECT_API_URL.value()
-    if not api:
-        _fail(
-            "schedules need a Prefect server, and PREFECT_API_URL is not set. Start one with `prefect server start`, "
-            "then `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api` and run `aidetect serve` again."
-        )
-    if not _server_is_up(api):
-        _fail(f"no Prefect server answers at {api}: start it with `prefect server start` (or fix PREFECT_API_URL)")
-    if config is not None and not config.is_file():
-        _fail(f"config file not found: {config}")
-    deployments = runner_deployments(str(config.resolve()) if config else None)
-    typer.echo(f"serving {len(deployments)} deployment(s) against {api}; Ctrl-C stops")
-    prefect_serve(*deployments)
+    with prefect_api() as api:
+        if not api:
+            _fail(
+                "schedules need a Prefect server, and PREFECT_API_URL is not set. Start one with "
+                "`aidetect server start` (or `prefect server start`, then "
+                "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`) and run `aidetect serve` again."
+            )
+        if not _server_is_up(api):
+            _fail(f"no Prefect server answers at {api}: start it with `prefect server start` (or fix PREFECT_API_URL)")
+        if config is not None and not config.is_file():
+            _fail(f"config file not found: {config}")
+        deployments = runner_deployments(str(config.resolve()) if config else None)
+        typer.echo(f"serving {len(deployments)} deployment(s) against {api}; Ctrl-C stops")
+        prefect_serve(*deployments)
 
 
 def _server_is_up(api: str) -> bool:
@@ -392,9 +432,11 @@ def review_serve(
         if waiting is None:
             return review_server.FinishResult(f"decisions saved; run `aidetect run --workspace {ws.root}` again")
         from flows.review_gate import resume_run
+        from flows.server import prefect_api
 
         try:
-            accepted, message = resume_run(str(waiting["flow_run_id"]), item.approve_remaining, item.note)
+            with prefect_api():
+                accepted, message = resume_run(str(waiting["flow_run_id"]), item.approve_remaining, item.note)
         except Exception as error:  # noqa: BLE001 - shown on the page
             return review_server.FinishResult(f"decisions saved; could not resume the waiting run: {error}")
         return review_server.FinishResult(message, accepted)
@@ -412,6 +454,7 @@ def review_done(
 ):
     """Resume the flow run that waits at the review gate (needs the Prefect server the run uses)."""
     from flows.review_gate import resume_run
+    from flows.server import prefect_api
     from pipeline_lib.review import read_waiting
 
     ws = _workspace(workspace)
@@ -422,12 +465,59 @@ def review_done(
     if waiting is None:
         _fail(f"no flow run waits at the review gate of {ws.root}; run `aidetect run --workspace {ws.root}`")
     try:
-        accepted, message = resume_run(str(waiting["flow_run_id"]), approve_remaining, note)
+        with prefect_api():
+            accepted, message = resume_run(str(waiting["flow_run_id"]), approve_remaining, note)
     except Exception as error:  # noqa: BLE001 - a clear message instead of a traceback
         _fail(f"could not resume flow run {waiting['flow_run_id']}: {error} (is PREFECT_API_URL the run's server?)")
     if not accepted:
         _fail(message)
     typer.echo(message)
+
+
+@server_app.command("start")
+def server_start(
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the Prefect API and UI.", min=1, max=65535)] = 4200,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for it to answer.", min=1)] = 180.0,
+):
+    """Start a Prefect server in the background (analytics off) that later commands use instead of a temporary one.
+
+    It keeps running until `aidetect server stop`; its UI shows every run, and `aidetect review done` and
+    schedules work against it. PREFECT_API_URL, when set, is used instead.
+    """
+    from flows.server import ServerError, prefect_home, start_server
+
+    home = prefect_home()
+    try:
+        record, started = start_server(home, host, port, timeout)
+    except ServerError as error:
+        _fail(str(error))
+        raise
+    verb = "started" if started else "already running"
+    typer.echo(f"Prefect server {verb}: {record.api_url} (UI {record.api_url.removesuffix('/api')}, pid {record.pid})")
+    typer.echo("`aidetect` commands without PREFECT_API_URL now use it; stop it with `aidetect server stop`")
+
+
+@server_app.command("stop")
+def server_stop():
+    """Stop the Prefect server started by `aidetect server start`."""
+    from flows.server import ServerError, prefect_home, stop_server
+
+    try:
+        record = stop_server(prefect_home())
+    except ServerError as error:
+        _fail(str(error))
+        raise
+    typer.echo("no server was started by `aidetect server start`" if record is None else f"stopped {record.api_url}")
+
+
+@server_app.command("status")
+def server_status():
+    """Which Prefect API the next command uses: PREFECT_API_URL, the background server, or a temporary one."""
+    from flows.server import prefect_api
+
+    with prefect_api() as api:
+        typer.echo(f"Prefect API: {api}" if api else "no server running: each command starts a temporary one")
 
 
 @app.command()

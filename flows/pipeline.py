@@ -158,9 +158,17 @@ def preprocess_stage(
     return _per_image_stage(workspace, refresh, PREPROCESS_TASKS, catalog, (size, policy), chunk_size)
 
 
-def ingest_stage(workspace: Workspace, refresh: bool, crawl_log: Ref, config: IngestConfig, chunk_size: int) -> State:
-    """Plan, validate the new files in chunks, merge (place files in store/ or quarantine/, snapshot the catalog)."""
-    return _per_image_stage(workspace, refresh, INGEST_TASKS, crawl_log, (config,), chunk_size)
+def ingest_stage(
+    workspace: Workspace,
+    refresh: bool,
+    crawl_log: Ref,
+    config: IngestConfig,
+    chunk_size: int,
+    hashing: tuple[str, int] | None = None,
+) -> State:
+    """Plan, validate (and hash, one decode) the new files in chunks, merge (place files in store/ or quarantine/,
+    hashes into the fingerprint cache, snapshot the catalog)."""
+    return _per_image_stage(workspace, refresh, INGEST_TASKS, crawl_log, (config, hashing), chunk_size)
 
 
 def make_task_runner(execution: ExecutionConfig) -> TaskRunner:
@@ -278,7 +286,9 @@ def _crawl_and_ingest(
         log_file = crawl_log_path(workspace)
         digest = file_sha256(log_file) if log_file.is_file() else ""
         crawled = run.run("crawl", stages.current_crawl_log, root, digest)
-    ingested = run.per_image("ingest", INGEST_TASKS, crawled.catalog, (config.ingest,), config.execution.chunk_size)
+    hashing = (config.dedup.algorithm, config.dedup.hash_size)  # ingest's decode fills the fingerprint cache
+    params = (config.ingest, hashing)
+    ingested = run.per_image("ingest", INGEST_TASKS, crawled.catalog, params, config.execution.chunk_size)
     return crawled, ingested
 
 

@@ -3,6 +3,11 @@
 Every URL tried is appended to a cumulative crawl log (workspace/crawl/log.parquet), written atomically after each
 keyword/source, periodically during long crawls and at the end even when a source raised. Bytes land in
 incoming/<sha[:2]>/<sha>.<ext> (atomically) unless the workspace already holds that sha256; ingest takes it from there.
+
+The downloader threads write without a shared lock: which sha256s the workspace holds is an in-memory index (one
+listing of store/, quarantine/ and incoming/ per crawl), a sha256 is claimed by the one thread that writes it, and
+files are made durable in batches (their data and folders fsync'ed) just before the log that names them is written.
+The HTTP connection pool keeps one connection per downloader thread.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import queue
 import re
 import threading
@@ -32,10 +38,11 @@ from icrawler.builtin.google import GoogleFeeder, GoogleParser
 from icrawler.builtin.urllist import PseudoParser, UrlListFeeder
 from icrawler.storage import BaseStorage
 from PIL import Image
+from requests.adapters import HTTPAdapter
 
 from pipeline_lib.config import LABELS, FolderSource, SearchSource, SourcesConfig, UrlListSource
 from pipeline_lib.safety import UnsafeUrlError, check_url
-from pipeline_lib.workspace import Workspace, atomic_path, atomic_write_bytes, bytes_sha256
+from pipeline_lib.workspace import Workspace, atomic_path, atomic_write_bytes, bytes_sha256, sync_files
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +96,10 @@ MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024
 BACKOFF_BASE_S = 0.2
 CHECKPOINT_INTERVAL_S = 5.0
 POLL_INTERVAL_S = 0.05
+QUEUE_TIMEOUT_S = 0.05  # how long an idle downloader thread waits before it checks whether the parsers are done
 NO_RESULTS = "no results"
 INCOMPLETE_READ = re.compile(r"IncompleteRead\((\d+) bytes read")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -220,18 +229,31 @@ def detect_ext(data: bytes, url: str) -> str:
     return "bin"
 
 
-def held_copy(workspace: Workspace, sha256: str) -> Path | None:
-    """An existing copy of sha256 in store/, quarantine/ or incoming/ (any extension), else None."""
-    patterns = (
-        (workspace.store / sha256[:2], f"{sha256}.*"),
-        (workspace.quarantine, f"{sha256}.*"),
-        (workspace.incoming / sha256[:2], f"{sha256}.*"),
-    )
-    for folder, pattern in patterns:
-        found = sorted(p for p in folder.glob(pattern) if p.is_file())
-        if found:
-            return found[0]
-    return None
+def _files_under(folder: Path, nested: bool) -> Iterator[Path]:
+    """Files directly in folder, or in its sub-folders when nested (one level, as store/ab/ and incoming/ab/)."""
+    if not folder.is_dir():
+        return
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if nested and entry.is_dir():
+                with os.scandir(entry.path) as inner:
+                    yield from (Path(item.path) for item in inner if item.is_file())
+            elif not nested and entry.is_file():
+                yield Path(entry.path)
+
+
+def held_files(workspace: Workspace) -> dict[str, Path]:
+    """sha256 -> an existing copy in store/, quarantine/ or incoming/ (in that order; the first name if several).
+
+    One listing of each folder; temporary files (dot names) and names that are not <sha256>.<ext> are ignored.
+    """
+    held: dict[str, Path] = {}
+    for folder, nested in ((workspace.store, True), (workspace.quarantine, False), (workspace.incoming, True)):
+        for path in sorted(_files_under(folder, nested)):
+            stem = path.name.split(".", 1)[0]
+            if SHA256_HEX.fullmatch(stem):
+                held.setdefault(stem, path)
+    return held
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,7 +286,9 @@ class CrawlState:
         self._previous = previous
         self._rows: list[dict[str, Any]] = []
         self._lock = threading.Lock()
-        self._file_lock = threading.Lock()
+        self._held = held_files(workspace)  # sha256 -> a copy the workspace holds (this run's writes included)
+        self._writing: dict[str, threading.Event] = {}  # sha256 -> set once the thread writing it is done
+        self._unsynced: list[Path] = []  # written since the last checkpoint, not yet fsync'ed
         fetched = previous[previous["sha256"] != ""]
         self._known_urls = set(fetched["url"])
         self._known_pairs = set(zip(fetched["url"], fetched["sha256"], strict=True))
@@ -302,16 +326,51 @@ class CrawlState:
         with self._lock:
             return (url, sha256) in self._known_pairs
 
+    def _claim(self, sha256: str) -> Path | threading.Event:
+        """The held copy of sha256, or an event that the caller, now the one writer of sha256, sets when done.
+
+        While another thread writes the same bytes, wait for it: then they are held, or it failed and we write.
+        """
+        while True:
+            with self._lock:
+                held = self._held.get(sha256)
+                if held is not None:
+                    return held
+                busy = self._writing.get(sha256)
+                if busy is None:
+                    mine = self._writing[sha256] = threading.Event()
+                    return mine
+            busy.wait()
+
     def store(self, data: bytes, url: str) -> tuple[str, str, bool]:
-        """Put bytes into incoming/ unless already held; return (sha256, ext, is_new)."""
+        """Put bytes into incoming/ (atomically, synced at the next checkpoint) unless already held.
+
+        Returns (sha256, ext, is_new). Threads storing different bytes never wait for each other.
+        """
         sha256 = bytes_sha256(data)
         ext = detect_ext(data, url)
-        with self._file_lock:
-            existing = held_copy(self.workspace, sha256)
-            if existing is not None:
-                return sha256, existing.suffix.lstrip(".") or ext, False
-            atomic_write_bytes(self.workspace.incoming / sha256[:2] / f"{sha256}.{ext}", data)
+        claimed = self._claim(sha256)
+        if isinstance(claimed, Path):
+            return sha256, claimed.suffix.lstrip(".") or ext, False
+        target = self.workspace.incoming / sha256[:2] / f"{sha256}.{ext}"
+        try:
+            atomic_write_bytes(target, data, durable=False)
+            with self._lock:
+                self._held[sha256] = target
+                self._unsynced.append(target)
+        finally:
+            with self._lock:
+                del self._writing[sha256]
+            claimed.set()
         return sha256, ext, True
+
+    def sync(self) -> None:
+        """Make the files written since the last call durable (before a log naming them is written)."""
+        with self._lock:
+            batch, self._unsynced = self._unsynced, []
+        if batch:
+            folders = sync_files(batch)
+            log.debug("synced %d new files in %d folders", len(batch), folders)
 
     def record(self, meta: Mapping[str, str], url: str, sha256: str, ext: str, n_bytes: int, error: str) -> None:
         """Append one log row (sha256 "" and an error for a failure)."""
@@ -343,6 +402,7 @@ class CrawlState:
         due = force or time.monotonic() - self._saved_at >= CHECKPOINT_INTERVAL_S
         if n_rows == self._saved_rows or not due:
             return
+        self.sync()  # the log must never name a file that a crash could still lose
         write_crawl_log(self.workspace, self.log_frame())
         self._saved_rows, self._saved_at = n_rows, time.monotonic()
         log.debug("crawl log checkpoint: %d new rows", n_rows)
@@ -483,7 +543,9 @@ class WorkspaceDownloader(ImageDownloader):
         self._pending = 0
         self._seen: set[str] = set()
 
-    def worker_exec(self, max_num: int, default_ext: str = "jpg", queue_timeout: float = 0.2, **kwargs: Any) -> None:
+    def worker_exec(
+        self, max_num: int, default_ext: str = "jpg", queue_timeout: float = QUEUE_TIMEOUT_S, **kwargs: Any
+    ) -> None:
         """Take tasks until the parsers are done (an empty queue alone does not end the worker)."""
         self.max_num = max_num
         while not self.signal.get("reach_max_num"):
@@ -727,6 +789,12 @@ class _Crawler(Crawler):
         self.downloader.clear_buffer(True)
 
 
+def size_connection_pool(session: requests.Session, threads: int) -> None:
+    """Keep up to one connection per downloader thread (plus the parser's) per host: none are discarded and redone."""
+    for prefix in ("http://", "https://"):
+        session.mount(prefix, HTTPAdapter(pool_connections=10, pool_maxsize=threads + 1))
+
+
 def _run_crawler(
     state: CrawlState,
     sources: SourcesConfig,
@@ -752,6 +820,7 @@ def _run_crawler(
         extra_parser_args=parser_args,
         extra_downloader_args={"state": state, "origin": origin, "sources": sources},
     )
+    size_connection_pool(crawler.session, threads)
     crawler.heartbeat = state.checkpoint
     crawler.crawl(
         feeder_kwargs=feeder_kwargs,

@@ -4,233 +4,37 @@ The catalog's `phash` column holds the hash of the *configured* algorithm (phash
 column name is kept for schema stability. The `dhash` column always holds a dhash of the same size, a cheap
 second opinion. Pixels are hashed as stored (EXIF orientation is not applied), so a file always hashes the same.
 
-The project's hash of an image (definition version HASH_VERSION) is not `imagehash.<algo>(Image.open(path))` but
-a hash of a box-reduced greyscale image, computed in floating point:
-
-1. decode to 8-bit greyscale. JPEGs are decoded straight to their luma (Y) channel, in both modes; other files
-   go through `validate.to_rgb` (alpha onto white, 16 bit scaled) and then PIL's "L" conversion;
-2. box-reduce by s, the largest of 8, 4, 2, 1 that keeps both sides >= T = DRAFT_FACTOR * hash_size (exactly
-   the scale PIL's JPEG draft mode picks for a requested size (T, T)), then box-reduce again by the largest
-   integer k that keeps both sides >= T (a 4 MP photo: 2309x1732 -> 289x217 -> 97x73). A box reduce by f is
-   the mean of each f x f block of the image edge-replicated to a multiple of f (as a JPEG encoder pads its
-   blocks), kept in float32: no rounding to 8 bits after the decode;
-3. phash and dhash are computed here in float, exactly as imagehash defines them: phash LANCZOS-resizes (PIL
-   mode "F") to 4 * hash_size squared, takes the 2-D DCT-II (unnormalised, as scipy), keeps the low-frequency
-   hash_size x hash_size block and compares it with its median; dhash LANCZOS-resizes to (hash_size + 1,
-   hash_size) and compares horizontally adjacent pixels. Bits are packed as imagehash.ImageHash packs them.
-   ahash and whash (not the default) are imagehash applied to the step-2 image rounded to 8 bits.
-
-With draft=True (the default), step 1 + the first box reduce of a JPEG are done by the decoder itself (DCT
-scaling at 1/s: a block's scaled value is the mean of its 8x8, 4x4 or 2x2 samples, i.e. a box average), which
-only has to entropy-decode the file. Defining the hash through the box reduce makes the draft and full-decode
-hashes agree: the two reduced images differ only by the decoder's rounding of the scaled samples (< 0.5 of a
-level), and keeping everything after it in float (version 2 rounded to 8 bits twice more, in the second reduce
-and inside imagehash) leaves too little difference to flip a bit (benchmarks/README.md). The price is that the
-hash is not bit-identical to imagehash on the raw decoded image (a few of 64 bits differ on most photos). Hashes
-from another definition are never mixed: the cache file name carries HASH_VERSION.
+The hash itself (definition version HASH_VERSION, draft decoding, exact float phash/dhash) is defined in
+`pipeline_lib.hashing`; ingest normally computes it already, from the decode that validates a file (`jobs`), so
+this stage only fills gaps (files ingested before, another algorithm or hash size, a removed cache). Hashes from
+another definition are never mixed: the cache file name carries HASH_VERSION.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
-import warnings
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagehash
-import numpy as np
 import pandas as pd
-import scipy.fft
-from PIL import Image
 
 from pipeline_lib.catalog import INVALID_PREFIX, STATUS_OK, conform
-from pipeline_lib.validate import to_rgb
+from pipeline_lib.hashing import HASH_VERSION, check_params
+from pipeline_lib.hashing import hash_image as hash_image  # the hash itself, re-exported for existing callers
+from pipeline_lib.hashing import hash_pair as hash_pair
+from pipeline_lib.jobs import HashJob, HashOutcome, hash_job, map_jobs
 from pipeline_lib.workspace import Workspace, atomic_path
 
 log = logging.getLogger(__name__)
 
-ALGORITHMS: tuple[str, ...] = ("phash", "dhash", "whash", "ahash")
 CACHE_COLUMNS: tuple[str, ...] = ("sha256", "phash", "dhash")
-PARALLEL_MIN_IMAGES = 200  # measured break-even of a 2-worker spawn pool: ~165 images (benchmarks/bench_hashing.py)
-# T = DRAFT_FACTOR * hash_size: images are box-reduced to >= T pixels per side before the final LANCZOS resize;
-# twice what phash and whash resize to (4 * hash_size), so the LANCZOS resize still does the filtering.
-DRAFT_FACTOR = 8
-# Version of the hash definition (see the module docstring); part of the cache file name.
-HASH_VERSION = 3
 UNHASHABLE = "unhashable"
-PHASH_FACTOR = 4  # phash's DCT input is (PHASH_FACTOR * hash_size) squared, imagehash's highfreq_factor
 
 
-def resize_float(luma: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """LANCZOS resize of a float image to size (width, height) in PIL mode "F", as float64."""
-    image = Image.fromarray(np.ascontiguousarray(luma, dtype=np.float32))
-    return np.asarray(image.resize(size, Image.Resampling.LANCZOS), dtype=np.float64)
-
-
-def phash_bits(luma: np.ndarray, hash_size: int) -> np.ndarray:
-    """imagehash's phash in float: low-frequency DCT-II block of the resized image above its median."""
-    side = PHASH_FACTOR * hash_size
-    pixels = resize_float(luma, (side, side))
-    spectrum = scipy.fft.dct(scipy.fft.dct(pixels, type=2, axis=0), type=2, axis=1)
-    low = spectrum[:hash_size, :hash_size]
-    return low > np.median(low)
-
-
-def dhash_bits(luma: np.ndarray, hash_size: int) -> np.ndarray:
-    """imagehash's dhash in float: is each pixel of the (hash_size + 1) x hash_size image below its right one."""
-    pixels = resize_float(luma, (hash_size + 1, hash_size))
-    return pixels[:, 1:] > pixels[:, :-1]
-
-
-def _as_grey_image(luma: np.ndarray) -> Image.Image:
-    """The float image rounded to 8-bit greyscale (for the imagehash-computed algorithms)."""
-    return Image.fromarray(np.clip(np.rint(luma), 0, 255).astype(np.uint8))
-
-
-def _phash(luma: np.ndarray, hash_size: int) -> imagehash.ImageHash:
-    return imagehash.ImageHash(phash_bits(luma, hash_size))
-
-
-def _dhash(luma: np.ndarray, hash_size: int) -> imagehash.ImageHash:
-    return imagehash.ImageHash(dhash_bits(luma, hash_size))
-
-
-def _whash(luma: np.ndarray, hash_size: int) -> imagehash.ImageHash:
-    # A fixed image_scale: imagehash's default depends on the decoded size, which draft mode changes.
-    return imagehash.whash(_as_grey_image(luma), hash_size=hash_size, image_scale=4 * hash_size)
-
-
-def _ahash(luma: np.ndarray, hash_size: int) -> imagehash.ImageHash:
-    return imagehash.average_hash(_as_grey_image(luma), hash_size=hash_size)
-
-
-_HASHERS: dict[str, Callable[[np.ndarray, int], imagehash.ImageHash]] = {
-    "phash": _phash,
-    "dhash": _dhash,
-    "whash": _whash,
-    "ahash": _ahash,
-}
-
-
-def check_params(algorithm: str, hash_size: int) -> None:
-    """Raise ValueError naming the problem if algorithm or hash_size cannot be used."""
-    if algorithm not in _HASHERS:
-        raise ValueError(f"unknown hash algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
-    if hash_size < 2:
-        raise ValueError(f"hash_size must be >= 2, got {hash_size}")
-    if algorithm == "whash" and hash_size & (hash_size - 1):
-        raise ValueError(f"whash needs a power-of-two hash_size, got {hash_size}")
-
-
-def draft_scale(size: tuple[int, int], target: int) -> int:
-    """The largest of 8, 4, 2, 1 keeping both sides >= target after dividing (PIL's JPEG draft rule)."""
-    whole = min(size[0] // target, size[1] // target)
-    return next((scale for scale in (8, 4, 2, 1) if whole >= scale), 1)
-
-
-def reduced_size(size: tuple[int, int], factor: int) -> tuple[int, int]:
-    """Size after a box reduce (or DCT scaling) by factor: partial blocks count, as in PIL and libjpeg."""
-    return (-(-size[0] // factor), -(-size[1] // factor))
-
-
-def box_reduce(pixels: np.ndarray, factor: int) -> np.ndarray:
-    """float32 means of factor x factor blocks of a 2-D image edge-replicated to a multiple of factor."""
-    if factor <= 1:
-        return pixels.astype(np.float32)
-    height, width = pixels.shape
-    rows, columns = -(-height // factor), -(-width // factor)
-    padded = np.pad(pixels, ((0, rows * factor - height), (0, columns * factor - width)), mode="edge")
-    sums = padded.reshape(rows, factor, columns * factor).sum(axis=1, dtype=np.float64)  # exact: few 24-bit terms
-    sums = sums.reshape(rows, columns, factor).sum(axis=2)
-    return (sums / (factor * factor)).astype(np.float32)
-
-
-def _decode_luma(path: Path, target: int, draft: bool) -> tuple[np.ndarray, tuple[int, int]]:
-    """8-bit greyscale pixels of path (JPEG luma, DCT-scaled to the draft scale if draft) and the stored size."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
-            size = image.size
-            if image.format == "JPEG":  # luma straight from the decoder, DCT-scaled by 1/scale in draft mode
-                image.draft("L", (target, target) if draft else None)
-            image.load()
-            grey = image if image.mode == "L" else to_rgb(image).convert("L")
-            return np.asarray(grey), size
-
-
-def reduced_luma(path: Path, hash_size: int = 8, draft: bool = True) -> np.ndarray:
-    """The canonical box-reduced float32 greyscale image of path that is hashed (see the module docstring)."""
-    target = DRAFT_FACTOR * hash_size
-    pixels, size = _decode_luma(Path(path), target, draft)
-    scale = draft_scale(size, target)
-    first = reduced_size(size, scale)
-    shape = (pixels.shape[1], pixels.shape[0])
-    if shape == size:
-        luma = box_reduce(pixels, scale)
-    elif shape == first:  # the decoder's DCT scaling did the first reduce
-        luma = pixels.astype(np.float32)
-    else:  # a decoder that scaled differently: fall back to a box resize
-        image = Image.fromarray(pixels.astype(np.float32)).resize(first, Image.Resampling.BOX)
-        luma = np.asarray(image, dtype=np.float32)
-    return box_reduce(luma, max(1, min(first[0] // target, first[1] // target)))
-
-
-def hash_pair(path: Path, algorithm: str = "phash", hash_size: int = 8, draft: bool = True) -> tuple[str, str]:
-    """Hex hashes (configured algorithm, dhash) of one image file, decoding it once."""
-    check_params(algorithm, hash_size)
-    luma = reduced_luma(Path(path), hash_size, draft)
-    return str(_HASHERS[algorithm](luma, hash_size)), str(_dhash(luma, hash_size))
-
-
-def hash_image(path: Path, algorithm: str = "phash", hash_size: int = 8, draft: bool = True) -> str:
-    """Hex perceptual hash of one image file (pixels as stored, no EXIF rotation)."""
-    return hash_pair(path, algorithm, hash_size, draft)[0]
-
-
-@dataclass(frozen=True)
-class _HashJob:
-    """One image to hash (picklable, for the process pool)."""
-
-    sha256: str
-    path: str
-    algorithm: str
-    hash_size: int
-
-
-@dataclass(frozen=True)
-class _HashOutcome:
-    """Hashes of one sha256, or the error that prevented them (error is "" on success)."""
-
-    sha256: str
-    phash: str
-    dhash: str
-    error: str
-    message: str = ""
-
-
-def _hash_job(job: _HashJob) -> _HashOutcome:
-    """Hash one file; any failure is returned, not raised (runs in a worker process)."""
-    try:
-        main, second = hash_pair(Path(job.path), job.algorithm, job.hash_size)
-    except Exception as error:  # PIL and the hashers raise many types; each becomes a recorded reason
-        return _HashOutcome(job.sha256, "", "", type(error).__name__, str(error))
-    return _HashOutcome(job.sha256, main, second, "")
-
-
-def _run_jobs(jobs: list[_HashJob], workers: int | None) -> Iterator[_HashOutcome]:
-    """Hash sequentially, or streamed through a spawned process pool when there are many images."""
-    n_workers = min(workers or os.cpu_count() or 1, len(jobs))
-    if n_workers <= 1 or len(jobs) < PARALLEL_MIN_IMAGES:
-        yield from map(_hash_job, jobs)
-        return
-    chunksize = max(1, min(256, len(jobs) // (4 * n_workers)))
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=n_workers, mp_context=context) as pool:
-        yield from pool.map(_hash_job, jobs, chunksize=chunksize)
+def _run_jobs(jobs: list[HashJob], workers: int | None) -> Iterator[HashOutcome]:
+    """Hash in this process, or streamed through a process pool where it pays (jobs.map_jobs)."""
+    return map_jobs(hash_job, jobs, workers)
 
 
 def cache_path(workspace: Workspace, algorithm: str, hash_size: int) -> Path:
@@ -263,6 +67,19 @@ def _write_cache(path: Path, table: pd.DataFrame) -> None:
         table.sort_values("sha256").reset_index(drop=True).to_parquet(tmp, index=False, engine="pyarrow")
 
 
+def store_hashes(workspace: Workspace, hashes: Mapping[str, tuple[str, str]], algorithm: str, hash_size: int) -> int:
+    """Add sha256 -> (hash, dhash) computed elsewhere (at ingest) to the cache, atomically; return how many were new."""
+    check_params(algorithm, hash_size)
+    path = cache_path(workspace, algorithm, hash_size)
+    cache = read_cache(path)
+    known = set(cache["sha256"])
+    fresh = [(sha, main, second) for sha, (main, second) in hashes.items() if sha not in known]
+    if fresh:
+        new = pd.DataFrame(fresh, columns=list(CACHE_COLUMNS)).astype("string")
+        _write_cache(path, pd.concat([cache, new], ignore_index=True))
+    return len(fresh)
+
+
 @dataclass(frozen=True)
 class FingerprintResult:
     """The hashed catalog and how many images were hashed now, taken from the cache, or found unhashable."""
@@ -275,20 +92,20 @@ class FingerprintResult:
 
 def _jobs_for(
     workspace: Workspace, ok: pd.DataFrame, known: Iterable[str], algorithm: str, hash_size: int
-) -> list[_HashJob]:
+) -> list[HashJob]:
     """One job per distinct sha256 of ok rows that is not in the cache (its first row's path)."""
     known_set = set(known)
     firsts = ok.drop_duplicates("sha256")
     return [
-        _HashJob(sha, str(workspace.root / path), algorithm, hash_size)
+        HashJob(sha, str(workspace.root / path), algorithm, hash_size)
         for sha, path in zip(firsts["sha256"], firsts["path"], strict=True)
         if sha not in known_set
     ]
 
 
-def _collect(outcomes: Iterable[_HashOutcome]) -> tuple[list[_HashOutcome], dict[str, str]]:
+def _collect(outcomes: Iterable[HashOutcome]) -> tuple[list[HashOutcome], dict[str, str]]:
     """Split outcomes into successes and sha256 -> error class name."""
-    hashed: list[_HashOutcome] = []
+    hashed: list[HashOutcome] = []
     failed: dict[str, str] = {}
     for outcome in outcomes:
         if outcome.error:
@@ -367,7 +184,7 @@ def hash_jobs(workspace: Workspace, jobs: Iterable[tuple[str, str]], algorithm: 
     check_params(algorithm, hash_size)
     rows: list[HashRow] = []
     for sha, path in jobs:
-        outcome = _hash_job(_HashJob(sha, str(workspace.root / path), algorithm, hash_size))
+        outcome = hash_job(HashJob(sha, str(workspace.root / path), algorithm, hash_size))
         if outcome.error:
             log.warning("cannot hash %s: %s: %s", sha[:12], outcome.error, outcome.message)
         rows.append((outcome.sha256, outcome.phash, outcome.dhash, outcome.error))
@@ -383,14 +200,14 @@ def merge_hash_rows(
     """
     check_params(algorithm, hash_size)
     table = conform(catalog)
-    outcomes = [_HashOutcome(sha, main, second, error) for sha, main, second, error in rows]
+    outcomes = [HashOutcome(sha, main, second, error) for sha, main, second, error in rows]
     path = cache_path(workspace, algorithm, hash_size)
     cache = read_cache(path)
     given = {outcome.sha256 for outcome in outcomes}
     late = [job for job in missing_hash_jobs(workspace, table, algorithm, hash_size) if job[0] not in given]
     if late:  # e.g. the hash cache was removed after the plan was made: never leave an ok image unhashed
         log.warning("fingerprint: %d images missing from the plan are hashed now", len(late))
-        outcomes += [_HashOutcome(*row) for row in hash_jobs(workspace, late, algorithm, hash_size)]
+        outcomes += [HashOutcome(*row) for row in hash_jobs(workspace, late, algorithm, hash_size)]
     hashed, failed = _collect_quiet(outcomes)
     known = set(cache["sha256"])
     fresh = [o for o in hashed if o.sha256 not in known]
@@ -404,7 +221,7 @@ def merge_hash_rows(
     return _fill(table, cache, failed), stats
 
 
-def _collect_quiet(outcomes: Iterable[_HashOutcome]) -> tuple[list[_HashOutcome], dict[str, str]]:
+def _collect_quiet(outcomes: Iterable[HashOutcome]) -> tuple[list[HashOutcome], dict[str, str]]:
     """Like _collect, without logging again (hash_jobs logged each failure where it happened)."""
     hashed = [o for o in outcomes if not o.error]
     failed = {o.sha256: o.error for o in outcomes if o.error}

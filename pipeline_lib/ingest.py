@@ -1,14 +1,16 @@
-"""Ingest: validate crawled files once, move them into the store (or quarantine), build the catalog."""
+"""Ingest: validate crawled files once, move them into the store (or quarantine), build the catalog.
+
+Given the dedup hash settings (`hashing`), the one decode that validates a new file also computes its perceptual
+hashes, which go to the fingerprint cache: the fingerprint stage then only fills gaps.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import multiprocessing
 import os
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,10 @@ import pandas as pd
 
 from pipeline_lib.catalog import INVALID_PREFIX, STATUS_OK, empty_catalog, is_invalid, new_rows
 from pipeline_lib.config import IngestConfig
-from pipeline_lib.validate import ImageCheck, check_image
-from pipeline_lib.workspace import Workspace, atomic_write_text, file_sha256
+from pipeline_lib.fingerprint import store_hashes
+from pipeline_lib.jobs import SHA_MISMATCH, Validated, ValidateJob, map_jobs, validate_job
+from pipeline_lib.validate import ImageCheck
+from pipeline_lib.workspace import Workspace, atomic_write_bytes, file_sha256, sync_files
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +37,10 @@ LOG_COLUMNS: tuple[str, ...] = (
     "generator",
     "fetched_at",
 )
-PARALLEL_MIN_FILES = 64
 MISSING_FILE = "missing_file"
-SHA_MISMATCH = "sha_mismatch"
+HASH_COLUMNS: tuple[str, ...] = ("phash", "dhash")  # validate_files' hashes ("" when not hashed)
+Hashing = tuple[str, int]  # (algorithm, hash_size) of the dedup config
+Hashes = Mapping[str, tuple[str, str]]  # sha256 -> (hash of the configured algorithm, dhash)
 
 
 @dataclass(frozen=True)
@@ -44,17 +49,6 @@ class Placement:
 
     path: str
     check: ImageCheck
-
-
-@dataclass(frozen=True)
-class _Job:
-    """A file to validate (picklable, for the process pool)."""
-
-    sha256: str
-    source: str
-    min_side: int
-    max_pixels: int
-    animated: str
 
 
 def policy_folder(config: IngestConfig) -> str:
@@ -83,8 +77,9 @@ def _read_record(path: Path) -> ImageCheck | None:
 
 
 def _write_record(workspace: Workspace, sha256: str, check: ImageCheck, config: IngestConfig) -> None:
+    """Write the record atomically; place_files makes its batch of records durable at once (sync_files)."""
     text = json.dumps(dataclasses.asdict(check), sort_keys=True)
-    atomic_write_text(validation_record_path(workspace, sha256, config), text)
+    atomic_write_bytes(validation_record_path(workspace, sha256, config), text.encode("utf-8"), durable=False)
 
 
 def _stored_copies(workspace: Workspace, sha256: str, ext: str) -> list[Path]:
@@ -109,24 +104,14 @@ def _reusable(workspace: Workspace, sha256: str, ext: str, config: IngestConfig)
     return None
 
 
-def _validate_job(job: _Job) -> tuple[str, ImageCheck]:
-    """Check that the file's bytes match its sha256 name, then validate it (runs in a worker process)."""
-    source = Path(job.source)
-    if file_sha256(source) != job.sha256:
-        n_bytes = source.stat().st_size
-        return job.sha256, ImageCheck(False, SHA_MISMATCH, None, None, "", "", None, n_bytes, False)
-    return job.sha256, check_image(source, job.min_side, job.max_pixels, job.animated)  # type: ignore[arg-type]
+def _job(sha256: str, source: Path, config: IngestConfig, hashing: Hashing | None) -> ValidateJob:
+    algorithm, hash_size = hashing or ("", 0)
+    return ValidateJob(sha256, str(source), config.min_side, config.max_pixels, config.animated, algorithm, hash_size)
 
 
-def _validate_jobs(jobs: list[_Job], workers: int | None) -> dict[str, ImageCheck]:
-    """Validate files sequentially, or in a process pool (spawned: safe beside threads) when there are many."""
-    n_workers = min(workers or os.cpu_count() or 1, len(jobs))
-    if n_workers <= 1 or len(jobs) < PARALLEL_MIN_FILES:
-        return dict(map(_validate_job, jobs))
-    chunksize = max(1, len(jobs) // (4 * n_workers))
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=n_workers, mp_context=context) as pool:
-        return dict(pool.map(_validate_job, jobs, chunksize=chunksize))
+def _validate_jobs(jobs: list[ValidateJob], workers: int | None) -> dict[str, Validated]:
+    """Validate (and hash) files in this process, or in a process pool where it pays (jobs.map_jobs)."""
+    return {done.sha256: done for done in map_jobs(validate_job, jobs, workers)}
 
 
 def _place(workspace: Workspace, sha256: str, source: Path, check: ImageCheck, config: IngestConfig) -> Placement:
@@ -181,18 +166,28 @@ def validation_jobs(workspace: Workspace, files: Mapping[str, str], config: Inge
     return jobs
 
 
-def validate_files(workspace: Workspace, jobs: Iterable[tuple[str, str]], config: IngestConfig) -> list[dict[str, Any]]:
-    """Check each (sha256, relative path) without moving it: ImageCheck dicts with their "sha256" added."""
-    checks = []
+def validate_files(
+    workspace: Workspace, jobs: Iterable[tuple[str, str]], config: IngestConfig, hashing: Hashing | None = None
+) -> list[dict[str, Any]]:
+    """Check each (sha256, relative path) without moving it: ImageCheck dicts with "sha256" added, and "phash" and
+    "dhash" from the same decode when hashing is given ("" otherwise, or when the file is not ok)."""
+    rows = []
     for sha256, relative in jobs:
-        job = _Job(sha256, str(workspace.root / relative), config.min_side, config.max_pixels, config.animated)
-        checks.append({"sha256": sha256, **dataclasses.asdict(_validate_job(job)[1])})
-    return checks
+        done = validate_job(_job(sha256, workspace.root / relative, config, hashing))
+        main, second = done.hashes or ("", "")
+        rows.append({"sha256": sha256, **dataclasses.asdict(done.check), "phash": main, "dhash": second})
+    return rows
 
 
 def checks_by_sha(rows: Iterable[Mapping[str, Any]]) -> dict[str, ImageCheck]:
     """sha256 -> ImageCheck of validate_files' dicts."""
-    return {str(row["sha256"]): ImageCheck(**{k: v for k, v in row.items() if k != "sha256"}) for row in rows}
+    skip = {"sha256", *HASH_COLUMNS}
+    return {str(row["sha256"]): ImageCheck(**{k: v for k, v in row.items() if k not in skip}) for row in rows}
+
+
+def hashes_by_sha(rows: Iterable[Mapping[str, Any]]) -> dict[str, tuple[str, str]]:
+    """sha256 -> (hash, dhash) of validate_files' dicts that carry hashes."""
+    return {str(row["sha256"]): (str(row["phash"]), str(row["dhash"])) for row in rows if row.get("phash")}
 
 
 def place_files(
@@ -201,14 +196,19 @@ def place_files(
     config: IngestConfig,
     workers: int | None = None,
     checks: Mapping[str, ImageCheck] | None = None,
+    hashing: Hashing | None = None,
+    hashes: Hashes | None = None,
 ) -> dict[str, Placement]:
     """Validate and place each sha256 -> ext not ingested before; reuse earlier records for the rest.
 
-    checks: results of validating some files already (validate_files); the others are validated here.
+    checks: results of validating some files already (validate_files), hashes: their hashes; the others are
+    validated here. With hashing = (algorithm, hash_size), the hashes of the new ok files (computed by the decode
+    that validates them) are added to the fingerprint cache of that algorithm and size.
     """
     known = dict(checks or {})
+    found = dict(hashes or {})
     placements: dict[str, Placement] = {}
-    jobs: list[_Job] = []
+    jobs: list[ValidateJob] = []
     for sha256, ext in files.items():
         incoming = workspace.incoming / sha256[:2] / f"{sha256}.{ext}"
         earlier = _reusable(workspace, sha256, ext, config)
@@ -220,15 +220,31 @@ def place_files(
         if not source.is_file():
             placements[sha256] = Placement("", ImageCheck(False, MISSING_FILE, None, None, "", "", None, 0, False))
             continue
-        jobs.append(_Job(sha256, str(source), config.min_side, config.max_pixels, config.animated))
+        jobs.append(_job(sha256, source, config, hashing))
     # a sha mismatch describes one particular file, which may have been replaced since: check that again
     late = [job for job in jobs if job.sha256 not in known or known[job.sha256].reason == SHA_MISMATCH]
-    known.update(_validate_jobs(late, workers))
+    for done in _validate_jobs(late, workers).values():
+        known[done.sha256] = done.check
+        found.pop(done.sha256, None)
+        if done.hashes is not None:
+            found[done.sha256] = done.hashes
     for job in jobs:
         placements[job.sha256] = _place(workspace, job.sha256, Path(job.source), known[job.sha256], config)
+    placed = [workspace.root / placements[job.sha256].path for job in jobs]
+    sync_files([validation_record_path(workspace, job.sha256, config) for job in jobs] + placed)  # records, moves
     n_known = len(files) - len(jobs)
     log.info("ingest: %d files, %d validated now (%d here), %d known before", len(files), len(jobs), len(late), n_known)
+    if hashing is not None:
+        _store_hashes(workspace, placements, found, hashing)
     return placements
+
+
+def _store_hashes(workspace: Workspace, placements: Mapping[str, Placement], found: Hashes, hashing: Hashing) -> None:
+    """Put the hashes of the ok files into the fingerprint cache."""
+    ok = {sha: pair for sha, pair in found.items() if sha in placements and placements[sha].check.ok}
+    if ok:
+        added = store_hashes(workspace, ok, *hashing)
+        log.info("ingest: %d new hashes in the fingerprint cache (%s-%d)", added, *hashing)
 
 
 def _catalog_row(entry: Mapping[str, Any], placement: Placement) -> dict[str, Any]:
@@ -269,18 +285,21 @@ def ingest(
     config: IngestConfig,
     workers: int | None = None,
     checks: Mapping[str, ImageCheck] | None = None,
+    hashing: Hashing | None = None,
+    hashes: Hashes | None = None,
 ) -> pd.DataFrame:
     """Catalog with one row per successful crawl-log row (sha256 != ""), in log order; idempotent.
 
-    New files are validated (in a process pool of `workers` when there are many; `checks` gives results already
-    computed, e.g. by mapped validate_files chunks) and moved to store/ or quarantine/; files seen before reuse
-    their validation record. A missing file gives invalid:missing_file.
+    New files are validated (in a process pool of up to `workers` where it pays; `checks` and `hashes` give
+    results already computed, e.g. by mapped validate_files chunks) and moved to store/ or quarantine/; files seen
+    before reuse their validation record. A missing file gives invalid:missing_file. With hashing = (algorithm,
+    hash_size) the new ok files' perceptual hashes, from the same decode, go to the fingerprint cache.
     """
     _require_log_columns(crawl_log.columns)
     fetched = _fetched(crawl_log)
     if fetched.empty:
         return empty_catalog()
-    placements = place_files(workspace, _unique_files(fetched), config, workers, checks)
+    placements = place_files(workspace, _unique_files(fetched), config, workers, checks, hashing, hashes)
     records = fetched.to_dict("records")
     return new_rows(_catalog_row(entry, placements[str(entry["sha256"])]) for entry in records)
 

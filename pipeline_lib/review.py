@@ -275,12 +275,18 @@ def _face_hints(workspace: Workspace, rows: pd.DataFrame) -> dict[str, Hint]:
     return out
 
 
+def thumbnail_path(workspace: Workspace, sha256: str) -> Path:
+    """Where the cached review thumbnail of one image is kept."""
+    return workspace.review / "pack" / "thumbs" / f"{sha256}.jpg"
+
+
 def write_thumbnail(source: Path, target: Path, size: int) -> None:
-    """A small JPEG thumbnail of an original (EXIF-rotated, first frame)."""
+    """A small JPEG thumbnail of an original (EXIF-rotated, first frame), unless target exists (a cache)."""
     if target.exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     with Image.open(source) as image:
+        image.draft("RGB", (size, size))  # JPEG: let the decoder scale down (1/2 .. 1/8) while decoding
         thumb = ImageOps.exif_transpose(image.convert("RGB"))
         thumb.thumbnail((size, size))
         tmp = target.with_suffix(".part.jpg")
@@ -293,12 +299,14 @@ def write_review_pack(
 ) -> Path:
     """HTML page of images to review (pending first), near-duplicate clusters side by side, and hints.
 
-    Faces are counted for pending images only (the ones a person is asked about).
+    Built only when a person will look at it (review.mode require, or `aidetect review pack`); thumbnails are
+    cached, so a later pack only makes those of new images. Faces are counted for pending images only (the ones a
+    person is asked about).
     """
     pack = workspace.review / "pack"
     considered = catalog[catalog["status"].isin([STATUS_OK, STATUS_PENDING]) | (catalog["cluster"] != "")]
     for row in considered.drop_duplicates("sha256").itertuples():
-        write_thumbnail(workspace.root / row.path, pack / "thumbs" / f"{row.sha256}.jpg", thumbnail_size)
+        write_thumbnail(workspace.root / row.path, thumbnail_path(workspace, row.sha256), thumbnail_size)
     hints = review_hints(workspace, considered, considered[considered["status"] == STATUS_PENDING], tiny_side)
     cards = [
         _card(row, hints=hints.get(row.sha256, []))

@@ -97,7 +97,7 @@ def create_app(
         sha = name.removesuffix(".jpg")
         if sha not in paths:
             raise HTTPException(404, f"no image with sha256 {sha!r}")
-        target = workspace.review / "pack" / "thumbs" / f"{sha}.jpg"
+        target = review.thumbnail_path(workspace, sha)  # made on first request, then cached
         review.write_thumbnail(workspace.root / str(paths[sha]), target, thumbnail_size)
         return FileResponse(target, media_type="image/jpeg")
 

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -17,6 +17,8 @@ from PIL import Image, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 AnimatedPolicy = Literal["first_frame", "reject"]
+Prepare = Callable[[Image.Image], None]  # called on an opened image before its pixels are decoded
+T = TypeVar("T")
 EXIF_ORIENTATION_TAG = 274
 SNIFF_BYTES = 512
 
@@ -198,9 +200,18 @@ def _header_problem(image: Image.Image, min_side: int, max_pixels: int, animated
 
 
 def _check_opened(
-    image: Image.Image, base: ImageCheck, head: bytes, min_side: int, max_pixels: int, policy: AnimatedPolicy
+    image: Image.Image,
+    base: ImageCheck,
+    head: bytes,
+    min_side: int,
+    max_pixels: int,
+    policy: AnimatedPolicy,
+    prepare: Prepare | None = None,
 ) -> ImageCheck:
-    """Fill size/format/mode from the header, decode the (first frame's) pixels, then read EXIF orientation."""
+    """Fill size/format/mode from the header, decode the (first frame's) pixels, then read EXIF orientation.
+
+    prepare(image) runs just before the decode (e.g. a JPEG draft request).
+    """
     found = dataclasses.replace(
         base,
         width=image.size[0],
@@ -213,6 +224,8 @@ def _check_opened(
     if reason:
         return _with_reason(found, reason)
     try:
+        if prepare is not None:
+            prepare(image)
         image.load()
     except Exception as error:  # PIL decoders raise many types; each becomes a recorded reason
         return _with_reason(found, _decode_failure_reason(error, head, base.n_bytes))
@@ -231,6 +244,23 @@ def check_image(path: Path, min_side: int, max_pixels: int, animated_policy: Ani
     unsupported_mode, corrupt:<ExceptionClass>. Raises ValueError for a bad policy or limit,
     FileNotFoundError if path does not exist.
     """
+    return inspect_image(path, min_side, max_pixels, animated_policy)[0]
+
+
+def inspect_image(
+    path: Path,
+    min_side: int,
+    max_pixels: int,
+    animated_policy: AnimatedPolicy,
+    prepare: Prepare | None = None,
+    use: Callable[[Image.Image, ImageCheck], T] | None = None,
+) -> tuple[ImageCheck, T | None]:
+    """check_image with hooks into its one decode: (the check, what use returned, or None if the file failed).
+
+    prepare(image) runs on the opened image just before its pixels are decoded (e.g. a JPEG's draft request: the
+    decoder still reads the whole compressed stream, so truncation and corruption are found as in a full-size
+    decode); use(image, check) runs on the decoded image of a file that passed. Exceptions from use propagate.
+    """
     if animated_policy not in ("first_frame", "reject"):
         raise ValueError(f"ingest.animated must be 'first_frame' or 'reject', got {animated_policy!r}")
     if min_side < 1 or max_pixels < 1:
@@ -238,13 +268,14 @@ def check_image(path: Path, min_side: int, max_pixels: int, animated_policy: Ani
     n_bytes = Path(path).stat().st_size
     base = ImageCheck(False, "", None, None, "", "", None, n_bytes, False)
     if n_bytes == 0:
-        return _with_reason(base, "zero_bytes")
+        return _with_reason(base, "zero_bytes"), None
     with open(path, "rb") as handle:
         head = handle.read(SNIFF_BYTES)
     with _pixel_limit(max_pixels):
         try:
             image = Image.open(path)
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
-            return _with_reason(base, _open_failure_reason(error, head, n_bytes))
+            return _with_reason(base, _open_failure_reason(error, head, n_bytes)), None
         with image:
-            return _check_opened(image, base, head, min_side, max_pixels, animated_policy)
+            check = _check_opened(image, base, head, min_side, max_pixels, animated_policy, prepare)
+            return check, (use(image, check) if check.ok and use is not None else None)

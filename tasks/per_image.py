@@ -109,7 +109,9 @@ def merge_preprocess(
 
 
 @task(name="ingest-plan")
-def plan_ingest(root: str, crawl_log: Ref, config: IngestConfig, chunk_size: int = 256) -> list[Chunk]:
+def plan_ingest(
+    root: str, crawl_log: Ref, config: IngestConfig, hashing: ingest_lib.Hashing | None = None, chunk_size: int = 256
+) -> list[Chunk]:
     """Chunks of the crawled files that need validating (no reusable validation record under this ingest policy)."""
     workspace = Workspace.create(root)
     files = ingest_lib.files_to_ingest(cat.read_table(workspace, crawl_log))
@@ -120,17 +122,33 @@ def plan_ingest(root: str, crawl_log: Ref, config: IngestConfig, chunk_size: int
 
 
 @task(name="ingest-validate-chunk")
-def validate_chunk(root: str, chunk: Chunk, config: IngestConfig) -> list[dict[str, Any]]:
-    """ImageCheck dicts (with sha256) of one chunk's files; nothing is moved."""
-    return ingest_lib.validate_files(Workspace.create(root), chunk, config)
+def validate_chunk(
+    root: str,
+    chunk: Chunk,
+    config: IngestConfig,
+    hashing: ingest_lib.Hashing | None = None,
+    hash_version: int = fingerprint_lib.HASH_VERSION,
+) -> list[dict[str, Any]]:
+    """ImageCheck dicts (with sha256, and the hashes of `hashing` from the same decode) of one chunk's files."""
+    return ingest_lib.validate_files(Workspace.create(root), chunk, config, hashing)
 
 
 @task(name="ingest-merge")
-def merge_ingest(root: str, crawl_log: Ref, config: IngestConfig, results: list[list[dict[str, Any]]]) -> StageResult:
-    """Place the files (store/ or quarantine/, validation records) and snapshot the catalog, as the ingest task."""
+def merge_ingest(
+    root: str,
+    crawl_log: Ref,
+    config: IngestConfig,
+    hashing: ingest_lib.Hashing | None,
+    results: list[list[dict[str, Any]]],
+    hash_version: int = fingerprint_lib.HASH_VERSION,
+) -> StageResult:
+    """Place the files (store/ or quarantine/, validation records), put their hashes into the fingerprint cache,
+    and snapshot the catalog."""
     workspace = Workspace.create(root)
-    checks = ingest_lib.checks_by_sha(row for rows in results for row in rows)
-    table = ingest_lib.ingest(workspace, cat.read_table(workspace, crawl_log), config, checks=checks)
+    rows = [row for chunk_rows in results for row in chunk_rows]
+    checks, hashes = ingest_lib.checks_by_sha(rows), ingest_lib.hashes_by_sha(rows)
+    crawled = cat.read_table(workspace, crawl_log)
+    table = ingest_lib.ingest(workspace, crawled, config, checks=checks, hashing=hashing, hashes=hashes)
     summary = ingest_lib.ingest_summary(table)
     metrics = {f"ingest.{k}": float(v) for k, v in summary.items()}
     return StageResult(cat.write_snapshot(workspace, "ingest", table), metrics)

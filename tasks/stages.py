@@ -148,13 +148,16 @@ def dedup(root: str, catalog: Ref, config: DedupConfig) -> StageResult:
 
 @task(name="review-gate")
 def review_gate(root: str, catalog: Ref, decisions_digest: str, config: ReviewConfig) -> StageResult:
-    """Apply human decisions; in require mode stop while images are pending."""
+    """Apply human decisions; in require mode write the review pack and stop while images are pending.
+
+    In auto and off mode nobody looks at a pack, so none is built (`aidetect review pack` builds one on request).
+    """
     workspace = Workspace.create(root)
     outcome = review.apply_decisions(
         cat.read_snapshot(workspace, catalog), review.read_decisions(workspace), config.mode
     )
-    if config.mode != "off":
-        review.write_review_pack(workspace, outcome.catalog, config.thumbnail_size)
+    if config.mode == "require":
+        review.write_review_pack(workspace, outcome.catalog, config.thumbnail_size, config.tiny_side)
     if outcome.pending:
         raise review.ReviewPending(review.pending_message(outcome.pending, workspace))
     metrics = {

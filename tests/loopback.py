@@ -88,6 +88,7 @@ class LoopbackSite:
         self.search_paths: list[str] = []
         self.listing: dict[str, list[str]] | None = None  # query -> image names (default: all of them)
         self.api_calls: list[dict[str, str]] = []  # Flickr REST calls (query parameters)
+        self.connections: set[tuple[str, int]] = set()  # client (address, port) of every request: one per connection
         self._lock = threading.Lock()
 
     def _count(self, name: str) -> int:
@@ -162,6 +163,8 @@ class LoopbackSite:
                 log.debug("loopback site: " + format, *args)
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                with site._lock:
+                    site.connections.add(self.client_address[:2])
                 path = urlsplit(self.path).path
                 base = f"http://127.0.0.1:{self.server.server_address[1]}"
                 try:

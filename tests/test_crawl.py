@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import random
 import socket
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -28,7 +31,7 @@ from pipeline_lib.demo_data import (
     serving,
 )
 from pipeline_lib.ingest import LOG_COLUMNS, ingest
-from pipeline_lib.workspace import Workspace, file_sha256
+from pipeline_lib.workspace import Workspace, bytes_sha256, file_sha256
 from tests.conftest import make_image
 from tests.loopback import LoopbackSite, baidu_result_page, changed_google_page, google_result_page
 
@@ -325,6 +328,63 @@ def test_missing_keywords_file_is_named(workspace: Workspace, tmp_path: Path) ->
     missing = tmp_path / "nope.txt"
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         crawl_sources(workspace, _sources(search=[{"keywords_file": missing}]))
+
+
+def test_many_threads_write_every_file_exactly_once_whole_over_one_connection_each(
+    workspace: Workspace, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    distinct = {f"{i}.jpg": _jpeg(tmp_path, i) for i in range(96)}
+    copies = {f"copy{i}.jpg": distinct[f"{i}.jpg"] for i in range(96)}  # the same bytes under a second URL
+    site = LoopbackSite(distinct | copies)
+    threads = 32
+    with site.serve() as endpoint:
+        base = endpoint.split("/search")[0]
+        listing = tmp_path / "list.csv"
+        listing.write_text("url,label,group\n" + "".join(f"{base}/img/{n},real,g\n" for n in site.images))
+        with caplog.at_level(logging.WARNING, logger="urllib3"):
+            result = crawl_sources(workspace, _sources(urls=[UrlListSource(csv=listing, threads=threads)]))
+    by_sha = {bytes_sha256(data): data for data in distinct.values()}
+    files = [path for path in workspace.incoming.rglob("*") if path.is_file()]
+    assert sorted(path.stem for path in files) == sorted(by_sha), "every distinct file exactly once"
+    for path in files:
+        assert path.read_bytes() == by_sha[path.stem] and path.parent.name == path.stem[:2]
+    _no_half_written_files(workspace)
+    assert result.summary[["new", "skipped", "failed"]].sum().tolist() == [96, 96, 0]
+    names = result.log["url"].str.rsplit("/", n=1).str[1]
+    assert sorted(names) == sorted(site.images)
+    assert [bytes_sha256(site.images[name]) for name in names] == result.log["sha256"].tolist()
+    assert len(site.connections) <= threads + 1, "the connection pool keeps one connection per thread"
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage()], "no connection was discarded"
+
+
+def test_concurrent_stores_of_the_same_bytes_write_each_file_once(workspace: Workspace) -> None:
+    payloads = [bytes([i]) * (50_000 + i) for i in range(16)]
+    state = crawl.CrawlState(workspace, crawl.empty_log(), NOW)
+    start = threading.Barrier(48)
+    outcomes: list[tuple[str, str, bool]] = []
+    lock = threading.Lock()
+
+    def store_all(seed: int) -> None:
+        order = random.Random(seed).sample(payloads, len(payloads))
+        start.wait()
+        for data in order:
+            outcome = state.store(data, "http://h/x.jpg")
+            with lock:
+                outcomes.append(outcome)
+
+    workers = [threading.Thread(target=store_all, args=(seed,)) for seed in range(48)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    new = Counter(sha for sha, _, is_new in outcomes if is_new)
+    assert sorted(new) == sorted(bytes_sha256(data) for data in payloads) and set(new.values()) == {1}
+    assert len(outcomes) == 48 * 16 and {ext for _, ext, _ in outcomes} == {"jpg"}
+    files = sorted(path for path in workspace.incoming.rglob("*") if path.is_file())
+    assert [path.read_bytes() for path in files] == sorted(payloads, key=bytes_sha256)
+    state.sync()  # durable before the log names them; a second crawl state finds them all held
+    held = crawl.held_files(workspace)
+    assert all(held[bytes_sha256(data)].read_bytes() == data for data in payloads)
 
 
 # --------------------------------------------------------------------------------------------------------------

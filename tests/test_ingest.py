@@ -14,13 +14,17 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pipeline_lib import jobs
 from pipeline_lib.catalog import COLUMNS
 from pipeline_lib.config import FolderSource, IngestConfig, SourcesConfig
 from pipeline_lib.crawl import crawl_sources
+from pipeline_lib.fingerprint import cache_path, fingerprint_catalog_with_stats, missing_hash_jobs, read_cache
+from pipeline_lib.hashing import hash_pair
 from pipeline_lib.ingest import (
     LOG_COLUMNS,
     checks_by_sha,
     files_to_ingest,
+    hashes_by_sha,
     ingest,
     ingest_summary,
     validate_files,
@@ -30,6 +34,7 @@ from pipeline_lib.ingest import (
 from pipeline_lib.workspace import Workspace, bytes_sha256, file_sha256
 
 CONFIG = IngestConfig(min_side=16, max_pixels=10_000_000)
+HASHING = ("phash", 8)
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
 
 
@@ -222,8 +227,10 @@ def test_log_missing_a_column_is_named(workspace: Workspace, column: str) -> Non
         ingest(workspace, crawl_log, CONFIG)
 
 
-def test_process_pool_validation_matches(tmp_path: Path) -> None:
-    """64 files take the process-pool path; results must equal a sequential ingest of the same files."""
+def test_process_pool_validation_matches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the pool forced, results must equal a sequential ingest of the same files."""
+    monkeypatch.setattr(jobs, "WORKER_STARTUP_S", 0.0)
+    monkeypatch.setattr(jobs, "idle_cores", lambda: 2.0)
     files = [Crawled(f"img{i}", encode(photo(seed=100 + i), "PNG"), "png", "ok") for i in range(63)]
     files.append(Crawled("zero", b"", "jpg", "invalid:zero_bytes"))
     pooled_ws, serial_ws = Workspace.create(tmp_path / "pool"), Workspace.create(tmp_path / "serial")
@@ -251,6 +258,44 @@ def test_planned_chunk_checks_give_the_same_catalog_as_ingest(tmp_path: Path) ->
     pd.testing.assert_frame_equal(mapped.drop(columns="fetched_at"), plain.drop(columns="fetched_at"))
     assert validation_jobs(mapped_ws, wanted, CONFIG) == [], "placed files have reusable records"
     assert not [p for p in mapped_ws.incoming.rglob("*") if p.is_file()]
+
+
+def _assert_hashes_cached(workspace: Workspace, catalog: pd.DataFrame, hashing: tuple[str, int]) -> None:
+    """The cache holds exactly the ok files, with the values the fingerprint stage's own decode gives."""
+    cache = read_cache(cache_path(workspace, *hashing)).set_index("sha256")
+    ok = catalog[catalog["status"] == "ok"].drop_duplicates("sha256")
+    assert sorted(cache.index) == sorted(ok["sha256"])
+    for sha, path in zip(ok["sha256"], ok["path"], strict=True):
+        assert tuple(cache.loc[sha, ["phash", "dhash"]]) == hash_pair(workspace.root / path, *hashing), path
+
+
+def test_ingest_fills_the_hash_cache_and_a_fingerprint_after_it_hashes_nothing_new(workspace: Workspace) -> None:
+    files = crawled_files() + [Crawled("big", encode(photo((1200, 900), seed=7), "JPEG"), "jpg", "ok", "RGB")]
+    catalog = ingest(workspace, crawl(workspace, files), CONFIG, hashing=HASHING)
+    _assert_hashes_cached(workspace, catalog, HASHING)
+    result = fingerprint_catalog_with_stats(workspace, catalog, *HASHING)
+    n_ok = catalog.loc[catalog["status"] == "ok", "sha256"].nunique()
+    assert (result.n_hashed, result.n_cached, result.n_unhashable) == (0, n_ok, 0)
+    assert missing_hash_jobs(workspace, catalog, *HASHING) == [], "the fingerprint stage's plan is empty"
+    other = fingerprint_catalog_with_stats(workspace, catalog, "dhash", 8)  # another algorithm: gaps are filled
+    assert other.n_hashed == n_ok
+
+
+def test_planned_chunks_with_hashing_fill_the_cache_like_ingest(tmp_path: Path) -> None:
+    files = crawled_files()
+    mapped_ws, plain_ws = Workspace.create(tmp_path / "mapped"), Workspace.create(tmp_path / "plain")
+    crawl_log = crawl(mapped_ws, files)
+    jobs = validation_jobs(mapped_ws, files_to_ingest(crawl_log))
+    rows = validate_files(mapped_ws, jobs[:4], CONFIG, HASHING) + validate_files(mapped_ws, jobs[4:], CONFIG, HASHING)
+    assert {row["sha256"] for row in rows if row["phash"]} == {row["sha256"] for row in rows if row["ok"]}
+    assert not cache_path(mapped_ws, *HASHING).exists(), "chunks only compute; the merge writes the cache"
+    hashes = hashes_by_sha(rows)
+    mapped = ingest(mapped_ws, crawl_log, CONFIG, checks=checks_by_sha(rows), hashing=HASHING, hashes=hashes)
+    plain = ingest(plain_ws, crawl(plain_ws, files), CONFIG, hashing=HASHING)
+    pd.testing.assert_frame_equal(mapped.drop(columns="fetched_at"), plain.drop(columns="fetched_at"))
+    pd.testing.assert_frame_equal(
+        read_cache(cache_path(mapped_ws, *HASHING)), read_cache(cache_path(plain_ws, *HASHING))
+    )
 
 
 def test_files_to_ingest_names_a_missing_column() -> None:
@@ -344,8 +389,11 @@ def odd_files() -> list[Odd]:
     ]
 
 
-@pytest.mark.parametrize("policy", ["first_frame", "reject"])
-def test_malformed_corpus_through_folder_crawl_and_ingest(workspace: Workspace, tmp_path: Path, policy: str) -> None:
+@pytest.mark.parametrize(("policy", "hashing"), [("first_frame", None), ("reject", None), ("first_frame", HASHING)])
+def test_malformed_corpus_through_folder_crawl_and_ingest(
+    workspace: Workspace, tmp_path: Path, policy: str, hashing: tuple[str, int] | None
+) -> None:
+    """The same statuses whether ingest also hashes (a JPEG is then decoded DCT-scaled to luma) or not."""
     files = odd_files()
     assert len(files) >= 20 and len({item.data for item in files}) == len(files)
     folder = tmp_path / "drop"
@@ -355,8 +403,10 @@ def test_malformed_corpus_through_folder_crawl_and_ingest(workspace: Workspace, 
     sources = SourcesConfig(folders=[FolderSource(path=folder, label="ai", generator="sd")])
     crawled = crawl_sources(workspace, sources, now=T0)
     assert (crawled.log["error"] == "").all() and len(crawled.log) == len(files)
-    catalog = ingest(workspace, crawled.log, CONFIG.model_copy(update={"animated": policy}))
+    catalog = ingest(workspace, crawled.log, CONFIG.model_copy(update={"animated": policy}), hashing=hashing)
     assert len(catalog) == len(files), "count in must equal count out"
+    if hashing is not None:
+        _assert_hashes_cached(workspace, catalog, hashing)
 
     by_name = {Path(url).name: row for url, row in zip(catalog["url"], catalog.itertuples(), strict=True)}
     expected = {i.name: (i.status_if_reject or i.status) if policy == "reject" else i.status for i in files}

@@ -9,6 +9,7 @@ from pipeline_lib.workspace import (
     file_sha256,
     listing_digest,
     put_in_store,
+    sync_files,
 )
 
 
@@ -46,6 +47,17 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
             raise Boom()
     assert target.read_bytes() == b"old", "a failed write must not replace the target"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"], "no temporary file may be left behind"
+
+
+def test_batch_of_non_durable_writes_is_synced_once_per_folder(tmp_path):
+    paths = [
+        atomic_write_bytes(tmp_path / folder / f"{i}.bin", bytes([i]) * 10, durable=False)
+        for i, folder in enumerate(["a", "a", "b"])
+    ]
+    paths[1].unlink()  # moved on before the sync (e.g. ingested): skipped
+    assert sync_files(paths) == 2
+    assert [p.read_bytes() for p in (paths[0], paths[2])] == [b"\x00" * 10, b"\x02" * 10]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["0.bin", "2.bin"], "no temporary files"
 
 
 def test_ref_digest_matches_content(workspace):

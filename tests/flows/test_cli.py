@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -141,3 +142,30 @@ def test_status_and_ui_use_the_configured_tracking_server_and_say_when_it_is_dow
     assert info["runs_error"] == f"no MLflow tracking server answers at {down} (tracking.uri)"
     result = runner.invoke(app, ["ui", "--workspace", str(ws), "--set", f"tracking.uri={down}"])
     assert result.exit_code == 0 and f"MLflow UI: {down}  (the tracking server of tracking.uri)" in result.output
+
+
+def test_review_pack_is_built_on_request_with_the_decisions_so_far(tmp_path: Path):
+    from pipeline_lib.catalog import new_rows, write_snapshot
+    from pipeline_lib.review import Decision, append_decisions, thumbnail_path
+    from pipeline_lib.workspace import Workspace
+
+    result = runner.invoke(app, ["review", "pack", "--workspace", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "nowhere" in result.output
+    workspace = Workspace.create(tmp_path / "ws")
+    result = runner.invoke(app, ["review", "pack", "--workspace", str(workspace.root)])
+    assert result.exit_code == 2 and "nothing to review yet" in result.output
+    rows = []
+    for seed in range(3):
+        sha = f"{seed}".ljust(64, "a")
+        path = make_image(workspace.store / sha[:2] / f"{sha}.jpg", seed=seed, size=(640, 480))
+        rows.append({"sha256": sha, "path": workspace.relative(path), "label": "real", "group": "g", "status": "ok"})
+    write_snapshot(workspace, "dedup", new_rows(rows))
+    append_decisions(workspace, [Decision(rows[0]["sha256"], "reject", "unrelated", "me")])
+    result = runner.invoke(app, ["review", "pack", "--workspace", str(workspace.root), "--thumbnail-size", "64"])
+    assert result.exit_code == 0, result.output
+    assert "2 image(s) undecided" in result.output
+    page = (workspace.review / "pack" / "index.html").read_text(encoding="utf-8")
+    assert "2 pending" in page and page.count("<figure") == 2, "the rejected image is not shown"
+    for row in rows[1:]:
+        with Image.open(thumbnail_path(workspace, row["sha256"])) as thumb:
+            assert max(thumb.size) == 64

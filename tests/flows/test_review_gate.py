@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from fastapi.testclient import TestClient
 from prefect.client.orchestration import get_client
 from prefect.exceptions import Pause
 from prefect.flow_engine import run_flow
 
 from flows import review_gate
-from pipeline_lib import review
+from pipeline_lib import review, review_server
 from pipeline_lib.catalog import conform
 from pipeline_lib.status import latest_snapshot
 from pipeline_lib.workspace import Workspace
@@ -41,6 +42,7 @@ def test_pause_then_resume_with_input_approves_the_rest(harness, tmp_path):
     run_id = wait_until_paused(workspace)
     # Someone rejects one image on the page, then the run is resumed through the Prefect API with the form's input.
     pending = review.undecided(_dedup_catalog(workspace), {})
+    assert (workspace.review / "pack" / "index.html").is_file(), "require mode: a person looks, the pack is built"
     first = pending["sha256"].iloc[0]
     review.append_decisions(workspace, [review.Decision(first, "reject", "unrelated", "me")])
     accepted, message = review_gate.resume_run(run_id, approve_remaining=True, note="checked")
@@ -139,8 +141,19 @@ def test_deployment_run_suspends_and_resumes_with_upstream_cached(harness, tmp_p
 
 
 @pytest.mark.parametrize("mode", ["auto", "off"])
-def test_auto_and_off_never_wait(harness, tmp_path, mode):
+def test_auto_and_off_never_wait_and_build_no_pack_yet_review_serve_shows_thumbnails(harness, tmp_path, mode):
     root = tmp_path / "ws"
     result = gate_flow(gate_config(_data(tmp_path), root, mode=mode))
     assert result["states"]["review"] == "Completed" and result["statuses"] == {"ok": 4}
-    assert not review.waiting_path(Workspace.open(root)).exists()
+    workspace = Workspace.open(root)
+    assert not review.waiting_path(workspace).exists()
+    assert not (workspace.review / "pack").exists(), "nobody looks at a pack in auto/off mode: none is built"
+    # `aidetect review serve` on the same workspace: thumbnails are made on demand, then kept
+    catalog = pd.read_parquet(latest_snapshot(workspace, "dedup"))
+    client = TestClient(review_server.create_app(workspace, catalog))
+    sha = catalog["sha256"].iloc[0]
+    assert f"thumbs/{sha}.jpg" in client.get("/").text
+    response = client.get(f"/thumbs/{sha}.jpg")
+    assert response.status_code == 200 and response.content[:2] == b"\xff\xd8"
+    assert review.thumbnail_path(workspace, sha).read_bytes() == response.content
+    assert [p.name for p in review.thumbnail_path(workspace, sha).parent.iterdir()] == [f"{sha}.jpg"]
