@@ -1,4 +1,9 @@
-"""The `aidetect` command: parses options, builds the config, calls flows. No logic of its own."""
+"""The `aidetect` command: parses options, checks the input, builds the config, calls flows. No logic of its own.
+
+torch, Prefect, MLflow and pandas are imported inside the commands that need them, after the input is checked:
+--help, input errors, a missing workspace and `status` answer at once, and bad input never starts Prefect.
+Exit codes: 0 ok, 1 some files unreadable (predict), 2 bad input, 3 review pending, 4 no Prefect server.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +13,15 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from pipeline_lib.config import (
-    ConfigError,
-    PipelineConfig,
-    build_config,
-    load_config,
-    merge_mappings,
-    read_yaml_mapping,
-)
-from pipeline_lib.review import ReviewError, ReviewPending
-from pipeline_lib.workspace import Workspace, WorkspaceError
+from pipeline_lib import privacy
+
+if TYPE_CHECKING:
+    from pipeline_lib.config import FolderSource, PipelineConfig
+    from pipeline_lib.workspace import Workspace
 
 app = typer.Typer(help="aidetect: build and maintain a detector of AI-generated images.", no_args_is_help=True)
 review_app = typer.Typer(
@@ -34,16 +34,41 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML con
 WorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace directory.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override, e.g. --set train.epochs=3")]
 RefreshOpt = Annotated[bool, typer.Option("--refresh-cache", help="Recompute every stage.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 DEMO_PORT = 47811  # loopback port of the demo's search site; stable so that a second demo run is fully cached
+EXIT_INPUT, EXIT_REVIEW, EXIT_NO_SERVER = 2, 3, 4
 
 
-def _fail(message: str, code: int = 2) -> None:
+DEBUG_ENV = "AIDETECT_DEBUG"  # set by --debug (or by the user): errors show their traceback
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (or AIDETECT_DEBUG=1).")] = False,
+) -> None:
+    """aidetect: build and maintain a detector of AI-generated images."""
+    privacy.quiet_mlflow()  # before anything imports mlflow (it starts its telemetry client at import)
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
     typer.secho(message, fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
+def _echo(lines: list[str]) -> None:
+    typer.echo("\n".join(lines))
+
+
 def _config(config: Path | None, workspace: Path | None, overrides: list[str] | None, refresh: bool) -> PipelineConfig:
+    from pipeline_lib.config import ConfigError, load_config
+
     extra = list(overrides or [])
     if workspace is not None:
         extra.append(f"execution.workspace={workspace}")
@@ -53,55 +78,71 @@ def _config(config: Path | None, workspace: Path | None, overrides: list[str] | 
         return load_config(config, extra)
     except ConfigError as error:
         _fail(str(error))
-        raise  # unreachable
 
 
 def _workspace(workspace: Path | None) -> Workspace:
+    from pipeline_lib.workspace import Workspace, WorkspaceError
+
     try:
         return Workspace.open(workspace or Path("workspace"))
     except WorkspaceError as error:
         _fail(str(error))
-        raise
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
-    metrics = summary.get("metrics", {})
-    typer.echo("")
-    typer.echo("stages: " + ", ".join(f"{k}={v}" for k, v in summary["states"].items()))
-    typer.echo(f"pipeline time: {summary['seconds']:.1f} s")
-    if metrics:
-        typer.echo(
-            f"test accuracy: {metrics['accuracy']:.3f} (95% CI {metrics['accuracy_ci_low']:.3f}-"
-            f"{metrics['accuracy_ci_high']:.3f}, n={int(metrics['n_test'])}), ROC-AUC {metrics['roc_auc']:.3f}"
-        )
-    for note in summary.get("notes", []):
-        typer.secho(f"note: {note}", fg=typer.colors.YELLOW if ("minimum" in note or "[warn]" in note) else None)
-    typer.echo(f"report: {summary['report']}")
-    typer.echo(f"model registry: {summary['registry']}")
-    typer.echo(
-        f"MLflow run {summary['mlflow_run_id']}: open the UI with `aidetect ui --workspace {summary['workspace']}`"
-    )
+def _check_sources(cfg: PipelineConfig) -> None:
+    """Every source of the config (and the workspace's imports) as a crawl would check it, before Prefect starts."""
+    if not cfg.execution.crawl:
+        return
+    from pipeline_lib.config import ConfigError
+    from pipeline_lib.crawl import check_sources
+    from pipeline_lib.imports import with_imports
+    from pipeline_lib.workspace import Workspace, WorkspaceError
+
+    try:
+        workspace = Workspace.open(cfg.execution.workspace)
+    except WorkspaceError:
+        workspace = None  # a new workspace has no imports yet
+    try:
+        check_sources(with_imports(cfg.sources, workspace) if workspace else cfg.sources)
+    except (ConfigError, ValueError, OSError) as error:
+        _fail(f"invalid source: {error}")
+
+
+def _prefect_api() -> None:
+    """Make sure flows have a Prefect API; exit 4 with one line when the temporary server does not start."""
+    from flows.runtime import PrefectStartError, prefect_api
+
+    try:
+        prefect_api()
+    except PrefectStartError as error:
+        if _debug():
+            raise
+        _fail(str(error), code=EXIT_NO_SERVER)
 
 
 def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    _prefect_api()
     from flows.pipeline import run_pipeline
+    from pipeline_lib.config import ConfigError
     from pipeline_lib.models import WeightsNotFoundError
+    from pipeline_lib.review import ReviewPending
     from pipeline_lib.split import SplitError
+    from pipeline_lib.workspace import WorkspaceError
 
     try:
         return run_pipeline(cfg)
     except ReviewPending as error:
-        _fail(str(error), code=3)
-        raise
+        _fail(str(error), code=EXIT_REVIEW)
     except (ConfigError, SplitError, WeightsNotFoundError, WorkspaceError) as error:
+        if _debug():
+            raise
         _fail(f"{type(error).__name__}: {error}")
-        raise
     except Exception as error:
         if _review_timed_out(error):  # Prefect fails a run whose pause expired before the gate can say more
             _fail(
                 "the review gate timed out with images still pending: decide them with "
                 f"`aidetect review serve --workspace {cfg.execution.workspace}`, then run `aidetect run` again",
-                code=3,
+                code=EXIT_REVIEW,
             )
         raise
 
@@ -116,6 +157,12 @@ def _review_timed_out(error: BaseException) -> bool:
     return False
 
 
+def _print_summary(summary: dict[str, Any]) -> None:
+    from pipeline_lib.summary import run_lines
+
+    _echo(run_lines(summary))
+
+
 @app.command()
 def run(
     config: ConfigOpt = None,
@@ -128,18 +175,85 @@ def run(
 ):
     """Run the whole pipeline (cached stages are skipped)."""
     extra = list(set_ or []) + (["execution.reshuffle_splits=true"] if reshuffle else [])
-    _print_summary(_run_pipeline(_config(config, workspace, extra, refresh_cache)))
+    cfg = _config(config, workspace, extra, refresh_cache)
+    _check_sources(cfg)
+    _print_summary(_run_pipeline(cfg))
+
+
+def _crawl(cfg: PipelineConfig, as_json: bool, folders: list[FolderSource] | None = None) -> None:
+    """Run the crawl flow and print what it did (and, for folders, what became of every file)."""
+    _prefect_api()
+    from flows.pipeline import crawl_flow
+
+    result = crawl_flow(cfg)
+    accounts = _accounts(cfg.execution.workspace, folders)
+    if as_json:
+        result["folders"] = [
+            {"folder": str(a.folder), "files": [vars(item) for item in a.files]} for a in accounts
+        ]
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    from pipeline_lib.summary import crawl_lines
+
+    _echo(crawl_lines(result, accounts))
+    typer.echo(f"\ncatalog: {result['catalog']}  (MLflow run {result['mlflow_run_id']})")
+
+
+def _accounts(root: Path, folders: list[FolderSource] | None) -> list[Any]:
+    """The file accounting of the given folder sources (all imported ones when None)."""
+    from pipeline_lib.status import folder_accounts
+    from pipeline_lib.workspace import Workspace
+
+    workspace = Workspace.open(root)
+    return folder_accounts(workspace, folders)
 
 
 @app.command()
 def crawl(
-    config: ConfigOpt = None, workspace: WorkspaceOpt = None, set_: SetOpt = None, refresh_cache: RefreshOpt = False
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    set_: SetOpt = None,
+    refresh_cache: RefreshOpt = False,
+    as_json: JsonOpt = False,
 ):
     """Crawl and ingest only: grow the catalog."""
-    from flows.pipeline import crawl_flow
+    cfg = _config(config, workspace, set_, refresh_cache)
+    _check_sources(cfg)
+    _crawl(cfg, as_json)
 
-    result = crawl_flow(_config(config, workspace, set_, refresh_cache))
-    typer.echo(json.dumps(result, indent=2, default=str))
+
+def _folder_source(folder: Path, label: str, group_by: str, generator: str) -> FolderSource:
+    """The import as a folder source; exit 2 naming the option that is wrong."""
+    from pydantic import ValidationError
+
+    from pipeline_lib.config import FolderSource
+
+    try:
+        return FolderSource(path=folder.resolve(), label=label, group_by=group_by, generator=generator)
+    except ValidationError as error:
+        fields = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors())
+        _fail(f"invalid import: {fields}")
+
+
+def _check_folder(source: FolderSource) -> None:
+    """The folder exists and holds at least one image; its grouping works (CSV readable); else exit 2."""
+    from pipeline_lib.config import SourcesConfig
+    from pipeline_lib.crawl import check_sources, folder_files, not_an_image
+
+    folder = source.path
+    if not folder.is_dir():
+        _fail(f"import folder {folder} does not exist or is not a directory")
+    files = list(folder_files(folder))
+    if not files:
+        _fail(f"import folder {folder} is empty (hidden files are not imported)")
+    reasons = {path: not_an_image(path) for path in files}
+    if all(reasons.values()):
+        listed = ", ".join(f"{p.relative_to(folder)} ({why})" for p, why in list(reasons.items())[:3])
+        _fail(f"no images among the {len(files)} file(s) in {folder}: {listed}")
+    try:
+        check_sources(SourcesConfig(folders=[source]))
+    except (ValueError, OSError) as error:
+        _fail(f"invalid import: {str(error).replace('sources.folders[0].group_by', '--group-by')}")
 
 
 @app.command("import")
@@ -153,100 +267,90 @@ def import_folder(
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     set_: SetOpt = None,
+    as_json: JsonOpt = False,
 ):
-    """Add a folder of local images to the workspace (kept as a source of every later run) and ingest it now."""
-    from pydantic import ValidationError
+    """Add a folder of local images to the workspace (kept as a source of every later run) and ingest it now.
 
-    from flows.pipeline import crawl_flow
-    from pipeline_lib.config import FolderSource
+    Every file that is not hidden is looked at: images are imported whatever their extension, every other file is
+    listed with the reason it was left out.
+    """
+    source = _folder_source(folder, label, group_by, generator)
+    _check_folder(source)
+    no_sources = ["sources.search=[]", "sources.urls=[]", "sources.folders=[]"]
+    cfg = _config(config, workspace, list(set_ or []) + no_sources, False)
+    _prefect_api()
+    from pipeline_lib.config import ConfigError
     from pipeline_lib.imports import add_import
+    from pipeline_lib.workspace import Workspace
 
-    try:
-        source = FolderSource(path=folder.resolve(), label=label, group_by=group_by, generator=generator)
-    except ValidationError as error:
-        fields = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors())
-        _fail(f"invalid import: {fields}")
-        raise
-    cfg = _config(
-        config, workspace, list(set_ or []) + ["sources.search=[]", "sources.urls=[]", "sources.folders=[]"], False
-    )
     try:
         add_import(Workspace.create(cfg.execution.workspace), source)
     except ConfigError as error:
         _fail(str(error))
-    result = crawl_flow(cfg)
-    typer.echo(json.dumps(result, indent=2, default=str))
+    _crawl(cfg, as_json, [source])
 
 
 @app.command()
 def demo(
     workspace: Annotated[Path, typer.Option("--workspace", "-w")] = Path("demo-workspace"),
     config: ConfigOpt = None,
-    persons: Annotated[int, typer.Option(help="Synthetic persons per class.")] = 30,
+    persons: Annotated[int, typer.Option(help="Synthetic persons per class.", min=3)] = 30,
     set_: SetOpt = None,
     refresh_cache: RefreshOpt = False,
 ):
     """Offline demo on synthetic data: loopback crawl with icrawler, folder import, train, report."""
-    from pipeline_lib import demo_data
+    from pipeline_lib.config import ConfigError, build_config, merge_mappings, read_yaml_mapping
 
     workspace = workspace.resolve()
+    extra = list(set_ or []) + (["execution.refresh_cache=true"] if refresh_cache else [])
+    try:
+        base = read_yaml_mapping(DEMO_CONFIG)
+        overlay = {k: v for k, v in (read_yaml_mapping(config) if config else {}).items() if k != "sources"}
+        data = merge_mappings(merge_mappings(base, overlay), {"execution": {"workspace": str(workspace)}})
+        build_config(data, extra, origin="demo config")  # checked before any data is drawn or Prefect starts
+    except ConfigError as error:
+        _fail(str(error))
+    from pipeline_lib import demo_data
+
     data_root = workspace / "demo-data"
     typer.echo(f"generating synthetic demo data in {data_root} (not real people: drawn faces)")
     dataset = demo_data.generate_demo_dataset(data_root, n_persons_per_class=persons)
     with demo_data.search_site(dataset, port=DEMO_PORT) as endpoint:
         typer.echo(f"serving the 'real' class on a loopback search page: {endpoint}")
-        try:
-            base = read_yaml_mapping(DEMO_CONFIG)
-            overlay = read_yaml_mapping(config) if config else {}
-        except ConfigError as error:
-            _fail(str(error))
-            raise
-        data = merge_mappings(base, demo_data.demo_config_dict(dataset, endpoint, workspace))
-        data = merge_mappings(data, {k: v for k, v in overlay.items() if k != "sources"})
-        extra = list(set_ or []) + (["execution.refresh_cache=true"] if refresh_cache else [])
-        try:
-            cfg = build_config(data, extra, origin="demo config")
-        except ConfigError as error:
-            _fail(str(error))
-            raise
+        cfg = build_config(
+            merge_mappings(merge_mappings(base, demo_data.demo_config_dict(dataset, endpoint, workspace)), overlay),
+            extra,
+            origin="demo config",
+        )
         summary = _run_pipeline(cfg)
     _print_summary(summary)
 
 
 @app.command()
-def status(workspace: WorkspaceOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False):
-    """Catalog counts by status, label and split; pending reviews; last runs."""
-    from pipeline_lib import tracking
-    from pipeline_lib.status import workspace_status
-
+def status(workspace: WorkspaceOpt = None, as_json: JsonOpt = False):
+    """Catalog counts by status, label and split; pending reviews; imported folders, file by file; last runs."""
     ws = _workspace(workspace)
+    from pipeline_lib.status import folder_accounts, recent_runs, workspace_status
+
     info = workspace_status(ws)
-    info["runs"] = (
-        tracking.recent_runs(tracking.tracking_uri(None, ws), "aidetect") if (ws.root / "mlflow.db").exists() else []
-    )
+    info["runs"] = recent_runs(ws)
+    accounts = folder_accounts(ws)
     if as_json:
+        info["imports"] = [{"folder": str(a.folder), "files": [vars(item) for item in a.files]} for a in accounts]
         typer.echo(json.dumps(info, indent=2, default=str))
         return
-    typer.echo(f"workspace: {info['workspace']} (latest stage: {info['stage']})")
-    typer.echo(f"images: {info['images']}")
-    for key in ("status", "label", "split"):
-        if key in info:
-            typer.echo(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in info[key].items()))
-    typer.echo(f"review decisions: {info.get('decisions', 0)}, undecided: {info.get('undecided', 0)}")
-    for run_info in info["runs"]:
-        typer.echo(
-            f"  run {run_info['run_id'][:8]} {run_info['status']} {run_info['start_time']} "
-            f"acc={run_info['test_accuracy']}"
-        )
+    from pipeline_lib.summary import status_lines
+
+    _echo(status_lines(info, accounts))
 
 
 @review_app.command("status")
 def review_status(workspace: WorkspaceOpt = None):
     """How many images are decided, approved, rejected and still undecided."""
+    ws = _workspace(workspace)
     from pipeline_lib.review import read_decisions
     from pipeline_lib.status import workspace_status
 
-    ws = _workspace(workspace)
     decisions = read_decisions(ws).values()
     approved = sum(d.decision == "approve" for d in decisions)
     typer.echo(
@@ -258,13 +362,13 @@ def review_status(workspace: WorkspaceOpt = None):
 @review_app.command("export")
 def review_export(target: Path, workspace: WorkspaceOpt = None):
     """Write undecided images to a CSV (sha256,label,group,url,decision,reason) to fill in."""
+    ws = _workspace(workspace)
     import pandas as pd
 
     from pipeline_lib.catalog import STATUS_OK
     from pipeline_lib.review import read_decisions
     from pipeline_lib.status import latest_snapshot
 
-    ws = _workspace(workspace)
     snapshot = latest_snapshot(ws, "dedup")
     if snapshot is None:
         _fail("nothing to review yet: run the pipeline (or `aidetect crawl`) first")
@@ -278,12 +382,12 @@ def review_export(target: Path, workspace: WorkspaceOpt = None):
 @review_app.command("apply")
 def review_apply(csv_file: Path, workspace: WorkspaceOpt = None, reviewer: str = "csv"):
     """Append the decisions of a CSV (sha256,decision[,reason]) to review/decisions.jsonl."""
+    ws = _workspace(workspace)
     import pandas as pd
 
-    from pipeline_lib.review import append_decisions, read_decisions_csv
+    from pipeline_lib.review import ReviewError, append_decisions, read_decisions_csv
     from pipeline_lib.status import latest_snapshot
 
-    ws = _workspace(workspace)
     snapshot = latest_snapshot(ws, "dedup")
     known = set(pd.read_parquet(snapshot)["sha256"]) if snapshot is not None else set()
     try:
@@ -300,12 +404,9 @@ def serve(
     ] = None,
 ):
     """Run prefect.yaml's schedules in this process (Prefect's serve), against a running Prefect server."""
-    from prefect import serve as prefect_serve
-    from prefect.settings import PREFECT_API_URL
-
-    from flows.deployments import runner_deployments
-
-    api = PREFECT_API_URL.value()
+    if config is not None and not config.is_file():
+        _fail(f"config file not found: {config}")
+    api = os.environ.get("PREFECT_API_URL") or _prefect_setting_api_url()
     if not api:
         _fail(
             "schedules need a Prefect server, and PREFECT_API_URL is not set. Start one with `prefect server start`, "
@@ -313,11 +414,20 @@ def serve(
         )
     if not _server_is_up(api):
         _fail(f"no Prefect server answers at {api}: start it with `prefect server start` (or fix PREFECT_API_URL)")
-    if config is not None and not config.is_file():
-        _fail(f"config file not found: {config}")
+    from prefect import serve as prefect_serve
+
+    from flows.deployments import runner_deployments
+
     deployments = runner_deployments(str(config.resolve()) if config else None)
     typer.echo(f"serving {len(deployments)} deployment(s) against {api}; Ctrl-C stops")
     prefect_serve(*deployments)
+
+
+def _prefect_setting_api_url() -> str:
+    """PREFECT_API_URL from Prefect's settings (a profile may hold it)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value() or "")
 
 
 def _server_is_up(api: str) -> bool:
@@ -337,13 +447,13 @@ def review_serve(
     port: Annotated[int, typer.Option(help="Port of the review page.")] = 8765,
 ):
     """Serve the review page for the undecided images; 'finish review' resumes a waiting run if there is one."""
+    ws = _workspace(workspace)
     import pandas as pd
 
     from pipeline_lib import review_server
     from pipeline_lib.review import read_waiting
     from pipeline_lib.status import latest_snapshot
 
-    ws = _workspace(workspace)
     snapshot = latest_snapshot(ws, "dedup")
     if snapshot is None:
         _fail("nothing to review yet: run the pipeline (or `aidetect crawl`) first")
@@ -372,16 +482,17 @@ def review_done(
     note: str = "",
 ):
     """Resume the flow run that waits at the review gate (needs the Prefect server the run uses)."""
-    from flows.review_gate import resume_run
-    from pipeline_lib.review import read_waiting
-
     ws = _workspace(workspace)
+    from pipeline_lib.review import ReviewError, read_waiting
+
     try:
         waiting = read_waiting(ws)
     except ReviewError as error:
         _fail(str(error))
     if waiting is None:
         _fail(f"no flow run waits at the review gate of {ws.root}; run `aidetect run --workspace {ws.root}`")
+    from flows.review_gate import resume_run
+
     try:
         accepted, message = resume_run(str(waiting["flow_run_id"]), approve_remaining, note)
     except Exception as error:  # noqa: BLE001 - a clear message instead of a traceback
@@ -391,54 +502,53 @@ def review_done(
     typer.echo(message)
 
 
+def mlflow_ui_command(workspace: Workspace, host: str, port: int) -> list[str]:
+    """The `mlflow ui` command line on the workspace's store (telemetry stays off: it inherits this environment)."""
+    mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    uri = f"sqlite:///{workspace.root / 'mlflow.db'}"
+    command = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    return command + ["--default-artifact-root", (workspace.root / "mlartifacts").as_uri()]
+
+
 @app.command()
 def ui(workspace: WorkspaceOpt = None, port: int = 5000, host: str = "127.0.0.1"):
     """Start the MLflow UI on the workspace's tracking store (and say how to start Prefect's)."""
     ws = _workspace(workspace)
-    mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-    uri = f"sqlite:///{ws.root / 'mlflow.db'}"
-    typer.echo(f"MLflow UI: http://{host}:{port}  (store {uri})")
+    command = mlflow_ui_command(ws, host, port)
+    typer.echo(f"MLflow UI: http://{host}:{port}  (store sqlite:///{ws.root / 'mlflow.db'})")
     typer.echo("Prefect UI: run `prefect server start` in another shell, then http://127.0.0.1:4200")
-    command = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    command += ["--default-artifact-root", (ws.root / "mlartifacts").as_uri()]
+    sys.stdout.flush()
     os.execv(command[0], command) if os.name == "posix" else subprocess.run(command, check=False)
 
 
 def _predict_model(spec: str, config: Path | None, workspace: Path | None) -> tuple[Any, dict[str, Any]]:
-    """(model, meta with image_size) from a checkpoint path, 'champion' or an MLflow run id; exit 2 if not found."""
-    from pipeline_lib import models, tracking
-
+    """(model, meta with image_size and a description of the model) from a checkpoint, 'champion' or a run id."""
     path = Path(spec).expanduser()
     if path.suffix == ".pt" or path.is_file():
+        from pipeline_lib import models
+
         try:
-            return models.load_model(path)
+            model, meta = models.load_model(path)
         except (FileNotFoundError, models.CheckpointError) as error:
             _fail(f"model not found: {error}")
+        return model, meta | {"description": f"checkpoint {path}"}
     cfg = _config(config, workspace, None, False)
     ws = None if cfg.tracking.uri else _workspace(cfg.execution.workspace)
+    from pipeline_lib import tracking
+
     uri = cfg.tracking.uri or tracking.tracking_uri(None, ws)
+    name = cfg.tracking.registered_model
     try:
         if spec == "champion":
-            model, size = tracking.load_champion(uri, cfg.tracking.registered_model)
-            calibration = tracking.champion_calibration(uri, cfg.tracking.registered_model)
+            model, size = tracking.load_champion(uri, name)
+            calibration = tracking.champion_calibration(uri, name)
+            description = f"{name} version {tracking.current_champion(uri, name).version} (alias champion)"
         else:
             model, size = tracking.load_run_model(uri, spec)
-            calibration = None
+            calibration, description = None, f"the model of MLflow run {spec}"
     except tracking.ModelNotFoundError as error:
         _fail(f"model not found: {error}")
-        raise
-    return model, {"image_size": size, "model": spec, "calibration": calibration}
-
-
-def _print_predictions(rows: list[Any]) -> None:
-    """A plain table: p_ai, label, verdict, path (and the error or CAM file)."""
-    typer.echo(f"{'p_ai':>6}  {'label':<5}  {'verdict':<9}  path")
-    for row in rows:
-        if row.error:
-            typer.secho(f"{'-':>6}  {'error':<5}  {'-':<9}  {row.path}: {row.error}", fg=typer.colors.RED)
-        else:
-            cam = f"  (cam: {row.cam})" if row.cam else ""
-            typer.echo(f"{row.p_ai:6.3f}  {row.label:<5}  {row.verdict:<9}  {row.path}{cam}")
+    return model, {"image_size": size, "model": spec, "calibration": calibration, "description": description}
 
 
 @app.command()
@@ -455,19 +565,24 @@ def predict(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0)] = 0.5,
 ):
-    """p_ai, label and verdict (ai / real / uncertain, band from config calibration) per image.
+    """A verdict per image: ai, real or uncertain (band from config calibration), with p_ai.
 
     The temperature and normalisation of training are applied: from a checkpoint's <model>.calibration.json, or from
-    the champion's model-version tag.
+    the champion's model-version tag. The first line says which model scored the files.
     Exit 1 if some file could not be read, 2 if the model or images are missing.
     """
+    missing = [str(path) for path in paths if not path.exists()]
+    if missing:
+        _fail("not found: " + ", ".join(missing))
+    checkpoint = Path(model).expanduser()
+    band_config = _config(config, workspace, None, False).calibration
+    if not (checkpoint.suffix == ".pt" or checkpoint.is_file()):
+        _workspace_or_uri(config, workspace)
     from pipeline_lib.predict import collect_paths, parse_calibration, predict_files, read_calibration
 
     if not collect_paths(paths):
         _fail("no image files found in: " + ", ".join(map(str, paths)))
     loaded, meta = _predict_model(model, config, workspace)
-    band_config = _config(config, workspace, None, False).calibration
-    checkpoint = Path(model).expanduser()
     try:
         if checkpoint.is_file():
             calibration = read_calibration(checkpoint)
@@ -489,13 +604,21 @@ def predict(
         )
     except ValueError as error:
         _fail(str(error))
-        raise
     if as_json:
         typer.echo(json.dumps([row.as_dict() for row in rows], indent=2))
     else:
-        _print_predictions(rows)
+        from pipeline_lib.summary import prediction_lines
+
+        _echo(prediction_lines(rows, meta["description"]))
     if any(row.error for row in rows):
         raise typer.Exit(1)
+
+
+def _workspace_or_uri(config: Path | None, workspace: Path | None) -> None:
+    """Exit 2 at once when the model must come from a workspace that does not exist (before torch is imported)."""
+    cfg = _config(config, workspace, None, False)
+    if not cfg.tracking.uri:
+        _workspace(cfg.execution.workspace)
 
 
 def main() -> None:

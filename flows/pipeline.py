@@ -6,7 +6,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
@@ -21,6 +22,7 @@ from pipeline_lib import tracking as tracking_lib
 from pipeline_lib.config import DedupConfig, ExecutionConfig, IngestConfig, NormalizeConfig, PipelineConfig
 from pipeline_lib.crawl import crawl_log_path
 from pipeline_lib.imports import with_imports
+from pipeline_lib.status import record_run
 from pipeline_lib.workspace import Ref, Workspace, digest_of, file_sha256, listing_digest
 from tasks import per_image, stages, track
 from tasks.caching import cached
@@ -29,17 +31,27 @@ log = logging.getLogger(__name__)
 
 
 class StageRecorder:
-    """Runs stage tasks, keeps each one's final state name, and logs it to MLflow as it goes."""
+    """Runs stage tasks, keeps each one's final state name, and logs it to MLflow as it goes.
+
+    Every stage's state is a tag of the flow's MLflow run; a stage that ran (Completed or Failed) also gets a nested
+    run from its real start to its real end, so a re-run where everything is cached stays one run.
+    """
 
     def __init__(self, workspace: Workspace, refresh: bool, tracker: tracking_lib.Tracker) -> None:
         self.workspace = workspace
         self.refresh = refresh
         self.tracker = tracker
         self.states: dict[str, str] = {}
+        self.outcome: dict[str, Any] = {}  # what the run's line in the workspace's runs list adds (accuracy, model)
+        self.notes: list[str] = []  # the notes of every stage so far (the report's warnings come from them)
 
-    def run(self, name: str, task: Any, *args: Any, expiration: timedelta | None = None) -> Any:
+    def run(self, name: str, task: Any, *args: Any, expiration: timedelta | None = None, **live: Any) -> Any:
+        """Run a stage task cached on args; live keyword arguments (e.g. where progress goes) are not in its key."""
         started = time.perf_counter()
-        state: State = cached(task, self.workspace, self.refresh, expiration)(*args, return_state=True)
+        stage = cached(task, self.workspace, self.refresh, expiration)
+        if live:
+            stage = stage.with_options(cache_policy=_without_inputs(stage.cache_policy, live))
+        state: State = stage(*args, **live, return_state=True)
         return self.record(name, state, time.perf_counter() - started)
 
     def record(self, name: str, state: State, seconds: float) -> Any:
@@ -51,20 +63,38 @@ class StageRecorder:
             self._child(name, state.name, {}, seconds, failed=True)
             raise
         if isinstance(result, stages.StageResult):
+            self.notes += [note for note in result.notes if note not in self.notes]
             track.log_stage.fn(self.tracker, name, state.name, result.metrics, result.notes, result.table)
             if result.table:
                 create_table_artifact(result.table, key=f"aidetect-{name}", description=f"{name}: per-source counts")
         else:
             track.log_stage.fn(self.tracker, name, state.name, {}, [], [])
-        self._child(name, state.name, _numbers(getattr(result, "metrics", {})), seconds)
+        if state.name != "Cached":
+            history = getattr(result, "history", ())
+            self._child(name, state.name, _numbers(getattr(result, "metrics", {})), seconds, history=history)
         return result
 
-    def _child(self, name: str, state: str, metrics: dict[str, float], seconds: float, failed: bool = False) -> None:
+    def _child(
+        self,
+        name: str,
+        state: str,
+        metrics: dict[str, float],
+        seconds: float,
+        failed: bool = False,
+        history: Any = (),
+    ) -> None:
         """The stage's nested MLflow run (a tracking failure is logged, never hides the stage's own outcome)."""
         try:
-            tracking_lib.stage_run(self.tracker, name, state, metrics, seconds, failed=failed)
+            tracking_lib.stage_run(self.tracker, name, state, metrics, seconds, failed=failed, history=history)
         except Exception as error:  # the tracking store may be down; the stage's result still counts
             log.warning("no nested MLflow run for stage %s: %s", name, error)
+
+
+def _without_inputs(policy: Any, names: Any) -> Any:
+    """The cache policy with these task parameters left out of its key."""
+    for name in names:
+        policy = policy - name
+    return policy
 
 
 def _numbers(metrics: Any) -> dict[str, float]:
@@ -188,6 +218,7 @@ def tracked_stages(
     The MLflow run ends FINISHED with the block, FAILED when the block raises (a suspended review gate included).
     """
     workspace = Workspace.create(config.execution.workspace)
+    started = time.time()
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(workspace.prefect / "results")}):
         tracker = track.start_tracking(str(workspace.root), config, run_name, tags)
         recorder = StageRecorder(workspace, config.execution.refresh_cache, tracker)
@@ -195,8 +226,29 @@ def tracked_stages(
             yield workspace, recorder, tracker
         except BaseException:
             track.finish_tracking(tracker, "FAILED")
+            _record_run(workspace, tracker, tags, "FAILED", started, recorder)
             raise
         track.finish_tracking(tracker, "FINISHED")
+        _record_run(workspace, tracker, tags, "FINISHED", started, recorder)
+
+
+def _record_run(
+    workspace: Workspace, tracker: tracking_lib.Tracker, tags: dict[str, str], status: str, started: float, run: Any
+) -> None:
+    """The run's line in the workspace's runs list (what `aidetect status` shows without opening MLflow)."""
+    entry = {
+        "run_id": tracker.run_id,
+        "kind": tags.get("aidetect.kind", ""),
+        "status": status,
+        "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.time() - started, 1),
+        "states": run.states,
+        **run.outcome,
+    }
+    try:
+        record_run(workspace, entry)
+    except OSError as error:
+        log.warning("run %s not added to %s: %s", tracker.run_id, workspace.root, error)
 
 
 def _crawl_and_ingest(
@@ -252,18 +304,25 @@ def _model_stages(
     size, chunk_size = config.train.image_size, config.execution.chunk_size
     state = preprocess_stage(workspace, run.refresh, split.catalog, size, normalize, chunk_size)
     run.record("preprocess", state, time.perf_counter() - started)
-    trained = run.run("train", stages.train, root, split.catalog, config.train, normalize)
-    track.log_training(tracker, trained)
+    trained = run.run("train", stages.train, root, split.catalog, config.train, normalize, progress=tracker)
+    track.log_training(tracker, trained, logged_live=run.states["train"] != "Cached")
     evaluate_args = (config.evaluate, config.calibration, normalize, config.report.cam_method)
     evaluation = run.run("evaluate", stages.evaluate, root, split.catalog, trained.model, *evaluate_args)
-    title = f"aidetect — {config.train.model} on {split.catalog.path}"
-    report_args = (config.report, title, normalize)
+    data_version = Path(split.catalog.path).stem
+    title = f"aidetect — {config.train.model}, data {data_version}"
+    report_args = (config.report, title, normalize, run.notes, trained.history, data_version)
     report_ref = run.run("report", stages.make_report, root, trained.model, evaluation, *report_args)
     track.log_evaluation(root, tracker, evaluation, report_ref)
     test_digest = digest_of(split.catalog.digest, "test")[:16]
     registry_name = config.tracking.registered_model
     registered = track.register(root, tracker, trained.model, evaluation, test_digest, registry_name, normalize)
+    run.outcome |= {
+        "test_accuracy": evaluation.metrics.get("accuracy"),
+        "model": f"{registry_name} v{registered.get('version')}" + (" champion" if registered.get("promoted") else ""),
+    }
     return {
+        "registered_model": registry_name,
+        "data_version": data_version,
         "metrics": evaluation.metrics,
         "report": str(report_ref.resolve(workspace)),
         "model": str(trained.model.resolve(workspace)),

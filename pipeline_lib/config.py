@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,6 +66,11 @@ class FolderSource(_Section):
     @field_validator("group_by")
     @classmethod
     def _check_group_by(cls, value: str) -> str:
+        if value.startswith("pattern:"):
+            try:
+                re.compile(value.removeprefix("pattern:"))
+            except re.error as error:
+                raise ValueError(f"invalid regular expression {value.removeprefix('pattern:')!r} ({error})") from None
         if value == "folder" or value.startswith(("pattern:", "csv:")):
             return value
         raise ValueError(f"must be 'folder', 'pattern:REGEX' or 'csv:FILE', got {value!r}")
@@ -187,6 +193,7 @@ class EvaluateConfig(_Section):
 class ReportConfig(_Section):
     cam_method: Literal["gradcam", "gradcam++", "eigencam", "scorecam"] = "gradcam"
     images_per_cell: int = Field(6, ge=1, le=100)
+    data_note: str = Field("", description="A warning about the data the report shows first (e.g. synthetic data).")
 
 
 class AuditConfig(_Section):

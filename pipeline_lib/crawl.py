@@ -34,7 +34,9 @@ from icrawler.storage import BaseStorage
 from PIL import Image
 
 from pipeline_lib.config import LABELS, FolderSource, SearchSource, SourcesConfig, UrlListSource
+from pipeline_lib.progress import progress
 from pipeline_lib.safety import UnsafeUrlError, check_url
+from pipeline_lib.validate import sniff_content
 from pipeline_lib.workspace import Workspace, atomic_path, atomic_write_bytes, bytes_sha256
 
 log = logging.getLogger(__name__)
@@ -209,6 +211,8 @@ class CrawlState:
         fetched = previous[previous["sha256"] != ""]
         self._known_urls = set(fetched["url"])
         self._known_pairs = set(zip(fetched["url"], fetched["sha256"], strict=True))
+        failed = previous[previous["sha256"] == ""]
+        self._failures = set(zip(failed["url"], failed["error"], strict=True))
         self._counts: dict[tuple[str, str], dict[str, int]] = {}
         self._errors: dict[tuple[str, str], list[str]] = {}
         self._saved_rows = 0
@@ -243,6 +247,11 @@ class CrawlState:
         with self._lock:
             return (url, sha256) in self._known_pairs
 
+    def is_logged_failure(self, url: str, error: str) -> bool:
+        """Whether url failed with exactly this error before (a file an import leaves out, logged once)."""
+        with self._lock:
+            return (url, error) in self._failures
+
     def store(self, data: bytes, url: str) -> tuple[str, str, bool]:
         """Put bytes into incoming/ unless already held; return (sha256, ext, is_new)."""
         sha256 = bytes_sha256(data)
@@ -263,6 +272,8 @@ class CrawlState:
             if sha256:
                 self._known_urls.add(url)
                 self._known_pairs.add((url, sha256))
+            else:
+                self._failures.add((url, error))
 
     def counts_of(self, source: str, keyword: str) -> dict[str, int]:
         """new/skipped/failed so far for (source, keyword)."""
@@ -948,14 +959,40 @@ def folder_grouper(source: FolderSource, index: int) -> GroupOf:
     return _group_by_csv(source.group_by.removeprefix("csv:"), root)
 
 
-def image_files(root: Path) -> Iterator[Path]:
-    """Image files under root, sorted, recursive, skipping hidden files/folders and .gitkeep."""
+def folder_files(root: Path) -> Iterator[Path]:
+    """Every file under root that is not hidden (no part of its path starts with '.'), sorted, recursive."""
     for path in sorted(root.rglob("*")):
         parts = path.relative_to(root).parts
-        if any(part.startswith(".") for part in parts) or not path.is_file():
-            continue
-        if path.suffix.lower() in FOLDER_IMAGE_SUFFIXES:
+        if not any(part.startswith(".") for part in parts) and path.is_file():
             yield path
+
+
+def image_files(root: Path) -> Iterator[Path]:
+    """The files under root an import takes to ingest: images whatever their name, and files named like images."""
+    for path in folder_files(root):
+        if not not_an_image(path):
+            yield path
+
+
+def not_an_image(path: Path) -> str:
+    """Why an import leaves path out ("" when it is taken): not an image by its bytes nor by its name.
+
+    A file Pillow recognises is an image whatever its extension; a file named like an image that Pillow cannot read
+    is taken too, so that ingest quarantines it with the reason (truncated, html, ...).
+    """
+    if path.suffix.lower() in FOLDER_IMAGE_SUFFIXES:
+        return ""
+    try:
+        with Image.open(path):
+            return ""
+    except Exception:  # anything Pillow cannot identify is not an image to import
+        pass
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(512)
+    except OSError as error:
+        return f"unreadable: {error.strerror or error}"
+    return f"not an image ({sniff_content(head) if head else 'empty file'})"
 
 
 @dataclass(frozen=True)
@@ -965,16 +1002,30 @@ class _FolderJob:
 
 
 def _crawl_folder(state: CrawlState, job: _FolderJob) -> None:
-    """Copy a folder's images into incoming/ (the user's files are only read)."""
+    """Copy a folder's images into incoming/ (the user's files are only read); log every other file with its reason."""
     source = job.source
     name = f"folder:{Path(source.path).name}"
     found = False
-    for path in image_files(Path(source.path)):
-        found = True
-        _import_file(state, name, source, path, job.group_of)
+    files = list(folder_files(Path(source.path)))
+    for path in progress(files, len(files), f"crawl {name}", unit="file"):
+        reason = not_an_image(path)
+        if reason:
+            _skip_file(state, name, source, path, reason)
+        else:
+            found = True
+            _import_file(state, name, source, path, job.group_of)
         state.checkpoint()
     if not found:
         state.note(name, "", f"no image files in {source.path}")
+
+
+def _skip_file(state: CrawlState, name: str, source: FolderSource, path: Path, reason: str) -> None:
+    """Log a file the import leaves out (no sha256, the reason as its error) unless it is logged so already."""
+    url = path.absolute().as_uri()
+    if state.is_logged_failure(url, reason):
+        return
+    meta = {"source": name, "label": source.label, "group": "", "keyword": "", "generator": source.generator}
+    state.record(meta, url, "", "", path.stat().st_size, reason)
 
 
 def _import_file(state: CrawlState, name: str, source: FolderSource, path: Path, group_of: GroupOf) -> None:
@@ -1018,9 +1069,17 @@ def _plan(sources: SourcesConfig) -> list[_SearchJob | _UrlJob | _FolderJob]:
     return jobs
 
 
+def check_sources(sources: SourcesConfig) -> None:
+    """Check every source as a crawl does before it fetches anything: keywords, URL lists, folders, groupings.
+
+    Raises ValueError or FileNotFoundError naming the source and the file; reads local files only.
+    """
+    _plan(sources)
+
+
 def _run_job(state: CrawlState, sources: SourcesConfig, job: _SearchJob | _UrlJob | _FolderJob) -> None:
     if isinstance(job, _SearchJob):
-        for keyword in job.keywords:
+        for keyword in progress(job.keywords, len(job.keywords), f"crawl {job.source.engine}", unit="keyword"):
             _crawl_keyword(state, sources, job, keyword)
             state.checkpoint(force=True)
     elif isinstance(job, _UrlJob):

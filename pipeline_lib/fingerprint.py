@@ -48,6 +48,7 @@ import scipy.fft
 from PIL import Image
 
 from pipeline_lib.catalog import INVALID_PREFIX, STATUS_OK, conform
+from pipeline_lib.progress import progress
 from pipeline_lib.validate import to_rgb
 from pipeline_lib.workspace import Workspace, atomic_path
 
@@ -366,7 +367,8 @@ def hash_jobs(workspace: Workspace, jobs: Iterable[tuple[str, str]], algorithm: 
     """Hash each (sha256, relative path) in turn; a file that cannot be hashed gives a row with its error class."""
     check_params(algorithm, hash_size)
     rows: list[HashRow] = []
-    for sha, path in jobs:
+    jobs = list(jobs)
+    for sha, path in progress(jobs, len(jobs), "hashing"):
         outcome = _hash_job(_HashJob(sha, str(workspace.root / path), algorithm, hash_size))
         if outcome.error:
             log.warning("cannot hash %s: %s: %s", sha[:12], outcome.error, outcome.message)

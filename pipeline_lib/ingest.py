@@ -17,6 +17,7 @@ import pandas as pd
 
 from pipeline_lib.catalog import INVALID_PREFIX, STATUS_OK, empty_catalog, is_invalid, new_rows
 from pipeline_lib.config import IngestConfig
+from pipeline_lib.progress import progress
 from pipeline_lib.validate import ImageCheck, check_image
 from pipeline_lib.workspace import Workspace, atomic_write_text, file_sha256
 
@@ -117,7 +118,7 @@ def _validate_jobs(jobs: list[_Job], workers: int | None) -> dict[str, ImageChec
     """Validate files sequentially, or in a process pool (spawned: safe beside threads) when there are many."""
     n_workers = min(workers or os.cpu_count() or 1, len(jobs))
     if n_workers <= 1 or len(jobs) < PARALLEL_MIN_FILES:
-        return dict(map(_validate_job, jobs))
+        return dict(map(_validate_job, progress(jobs, len(jobs), "ingest: validating")))
     chunksize = max(1, len(jobs) // (4 * n_workers))
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=n_workers, mp_context=context) as pool:
@@ -176,7 +177,8 @@ def validation_jobs(workspace: Workspace, files: Mapping[str, str]) -> IngestJob
 def validate_files(workspace: Workspace, jobs: Iterable[tuple[str, str]], config: IngestConfig) -> list[dict[str, Any]]:
     """Check each (sha256, relative path) without moving it: ImageCheck dicts with their "sha256" added."""
     checks = []
-    for sha256, relative in jobs:
+    jobs = list(jobs)
+    for sha256, relative in progress(jobs, len(jobs), "ingest: validating"):
         job = _Job(sha256, str(workspace.root / relative), config.min_side, config.max_pixels, config.animated)
         checks.append({"sha256": sha256, **dataclasses.asdict(_validate_job(job)[1])})
     return checks

@@ -6,25 +6,34 @@ import contextlib
 import functools
 import logging
 import math
+import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import pandas as pd
-from mlflow import MlflowClient
-from mlflow.entities import RunStatus
-from mlflow.exceptions import MlflowException
 
-from pipeline_lib.workspace import Workspace
+from pipeline_lib import privacy
+
+privacy.quiet_mlflow()  # MLflow starts its telemetry client when it is first imported: off unless the user chose
+
+import mlflow  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import RunStatus  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from pipeline_lib.workspace import Workspace  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 IMAGE_SIZE_TAG = "image_size"  # model version tag: the square input size the model was trained at
 CALIBRATION_TAG = "calibration"  # model version tag: JSON with the temperature and normalisation policy
+# MLflow 3's UI opens an experiment in the view its kind names; without the tag it may guess the GenAI one.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the classic training view: runs, metrics, models
 
 
 class ModelNotFoundError(LookupError):
@@ -120,20 +129,21 @@ class Tracker:
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 
 def ensure_experiment(uri: str, name: str, workspace: Workspace) -> str:
-    """Id of the named experiment, created with its artifacts inside the workspace if new."""
+    """Id of the named experiment (created with its artifacts inside the workspace if new), in the training view."""
     client = MlflowClient(tracking_uri=uri)
     with _quiet():
         experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        location = artifact_root(workspace) if uri.startswith("sqlite:") else None
-        return client.create_experiment(name, artifact_location=location)
+        if experiment is None:
+            location = artifact_root(workspace) if uri.startswith("sqlite:") else None
+            tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            return client.create_experiment(name, artifact_location=location, tags=tags)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an earlier aidetect (or by hand): keep a user's kind
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return experiment.experiment_id
 
 
 def start_run(
@@ -158,9 +168,20 @@ STAGE_KIND = "stage"  # aidetect.kind of the nested run of one stage (the pipeli
 
 
 def stage_run(
-    parent: Tracker, stage: str, state: str, metrics: Mapping[str, float], seconds: float, failed: bool = False
+    parent: Tracker,
+    stage: str,
+    state: str,
+    metrics: Mapping[str, float],
+    seconds: float,
+    failed: bool = False,
+    ended_at: float | None = None,
+    history: Sequence[Mapping[str, Any]] = (),
 ) -> Tracker:
-    """A finished child run of parent for one stage: its metrics, cache state and duration (by id, thread-safe)."""
+    """A finished child run of parent for one stage (by id, thread-safe): its metrics, cache state and duration.
+
+    The run starts `seconds` before ended_at (time.time(), default now) and ends then, so the UI shows how long the
+    stage really took. history: per-epoch rows (epoch, train_loss, ...) logged as train.* metrics by step.
+    """
     experiment_id, inherited = _parent_context(parent.uri, parent.run_id)
     tags = dict(inherited) | {
         "mlflow.parentRunId": parent.run_id,
@@ -168,12 +189,26 @@ def stage_run(
         "aidetect.stage": stage,
         "aidetect.state": state,
     }
+    end_ms = int((time.time() if ended_at is None else ended_at) * 1000)
+    start_ms = end_ms - int(max(seconds, 0.0) * 1000)
     with _quiet():
-        run = parent.client.create_run(experiment_id, run_name=stage, tags=tags)
+        run = parent.client.create_run(experiment_id, start_time=start_ms, run_name=stage, tags=tags)
     child = Tracker(parent.uri, run.info.run_id)
     child.log_metrics(dict(metrics) | {"stage.seconds": float(seconds)})
-    child.finish("FAILED" if failed else "FINISHED")
+    for row in history:
+        child.log_metrics(epoch_metrics(row), step=int(row["epoch"]))
+    status = "FAILED" if failed else "FINISHED"
+    parent.client.set_terminated(child.run_id, status=status, end_time=end_ms)
     return child
+
+
+def epoch_metrics(row: Mapping[str, Any]) -> dict[str, float]:
+    """One epoch's numbers as train.* metrics (the phase and other text left out)."""
+    return {
+        f"train.{key}": float(value)
+        for key, value in row.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
 
 
 @functools.lru_cache(maxsize=64)

@@ -16,7 +16,7 @@ from pipeline_lib import catalog as cat
 from pipeline_lib import crawl as crawl_lib
 from pipeline_lib import dedup as dedup_lib
 from pipeline_lib import evaluate as evaluate_lib
-from pipeline_lib import health, models, preprocess, report, review, split
+from pipeline_lib import health, models, preprocess, report, review, split, tracking
 from pipeline_lib import predict as predict_lib
 from pipeline_lib import train as train_lib
 from pipeline_lib.config import (
@@ -33,6 +33,7 @@ from pipeline_lib.config import (
 )
 from pipeline_lib.normalize import policy_key
 from pipeline_lib.workspace import Ref, Workspace, digest_of
+from tasks.progress import EpochReporter
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class TrainOutput:
     weights_name: str
     weights_sha256: str
     device: str
+    resumed_from_epoch: int = 0  # epochs of an earlier, interrupted run this one continued after (0: none)
 
 
 @dataclass(frozen=True)
@@ -240,14 +242,24 @@ def shortcut_audit(
 
 
 @task(name="train")
-def train(root: str, catalog: Ref, config: TrainConfig, normalize: NormalizeConfig | None = None) -> TrainOutput:
-    """Fine-tune the classifier; resumes from the last epoch checkpoint of the same inputs."""
+def train(
+    root: str,
+    catalog: Ref,
+    config: TrainConfig,
+    normalize: NormalizeConfig | None = None,
+    progress: tracking.Tracker | None = None,
+) -> TrainOutput:
+    """Fine-tune the classifier; resumes from the last epoch checkpoint of the same inputs.
+
+    progress: the MLflow run each finished epoch's metrics go to as it ends (left out of the cache key).
+    """
     workspace = Workspace.create(root)
     active = _active(normalize)
     parts = [catalog.digest, config.model_dump_json(), *([active.model_dump_json()] if active else [])]
     out_dir = workspace.models / digest_of(*parts)[:16]
     table = cat.read_snapshot(workspace, catalog)
-    result = train_lib.train_model(workspace, table, config, out_dir, policy=active)
+    reporter = EpochReporter(progress, config.epochs)
+    result = train_lib.train_model(workspace, table, config, out_dir, on_epoch=reporter, policy=active)
     history = [vars(epoch) | {} for epoch in result.history]
     return TrainOutput(
         model=workspace.ref(result.best_path),
@@ -257,6 +269,7 @@ def train(root: str, catalog: Ref, config: TrainConfig, normalize: NormalizeConf
         weights_name=result.weights.name,
         weights_sha256=result.weights.sha256,
         device=result.device,
+        resumed_from_epoch=result.resumed_from_epoch or 0,
     )
 
 
@@ -379,8 +392,12 @@ def make_report(
     config: ReportConfig,
     title: str,
     normalize: NormalizeConfig | None = None,
+    notes: list[str] | None = None,
+    history: list[dict[str, Any]] | None = None,
+    data_version: str = "",
 ) -> Ref:
-    """Self-contained HTML report with Original | Grad-CAM pairs, robustness, per-generator scores, CAM warnings."""
+    """Self-contained HTML report: headline, warnings (notes of the run's stages), learning curves (history), then
+    the details (plots, robustness, per-generator scores, Original | Grad-CAM pairs) and all metrics."""
     workspace = Workspace.create(root)
     model, meta = models.load_model(model_ref.resolve(workspace))
     predictions = pd.read_parquet(evaluation.predictions.resolve(workspace))
@@ -388,6 +405,11 @@ def make_report(
     size, active = int(meta["image_size"]), _active(normalize)
     images = preprocess.load_tensors(workspace, selected["sha256"].tolist(), size, active)
     out_dir = evaluation.predictions.resolve(workspace).parent / "report"
+    plots = {name: workspace.root / path for name, path in evaluation.plots.items()}
+    if history:
+        curves = train_lib.plot_learning_curves(history, out_dir.parent / "learning_curves.png")
+        plots = {"learning_curves": curves, **plots}
+    model_name = f"{meta.get('model_name')} ({model_ref.digest[:8]})"
     index = report.build_report(
         out_dir,
         model,
@@ -398,7 +420,7 @@ def make_report(
         models.target_layer(model),
         config.cam_method,
         title,
-        plots={name: workspace.root / path for name, path in evaluation.plots.items()},
+        plots=plots,
         run_info={
             "model": str(meta.get("model_name")),
             "model digest": model_ref.digest[:16],
@@ -406,5 +428,19 @@ def make_report(
             "temperature": f"{evaluation.temperature:.4f}",
         },
         per_generator=pd.DataFrame(evaluation.generators) if evaluation.generators else None,
+        originals=_originals(workspace, selected["sha256"].tolist()),
+        warnings=report.report_warnings([*(notes or []), *evaluation.notes], evaluation.metrics, config.data_note),
+        top=report.headline(evaluation.metrics, model_name, data_version),
     )
     return workspace.ref(index)
+
+
+def _originals(workspace: Workspace, shas: list[str]) -> dict[str, Any]:
+    """sha256 -> stored original of each selected test image (missing ones are left out: the model input shows)."""
+    found = {}
+    for sha256 in shas:
+        try:
+            found[sha256] = preprocess.find_original(workspace, sha256)
+        except FileNotFoundError as error:
+            log.warning("report shows the model input for %s: %s", sha256[:12], error)
+    return found

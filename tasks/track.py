@@ -78,11 +78,16 @@ def tracking_digest(catalog_digest: str, split: str) -> str:
 
 
 @task(name="mlflow-log-training", cache_policy=NO_CACHE)
-def log_training(tracker: tracking.Tracker, output: TrainOutput) -> None:
-    """Per-epoch curves, the best epoch and the weights' provenance."""
+def log_training(tracker: tracking.Tracker, output: TrainOutput, logged_live: bool = False) -> None:
+    """Per-epoch curves (those not logged live as each epoch ended), the best epoch and the weights' provenance.
+
+    logged_live: training ran in this flow run, so the epochs after output.resumed_from_epoch are in MLflow already.
+    """
+    skip_after = output.resumed_from_epoch if logged_live else None
     for epoch in output.history:
         step = int(epoch["epoch"])
-        tracker.log_metrics({f"train.{k}": v for k, v in epoch.items() if isinstance(v, int | float)}, step=step)
+        if skip_after is None or step <= skip_after:
+            tracker.log_metrics(tracking.epoch_metrics(epoch), step=step)
     tracker.log_metrics({"train.best_epoch": output.best_epoch, "train.stopped_early": float(output.stopped_early)})
     tracker.set_tags(
         {
