@@ -40,6 +40,7 @@ DEMO_PORT = 47811  # loopback port of the demo's search site; stable so that a s
 EXIT_INPUT, EXIT_REVIEW, EXIT_NO_SERVER = 2, 3, 4
 
 
+PROGRESS_ENV, PROGRESS_LOGGER = "PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib.progress"
 DEBUG_ENV = "AIDETECT_DEBUG"  # set by --debug (or by the user): errors show their traceback
 
 
@@ -49,6 +50,7 @@ def main_options(
 ) -> None:
     """aidetect: build and maintain a detector of AI-generated images."""
     privacy.quiet_mlflow()  # before anything imports mlflow (it starts its telemetry client at import)
+    os.environ.setdefault(PROGRESS_ENV, PROGRESS_LOGGER)  # before Prefect sets up logging: progress lines show
     if debug:
         os.environ[DEBUG_ENV] = "1"
 

@@ -337,3 +337,15 @@ def test_plot_learning_curves(data: tuple[Workspace, pd.DataFrame], tmp_path: Pa
     with pytest.raises(ValueError, match="val_loss"):
         train_lib.plot_learning_curves([{"epoch": 1, "phase": "all"}], tmp_path / "e.png")
     assert not (tmp_path / "e.png").exists()
+
+
+def test_epoch_line_says_phase_losses_speed_and_time_left():
+    from pipeline_lib.train import EpochStats, describe_epoch, seconds_left
+
+    stats = EpochStats(3, "all", 0.51234, 0.78, 0.43, 0.84, 0.01, 2.0, 412.3)
+    left = seconds_left([4.0, 2.0, 3.0], epoch=3, max_epochs=30)
+    assert left == 81.0
+    line = describe_epoch(stats, 30, left)
+    assert line.startswith("epoch 3/30 [all layers]  train loss 0.512 acc 0.780  |  val loss 0.430 acc 0.840")
+    assert "412 img/s" in line and "at most 1:21 left" in line
+    assert describe_epoch(stats, 3, seconds_left([2.0], 3, 3)).endswith("last epoch")
