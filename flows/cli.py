@@ -188,7 +188,7 @@ def _crawl(cfg: PipelineConfig, as_json: bool, folders: list[FolderSource] | Non
     from flows.pipeline import crawl_flow
 
     result = crawl_flow(cfg)
-    accounts = _accounts(cfg.execution.workspace, folders)
+    accounts = _accounts(cfg, folders)
     if as_json:
         result["folders"] = [
             {"folder": str(a.folder), "files": [vars(item) for item in a.files]} for a in accounts
@@ -201,13 +201,14 @@ def _crawl(cfg: PipelineConfig, as_json: bool, folders: list[FolderSource] | Non
     typer.echo(f"\ncatalog: {result['catalog']}  (MLflow run {result['mlflow_run_id']})")
 
 
-def _accounts(root: Path, folders: list[FolderSource] | None) -> list[Any]:
-    """The file accounting of the given folder sources (all imported ones when None)."""
+def _accounts(cfg: PipelineConfig, folders: list[FolderSource] | None) -> list[Any]:
+    """The file accounting of the given folder sources (default: every folder the crawl read, imports included)."""
+    from pipeline_lib.imports import with_imports
     from pipeline_lib.status import folder_accounts
     from pipeline_lib.workspace import Workspace
 
-    workspace = Workspace.open(root)
-    return folder_accounts(workspace, folders)
+    workspace = Workspace.open(cfg.execution.workspace)
+    return folder_accounts(workspace, folders if folders is not None else with_imports(cfg.sources, workspace).folders)
 
 
 @app.command()
@@ -240,7 +241,8 @@ def _folder_source(folder: Path, label: str, group_by: str, generator: str) -> F
 def _check_folder(source: FolderSource) -> None:
     """The folder exists and holds at least one image; its grouping works (CSV readable); else exit 2."""
     from pipeline_lib.config import SourcesConfig
-    from pipeline_lib.crawl import check_sources, folder_files, not_an_image
+    from pipeline_lib.crawl import check_sources, not_an_image
+    from pipeline_lib.imports import folder_files
 
     folder = source.path
     if not folder.is_dir():

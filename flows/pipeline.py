@@ -18,6 +18,7 @@ from prefect.states import State
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from flows import review_gate
+from pipeline_lib import report as report_lib
 from pipeline_lib import tracking as tracking_lib
 from pipeline_lib.config import DedupConfig, ExecutionConfig, IngestConfig, NormalizeConfig, PipelineConfig
 from pipeline_lib.crawl import crawl_log_path
@@ -310,6 +311,7 @@ def _model_stages(
     evaluation = run.run("evaluate", stages.evaluate, root, split.catalog, trained.model, *evaluate_args)
     data_version = Path(split.catalog.path).stem
     title = f"aidetect — {config.train.model}, data {data_version}"
+    notes = [*run.notes, *evaluation.notes]
     report_args = (config.report, title, normalize, run.notes, trained.history, data_version)
     report_ref = run.run("report", stages.make_report, root, trained.model, evaluation, *report_args)
     track.log_evaluation(root, tracker, evaluation, report_ref)
@@ -328,6 +330,7 @@ def _model_stages(
         "model": str(trained.model.resolve(workspace)),
         "registry": registered,
         "notes": [*split.notes, *evaluation.notes],
+        "warnings": report_lib.report_warnings(notes, evaluation.metrics, config.report.data_note),
     }
 
 

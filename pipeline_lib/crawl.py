@@ -34,6 +34,7 @@ from icrawler.storage import BaseStorage
 from PIL import Image
 
 from pipeline_lib.config import LABELS, FolderSource, SearchSource, SourcesConfig, UrlListSource
+from pipeline_lib.imports import folder_files
 from pipeline_lib.progress import progress
 from pipeline_lib.safety import UnsafeUrlError, check_url
 from pipeline_lib.validate import sniff_content
@@ -957,14 +958,6 @@ def folder_grouper(source: FolderSource, index: int) -> GroupOf:
     if source.group_by.startswith("pattern:"):
         return _group_by_pattern(source.group_by.removeprefix("pattern:"), where)
     return _group_by_csv(source.group_by.removeprefix("csv:"), root)
-
-
-def folder_files(root: Path) -> Iterator[Path]:
-    """Every file under root that is not hidden (no part of its path starts with '.'), sorted, recursive."""
-    for path in sorted(root.rglob("*")):
-        parts = path.relative_to(root).parts
-        if not any(part.startswith(".") for part in parts) and path.is_file():
-            yield path
 
 
 def image_files(root: Path) -> Iterator[Path]:

@@ -11,7 +11,6 @@ import pandas as pd
 
 from pipeline_lib.catalog import STATUS_OK, conform, counts
 from pipeline_lib.config import FolderSource
-from pipeline_lib.crawl import LOG_FILE as CRAWL_LOG_FILE
 from pipeline_lib.imports import FolderAccount, account_folder, read_imports
 from pipeline_lib.review import read_decisions
 from pipeline_lib.workspace import Workspace
@@ -89,7 +88,9 @@ def folder_accounts(workspace: Workspace, folders: Sequence[FolderSource] | None
     folders = read_imports(workspace) if folders is None else folders
     if not folders:
         return []
-    log_file = workspace.crawl / CRAWL_LOG_FILE
+    from pipeline_lib.crawl import crawl_log_path  # icrawler: only imported when there are imports to account for
+
+    log_file = crawl_log_path(workspace)
     crawl_log = pd.read_parquet(log_file) if log_file.is_file() else pd.DataFrame(columns=["url", "sha256", "error"])
     found = latest_catalog(workspace)
     catalog = found[1] if found is not None else None

@@ -118,7 +118,12 @@ def run_lines(summary: Mapping[str, Any]) -> list[str]:
     rows += [("report", str(summary.get("report", "")))]
     rows.append(("MLflow run", f"{summary['mlflow_run_id']}  (open: aidetect ui --workspace {summary['workspace']})"))
     lines += aligned(rows)
-    warnings, notes = split_notes(summary.get("notes", []))
+    if "warnings" in summary:  # the report's warnings box, word for word
+        warnings = [f"{item['kind']}: {item['text']}" for item in summary["warnings"]]
+        said = " ".join(item["text"] for item in summary["warnings"])
+        notes = [note for note in summary.get("notes", []) if note not in said]
+    else:
+        warnings, notes = split_notes(summary.get("notes", []))
     lines += _listed("Warnings", warnings, "!") + _listed("Notes", notes, "-")
     return lines
 
