@@ -240,9 +240,7 @@ def _folder_source(folder: Path, label: str, group_by: str, generator: str) -> F
 
 def _check_folder(source: FolderSource) -> None:
     """The folder exists and holds at least one image; its grouping works (CSV readable); else exit 2."""
-    from pipeline_lib.config import SourcesConfig
-    from pipeline_lib.crawl import check_sources, not_an_image
-    from pipeline_lib.imports import folder_files
+    from pipeline_lib.workspace import folder_files
 
     folder = source.path
     if not folder.is_dir():
@@ -250,10 +248,17 @@ def _check_folder(source: FolderSource) -> None:
     files = list(folder_files(folder))
     if not files:
         _fail(f"import folder {folder} is empty (hidden files are not imported)")
+    from pipeline_lib.validate import not_an_image
+
     reasons = {path: not_an_image(path) for path in files}
     if all(reasons.values()):
         listed = ", ".join(f"{p.relative_to(folder)} ({why})" for p, why in list(reasons.items())[:3])
         _fail(f"no images among the {len(files)} file(s) in {folder}: {listed}")
+    if not source.group_by.startswith("csv:"):
+        return  # folder and pattern grouping were checked with the options
+    from pipeline_lib.config import SourcesConfig
+    from pipeline_lib.crawl import check_sources
+
     try:
         check_sources(SourcesConfig(folders=[source]))
     except (ValueError, OSError) as error:

@@ -34,11 +34,10 @@ from icrawler.storage import BaseStorage
 from PIL import Image
 
 from pipeline_lib.config import LABELS, FolderSource, SearchSource, SourcesConfig, UrlListSource
-from pipeline_lib.imports import folder_files
 from pipeline_lib.progress import progress
 from pipeline_lib.safety import UnsafeUrlError, check_url
-from pipeline_lib.validate import sniff_content
-from pipeline_lib.workspace import Workspace, atomic_path, atomic_write_bytes, bytes_sha256
+from pipeline_lib.validate import not_an_image
+from pipeline_lib.workspace import Workspace, atomic_path, atomic_write_bytes, bytes_sha256, folder_files
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +68,6 @@ FORMAT_EXT: dict[str, str] = {
     "BMP": "bmp",
     "TIFF": "tiff",
 }
-FOLDER_IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
-)
 FLICKR_SIZES = ["original", "large 2048", "large 1600", "large", "medium 800", "medium 640", "medium"]
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
@@ -965,27 +961,6 @@ def image_files(root: Path) -> Iterator[Path]:
     for path in folder_files(root):
         if not not_an_image(path):
             yield path
-
-
-def not_an_image(path: Path) -> str:
-    """Why an import leaves path out ("" when it is taken): not an image by its bytes nor by its name.
-
-    A file Pillow recognises is an image whatever its extension; a file named like an image that Pillow cannot read
-    is taken too, so that ingest quarantines it with the reason (truncated, html, ...).
-    """
-    if path.suffix.lower() in FOLDER_IMAGE_SUFFIXES:
-        return ""
-    try:
-        with Image.open(path):
-            return ""
-    except Exception:  # anything Pillow cannot identify is not an image to import
-        pass
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(512)
-    except OSError as error:
-        return f"unreadable: {error.strerror or error}"
-    return f"not an image ({sniff_content(head) if head else 'empty file'})"
 
 
 @dataclass(frozen=True)

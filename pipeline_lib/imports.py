@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,19 +12,11 @@ from pydantic import ValidationError
 
 from pipeline_lib.catalog import INVALID_PREFIX
 from pipeline_lib.config import ConfigError, FolderSource, SourcesConfig
-from pipeline_lib.workspace import Workspace, atomic_write_text
+from pipeline_lib.workspace import Workspace, atomic_write_text, folder_files
 
 log = logging.getLogger(__name__)
 
 IMPORTED, QUARANTINED, LEFT_OUT, NOT_SEEN = "imported", "quarantined", "left out", "not seen yet"
-
-
-def folder_files(root: Path) -> Iterator[Path]:
-    """Every file under root that is not hidden (no part of its path starts with '.'), sorted, recursive."""
-    for path in sorted(root.rglob("*")):
-        parts = path.relative_to(root).parts
-        if not any(part.startswith(".") for part in parts) and path.is_file():
-            yield path
 
 
 def imports_path(workspace: Workspace) -> Path:
