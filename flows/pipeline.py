@@ -318,9 +318,10 @@ def _model_stages(
     test_digest = digest_of(split.catalog.digest, "test")[:16]
     registry_name = config.tracking.registered_model
     registered = track.register(root, tracker, trained.model, evaluation, test_digest, registry_name, normalize)
+    champion = registered.get("promoted") or "champion" in registered.get("aliases", [])
     run.outcome |= {
         "test_accuracy": evaluation.metrics.get("accuracy"),
-        "model": f"{registry_name} v{registered.get('version')}" + (" champion" if registered.get("promoted") else ""),
+        "model": f"{registry_name} v{registered.get('version')}" + (" champion" if champion else ""),
     }
     return {
         "registered_model": registry_name,

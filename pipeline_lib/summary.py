@@ -90,7 +90,8 @@ def model_line(registry: Mapping[str, Any] | None, name: str) -> str:
         return f"{name} version {version}, alias champion ({reason})"
     champion = registry.get("champion_version")
     if reason == "same checkpoint already registered":
-        return f"{name} version {version} (this checkpoint was registered before)"
+        alias = ", alias " + ", ".join(registry["aliases"]) if registry.get("aliases") else ""
+        return f"{name} version {version}{alias} (this checkpoint was registered before)"
     held = f"champion stays version {champion}" if champion else "no champion"
     return f"{name} version {version}; {held} ({reason})"
 

@@ -135,7 +135,10 @@ def register(
     existing = tracking.find_version(tracker.uri, name, model_ref.digest)
     if existing is not None:
         tracker.set_tags({"aidetect.model_version": existing.version, "aidetect.model_reused": "true"})
-        return {"version": existing.version, "promoted": False, "reason": "same checkpoint already registered"}
+        aliases = list(getattr(existing, "aliases", None) or [])
+        return {"version": existing.version, "promoted": False, "reason": "same checkpoint already registered"} | {
+            "aliases": aliases
+        }
     model, meta = models.load_model(model_ref.resolve(workspace))
     size = int(meta["image_size"])
     example = torch.rand(1, 3, size, size).numpy()

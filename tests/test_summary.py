@@ -43,6 +43,8 @@ def test_all_cached_is_said_once_and_champion_kept_is_explained():
     assert summary.stage_states(states) == "2 cached"
     kept = {"version": "4", "promoted": False, "reason": "accuracy 0.8 <= champion 0.9", "champion_version": "3"}
     assert summary.model_line(kept, "det") == "det version 4; champion stays version 3 (accuracy 0.8 <= champion 0.9)"
+    again = {"version": "3", "promoted": False, "reason": "same checkpoint already registered", "aliases": ["champion"]}
+    assert summary.model_line(again, "det") == "det version 3, alias champion (this checkpoint was registered before)"
 
 
 def test_aligned_and_table_line_up():
