@@ -6,12 +6,21 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench clean
 
+UV ?= $(shell command -v uv 2>/dev/null)
+# uv installs in parallel and picks torch wheels for the machine (--torch-backend auto: CPU-only wheels without a GPU).
+# Without uv, pip does the same install (USE_UV= forces pip: it honours pip's own settings, e.g. local wheel folders).
+USE_UV ?= $(if $(UV),yes,)
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	if [ -n "$(USE_UV)" ]; then \
+	  $(UV) pip install --python $(BIN)/python --torch-backend auto -e ".[dev]"; \
+	else \
+	  $(BIN)/python -m pip install --quiet -e ".[dev]"; \
+	fi
 	touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv and install aidetect with its dev tools
+setup: $(STAMP)  ## create .venv and install aidetect with its dev tools (uv where available, else pip)
 
 demo: setup  ## generate synthetic data, crawl it over loopback, train, evaluate, report (offline, CPU)
 	$(BIN)/aidetect demo --workspace demo-workspace

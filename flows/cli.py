@@ -1,27 +1,29 @@
-"""The `aidetect` command: parses options, builds the config, calls flows. No logic of its own."""
+"""The `aidetect` command: parses options, checks the input, builds the config, calls flows. No logic of its own.
+
+torch, Prefect, MLflow and pandas are imported inside the commands that need them, after the input is checked:
+--help, input errors, a missing workspace and `status` answer at once, and bad input never starts Prefect.
+Exit codes: 0 ok, 1 some files unreadable (predict), 2 bad input, 3 review pending, 4 no Prefect server.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from pipeline_lib.config import (
-    ConfigError,
-    PipelineConfig,
-    build_config,
-    load_config,
-    merge_mappings,
-    read_yaml_mapping,
-)
-from pipeline_lib.review import ReviewError, ReviewPending
-from pipeline_lib.workspace import Workspace, WorkspaceError
+from pipeline_lib import privacy
+
+if TYPE_CHECKING:
+    from pipeline_lib.config import FolderSource, PipelineConfig
+    from pipeline_lib.workspace import Workspace
 
 app = typer.Typer(help="aidetect: build and maintain a detector of AI-generated images.", no_args_is_help=True)
 review_app = typer.Typer(
@@ -41,16 +43,43 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML con
 WorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace directory.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override, e.g. --set train.epochs=3")]
 RefreshOpt = Annotated[bool, typer.Option("--refresh-cache", help="Recompute every stage.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 DEMO_PORT = 47811  # loopback port of the demo's search site; stable so that a second demo run fetches nothing
+EXIT_INPUT, EXIT_REVIEW, EXIT_NO_SERVER = 2, 3, 4
 
 
-def _fail(message: str, code: int = 2) -> None:
+PROGRESS_ENV, PROGRESS_LOGGER = "PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib.progress"
+DEBUG_ENV = "AIDETECT_DEBUG"  # set by --debug (or by the user): errors show their traceback
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (or AIDETECT_DEBUG=1).")] = False,
+) -> None:
+    """aidetect: build and maintain a detector of AI-generated images."""
+    privacy.quiet_mlflow()  # before anything imports mlflow (it starts its telemetry client at import)
+    os.environ.setdefault(PROGRESS_ENV, PROGRESS_LOGGER)  # before Prefect sets up logging: progress lines show
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
     typer.secho(message, fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
+def _echo(lines: list[str]) -> None:
+    typer.echo("\n".join(lines))
+
+
 def _config(config: Path | None, workspace: Path | None, overrides: list[str] | None, refresh: bool) -> PipelineConfig:
+    from pipeline_lib.config import ConfigError, load_config
+
     extra = list(overrides or [])
     if workspace is not None:
         extra.append(f"execution.workspace={workspace}")
@@ -60,66 +89,79 @@ def _config(config: Path | None, workspace: Path | None, overrides: list[str] | 
         return load_config(config, extra)
     except ConfigError as error:
         _fail(str(error))
-        raise  # unreachable
 
 
 def _workspace(workspace: Path | None) -> Workspace:
+    from pipeline_lib.workspace import Workspace, WorkspaceError
+
     try:
         return Workspace.open(workspace or Path("workspace"))
     except WorkspaceError as error:
         _fail(str(error))
-        raise
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
-    metrics = summary.get("metrics", {})
-    typer.echo("")
-    typer.echo("stages: " + ", ".join(f"{k}={v}" for k, v in summary["states"].items()))
-    typer.echo(f"pipeline time: {summary['seconds']:.1f} s")
-    if metrics:
-        typer.echo(
-            f"test accuracy: {metrics['accuracy']:.3f} (95% CI {metrics['accuracy_ci_low']:.3f}-"
-            f"{metrics['accuracy_ci_high']:.3f}, n={int(metrics['n_test'])}), ROC-AUC {metrics['roc_auc']:.3f}"
-        )
-    for note in summary.get("notes", []):
-        typer.secho(f"note: {note}", fg=typer.colors.YELLOW if ("minimum" in note or "[warn]" in note) else None)
-    typer.echo(f"report: {summary['report']}")
-    typer.echo(f"model registry: {summary['registry']}")
-    uri = str(summary.get("tracking_uri", ""))
-    if uri.startswith(("http://", "https://")):
-        typer.echo(f"MLflow run {summary['mlflow_run_id']}: in the UI of the tracking server {uri}")
-    elif uri.startswith("sqlite:") and uri.endswith(f"{summary['workspace']}/mlflow.db"):
-        typer.echo(
-            f"MLflow run {summary['mlflow_run_id']}: open the UI with `aidetect ui --workspace {summary['workspace']}`"
-        )
-    else:
-        typer.echo(f"MLflow run {summary['mlflow_run_id']}: open the UI with `aidetect ui` and this run's --config")
+def _check_sources(cfg: PipelineConfig) -> None:
+    """Every source of the config (and the workspace's imports) as a crawl would check it, before Prefect starts."""
+    if not cfg.execution.crawl:
+        return
+    from pipeline_lib.config import ConfigError
+    from pipeline_lib.crawl import check_sources
+    from pipeline_lib.imports import with_imports
+    from pipeline_lib.workspace import Workspace, WorkspaceError
+
+    try:
+        workspace = Workspace.open(cfg.execution.workspace)
+    except WorkspaceError:
+        workspace = None  # a new workspace has no imports yet
+    try:
+        check_sources(with_imports(cfg.sources, workspace) if workspace else cfg.sources)
+    except (ConfigError, ValueError, OSError) as error:
+        _fail(f"invalid source: {error}")
+
+
+@contextlib.contextmanager
+def _prefect() -> Iterator[str]:
+    """The Prefect API of this command's flows (flows.runtime.prefect_session): PREFECT_API_URL, the server of
+    `aidetect server start`, or a temporary server started now; exit 4 with one line when that does not start."""
+    from flows.runtime import PrefectStartError, prefect_session
+
+    with contextlib.ExitStack() as stack:
+        try:
+            api = stack.enter_context(prefect_session())
+        except PrefectStartError as error:
+            if _debug():
+                raise
+            _fail(str(error), code=EXIT_NO_SERVER)
+        yield api
 
 
 def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
-    from flows.pipeline import run_pipeline
-    from flows.server import prefect_api
     from pipeline_lib.cluster import ClusterError
-    from pipeline_lib.models import WeightsError, WeightsNotFoundError
-    from pipeline_lib.split import SplitError
+    from pipeline_lib.config import ConfigError
+    from pipeline_lib.review import ReviewPending
+    from pipeline_lib.workspace import WorkspaceError
 
-    try:
-        with prefect_api():
+    with _prefect():
+        from flows.pipeline import run_pipeline
+        from pipeline_lib.models import WeightsError, WeightsNotFoundError
+        from pipeline_lib.split import SplitError
+
+        try:
             return run_pipeline(cfg)
-    except ReviewPending as error:
-        _fail(str(error), code=3)
-        raise
-    except (ClusterError, ConfigError, SplitError, WeightsNotFoundError, WeightsError, WorkspaceError) as error:
-        _fail(f"{type(error).__name__}: {error}")
-        raise
-    except Exception as error:
-        if _review_timed_out(error):  # Prefect fails a run whose pause expired before the gate can say more
-            _fail(
-                "the review gate timed out with images still pending: decide them with "
-                f"`aidetect review serve --workspace {cfg.execution.workspace}`, then run `aidetect run` again",
-                code=3,
-            )
-        raise
+        except ReviewPending as error:
+            _fail(str(error), code=EXIT_REVIEW)
+        except (ClusterError, ConfigError, SplitError, WeightsNotFoundError, WeightsError, WorkspaceError) as error:
+            if _debug():
+                raise
+            _fail(f"{type(error).__name__}: {error}")
+        except Exception as error:
+            if _review_timed_out(error):  # Prefect fails a run whose pause expired before the gate can say more
+                _fail(
+                    "the review gate timed out with images still pending: decide them with "
+                    f"`aidetect review serve --workspace {cfg.execution.workspace}`, then run `aidetect run` again",
+                    code=EXIT_REVIEW,
+                )
+            raise
 
 
 def _review_timed_out(error: BaseException) -> bool:
@@ -130,6 +172,12 @@ def _review_timed_out(error: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from pipeline_lib.summary import run_lines
+
+    _echo(run_lines(summary))
 
 
 @app.command()
@@ -153,21 +201,92 @@ def run(
     """Run the whole pipeline (cached stages are skipped)."""
     extra = list(set_ or []) + (["execution.reshuffle_splits=true"] if reshuffle else [])
     extra += ["execution.promote=true"] if promote else []
-    _print_summary(_run_pipeline(_config(config, workspace, extra, refresh_cache)))
+    cfg = _config(config, workspace, extra, refresh_cache)
+    _check_sources(cfg)
+    _print_summary(_run_pipeline(cfg))
+
+
+def _crawl(cfg: PipelineConfig, as_json: bool, folders: list[FolderSource] | None = None) -> None:
+    """Run the crawl flow (inside _prefect()) and print what it did (and, for folders, what became of every file)."""
+    from flows.pipeline import crawl_flow
+
+    result = crawl_flow(cfg)
+    accounts = _accounts(cfg, folders)
+    if as_json:
+        result["folders"] = [
+            {"folder": str(a.folder), "files": [vars(item) for item in a.files]} for a in accounts
+        ]
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    from pipeline_lib.summary import crawl_lines
+
+    _echo(crawl_lines(result, accounts))
+    typer.echo(f"\ncatalog: {result['catalog']}  (MLflow run {result['mlflow_run_id']})")
+
+
+def _accounts(cfg: PipelineConfig, folders: list[FolderSource] | None) -> list[Any]:
+    """The file accounting of the given folder sources (default: every folder the crawl read, imports included)."""
+    from pipeline_lib.imports import with_imports
+    from pipeline_lib.status import folder_accounts
+    from pipeline_lib.workspace import Workspace
+
+    workspace = Workspace.open(cfg.execution.workspace)
+    return folder_accounts(workspace, folders if folders is not None else with_imports(cfg.sources, workspace).folders)
 
 
 @app.command()
 def crawl(
-    config: ConfigOpt = None, workspace: WorkspaceOpt = None, set_: SetOpt = None, refresh_cache: RefreshOpt = False
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    set_: SetOpt = None,
+    refresh_cache: RefreshOpt = False,
+    as_json: JsonOpt = False,
 ):
     """Crawl and ingest only: grow the catalog."""
-    from flows.pipeline import crawl_flow
-    from flows.server import prefect_api
-
     cfg = _config(config, workspace, set_, refresh_cache)
-    with prefect_api():
-        result = crawl_flow(cfg)
-    typer.echo(json.dumps(result, indent=2, default=str))
+    _check_sources(cfg)
+    with _prefect():
+        _crawl(cfg, as_json)
+
+
+def _folder_source(folder: Path, label: str, group_by: str, generator: str) -> FolderSource:
+    """The import as a folder source; exit 2 naming the option that is wrong."""
+    from pydantic import ValidationError
+
+    from pipeline_lib.config import FolderSource
+
+    try:
+        return FolderSource(path=folder.resolve(), label=label, group_by=group_by, generator=generator)
+    except ValidationError as error:
+        fields = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors())
+        _fail(f"invalid import: {fields}")
+
+
+def _check_folder(source: FolderSource) -> None:
+    """The folder exists and holds at least one image; its grouping works (CSV readable); else exit 2."""
+    from pipeline_lib.workspace import folder_files
+
+    folder = source.path
+    if not folder.is_dir():
+        _fail(f"import folder {folder} does not exist or is not a directory")
+    files = list(folder_files(folder))
+    if not files:
+        _fail(f"import folder {folder} is empty (hidden files are not imported)")
+    from pipeline_lib.validate import not_an_image
+
+    reasons = {path: not_an_image(path) for path in files}
+    if all(reasons.values()):
+        listed = ", ".join(f"{p.relative_to(folder)} ({why})" for p, why in list(reasons.items())[:3])
+        _fail(f"no images among the {len(files)} file(s) in {folder}: {listed}")
+    if not source.group_by.startswith("csv:"):
+        return  # folder and pattern grouping were checked with the options
+    from pipeline_lib.config import SourcesConfig
+    from pipeline_lib.crawl import check_sources
+
+    try:
+        check_sources(SourcesConfig(folders=[source]))
+    except (ValueError, OSError) as error:
+        _fail(f"invalid import: {str(error).replace('sources.folders[0].group_by', '--group-by')}")
 
 
 @app.command("import")
@@ -183,64 +302,61 @@ def import_folder(
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     set_: SetOpt = None,
+    as_json: JsonOpt = False,
 ):
-    """Add a folder of local images to the workspace (kept as a source of every later run) and ingest it now."""
-    from pydantic import ValidationError
+    """Add a folder of local images to the workspace (kept as a source of every later run) and ingest it now.
 
-    from flows.pipeline import crawl_flow
-    from flows.server import prefect_api
-    from pipeline_lib.config import FolderSource
-    from pipeline_lib.imports import add_import
+    Every file that is not hidden is looked at: images are imported whatever their extension, every other file is
+    listed with the reason it was left out.
+    """
+    source = _folder_source(folder, label, group_by, generator)
+    _check_folder(source)
+    no_sources = ["sources.search=[]", "sources.urls=[]", "sources.folders=[]"]
+    cfg = _config(config, workspace, list(set_ or []) + no_sources, False)
+    with _prefect():  # a Prefect API first: nothing is saved when there is none
+        from pipeline_lib.config import ConfigError
+        from pipeline_lib.imports import add_import
+        from pipeline_lib.workspace import Workspace
 
-    try:
-        source = FolderSource(path=folder.resolve(), label=label, group_by=group_by, generator=generator)
-    except ValidationError as error:
-        fields = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors())
-        _fail(f"invalid import: {fields}")
-        raise
-    cfg = _config(
-        config, workspace, list(set_ or []) + ["sources.search=[]", "sources.urls=[]", "sources.folders=[]"], False
-    )
-    try:
-        add_import(Workspace.create(cfg.execution.workspace), source)
-    except ConfigError as error:
-        _fail(str(error))
-    with prefect_api():
-        result = crawl_flow(cfg)
-    typer.echo(json.dumps(result, indent=2, default=str))
+        try:
+            add_import(Workspace.create(cfg.execution.workspace), source)
+        except ConfigError as error:
+            _fail(str(error))
+        _crawl(cfg, as_json, [source])
 
 
 @app.command()
 def demo(
     workspace: Annotated[Path, typer.Option("--workspace", "-w")] = Path("demo-workspace"),
     config: ConfigOpt = None,
-    persons: Annotated[int, typer.Option(help="Synthetic persons per class.")] = 30,
+    persons: Annotated[int, typer.Option(help="Synthetic persons per class.", min=3)] = 30,
     set_: SetOpt = None,
     refresh_cache: RefreshOpt = False,
 ):
     """Offline demo on synthetic data: loopback crawl with icrawler, folder import, train, report."""
-    from pipeline_lib import demo_data
+    from pipeline_lib.config import ConfigError, build_config, merge_mappings, read_yaml_mapping
 
     workspace = workspace.resolve()
+    extra = list(set_ or []) + (["execution.refresh_cache=true"] if refresh_cache else [])
+    try:
+        base = read_yaml_mapping(DEMO_CONFIG)
+        overlay = {k: v for k, v in (read_yaml_mapping(config) if config else {}).items() if k != "sources"}
+        data = merge_mappings(merge_mappings(base, overlay), {"execution": {"workspace": str(workspace)}})
+        build_config(data, extra, origin="demo config")  # checked before any data is drawn or Prefect starts
+    except ConfigError as error:
+        _fail(str(error))
+    from pipeline_lib import demo_data
+
     data_root = workspace / "demo-data"
     typer.echo(f"generating synthetic demo data in {data_root} (not real people: drawn faces)")
     dataset = demo_data.generate_demo_dataset(data_root, n_persons_per_class=persons)
     with demo_data.search_site(dataset, port=DEMO_PORT) as endpoint:
         typer.echo(f"serving the 'real' class on a loopback search page: {endpoint}")
-        try:
-            base = read_yaml_mapping(DEMO_CONFIG)
-            overlay = read_yaml_mapping(config) if config else {}
-        except ConfigError as error:
-            _fail(str(error))
-            raise
-        data = merge_mappings(base, demo_data.demo_config_dict(dataset, endpoint, workspace))
-        data = merge_mappings(data, {k: v for k, v in overlay.items() if k != "sources"})
-        extra = list(set_ or []) + (["execution.refresh_cache=true"] if refresh_cache else [])
-        try:
-            cfg = build_config(data, extra, origin="demo config")
-        except ConfigError as error:
-            _fail(str(error))
-            raise
+        cfg = build_config(
+            merge_mappings(merge_mappings(base, demo_data.demo_config_dict(dataset, endpoint, workspace)), overlay),
+            extra,
+            origin="demo config",
+        )
         summary = _run_pipeline(cfg)
     _print_summary(summary)
 
@@ -250,54 +366,37 @@ def status(
     workspace: WorkspaceOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOpt = False,
 ):
-    """Catalog counts by status, label and split; pending reviews; last runs (from tracking.uri of the config)."""
-    from pipeline_lib.status import workspace_status
-
+    """Catalog counts by status, label and split; pending reviews; imported folders, file by file; last runs (and
+    the tracking URI of the config they are recorded in)."""
     cfg = _config(config, workspace, set_, False)
     ws = _workspace(cfg.execution.workspace)
+    from pipeline_lib.status import folder_accounts, recent_runs, workspace_status
+
     info = workspace_status(ws)
-    info["tracking_uri"], info["runs"], runs_error = _recent_runs(cfg, ws)
-    if runs_error:
-        info["runs_error"] = runs_error
+    info["tracking_uri"] = cfg.tracking.uri or f"sqlite:///{ws.root / 'mlflow.db'}"
+    info["runs"] = recent_runs(ws)
+    server = cfg.tracking.uri if (cfg.tracking.uri or "").startswith(("http://", "https://")) else None
+    if server and not _server_is_up(server):
+        info["runs"], info["runs_error"] = [], f"no MLflow tracking server answers at {server} (tracking.uri)"
+    accounts = folder_accounts(ws)
     if as_json:
+        info["imports"] = [{"folder": str(a.folder), "files": [vars(item) for item in a.files]} for a in accounts]
         typer.echo(json.dumps(info, indent=2, default=str))
         return
-    if runs_error:
-        typer.secho(f"runs: {runs_error}", fg=typer.colors.YELLOW)
-    typer.echo(f"workspace: {info['workspace']} (latest stage: {info['stage']})")
-    typer.echo(f"images: {info['images']}")
-    for key in ("status", "label", "split"):
-        if key in info:
-            typer.echo(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in info[key].items()))
-    typer.echo(f"review decisions: {info.get('decisions', 0)}, undecided: {info.get('undecided', 0)}")
-    for run_info in info["runs"]:
-        typer.echo(
-            f"  run {run_info['run_id'][:8]} {run_info['status']} {run_info['start_time']} "
-            f"acc={run_info['test_accuracy']}"
-        )
+    from pipeline_lib.summary import status_lines
 
-
-def _recent_runs(cfg: PipelineConfig, ws: Workspace) -> tuple[str, list[dict[str, Any]], str]:
-    """(tracking URI, the latest pipeline runs there, why they could not be read or '')."""
-    from pipeline_lib import tracking
-
-    uri = tracking.tracking_uri(cfg.tracking.uri, ws)
-    if cfg.tracking.uri is None and not (ws.root / "mlflow.db").exists():
-        return uri, [], ""
-    if tracking.is_server(uri) and not _server_is_up(uri):
-        return uri, [], f"no MLflow tracking server answers at {uri} (tracking.uri)"
-    return uri, tracking.recent_runs(uri, cfg.tracking.experiment), ""
+    _echo(status_lines(info, accounts))
 
 
 @review_app.command("status")
 def review_status(workspace: WorkspaceOpt = None):
     """How many images are decided, approved, rejected and still undecided."""
+    ws = _workspace(workspace)
     from pipeline_lib.review import read_decisions
     from pipeline_lib.status import workspace_status
 
-    ws = _workspace(workspace)
     decisions = read_decisions(ws).values()
     approved = sum(d.decision == "approve" for d in decisions)
     typer.echo(
@@ -309,13 +408,13 @@ def review_status(workspace: WorkspaceOpt = None):
 @review_app.command("export")
 def review_export(target: Path, workspace: WorkspaceOpt = None):
     """Write undecided images to a CSV (sha256,label,group,url,decision,reason) to fill in."""
+    ws = _workspace(workspace)
     import pandas as pd
 
     from pipeline_lib.catalog import STATUS_OK
     from pipeline_lib.review import read_decisions
     from pipeline_lib.status import latest_snapshot
 
-    ws = _workspace(workspace)
     snapshot = latest_snapshot(ws, "dedup")
     if snapshot is None:
         _fail("nothing to review yet: run the pipeline (or `aidetect crawl`) first")
@@ -335,12 +434,12 @@ def review_pack(
 
     A run builds it by itself only in review.mode=require; thumbnails already made are reused.
     """
+    ws = _workspace(workspace)
     import pandas as pd
 
-    from pipeline_lib.review import apply_decisions, read_decisions, write_review_pack
+    from pipeline_lib.review import ReviewError, apply_decisions, read_decisions, write_review_pack
     from pipeline_lib.status import latest_snapshot
 
-    ws = _workspace(workspace)
     snapshot = latest_snapshot(ws, "dedup")
     if snapshot is None:
         _fail("nothing to review yet: run the pipeline (or `aidetect crawl`) first")
@@ -348,7 +447,6 @@ def review_pack(
         outcome = apply_decisions(pd.read_parquet(snapshot), read_decisions(ws), "require")
     except ReviewError as error:
         _fail(str(error))
-        raise
     index = write_review_pack(ws, outcome.catalog, thumbnail_size)
     typer.echo(f"review pack: {index} ({outcome.pending} image(s) undecided)")
 
@@ -356,12 +454,12 @@ def review_pack(
 @review_app.command("apply")
 def review_apply(csv_file: Path, workspace: WorkspaceOpt = None, reviewer: str = "csv"):
     """Append the decisions of a CSV (sha256,decision[,reason]) to review/decisions.jsonl."""
+    ws = _workspace(workspace)
     import pandas as pd
 
-    from pipeline_lib.review import append_decisions, read_decisions_csv
+    from pipeline_lib.review import ReviewError, append_decisions, read_decisions_csv
     from pipeline_lib.status import latest_snapshot
 
-    ws = _workspace(workspace)
     snapshot = latest_snapshot(ws, "dedup")
     known = set(pd.read_parquet(snapshot)["sha256"]) if snapshot is not None else set()
     try:
@@ -378,12 +476,11 @@ def serve(
     ] = None,
 ):
     """Run prefect.yaml's schedules in this process (Prefect's serve), against a running Prefect server."""
-    from prefect import serve as prefect_serve
-
-    from flows.deployments import runner_deployments
+    if config is not None and not config.is_file():
+        _fail(f"config file not found: {config}")
     from flows.server import prefect_api
 
-    with prefect_api() as api:
+    with prefect_api() as api:  # PREFECT_API_URL, else the server of `aidetect server start`
         if not api:
             _fail(
                 "schedules need a Prefect server, and PREFECT_API_URL is not set. Start one with "
@@ -392,8 +489,10 @@ def serve(
             )
         if not _server_is_up(api):
             _fail(f"no Prefect server answers at {api}: start it with `prefect server start` (or fix PREFECT_API_URL)")
-        if config is not None and not config.is_file():
-            _fail(f"config file not found: {config}")
+        from prefect import serve as prefect_serve
+
+        from flows.deployments import runner_deployments
+
         deployments = runner_deployments(str(config.resolve()) if config else None)
         typer.echo(f"serving {len(deployments)} deployment(s) against {api}; Ctrl-C stops")
         prefect_serve(*deployments)
@@ -416,13 +515,13 @@ def review_serve(
     port: Annotated[int, typer.Option(help="Port of the review page.")] = 8765,
 ):
     """Serve the review page for the undecided images; 'finish review' resumes a waiting run if there is one."""
+    ws = _workspace(workspace)
     import pandas as pd
 
     from pipeline_lib import review_server
     from pipeline_lib.review import read_waiting
     from pipeline_lib.status import latest_snapshot
 
-    ws = _workspace(workspace)
     snapshot = latest_snapshot(ws, "dedup")
     if snapshot is None:
         _fail("nothing to review yet: run the pipeline (or `aidetect crawl`) first")
@@ -453,17 +552,18 @@ def review_done(
     note: str = "",
 ):
     """Resume the flow run that waits at the review gate (needs the Prefect server the run uses)."""
-    from flows.review_gate import resume_run
-    from flows.server import prefect_api
-    from pipeline_lib.review import read_waiting
-
     ws = _workspace(workspace)
+    from pipeline_lib.review import ReviewError, read_waiting
+
     try:
         waiting = read_waiting(ws)
     except ReviewError as error:
         _fail(str(error))
     if waiting is None:
         _fail(f"no flow run waits at the review gate of {ws.root}; run `aidetect run --workspace {ws.root}`")
+    from flows.review_gate import resume_run
+    from flows.server import prefect_api
+
     try:
         with prefect_api():
             accepted, message = resume_run(str(waiting["flow_run_id"]), approve_remaining, note)
@@ -492,7 +592,6 @@ def server_start(
         record, started = start_server(home, host, port, timeout)
     except ServerError as error:
         _fail(str(error))
-        raise
     verb = "started" if started else "already running"
     typer.echo(f"Prefect server {verb}: {record.api_url} (UI {record.api_url.removesuffix('/api')}, pid {record.pid})")
     typer.echo("`aidetect` commands without PREFECT_API_URL now use it; stop it with `aidetect server stop`")
@@ -507,7 +606,6 @@ def server_stop():
         record = stop_server(prefect_home())
     except ServerError as error:
         _fail(str(error))
-        raise
     typer.echo("no server was started by `aidetect server start`" if record is None else f"stopped {record.api_url}")
 
 
@@ -520,6 +618,13 @@ def server_status():
         typer.echo(f"Prefect API: {api}" if api else "no server running: each command starts a temporary one")
 
 
+def mlflow_ui_command(uri: str, artifact_root: str, host: str, port: int) -> list[str]:
+    """The `mlflow ui` command line on a database store (telemetry stays off: it inherits this environment)."""
+    mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    command = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    return command + ["--default-artifact-root", artifact_root]
+
+
 @app.command()
 def ui(
     workspace: WorkspaceOpt = None,
@@ -530,9 +635,9 @@ def ui(
 ):
     """The MLflow UI of tracking.uri: a tracking server's own, or started here on a database store (default: the
     workspace's SQLite); and how to start Prefect's."""
+    cfg = _config(config, workspace, set_, False)
     from pipeline_lib import tracking
 
-    cfg = _config(config, workspace, set_, False)
     prefect_hint = "Prefect UI: run `prefect server start` in another shell, then http://127.0.0.1:4200"
     if cfg.tracking.uri and tracking.is_server(cfg.tracking.uri):
         typer.echo(f"MLflow UI: {tracking.ui_address(cfg.tracking.uri)}  (the tracking server of tracking.uri)")
@@ -541,11 +646,10 @@ def ui(
     ws = _workspace(cfg.execution.workspace)
     uri = tracking.tracking_uri(cfg.tracking.uri, ws)
     host, port = host or tracking.LOCAL_UI_HOST, port or tracking.LOCAL_UI_PORT
-    mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    command = mlflow_ui_command(uri, tracking.artifact_root(ws), host, port)
     typer.echo(f"MLflow UI: http://{host}:{port}  (store {uri})")
     typer.echo(prefect_hint)
-    command = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    command += ["--default-artifact-root", tracking.artifact_root(ws)]
+    sys.stdout.flush()
     os.execv(command[0], command) if os.name == "posix" else subprocess.run(command, check=False)
 
 
@@ -562,43 +666,47 @@ def weights_fetch(
     config: ConfigOpt = None,
 ):
     """Download the ImageNet weights `train.weights: imagenet` starts from into TORCH_HOME's cache, hash-checked."""
-    from pipeline_lib import models
-
     base = _config(config, None, None, False).train
     name = model or base.model
     source = url or (base.weights_url if name == base.model else None)
     overrides = [f"train.model={name}"] + ([f"train.weights_url={source}"] if source else [])
     train = _config(config, None, overrides, False).train
+    from pipeline_lib import models
+
     try:
         fetched = models.fetch_imagenet_weights(train.model, train.weights_url)
     except (models.WeightsNotFoundError, models.WeightsError) as error:
         _fail(str(error))
-        raise
     state = "downloaded to" if fetched.downloaded else "already in the cache:"
     typer.echo(f"{train.model}: {state} {fetched.path}")
     typer.echo(f"sha256 {fetched.sha256}")
 
 
 def _predict_model(spec: str, config: Path | None, workspace: Path | None) -> tuple[Any, dict[str, Any]]:
-    """(model, meta with image_size) from a checkpoint path, 'champion' or an MLflow run id; exit 2 if not found."""
-    from pipeline_lib import models, tracking
-
+    """(model, meta with image_size and a description of the model) from a checkpoint, 'champion' or a run id."""
     path = Path(spec).expanduser()
     if path.suffix == ".pt" or path.is_file():
+        from pipeline_lib import models
+
         try:
-            return models.load_model(path)
+            model, meta = models.load_model(path)
         except (FileNotFoundError, models.CheckpointError) as error:
             _fail(f"model not found: {error}")
+        return model, meta | {"description": f"checkpoint {path}"}
     cfg = _config(config, workspace, None, False)
     ws = None if cfg.tracking.uri else _workspace(cfg.execution.workspace)
+    from pipeline_lib import tracking
+
     uri = cfg.tracking.uri or tracking.tracking_uri(None, ws)
+    name = cfg.tracking.registered_model
     try:
         if spec == "champion":
-            model, size = tracking.load_champion(uri, cfg.tracking.registered_model)
-            calibration = tracking.champion_calibration(uri, cfg.tracking.registered_model)
+            model, size = tracking.load_champion(uri, name)
+            calibration = tracking.champion_calibration(uri, name)
+            description = f"{name} version {tracking.current_champion(uri, name).version} (alias champion)"
         else:
             model, size = tracking.load_run_model(uri, spec)
-            calibration = tracking.run_calibration(uri, spec)
+            calibration, description = tracking.run_calibration(uri, spec), f"the model of MLflow run {spec}"
             if calibration is None:
                 typer.secho(
                     f"note: run {spec} records no calibration: p_ai is the model's own softmax and the files are "
@@ -608,19 +716,7 @@ def _predict_model(spec: str, config: Path | None, workspace: Path | None) -> tu
                 )
     except tracking.ModelNotFoundError as error:
         _fail(f"model not found: {error}")
-        raise
-    return model, {"image_size": size, "model": spec, "calibration": calibration}
-
-
-def _print_predictions(rows: list[Any]) -> None:
-    """A plain table: p_ai, label, verdict, path (and the error or CAM file)."""
-    typer.echo(f"{'p_ai':>6}  {'label':<5}  {'verdict':<9}  path")
-    for row in rows:
-        if row.error:
-            typer.secho(f"{'-':>6}  {'error':<5}  {'-':<9}  {row.path}: {row.error}", fg=typer.colors.RED)
-        else:
-            cam = f"  (cam: {row.cam})" if row.cam else ""
-            typer.echo(f"{row.p_ai:6.3f}  {row.label:<5}  {row.verdict:<9}  {row.path}{cam}")
+    return model, {"image_size": size, "model": spec, "calibration": calibration, "description": description}
 
 
 @app.command()
@@ -644,13 +740,21 @@ def predict(
         str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
     ] = "auto",
 ):
-    """p_ai, label and verdict (ai / real / uncertain, band from config calibration) per image.
+    """A verdict per image: ai, real or uncertain (band from config calibration), with p_ai.
 
     The temperature and normalisation of training are applied: from a checkpoint's <model>.calibration.json, or from
     the champion's or the run's calibration tag (--model champion / RUN_ID). The model scores (and explains) the
-    images in batches on --device.
+    images in batches on --device. The first line says which model scored the files.
     Exit 1 if some file could not be read, 2 if the model or images are missing or the device is not available.
     """
+    missing = [str(path) for path in paths if not path.exists()]
+    if missing:
+        _fail("not found: " + ", ".join(missing))
+    checkpoint = Path(model).expanduser()
+    settings = _config(config, workspace, None, False)
+    band_config = settings.calibration
+    if not (checkpoint.suffix == ".pt" or checkpoint.is_file()):
+        _workspace_or_uri(config, workspace)
     from pipeline_lib.devices import resolve_device
     from pipeline_lib.predict import collect_paths, parse_calibration, predict_files, read_calibration
 
@@ -660,11 +764,7 @@ def predict(
         where = resolve_device(device)
     except (ValueError, RuntimeError) as error:
         _fail(f"--device: {error}")
-        raise
     loaded, meta = _predict_model(model, config, workspace)
-    settings = _config(config, workspace, None, False)
-    band_config = settings.calibration
-    checkpoint = Path(model).expanduser()
     try:
         if checkpoint.is_file():
             calibration = read_calibration(checkpoint)
@@ -688,13 +788,21 @@ def predict(
         )
     except ValueError as error:
         _fail(str(error))
-        raise
     if as_json:
         typer.echo(json.dumps([row.as_dict() for row in rows], indent=2))
     else:
-        _print_predictions(rows)
+        from pipeline_lib.summary import prediction_lines
+
+        _echo(prediction_lines(rows, meta["description"]))
     if any(row.error for row in rows):
         raise typer.Exit(1)
+
+
+def _workspace_or_uri(config: Path | None, workspace: Path | None) -> None:
+    """Exit 2 at once when the model must come from a workspace that does not exist (before torch is imported)."""
+    cfg = _config(config, workspace, None, False)
+    if not cfg.tracking.uri:
+        _workspace(cfg.execution.workspace)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,13 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from flows import review_gate
 from pipeline_lib import cachekey, cluster
+from pipeline_lib import report as report_lib
 from pipeline_lib import split as split_lib
 from pipeline_lib import tracking as tracking_lib
 from pipeline_lib.config import DedupConfig, ExecutionConfig, IngestConfig, NormalizeConfig, PipelineConfig
 from pipeline_lib.crawl import crawl_log_path
 from pipeline_lib.imports import with_imports
+from pipeline_lib.status import record_run
 from pipeline_lib.workspace import Ref, Workspace, digest_of, file_sha256
 from tasks import per_image, stages, track
 from tasks.caching import cached, stage_key
@@ -31,7 +34,12 @@ log = logging.getLogger(__name__)
 
 
 class StageRecorder:
-    """Runs stage tasks, keeps each one's final state name, and logs it to MLflow as it goes (with its cache key)."""
+    """Runs stage tasks, keeps each one's final state name, and logs it to MLflow as it goes (with its cache key).
+
+    Every stage's state is a tag of the flow's MLflow run; a stage that ran (Completed or Failed) also gets a nested
+    run from its real start to its real end, with its key's parts, so a re-run where everything is cached stays one
+    run.
+    """
 
     def __init__(self, workspace: Workspace, refresh: bool, tracker: tracking_lib.Tracker) -> None:
         self.workspace = workspace
@@ -40,12 +48,21 @@ class StageRecorder:
         self.index = cachekey.CodeIndex()  # parses the project's code once per flow run
         self.states: dict[str, str] = {}
         self._earlier: dict[str, dict[str, str]] | None = None  # stage -> key parts of its previous run
+        self.outcome: dict[str, Any] = {}  # what the run's line in the workspace's runs list adds (accuracy, model)
+        self.notes: list[str] = []  # the notes of every stage so far (the report's warnings come from them)
 
-    def run(self, name: str, task: Any, *args: Any, cache: bool = True) -> Any:
-        """Run a stage task keyed by its stage key (cache=False: it runs every time); its result."""
+    def run(self, name: str, task: Any, *args: Any, cache: bool = True, **live: Any) -> Any:
+        """Run a stage task keyed by its stage key (cache=False: it runs every time); its result.
+
+        live keyword arguments (e.g. where progress goes) are handed to the task but are not part of its key: their
+        names are in cachekey.UNKEYED.
+        """
+        unkeyed = sorted(set(live) - cachekey.UNKEYED)
+        if unkeyed:
+            raise ValueError(f"live arguments {unkeyed} of stage {name} must be listed in cachekey.UNKEYED")
         started = time.perf_counter()
         key = stage_key(task, args, self.index)
-        state: State = cached(task, self.workspace, self.refresh, self.index, cache)(*args, return_state=True)
+        state: State = cached(task, self.workspace, self.refresh, self.index, cache)(*args, **live, return_state=True)
         return self.record(name, state, time.perf_counter() - started, key)
 
     def per_image(self, name: str, tasks: tuple[Any, Any, Any], source: Ref, params: tuple[Any, ...], chunk: int):
@@ -65,12 +82,15 @@ class StageRecorder:
             self._child(name, state.name, {}, seconds, key, failed=True)
             raise
         if isinstance(result, stages.StageResult):
+            self.notes += [note for note in result.notes if note not in self.notes]
             track.log_stage.fn(self.tracker, name, state.name, result.metrics, result.notes, result.table)
             if result.table:
                 create_table_artifact(result.table, key=f"aidetect-{name}", description=f"{name}: per-source counts")
         else:
             track.log_stage.fn(self.tracker, name, state.name, {}, [], [])
-        self._child(name, state.name, _numbers(getattr(result, "metrics", {})), seconds, key)
+        if state.name != "Cached":
+            history = getattr(result, "history", ())
+            self._child(name, state.name, _numbers(getattr(result, "metrics", {})), seconds, key, history=history)
         return result
 
     def _child(
@@ -81,6 +101,7 @@ class StageRecorder:
         seconds: float,
         key: cachekey.StageKey | None,
         failed: bool = False,
+        history: Any = (),
     ) -> None:
         """The stage's nested MLflow run with its key's parts and what changed since the stage's previous run.
 
@@ -94,12 +115,21 @@ class StageRecorder:
             tags = {"aidetect.cache_key": key.digest if key else "", "aidetect.key_changed": changed}
             tags["aidetect.workspace"] = str(self.workspace.root)
             params = {f"{tracking_lib.KEY_PARAM_PREFIX}{part}": value for part, value in shown.items()}
-            tracking_lib.stage_run(self.tracker, name, state, metrics, seconds, failed, params, tags)
+            tracking_lib.stage_run(
+                self.tracker, name, state, metrics, seconds, failed, params, tags, history=history
+            )
         except Exception as error:  # the tracking store may be down; the stage's result still counts
             log.warning("no nested MLflow run for stage %s: %s", name, error)
             return
         if state != "Cached":
             log.info("stage %s %s; key parts changed since its previous run: %s", name, state.lower(), changed)
+
+
+def _without_inputs(policy: Any, names: Any) -> Any:
+    """The cache policy with these task parameters left out of its key."""
+    for name in names:
+        policy = policy - name
+    return policy
 
 
 def _numbers(metrics: Any) -> dict[str, float]:
@@ -256,6 +286,7 @@ def tracked_stages(
     The MLflow run ends FINISHED with the block, FAILED when the block raises (a suspended review gate included).
     """
     workspace = Workspace.create(config.execution.workspace)
+    started = time.time()
     settings = temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(workspace.prefect / "results")})
     with settings, stage_task_runner(config.execution, workspace):
         tracker = track.start_tracking(str(workspace.root), config, run_name, tags)
@@ -264,8 +295,29 @@ def tracked_stages(
             yield workspace, recorder, tracker
         except BaseException:
             track.finish_tracking(tracker, "FAILED")
+            _record_run(workspace, tracker, tags, "FAILED", started, recorder)
             raise
         track.finish_tracking(tracker, "FINISHED")
+        _record_run(workspace, tracker, tags, "FINISHED", started, recorder)
+
+
+def _record_run(
+    workspace: Workspace, tracker: tracking_lib.Tracker, tags: dict[str, str], status: str, started: float, run: Any
+) -> None:
+    """The run's line in the workspace's runs list (what `aidetect status` shows without opening MLflow)."""
+    entry = {
+        "run_id": tracker.run_id,
+        "kind": tags.get("aidetect.kind", ""),
+        "status": status,
+        "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.time() - started, 1),
+        "states": run.states,
+        **run.outcome,
+    }
+    try:
+        record_run(workspace, entry)
+    except OSError as error:
+        log.warning("run %s not added to %s: %s", tracker.run_id, workspace.root, error)
 
 
 def _crawl_and_ingest(
@@ -336,34 +388,51 @@ def _model_stages(
     size, chunk_size = config.train.image_size, config.execution.chunk_size
     run.per_image("preprocess", PREPROCESS_TASKS, split.catalog, (size, normalize), chunk_size)
     trainset = split.trainset or split.catalog
-    trained = run.run("train", stages.train, root, trainset, config.train, normalize, not run.refresh)
-    track.log_training(tracker, trained)
+    trained = run.run("train", stages.train, root, trainset, config.train, normalize, not run.refresh, progress=tracker)
+    track.log_training(tracker, trained, logged_live=run.states["train"] != "Cached")
     device = config.train.device  # every model stage runs where training did
     evaluate_args = (config.evaluate, config.calibration, normalize, config.report.cam_method, device)
     evaluation = run.run("evaluate", stages.evaluate, root, split.catalog, trained.model, *evaluate_args)
-    title = f"aidetect — {config.train.model} on {split.catalog.path}"
-    report_args = (config.report, title, normalize, device)
-    report_ref = run.run("report", stages.make_report, root, trained.model, evaluation, *report_args)
+    data_version = Path(split.catalog.path).stem
+    title = f"aidetect — {config.train.model}, data {data_version}"
+    notes = [*run.notes, *evaluation.notes]
+    # The audit's verdict is part of the report's key (the split decides it); crawl health describes the crawl that
+    # ran now and is handed over live, so that a crawl that fetched nothing new leaves the report cached.
+    keyed, health = report_lib.split_warning_notes(run.notes)
+    report_args = (config.report, title, normalize, device, keyed, trained.history, data_version)
+    report_ref = run.run(
+        "report", stages.make_report, root, trained.model, evaluation, *report_args, health_notes=health
+    )
     track.log_evaluation(root, tracker, evaluation, report_ref)
     test_digest = digest_of(split.catalog.digest, "test")[:16]
+    registry_name = config.tracking.registered_model
+    alias = tracking_lib.alias_for(config.split.leave_out_generator)
     registered = track.register(
         root,
         tracker,
         trained.model,
         evaluation,
         test_digest,
-        config.tracking.registered_model,
+        registry_name,
         normalize,
-        alias=tracking_lib.alias_for(config.split.leave_out_generator),
+        alias=alias,
         promote=config.execution.promote,
         device=device,
     )
+    holds = registered.get("promoted") or alias in registered.get("aliases", [])
+    run.outcome |= {
+        "test_accuracy": evaluation.metrics.get("accuracy"),
+        "model": f"{registry_name} v{registered.get('version')}" + (f" {alias}" if holds else ""),
+    }
     return {
+        "registered_model": registry_name,
+        "data_version": data_version,
         "metrics": evaluation.metrics,
         "report": str(report_ref.resolve(workspace)),
         "model": str(trained.model.resolve(workspace)),
         "registry": registered,
         "notes": [*split.notes, *evaluation.notes],
+        "warnings": report_lib.report_warnings(notes, evaluation.metrics, config.report.data_note),
     }
 
 

@@ -50,7 +50,9 @@ LIBRARIES: dict[str, str] = {
     "numpy": "numpy",
 }
 DISPLAY_LIMIT = 500  # characters of a part's value shown on the stage's MLflow run
-UNKEYED: frozenset[str] = frozenset({"root", "chunk_size", "resume"})
+# Parameters that never change a stage's result: where the workspace is, how work is chunked, whether an interrupted
+# training continues, and where live progress and the run's crawl-health notes go (StageRecorder.run's live arguments).
+UNKEYED: frozenset[str] = frozenset({"root", "chunk_size", "resume", "progress", "health_notes"})
 
 
 class CacheKeyError(TypeError):

@@ -78,6 +78,11 @@ class FolderSource(_Section):
     @field_validator("group_by")
     @classmethod
     def _check_group_by(cls, value: str) -> str:
+        if value.startswith("pattern:"):
+            try:
+                re.compile(value.removeprefix("pattern:"))
+            except re.error as error:
+                raise ValueError(f"invalid regular expression {value.removeprefix('pattern:')!r} ({error})") from None
         if value == "folder" or value.startswith(("pattern:", "csv:")):
             return value
         raise ValueError(f"must be 'folder', 'pattern:REGEX' or 'csv:FILE', got {value!r}")
@@ -250,6 +255,7 @@ class ReportConfig(_Section):
     cam_target: Literal["predicted", "ai", "real"] = Field(
         "predicted", description="The class the CAM maps explain: each image's predicted class, or always ai / real."
     )
+    data_note: str = Field("", description="A warning about the data the report shows first (e.g. synthetic data).")
 
 
 class AuditConfig(_Section):

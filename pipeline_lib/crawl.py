@@ -41,8 +41,10 @@ from PIL import Image
 from requests.adapters import HTTPAdapter
 
 from pipeline_lib.config import LABELS, FolderSource, SearchSource, SourcesConfig, UrlListSource
+from pipeline_lib.progress import progress
 from pipeline_lib.safety import UnsafeUrlError, check_url
-from pipeline_lib.workspace import Workspace, atomic_path, atomic_write_bytes, bytes_sha256, sync_files
+from pipeline_lib.validate import not_an_image
+from pipeline_lib.workspace import Workspace, atomic_path, atomic_write_bytes, bytes_sha256, folder_files, sync_files
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +88,6 @@ FORMAT_EXT: dict[str, str] = {
     "BMP": "bmp",
     "TIFF": "tiff",
 }
-FOLDER_IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
-)
 FLICKR_SIZES = ["original", "large 2048", "large 1600", "large", "medium 800", "medium 640", "medium"]
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
@@ -292,6 +291,8 @@ class CrawlState:
         fetched = previous[previous["sha256"] != ""]
         self._known_urls = set(fetched["url"])
         self._known_pairs = set(zip(fetched["url"], fetched["sha256"], strict=True))
+        failed = previous[previous["sha256"] == ""]
+        self._failures = set(zip(failed["url"], failed["error"], strict=True))
         self._counts: dict[tuple[str, str], dict[str, int]] = {}
         self._errors: dict[tuple[str, str], list[str]] = {}
         self._saved_rows = 0
@@ -342,6 +343,11 @@ class CrawlState:
                     return mine
             busy.wait()
 
+    def is_logged_failure(self, url: str, error: str) -> bool:
+        """Whether url failed with exactly this error before (a file an import leaves out, logged once)."""
+        with self._lock:
+            return (url, error) in self._failures
+
     def store(self, data: bytes, url: str) -> tuple[str, str, bool]:
         """Put bytes into incoming/ (atomically, synced at the next checkpoint) unless already held.
 
@@ -381,6 +387,8 @@ class CrawlState:
             if sha256:
                 self._known_urls.add(url)
                 self._known_pairs.add((url, sha256))
+            else:
+                self._failures.add((url, error))
 
     def counts_of(self, source: str, keyword: str) -> dict[str, int]:
         """new/skipped/failed so far for (source, keyword)."""
@@ -1159,12 +1167,9 @@ def folder_generators(source: FolderSource) -> GeneratorOf:
 
 
 def image_files(root: Path) -> Iterator[Path]:
-    """Image files under root, sorted, recursive, skipping hidden files/folders and .gitkeep."""
-    for path in sorted(root.rglob("*")):
-        parts = path.relative_to(root).parts
-        if any(part.startswith(".") for part in parts) or not path.is_file():
-            continue
-        if path.suffix.lower() in FOLDER_IMAGE_SUFFIXES:
+    """The files under root an import takes to ingest: images whatever their name, and files named like images."""
+    for path in folder_files(root):
+        if not not_an_image(path):
             yield path
 
 
@@ -1176,17 +1181,31 @@ class _FolderJob:
 
 
 def _crawl_folder(state: CrawlState, job: _FolderJob) -> None:
-    """Copy a folder's images into incoming/ (the user's files are only read)."""
+    """Copy a folder's images into incoming/ (the user's files are only read); log every other file with its reason."""
     source = job.source
     name = f"folder:{Path(source.path).name}"
     found = False
-    for path in image_files(Path(source.path)):
-        found = True
-        generator = job.generator_of(path) if job.generator_of is not None else source.generator
-        _import_file(state, name, source, path, job.group_of, generator)
+    files = list(folder_files(Path(source.path)))
+    for path in progress(files, len(files), f"crawl {name}", unit="file"):
+        reason = not_an_image(path)
+        if reason:
+            _skip_file(state, name, source, path, reason)
+        else:
+            found = True
+            generator = job.generator_of(path) if job.generator_of is not None else source.generator
+            _import_file(state, name, source, path, job.group_of, generator)
         state.checkpoint()
     if not found:
         state.note(name, "", f"no image files in {source.path}")
+
+
+def _skip_file(state: CrawlState, name: str, source: FolderSource, path: Path, reason: str) -> None:
+    """Log a file the import leaves out (no sha256, the reason as its error) unless it is logged so already."""
+    url = path.absolute().as_uri()
+    if state.is_logged_failure(url, reason):
+        return
+    meta = {"source": name, "label": source.label, "group": "", "keyword": "", "generator": source.generator}
+    state.record(meta, url, "", "", path.stat().st_size, reason)
 
 
 def _import_file(
@@ -1233,9 +1252,17 @@ def _plan(sources: SourcesConfig) -> list[_SearchJob | _UrlJob | _FolderJob]:
     return jobs
 
 
+def check_sources(sources: SourcesConfig) -> None:
+    """Check every source as a crawl does before it fetches anything: keywords, URL lists, folders, groupings.
+
+    Raises ValueError or FileNotFoundError naming the source and the file; reads local files only.
+    """
+    _plan(sources)
+
+
 def _run_job(state: CrawlState, sources: SourcesConfig, job: _SearchJob | _UrlJob | _FolderJob) -> None:
     if isinstance(job, _SearchJob):
-        for keyword in job.keywords:
+        for keyword in progress(job.keywords, len(job.keywords), f"crawl {job.source.engine}", unit="keyword"):
             _crawl_keyword(state, sources, job, keyword)
             state.checkpoint(force=True)
     elif isinstance(job, _UrlJob):

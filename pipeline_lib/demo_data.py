@@ -475,5 +475,9 @@ def demo_config_dict(dataset: DemoDataset, endpoint: str, workspace: Path) -> di
             "request_timeout_s": 5,
             "max_retries": 1,
         },
+        "report": {
+            "data_note": "SYNTHETIC demo data: drawn faces, not real people, made to show that the pipeline works. "
+            "These figures say nothing about real photos."
+        },
         "execution": {"workspace": str(workspace)},
     }

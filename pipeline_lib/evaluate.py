@@ -26,6 +26,7 @@ from sklearn.metrics import (
 
 from pipeline_lib import stats
 from pipeline_lib.normalize import ROBUSTNESS_VARIANTS
+from pipeline_lib.progress import progress
 from pipeline_lib.workspace import atomic_path
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ def predict_logits(
     _check_batch_size(batch_size)
     chunks: list[np.ndarray] = []
     with borrowed_model(model, device), torch.inference_mode():
-        for start in range(0, len(images), batch_size):
+        starts = range(0, len(images), batch_size)
+        for start in progress(starts, len(images), "scoring", step=batch_size):
             logits = model(to_float(images[start : start + batch_size], device))
             if logits.ndim != 2 or logits.shape[1] != len(CLASS_NAMES):
                 raise ValueError(f"model must return logits shaped [N,2] (real, ai), got {list(logits.shape)}")
@@ -433,9 +435,12 @@ def plot_reliability(predictions: pd.DataFrame, path: Path, n_bins: int = CALIBR
     bins = calibration_bins(y_true, scores, n_bins)
     width = 1.0 / n_bins
     filled = bins[bins["count"] > 0]
-    axes.bar(filled["low"], filled["frac_ai"], width=width, align="edge", alpha=0.7, label="share ai")
+    # The bars span each bin; the red points sit at the bin's mean p_ai, where calibration is judged.
+    axes.bar(filled["low"], filled["frac_ai"], width=width, align="edge", alpha=0.7, label="share ai in the bin")
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    axes.plot(filled["mean_p_ai"], filled["frac_ai"], marker="o", color="tab:red", label="bin mean p_ai")
+    axes.plot(
+        filled["mean_p_ai"], filled["frac_ai"], marker="o", color="tab:red", label="share ai at the bin's mean p_ai"
+    )
     axes.set_xlim(0.0, 1.0)
     axes.set_ylim(0.0, 1.05)
     axes.set_ylabel("fraction ai")

@@ -24,6 +24,7 @@ from pipeline_lib.hashing import HASH_VERSION, check_params
 from pipeline_lib.hashing import hash_image as hash_image  # the hash itself, re-exported for existing callers
 from pipeline_lib.hashing import hash_pair as hash_pair
 from pipeline_lib.jobs import HashJob, HashOutcome, hash_job, map_jobs
+from pipeline_lib.progress import progress
 from pipeline_lib.workspace import Workspace, atomic_path
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,8 @@ def hash_jobs(workspace: Workspace, jobs: Iterable[tuple[str, str]], algorithm: 
     """Hash each (sha256, relative path) in turn; a file that cannot be hashed gives a row with its error class."""
     check_params(algorithm, hash_size)
     rows: list[HashRow] = []
-    for sha, path in jobs:
+    jobs = list(jobs)
+    for sha, path in progress(jobs, len(jobs), "hashing"):
         outcome = hash_job(HashJob(sha, str(workspace.root / path), algorithm, hash_size))
         if outcome.error:
             log.warning("cannot hash %s: %s: %s", sha[:12], outcome.error, outcome.message)

@@ -21,6 +21,7 @@ from pipeline_lib.catalog import INVALID_PREFIX, STATUS_OK, empty_catalog, is_in
 from pipeline_lib.config import IngestConfig
 from pipeline_lib.fingerprint import store_hashes
 from pipeline_lib.jobs import SHA_MISMATCH, Validated, ValidateJob, map_jobs, validate_job
+from pipeline_lib.progress import progress
 from pipeline_lib.validate import ImageCheck
 from pipeline_lib.workspace import Workspace, atomic_write_bytes, file_sha256, sync_files
 
@@ -172,7 +173,8 @@ def validate_files(
     """Check each (sha256, relative path) without moving it: ImageCheck dicts with "sha256" added, and "phash" and
     "dhash" from the same decode when hashing is given ("" otherwise, or when the file is not ok)."""
     rows = []
-    for sha256, relative in jobs:
+    jobs = list(jobs)
+    for sha256, relative in progress(jobs, len(jobs), "ingest: validating"):
         done = validate_job(_job(sha256, workspace.root / relative, config, hashing))
         main, second = done.hashes or ("", "")
         rows.append({"sha256": sha256, **dataclasses.asdict(done.check), "phash": main, "dhash": second})

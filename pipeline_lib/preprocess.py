@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from pipeline_lib.catalog import STATUS_OK
 from pipeline_lib.config import NormalizeConfig
 from pipeline_lib.normalize import degrade_file, image_rng, normalize_image, normalized_bytes, policy_key
+from pipeline_lib.progress import progress
 from pipeline_lib.validate import to_rgb
 from pipeline_lib.workspace import Workspace, atomic_write_bytes
 
@@ -169,7 +170,7 @@ def _run_jobs(jobs: list[_Job], workers: int | None) -> list[str]:
     if n_workers < 1:
         raise ValueError(f"workers must be >= 1, got {n_workers}")
     if n_workers == 1 or len(jobs) < POOL_THRESHOLD:
-        return [_cache_one(job) for job in jobs]
+        return [_cache_one(job) for job in progress(jobs, len(jobs), "preprocessing")]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(n_workers, len(jobs)), mp_context=context) as pool:
         return list(pool.map(_cache_one, jobs, chunksize=_CHUNK))
@@ -240,7 +241,8 @@ def write_tensors(
     _check_size(size)
     active = _active(policy)
     written, errors = 0, []
-    for sha256, relative in jobs:
+    jobs = list(jobs)
+    for sha256, relative in progress(jobs, len(jobs), "preprocessing"):
         target = tensor_path(workspace, sha256, size, active)
         if target.exists():
             continue

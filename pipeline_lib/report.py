@@ -31,6 +31,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pipeline_lib.cam_summary import cam_attention_summary, text_mask
 from pipeline_lib.evaluate import CLASS_NAMES, borrowed_model, check_images, to_float
 from pipeline_lib.normalize import ROBUSTNESS_DESCRIPTION, ROBUSTNESS_VARIANTS
+from pipeline_lib.progress import progress
 from pipeline_lib.workspace import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ CELL_TITLES: dict[str, str] = {
     "ai_correct": "AI images recognised",
     "real_correct": "Real photos recognised",
 }
-# Summary metrics shown first in the report, in this order; any other metric follows.
+# Summary metrics shown first in the report, in this order; any other metric follows (in the raw appendix).
 HEADLINE_METRICS: tuple[str, ...] = (
     "accuracy",
     "accuracy_ci_low",
@@ -85,7 +86,12 @@ CAM_TARGETS: dict[str, str] = {  # report.cam_target -> how the report says it
     "ai": "the \u201cai\u201d class",
     "real": "the \u201creal\u201d class",
 }
+SUMMARY_METRICS = 12  # how many of HEADLINE_METRICS the summary table shows; all metrics are in the appendix
+SMALL_SAMPLE_CI_WIDTH = 0.1  # a 95% interval of accuracy wider than this gets a small-sample warning
+DISPLAY_SIDE = 256  # longest side of the "Original" pictures (from the store, not the model input)
 WORST_GROUPS = 20
+AUDIT_NOTE = "format-shortcut audit"  # how the split stage's audit verdict note starts
+HEALTH_NOTE = "crawl health:"  # how the crawl stage's health notes start
 CAM_FLAG_ABOVE = 0.5  # a CAM attention share (border or text) above this is flagged
 CAM_BORDER_FRACTION = 0.1
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -120,7 +126,8 @@ def compute_cams(
     # Gradients must flow even if the caller froze the backbone or is inside inference_mode.
     with torch.inference_mode(False), torch.enable_grad(), borrowed_model(model, device, requires_grad=True):
         with CAM_METHODS[method](model=model, target_layers=[target_layer]) as cam:
-            for start in range(0, len(images), batch_size):
+            starts = range(0, len(images), batch_size)
+            for start in progress(starts, len(images), method, step=batch_size):
                 batch = to_float(images[start : start + batch_size], device)
                 targets = [ClassifierOutputTarget(c) for c in classes[start : start + batch_size]]
                 maps.append(np.asarray(cam(input_tensor=batch, targets=targets), dtype=np.float32))
@@ -167,6 +174,68 @@ def cam_warnings(metrics: dict[str, float]) -> list[str]:
                 f"above {flag_above:.0%}): it may be reading watermarks, borders or layout instead of content."
             )
     return lines
+
+
+def split_warning_notes(notes: list[str]) -> tuple[list[str], list[str]]:
+    """(the format-shortcut audit notes, the crawl-health notes) among a run's stage notes: the report's warnings.
+
+    The audit's verdict follows from the split, so it can key the report; crawl health describes one crawl.
+    """
+    audit = [note for note in notes if note.startswith(AUDIT_NOTE)]
+    health = [note for note in notes if note.startswith(HEALTH_NOTE)]
+    return audit, health
+
+
+def report_warnings(notes: list[str], metrics: dict[str, float], data_note: str = "") -> list[dict[str, str]]:
+    """What the warnings box says, each with its kind: data, format shortcut, small sample, crawler health, CAM.
+
+    notes are the run's stage notes (the audit's verdict, crawl health, ...); only the flagged ones become warnings.
+    """
+    found = [{"kind": "data", "text": data_note}] if data_note else []
+    for note in notes:
+        if note.startswith(AUDIT_NOTE) and "[ok]" not in note:
+            found.append({"kind": "format shortcut", "text": note})
+        elif note.startswith(HEALTH_NOTE):
+            found.append({"kind": "crawler health", "text": note.removeprefix(HEALTH_NOTE).strip()})
+    width = float(metrics.get("accuracy_ci_high", math.nan)) - float(metrics.get("accuracy_ci_low", math.nan))
+    if width > SMALL_SAMPLE_CI_WIDTH:
+        n = int(metrics.get("n_test", 0))
+        found.append(
+            {
+                "kind": "small sample",
+                "text": f"Only {n} test images: the 95% interval of accuracy is {width:.2f} wide. Differences "
+                "smaller than that between runs or models are noise.",
+            }
+        )
+    found += [{"kind": "CAM attention", "text": text} for text in cam_warnings(metrics)]
+    return found
+
+
+def headline(metrics: dict[str, float], model: str, data_version: str) -> dict[str, str]:
+    """The numbers the report opens with: accuracy with its interval, ROC-AUC, n, model and data version."""
+
+    def short(name: str) -> str:
+        value = float(metrics.get(name, math.nan))
+        return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+    return {
+        "accuracy": short("accuracy"),
+        "interval": f"95% CI {short('accuracy_ci_low')}-{short('accuracy_ci_high')}",
+        "roc_auc": short("roc_auc"),
+        "n": str(int(metrics.get("n_test", 0))),
+        "model": model,
+        "data_version": data_version,
+    }
+
+
+def display_picture(path: Path, side: int = DISPLAY_SIDE) -> bytes:
+    """The stored original as PNG, scaled down so its longest side is at most `side` (aspect ratio kept)."""
+    with Image.open(path) as image:
+        picture = image.convert("RGB")
+    picture.thumbnail((side, side), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _robustness_rows(metrics: dict[str, float]) -> list[dict[str, str]]:
@@ -258,13 +327,20 @@ def cam_overlay(image: torch.Tensor, cam: np.ndarray) -> tuple[np.ndarray, np.nd
     return rgb, overlay
 
 
-def _write_pair(img_dir: Path, sha256: str, image: torch.Tensor, cam: np.ndarray) -> dict[str, str]:
-    """Write img/<sha>_orig.png and img/<sha>_cam.png; return their relative paths and data: URIs."""
+def _write_pair(
+    img_dir: Path, sha256: str, image: torch.Tensor, cam: np.ndarray, original: Path | None = None
+) -> dict[str, str]:
+    """Write img/<sha>_orig.png and img/<sha>_cam.png; return their relative paths and data: URIs.
+
+    The original is the stored file at display size when given (else the model's input); the CAM is drawn over the
+    model's input, which is what the model saw.
+    """
     if not _SAFE_NAME.match(sha256):
         raise ValueError(f"selected row has an unusable sha256 {sha256!r} (expected a hex digest)")
     pictures: dict[str, str] = {}
-    for kind, array in zip(("orig", "cam"), cam_overlay(image, cam), strict=True):
-        png = png_bytes(array)
+    model_input, overlay = cam_overlay(image, cam)
+    for kind, array in (("orig", model_input), ("cam", overlay)):
+        png = display_picture(original) if kind == "orig" and original is not None else png_bytes(array)
         atomic_write_bytes(img_dir / f"{sha256}_{kind}.png", png)
         pictures[f"{kind}_file"] = f"img/{sha256}_{kind}.png"
         pictures[kind] = data_uri(png)
@@ -319,11 +395,11 @@ def _format_value(name: str, value: float) -> str:
     return f"{float(value):.4f}"
 
 
-def _metric_rows(metrics: dict[str, float]) -> list[tuple[str, str]]:
-    """Metrics in display order: headline ones first, the rest alphabetically."""
+def _metric_rows(metrics: dict[str, float], limit: int | None = None) -> list[tuple[str, str]]:
+    """Metrics in display order: headline ones first, the rest alphabetically; the first `limit` when given."""
     names = [name for name in HEADLINE_METRICS if name in metrics]
     names += sorted(name for name in metrics if name not in HEADLINE_METRICS)
-    return [(name, _format_value(name, metrics[name])) for name in names]
+    return [(name, _format_value(name, metrics[name])) for name in names[:limit]]
 
 
 def _group_rows(per_group: pd.DataFrame) -> list[dict[str, str]]:
@@ -380,13 +456,18 @@ def build_report(
     per_generator: pd.DataFrame | None = None,
     cam_target: str = "predicted",
     device: str = "cpu",
+    originals: dict[str, Path] | None = None,
+    warnings: list[dict[str, str]] | None = None,
+    top: dict[str, str] | None = None,
 ) -> Path:
     """Write out_dir/index.html (pictures embedded) with img/ and plots/ beside it; index.html is written last.
 
-    Beside the summary metrics the page shows the robustness variants next to the clean score (robust.* metrics),
-    per-generator scores (per_generator, from stats.per_generator_metrics) and CAM attention warnings (cam.*).
-    cam_target (report.cam_target): the CAMs explain each image's predicted class, or always "ai" / "real".
-    The CAMs are computed on device.
+    The page leads with what matters: the headline numbers (top, see headline()), the warnings box (see
+    report_warnings(); CAM attention warnings are added when warnings is None) and the learning curves (the plot
+    named learning_curves). Then the details: summary metrics, plots, robustness (robust.* metrics), per-generator
+    scores (per_generator), worst groups and the Original | CAM pairs (originals: sha256 -> stored file). All
+    metrics are in a collapsed appendix. cam_target (report.cam_target): the CAMs explain each image's predicted
+    class, or always "ai" / "real"; they are computed on device.
     """
     _check_selected(images, selected)
     out_dir = Path(out_dir)
@@ -398,27 +479,32 @@ def build_report(
         model, images, target_layer, cam_method, batch_size=cam_batch_size, target_class=classes, device=device
     )
     sections: list[dict[str, Any]] = []
+    originals = originals or {}
     for cell, _, _ in CELLS:
-        examples = [
-            _example(rows.loc[i], _write_pair(img_dir, str(rows.loc[i, "sha256"]), images[i], cams[i]))
-            | {"explains": CLASS_NAMES[classes[i]]}
-            for i in rows.index[rows["cell"] == cell]
-        ]
+        examples = []
+        for i in rows.index[rows["cell"] == cell]:
+            sha256 = str(rows.loc[i, "sha256"])
+            pictures = _write_pair(img_dir, sha256, images[i], cams[i], originals.get(sha256))
+            examples.append(_example(rows.loc[i], pictures) | {"explains": CLASS_NAMES[classes[i]]})
         sections.append({"id": cell, "title": CELL_TITLES[cell], "examples": examples})
+    copied = _copy_plots(out_dir, plots or {})
     context = {
         "title": title,
         "cam_method": cam_method,
         "cam_target": CAM_TARGETS[cam_target],
+        "top": top or {},
+        "warnings": warnings if warnings is not None else report_warnings([], metrics),
+        "learning_curves": [plot for plot in copied if plot["name"] == "learning_curves"],
         "run_info": sorted((str(k), str(v)) for k, v in (run_info or {}).items()),
-        "metrics": _metric_rows(metrics),
-        "plots": _copy_plots(out_dir, plots or {}),
+        "metrics": _metric_rows(metrics, SUMMARY_METRICS),
+        "all_metrics": _metric_rows(metrics),
+        "plots": [plot for plot in copied if plot["name"] != "learning_curves"],
         "worst_groups": _group_rows(per_group),
         "n_groups": len(per_group),
         "sections": sections,
         "robustness": _robustness_rows(metrics),
         "robustness_how": ROBUSTNESS_DESCRIPTION,
         "generators": _generator_rows(per_generator),
-        "cam_warnings": cam_warnings(metrics),
     }
     index = atomic_write_text(out_dir / "index.html", render_html(context))
     log.info("report written to %s (%d examples)", index, len(rows))

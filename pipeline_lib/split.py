@@ -292,6 +292,8 @@ def training_set(catalog: pd.DataFrame) -> pd.DataFrame:
     rows = catalog[(catalog["status"] == STATUS_OK) & catalog["split"].isin(("train", "val"))]
     table = rows[list(TRAINSET_COLUMNS)].drop_duplicates("sha256").astype("string")
     return table.sort_values("sha256").reset_index(drop=True)
+
+
 def class_ratios(report: pd.DataFrame) -> pd.DataFrame:
     """Per split (train, val, test order): real and ai images and real_per_ai (inf without ai, nan when empty)."""
     counts = report.pivot_table(index="split", columns="label", values="images", aggfunc="sum", fill_value=0)

@@ -1,17 +1,22 @@
-"""What a workspace holds: latest snapshots, counts, pending reviews."""
+"""What a workspace holds: latest snapshots, counts, pending reviews, imported folders file by file, last runs."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from pipeline_lib.catalog import STATUS_OK, conform, counts
+from pipeline_lib.config import FolderSource
+from pipeline_lib.imports import FolderAccount, account_folder, read_imports
 from pipeline_lib.review import read_decisions
 from pipeline_lib.workspace import Workspace
 
 STAGE_ORDER = ("ingest", "fingerprint", "dedup", "review", "split")
+RUNS_FILE = "runs.jsonl"
 
 
 def latest_snapshot(workspace: Workspace, stage: str) -> Path | None:
@@ -50,3 +55,43 @@ def workspace_status(workspace: Workspace) -> dict[str, Any]:
         "decisions": len(decisions),
         "undecided": undecided,
     }
+
+
+def runs_path(workspace: Workspace) -> Path:
+    """The workspace's list of runs (one JSON line each), read by `aidetect status` without MLflow."""
+    return workspace.root / RUNS_FILE
+
+
+def record_run(workspace: Workspace, entry: Mapping[str, Any]) -> None:
+    """Append one run's line (run id, kind, status, times, test accuracy, model version)."""
+    line = json.dumps(dict(entry), default=str, sort_keys=True) + "\n"
+    with runs_path(workspace).open("a", encoding="utf-8") as handle:
+        handle.write(line)  # one write of one line: whole lines even when two runs end together
+
+
+def recent_runs(workspace: Workspace, limit: int = 5) -> list[dict[str, Any]]:
+    """The last `limit` runs recorded in the workspace, newest first (unreadable lines are skipped)."""
+    path = runs_path(workspace)
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    return entries[::-1][:limit]
+
+
+def folder_accounts(workspace: Workspace, folders: Sequence[FolderSource] | None = None) -> list[FolderAccount]:
+    """What became of every file of the given folder sources (default: the workspace's imports)."""
+    folders = read_imports(workspace) if folders is None else folders
+    if not folders:
+        return []
+    from pipeline_lib.crawl import crawl_log_path  # icrawler: only imported when there are imports to account for
+
+    log_file = crawl_log_path(workspace)
+    crawl_log = pd.read_parquet(log_file) if log_file.is_file() else pd.DataFrame(columns=["url", "sha256", "error"])
+    found = latest_catalog(workspace)
+    catalog = found[1] if found is not None else None
+    return [account_folder(source, crawl_log, catalog) for source in folders]

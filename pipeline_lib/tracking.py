@@ -7,19 +7,25 @@ import functools
 import logging
 import math
 import re
+import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import pandas as pd
-from mlflow import MlflowClient
-from mlflow.entities import RunStatus
-from mlflow.exceptions import MlflowException
 
-from pipeline_lib.workspace import Workspace
+from pipeline_lib import privacy
+
+privacy.quiet_mlflow()  # MLflow starts its telemetry client when it is first imported: off unless the user chose
+
+import mlflow  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import RunStatus  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from pipeline_lib.workspace import Workspace  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +33,9 @@ CHAMPION = "champion"
 IMAGE_SIZE_TAG = "image_size"  # model version tag: the square input size the model was trained at
 CALIBRATION_TAG = "calibration"  # model version tag: JSON with the temperature and normalisation policy
 LOCAL_UI_HOST, LOCAL_UI_PORT = "127.0.0.1", 5000  # where `aidetect ui` serves a store that has no server of its own
+# MLflow 3's UI opens an experiment in the view its kind names; without the tag it may guess the GenAI one.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the classic training view: runs, metrics, models
 
 
 class ModelNotFoundError(LookupError):
@@ -143,20 +152,22 @@ def _metric_rows(metrics: Mapping[str, float], step: int | None = None) -> list[
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 
 def ensure_experiment(uri: str, name: str, workspace: Workspace) -> str:
-    """Id of the named experiment; a new one keeps its artifacts in the workspace, unless a tracking server has them."""
+    """Id of the named experiment, in the training view; a new one keeps its artifacts in the workspace, unless a
+    tracking server has them."""
     client = MlflowClient(tracking_uri=uri)
     with _quiet():
         experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        location = None if is_server(uri) else artifact_root(workspace)
-        return client.create_experiment(name, artifact_location=location)
+        if experiment is None:
+            location = None if is_server(uri) else artifact_root(workspace)
+            tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            return client.create_experiment(name, artifact_location=location, tags=tags)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an earlier aidetect (or by hand): keep a user's kind
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return experiment.experiment_id
 
 
 def start_run(
@@ -192,9 +203,15 @@ def stage_run(
     failed: bool = False,
     params: Mapping[str, str] | None = None,
     tags: Mapping[str, str] | None = None,
+    ended_at: float | None = None,
+    history: Sequence[Mapping[str, Any]] = (),
 ) -> Tracker:
-    """A finished child run of parent for one stage: its metrics, cache state, duration, and the params and tags
-    given (the parts of its cache key), by id, thread-safe."""
+    """A finished child run of parent for one stage (by id, thread-safe): its metrics, cache state and duration, and
+    the params and tags given (the parts of its cache key).
+
+    The run starts `seconds` before ended_at (time.time(), default now) and ends then, so the UI shows how long the
+    stage really took. history: per-epoch rows (epoch, train_loss, ...) logged as train.* metrics by step.
+    """
     experiment_id, inherited = _parent_context(parent.uri, parent.run_id)
     all_tags = dict(inherited) | dict(tags or {}) | {
         "mlflow.parentRunId": parent.run_id,
@@ -202,15 +219,29 @@ def stage_run(
         "aidetect.stage": stage,
         "aidetect.state": state,
     }
+    end_ms = int((time.time() if ended_at is None else ended_at) * 1000)
+    start_ms = end_ms - int(max(seconds, 0.0) * 1000)
     with _quiet():
-        run = parent.client.create_run(experiment_id, run_name=stage, tags=all_tags)
+        run = parent.client.create_run(experiment_id, start_time=start_ms, run_name=stage, tags=all_tags)
     child = Tracker(parent.uri, run.info.run_id)
     rows = _metric_rows(dict(metrics) | {"stage.seconds": float(seconds)})
     values = [mlflow.entities.Param(str(k), str(v)[:6000]) for k, v in (params or {}).items()]
     for start in range(0, max(len(rows), len(values)), 100):  # one call for a stage's params and metrics
         child.client.log_batch(child.run_id, metrics=rows[start : start + 100], params=values[start : start + 100])
-    child.finish("FAILED" if failed else "FINISHED")
+    for row in history:
+        child.log_metrics(epoch_metrics(row), step=int(row["epoch"]))
+    status = "FAILED" if failed else "FINISHED"
+    parent.client.set_terminated(child.run_id, status=status, end_time=end_ms)
     return child
+
+
+def epoch_metrics(row: Mapping[str, Any]) -> dict[str, float]:
+    """One epoch's numbers as train.* metrics (the phase and other text left out)."""
+    return {
+        f"train.{key}": float(value)
+        for key, value in row.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
 
 
 def previous_stage_keys(parent: Tracker, workspace: str, scan: int = 200) -> dict[str, dict[str, str]]:
@@ -519,6 +550,8 @@ def run_catalog(uri: str, run_id: str | None) -> pd.DataFrame | None:
             return None
         tables = [pd.read_parquet(path) for path in sorted(Path(local).rglob("*.parquet"))]
     return pd.concat(tables, ignore_index=True) if tables else None
+
+
 def run_calibration(uri: str, run_id: str) -> str | None:
     """The calibration (JSON text) of the model a run logged: the run's aidetect.calibration tag, else the
     calibration tag of a model version registered from the run; None when neither exists."""

@@ -829,6 +829,30 @@ def _finish_epoch(
     _save_state(out_dir / LAST_NAME, _state_payload(state, run))
 
 
+def seconds_left(durations: Sequence[float], epoch: int, max_epochs: int) -> float:
+    """Seconds the remaining epochs would take at the mean pace of durations (an upper bound: early stopping)."""
+    if not durations:
+        return math.nan
+    return max(0, max_epochs - epoch) * (sum(durations) / len(durations))
+
+
+def describe_epoch(stats: EpochStats, max_epochs: int, left_s: float) -> str:
+    """One console line per epoch: phase, train/val loss and accuracy, images/s and the time left at most."""
+    phase = "head only" if stats.phase == "head" else "all layers"
+    if math.isnan(left_s):
+        left = ""
+    elif stats.epoch >= max_epochs or left_s <= 0:
+        left = ", last epoch"
+    else:
+        minutes, seconds = divmod(round(left_s), 60)
+        left = f", at most {minutes}:{seconds:02d} left (early stopping may end sooner)"
+    return (
+        f"epoch {stats.epoch}/{max_epochs} [{phase}]  train loss {stats.train_loss:.3f} acc {stats.train_accuracy:.3f}"
+        f"  |  val loss {stats.val_loss:.3f} acc {stats.val_accuracy:.3f}  |  {stats.images_per_second:.0f} img/s, "
+        f"{stats.seconds:.1f} s{left}"
+    )
+
+
 _CURVE_KEYS = ("epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 

@@ -21,6 +21,9 @@ Prepare = Callable[[Image.Image], None]  # called on an opened image before its 
 T = TypeVar("T")
 EXIF_ORIENTATION_TAG = 274
 SNIFF_BYTES = 512
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+)
 
 # Magic numbers of formats we expect; a file starting with one that PIL cannot identify is corrupt, not "not an image".
 _IMAGE_MAGIC: tuple[bytes, ...] = (
@@ -279,3 +282,24 @@ def inspect_image(
         with image:
             check = _check_opened(image, base, head, min_side, max_pixels, animated_policy, prepare)
             return check, (use(image, check) if check.ok and use is not None else None)
+
+
+def not_an_image(path: Path) -> str:
+    """Why an import leaves path out ("" when it is taken): not an image by its bytes nor by its name.
+
+    A file Pillow recognises is an image whatever its extension; a file named like an image that Pillow cannot read
+    is taken too, so that ingest quarantines it with the reason (truncated, html, ...).
+    """
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return ""
+    try:
+        with Image.open(path):
+            return ""
+    except Exception:  # anything Pillow cannot identify is not an image to import
+        pass
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(SNIFF_BYTES)
+    except OSError as error:
+        return f"unreadable: {error.strerror or error}"
+    return f"not an image ({sniff_content(head) if head else 'empty file'})"

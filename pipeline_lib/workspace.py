@@ -238,3 +238,11 @@ def listing_digest(folders: list[Path]) -> str:
             stat = path.stat()
             digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def folder_files(root: Path) -> Iterator[Path]:
+    """Every file under root that is not hidden (no part of its path starts with '.'), sorted, recursive."""
+    for path in sorted(root.rglob("*")):
+        parts = path.relative_to(root).parts
+        if not any(part.startswith(".") for part in parts) and path.is_file():
+            yield path

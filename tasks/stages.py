@@ -16,7 +16,7 @@ from pipeline_lib import calibration as calibration_lib
 from pipeline_lib import catalog as cat
 from pipeline_lib import crawl as crawl_lib
 from pipeline_lib import dedup as dedup_lib
-from pipeline_lib import devices, health, models, preprocess, report, review, split
+from pipeline_lib import devices, health, models, preprocess, report, review, split, tracking
 from pipeline_lib import evaluate as evaluate_lib
 from pipeline_lib import predict as predict_lib
 from pipeline_lib import train as train_lib
@@ -35,6 +35,7 @@ from pipeline_lib.config import (
 from pipeline_lib.normalize import policy_key
 from pipeline_lib.workspace import Ref, Workspace
 from tasks.caching import current_stage_key
+from tasks.progress import EpochReporter
 
 log = logging.getLogger(__name__)
 
@@ -269,18 +270,26 @@ def fetch_weights(config: TrainConfig) -> str:
 
 @task(name="train")
 def train(
-    root: str, trainset: Ref, config: TrainConfig, normalize: NormalizeConfig | None = None, resume: bool = True
+    root: str,
+    trainset: Ref,
+    config: TrainConfig,
+    normalize: NormalizeConfig | None = None,
+    resume: bool = True,
+    progress: tracking.Tracker | None = None,
 ) -> TrainOutput:
     """Fine-tune the classifier in models/<stage key>/ (split.training_set in, so only content keys it).
 
     resume: continue from that folder's last.pt (a run of the same key that was interrupted); False (--refresh-cache)
-    trains from epoch 0.
+    trains from epoch 0. progress: the MLflow run each finished epoch's metrics go to as it ends (not in the key).
     """
     workspace = Workspace.create(root)
     active = _active(normalize)
     out_dir = workspace.models / current_stage_key()[:16]
     table = cat.read_table(workspace, trainset)
-    result = train_lib.train_model(workspace, table, config, out_dir, policy=active, resume=resume)
+    reporter = EpochReporter(progress, config.epochs)
+    result = train_lib.train_model(
+        workspace, table, config, out_dir, on_epoch=reporter, policy=active, resume=resume
+    )
     history = [vars(epoch) | {} for epoch in result.history]
     return TrainOutput(
         model=workspace.ref(result.best_path),
@@ -427,9 +436,15 @@ def make_report(
     title: str,
     normalize: NormalizeConfig | None = None,
     device: str = "cpu",
+    notes: list[str] | None = None,
+    history: list[dict[str, Any]] | None = None,
+    data_version: str = "",
+    health_notes: list[str] | None = None,
 ) -> Ref:
-    """Self-contained HTML report with Original | Grad-CAM pairs (computed on device), robustness, per-generator
-    scores, CAM warnings."""
+    """Self-contained HTML report: headline, warnings (notes of the run's stages, health_notes of its crawl: not in
+    the stage key), learning curves (history), then
+    the details (plots, robustness, per-generator scores, Original | Grad-CAM pairs computed on device) and all
+    metrics."""
     workspace = Workspace.create(root)
     model, meta = models.load_model(model_ref.resolve(workspace))
     device = devices.resolve_device(device)
@@ -438,6 +453,11 @@ def make_report(
     size, active = int(meta["image_size"]), _active(normalize)
     images = preprocess.load_tensors(workspace, selected["sha256"].tolist(), size, active)
     out_dir = evaluation.predictions.resolve(workspace).parent / f"report-{current_stage_key()[:12]}"
+    plots = {name: workspace.root / path for name, path in evaluation.plots.items()}
+    if history:
+        curves = train_lib.plot_learning_curves(history, out_dir.parent / "learning_curves.png")
+        plots = {"learning_curves": curves, **plots}
+    model_name = f"{meta.get('model_name')} ({model_ref.digest[:8]})"
     index = report.build_report(
         out_dir,
         model,
@@ -448,7 +468,7 @@ def make_report(
         models.target_layer(model),
         config.cam_method,
         title,
-        plots={name: workspace.root / path for name, path in evaluation.plots.items()},
+        plots=plots,
         run_info={
             "model": str(meta.get("model_name")),
             "model digest": model_ref.digest[:16],
@@ -458,5 +478,21 @@ def make_report(
         per_generator=pd.DataFrame(evaluation.generators) if evaluation.generators else None,
         cam_target=config.cam_target,
         device=device,
+        originals=_originals(workspace, selected["sha256"].tolist()),
+        warnings=report.report_warnings(
+            [*(notes or []), *(health_notes or []), *evaluation.notes], evaluation.metrics, config.data_note
+        ),
+        top=report.headline(evaluation.metrics, model_name, data_version),
     )
     return workspace.ref(index)
+
+
+def _originals(workspace: Workspace, shas: list[str]) -> dict[str, Any]:
+    """sha256 -> stored original of each selected test image (missing ones are left out: the model input shows)."""
+    found = {}
+    for sha256 in shas:
+        try:
+            found[sha256] = preprocess.find_original(workspace, sha256)
+        except FileNotFoundError as error:
+            log.warning("report shows the model input for %s: %s", sha256[:12], error)
+    return found

@@ -79,11 +79,17 @@ def tracking_digest(catalog_digest: str, split: str) -> str:
 
 
 @task(name="mlflow-log-training", cache_policy=NO_CACHE)
-def log_training(tracker: tracking.Tracker, output: TrainOutput) -> None:
-    """Per-epoch curves, the best epoch, the class balance (counts, loss weights) and the weights' provenance."""
+def log_training(tracker: tracking.Tracker, output: TrainOutput, logged_live: bool = False) -> None:
+    """Per-epoch curves (those not logged live as each epoch ended), the best epoch, the class balance (counts, loss
+    weights) and the weights' provenance.
+
+    logged_live: training ran in this flow run, so the epochs after output.resumed_from_epoch are in MLflow already.
+    """
+    skip_after = (output.resumed_from_epoch or 0) if logged_live else None
     for epoch in output.history:
         step = int(epoch["epoch"])
-        tracker.log_metrics({f"train.{k}": v for k, v in epoch.items() if isinstance(v, int | float)}, step=step)
+        if skip_after is None or step <= skip_after:
+            tracker.log_metrics(tracking.epoch_metrics(epoch), step=step)
     tracker.log_metrics({"train.best_epoch": output.best_epoch, "train.stopped_early": float(output.stopped_early)})
     if output.resumed_from_epoch is not None:
         tracker.log_metrics({"train.resumed_from_epoch": float(output.resumed_from_epoch)})
@@ -143,7 +149,10 @@ def register(
     existing = tracking.find_version(tracker.uri, name, model_ref.digest)
     if existing is not None:
         tracker.set_tags({"aidetect.model_version": existing.version, "aidetect.model_reused": "true"})
-        return {"version": existing.version, "promoted": False, "reason": "same checkpoint already registered"}
+        aliases = list(getattr(existing, "aliases", None) or [])
+        return {"version": existing.version, "promoted": False, "reason": "same checkpoint already registered"} | {
+            "aliases": aliases
+        }
     model, meta = models.load_model(model_ref.resolve(workspace))
     size = int(meta["image_size"])
     example = torch.rand(1, 3, size, size).numpy()

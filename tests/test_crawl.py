@@ -443,6 +443,7 @@ def _folder(root: Path) -> Path:
     make_image(root / ".cache" / "x_1.jpg", seed=6)
     (root / ".gitkeep").write_text("", encoding="utf-8")
     (root / "notes.txt").write_text("not an image", encoding="utf-8")
+    make_image(root / "no_extension", seed=7)  # a JPEG whose name says nothing
     return root
 
 
@@ -460,17 +461,19 @@ def test_folder_grouped_by_sub_folder(workspace: Workspace, tmp_path: Path) -> N
         "alice_2.png": ("alice", ""),
         "bob_7.jpg": ("bob_7", ""),
         "noname.jpg": ("noname", ""),
+        "no_extension": ("no_extension", ""),
+        "notes.txt": ("", "not an image (text)"),
     }
     assert set(result.log["source"]) == {"folder:imgs"} and set(result.log["generator"]) == {"midjourney"}
     assert result.log["url"].str.startswith("file://").all()
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before  # copied, never moved
-    for row in result.log.itertuples():
+    for row in result.log[result.log["sha256"] != ""].itertuples():
         assert (
             _incoming(workspace, row.sha256, row.ext).read_bytes()
             == Path(root / row.url.split("imgs/")[1]).read_bytes()
         )
     again = crawl_sources(workspace, _sources(folders=[source]))
-    assert len(again.log) == len(result.log) and again.summary["skipped"].sum() == 4
+    assert len(again.log) == len(result.log) and again.summary["skipped"].sum() == 5  # notes.txt is logged once
     (root / "bob_7.jpg").write_bytes(_jpeg(tmp_path, 9))  # changed content under the same URL
     third = crawl_sources(workspace, _sources(folders=[source]))
     assert len(third.log) == len(result.log) + 1 and third.summary["new"].sum() == 1
@@ -482,8 +485,8 @@ def test_folder_grouped_by_pattern(workspace: Workspace, tmp_path: Path) -> None
     result = crawl_sources(workspace, _sources(folders=[source]))
     groups = _groups(result)
     assert groups["alice_1.jpg"] == ("alice", "") and groups["bob_7.jpg"] == ("bob", "")
-    assert groups["noname.jpg"] == ("", "group pattern did not match")
-    assert result.summary["failed"].sum() == 1
+    assert groups["noname.jpg"] == groups["no_extension"] == ("", "group pattern did not match")
+    assert result.summary["failed"].sum() == 2
     whole = crawl_sources(workspace, _sources(folders=[FolderSource(path=root, label="ai", group_by="pattern:[a-z]+")]))
     assert _groups(whole)["noname.jpg"] == ("noname", "")
 

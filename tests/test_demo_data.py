@@ -152,8 +152,9 @@ def test_site_serves_pages_that_bing_parser_reads(dataset: DemoDataset) -> None:
 
 def test_demo_config_dict_is_a_valid_config(dataset: DemoDataset, tmp_path: Path) -> None:
     data = demo_config_dict(dataset, "http://127.0.0.1:9/images/async?q={keyword}&first={offset}", tmp_path)
-    assert set(data) == {"sources", "execution"}
+    assert set(data) == {"sources", "report", "execution"}
     config = build_config(json.loads(json.dumps(data)))
+    assert "SYNTHETIC" in config.report.data_note, "the report must say that the demo data is synthetic"
     search = config.sources.search[0]
     assert search.engine == "bing" and search.label == "real" and search.keywords == dataset.keywords
     assert config.sources.folders[0].path == dataset.ai_dir and config.sources.folders[0].label == "ai"

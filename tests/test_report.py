@@ -320,3 +320,91 @@ def test_robustness_section_says_the_files_were_degraded(tmp_path: Path, model: 
     assert "The original test files degraded as a user would degrade them (re-encoded as JPEG at quality" in text
     assert "same preprocessing as training" in text and "not to the model-input tensor" in text
     assert "<td>jpeg75</td><td class=\"num\">0.8000</td><td class=\"num\">0.1000</td>" in text
+
+
+class Sections(HTMLParser):
+    """The text of the warnings box (by kind) and the order of the page's top-level sections and headings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.warnings: dict[str, str] = {}
+        self.order: list[str] = []
+        self.kind: str | None = None
+        self.appendix_open: bool | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "li" and values.get("class") == "warning":
+            self.kind = values.get("data-kind") or ""
+            self.warnings[self.kind] = ""
+        if values.get("id") in ("headline", "warnings", "learning-curves", "details", "appendix"):
+            self.order.append(str(values["id"]))
+        if tag == "details" and values.get("id") == "appendix":
+            self.appendix_open = "open" in values
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "li":
+            self.kind = None
+
+    def handle_data(self, data: str) -> None:
+        if self.kind is not None:
+            self.warnings[self.kind] += data
+
+
+def test_report_leads_with_headline_warnings_and_curves(tmp_path: Path, model: TinyClassifier) -> None:
+    from pipeline_lib.report import headline, report_warnings
+    from pipeline_lib.train import plot_learning_curves
+
+    predictions = make_predictions()
+    selected = select_examples(predictions, per_cell=1)
+    originals = {}
+    for sha in selected["sha256"]:  # stored originals larger than the model input: shown at display size
+        originals[sha] = tmp_path / "store" / f"{sha}.jpg"
+        originals[sha].parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (640, 480), (200, 30, 30)).save(originals[sha])
+    history = [
+        {"epoch": 1, "phase": "head", "train_loss": 0.7, "train_accuracy": 0.5, "val_loss": 0.69, "val_accuracy": 0.5},
+        {"epoch": 2, "phase": "all", "train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.6, "val_accuracy": 0.7},
+    ]
+    curves = plot_learning_curves(history, tmp_path / "curves.png")
+    metrics = {"accuracy": 0.75, "accuracy_ci_low": 0.45, "accuracy_ci_high": 0.95, "roc_auc": 0.8, "n_test": 8.0}
+    metrics |= {"cam.border_share_mean": 0.7, "cam.n_border_flagged": 6.0, "cam.n": 8.0, "cam.flag_above": 0.5}
+    notes = [
+        "format-shortcut audit [warn] on the train split, stored files: metadata-only ROC-AUC 1.000 (format)",
+        "crawl health: bing 'anna' no_results: the engine returned nothing",
+        "largest groups: person0 (2 ai, test)",
+    ]
+    index = build_report(
+        tmp_path / "report",
+        model,
+        random_images(len(selected), 32),
+        selected,
+        metrics=metrics,
+        per_group=per_group_accuracy(predictions),
+        target_layer=model.net.layer4[-1],
+        cam_method="gradcam",
+        title="t",
+        plots={"learning_curves": curves, "roc": plot_roc(predictions, tmp_path / "roc.png")},
+        originals=originals,
+        warnings=report_warnings(notes, metrics, "SYNTHETIC demo data"),
+        top=headline(metrics, "resnet18 (abcd1234)", "split-0123"),
+    )
+    text = index.read_text(encoding="utf-8")
+    page = Sections()
+    page.feed(text)
+    assert page.order == ["headline", "warnings", "learning-curves", "details", "appendix"], page.order
+    assert set(page.warnings) == {"data", "format shortcut", "crawler health", "small sample", "CAM attention"}
+    assert "ROC-AUC 1.000" in page.warnings["format shortcut"] and "0.50 wide" in page.warnings["small sample"]
+    assert "largest groups" not in "".join(page.warnings.values())
+    assert page.appendix_open is False  # raw metrics are collapsed
+    assert 'id="headline-accuracy">0.750<' in text and "95% CI 0.450-0.950" in text and "split-0123" in text
+    sha = str(selected["sha256"].iloc[0])
+    with Image.open(tmp_path / "report" / "img" / f"{sha}_orig.png") as shown:
+        assert shown.size == (256, 192), "the Original is the stored file at display size, not the 32 px input"
+
+
+def test_report_without_flags_says_so(tmp_path: Path, model: TinyClassifier) -> None:
+    from pipeline_lib.report import report_warnings
+
+    metrics = {"accuracy": 0.9, "accuracy_ci_low": 0.88, "accuracy_ci_high": 0.92, "n_test": 900.0}
+    assert report_warnings(["format-shortcut audit [ok] on the train split: ROC-AUC 0.55"], metrics) == []

@@ -301,3 +301,32 @@ def test_a_champion_trained_on_the_test_images_is_reported_not_comparable(worksp
     )
     assert run["tags"]["aidetect.champion_comparable"] == "false"
     assert str(tracking.current_champion(workspace_uri(workspace), "det").version) == first["version"]
+
+
+def test_stage_run_spans_the_stage_and_carries_its_epochs(workspace):
+    parent = _tracker(workspace)
+    ended = 1_800_000_000.0  # a fixed end: the run must start 90 s before it
+    history = [
+        {"epoch": 1, "phase": "head", "train_loss": 0.9, "val_loss": 0.8, "val_accuracy": 0.5},
+        {"epoch": 2, "phase": "all", "train_loss": 0.6, "val_loss": 0.7, "val_accuracy": 0.75},
+    ]
+    child = tracking.stage_run(parent, "train", "Completed", {"x": 1.0}, 90.0, ended_at=ended, history=history)
+    run = child.client.get_run(child.run_id)
+    assert run.info.end_time == 1_800_000_000_000 and run.info.start_time == 1_800_000_000_000 - 90_000
+    losses = child.client.get_metric_history(child.run_id, "train.val_loss")
+    assert [(m.step, m.value) for m in losses] == [(1, 0.8), (2, 0.7)]
+    assert "train.phase" not in run.data.metrics
+
+
+def test_experiment_opens_in_the_training_view(workspace):
+    from mlflow import MlflowClient
+
+    uri = tracking.tracking_uri(None, workspace)
+    experiment_id = tracking.ensure_experiment(uri, "views", workspace)
+    tags = MlflowClient(tracking_uri=uri).get_experiment(experiment_id).tags
+    assert tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    older = MlflowClient(tracking_uri=uri).create_experiment("older")  # made before aidetect tagged experiments
+    assert tracking.ensure_experiment(uri, "older", workspace) == older
+    assert MlflowClient(tracking_uri=uri).get_experiment(older).tags[tracking.EXPERIMENT_KIND_TAG] == (
+        "custom_model_development"
+    )

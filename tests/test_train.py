@@ -470,6 +470,8 @@ def test_class_balance_summary_and_undersampled_epochs() -> None:
     assert len({tuple(sorted(d)) for d in epochs}) > 1, "the majority subset should change between epochs"
     sampler.set_epoch(1)
     assert [index for _, index in sampler] == epochs[0], "the draw depends on (seed, epoch) only"
+
+
 def test_augmenting_on_the_device_continues_the_same_run(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
     workspace, table = data
     augment = AugmentConfig(rotation_degrees=10, affine_translate=0.1, autocontrast_p=0.0, blur_p=0.5, jpeg_p=0.5)
@@ -542,3 +544,15 @@ def test_num_workers_auto_and_rng_state(data: tuple[Workspace, pd.DataFrame], tm
     torch.save(state, tmp_path / "gpu-run" / "last.pt")
     resumed = train_lib.train_model(workspace, table, config, tmp_path / "gpu-run")
     assert resumed.resumed_from_epoch == 1 and _untimed(resumed.history) == _untimed(full.history)
+
+
+def test_epoch_line_says_phase_losses_speed_and_time_left():
+    from pipeline_lib.train import EpochStats, describe_epoch, seconds_left
+
+    stats = EpochStats(3, "all", 0.51234, 0.78, 0.43, 0.84, 0.01, 2.0, 412.3)
+    left = seconds_left([4.0, 2.0, 3.0], epoch=3, max_epochs=30)
+    assert left == 81.0
+    line = describe_epoch(stats, 30, left)
+    assert line.startswith("epoch 3/30 [all layers]  train loss 0.512 acc 0.780  |  val loss 0.430 acc 0.840")
+    assert "412 img/s" in line and "at most 1:21 left" in line
+    assert describe_epoch(stats, 3, seconds_left([2.0], 3, 3)).endswith("last epoch")

@@ -205,3 +205,17 @@ def test_sniff_content_names_common_non_images() -> None:
         "text": sniff_content("plain words, accents é".encode()),
     }
     assert all(k == v for k, v in kinds.items()), f"expected kind -> sniffed kind: {kinds}"
+
+
+def test_not_an_image_judges_by_content_then_by_name(tmp_path: Path) -> None:
+    from pipeline_lib.validate import not_an_image
+
+    jpeg = tmp_path / "no_extension"
+    Image.new("RGB", (8, 8)).save(jpeg, "JPEG")
+    html = tmp_path / "page.jpg"  # named like an image: ingest quarantines it with its reason
+    html.write_bytes(b"<html><body>gone</body></html>")
+    text, empty = tmp_path / "notes.txt", tmp_path / "empty.dat"
+    text.write_text("prompts", encoding="utf-8")
+    empty.write_bytes(b"")
+    assert not_an_image(jpeg) == "" and not_an_image(html) == ""
+    assert not_an_image(text) == "not an image (text)" and not_an_image(empty) == "not an image (empty file)"

@@ -1,14 +1,15 @@
-"""One Prefect test harness (temporary server + database in tmp) for every flow test."""
+"""One Prefect test harness (temporary server + database in tmp) for every flow test; its server sends nothing out."""
 
 from __future__ import annotations
 
 import pytest
-from prefect.settings import PREFECT_HOME, temporary_settings
+from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
 
 @pytest.fixture(scope="session")
 def harness(tmp_path_factory: pytest.TempPathFactory):
-    with temporary_settings({PREFECT_HOME: str(tmp_path_factory.mktemp("prefect-home"))}):
+    settings = {PREFECT_HOME: str(tmp_path_factory.mktemp("prefect-home")), PREFECT_SERVER_ANALYTICS_ENABLED: False}
+    with temporary_settings(settings):
         with prefect_test_harness(server_startup_timeout=120):
             yield

@@ -1,22 +1,55 @@
-"""The `aidetect` command: clear errors with exit code 2, import of a folder, status, fetching weights."""
+"""The `aidetect` command: input checked before Prefect starts (exit 2), import accounting, crawl, review, status,
+serve, ui, fetching weights, and the one-line exit 4 when Prefect's temporary server cannot start."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL
 from typer.testing import CliRunner
 
 from flows.cli import app
+from pipeline_lib.config import load_config
+from pipeline_lib.workspace import Workspace
 from tests.conftest import make_image
+from tests.flows.gate_helpers import gate_flow
+from tests.flows.mlflow_server import free_port, stop, wait_healthy
 from tests.loopback import closed_port_url, serve_files
+from tests.network_guard import guarded_environment, read_log
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
+AIDETECT = [sys.executable, "-c", "from flows.cli import main; main()"]
+# Prints which heavy libraries the command imported, after it exits (input errors must need none of them).
+IMPORTS_PROBE = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: print('LOADED:' + ','.join(m for m in ('prefect', 'torch', 'mlflow') if m in sys.modules),"
+    " file=sys.stderr))\n"
+    "from flows.cli import main\n"
+    "sys.argv = ['aidetect', *sys.argv[1:]]\n"
+    "main()\n"
+)
+
+
+def _child(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _child_env(tmp_path: Path) -> dict[str, str]:
+    env, _ = guarded_environment(tmp_path / "guard")
+    return env | {"PREFECT_HOME": str(tmp_path / "prefect-home")}
 
 
 def test_config_typo_and_wrong_type_name_the_key(tmp_path: Path):
@@ -35,24 +68,144 @@ def test_missing_workspace_is_named(tmp_path: Path):
     assert result.exit_code == 2 and "nowhere" in result.output
 
 
-def test_import_rejects_a_bad_label_then_imports_and_status_counts(harness, tmp_path: Path):
+def test_bad_input_exits_2_before_prefect_torch_or_mlflow_are_imported(tmp_path: Path):
+    images = tmp_path / "images"
+    make_image(images / "a.jpg", seed=1)
+    empty, texts = tmp_path / "empty", tmp_path / "texts"
+    empty.mkdir()
+    (empty / ".DS_Store").write_bytes(b"\0")
+    (texts / "sub").mkdir(parents=True)
+    (texts / "sub" / "notes.txt").write_text("a note", encoding="utf-8")
+    ws = tmp_path / "ws"
+    missing_source = tmp_path / "missing.yaml"
+    missing_source.write_text(f"sources:\n  folders:\n    - path: {tmp_path / 'gone'}\n      label: ai\n", "utf-8")
+    into = ["--workspace", str(ws)]
+    cases = [
+        (["import", str(images), "--label", "ai", "--group-by", "pattern:([", *into], ["--group-by", "regular exp"]),
+        (["import", str(images), "--label", "ai", "--group-by", "csv:nope.csv", *into], ["nope.csv"]),
+        (["import", str(empty), "--label", "ai", *into], ["empty"]),
+        (["import", str(texts), "--label", "ai", *into], ["no images", "notes.txt", "not an image (text)"]),
+        (["import", str(tmp_path / "gone"), "--label", "ai", *into], ["does not exist"]),
+        (["import", str(images), "--label", "ai", "--set", "train.epochs=zero", *into], ["train.epochs"]),
+        (["run", "--config", str(missing_source), *into], ["sources.folders[0]", "gone"]),
+        (["predict", str(images), "--workspace", str(tmp_path / "nowhere")], ["nowhere"]),
+        (["status", "--workspace", str(tmp_path / "nowhere")], ["nowhere"]),
+    ]
+    env = _child_env(tmp_path)
+    for args, words in cases:
+        result = _child([sys.executable, "-c", IMPORTS_PROBE, *args], env)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        message = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("LOADED:"))
+        assert "Traceback" not in message and message.count("\n") <= 1, (args, message)  # one message (a config
+        assert all(word in message for word in words), (args, message)  # error says "invalid configuration" first)
+        assert "LOADED:\n" in result.stderr + "\n", (args, result.stderr)  # neither prefect, torch nor mlflow
+    assert not (ws / "crawl" / "imports.json").exists(), "a refused import must save nothing"
+
+
+def test_prefect_server_that_does_not_start_gives_one_line_and_exit_4(tmp_path: Path):
+    images = tmp_path / "images"
+    make_image(images / "p" / "a.png", seed=1, fmt="PNG")
+    env = _child_env(tmp_path) | {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0"}  # no server answers in 0 s
+    result = _child([*AIDETECT, "import", str(images), "--label", "ai", "--workspace", str(tmp_path / "ws")], env)
+    assert result.returncode == 4, (result.stdout, result.stderr)
+    errors = [line for line in result.stderr.splitlines() if "did not start" in line]
+    assert len(errors) == 1 and "PREFECT_API_URL" in errors[0] and "2 tries" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "ws" / "crawl" / "imports.json").exists()
+    debug = _child([*AIDETECT, "--debug", "import", str(images), "--label", "ai", "-w", str(tmp_path / "ws")], env)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "PrefectStartError" in debug.stderr
+
+
+def test_import_accounts_for_every_file_and_status_shows_it(harness, tmp_path: Path):
     folder = tmp_path / "midjourney"
     for index in range(3):
         make_image(folder / "prompt-a" / f"v{index}.png", seed=index, size=(64, 64), fmt="PNG")
     make_image(folder / "prompt-b" / "v0.jpg", seed=9, size=(64, 64))
+    make_image(folder / "prompt-b" / "no_extension", seed=10, size=(64, 64))  # a JPEG without a suffix
     (folder / "prompt-b" / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    (folder / "notes.txt").write_text("prompts used", encoding="utf-8")
+    make_image(folder / ".hidden.png", seed=11, fmt="PNG")
+    make_image(folder / ".thumbs" / "t.png", seed=12, fmt="PNG")
     ws = tmp_path / "ws"
     result = runner.invoke(app, ["import", str(folder), "--label", "fake", "--workspace", str(ws)])
     assert result.exit_code == 2 and "--label" in result.output
-    result = runner.invoke(app, ["import", str(folder), "--label", "ai", "--generator", "mj", "--workspace", str(ws)])
+    args = ["import", str(folder), "--label", "ai", "--generator", "mj", "--workspace", str(ws), "--json"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
-    assert summary["counts"]["ingest.ok"] == 4 and summary["counts"]["ingest.invalid"] == 1
-    assert {row["keyword"] for row in summary["per_source"]} == {"prompt-a", "prompt-b"}
+    assert summary["counts"]["ingest.ok"] == 5 and summary["counts"]["ingest.invalid"] == 1
+    outcomes = {item["name"]: (item["outcome"], item["reason"]) for item in summary["folders"][0]["files"]}
+    assert len(outcomes) == 7, outcomes  # every file that is not hidden, and only those
+    assert outcomes["prompt-b/no_extension"] == ("imported", "")
+    assert outcomes["prompt-b/broken.jpg"] == ("quarantined", "not_an_image:html")
+    assert outcomes["notes.txt"] == ("left out", "not an image (text)")
+    assert sum(outcome == "imported" for outcome, _ in outcomes.values()) == 5
+
     status = runner.invoke(app, ["status", "--workspace", str(ws), "--json"])
     info = json.loads(status.stdout)
-    assert info["label"] == {"ai": 4}
-    assert (ws / "crawl" / "imports.json").is_file()
+    assert info["label"] == {"ai": 5}
+    assert len(info["imports"][0]["files"]) == 7 and info["runs"][0]["kind"] == "crawl"
+    text = runner.invoke(app, ["status", "--workspace", str(ws)]).stdout
+    assert "7 file(s) in" in text and "5 imported, 1 quarantined, 1 left out" in text, text
+    assert "notes.txt: not an image (text)" in text and "{" not in text, text
+
+
+def _crawl_config(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    seed = 100
+    for label in ("real", "ai"):
+        for group in ("g1", "g2"):
+            for index in range(2):
+                seed += 1
+                make_image(data / label / f"{label}-{group}" / f"{index}.png", seed=seed, size=(72, 64), fmt="PNG")
+    config = tmp_path / "crawl.yaml"
+    config.write_text(
+        "sources:\n  folders:\n"
+        f"    - path: {data / 'real'}\n      label: real\n    - path: {data / 'ai'}\n      label: ai\n",
+        encoding="utf-8",
+    )
+    return config
+
+
+def test_crawl_then_review_export_apply_status_serve_and_done(harness, tmp_path: Path):
+    ws = tmp_path / "ws"
+    result = runner.invoke(app, ["crawl", "--config", str(_crawl_config(tmp_path)), "--workspace", str(ws)])
+    assert result.exit_code == 0, result.output
+    assert "Ingest: 8 image(s) ok, 0 quarantined" in result.stdout and "folder:real" in result.stdout, result.stdout
+    result = runner.invoke(app, ["review", "export", str(tmp_path / "todo.csv"), "--workspace", str(ws)])
+    assert result.exit_code == 2 and "run the pipeline" in result.output  # crawl makes no dedup snapshot yet
+    assert json.loads(runner.invoke(app, ["status", "-w", str(ws), "--json"]).stdout)["images"] == 8
+    cfg = load_config(tmp_path / "crawl.yaml", [f"execution.workspace={ws}", "review.mode=off"])
+    gate_flow(cfg)  # crawl, ingest, fingerprint, dedup (the review pack needs the dedup snapshot)
+    todo = tmp_path / "todo.csv"
+    result = runner.invoke(app, ["review", "export", str(todo), "--workspace", str(ws)])
+    assert result.exit_code == 0 and "8 undecided image(s)" in result.stdout, result.output
+    rows = list(csv.DictReader(todo.open(encoding="utf-8")))
+    for index, row in enumerate(rows):
+        row["decision"] = "reject" if index == 0 else "approve"
+    with todo.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    result = runner.invoke(app, ["review", "apply", str(todo), "--workspace", str(ws)])
+    assert result.exit_code == 0 and "8 decision(s) recorded" in result.stdout, result.output
+    result = runner.invoke(app, ["review", "status", "--workspace", str(ws)])
+    assert result.stdout.strip() == "approved: 7, rejected: 1, undecided: 0", result.stdout
+    result = runner.invoke(app, ["review", "done", "--workspace", str(ws)])
+    assert result.exit_code == 2 and "no flow run waits" in result.output
+
+    port = free_port()
+    server = subprocess.Popen(
+        [*AIDETECT, "review", "serve", "--workspace", str(ws), "--port", str(port)],
+        cwd=REPO, env=_child_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/", server, 120)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
+            page = response.read().decode("utf-8")
+    finally:
+        stop(server)
+    assert "finish review" in page.lower(), page[:500]
 
 
 def test_review_timeout_exits_3_with_how_to_continue(harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -169,3 +322,52 @@ def test_review_pack_is_built_on_request_with_the_decisions_so_far(tmp_path: Pat
     for row in rows[1:]:
         with Image.open(thumbnail_path(workspace, row["sha256"])) as thumb:
             assert max(thumb.size) == 64
+
+
+def test_serve_needs_a_server_then_serves_the_deployments(harness, tmp_path: Path):
+    closed = f"http://127.0.0.1:{free_port()}/api"
+    result = _child([*AIDETECT, "serve"], _child_env(tmp_path) | {"PREFECT_API_URL": closed})
+    assert result.returncode == 2 and "no Prefect server answers" in result.stderr, result.stderr
+    api = str(PREFECT_API_URL.value())
+    server = subprocess.Popen(
+        [*AIDETECT, "serve"], cwd=REPO, env=_child_env(tmp_path) | {"PREFECT_API_URL": api},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        names = _wait_for_deployments(server, {"recrawl-and-retrain", "retrain", "crawl"})
+    finally:
+        stop(server)
+    assert {"recrawl-and-retrain", "retrain", "crawl"} <= names
+
+
+def _wait_for_deployments(server: subprocess.Popen, wanted: set[str], seconds: float = 300) -> set[str]:
+    """The deployment names the harness server holds once `wanted` are all there (raise if serve exits first)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    with get_client(sync_client=True) as client:
+        while True:
+            names = {deployment.name for deployment in client.read_deployments()}
+            if wanted <= names or server.poll() is not None or time.monotonic() > deadline:
+                return names
+            time.sleep(0.5)
+
+
+def test_ui_serves_the_workspace_store_with_telemetry_off(tmp_path: Path):
+    ws = Workspace.create(tmp_path / "ws")
+    port = free_port()
+    env, log = guarded_environment(tmp_path / "guard")
+    server = subprocess.Popen(
+        [*AIDETECT, "ui", "--workspace", str(ws.root), "--port", str(port)], cwd=REPO, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", server, 300)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ajax-api/3.0/mlflow/ui-telemetry", timeout=30) as r:
+            telemetry = json.loads(r.read().decode("utf-8"))
+    finally:
+        stop(server)
+    assert telemetry["disable_ui_telemetry"] is True, telemetry
+    assert (ws.root / "mlflow.db").is_file()
+    assert not [entry for entry in read_log(log) if entry["kind"] == "remote"], read_log(log)
+    assert os.environ.get("MLFLOW_DISABLE_TELEMETRY") in (None, "true")

@@ -18,6 +18,8 @@ from pipeline_lib.config import build_config, merge_mappings, read_yaml_mapping
 from pipeline_lib.status import latest_snapshot
 from pipeline_lib.workspace import Workspace
 from tests.flows.mlflow_server import get_json, mlflow_server
+from tests.network_guard import no_remote_connections
+from tests.test_report import Sections
 
 pytestmark = pytest.mark.slow
 DEMO_YAML = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -47,6 +49,12 @@ def _file_stamps(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_full_pipeline_then_resume_then_all_cached(harness, tmp_path: Path):
+    with no_remote_connections() as attempts:  # nothing may leave the machine: any non-loopback connection raises
+        _full_pipeline_then_resume_then_all_cached(tmp_path)
+    assert not attempts, attempts
+
+
+def _full_pipeline_then_resume_then_all_cached(tmp_path: Path) -> None:
     dataset = demo_data.generate_demo_dataset(tmp_path / "data", n_persons_per_class=10, image_size=64, seed=3)
     root = tmp_path / "ws"
     with demo_data.search_site(dataset) as endpoint:
@@ -81,6 +89,9 @@ def test_full_pipeline_then_resume_then_all_cached(harness, tmp_path: Path):
     computed = broken_seconds + first["seconds"]
     print(f"pipeline seconds: computed {computed:.2f}, all cached {second['seconds']:.2f}")
     assert second["mlflow_run_id"] != first["mlflow_run_id"]
+    all_cached = tracking.Tracker(second["tracking_uri"], second["mlflow_run_id"])
+    assert tracking.stage_runs(all_cached) == {}, "an all-cached re-run is one run, without empty stage runs"
+    assert tracking.run_summary(all_cached.uri, all_cached.run_id)["tags"]["aidetect.stage.train"] == "Cached"
 
     workspace = Workspace.open(root)
     catalog = read_snapshot(workspace, workspace.ref(latest_snapshot(workspace, "split")))
@@ -123,9 +134,15 @@ def test_full_pipeline_then_resume_then_all_cached(harness, tmp_path: Path):
     ]
     assert len(failed_runs) == 1
 
-    # The report: Original | Grad-CAM pairs for the test images.
+    # The report: headline, warnings (the synthetic data, the flagged format shortcut), Original | Grad-CAM pairs.
     html = Path(first["report"]).read_text(encoding="utf-8")
     assert "Grad-CAM" in html and html.count("<img") >= 4
+    page = Sections()
+    page.feed(html)
+    assert page.order[:3] == ["headline", "warnings", "learning-curves"], page.order
+    audit = summary["metrics"]["audit.flagged"]
+    assert audit == 1.0, "the demo data's PNG-vs-JPEG shortcut must be flagged by the audit"
+    assert "SYNTHETIC" in page.warnings["data"] and "ROC-AUC" in page.warnings["format shortcut"], page.warnings
     predictions = pd.read_parquet(next(Path(first["report"]).parent.parent.glob("predictions.parquet")))
     assert set(predictions["sha256"]) == set(ok[ok["split"] == "test"]["sha256"])
 
@@ -147,17 +164,27 @@ def test_full_pipeline_then_resume_then_all_cached(harness, tmp_path: Path):
 
 
 def _check_nested_runs(first: dict[str, Any], failed_run_id: str) -> None:
-    """One child run per stage (tags.mlflow.parentRunId) with its state, metrics and duration; children stay hidden."""
-    children = tracking.stage_runs(tracking.Tracker(first["tracking_uri"], first["mlflow_run_id"]))
-    assert set(first["states"]) <= set(children), (first["states"], children)
-    for stage, state in first["states"].items():
-        assert children[stage]["state"] == state and children[stage]["status"] == "FINISHED", (stage, children[stage])
-        assert children[stage]["metrics"]["stage.seconds"] >= 0
-    assert "dedup.exact" in children["dedup"]["metrics"] and "accuracy" in children["evaluate"]["metrics"]
+    """A child run (tags.mlflow.parentRunId) per stage that ran, from its start to its end, with its state and
+    metrics (train: its epochs); cached stages are only tags of the parent; children stay hidden."""
+    parent = tracking.Tracker(first["tracking_uri"], first["mlflow_run_id"])
+    children = tracking.stage_runs(parent)
+    ran = {stage for stage, state in first["states"].items() if state != "Cached"}
+    assert set(children) == ran == {"train", "evaluate", "report"}, (first["states"], children)
+    for stage in ran:
+        assert children[stage]["state"] == "Completed" and children[stage]["status"] == "FINISHED", children[stage]
+        info = parent.client.get_run(children[stage]["run_id"]).info
+        span = (info.end_time - info.start_time) / 1000
+        assert abs(span - children[stage]["metrics"]["stage.seconds"]) < 1.0, (stage, span)
+    assert "accuracy" in children["evaluate"]["metrics"]
+    epochs = parent.client.get_metric_history(children["train"]["run_id"], "train.val_loss")
+    assert [m.step for m in epochs] == list(range(1, len(epochs) + 1)) and epochs, "train's run has its epochs"
+    live = parent.client.get_metric_history(parent.run_id, "train.val_loss")
+    assert sorted(m.step for m in live) == [m.step for m in epochs], "each epoch logged once on the parent"
     listed = {r["run_id"] for r in tracking.recent_runs(first["tracking_uri"], "aidetect", limit=50)}
     assert not listed & {child["run_id"] for child in children.values()}
     failed = tracking.stage_runs(tracking.Tracker(first["tracking_uri"], failed_run_id))
     assert failed["train"]["status"] == "FAILED" and failed["fingerprint"]["status"] == "FINISHED", failed
+    assert "dedup.exact" in failed["dedup"]["metrics"]
 
 
 def _check_mlflow_server(first: dict[str, Any], root: Path) -> None:
@@ -180,7 +207,7 @@ def _check_mlflow_server(first: dict[str, Any], root: Path) -> None:
         for r in children["runs"]
         if any(t["key"] == "mlflow.parentRunId" and t["value"] == run_id for t in r["data"].get("tags", []))
     ]
-    assert {r["info"]["run_name"] for r in nested} >= set(first["states"]), nested
+    assert {r["info"]["run_name"] for r in nested} == {"train", "evaluate", "report"}, nested
 
 
 def _post_json(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:

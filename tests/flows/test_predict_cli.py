@@ -117,6 +117,8 @@ def test_predict_with_a_run_without_calibration_says_so(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "records no calibration" in result.stderr, result.output
     row = json.loads(result.stdout)[0]
     assert row["p_ai"] == row["p_ai_raw"]
+
+
 def test_predict_device_option(tmp_path: Path) -> None:
     image = make_image(tmp_path / "a.jpg")
     model = str(checkpoint(tmp_path))

@@ -11,8 +11,10 @@ from fastapi.testclient import TestClient
 from prefect.client.orchestration import get_client
 from prefect.exceptions import Pause
 from prefect.flow_engine import run_flow
+from typer.testing import CliRunner
 
 from flows import review_gate
+from flows.cli import app
 from pipeline_lib import review, review_server
 from pipeline_lib.catalog import conform
 from pipeline_lib.status import latest_snapshot
@@ -69,8 +71,8 @@ def test_pause_then_resume_with_input_approves_the_rest(harness, tmp_path):
     assert len(todo) == 1 and todo["path"].iloc[0] != ""
     assert json.loads(review.waiting_path(workspace).read_text())["pending"] == 1
     review.append_decisions(workspace, [review.Decision(todo["sha256"].iloc[0], "approve", "", "me")])
-    accepted, message = review_gate.resume_run(json.loads(review.waiting_path(workspace).read_text())["flow_run_id"])
-    assert accepted, message
+    done = CliRunner().invoke(app, ["review", "done", "--workspace", str(root)])  # the CLI resumes the waiting run
+    assert done.exit_code == 0 and "resumed" in done.stdout, done.output
     thread.join(60)
     assert "error" not in box, box.get("error")
     assert box["result"]["statuses"].get("rejected") == 1 and "pending_review" not in box["result"]["statuses"]

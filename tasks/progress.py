@@ -1,0 +1,33 @@
+"""Training progress as each epoch ends: one console line (Prefect's run logger) and the epoch's metrics in MLflow."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from prefect import get_run_logger
+
+from pipeline_lib import tracking
+from pipeline_lib import train as train_lib
+
+log = logging.getLogger(__name__)
+
+
+class EpochReporter:
+    """The on_epoch callback of train_model: says how the epoch went and logs its numbers to the tracker's run."""
+
+    def __init__(self, tracker: tracking.Tracker | None, max_epochs: int) -> None:
+        self.tracker = tracker
+        self.max_epochs = max_epochs
+        self.durations: list[float] = []
+
+    def __call__(self, stats: train_lib.EpochStats) -> None:
+        self.durations.append(stats.seconds)
+        left = train_lib.seconds_left(self.durations, stats.epoch, self.max_epochs)
+        get_run_logger().info(train_lib.describe_epoch(stats, self.max_epochs, left))
+        if self.tracker is None:
+            return
+        try:
+            self.tracker.log_metrics(tracking.epoch_metrics(dataclasses.asdict(stats)), step=stats.epoch)
+        except Exception as error:  # a tracking store that is down must not stop training
+            log.warning("epoch %d not logged to MLflow: %s", stats.epoch, error)
