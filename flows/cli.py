@@ -258,9 +258,7 @@ def review_status(workspace: WorkspaceOpt = None):
 @review_app.command("export")
 def review_export(target: Path, workspace: WorkspaceOpt = None):
     """Write undecided images to a CSV (sha256,label,group,url,decision,reason) to fill in."""
-    import pandas as pd
-
-    from pipeline_lib.catalog import STATUS_OK
+    from pipeline_lib.catalog import STATUS_OK, read_parquet_file
     from pipeline_lib.review import read_decisions
     from pipeline_lib.status import latest_snapshot
 
@@ -268,7 +266,7 @@ def review_export(target: Path, workspace: WorkspaceOpt = None):
     snapshot = latest_snapshot(ws, "dedup")
     if snapshot is None:
         _fail("nothing to review yet: run the pipeline (or `aidetect crawl`) first")
-    table = pd.read_parquet(snapshot)
+    table = read_parquet_file(snapshot)
     decided = read_decisions(ws)
     todo = table[(table["status"] == STATUS_OK) & ~table["sha256"].isin(decided)].drop_duplicates("sha256")
     todo[["sha256", "label", "group", "url"]].assign(decision="", reason="").to_csv(target, index=False)
@@ -278,16 +276,23 @@ def review_export(target: Path, workspace: WorkspaceOpt = None):
 @review_app.command("apply")
 def review_apply(csv_file: Path, workspace: WorkspaceOpt = None, reviewer: str = "csv"):
     """Append the decisions of a CSV (sha256,decision[,reason]) to review/decisions.jsonl."""
-    import pandas as pd
-
-    from pipeline_lib.review import append_decisions, read_decisions_csv
+    from pipeline_lib.catalog import read_parquet_file
+    from pipeline_lib.review import append_decisions, read_decisions_csv, set_aside_cut_off_line
     from pipeline_lib.status import latest_snapshot
 
     ws = _workspace(workspace)
     snapshot = latest_snapshot(ws, "dedup")
-    known = set(pd.read_parquet(snapshot)["sha256"]) if snapshot is not None else set()
+    known = set(read_parquet_file(snapshot)["sha256"]) if snapshot is not None else set()
     try:
-        count = append_decisions(ws, read_decisions_csv(csv_file, reviewer), known)
+        decisions = read_decisions_csv(csv_file, reviewer)
+    except ReviewError as error:
+        _fail(f"nothing applied: {error}")
+        raise
+    repaired = set_aside_cut_off_line(ws)
+    if repaired:
+        typer.secho(f"warning: {repaired}", fg=typer.colors.YELLOW, err=True)
+    try:
+        count = append_decisions(ws, decisions, known)
     except ReviewError as error:
         _fail(f"nothing applied: {error}")
     typer.echo(f"{count} decision(s) recorded; run the pipeline again to continue")
@@ -337,9 +342,8 @@ def review_serve(
     port: Annotated[int, typer.Option(help="Port of the review page.")] = 8765,
 ):
     """Serve the review page for the undecided images; 'finish review' resumes a waiting run if there is one."""
-    import pandas as pd
-
     from pipeline_lib import review_server
+    from pipeline_lib.catalog import read_parquet_file
     from pipeline_lib.review import read_waiting
     from pipeline_lib.status import latest_snapshot
 
@@ -360,8 +364,12 @@ def review_serve(
             return review_server.FinishResult(f"decisions saved; could not resume the waiting run: {error}")
         return review_server.FinishResult(message, accepted)
 
-    app_ = review_server.create_app(ws, pd.read_parquet(snapshot), on_finish, reviewer="web")
-    typer.echo(f"review page: http://{host}:{port}/  (Ctrl-C to stop)")
+    token = review_server.access_token(host)
+    app_ = review_server.create_app(ws, read_parquet_file(snapshot), on_finish, reviewer="web", token=token)
+    if token:
+        typer.secho(f"warning: {review_server.exposure_warning(host)}", fg=typer.colors.YELLOW, err=True)
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"review page: {review_server.page_url(f'http://{shown}:{port}/', token)}  (Ctrl-C to stop)")
     review_server.serve_forever(app_, host, port)
 
 
