@@ -75,7 +75,10 @@ class SourcesConfig(_Section):
     urls: list[UrlListSource] = Field(default_factory=list)
     folders: list[FolderSource] = Field(default_factory=list)
     recrawl_after_hours: float = Field(24.0, ge=0)
-    request_timeout_s: float = Field(10.0, gt=0)
+    request_timeout_s: float = Field(10.0, gt=0, description="Connect and read timeout of each request.")
+    download_timeout_s: float = Field(
+        60.0, gt=0, description="Total time one download may take: all its attempts, redirects and the body."
+    )
     max_retries: int = Field(3, ge=0, le=10)
     allow_private_addresses: bool = False
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import queue
 import re
 import threading
@@ -24,6 +25,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import pandas as pd
 import requests
+import urllib3
 from icrawler import Crawler, ImageDownloader
 from icrawler.builtin.baidu import BaiduFeeder, BaiduParser
 from icrawler.builtin.bing import BingFeeder, BingParser
@@ -34,7 +36,7 @@ from icrawler.storage import BaseStorage
 from PIL import Image
 
 from pipeline_lib.config import LABELS, FolderSource, SearchSource, SourcesConfig, UrlListSource
-from pipeline_lib.safety import UnsafeUrlError, check_url
+from pipeline_lib.safety import UnsafeUrlError, pin_session
 from pipeline_lib.workspace import Workspace, atomic_path, atomic_write_bytes, bytes_sha256
 
 log = logging.getLogger(__name__)
@@ -325,53 +327,95 @@ def _declared_length(response: requests.Response) -> int | None:
     return length if length >= 0 else None
 
 
-def _read_body(response: requests.Response) -> bytes:
-    """The whole body, refusing more than MAX_DOWNLOAD_BYTES; TruncatedBodyError if shorter than Content-Length."""
+class DownloadDeadlineError(requests.exceptions.Timeout):
+    """A download took longer than sources.download_timeout_s in all (a server trickling bytes); not retried."""
+
+
+def _remaining(deadline: float, what: str) -> float:
+    """Seconds left before deadline; DownloadDeadlineError when none are."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DownloadDeadlineError(f"{what}: the download deadline (sources.download_timeout_s) passed")
+    return left
+
+
+def _body_chunks(response: requests.Response, deadline: float) -> Iterator[bytes]:
+    """The body as it arrives (each read returns what one receive brings), checking the deadline between reads."""
+    while True:
+        _remaining(deadline, "reading the body")
+        try:
+            chunk = response.raw.read1(1 << 16, decode_content=True)
+        except urllib3.exceptions.ReadTimeoutError as error:
+            raise requests.exceptions.ReadTimeout(str(error)) from None
+        except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError) as error:
+            raise requests.exceptions.ChunkedEncodingError(str(error)) from None
+        if not chunk:
+            return
+        yield chunk
+
+
+def _read_body(response: requests.Response, deadline: float = math.inf) -> bytes:
+    """The whole body before deadline, refusing more than MAX_DOWNLOAD_BYTES (a declared Content-Length over it
+    before reading anything); TruncatedBodyError if shorter than Content-Length."""
     declared = _declared_length(response)
+    if declared is not None and declared > MAX_DOWNLOAD_BYTES:
+        raise ValueError(f"declared Content-Length {declared} is over the {MAX_DOWNLOAD_BYTES}-byte limit")
     chunks, total = [], 0
     try:
-        for chunk in response.iter_content(chunk_size=1 << 16):
+        for chunk in _body_chunks(response, deadline):
             total += len(chunk)
             if total > MAX_DOWNLOAD_BYTES:
                 raise ValueError(f"response larger than {MAX_DOWNLOAD_BYTES} bytes")
             chunks.append(chunk)
     except requests.exceptions.ChunkedEncodingError as error:
-        partial = INCOMPLETE_READ.search(str(error))  # urllib3 noticed the short body first
-        if declared is not None and partial:
-            got = total + int(partial.group(1))
-            raise TruncatedBodyError(f"truncated body: got {got} of {declared} bytes") from None
+        if declared is not None and INCOMPLETE_READ.search(str(error)):  # urllib3 noticed the short body first
+            raise TruncatedBodyError(f"truncated body: got {total} of {declared} bytes") from None
         raise
     if declared is not None and total < declared:
         raise TruncatedBodyError(f"truncated body: got {total} of {declared} bytes")
     return b"".join(chunks)
 
 
-def _get_once(session: requests.Session, url: str, sources: SourcesConfig) -> tuple[int, bytes]:
-    """One GET following redirects by hand, each hop checked by check_url; (status, body)."""
+def _timeouts(sources: SourcesConfig, deadline: float) -> tuple[float, float]:
+    """(connect, read) timeouts of one request: request_timeout_s, never past the download's deadline."""
+    left = _remaining(deadline, "before the request")
+    return min(sources.request_timeout_s, left), min(sources.request_timeout_s, left)
+
+
+def _get_once(
+    session: requests.Session, url: str, sources: SourcesConfig, deadline: float = math.inf
+) -> tuple[int, bytes]:
+    """One GET following redirects by hand; the session's PinnedAdapter checks each hop and connects to the address
+    that passed the check. (status, body)."""
     for _ in range(MAX_REDIRECTS + 1):
-        check_url(url, sources.allow_private_addresses)
-        with session.get(url, timeout=sources.request_timeout_s, allow_redirects=False, stream=True) as response:
+        timeout = _timeouts(sources, deadline)
+        with session.get(url, timeout=timeout, allow_redirects=False, stream=True) as response:
             target = _redirect_target(response, url)
             if target is None:
-                body = _read_body(response) if 200 <= response.status_code < 300 else b""
+                body = _read_body(response, deadline) if 200 <= response.status_code < 300 else b""
                 return response.status_code, body
         url = target
     raise ValueError(f"more than {MAX_REDIRECTS} redirects")
 
 
 def fetch_bytes(session: requests.Session, url: str, sources: SourcesConfig) -> tuple[bytes | None, str]:
-    """GET url with retries (connection errors, timeouts, truncated bodies, 5xx, 429; backoff 0.2s*2**i).
+    """GET url with retries (connection errors, timeouts, truncated bodies, 5xx, 429; backoff 0.2s*2**i), all
+    within sources.download_timeout_s; every hop checked and pinned (the session gets a PinnedAdapter).
 
     Returns (bytes, "") or (None, error); a body shorter than its Content-Length is never returned.
     """
+    pin_session(session, sources.allow_private_addresses)
+    deadline = time.monotonic() + sources.download_timeout_s
     error = ""
     for attempt in range(sources.max_retries + 1):
         if attempt:
-            time.sleep(BACKOFF_BASE_S * 2 ** (attempt - 1))
+            time.sleep(min(BACKOFF_BASE_S * 2 ** (attempt - 1), max(0.0, deadline - time.monotonic())))
         try:
-            status, body = _get_once(session, url, sources)
+            status, body = _get_once(session, url, sources, deadline)
         except UnsafeUrlError as unsafe:
             return None, str(unsafe)
+        except DownloadDeadlineError as late:
+            return None, f"took longer than {sources.download_timeout_s:g} s in all ({late})"
         except TruncatedBodyError as failure:
             error = str(failure)
             continue
@@ -517,7 +561,10 @@ class _PageSession:
 
     def get(self, url: str, **kwargs: Any) -> requests.Response:
         try:
-            return self._session.get(url, **kwargs)
+            return self._session.get(url, **kwargs)  # through the PinnedAdapter: checked and pinned, every hop
+        except UnsafeUrlError as error:
+            self._notes.append(f"search page refused: {error}")
+            raise
         except Exception as error:
             self._notes.append(f"search page failed ({urlsplit(url).netloc}): {type(error).__name__}")
             raise
@@ -668,6 +715,7 @@ def _run_crawler(
         extra_parser_args=None if notes is None else {"notes": notes},
         extra_downloader_args={"state": state, "origin": origin, "sources": sources},
     )
+    pin_session(crawler.session, sources.allow_private_addresses)  # search pages, feeds and downloads alike
     crawler.heartbeat = state.checkpoint
     crawler.crawl(
         feeder_kwargs=feeder_kwargs,
