@@ -412,8 +412,13 @@ def ui(workspace: WorkspaceOpt = None, port: int = 5000, host: str = "127.0.0.1"
     os.execv(command[0], command) if os.name == "posix" else subprocess.run(command, check=False)
 
 
-def _predict_model(spec: str, config: Path | None, workspace: Path | None) -> tuple[Any, dict[str, Any]]:
-    """(model, meta with image_size) from a checkpoint path, 'champion' or an MLflow run id; exit 2 if not found."""
+def _predict_model(
+    spec: str, config: Path | None, workspace: Path | None, trust_pickle: bool = False
+) -> tuple[Any, dict[str, Any]]:
+    """(model, meta with image_size) from a checkpoint path, 'champion' or an MLflow run id; exit 2 if not found.
+
+    Registered models are rebuilt from their state_dict (weights only); unpickling only with trust_pickle.
+    """
     from pipeline_lib import models, tracking
 
     path = Path(spec).expanduser()
@@ -425,12 +430,13 @@ def _predict_model(spec: str, config: Path | None, workspace: Path | None) -> tu
     cfg = _config(config, workspace, None, False)
     ws = None if cfg.tracking.uri else _workspace(cfg.execution.workspace)
     uri = cfg.tracking.uri or tracking.tracking_uri(None, ws)
+    trust = trust_pickle or cfg.tracking.trust_pickle
     try:
         if spec == "champion":
-            model, size = tracking.load_champion(uri, cfg.tracking.registered_model)
+            model, size = tracking.load_champion(uri, cfg.tracking.registered_model, trust)
             calibration = tracking.champion_calibration(uri, cfg.tracking.registered_model)
         else:
-            model, size = tracking.load_run_model(uri, spec)
+            model, size = tracking.load_run_model(uri, spec, trust)
             calibration = None
     except tracking.ModelNotFoundError as error:
         _fail(f"model not found: {error}")
@@ -462,19 +468,28 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0)] = 0.5,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle",
+            help="Allow unpickling a registered model that carries no state_dict (runs code from the tracking store).",
+        ),
+    ] = False,
 ):
     """p_ai, label and verdict (ai / real / uncertain, band from config calibration) per image.
 
     The temperature and normalisation of training are applied: from a checkpoint's <model>.calibration.json, or from
-    the champion's model-version tag.
-    Exit 1 if some file could not be read, 2 if the model or images are missing.
+    the champion's model-version tag. Files ingest would refuse by their header (config ingest: max_pixels,
+    min_side, animated) are not decoded and get an error row.
+    Exit 1 if some file could not be read or was refused, 2 if the model or images are missing.
     """
     from pipeline_lib.predict import collect_paths, parse_calibration, predict_files, read_calibration
 
     if not collect_paths(paths):
         _fail("no image files found in: " + ", ".join(map(str, paths)))
-    loaded, meta = _predict_model(model, config, workspace)
-    band_config = _config(config, workspace, None, False).calibration
+    loaded, meta = _predict_model(model, config, workspace, trust_pickle)
+    predict_config = _config(config, workspace, None, False)
+    band_config = predict_config.calibration
     checkpoint = Path(model).expanduser()
     try:
         if checkpoint.is_file():
@@ -494,6 +509,7 @@ def predict(
             threshold=threshold,
             calibration=calibration,
             band=band,
+            ingest=predict_config.ingest,
         )
     except ValueError as error:
         _fail(str(error))

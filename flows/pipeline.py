@@ -262,7 +262,8 @@ def _model_stages(
     track.log_evaluation(root, tracker, evaluation, report_ref)
     test_digest = digest_of(split.catalog.digest, "test")[:16]
     registry_name = config.tracking.registered_model
-    registered = track.register(root, tracker, trained.model, evaluation, test_digest, registry_name, normalize)
+    trust = config.tracking.trust_pickle
+    registered = track.register(root, tracker, trained.model, evaluation, test_digest, registry_name, normalize, trust)
     return {
         "metrics": evaluation.metrics,
         "report": str(report_ref.resolve(workspace)),

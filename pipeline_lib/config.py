@@ -227,6 +227,9 @@ class CalibrationConfig(_Section):
     """Temperature scaling on the validation split and the uncertain band of predict's verdict."""
 
     temperature_scaling: bool = True
+    min_val_images: int = Field(
+        30, ge=2, description="Fit a temperature only on at least this many validation images (else T = 1)."
+    )
     uncertain_low: float = Field(0.35, gt=0, lt=1, description="p_ai <= this: verdict real.")
     uncertain_high: float = Field(0.65, gt=0, lt=1, description="p_ai >= this: verdict ai; between: uncertain.")
 
@@ -244,6 +247,9 @@ class TrackingConfig(_Section):
     experiment: str = "aidetect"
     registered_model: str = "aidetect"
     system_metrics_interval_s: float = Field(5.0, ge=0, description="CPU/memory/GPU sampling; 0 disables.")
+    trust_pickle: bool = Field(
+        False, description="Unpickle registered models that carry no state_dict (runs code from the tracking store)."
+    )
 
 
 class ExecutionConfig(_Section):

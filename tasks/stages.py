@@ -277,7 +277,8 @@ def fit_calibration(
     config: CalibrationConfig,
     normalize: NormalizeConfig | None,
 ) -> tuple[float, dict[str, float], list[str]]:
-    """(temperature fitted on the validation split's logits, calibration.* metrics, notes); T = 1 when off/empty."""
+    """(temperature fitted on the validation split's logits, calibration.* metrics, notes); T = 1 when off, when
+    the split is too small or one-class, or when the fit lands outside calibration.TEMPERATURE_RANGE."""
     if not config.temperature_scaling:
         return 1.0, {"calibration.temperature": 1.0}, ["temperature scaling off (calibration.temperature_scaling)"]
     if val_rows.empty:
@@ -285,15 +286,19 @@ def fit_calibration(
     images = preprocess.load_tensors(workspace, val_rows["sha256"].tolist(), size, _active(normalize))
     logits = evaluate_lib.predict_logits(model, images)
     labels = val_rows["label"].astype(str).to_numpy()
-    temperature = calibration_lib.fit_temperature(logits, labels)
+    fit = calibration_lib.fit_bounded_temperature(logits, labels, config.min_val_images)
+    temperature = fit.temperature
     raw = calibration_lib.expected_calibration_error(evaluate_lib.softmax_p_ai(logits), labels)
     fitted = calibration_lib.expected_calibration_error(calibration_lib.apply_temperature(logits, temperature), labels)
     metrics = {
         "calibration.temperature": temperature,
+        "calibration.fitted": float(not fit.reason),
         "calibration.val_n": float(len(val_rows)),
         "calibration.val_ece_raw": raw,
         "calibration.val_ece": fitted,
     }
+    if fit.reason:
+        return temperature, metrics, [f"temperature scaling skipped, T=1: {fit.reason}"]
     return temperature, metrics, [f"temperature scaling: T={temperature:.3f} on {len(val_rows)} validation images"]
 
 
@@ -403,7 +408,8 @@ def make_report(
             "model": str(meta.get("model_name")),
             "model digest": model_ref.digest[:16],
             "normalisation": policy_key(active) if active else "none",
-            "temperature": f"{evaluation.temperature:.4f}",
+            "temperature": f"{evaluation.temperature:.4f}"
+            + "".join(f" ({note})" for note in evaluation.notes if note.startswith("temperature scaling skipped")),
         },
         per_generator=pd.DataFrame(evaluation.generators) if evaluation.generators else None,
     )

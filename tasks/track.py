@@ -120,11 +120,15 @@ def register(
     test_digest: str,
     name: str,
     normalize: NormalizeConfig | None = None,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
-    """Log the best model (pickle format) unless this checkpoint is registered already; maybe move the champion.
+    """Log the best model (pickle format, with its state_dict beside it) unless this checkpoint is registered already;
+    maybe move the champion.
 
-    When there is a champion it is scored on this test split too (decoded with this run's normalisation), and
-    McNemar's paired test on the two models' per-image correctness says whether the difference is more than noise.
+    When there is a champion it is scored on this test split too (rebuilt from its state_dict, never unpickled
+    unless trust_pickle; decoded with this run's normalisation), and McNemar's paired test on the two models'
+    per-image correctness says whether the difference is more than noise. A champion that cannot be loaded is
+    reported and skipped.
     """
     workspace = Workspace.create(root)
     existing = tracking.find_version(tracker.uri, name, model_ref.digest)
@@ -138,8 +142,8 @@ def register(
         f"torch=={torch.__version__.split('+')[0]}",
         f"torchvision=={torchvision.__version__.split('+')[0]}",
     ]
-    uri = tracking.log_pytorch_model(tracker, model, example, requirements)
-    champion = _score_champion(workspace, tracker.uri, name, evaluation, normalize)
+    uri = tracking.log_pytorch_model(tracker, model, example, requirements, checkpoint=model_ref.resolve(workspace))
+    champion, skipped = _score_champion(workspace, tracker.uri, name, evaluation, normalize, trust_pickle)
     champion_score = _rescore_champion(tracker.uri, name, test_digest, champion)
     paired = _paired_test(workspace, tracker, evaluation, champion)
     decision = tracking.register_model(
@@ -152,9 +156,12 @@ def register(
         champion_score=champion_score,
         image_size=size,
         calibration=json.dumps(ModelCalibration(evaluation.temperature, normalize).as_dict()),
+        architecture=str(meta["model_name"]),
     )
     _log_decision(tracker, decision, rescored=champion_score is not None, image_size=size)
-    return paired | {
+    if skipped:
+        tracker.set_tags({"aidetect.champion_skipped": skipped})
+    return paired | ({"champion_skipped": skipped} if skipped else {}) | {
         "version": decision.version,
         "promoted": decision.promoted,
         "reason": decision.reason,
@@ -165,21 +172,28 @@ def register(
 
 
 def _score_champion(
-    workspace: Workspace, uri: str, name: str, evaluation: EvalOutput, normalize: NormalizeConfig | None
-) -> pd.DataFrame | None:
-    """The champion's predictions on this run's test images (same order as the challenger's), or None."""
+    workspace: Workspace,
+    uri: str,
+    name: str,
+    evaluation: EvalOutput,
+    normalize: NormalizeConfig | None,
+    trust_pickle: bool = False,
+) -> tuple[pd.DataFrame | None, str]:
+    """(The champion's predictions on this run's test images, same order as the challenger's, or None; why it was
+    skipped, "" if it was not)."""
     if tracking.current_champion(uri, name) is None:
-        return None
+        return None, ""
     try:
-        champion, size = tracking.load_champion(uri, name)
+        champion, size = tracking.load_champion(uri, name, trust_pickle)
     except tracking.ModelNotFoundError as error:
-        log.warning("champion not scored: %s", error)
-        return None
+        log.warning("champion not scored, skipped: %s", error)
+        return None, str(error)
     rows = pd.read_parquet(evaluation.predictions.resolve(workspace))
     policy = normalize if normalize is not None and normalize.mode != "none" else None
     images = preprocess.load_tensors(workspace, rows["sha256"].tolist(), size, policy)
     threshold = float(evaluation.metrics["threshold"])
-    return evaluate_lib.predictions_table(rows, evaluate_lib.predict_probabilities(champion, images), threshold)
+    predictions = evaluate_lib.predict_probabilities(champion, images)
+    return evaluate_lib.predictions_table(rows, predictions, threshold), ""
 
 
 def _rescore_champion(uri: str, name: str, test_digest: str, champion: pd.DataFrame | None) -> float | None:
