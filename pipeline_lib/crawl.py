@@ -79,6 +79,7 @@ BACKOFF_BASE_S = 0.2
 CHECKPOINT_INTERVAL_S = 5.0
 POLL_INTERVAL_S = 0.05
 NO_RESULTS = "no results"
+MAX_KEYWORD_LENGTH = 100  # characters of a search keyword or URL-list group
 INCOMPLETE_READ = re.compile(r"IncompleteRead\((\d+) bytes read")
 
 
@@ -765,14 +766,27 @@ def read_keywords(path: Path) -> list[str]:
     return [kw for kw in map(_clean_keyword, values) if kw]
 
 
+def check_keyword_length(keyword: str, where: str) -> str:
+    """The keyword, or ValueError naming where it came from when it is longer than MAX_KEYWORD_LENGTH."""
+    if len(keyword) > MAX_KEYWORD_LENGTH:
+        raise ValueError(
+            f"{where}: keyword {keyword[:40]!r}... is {len(keyword)} characters long; the limit is "
+            f"{MAX_KEYWORD_LENGTH} (a keyword names a group, and metrics and tables are named after it)"
+        )
+    return keyword
+
+
 def source_keywords(source: SearchSource, index: int) -> list[str]:
-    """Inline keywords plus those of keywords_file, de-duplicated in order; ValueError if there are none."""
-    keywords = [_clean_keyword(k) for k in source.keywords]
+    """Inline keywords plus those of keywords_file, de-duplicated in order; ValueError if there are none or one is
+    longer than MAX_KEYWORD_LENGTH."""
+    where = f"sources.search[{index}]"
+    keywords = [check_keyword_length(_clean_keyword(k), f"{where}.keywords") for k in source.keywords]
     if source.keywords_file is not None:
-        keywords += read_keywords(source.keywords_file)
+        keywords += [check_keyword_length(k, str(source.keywords_file)) for k in read_keywords(source.keywords_file)]
     unique = list(dict.fromkeys(k for k in keywords if k))
     if not unique:
-        raise ValueError(f"sources.search[{index}] has no keywords (set keywords or keywords_file)")
+        empty = f" (the keywords file {source.keywords_file} holds none)" if source.keywords_file else ""
+        raise ValueError(f"{where} has no keywords (set keywords or keywords_file){empty}")
     return unique
 
 
@@ -887,6 +901,7 @@ def read_url_list(path: Path) -> list[UrlEntry]:
             raise ValueError(f"{path}, line {line}: label {label!r} must be one of {', '.join(LABELS)}")
         if not group:
             raise ValueError(f"{path}, line {line}: empty group")
+        check_keyword_length(group, f"{path}, line {line}")
         earlier = entries.setdefault(url, UrlEntry(url, label, group))
         if (earlier.label, earlier.group) != (label, group):
             raise ValueError(

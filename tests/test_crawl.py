@@ -614,3 +614,22 @@ def test_search_pages_pass_the_same_check(workspace: Workspace, tmp_path: Path) 
     assert site.queries == [], "the loopback search page itself must not be requested"
     error = result.summary.set_index("keyword").loc["x", "error"]
     assert "search page refused" in error and "loopback" in error, error
+
+
+def test_over_long_keywords_are_refused_with_where_they_came_from(workspace: Workspace, tmp_path: Path) -> None:
+    long, endpoint = "x" * 220, "http://127.0.0.1:9/s?q={keyword}&first={offset}"
+    with pytest.raises(ValueError, match=r"sources.search\[0\].keywords: keyword 'x+'\.\.\. is 220 characters"):
+        crawl_sources(workspace, _sources(search=[_bing(endpoint, [long])]))
+    keywords = tmp_path / "names.txt"
+    keywords.write_text(f"fine\n{long}\n", encoding="utf-8")
+    source = _bing(endpoint, [], keywords_file=keywords)
+    with pytest.raises(ValueError, match="names.txt: keyword .* the limit is 100"):
+        crawl_sources(workspace, _sources(search=[source]))
+    urls = tmp_path / "urls.csv"
+    urls.write_text(f"url,label,group\nhttp://127.0.0.1:9/a.jpg,real,{long}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="urls.csv, line 2: keyword"):
+        crawl.read_url_list(urls)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nobody yet\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="has no keywords .*empty.txt holds none"):
+        crawl_sources(workspace, _sources(search=[_bing(endpoint, [], keywords_file=empty)]))

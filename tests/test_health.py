@@ -110,3 +110,10 @@ def test_fallback_engine_config_validation() -> None:
         build_config({"sources": {"search": [{"keywords": ["a"], "fallback_engine": "flickr"}]}})
     no_fallback = SourcesConfig(search=[SearchSource(keywords=["x"])])
     assert fallback_sources(keyword_health(summary([("search:bing", "x", 0, 0, 0, "")])), no_fallback) == []
+
+
+def test_metric_names_from_long_keywords_are_bounded_and_stay_unique() -> None:
+    long_a, long_b = "a" * 220, "a" * 219 + "b"
+    slug_a, slug_b = metric_slug(long_a), metric_slug(long_b)
+    assert len(slug_a) == len(slug_b) == 64 and slug_a != slug_b
+    assert metric_slug("short name") == "short_name"
