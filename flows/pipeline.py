@@ -21,7 +21,7 @@ from pipeline_lib import tracking as tracking_lib
 from pipeline_lib.config import DedupConfig, ExecutionConfig, IngestConfig, NormalizeConfig, PipelineConfig
 from pipeline_lib.crawl import crawl_log_path
 from pipeline_lib.imports import with_imports
-from pipeline_lib.workspace import Ref, Workspace, digest_of, file_sha256, listing_digest
+from pipeline_lib.workspace import Ref, Workspace, digest_of, file_sha256, listing_digest, workspace_lock
 from tasks import per_image, stages, track
 from tasks.caching import cached
 
@@ -183,12 +183,16 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 def tracked_stages(
     config: PipelineConfig, run_name: str, tags: dict[str, str]
 ) -> Iterator[tuple[Workspace, StageRecorder, tracking_lib.Tracker]]:
-    """What a flow's stages run in: the workspace, Prefect results stored inside it, an MLflow run and a recorder.
+    """What a flow's stages run in: the workspace (its writer lock held), Prefect results stored inside it, an
+    MLflow run and a recorder.
 
-    The MLflow run ends FINISHED with the block, FAILED when the block raises (a suspended review gate included).
+    A second run on the same workspace fails at once with WorkspaceBusyError naming the holder. The MLflow run ends
+    FINISHED with the block, FAILED when the block raises (a suspended review gate included); a run that a killed
+    process left RUNNING is marked KILLED when the next one starts.
     """
     workspace = Workspace.create(config.execution.workspace)
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(workspace.prefect / "results")}):
+    lock = workspace_lock(workspace, f"aidetect flow run {run_name}")
+    with lock, temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(workspace.prefect / "results")}):
         tracker = track.start_tracking(str(workspace.root), config, run_name, tags)
         recorder = StageRecorder(workspace, config.execution.refresh_cache, tracker)
         try:

@@ -77,6 +77,11 @@ def _read_record(path: Path) -> ImageCheck | None:
         return None
 
 
+def recorded_check(workspace: Workspace, sha256: str) -> ImageCheck | None:
+    """What ingest found when it validated sha256 (its validation record), or None if it never did."""
+    return _read_record(validation_record_path(workspace, sha256))
+
+
 def _write_record(workspace: Workspace, sha256: str, check: ImageCheck) -> None:
     text = json.dumps(dataclasses.asdict(check), sort_keys=True)
     atomic_write_text(validation_record_path(workspace, sha256), text)
@@ -275,6 +280,21 @@ def ingest(
     placements = place_files(workspace, _unique_files(fetched), config, workers, checks)
     records = fetched.to_dict("records")
     return new_rows(_catalog_row(entry, placements[str(entry["sha256"])]) for entry in records)
+
+
+def missing_notes(catalog: pd.DataFrame) -> list[str]:
+    """A loud note (and a warning) when files the crawl log lists are gone: their rows leave the training data."""
+    missing = catalog[catalog["status"] == f"{INVALID_PREFIX}{MISSING_FILE}"].drop_duplicates("sha256")
+    if missing.empty:
+        return []
+    shown = ", ".join(f"{row.sha256[:12]} ({row.url})" for row in missing.head(5).itertuples())
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    note = (
+        f"{len(missing)} file(s) of the crawl log are gone from the workspace and could not be fetched again: "
+        f"{shown}{more}. They are marked invalid:missing_file and leave the training data"
+    )
+    log.warning(note)
+    return [note]
 
 
 def ingest_summary(catalog: pd.DataFrame) -> dict[str, int]:

@@ -161,6 +161,45 @@ def start_run(
 
 
 STAGE_KIND = "stage"  # aidetect.kind of the nested run of one stage (the pipeline's run has kind "pipeline")
+WORKSPACE_TAG = "aidetect.workspace"  # the workspace a run wrote to (with aidetect.host and aidetect.pid)
+
+
+def owner_tags(workspace: Workspace) -> dict[str, str]:
+    """Tags naming who runs a pipeline run: workspace, host and pid (to find runs a killed process left RUNNING)."""
+    import os
+    import socket
+
+    return {WORKSPACE_TAG: str(workspace.root), "aidetect.host": socket.gethostname(), "aidetect.pid": str(os.getpid())}
+
+
+def end_orphaned_runs(uri: str, experiment: str, workspace: Workspace) -> list[str]:
+    """Mark KILLED the RUNNING runs of this workspace left by a process that no longer runs; their ids.
+
+    Call it holding the workspace lock: no other live process of this host writes to the workspace then, so a
+    RUNNING run of it from another pid is one whose process died (a SIGKILL, a power cut) before it could end it.
+    """
+    import os
+    import socket
+
+    client = MlflowClient(tracking_uri=uri)
+    with _quiet():
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        runs = client.search_runs(
+            [found.experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`{WORKSPACE_TAG}` = '{workspace.root}'",
+        )
+    ended = []
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("aidetect.host") != socket.gethostname() or tags.get("aidetect.pid") == str(os.getpid()):
+            continue
+        client.set_terminated(run.info.run_id, status="KILLED")
+        pid = tags.get("aidetect.pid")
+        log.warning("MLflow run %s was left RUNNING by pid %s, which died: marked KILLED", run.info.run_id, pid)
+        ended.append(run.info.run_id)
+    return ended
 
 
 def stage_run(

@@ -133,4 +133,4 @@ def merge_ingest(root: str, crawl_log: Ref, config: IngestConfig, results: list[
     table = ingest_lib.ingest(workspace, cat.read_table(workspace, crawl_log), config, checks=checks)
     summary = ingest_lib.ingest_summary(table)
     metrics = {f"ingest.{k}": float(v) for k, v in summary.items()}
-    return StageResult(cat.write_snapshot(workspace, "ingest", table), metrics)
+    return StageResult(cat.write_snapshot(workspace, "ingest", table), metrics, ingest_lib.missing_notes(table))

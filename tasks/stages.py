@@ -16,7 +16,7 @@ from pipeline_lib import catalog as cat
 from pipeline_lib import crawl as crawl_lib
 from pipeline_lib import dedup as dedup_lib
 from pipeline_lib import evaluate as evaluate_lib
-from pipeline_lib import health, models, preprocess, report, review, split
+from pipeline_lib import health, models, preprocess, recovery, report, review, split
 from pipeline_lib import predict as predict_lib
 from pipeline_lib import train as train_lib
 from pipeline_lib.config import (
@@ -83,6 +83,7 @@ def crawl_sources(root: str, sources: SourcesConfig, folder_state: str) -> Stage
     workspace = Workspace.create(root)
     result = crawl_lib.crawl_sources(workspace, sources)
     summary, crawl_log, fallback_notes = _crawl_fallbacks(workspace, sources, result)
+    recovered = recovery.restore_missing(workspace, crawl_log, sources)  # files deleted since they were fetched
     log_ref = cat.write_table(workspace, "crawl", "log", crawl_log)
     totals = summary[["new", "skipped", "failed"]].sum()
     metrics = {f"crawl.{k}": float(v) for k, v in totals.items()}
@@ -90,7 +91,8 @@ def crawl_sources(root: str, sources: SourcesConfig, folder_state: str) -> Stage
     keywords = health.keyword_health(summary)
     flagged = health.flagged(keywords)
     notes += [f"crawl health: {r.source} {r.keyword!r} {r.flag}: {r.message}" for r in flagged.itertuples()]
-    notes += fallback_notes
+    notes += fallback_notes + recovered.notes()
+    metrics |= {"crawl.restored": float(len(recovered.restored)), "crawl.lost": float(len(recovered.lost))}
     metrics |= health.engine_counts(summary) | health.keyword_counts(summary)
     metrics["crawl.flagged_keywords"] = float(len(flagged))
     rows = summary.to_dict("records")

@@ -28,10 +28,15 @@ log = logging.getLogger(__name__)
 
 @task(name="mlflow-start", cache_policy=NO_CACHE)
 def start_tracking(root: str, config: PipelineConfig, run_name: str, tags: dict[str, str]) -> tracking.Tracker:
-    """Open the pipeline's MLflow run and log the whole config (params + config.yaml)."""
+    """Open the pipeline's MLflow run and log the whole config (params + config.yaml); first mark KILLED the runs a
+    killed process left RUNNING in this workspace (the caller holds the workspace lock)."""
     workspace = Workspace.create(root)
     uri = tracking.tracking_uri(config.tracking.uri, workspace)
-    tracker = tracking.start_run(uri, config.tracking.experiment, workspace, run_name, tags)
+    orphans = tracking.end_orphaned_runs(uri, config.tracking.experiment, workspace)
+    owner = tracking.owner_tags(workspace)
+    tracker = tracking.start_run(uri, config.tracking.experiment, workspace, run_name, tags | owner)
+    if orphans:
+        tracker.set_tags({"aidetect.killed_orphans": ",".join(orphans)})
     tracker.log_params(flatten_config(config))
     tracker.log_text(config_to_yaml(config), "config.yaml")
     return tracker

@@ -261,3 +261,19 @@ def test_register_task_reports_and_skips_a_champion_it_cannot_load_safely(worksp
     assert "cannot be loaded safely" in second["champion_skipped"], second
     assert "cannot be loaded safely" in run["tags"]["aidetect.champion_skipped"]
     assert second["version"] != first["version"]
+
+
+def test_a_run_left_running_by_a_killed_process_is_marked_killed(workspace):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    uri = tracking.tracking_uri(None, workspace)
+    owner = tracking.owner_tags(workspace)
+    orphan = tracking.start_run(uri, "exp", workspace, "killed", owner | {"aidetect.pid": dead.stdout.strip()})
+    mine = tracking.start_run(uri, "exp", workspace, "this one", owner)
+    elsewhere = tracking.start_run(uri, "exp", workspace, "other ws", owner | {tracking.WORKSPACE_TAG: "/other/ws"})
+    assert tracking.end_orphaned_runs(uri, "exp", workspace) == [orphan.run_id]
+    status = {t.run_id: tracking.run_summary(uri, t.run_id)["status"] for t in (orphan, mine, elsewhere)}
+    assert status == {orphan.run_id: "KILLED", mine.run_id: "RUNNING", elsewhere.run_id: "RUNNING"}
+    assert tracking.end_orphaned_runs(uri, "no-such-experiment", workspace) == []
