@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from pipeline_lib.config import (
     ConfigError,
@@ -23,7 +25,81 @@ from pipeline_lib.config import (
 from pipeline_lib.review import ReviewError, ReviewPending
 from pipeline_lib.workspace import Workspace, WorkspaceError
 
-app = typer.Typer(help="aidetect: build and maintain a detector of AI-generated images.", no_args_is_help=True)
+EXIT_INPUT = 2  # bad input or a damaged workspace
+DEBUG_ENV = "AIDETECT_DEBUG"  # set to 1 to see the traceback of a known failure too
+DOCTOR_HINT = " (`aidetect doctor` checks the workspace; `--repair` sets damaged files aside)"
+MLFLOW_HINT = (
+    " (the MLflow store: mlflow.db in the workspace, or tracking.uri; `aidetect doctor` checks mlflow.db)"
+)
+PARQUET_HINT = " (a Parquet file of the workspace is damaged; `aidetect doctor` names it)"
+
+
+def _known_failures() -> list[tuple[tuple[type[BaseException], ...], str]]:
+    """(exception types, hint) of every failure aidetect explains in one line; imported only when one happened."""
+    import sqlite3
+
+    from pyarrow import ArrowException
+
+    from pipeline_lib.audit import AuditError
+    from pipeline_lib.catalog import CatalogError
+    from pipeline_lib.crawl import CrawlLogError, SourceError
+    from pipeline_lib.models import CheckpointError, WeightsError, WeightsNotFoundError
+    from pipeline_lib.preprocess import PreprocessError
+    from pipeline_lib.split import SplitError
+    from pipeline_lib.tracking import ModelNotFoundError
+    from pipeline_lib.workspace import WorkspaceBusyError
+
+    return [
+        ((ConfigError, SourceError, SplitError, AuditError, WorkspaceError, WorkspaceBusyError), ""),
+        ((WeightsNotFoundError, WeightsError, ModelNotFoundError), ""),
+        ((CatalogError, CrawlLogError, ReviewError, CheckpointError, PreprocessError), DOCTOR_HINT),
+        ((sqlite3.DatabaseError,), MLFLOW_HINT),
+        ((ArrowException,), PARQUET_HINT),
+        ((FileNotFoundError, UnicodeDecodeError), ""),
+    ]
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """error and what caused it (MLflow and SQLAlchemy wrap the database's own error), outermost first."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = error
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return chain
+
+
+def explain_failure(error: BaseException) -> str | None:
+    """The one line a known failure (bad input, a damaged workspace) is shown as, naming the file to look at;
+    None for anything else (a bug: its traceback is shown)."""
+    known = _known_failures()
+    for cause in _causes(error):
+        for kinds, hint in known:
+            if isinstance(cause, kinds):
+                text = str(cause) if isinstance(cause, ConfigError) else " ".join(str(cause).split())  # keys per line
+                return f"{type(cause).__name__}: {text}{hint}"
+    return None
+
+
+class _Commands(TyperGroup):
+    """The aidetect command group: every known failure of any command ends as one line and exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as error:
+            message = explain_failure(error)
+            if message is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            typer.secho(message, fg=typer.colors.RED, err=True)
+            raise typer.Exit(EXIT_INPUT) from None
+
+
+app = typer.Typer(
+    cls=_Commands, help="aidetect: build and maintain a detector of AI-generated images.", no_args_is_help=True
+)
 review_app = typer.Typer(
     help="Manual review: counts, bulk decisions from CSV, the review page, resuming a waiting run.",
     no_args_is_help=True,
@@ -36,6 +112,7 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override,
 RefreshOpt = Annotated[bool, typer.Option("--refresh-cache", help="Recompute every stage.")]
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 DEMO_PORT = 47811  # loopback port of the demo's search site; stable so that a second demo run is fully cached
+TEMPORARY_SERVER_START_S = 120  # a busy 2-core machine needs more than Prefect's 20 s to start its server
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -83,11 +160,24 @@ def _print_summary(summary: dict[str, Any]) -> None:
     )
 
 
+def _before_flows(cfg: PipelineConfig) -> None:
+    """What a flow-running command does first: exit at once if another run holds the workspace, then start
+    Prefect's temporary server (unless PREFECT_API_URL names one) tied to this process: it stops when we do."""
+    from flows.lifeline import temporary_server
+    from pipeline_lib.workspace import check_unlocked
+
+    root = Path(cfg.execution.workspace).expanduser().resolve()
+    if (root / ".aidetect-workspace").is_file():
+        check_unlocked(Workspace(root))
+    temporary_server(TEMPORARY_SERVER_START_S)
+
+
 def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     from flows.pipeline import run_pipeline
     from pipeline_lib.models import WeightsNotFoundError
     from pipeline_lib.split import SplitError
 
+    _before_flows(cfg)
     try:
         return run_pipeline(cfg)
     except ReviewPending as error:
@@ -138,7 +228,9 @@ def crawl(
     """Crawl and ingest only: grow the catalog."""
     from flows.pipeline import crawl_flow
 
-    result = crawl_flow(_config(config, workspace, set_, refresh_cache))
+    cfg = _config(config, workspace, set_, refresh_cache)
+    _before_flows(cfg)
+    result = crawl_flow(cfg)
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
@@ -170,6 +262,7 @@ def import_folder(
     cfg = _config(
         config, workspace, list(set_ or []) + ["sources.search=[]", "sources.urls=[]", "sources.folders=[]"], False
     )
+    _before_flows(cfg)
     try:
         add_import(Workspace.create(cfg.execution.workspace), source)
     except ConfigError as error:
@@ -397,6 +490,42 @@ def review_done(
     if not accepted:
         _fail(message)
     typer.echo(message)
+
+
+@app.command()
+def doctor(
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    repair: Annotated[bool, typer.Option("--repair", help="Repair what is safe (set damaged files aside).")] = False,
+    deep: Annotated[bool, typer.Option("--deep", help="Also hash every stored file against its name.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+):
+    """Check a workspace (snapshots, store against the crawl log, decisions, checkpoints, mlflow.db, leftovers of
+    killed runs) and, with --repair, repair what is safe. Exit 0 when nothing is left to fix, 2 otherwise."""
+    from dataclasses import asdict
+
+    from pipeline_lib.doctor import Doctor, diagnose
+    from pipeline_lib.workspace import workspace_lock
+
+    cfg = _config(config, workspace, None, False)
+    ws = _workspace(cfg.execution.workspace)
+    checkup = Doctor(ws, repair, deep, cfg.sources, cfg.tracking.uri, cfg.tracking.experiment)
+    if repair:
+        with workspace_lock(ws, "aidetect doctor --repair"):
+            findings = diagnose(checkup)
+    else:
+        findings = diagnose(checkup)
+    if as_json:
+        typer.echo(json.dumps([asdict(f) | {"open": f.open} for f in findings], indent=2))
+    else:
+        for finding in findings:
+            typer.secho(finding.line(), fg=typer.colors.RED if finding.open else None)
+    remaining = [f for f in findings if f.open]
+    if remaining:
+        hint = "" if repair else "; `aidetect doctor --repair` repairs what is safe to repair"
+        typer.secho(f"{len(remaining)} problem(s) left in {ws.root}{hint}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_INPUT)
+    typer.echo(f"workspace {ws.root}: nothing left to repair")
 
 
 @app.command()

@@ -122,19 +122,30 @@ def empty_log() -> pd.DataFrame:
     return conform_log(pd.DataFrame({name: [] for name in CRAWL_LOG_COLUMNS}))
 
 
+class CrawlLogError(ValueError):
+    """The crawl log is unreadable or not a crawl log; the message names the file."""
+
+
+class SourceError(ValueError):
+    """A source of the config is unusable (keywords, URL list, folder grouping); the message names it."""
+
+
 def read_crawl_log(workspace: Workspace) -> pd.DataFrame:
-    """The cumulative crawl log (empty if there is none yet); ValueError naming the file if it is unreadable."""
+    """The cumulative crawl log (empty if there is none yet); CrawlLogError naming the file if it is unreadable."""
     path = crawl_log_path(workspace)
     if not path.is_file():
         return empty_log()
     try:
         frame = pd.read_parquet(path, engine="pyarrow")
     except Exception as error:  # pyarrow raises several types for damaged files
-        raise ValueError(f"crawl log {path} is unreadable ({error}); move it away to start a new log") from None
+        raise CrawlLogError(
+            f"crawl log {path} is unreadable ({error}); `aidetect doctor --repair` sets it aside (a new log "
+            "starts, and every URL is fetched again)"
+        ) from None
     try:
         return conform_log(frame)
     except ValueError as error:
-        raise ValueError(f"crawl log {path}: {error}") from None
+        raise CrawlLogError(f"crawl log {path}: {error}") from None
 
 
 def write_crawl_log(workspace: Workspace, frame: pd.DataFrame) -> Path:
@@ -1105,7 +1116,10 @@ def crawl_sources(workspace: Workspace, sources: SourcesConfig, now: datetime | 
     `now` (UTC; naive means UTC) stamps this run's rows. The log is persisted after each keyword and source and
     at the end, also when a source raises.
     """
-    jobs = _plan(sources)
+    try:
+        jobs = _plan(sources)
+    except ValueError as error:  # keywords, URL lists, group CSVs and patterns name what is wrong
+        raise SourceError(str(error)) from None
     state = CrawlState(workspace, read_crawl_log(workspace), _as_utc(now))
     try:
         for job in jobs:
