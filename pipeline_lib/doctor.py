@@ -112,7 +112,7 @@ def check_store(doctor: Doctor) -> list[Finding]:
         restored = recovery.restore_missing(doctor.workspace, crawl_log, doctor.sources or SourcesConfig()).restored
     for sha256, rows in missing.items():
         fixed = f"fetched again from {rows[0][0]}" if sha256 in restored else ""
-        findings.append(Finding("store", f"{sha256} ({rows[0][0]})", "missing from the workspace", fixed))
+        findings.append(Finding("store", f"{sha256} ({rows[0][0]})", "missing from the workspace, or truncated", fixed))
     return findings or [Finding("store", str(doctor.workspace.store))]
 
 

@@ -1,5 +1,5 @@
-"""Files of the crawl log that the workspace no longer holds (deleted by hand, a lost disk): fetched again from
-their source when it still has the same bytes, and reported loudly when it does not."""
+"""Files of the crawl log that the workspace no longer holds (deleted by hand, a lost disk) or holds truncated:
+fetched again from their source when it still has the same bytes, and reported loudly when it does not."""
 
 from __future__ import annotations
 
@@ -47,34 +47,40 @@ class Recovery:
         return lines
 
 
-def _held_stems(folder: Path, nested: bool) -> Iterator[str]:
-    """The sha256 part of every file name under folder (one level of sub-folders when nested)."""
+def _held_files(folder: Path, nested: bool) -> Iterator[tuple[str, Path, int]]:
+    """(sha256 part of the name, path, size) of every file under folder (one level of sub-folders when nested)."""
     if not folder.is_dir():
         return
     with os.scandir(folder) as entries:
         for entry in entries:
             if nested and entry.is_dir():
                 with os.scandir(entry.path) as inner:
-                    yield from (item.name.split(".", 1)[0] for item in inner if item.is_file())
-            elif not nested and entry.is_file():
-                yield entry.name.split(".", 1)[0]
+                    for item in inner:
+                        if item.is_file() and not item.name.startswith("."):
+                            yield item.name.split(".", 1)[0], Path(item.path), item.stat().st_size
+            elif not nested and entry.is_file() and not entry.name.startswith("."):
+                yield entry.name.split(".", 1)[0], Path(entry.path), entry.stat().st_size
 
 
-def held_sha256s(workspace: Workspace) -> set[str]:
-    """Every sha256 the workspace holds a file of, in store/, quarantine/ or incoming/ (one listing of each)."""
-    found: set[str] = set()
+def held_files(workspace: Workspace) -> dict[str, tuple[Path, int]]:
+    """sha256 -> (a file holding it, its size), from store/, quarantine/ and incoming/ (one listing of each)."""
+    found: dict[str, tuple[Path, int]] = {}
     for folder, nested in ((workspace.store, True), (workspace.quarantine, False), (workspace.incoming, True)):
-        found.update(_held_stems(folder, nested))
+        for sha256, path, size in _held_files(folder, nested):
+            found.setdefault(sha256, (path, size))
     return found
 
 
 def missing_files(workspace: Workspace, crawl_log: pd.DataFrame) -> dict[str, list[tuple[str, str]]]:
-    """sha256 -> its (url, ext) rows, for every file the log says was fetched and the workspace no longer holds."""
+    """sha256 -> its (url, ext) rows, for every file the log says was fetched that the workspace no longer holds,
+    or holds with another size than was fetched (truncated: a crash, a full disk)."""
     fetched = crawl_log[crawl_log["sha256"].fillna("").astype(str) != ""]
-    held = held_sha256s(workspace)
+    held = held_files(workspace)
     missing: dict[str, list[tuple[str, str]]] = {}
-    for sha256, url, ext in zip(fetched["sha256"], fetched["url"], fetched["ext"], strict=True):
-        if sha256 not in held:
+    rows = zip(fetched["sha256"], fetched["url"], fetched["ext"], fetched["n_bytes"], strict=True)
+    for sha256, url, ext, n_bytes in rows:
+        found = held.get(str(sha256))
+        if found is None or found[1] != int(n_bytes):
             missing.setdefault(str(sha256), []).append((str(url), str(ext).lstrip(".")))
     return missing
 
@@ -98,10 +104,18 @@ def _from_source(url: str, sources: SourcesConfig, session: requests.Session) ->
     return fetch_bytes(session, url, sources)
 
 
+def _set_aside(workspace: Workspace, path: Path) -> None:
+    """Move a damaged file into damaged/ (same relative path), never delete it."""
+    target = workspace.root / "damaged" / workspace.relative(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, target)
+
+
 def restore_missing(workspace: Workspace, crawl_log: pd.DataFrame, sources: SourcesConfig) -> Recovery:
     """Fetch every missing file again from its source(s) and put it back where it belongs, if the bytes still
     have its sha256; the others are logged as warnings (LOST) and returned."""
     missing = missing_files(workspace, crawl_log)
+    held = held_files(workspace) if missing else {}
     restored: dict[str, str] = {}
     lost: list[Lost] = []
     with requests.Session() as session:
@@ -110,12 +124,16 @@ def restore_missing(workspace: Workspace, crawl_log: pd.DataFrame, sources: Sour
             for url, ext in rows:
                 data, error = _from_source(url, sources, session)
                 if data is not None and bytes_sha256(data) == sha256:
-                    target = atomic_write_bytes(_place_for(workspace, sha256, ext), data)
+                    damaged = held.get(sha256)
+                    target = damaged[0] if damaged is not None else _place_for(workspace, sha256, ext)
+                    target = atomic_write_bytes(target, data)  # a damaged copy is replaced where it is
                     restored[sha256] = workspace.relative(target)
                     log.warning("%s was missing from the workspace: fetched again from %s", target.name, url)
                     break
                 reasons.append(error or f"{url} now holds other bytes (sha256 {bytes_sha256(data or b'')[:12]})")
             else:
+                if sha256 in held:  # damaged and not recoverable: out of the way, so that ingest says it is missing
+                    _set_aside(workspace, held[sha256][0])
                 lost.append(Lost(sha256, rows[0][0], "; ".join(reasons)))
                 log.warning("LOST: %s (from %s) is gone from the workspace: %s", sha256, rows[0][0], reasons[-1])
     return Recovery(restored, lost)

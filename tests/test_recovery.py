@@ -67,3 +67,24 @@ def test_a_downloaded_file_is_fetched_again_from_its_url(workspace, tmp_path: Pa
         (workspace.root / catalog["path"][0]).unlink()
         recovered = restore_missing(workspace, log, sources)
     assert list(recovered.restored) == [catalog["sha256"][0]] and site.hits["a.jpg"] == 2
+
+
+def test_a_truncated_store_file_is_rewritten_from_its_source(workspace, tmp_path: Path):
+    _, sources, log, catalog = _imported(workspace, tmp_path)
+    victim = workspace.root / catalog["path"][0]
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[:100])  # a crash or a full disk
+    assert list(missing_files(workspace, log)) == [catalog["sha256"][0]]
+    assert list(restore_missing(workspace, log, sources).restored) == [catalog["sha256"][0]]
+    assert victim.read_bytes() == whole
+
+
+def test_a_truncated_store_file_without_a_source_is_set_aside_and_reported(workspace, tmp_path: Path):
+    folder, sources, log, catalog = _imported(workspace, tmp_path)
+    victim = workspace.root / catalog["path"][0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    (folder / catalog["group"][0] / "v.png").unlink()
+    recovered = restore_missing(workspace, log, sources)
+    assert [item.sha256 for item in recovered.lost] == [catalog["sha256"][0]]
+    assert not victim.exists() and (workspace.root / "damaged" / catalog["path"][0]).is_file()
+    assert ingest(workspace, log, IngestConfig())["status"][0] == "invalid:missing_file"

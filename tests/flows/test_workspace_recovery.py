@@ -57,9 +57,13 @@ def test_refresh_cache_rewrites_a_truncated_snapshot(harness, tmp_path: Path):
     (snapshot,) = workspace.crawl.glob("log-*.parquet")
     good = snapshot.read_bytes()
     snapshot.write_bytes(good[: len(good) // 2])  # what a crash or a full disk leaves
+    stored = sorted(workspace.store.glob("*/*.png"))[0]
+    whole = stored.read_bytes()
+    stored.write_bytes(whole[:64])
     result = crawl_flow(_config(tmp_path, folder, refresh=True))
     assert result["states"] == {"crawl": "Completed", "ingest": "Completed"}
     assert snapshot.read_bytes() == good, "the damaged snapshot is written again"
+    assert stored.read_bytes() == whole, "the truncated store file is fetched again from its folder"
 
 
 def test_a_deleted_store_file_comes_back_from_its_folder_or_is_reported_lost(harness, tmp_path: Path, caplog):
