@@ -57,14 +57,15 @@ def tie_to_this_process(pid: int, mark: str = SERVER_MARK) -> subprocess.Popen:
 
 def temporary_server(timeout_s: int) -> str | None:
     """Start Prefect's temporary server now (the one this process's flows then use) tied to this process; its API
-    URL, or None when PREFECT_API_URL names a server (nothing to start)."""
+    URL, or None when PREFECT_API_URL names a server (nothing to start). It gets timeout_s to answer, or Prefect's
+    own startup limit if that is longer."""
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
     if PREFECT_API_URL.value():
         return None
     server = SubprocessASGIServer()  # the process-wide instance Prefect's own clients look up
-    server.start(timeout=timeout_s)
+    server.start(timeout=max(timeout_s, int(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())))
     if server.server_process is not None:
         tie_to_this_process(server.server_process.pid)
     return server.api_url

@@ -192,6 +192,7 @@ def test_a_name_that_rebinds_to_loopback_is_never_connected_to(monkeypatch, tmp_
         resolver = RebindingResolver(monkeypatch, "rebind.test", PUBLIC, "127.0.0.1")
         sources = SourcesConfig(allow_private_addresses=False, request_timeout_s=2, max_retries=0)
         with requests.Session() as session:
+            session.trust_env = False  # no proxy from the environment: the connection is ours to pin
             data, error = fetch_bytes(session, f"http://rebind.test:{port}/img/a.jpg", sources)
     assert site.hits["a.jpg"] == 0, "the check saw a public address: nothing may reach 127.0.0.1"
     assert data is None and resolver.public_connects == 1, "the connection went to the address that was checked"
@@ -213,6 +214,7 @@ def test_every_redirect_hop_is_pinned_to_its_checked_address(monkeypatch, tmp_pa
             resolver = RebindingResolver(monkeypatch, "hop.test", "127.0.0.1", PUBLIC)
             sources = SourcesConfig(allow_private_addresses=True, request_timeout_s=5, max_retries=0)
             with requests.Session() as session:
+                session.trust_env = False
                 data, error = fetch_bytes(session, start, sources)
     assert (data, error) == (site.images["a.jpg"], ""), error
     assert resolver.lookups == ["hop.test"] and resolver.public_connects == 0

@@ -1,9 +1,9 @@
 """SIGKILL a real `aidetect run` during ingest, during preprocessing and during training, then run it again:
-the same catalog and, on the CPU, the same final weights as a run that was never interrupted.
+the same catalog and, on the CPU, the same final weights as a run that was never interrupted (in this process).
 
-The runs are subprocesses; each kill waits on an event (a task-run line in the run's output, a file appearing),
-never on a sleep. The first run starts Prefect's temporary server itself, which must die with it; the others use
-the test harness's server.
+The killed runs are subprocesses; each kill waits on an event (a task-run line in the run's output, a file
+appearing), never on a sleep. The first one starts Prefect's temporary server itself, which must die with it; the
+others use the test harness's server. All share one MLflow store (created once).
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ import pytest
 import torch
 
 from flows.lifeline import SERVER_MARK
+from flows.pipeline import pipeline
 from pipeline_lib import tracking
 from pipeline_lib.catalog import read_parquet_file
+from pipeline_lib.config import load_config
 from pipeline_lib.demo_data import generate_demo_dataset
 from pipeline_lib.status import latest_snapshot
 from pipeline_lib.workspace import Workspace
@@ -51,7 +53,7 @@ train: {{model: resnet18, weights: none, image_size: 32, batch_size: 8, epochs: 
 evaluate: {{bootstrap: 10}}
 report: {{images_per_cell: 1}}
 audit: {{enabled: false}}
-tracking: {{system_metrics_interval_s: 0}}
+tracking: {{system_metrics_interval_s: 0, uri: "sqlite:///{tmp_path / 'mlflow.db'}"}}
 execution: {{chunk_size: 1, max_workers: 1}}
 """,
         encoding="utf-8",
@@ -141,8 +143,7 @@ def test_killed_during_ingest_preprocess_and_training_then_continued(harness, tm
     from prefect.settings import PREFECT_API_URL
 
     config, api = _config(tmp_path), str(PREFECT_API_URL.value())
-    reference = Run(config, tmp_path / "reference", _env(tmp_path, api))
-    reference.finish()
+    pipeline(load_config(config, [f"execution.workspace={tmp_path / 'reference'}"]))  # never interrupted
     ws = tmp_path / "ws"
 
     # 1. Killed during ingest (this run starts the temporary Prefect server itself: it must stop with the run).
@@ -179,5 +180,7 @@ def test_killed_during_ingest_preprocess_and_training_then_continued(harness, tm
         assert torch.equal(tensor, reference_weights[name]), f"{name} differs from the uninterrupted run"
 
     # The three killed runs' MLflow runs were left RUNNING; the runs after them marked them KILLED.
-    runs = tracking.recent_runs(tracking.tracking_uri(None, Workspace.open(ws)), "aidetect", limit=10)
-    assert sorted(run["status"] for run in runs) == ["FINISHED", "KILLED", "KILLED", "KILLED"], runs
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = [tracking.run_summary(uri, run["run_id"]) for run in tracking.recent_runs(uri, "aidetect", limit=10)]
+    statuses = sorted(run["status"] for run in runs if run["tags"][tracking.WORKSPACE_TAG] == str(ws))
+    assert statuses == ["FINISHED", "KILLED", "KILLED", "KILLED"], statuses
