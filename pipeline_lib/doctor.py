@@ -8,8 +8,10 @@ that wrote it is recomputed by the next run (with --refresh-cache); only tempora
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
+import socket
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -194,8 +196,8 @@ def check_runs(doctor: Doctor) -> list[Finding]:
 def check_lock(doctor: Doctor) -> list[Finding]:
     """Who holds the workspace lock: nobody, a live run, or a killed one (taken over by the next run)."""
     holder = read_lock_holder(lock_path(doctor.workspace))
-    if holder is None:
-        return []
+    if holder is None or (holder.pid == os.getpid() and holder.host == socket.gethostname()):
+        return []  # free, or held by this doctor --repair
     alive = holder.is_alive()
     path = str(lock_path(doctor.workspace))
     if alive is False:
