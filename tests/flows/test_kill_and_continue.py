@@ -1,9 +1,9 @@
 """SIGKILL a real `aidetect run` during ingest, during preprocessing and during training, then run it again:
-the same catalog and, on the CPU, the same final weights as a run that was never interrupted (in this process).
+the same catalog and, on the CPU, the same final weights as a run that was never interrupted.
 
-The killed runs are subprocesses; each kill waits on an event (a task-run line in the run's output, a file
-appearing), never on a sleep. The first one starts Prefect's temporary server itself, which must die with it; the
-others use the test harness's server. All share one MLflow store (created once).
+The runs are subprocesses with the same environment; each kill waits on an event (a task-run line in the run's
+output, a file appearing), never on a sleep. The first killed run starts Prefect's temporary server itself, which
+must die with it; the others use the test harness's server. All share one MLflow store (created once).
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ import pytest
 import torch
 
 from flows.lifeline import SERVER_MARK
-from flows.pipeline import pipeline
 from pipeline_lib import tracking
 from pipeline_lib.catalog import read_parquet_file
-from pipeline_lib.config import load_config
 from pipeline_lib.demo_data import generate_demo_dataset
 from pipeline_lib.status import latest_snapshot
 from pipeline_lib.workspace import Workspace
@@ -106,7 +104,10 @@ class Run:
 
 
 def _env(tmp_path: Path, api_url: str | None) -> dict[str, str]:
+    """The same environment for every run, thread counts included (a Dask nanny in this process sets
+    OMP_NUM_THREADS=1 in os.environ; the reference and the killed runs must not differ in that)."""
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONUNBUFFERED="1")
+    env |= dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), "1")
     env.pop("PREFECT_API_URL", None)
     if api_url:
         env["PREFECT_API_URL"] = api_url
@@ -143,7 +144,7 @@ def test_killed_during_ingest_preprocess_and_training_then_continued(harness, tm
     from prefect.settings import PREFECT_API_URL
 
     config, api = _config(tmp_path), str(PREFECT_API_URL.value())
-    pipeline(load_config(config, [f"execution.workspace={tmp_path / 'reference'}"]))  # never interrupted
+    Run(config, tmp_path / "reference", _env(tmp_path, api)).finish()  # never interrupted
     ws = tmp_path / "ws"
 
     # 1. Killed during ingest (this run starts the temporary Prefect server itself: it must stop with the run).
