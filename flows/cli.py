@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from pipeline_lib import privacy
 
@@ -25,7 +27,85 @@ if TYPE_CHECKING:
     from pipeline_lib.config import FolderSource, PipelineConfig
     from pipeline_lib.workspace import Workspace
 
-app = typer.Typer(help="aidetect: build and maintain a detector of AI-generated images.", no_args_is_help=True)
+EXIT_INPUT, EXIT_REVIEW, EXIT_NO_SERVER = 2, 3, 4  # 2: bad input or a damaged workspace
+DEBUG_ENV = "AIDETECT_DEBUG"  # set by --debug (or by the user): errors show their traceback
+DOCTOR_HINT = " (`aidetect doctor` checks the workspace; `--repair` sets damaged files aside)"
+MLFLOW_HINT = (
+    " (the MLflow store: mlflow.db in the workspace, or tracking.uri; `aidetect doctor` checks mlflow.db)"
+)
+PARQUET_HINT = " (a Parquet file of the workspace is damaged; `aidetect doctor` names it)"
+
+
+def _known_failures() -> list[tuple[tuple[type[BaseException], ...], str]]:
+    """(exception types, hint) of every failure aidetect explains in one line; imported only when one happened."""
+    import sqlite3
+
+    from pyarrow import ArrowException
+
+    from pipeline_lib.audit import AuditError
+    from pipeline_lib.catalog import CatalogError
+    from pipeline_lib.cluster import ClusterError
+    from pipeline_lib.config import ConfigError
+    from pipeline_lib.crawl import CrawlLogError, SourceError
+    from pipeline_lib.models import CheckpointError, WeightsError, WeightsNotFoundError
+    from pipeline_lib.preprocess import PreprocessError
+    from pipeline_lib.review import ReviewError
+    from pipeline_lib.split import SplitError
+    from pipeline_lib.tracking import ModelNotFoundError
+    from pipeline_lib.workspace import WorkspaceBusyError, WorkspaceError
+
+    return [
+        ((ConfigError, SourceError, SplitError, AuditError, WorkspaceError, WorkspaceBusyError, ClusterError), ""),
+        ((WeightsNotFoundError, WeightsError, ModelNotFoundError), ""),
+        ((CatalogError, CrawlLogError, ReviewError, CheckpointError, PreprocessError), DOCTOR_HINT),
+        ((sqlite3.DatabaseError,), MLFLOW_HINT),
+        ((ArrowException,), PARQUET_HINT),
+        ((FileNotFoundError, UnicodeDecodeError), ""),
+    ]
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """error and what caused it (MLflow and SQLAlchemy wrap the database's own error), outermost first."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = error
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return chain
+
+
+def explain_failure(error: BaseException) -> str | None:
+    """The one line a known failure (bad input, a damaged workspace) is shown as, naming the file to look at;
+    None for anything else (a bug: its traceback is shown)."""
+    known = _known_failures()
+    for cause in _causes(error):
+        for kinds, hint in known:
+            if isinstance(cause, kinds):
+                keys_per_line = type(cause).__name__ == "ConfigError"  # one line per wrong key
+                text = str(cause) if keys_per_line else " ".join(str(cause).split())
+                return f"{type(cause).__name__}: {text}{hint}"
+    return None
+
+
+class _Commands(TyperGroup):
+    """The aidetect command group: every known failure of any command ends as one line and exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
+            raise  # a command's own exit (typer.Exit is not click's in this typer)
+        except Exception as error:
+            message = explain_failure(error)
+            if message is None or _debug():
+                raise
+            typer.secho(message, fg=typer.colors.RED, err=True)
+            raise typer.Exit(EXIT_INPUT) from None
+
+
+app = typer.Typer(
+    cls=_Commands, help="aidetect: build and maintain a detector of AI-generated images.", no_args_is_help=True
+)
 review_app = typer.Typer(
     help="Manual review: counts, bulk decisions from CSV, the review page, resuming a waiting run.",
     no_args_is_help=True,
@@ -46,11 +126,7 @@ RefreshOpt = Annotated[bool, typer.Option("--refresh-cache", help="Recompute eve
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 DEMO_PORT = 47811  # loopback port of the demo's search site; stable so that a second demo run fetches nothing
-EXIT_INPUT, EXIT_REVIEW, EXIT_NO_SERVER = 2, 3, 4
-
-
 PROGRESS_ENV, PROGRESS_LOGGER = "PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib.progress"
-DEBUG_ENV = "AIDETECT_DEBUG"  # set by --debug (or by the user): errors show their traceback
 
 
 @app.callback()
@@ -135,12 +211,22 @@ def _prefect() -> Iterator[str]:
         yield api
 
 
+def _check_unlocked(cfg: PipelineConfig) -> None:
+    """Exit 2 at once, naming the holder, when another run holds the workspace (before any server starts)."""
+    from pipeline_lib.workspace import Workspace, check_unlocked
+
+    root = Path(cfg.execution.workspace).expanduser().resolve()
+    if (root / ".aidetect-workspace").is_file():
+        check_unlocked(Workspace(root))
+
+
 def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     from pipeline_lib.cluster import ClusterError
     from pipeline_lib.config import ConfigError
     from pipeline_lib.review import ReviewPending
     from pipeline_lib.workspace import WorkspaceError
 
+    _check_unlocked(cfg)
     with _prefect():
         from flows.pipeline import run_pipeline
         from pipeline_lib.models import WeightsError, WeightsNotFoundError
@@ -245,6 +331,7 @@ def crawl(
     """Crawl and ingest only: grow the catalog."""
     cfg = _config(config, workspace, set_, refresh_cache)
     _check_sources(cfg)
+    _check_unlocked(cfg)
     with _prefect():
         _crawl(cfg, as_json)
 
@@ -313,6 +400,7 @@ def import_folder(
     _check_folder(source)
     no_sources = ["sources.search=[]", "sources.urls=[]", "sources.folders=[]"]
     cfg = _config(config, workspace, list(set_ or []) + no_sources, False)
+    _check_unlocked(cfg)
     with _prefect():  # a Prefect API first: nothing is saved when there is none
         from pipeline_lib.config import ConfigError
         from pipeline_lib.imports import add_import
@@ -409,16 +497,14 @@ def review_status(workspace: WorkspaceOpt = None):
 def review_export(target: Path, workspace: WorkspaceOpt = None):
     """Write undecided images to a CSV (sha256,label,group,url,decision,reason) to fill in."""
     ws = _workspace(workspace)
-    import pandas as pd
-
-    from pipeline_lib.catalog import STATUS_OK
+    from pipeline_lib.catalog import STATUS_OK, read_parquet_file
     from pipeline_lib.review import read_decisions
     from pipeline_lib.status import latest_snapshot
 
     snapshot = latest_snapshot(ws, "dedup")
     if snapshot is None:
         _fail("nothing to review yet: run the pipeline (or `aidetect crawl`) first")
-    table = pd.read_parquet(snapshot)
+    table = read_parquet_file(snapshot)
     decided = read_decisions(ws)
     todo = table[(table["status"] == STATUS_OK) & ~table["sha256"].isin(decided)].drop_duplicates("sha256")
     todo[["sha256", "label", "group", "url"]].assign(decision="", reason="").to_csv(target, index=False)
@@ -435,8 +521,7 @@ def review_pack(
     A run builds it by itself only in review.mode=require; thumbnails already made are reused.
     """
     ws = _workspace(workspace)
-    import pandas as pd
-
+    from pipeline_lib.catalog import read_parquet_file
     from pipeline_lib.review import ReviewError, apply_decisions, read_decisions, write_review_pack
     from pipeline_lib.status import latest_snapshot
 
@@ -444,7 +529,7 @@ def review_pack(
     if snapshot is None:
         _fail("nothing to review yet: run the pipeline (or `aidetect crawl`) first")
     try:
-        outcome = apply_decisions(pd.read_parquet(snapshot), read_decisions(ws), "require")
+        outcome = apply_decisions(read_parquet_file(snapshot), read_decisions(ws), "require")
     except ReviewError as error:
         _fail(str(error))
     index = write_review_pack(ws, outcome.catalog, thumbnail_size)
@@ -455,15 +540,22 @@ def review_pack(
 def review_apply(csv_file: Path, workspace: WorkspaceOpt = None, reviewer: str = "csv"):
     """Append the decisions of a CSV (sha256,decision[,reason]) to review/decisions.jsonl."""
     ws = _workspace(workspace)
-    import pandas as pd
-
-    from pipeline_lib.review import ReviewError, append_decisions, read_decisions_csv
+    from pipeline_lib.catalog import read_parquet_file
+    from pipeline_lib.review import ReviewError, append_decisions, read_decisions_csv, set_aside_cut_off_line
     from pipeline_lib.status import latest_snapshot
 
     snapshot = latest_snapshot(ws, "dedup")
-    known = set(pd.read_parquet(snapshot)["sha256"]) if snapshot is not None else set()
+    known = set(read_parquet_file(snapshot)["sha256"]) if snapshot is not None else set()
     try:
-        count = append_decisions(ws, read_decisions_csv(csv_file, reviewer), known)
+        decisions = read_decisions_csv(csv_file, reviewer)
+    except ReviewError as error:
+        _fail(f"nothing applied: {error}")
+        raise
+    repaired = set_aside_cut_off_line(ws)
+    if repaired:
+        typer.secho(f"warning: {repaired}", fg=typer.colors.YELLOW, err=True)
+    try:
+        count = append_decisions(ws, decisions, known)
     except ReviewError as error:
         _fail(f"nothing applied: {error}")
     typer.echo(f"{count} decision(s) recorded; run the pipeline again to continue")
@@ -516,9 +608,8 @@ def review_serve(
 ):
     """Serve the review page for the undecided images; 'finish review' resumes a waiting run if there is one."""
     ws = _workspace(workspace)
-    import pandas as pd
-
     from pipeline_lib import review_server
+    from pipeline_lib.catalog import read_parquet_file
     from pipeline_lib.review import read_waiting
     from pipeline_lib.status import latest_snapshot
 
@@ -540,8 +631,12 @@ def review_serve(
             return review_server.FinishResult(f"decisions saved; could not resume the waiting run: {error}")
         return review_server.FinishResult(message, accepted)
 
-    app_ = review_server.create_app(ws, pd.read_parquet(snapshot), on_finish, reviewer="web")
-    typer.echo(f"review page: http://{host}:{port}/  (Ctrl-C to stop)")
+    token = review_server.access_token(host)
+    app_ = review_server.create_app(ws, read_parquet_file(snapshot), on_finish, reviewer="web", token=token)
+    if token:
+        typer.secho(f"warning: {review_server.exposure_warning(host)}", fg=typer.colors.YELLOW, err=True)
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"review page: {review_server.page_url(f'http://{shown}:{port}/', token)}  (Ctrl-C to stop)")
     review_server.serve_forever(app_, host, port)
 
 
@@ -618,6 +713,42 @@ def server_status():
         typer.echo(f"Prefect API: {api}" if api else "no server running: each command starts a temporary one")
 
 
+@app.command()
+def doctor(
+    workspace: WorkspaceOpt = None,
+    config: ConfigOpt = None,
+    repair: Annotated[bool, typer.Option("--repair", help="Repair what is safe (set damaged files aside).")] = False,
+    deep: Annotated[bool, typer.Option("--deep", help="Also hash every stored file against its name.")] = False,
+    as_json: JsonOpt = False,
+):
+    """Check a workspace (snapshots, store against the crawl log, decisions, checkpoints, mlflow.db, leftovers of
+    killed runs) and, with --repair, repair what is safe. Exit 0 when nothing is left to fix, 2 otherwise."""
+    cfg = _config(config, workspace, None, False)
+    ws = _workspace(cfg.execution.workspace)
+    from dataclasses import asdict
+
+    from pipeline_lib.doctor import Doctor, diagnose
+    from pipeline_lib.workspace import workspace_lock
+
+    checkup = Doctor(ws, repair, deep, cfg.sources, cfg.tracking.uri, cfg.tracking.experiment)
+    if repair:
+        with workspace_lock(ws, "aidetect doctor --repair"):
+            findings = diagnose(checkup)
+    else:
+        findings = diagnose(checkup)
+    if as_json:
+        typer.echo(json.dumps([asdict(f) | {"open": f.open} for f in findings], indent=2))
+    else:
+        for finding in findings:
+            typer.secho(finding.line(), fg=typer.colors.RED if finding.open else None)
+    remaining = [f for f in findings if f.open]
+    if remaining:
+        hint = "" if repair else "; `aidetect doctor --repair` repairs what is safe to repair"
+        typer.secho(f"{len(remaining)} problem(s) left in {ws.root}{hint}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_INPUT)
+    typer.echo(f"workspace {ws.root}: nothing left to repair")
+
+
 def mlflow_ui_command(uri: str, artifact_root: str, host: str, port: int) -> list[str]:
     """The `mlflow ui` command line on a database store (telemetry stays off: it inherits this environment)."""
     mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
@@ -682,8 +813,13 @@ def weights_fetch(
     typer.echo(f"sha256 {fetched.sha256}")
 
 
-def _predict_model(spec: str, config: Path | None, workspace: Path | None) -> tuple[Any, dict[str, Any]]:
-    """(model, meta with image_size and a description of the model) from a checkpoint, 'champion' or a run id."""
+def _predict_model(
+    spec: str, config: Path | None, workspace: Path | None, trust_pickle: bool = False
+) -> tuple[Any, dict[str, Any]]:
+    """(model, meta with image_size and a description of the model) from a checkpoint, 'champion' or a run id.
+
+    Registered models are rebuilt from their state_dict (weights only); unpickling only with trust_pickle.
+    """
     path = Path(spec).expanduser()
     if path.suffix == ".pt" or path.is_file():
         from pipeline_lib import models
@@ -699,13 +835,14 @@ def _predict_model(spec: str, config: Path | None, workspace: Path | None) -> tu
 
     uri = cfg.tracking.uri or tracking.tracking_uri(None, ws)
     name = cfg.tracking.registered_model
+    trust = trust_pickle or cfg.tracking.trust_pickle
     try:
         if spec == "champion":
-            model, size = tracking.load_champion(uri, name)
+            model, size = tracking.load_champion(uri, name, trust_pickle=trust)
             calibration = tracking.champion_calibration(uri, name)
             description = f"{name} version {tracking.current_champion(uri, name).version} (alias champion)"
         else:
-            model, size = tracking.load_run_model(uri, spec)
+            model, size = tracking.load_run_model(uri, spec, trust)
             calibration, description = tracking.run_calibration(uri, spec), f"the model of MLflow run {spec}"
             if calibration is None:
                 typer.secho(
@@ -739,13 +876,22 @@ def predict(
     device: Annotated[
         str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
     ] = "auto",
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle",
+            help="Allow unpickling a registered model that carries no state_dict (runs code from the tracking store).",
+        ),
+    ] = False,
 ):
     """A verdict per image: ai, real or uncertain (band from config calibration), with p_ai.
 
     The temperature and normalisation of training are applied: from a checkpoint's <model>.calibration.json, or from
     the champion's or the run's calibration tag (--model champion / RUN_ID). The model scores (and explains) the
-    images in batches on --device. The first line says which model scored the files.
-    Exit 1 if some file could not be read, 2 if the model or images are missing or the device is not available.
+    images in batches on --device. The first line says which model scored the files. Files ingest would refuse by
+    their header (config ingest: max_pixels, min_side, animated) are not decoded and get an error row.
+    Exit 1 if some file could not be read or was refused, 2 if the model or images are missing or the device is not
+    available.
     """
     missing = [str(path) for path in paths if not path.exists()]
     if missing:
@@ -764,7 +910,7 @@ def predict(
         where = resolve_device(device)
     except (ValueError, RuntimeError) as error:
         _fail(f"--device: {error}")
-    loaded, meta = _predict_model(model, config, workspace)
+    loaded, meta = _predict_model(model, config, workspace, trust_pickle)
     try:
         if checkpoint.is_file():
             calibration = read_calibration(checkpoint)
@@ -785,6 +931,7 @@ def predict(
             band=band,
             cam_target=cam_target or settings.report.cam_target,
             device=where,
+            ingest=settings.ingest,
         )
     except ValueError as error:
         _fail(str(error))

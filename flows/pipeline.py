@@ -26,9 +26,10 @@ from pipeline_lib.config import DedupConfig, ExecutionConfig, IngestConfig, Norm
 from pipeline_lib.crawl import crawl_log_path
 from pipeline_lib.imports import with_imports
 from pipeline_lib.status import record_run
-from pipeline_lib.workspace import Ref, Workspace, digest_of, file_sha256
+from pipeline_lib.workspace import Ref, Workspace, digest_of, file_sha256, workspace_lock
 from tasks import per_image, stages, track
 from tasks.caching import cached, stage_key
+from tasks.progress import EpochReporter
 
 log = logging.getLogger(__name__)
 
@@ -280,15 +281,18 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 def tracked_stages(
     config: PipelineConfig, run_name: str, tags: dict[str, str]
 ) -> Iterator[tuple[Workspace, StageRecorder, tracking_lib.Tracker]]:
-    """What a flow's stages run in: the workspace, Prefect results stored inside it, the task runner of
-    config.execution for the per-image chunks (stage_task_runner), an MLflow run and a recorder.
+    """What a flow's stages run in: the workspace (its writer lock held), Prefect results stored inside it, the task
+    runner of config.execution for the per-image chunks (stage_task_runner), an MLflow run and a recorder.
 
-    The MLflow run ends FINISHED with the block, FAILED when the block raises (a suspended review gate included).
+    A second run on the same workspace fails at once with WorkspaceBusyError naming the holder. The MLflow run ends
+    FINISHED with the block, FAILED when the block raises (a suspended review gate included); a run that a killed
+    process left RUNNING is marked KILLED when the next one starts.
     """
     workspace = Workspace.create(config.execution.workspace)
     started = time.time()
+    lock = workspace_lock(workspace, f"aidetect flow run {run_name}")
     settings = temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(workspace.prefect / "results")})
-    with settings, stage_task_runner(config.execution, workspace):
+    with lock, settings, stage_task_runner(config.execution, workspace):
         tracker = track.start_tracking(str(workspace.root), config, run_name, tags)
         recorder = StageRecorder(workspace, config.execution.refresh_cache, tracker)
         try:
@@ -388,7 +392,10 @@ def _model_stages(
     size, chunk_size = config.train.image_size, config.execution.chunk_size
     run.per_image("preprocess", PREPROCESS_TASKS, split.catalog, (size, normalize), chunk_size)
     trainset = split.trainset or split.catalog
-    trained = run.run("train", stages.train, root, trainset, config.train, normalize, not run.refresh, progress=tracker)
+    reporter = EpochReporter(tracker, config.train.epochs)  # live: a line and MLflow metrics as each epoch ends
+    trained = run.run(
+        "train", stages.train, root, trainset, config.train, normalize, not run.refresh, progress=reporter
+    )
     track.log_training(tracker, trained, logged_live=run.states["train"] != "Cached")
     device = config.train.device  # every model stage runs where training did
     evaluate_args = (config.evaluate, config.calibration, normalize, config.report.cam_method, device)
@@ -418,6 +425,7 @@ def _model_stages(
         alias=alias,
         promote=config.execution.promote,
         device=device,
+        trust_pickle=config.tracking.trust_pickle,
     )
     holds = registered.get("promoted") or alias in registered.get("aliases", [])
     run.outcome |= {

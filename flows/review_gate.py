@@ -88,10 +88,14 @@ def wait_for_review(cfg: ReviewConfig, workspace: Workspace, catalog: Any, pendi
             )  # fmt: skip
             answer = suspend_flow_run(wait_for_input=ReviewInput, timeout=timeout, key=PAUSE_KEY)
         else:
+            token = server.access_token(cfg.host)
+            if token:
+                logger.warning(server.exposure_warning(cfg.host))
             app = server.create_app(
-                workspace, catalog, page_resumer(flow_run.id), "web", cfg.thumbnail_size, cfg.tiny_side
+                workspace, catalog, page_resumer(flow_run.id), "web", cfg.thumbnail_size, cfg.tiny_side, token
             )
-            with _serving(app, cfg) as url:
+            with _serving(app, cfg) as base:
+                url = server.page_url(base, token)
                 review.write_waiting(workspace, str(flow_run.id), how, pending, url)
                 logger.warning(
                     "%d image(s) await review: open %s , decide them and press 'finish review' "

@@ -63,6 +63,8 @@ def start_temporary_server(limit_s: int, attempts: int = STARTUP_ATTEMPTS) -> st
     """Start Prefect's temporary server (the one its flows reuse in this process); its API URL."""
     from prefect.server.api.server import SubprocessASGIServer
 
+    from flows.lifeline import tie_to_this_process
+
     reason = ""
     for attempt in range(1, attempts + 1):
         server = SubprocessASGIServer()  # the process-wide instance Prefect's own clients look up
@@ -73,6 +75,8 @@ def start_temporary_server(limit_s: int, attempts: int = STARTUP_ATTEMPTS) -> st
             log.warning("temporary Prefect server, try %d of %d: %s", attempt, attempts, reason)
             server.stop()  # ends its process and forgets it, so the next try starts afresh
             continue
+        if server.server_process is not None:  # stops with this process, even one killed with SIGKILL
+            tie_to_this_process(server.server_process.pid)
         return server.api_url
     raise PrefectStartError(
         f"Prefect's temporary server did not start within {limit_s} s ({attempts} tries; {reason}). The machine may "

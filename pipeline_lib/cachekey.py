@@ -360,8 +360,24 @@ def _top_level(tree: ast.Module, name: str) -> ast.AST | None:
 
 
 def _names_used(node: ast.AST) -> set[str]:
-    """Every name read inside node (the roots of attribute chains included)."""
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+    """Every name read inside node (the roots of attribute chains included), outside type annotations: with
+    `from __future__ import annotations` they are never evaluated, so the code they name does not run."""
+    annotations = [
+        part
+        for n in ast.walk(node)
+        for part in (
+            [a.annotation for a in (*n.args.posonlyargs, *n.args.args, *n.args.kwonlyargs)]
+            + [a.annotation for a in (n.args.vararg, n.args.kwarg) if a is not None]
+            + [n.returns]
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+            else [n.annotation]
+            if isinstance(n, ast.AnnAssign)
+            else []
+        )
+        if part is not None
+    ]
+    skipped = {id(n) for annotation in annotations for n in ast.walk(annotation)}
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and id(n) not in skipped}
 
 
 def library_version(distribution: str) -> str:

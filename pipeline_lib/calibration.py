@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -18,6 +19,10 @@ from pipeline_lib.evaluate import expected_calibration_error as _ece
 log = logging.getLogger(__name__)
 
 LOG_T_BOUNDS = (math.log(0.05), math.log(20.0))  # temperatures searched
+# A fitted temperature is used only inside this range: T far below 1 comes from a validation split the model
+# separates perfectly (the NLL keeps falling as T -> 0, p_ai collapses to 0/1), T far above 1 from a model that
+# knows nothing; neither says how to rescale scores on new images.
+TEMPERATURE_RANGE = (0.2, 10.0)
 _EPS = 1e-7
 VERDICTS: tuple[str, ...] = ("real", "uncertain", "ai")
 
@@ -72,6 +77,31 @@ def fit_temperature(scores: np.ndarray, labels: np.ndarray | list) -> float:
     temperature = float(math.exp(result.x))
     log.info("temperature scaling: T=%.4f (NLL %.4f -> %.4f)", temperature, _nll(margins, y, 1.0), result.fun)
     return temperature
+
+
+@dataclass(frozen=True)
+class TemperatureFit:
+    """The temperature to use (1.0 when none could be trusted) and why it was not fitted ("" when it was)."""
+
+    temperature: float
+    reason: str = ""
+
+
+def fit_bounded_temperature(scores: np.ndarray, labels: np.ndarray | list, min_images: int) -> TemperatureFit:
+    """fit_temperature, trusted only with >= min_images validation images of both classes and a result inside
+    TEMPERATURE_RANGE; otherwise T = 1 and the reason."""
+    margins = _margins(scores)
+    y = _binary(labels, margins.size)
+    if margins.size < min_images:
+        return TemperatureFit(1.0, f"only {margins.size} validation images (calibration.min_val_images={min_images})")
+    if len(np.unique(y)) < 2:
+        return TemperatureFit(1.0, "the validation split holds one class only")
+    temperature = fit_temperature(scores, labels)
+    low, high = TEMPERATURE_RANGE
+    if not low <= temperature <= high:
+        why = "separates the validation split perfectly" if temperature < low else "barely tells the classes apart"
+        return TemperatureFit(1.0, f"the fitted T={temperature:.3g} is outside {low:g}..{high:g} (the model {why})")
+    return TemperatureFit(temperature)
 
 
 def apply_temperature(scores: np.ndarray, temperature: float) -> np.ndarray:

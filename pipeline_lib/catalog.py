@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from pipeline_lib.config import LABELS
-from pipeline_lib.workspace import Ref, Workspace, atomic_write_bytes, bytes_sha256, file_sha256
+from pipeline_lib.workspace import Ref, Workspace, atomic_write_bytes, bytes_sha256, file_sha256, has_content
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def write_table(workspace: Workspace, folder: str, name: str, table: pd.DataFram
     data = buffer.getvalue()
     digest = bytes_sha256(data)
     target = workspace.root / folder / f"{name}-{digest[:16]}.parquet"
-    if not target.exists():
+    if not has_content(target, digest):  # absent, or damaged (truncated, edited): written again
         atomic_write_bytes(target, data)
     return Ref(workspace.relative(target), digest)
 
@@ -121,8 +122,24 @@ def read_table(workspace: Workspace, ref: Ref) -> pd.DataFrame:
         raise CatalogError(f"snapshot {path} is missing (re-run with --refresh-cache to rebuild it)")
     actual = file_sha256(path)
     if actual != ref.digest:
-        raise CatalogError(f"snapshot {path} changed on disk: digest {actual[:12]} != {ref.digest[:12]}")
-    return pd.read_parquet(path, engine="pyarrow")
+        raise CatalogError(
+            f"snapshot {path} changed on disk: digest {actual[:12]} != {ref.digest[:12]} "
+            "(re-run with --refresh-cache to rebuild it; `aidetect doctor` lists every damaged file)"
+        )
+    return read_parquet_file(path)
+
+
+def read_parquet_file(path: Path) -> pd.DataFrame:
+    """A Parquet file of the workspace; CatalogError naming the file when it is damaged or not Parquet."""
+    try:
+        return pd.read_parquet(path, engine="pyarrow")
+    except FileNotFoundError:
+        raise CatalogError(f"{path} is missing") from None
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError and others for damaged files
+        raise CatalogError(
+            f"{path} is damaged ({type(error).__name__}: {error}); `aidetect doctor --repair` sets it aside, "
+            "then run again with --refresh-cache"
+        ) from None
 
 
 def write_snapshot(workspace: Workspace, stage: str, catalog: pd.DataFrame) -> Ref:

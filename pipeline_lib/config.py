@@ -98,7 +98,10 @@ class SourcesConfig(_Section):
         description="A keyword searched less than this many hours ago is not searched again (0: every crawl). "
         "Below 24 so that a daily schedule searches every keyword each day.",
     )
-    request_timeout_s: float = Field(10.0, gt=0)
+    request_timeout_s: float = Field(10.0, gt=0, description="Connect and read timeout of each request.")
+    download_timeout_s: float = Field(
+        60.0, gt=0, description="Total time one download may take: all its attempts, redirects and the body."
+    )
     max_retries: int = Field(3, ge=0, le=10)
     allow_private_addresses: bool = False
 
@@ -293,6 +296,9 @@ class CalibrationConfig(_Section):
     """Temperature scaling on the validation split and the uncertain band of predict's verdict."""
 
     temperature_scaling: bool = True
+    min_val_images: int = Field(
+        30, ge=2, description="Fit a temperature only on at least this many validation images (else T = 1)."
+    )
     uncertain_low: float = Field(0.35, gt=0, lt=1, description="p_ai <= this: verdict real.")
     uncertain_high: float = Field(0.65, gt=0, lt=1, description="p_ai >= this: verdict ai; between: uncertain.")
 
@@ -310,6 +316,9 @@ class TrackingConfig(_Section):
     experiment: str = "aidetect"
     registered_model: str = "aidetect"
     system_metrics_interval_s: float = Field(5.0, ge=0, description="CPU/memory/GPU sampling; 0 disables.")
+    trust_pickle: bool = Field(
+        False, description="Unpickle registered models that carry no state_dict (runs code from the tracking store)."
+    )
 
 
 class ExecutionConfig(_Section):
@@ -411,6 +420,8 @@ def read_yaml_mapping(path: Path | str) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
     return data

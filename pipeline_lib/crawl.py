@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import os
 import queue
 import re
@@ -30,6 +31,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import pandas as pd
 import requests
+import urllib3
 from icrawler import Crawler, ImageDownloader
 from icrawler.builtin.baidu import BaiduFeeder, BaiduParser
 from icrawler.builtin.bing import BingFeeder, BingParser
@@ -38,11 +40,10 @@ from icrawler.builtin.google import GoogleFeeder, GoogleParser
 from icrawler.builtin.urllist import PseudoParser, UrlListFeeder
 from icrawler.storage import BaseStorage
 from PIL import Image
-from requests.adapters import HTTPAdapter
 
 from pipeline_lib.config import LABELS, FolderSource, SearchSource, SourcesConfig, UrlListSource
 from pipeline_lib.progress import progress
-from pipeline_lib.safety import UnsafeUrlError, check_url
+from pipeline_lib.safety import UnsafeUrlError, pin_session
 from pipeline_lib.validate import not_an_image
 from pipeline_lib.workspace import Workspace, atomic_path, atomic_write_bytes, bytes_sha256, folder_files, sync_files
 
@@ -97,6 +98,7 @@ CHECKPOINT_INTERVAL_S = 5.0
 POLL_INTERVAL_S = 0.05
 QUEUE_TIMEOUT_S = 0.05  # how long an idle downloader thread waits before it checks whether the parsers are done
 NO_RESULTS = "no results"
+MAX_KEYWORD_LENGTH = 100  # characters of a search keyword or URL-list group
 INCOMPLETE_READ = re.compile(r"IncompleteRead\((\d+) bytes read")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -142,19 +144,30 @@ def empty_log() -> pd.DataFrame:
     return conform_log(pd.DataFrame({name: [] for name in CRAWL_LOG_COLUMNS}))
 
 
+class CrawlLogError(ValueError):
+    """The crawl log is unreadable or not a crawl log; the message names the file."""
+
+
+class SourceError(ValueError):
+    """A source of the config is unusable (keywords, URL list, folder grouping); the message names it."""
+
+
 def read_crawl_log(workspace: Workspace) -> pd.DataFrame:
-    """The cumulative crawl log (empty if there is none yet); ValueError naming the file if it is unreadable."""
+    """The cumulative crawl log (empty if there is none yet); CrawlLogError naming the file if it is unreadable."""
     path = crawl_log_path(workspace)
     if not path.is_file():
         return empty_log()
     try:
         frame = pd.read_parquet(path, engine="pyarrow")
     except Exception as error:  # pyarrow raises several types for damaged files
-        raise ValueError(f"crawl log {path} is unreadable ({error}); move it away to start a new log") from None
+        raise CrawlLogError(
+            f"crawl log {path} is unreadable ({error}); `aidetect doctor --repair` sets it aside (a new log "
+            "starts, and every URL is fetched again)"
+        ) from None
     try:
         return conform_log(frame)
     except ValueError as error:
-        raise ValueError(f"crawl log {path}: {error}") from None
+        raise CrawlLogError(f"crawl log {path}: {error}") from None
 
 
 def write_crawl_log(workspace: Workspace, frame: pd.DataFrame) -> Path:
@@ -452,53 +465,95 @@ def _declared_length(response: requests.Response) -> int | None:
     return length if length >= 0 else None
 
 
-def _read_body(response: requests.Response) -> bytes:
-    """The whole body, refusing more than MAX_DOWNLOAD_BYTES; TruncatedBodyError if shorter than Content-Length."""
+class DownloadDeadlineError(requests.exceptions.Timeout):
+    """A download took longer than sources.download_timeout_s in all (a server trickling bytes); not retried."""
+
+
+def _remaining(deadline: float, what: str) -> float:
+    """Seconds left before deadline; DownloadDeadlineError when none are."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DownloadDeadlineError(f"{what}: the download deadline (sources.download_timeout_s) passed")
+    return left
+
+
+def _body_chunks(response: requests.Response, deadline: float) -> Iterator[bytes]:
+    """The body as it arrives (each read returns what one receive brings), checking the deadline between reads."""
+    while True:
+        _remaining(deadline, "reading the body")
+        try:
+            chunk = response.raw.read1(1 << 16, decode_content=True)
+        except urllib3.exceptions.ReadTimeoutError as error:
+            raise requests.exceptions.ReadTimeout(str(error)) from None
+        except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError) as error:
+            raise requests.exceptions.ChunkedEncodingError(str(error)) from None
+        if not chunk:
+            return
+        yield chunk
+
+
+def _read_body(response: requests.Response, deadline: float = math.inf) -> bytes:
+    """The whole body before deadline, refusing more than MAX_DOWNLOAD_BYTES (a declared Content-Length over it
+    before reading anything); TruncatedBodyError if shorter than Content-Length."""
     declared = _declared_length(response)
+    if declared is not None and declared > MAX_DOWNLOAD_BYTES:
+        raise ValueError(f"declared Content-Length {declared} is over the {MAX_DOWNLOAD_BYTES}-byte limit")
     chunks, total = [], 0
     try:
-        for chunk in response.iter_content(chunk_size=1 << 16):
+        for chunk in _body_chunks(response, deadline):
             total += len(chunk)
             if total > MAX_DOWNLOAD_BYTES:
                 raise ValueError(f"response larger than {MAX_DOWNLOAD_BYTES} bytes")
             chunks.append(chunk)
     except requests.exceptions.ChunkedEncodingError as error:
-        partial = INCOMPLETE_READ.search(str(error))  # urllib3 noticed the short body first
-        if declared is not None and partial:
-            got = total + int(partial.group(1))
-            raise TruncatedBodyError(f"truncated body: got {got} of {declared} bytes") from None
+        if declared is not None and INCOMPLETE_READ.search(str(error)):  # urllib3 noticed the short body first
+            raise TruncatedBodyError(f"truncated body: got {total} of {declared} bytes") from None
         raise
     if declared is not None and total < declared:
         raise TruncatedBodyError(f"truncated body: got {total} of {declared} bytes")
     return b"".join(chunks)
 
 
-def _get_once(session: requests.Session, url: str, sources: SourcesConfig) -> tuple[int, bytes]:
-    """One GET following redirects by hand, each hop checked by check_url; (status, body)."""
+def _timeouts(sources: SourcesConfig, deadline: float) -> tuple[float, float]:
+    """(connect, read) timeouts of one request: request_timeout_s, never past the download's deadline."""
+    left = _remaining(deadline, "before the request")
+    return min(sources.request_timeout_s, left), min(sources.request_timeout_s, left)
+
+
+def _get_once(
+    session: requests.Session, url: str, sources: SourcesConfig, deadline: float = math.inf
+) -> tuple[int, bytes]:
+    """One GET following redirects by hand; the session's PinnedAdapter checks each hop and connects to the address
+    that passed the check. (status, body)."""
     for _ in range(MAX_REDIRECTS + 1):
-        check_url(url, sources.allow_private_addresses)
-        with session.get(url, timeout=sources.request_timeout_s, allow_redirects=False, stream=True) as response:
+        timeout = _timeouts(sources, deadline)
+        with session.get(url, timeout=timeout, allow_redirects=False, stream=True) as response:
             target = _redirect_target(response, url)
             if target is None:
-                body = _read_body(response) if 200 <= response.status_code < 300 else b""
+                body = _read_body(response, deadline) if 200 <= response.status_code < 300 else b""
                 return response.status_code, body
         url = target
     raise ValueError(f"more than {MAX_REDIRECTS} redirects")
 
 
 def fetch_bytes(session: requests.Session, url: str, sources: SourcesConfig) -> tuple[bytes | None, str]:
-    """GET url with retries (connection errors, timeouts, truncated bodies, 5xx, 429; backoff 0.2s*2**i).
+    """GET url with retries (connection errors, timeouts, truncated bodies, 5xx, 429; backoff 0.2s*2**i), all
+    within sources.download_timeout_s; every hop checked and pinned (the session gets a PinnedAdapter).
 
     Returns (bytes, "") or (None, error); a body shorter than its Content-Length is never returned.
     """
+    pin_session(session, sources.allow_private_addresses)
+    deadline = time.monotonic() + sources.download_timeout_s
     error = ""
     for attempt in range(sources.max_retries + 1):
         if attempt:
-            time.sleep(BACKOFF_BASE_S * 2 ** (attempt - 1))
+            time.sleep(min(BACKOFF_BASE_S * 2 ** (attempt - 1), max(0.0, deadline - time.monotonic())))
         try:
-            status, body = _get_once(session, url, sources)
+            status, body = _get_once(session, url, sources, deadline)
         except UnsafeUrlError as unsafe:
             return None, str(unsafe)
+        except DownloadDeadlineError as late:
+            return None, f"took longer than {sources.download_timeout_s:g} s in all ({late})"
         except TruncatedBodyError as failure:
             error = str(failure)
             continue
@@ -649,7 +704,10 @@ class _PageSession:
         if self._rewrite is not None and url.startswith(self._rewrite[0]):
             url = self._rewrite[1] + url[len(self._rewrite[0]) :]
         try:
-            return self._session.get(url, **kwargs)
+            return self._session.get(url, **kwargs)  # through the PinnedAdapter: checked and pinned, every hop
+        except UnsafeUrlError as error:
+            self._notes.append(f"search page refused: {error}")
+            raise
         except Exception as error:
             self._notes.append(f"search page failed ({urlsplit(url).netloc}): {type(error).__name__}")
             raise
@@ -797,12 +855,6 @@ class _Crawler(Crawler):
         self.downloader.clear_buffer(True)
 
 
-def size_connection_pool(session: requests.Session, threads: int) -> None:
-    """Keep up to one connection per downloader thread (plus the parser's) per host: none are discarded and redone."""
-    for prefix in ("http://", "https://"):
-        session.mount(prefix, HTTPAdapter(pool_connections=10, pool_maxsize=threads + 1))
-
-
 def _run_crawler(
     state: CrawlState,
     sources: SourcesConfig,
@@ -828,7 +880,8 @@ def _run_crawler(
         extra_parser_args=parser_args,
         extra_downloader_args={"state": state, "origin": origin, "sources": sources},
     )
-    size_connection_pool(crawler.session, threads)
+    # search pages, feeds and downloads alike: checked, pinned, one connection per downloader thread (+ the parser)
+    pin_session(crawler.session, sources.allow_private_addresses, pool_connections=10, pool_maxsize=threads + 1)
     crawler.heartbeat = state.checkpoint
     crawler.crawl(
         feeder_kwargs=feeder_kwargs,
@@ -879,14 +932,27 @@ def read_keywords(path: Path) -> list[str]:
     return [kw for kw in map(_clean_keyword, values) if kw]
 
 
+def check_keyword_length(keyword: str, where: str) -> str:
+    """The keyword, or ValueError naming where it came from when it is longer than MAX_KEYWORD_LENGTH."""
+    if len(keyword) > MAX_KEYWORD_LENGTH:
+        raise ValueError(
+            f"{where}: keyword {keyword[:40]!r}... is {len(keyword)} characters long; the limit is "
+            f"{MAX_KEYWORD_LENGTH} (a keyword names a group, and metrics and tables are named after it)"
+        )
+    return keyword
+
+
 def source_keywords(source: SearchSource, index: int) -> list[str]:
-    """Inline keywords plus those of keywords_file, de-duplicated in order; ValueError if there are none."""
-    keywords = [_clean_keyword(k) for k in source.keywords]
+    """Inline keywords plus those of keywords_file, de-duplicated in order; ValueError if there are none or one is
+    longer than MAX_KEYWORD_LENGTH."""
+    where = f"sources.search[{index}]"
+    keywords = [check_keyword_length(_clean_keyword(k), f"{where}.keywords") for k in source.keywords]
     if source.keywords_file is not None:
-        keywords += read_keywords(source.keywords_file)
+        keywords += [check_keyword_length(k, str(source.keywords_file)) for k in read_keywords(source.keywords_file)]
     unique = list(dict.fromkeys(k for k in keywords if k))
     if not unique:
-        raise ValueError(f"sources.search[{index}] has no keywords (set keywords or keywords_file)")
+        empty = f" (the keywords file {source.keywords_file} holds none)" if source.keywords_file else ""
+        raise ValueError(f"{where} has no keywords (set keywords or keywords_file){empty}")
     return unique
 
 
@@ -1027,6 +1093,7 @@ def read_url_list(path: Path) -> list[UrlEntry]:
             raise ValueError(f"{path}, line {line}: label {label!r} must be one of {', '.join(LABELS)}")
         if not group:
             raise ValueError(f"{path}, line {line}: empty group")
+        check_keyword_length(group, f"{path}, line {line}")
         earlier = entries.setdefault(url, UrlEntry(url, label, group))
         if (earlier.label, earlier.group) != (label, group):
             raise ValueError(
@@ -1303,7 +1370,11 @@ def crawl_sources(workspace: Workspace, sources: SourcesConfig, now: datetime | 
     """
     stamp = _as_utc(now)
     searches = read_searches(workspace)
-    jobs, not_due = _due_jobs(_plan(sources), searches, stamp, sources.recrawl_after_hours)
+    try:
+        planned = _plan(sources)
+    except ValueError as error:  # keywords, URL lists, group CSVs and patterns name what is wrong
+        raise SourceError(str(error)) from None
+    jobs, not_due = _due_jobs(planned, searches, stamp, sources.recrawl_after_hours)
     if not_due:
         hours = sources.recrawl_after_hours
         log.info("crawl: %d keyword(s) searched within %g h are not searched again", len(not_due), hours)

@@ -9,6 +9,7 @@ keywords with each source's `fallback_engine`, keeping the filters that engine s
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ FLAG_NO_RESULTS = "no_results"  # the search page listed nothing (or the parser 
 FLAG_FEW_RESULTS = "few_results"
 FLAG_FAILING = "failing"  # downloads mostly failed
 SEARCH_PREFIX = "search:"
+SLUG_LIMIT = 64  # characters of a keyword in a metric name (MLflow allows 250 for the whole key)
 
 
 def engine_of(source: str) -> str:
@@ -111,10 +113,16 @@ def flagged(health: pd.DataFrame) -> pd.DataFrame:
     return health[health["flag"] != FLAG_OK].reset_index(drop=True)
 
 
-def metric_slug(text: str) -> str:
-    """A keyword as an MLflow-safe metric name part: word characters, '-' and '.'; others become '_'."""
-    slug = re.sub(r"[^\w\-.]+", "_", str(text).strip(), flags=re.UNICODE).strip("_")
-    return slug or "_"
+def metric_slug(text: str, limit: int = SLUG_LIMIT) -> str:
+    """A keyword as an MLflow-safe metric name part: word characters, '-' and '.'; others become '_'.
+
+    At most `limit` characters: a longer one is cut and ends in 8 hex digits of its hash (still unique).
+    """
+    slug = re.sub(r"[^\w\-.]+", "_", str(text).strip(), flags=re.UNICODE).strip("_") or "_"
+    if len(slug) <= limit:
+        return slug
+    tag = hashlib.sha256(str(text).encode("utf-8")).hexdigest()[:8]
+    return f"{slug[: limit - 9]}-{tag}"
 
 
 def engine_counts(summary: pd.DataFrame) -> dict[str, float]:

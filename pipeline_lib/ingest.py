@@ -77,6 +77,19 @@ def _read_record(path: Path) -> ImageCheck | None:
         return None
 
 
+def recorded_check(workspace: Workspace, sha256: str, config: IngestConfig | None = None) -> ImageCheck | None:
+    """What ingest found when it validated sha256 under config's policy (its validation record), or None if it
+    never did; without config, the latest record under any policy."""
+    if config is not None:
+        return _read_record(validation_record_path(workspace, sha256, config))
+    records = list((workspace.cache / "validation").glob(f"*/{sha256}.json"))
+    for path in sorted(records, key=lambda p: p.stat().st_mtime, reverse=True):
+        check = _read_record(path)
+        if check is not None:
+            return check
+    return None
+
+
 def _write_record(workspace: Workspace, sha256: str, check: ImageCheck, config: IngestConfig) -> None:
     """Write the record atomically; place_files makes its batch of records durable at once (sync_files)."""
     text = json.dumps(dataclasses.asdict(check), sort_keys=True)
@@ -304,6 +317,21 @@ def ingest(
     placements = place_files(workspace, _unique_files(fetched), config, workers, checks, hashing, hashes)
     records = fetched.to_dict("records")
     return new_rows(_catalog_row(entry, placements[str(entry["sha256"])]) for entry in records)
+
+
+def missing_notes(catalog: pd.DataFrame) -> list[str]:
+    """A loud note (and a warning) when files the crawl log lists are gone: their rows leave the training data."""
+    missing = catalog[catalog["status"] == f"{INVALID_PREFIX}{MISSING_FILE}"].drop_duplicates("sha256")
+    if missing.empty:
+        return []
+    shown = ", ".join(f"{row.sha256[:12]} ({row.url})" for row in missing.head(5).itertuples())
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    note = (
+        f"{len(missing)} file(s) of the crawl log are gone from the workspace and could not be fetched again: "
+        f"{shown}{more}. They are marked invalid:missing_file and leave the training data"
+    )
+    log.warning(note)
+    return [note]
 
 
 def ingest_summary(catalog: pd.DataFrame) -> dict[str, int]:

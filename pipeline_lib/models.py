@@ -319,7 +319,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for bad files
-        raise CheckpointError(f"model checkpoint {path} is corrupt or unreadable: {error}") from None
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"model checkpoint {path} is corrupt or unreadable: {reason}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an aidetect model checkpoint (expected format {CHECKPOINT_FORMAT})")
     meta = payload.get("meta")

@@ -25,9 +25,10 @@ from pydantic import ValidationError
 
 from pipeline_lib import models, report
 from pipeline_lib.calibration import apply_temperature, verdicts
-from pipeline_lib.config import NormalizeConfig
+from pipeline_lib.config import IngestConfig, NormalizeConfig
 from pipeline_lib.evaluate import borrowed_model, predict_logits, softmax_p_ai
 from pipeline_lib.preprocess import decode_image
+from pipeline_lib.validate import check_header
 from pipeline_lib.workspace import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 )
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 CALIBRATION_SUFFIX = ".calibration.json"
+POLICY_REASONS = frozenset({"decompression_bomb", "too_small", "animated", "unsupported_mode"})
 DEFAULT_BAND = (0.35, 0.65)  # config calibration.uncertain_low / uncertain_high defaults
 
 
@@ -143,17 +145,34 @@ def _image_size(meta: dict[str, Any]) -> int:
     return size
 
 
-def _decode(path: Path, size: int, policy: NormalizeConfig | None) -> tuple[np.ndarray | None, str | None]:
-    """(uint8 CHW array, None) or (None, a clear error text) for one file."""
+def _decode(
+    path: Path, size: int, policy: NormalizeConfig | None, ingest: IngestConfig | None = None
+) -> tuple[np.ndarray | None, str | None]:
+    """(uint8 CHW array, None) or (None, a clear error text) for one file; ingest's policy is checked first."""
     if not path.exists():
         return None, "file not found"
     if not path.is_file():
         return None, "not a regular file"
+    if ingest is not None:
+        refused = check_header(path, ingest.min_side, ingest.max_pixels, ingest.animated)
+        if refused in POLICY_REASONS:  # unreadable files get the decoder's own error below
+            return None, f"refused by the ingest policy: {refused} ({_policy_words(refused, ingest)})"
     try:
         sha = hashlib.sha256(path.read_bytes()).hexdigest() if policy is not None else None
         return decode_image(path, size, policy, sha), None
     except Exception as error:  # PIL raises many types for bad files; each becomes a per-file error
         return None, f"unreadable image ({type(error).__name__}: {error})"
+
+
+def _policy_words(reason: str, ingest: IngestConfig) -> str:
+    """The limit behind a refusal, in words."""
+    limits = {
+        "decompression_bomb": f"more than ingest.max_pixels={ingest.max_pixels} pixels",
+        "too_small": f"a side shorter than ingest.min_side={ingest.min_side}",
+        "animated": "animated, and ingest.animated=reject",
+        "unsupported_mode": "a pixel mode with no conversion to RGB",
+    }
+    return limits[reason]
 
 
 def cam_file_name(path: Path) -> str:
@@ -200,11 +219,12 @@ class _Scoring:
     cam_method: str
     cam_target: str = "predicted"
     device: str = "cpu"
+    ingest: IngestConfig | None = None
 
 
 def _score_batch(model: torch.nn.Module, batch: Sequence[Path], how: _Scoring) -> list[PredictionRow]:
     """Decode, score and (optionally) explain one batch; unreadable files become error rows in place."""
-    decoded = [_decode(path, how.size, how.calibration.normalize) for path in batch]
+    decoded = [_decode(path, how.size, how.calibration.normalize, how.ingest) for path in batch]
     good = [i for i, (array, _) in enumerate(decoded) if array is not None]
     scores: dict[int, tuple[float, float, str]] = {}
     cams: dict[int, str] = {}
@@ -245,10 +265,12 @@ def predict_files(
     band: tuple[float, float] = DEFAULT_BAND,
     cam_target: str = "predicted",
     device: str = "cpu",
+    ingest: IngestConfig | None = None,
 ) -> list[PredictionRow]:
     """One PredictionRow per file (folders walked recursively), in order, decoded at meta["image_size"], batched.
 
-    A file that cannot be read or decoded gets an error row and the others are still scored.
+    A file that cannot be read or decoded, or that ingest's validation policy (pixel bound, minimum size,
+    animation) refuses by its header, gets an error row and the others are still scored.
     With cam_dir, an overlay PNG of the CAM is written there for every scored file; cam_target (report.cam_target)
     says which class it explains: the file's predicted label (default), or always "ai" / "real".
     calibration: temperature and normalisation of the model (read_calibration; default T = 1, no normalisation);
@@ -272,7 +294,7 @@ def predict_files(
         cam_dir = Path(cam_dir)
         cam_dir.mkdir(parents=True, exist_ok=True)
     how = _Scoring(
-        size, threshold, (low, high), calibration or ModelCalibration(), cam_dir, cam_method, cam_target, device
+        size, threshold, (low, high), calibration or ModelCalibration(), cam_dir, cam_method, cam_target, device, ingest
     )
     rows: list[PredictionRow] = []
     with borrowed_model(model, device):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import html
 import json
 import logging
+import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +18,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from pipeline_lib.catalog import STATUS_OK, STATUS_PENDING, STATUS_REJECTED
-from pipeline_lib.workspace import Workspace, atomic_write_text, bytes_sha256
+from pipeline_lib.workspace import Workspace, atomic_path, atomic_write_text, bytes_sha256
 
 log = logging.getLogger(__name__)
 
@@ -57,32 +61,135 @@ def decisions_path(workspace: Workspace) -> Path:
     return workspace.review / "decisions.jsonl"
 
 
-def append_decisions(workspace: Workspace, decisions: list[Decision], known: set[str] | None = None) -> int:
-    """Validate all decisions first, then append them to review/decisions.jsonl; return the count."""
-    checked = [decision.validated(known) for decision in decisions]
+def damaged_decisions_path(workspace: Workspace) -> Path:
+    """Where lines that are not decisions (a line cut off by a crash) are set aside, never deleted."""
+    return workspace.review / "decisions.jsonl.damaged"
+
+
+@contextlib.contextmanager
+def _locked_decisions(workspace: Workspace) -> Iterator[int]:
+    """The decisions file opened for appending under an exclusive flock (threads and processes take turns)."""
     path = decisions_path(workspace)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
-        for decision in checked:
-            handle.write(json.dumps(asdict(decision), ensure_ascii=False) + "\n")
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write data fully, then fsync."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
+def _parse(line: bytes) -> Decision | None:
+    """The decision on one line, or None if the line is not one."""
+    try:
+        decision = Decision(**json.loads(line.decode("utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        return None
+    return decision if isinstance(decision.sha256, str) and decision.sha256 else None
+
+
+def _set_aside(workspace: Workspace, lines: list[bytes], why: str) -> str:
+    """Append lines to decisions.jsonl.damaged (fsynced); return the message that says so."""
+    target = damaged_decisions_path(workspace)
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        _write_all(fd, b"".join(line.rstrip(b"\n") + b"\n" for line in lines))
+    finally:
+        os.close(fd)
+    message = f"{decisions_path(workspace)}: {why}; set aside in {target}, no decision was lost or merged with it"
+    log.warning(message)
+    return message
+
+
+def _repair_tail(workspace: Workspace, fd: int) -> str:
+    """Under the lock: a last line without its newline (a crash mid-append) is completed or set aside; a message."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return ""
+    data = os.pread(fd, size, 0)
+    start = data.rfind(b"\n") + 1
+    tail = data[start:]
+    if _parse(tail) is not None:  # the whole line made it, only its newline did not
+        _write_all(fd, b"\n")
+        return ""
+    message = _set_aside(workspace, [tail], f"the last line was cut off ({len(tail)} bytes, a crash mid-write?)")
+    os.ftruncate(fd, start)
+    os.fsync(fd)
+    return message
+
+
+def set_aside_cut_off_line(workspace: Workspace) -> str:
+    """Set aside a cut-off last line of the decisions file (see _repair_tail); the message, or "" if none."""
+    if not decisions_path(workspace).is_file():
+        return ""
+    with _locked_decisions(workspace) as fd:
+        return _repair_tail(workspace, fd)
+
+
+def append_decisions(workspace: Workspace, decisions: list[Decision], known: set[str] | None = None) -> int:
+    """Validate all decisions first, then append them as whole lines (flushed and fsynced); return the count.
+
+    A cut-off last line left by a crash is set aside first (decisions.jsonl.damaged), never merged with a new line.
+    """
+    checked = [decision.validated(known) for decision in decisions]
+    data = b"".join((json.dumps(asdict(d), ensure_ascii=False) + "\n").encode("utf-8") for d in checked)
+    with _locked_decisions(workspace) as fd:
+        _repair_tail(workspace, fd)
+        _write_all(fd, data)
     return len(checked)
 
 
 def read_decisions(workspace: Workspace) -> dict[str, Decision]:
-    """Latest decision per sha256 (later lines win); a corrupt line raises ReviewError naming it."""
+    """Latest decision per sha256 (later lines win); a corrupt line raises ReviewError naming it.
+
+    A cut-off last line (no newline: a crash mid-append) is skipped with a warning; the next append sets it aside.
+    """
     path = decisions_path(workspace)
     latest: dict[str, Decision] = {}
     if not path.is_file():
         return latest
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            decision = Decision(**json.loads(line))
-        except (json.JSONDecodeError, TypeError) as error:
-            raise ReviewError(f"{path}:{number} is not a valid decision line: {error}") from None
+        decision = _parse(line)
+        if decision is None and number == len(lines):
+            log.warning("%s: the last line is cut off (a crash mid-write?) and is ignored", path)
+            continue
+        if decision is None:
+            raise ReviewError(
+                f"{path}:{number} is not a valid decision line; `aidetect doctor --repair` sets it aside "
+                f"into {damaged_decisions_path(workspace).name}"
+            )
         latest[decision.sha256] = decision
     return latest
+
+
+def repair_decisions(workspace: Workspace) -> list[str]:
+    """Set aside every line that is not a decision (doctor --repair); the messages (none when all are fine)."""
+    if not decisions_path(workspace).is_file():
+        return []
+    with _locked_decisions(workspace) as fd:
+        messages = [m for m in [_repair_tail(workspace, fd)] if m]
+        data = os.pread(fd, os.fstat(fd).st_size, 0)
+        lines = [line for line in data.split(b"\n") if line.strip()]
+        bad = [line for line in lines if _parse(line) is None]
+        if not bad:
+            return messages
+        good = b"".join(line + b"\n" for line in lines if _parse(line) is not None)
+        messages.append(_set_aside(workspace, bad, f"{len(bad)} line(s) are not decisions"))
+        os.ftruncate(fd, 0)
+        _write_all(fd, good)  # O_APPEND: written from the (now empty) start, same file, under the lock
+    return messages
 
 
 def decisions_digest(workspace: Workspace) -> str:
@@ -275,23 +382,44 @@ def _face_hints(workspace: Workspace, rows: pd.DataFrame) -> dict[str, Hint]:
     return out
 
 
+THUMBNAIL_MAX_PIXELS = 89_478_485  # the ingest default: a thumbnail never decodes more than ingest would accept
+
+
+class ThumbnailError(ValueError):
+    """An original cannot be made into a thumbnail (too many pixels, unreadable); the message names it."""
+
+
 def thumbnail_path(workspace: Workspace, sha256: str) -> Path:
     """Where the cached review thumbnail of one image is kept."""
     return workspace.review / "pack" / "thumbs" / f"{sha256}.jpg"
 
 
-def write_thumbnail(source: Path, target: Path, size: int) -> None:
-    """A small JPEG thumbnail of an original (EXIF-rotated, first frame), unless target exists (a cache)."""
+def write_thumbnail(source: Path, target: Path, size: int, max_pixels: int = THUMBNAIL_MAX_PIXELS) -> None:
+    """A small JPEG thumbnail of an original (EXIF-rotated, first frame), unless target exists (a cache); written
+    atomically under a unique name."""
     if target.exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    with Image.open(source) as image:
-        image.draft("RGB", (size, size))  # JPEG: let the decoder scale down (1/2 .. 1/8) while decoding
+    with _opened_within(source, max_pixels) as image:
+        image.draft("RGB", (size, size))  # JPEG: let the decoder scale down (1/2 .. 1/8), never the full image
         thumb = ImageOps.exif_transpose(image.convert("RGB"))
         thumb.thumbnail((size, size))
-        tmp = target.with_suffix(".part.jpg")
-        thumb.save(tmp, "JPEG", quality=85)
-        tmp.replace(target)
+        with atomic_path(target) as tmp:
+            thumb.save(tmp, "JPEG", quality=85)
+
+
+@contextlib.contextmanager
+def _opened_within(source: Path, max_pixels: int) -> Iterator[Image.Image]:
+    """The image opened lazily; ThumbnailError if it is unreadable or has more than max_pixels pixels."""
+    try:
+        image = Image.open(source)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ThumbnailError(f"{source} cannot be read: {error}") from None
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ThumbnailError(f"{source} has {width}x{height} pixels, more than {max_pixels}")
+        yield image
 
 
 def write_review_pack(
@@ -306,7 +434,10 @@ def write_review_pack(
     pack = workspace.review / "pack"
     considered = catalog[catalog["status"].isin([STATUS_OK, STATUS_PENDING]) | (catalog["cluster"] != "")]
     for row in considered.drop_duplicates("sha256").itertuples():
-        write_thumbnail(workspace.root / row.path, thumbnail_path(workspace, row.sha256), thumbnail_size)
+        try:
+            write_thumbnail(workspace.root / row.path, thumbnail_path(workspace, row.sha256), thumbnail_size)
+        except ThumbnailError as error:
+            log.warning("no thumbnail in the review pack: %s", error)
     hints = review_hints(workspace, considered, considered[considered["status"] == STATUS_PENDING], tiny_side)
     cards = [
         _card(row, hints=hints.get(row.sha256, []))

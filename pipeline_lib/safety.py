@@ -1,11 +1,18 @@
-"""URL safety checks before any download (SSRF protection for crawled URLs)."""
+"""URL safety checks before any download (SSRF protection for crawled URLs), and connections pinned to the
+address that passed the check (no second DNS lookup that a rebinding name could answer differently)."""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
 import socket
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
+
+from requests import PreparedRequest
+from requests.adapters import HTTPAdapter
+from requests.utils import select_proxy
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +60,21 @@ def resolve_host(host: str, port: int | None) -> list[IPAddress]:
     return addresses
 
 
-def check_url(url: str, allow_private: bool) -> None:
-    """Raise UnsafeUrlError (naming url and reason) unless url is http(s) to a resolvable, allowed host."""
+@dataclass(frozen=True)
+class CheckedUrl:
+    """A URL that passed check_url: its host name, port and the address the connection must go to."""
+
+    url: str
+    host: str
+    port: int | None
+    address: IPAddress
+
+
+def check_url(url: str, allow_private: bool) -> CheckedUrl:
+    """The URL's checked address; UnsafeUrlError (naming url and reason) unless it is http(s) to an allowed host.
+
+    Every address the name resolves to must be allowed; the first one is where the connection goes.
+    """
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -72,12 +92,55 @@ def check_url(url: str, allow_private: bool) -> None:
         raise UnsafeUrlError(f"unsafe url {url!r}: host {host!r} does not resolve ({error})") from None
     if not addresses:
         raise UnsafeUrlError(f"unsafe url {url!r}: host {host!r} does not resolve")
-    if allow_private:
-        return
-    for address in addresses:
-        reason = _non_public_reason(address)
-        if reason:
-            raise UnsafeUrlError(
-                f"unsafe url {url!r}: host {host!r} resolves to a {reason} "
-                "(set sources.allow_private_addresses: true to allow it)"
-            )
+    if not allow_private:
+        for address in addresses:
+            reason = _non_public_reason(address)
+            if reason:
+                raise UnsafeUrlError(
+                    f"unsafe url {url!r}: host {host!r} resolves to a {reason} "
+                    "(set sources.allow_private_addresses: true to allow it)"
+                )
+    return CheckedUrl(url, host, port, addresses[0])
+
+
+def _host_header(checked: CheckedUrl) -> str:
+    """The Host header of the URL (the name, not the pinned address)."""
+    name = f"[{checked.host}]" if ":" in checked.host else checked.host
+    return f"{name}:{checked.port}" if checked.port is not None else name
+
+
+class PinnedAdapter(HTTPAdapter):
+    """A requests adapter that checks every request's URL (each redirect hop too: requests sends each through
+    the adapter) and connects to the address that passed the check, keeping the URL's name for the Host header,
+    TLS SNI and certificate check. Mount it for http:// and https:// on every session that fetches crawled URLs.
+
+    Behind a configured proxy the proxy resolves the name; the URL is still checked, the connection not pinned.
+    """
+
+    def __init__(self, allow_private: bool, **kwargs: Any) -> None:
+        self.allow_private = allow_private
+        super().__init__(**kwargs)
+
+    def get_connection_with_tls_context(
+        self, request: PreparedRequest, verify: Any, proxies: dict[str, str] | None = None, cert: Any = None
+    ) -> Any:
+        """The pool of the checked address (not of a fresh DNS lookup of the name)."""
+        checked = check_url(str(request.url), self.allow_private)
+        if select_proxy(str(request.url), proxies):
+            return super().get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert)
+        host_params, pool_kwargs = self.build_connection_pool_key_attributes(request, verify, cert)
+        host_params = dict(host_params, host=str(checked.address))
+        if host_params.get("scheme") == "https":
+            pool_kwargs = dict(pool_kwargs, server_hostname=checked.host, assert_hostname=checked.host)
+        request.headers["Host"] = _host_header(checked)
+        return self.poolmanager.connection_from_host(**host_params, pool_kwargs=pool_kwargs)
+
+
+def pin_session(session: Any, allow_private: bool, **adapter_kwargs: Any) -> Any:
+    """Mount PinnedAdapter (adapter_kwargs: e.g. pool_maxsize) on a requests session for http and https, unless
+    one with the same allow_private is there already; return the session."""
+    for prefix in ("http://", "https://"):
+        adapter = session.get_adapter(prefix)
+        if not isinstance(adapter, PinnedAdapter) or adapter.allow_private != allow_private:
+            session.mount(prefix, PinnedAdapter(allow_private, **adapter_kwargs))
+    return session

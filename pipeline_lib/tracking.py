@@ -36,10 +36,16 @@ LOCAL_UI_HOST, LOCAL_UI_PORT = "127.0.0.1", 5000  # where `aidetect ui` serves a
 # MLflow 3's UI opens an experiment in the view its kind names; without the tag it may guess the GenAI one.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # the classic training view: runs, metrics, models
+ARCHITECTURE_TAG = "architecture"  # model version tag: the backbone name the state_dict is rebuilt into
+STATE_DICT_PATH = "extra_files/best.pt"  # inside a logged model: the aidetect checkpoint (state_dict + meta)
 
 
 class ModelNotFoundError(LookupError):
     """No registered champion, run or logged model where one was asked for; the message says what is missing."""
+
+
+class UnsafeModelError(ModelNotFoundError):
+    """A logged model can only be loaded by unpickling (code from the tracking store) and that was not allowed."""
 
 
 def tracking_uri(uri: str | None, workspace: Workspace) -> str:
@@ -189,6 +195,45 @@ def start_run(
 
 
 STAGE_KIND = "stage"  # aidetect.kind of the nested run of one stage (the pipeline's run has kind "pipeline")
+WORKSPACE_TAG = "aidetect.workspace"  # the workspace a run wrote to (with aidetect.host and aidetect.pid)
+
+
+def owner_tags(workspace: Workspace) -> dict[str, str]:
+    """Tags naming who runs a pipeline run: workspace, host and pid (to find runs a killed process left RUNNING)."""
+    import os
+    import socket
+
+    return {WORKSPACE_TAG: str(workspace.root), "aidetect.host": socket.gethostname(), "aidetect.pid": str(os.getpid())}
+
+
+def end_orphaned_runs(uri: str, experiment: str, workspace: Workspace) -> list[str]:
+    """Mark KILLED the RUNNING runs of this workspace left by a process that no longer runs; their ids.
+
+    Call it holding the workspace lock: no other live process of this host writes to the workspace then, so a
+    RUNNING run of it from another pid is one whose process died (a SIGKILL, a power cut) before it could end it.
+    """
+    import os
+    import socket
+
+    client = MlflowClient(tracking_uri=uri)
+    with _quiet():
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        runs = client.search_runs(
+            [found.experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`{WORKSPACE_TAG}` = '{workspace.root}'",
+        )
+    ended = []
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("aidetect.host") != socket.gethostname() or tags.get("aidetect.pid") == str(os.getpid()):
+            continue
+        client.set_terminated(run.info.run_id, status="KILLED")
+        pid = tags.get("aidetect.pid")
+        log.warning("MLflow run %s was left RUNNING by pid %s, which died: marked KILLED", run.info.run_id, pid)
+        ended.append(run.info.run_id)
+    return ended
 
 
 KEY_PARAM_PREFIX = "key."  # params of a stage run: the parts of its cache key (pipeline_lib.cachekey)
@@ -342,8 +387,14 @@ def _active_run(tracker: Tracker) -> Iterator[None]:
             tracker.client.update_run(tracker.run_id, status="RUNNING")
 
 
-def log_pytorch_model(tracker: Tracker, model: Any, input_example: Any, requirements: list[str]) -> str:
-    """Log a torch model with pickle serialisation (torch.export fixes the batch size); return its URI."""
+def log_pytorch_model(
+    tracker: Tracker, model: Any, input_example: Any, requirements: list[str], checkpoint: Path | None = None
+) -> str:
+    """Log a torch model with pickle serialisation (torch.export fixes the batch size); return its URI.
+
+    checkpoint: the aidetect checkpoint (state_dict + meta) the model came from, logged inside the model as
+    STATE_DICT_PATH: what champion re-scoring and `predict` load (weights only, never unpickled).
+    """
     import mlflow.pytorch
     from mlflow.models import infer_signature
 
@@ -353,6 +404,7 @@ def log_pytorch_model(tracker: Tracker, model: Any, input_example: Any, requirem
     with torch.inference_mode():
         output = model(torch.as_tensor(input_example)).softmax(dim=1).numpy()
     signature = infer_signature(input_example, output)
+    extra = [str(_as_best_pt(checkpoint))] if checkpoint is not None else None
     with _quiet(), _active_run(tracker):
         info = mlflow.pytorch.log_model(
             model,
@@ -361,8 +413,23 @@ def log_pytorch_model(tracker: Tracker, model: Any, input_example: Any, requirem
             signature=signature,
             input_example=input_example,
             pip_requirements=requirements,
+            extra_files=extra,
         )
     return info.model_uri
+
+
+def _as_best_pt(checkpoint: Path) -> Path:
+    """The checkpoint under the file name STATE_DICT_PATH expects (a copy in a temporary folder if it differs)."""
+    import shutil
+    import tempfile
+
+    checkpoint = Path(checkpoint)
+    name = Path(STATE_DICT_PATH).name
+    if checkpoint.name == name:
+        return checkpoint
+    target = Path(tempfile.mkdtemp(prefix="aidetect-model-")) / name
+    shutil.copyfile(checkpoint, target)
+    return target
 
 
 @dataclass(frozen=True)
@@ -421,6 +488,7 @@ def register_model(
     alias: str = CHAMPION,
     not_comparable: str | None = None,
     promote: bool = False,
+    architecture: str | None = None,
 ) -> ChampionDecision:
     """Register a model version; move `alias` to it only if it beats the current holder on a fair comparison.
 
@@ -443,6 +511,8 @@ def register_model(
         if calibration is not None:
             tags[CALIBRATION_TAG] = calibration
             client.set_tag(tracker.run_id, f"aidetect.{CALIBRATION_TAG}", calibration)  # predict --model RUN_ID
+        if architecture is not None:
+            tags[ARCHITECTURE_TAG] = architecture
         version = client.create_model_version(
             name, model_uri, run_id=tracker.run_id, tags=tags, model_id=_logged_model_id(model_uri)
         )
@@ -499,10 +569,55 @@ def _signature_image_size(model_uri: str) -> int | None:
     return int(shape[-1])
 
 
-def _load_torch(uri: str, model_uri: str, image_size: int | None, what: str) -> tuple[Any, int]:
-    """(torch model on CPU in eval mode, image size) of model_uri; ModelNotFoundError naming what is missing."""
+def _download(uri: str, artifact_uri: str) -> Path | None:
+    """A logged model's file downloaded into a temporary folder, or None when the model has no such file."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="aidetect-model-")
+    with _quiet(), _global_uri(uri):
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=folder))
+        except (MlflowException, OSError) as error:
+            log.debug("no %s: %s", artifact_uri, error)
+            return None
+
+
+def _model_files_uri(uri: str, model_uri: str) -> str:
+    """Where a logged model's files can be read by path: a registered version's models:/name@alias (or /version)
+    as it is; a logged model's own id (models:/m-...) through its artifact location, since MLflow reads the first
+    part of models:/<x>/<path> as a registered model's name."""
+    model_id = _logged_model_id(model_uri)
+    if model_id is None:
+        return model_uri
+    with _quiet():
+        try:
+            return str(MlflowClient(tracking_uri=uri).get_logged_model(model_id).artifact_location)
+        except MlflowException:
+            return model_uri
+
+
+def _load_state_dict(uri: str, model_uri: str, what: str) -> tuple[Any, int] | None:
+    """(model rebuilt in code from the logged state_dict, image size), loaded weights only; None if there is none.
+
+    UnsafeModelError when the file is there but is not a plain checkpoint (e.g. a pickle that would run code).
+    """
+    from pipeline_lib import models
+
+    path = _download(uri, f"{_model_files_uri(uri, model_uri)}/{STATE_DICT_PATH}")
+    if path is None:
+        return None
+    try:
+        model, meta = models.load_model(path)
+    except (models.CheckpointError, FileNotFoundError) as error:
+        raise UnsafeModelError(f"{what}: the state_dict of {model_uri} cannot be loaded safely: {error}") from None
+    return model, int(meta["image_size"])
+
+
+def _load_pickled(uri: str, model_uri: str, image_size: int | None, what: str) -> tuple[Any, int]:
+    """The pickled model (unpickling runs code from the tracking store: only with trust_pickle)."""
     import mlflow.pytorch
 
+    log.warning("%s: unpickling %s as asked (--trust-pickle)", what, model_uri)
     with _quiet(), _global_uri(uri):
         try:
             model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
@@ -514,7 +629,25 @@ def _load_torch(uri: str, model_uri: str, image_size: int | None, what: str) -> 
     return model.eval(), int(size)
 
 
-def load_champion(uri: str, name: str, alias: str = CHAMPION) -> tuple[Any, int]:
+def _load_torch(
+    uri: str, model_uri: str, image_size: int | None, what: str, trust_pickle: bool = False
+) -> tuple[Any, int]:
+    """(torch model on CPU in eval mode, image size) of model_uri, rebuilt from its state_dict with weights_only.
+
+    A model logged without a state_dict can only be unpickled: UnsafeModelError unless trust_pickle.
+    """
+    loaded = _load_state_dict(uri, model_uri, what)
+    if loaded is not None:
+        return loaded[0].eval(), loaded[1]
+    if not trust_pickle:
+        raise UnsafeModelError(
+            f"{what}: {model_uri} in {uri} carries no state_dict ({STATE_DICT_PATH}); loading it would unpickle "
+            "it, which runs whatever code the tracking store holds. Pass --trust-pickle if you trust that store"
+        )
+    return _load_pickled(uri, model_uri, image_size, what)
+
+
+def load_champion(uri: str, name: str, alias: str = CHAMPION, trust_pickle: bool = False) -> tuple[Any, int]:
     """The champion (or another alias) of registered model name as (torch model in eval mode, its image size)."""
     current = current_champion(uri, name, alias)
     if current is None:
@@ -522,7 +655,8 @@ def load_champion(uri: str, name: str, alias: str = CHAMPION) -> tuple[Any, int]
             f"registered model {name!r} has no {alias!r} in {uri} (run the pipeline first, or pass a checkpoint)"
         )
     tagged = (current.tags or {}).get(IMAGE_SIZE_TAG)
-    return _load_torch(uri, f"models:/{name}@{alias}", int(tagged) if tagged else None, f"{alias} of {name!r}")
+    model_uri = f"models:/{name}@{alias}"
+    return _load_torch(uri, model_uri, int(tagged) if tagged else None, f"{alias} of {name!r}", trust_pickle)
 
 
 def champion_calibration(uri: str, name: str, alias: str = CHAMPION) -> str | None:
@@ -571,7 +705,7 @@ def run_calibration(uri: str, run_id: str) -> str | None:
     return found[0] if found else None
 
 
-def load_run_model(uri: str, run_id: str) -> tuple[Any, int]:
+def load_run_model(uri: str, run_id: str, trust_pickle: bool = False) -> tuple[Any, int]:
     """The model logged by a run (name 'model') as (torch model in eval mode, image size it expects)."""
     client = MlflowClient(tracking_uri=uri)
     with _quiet():
@@ -585,7 +719,8 @@ def load_run_model(uri: str, run_id: str) -> tuple[Any, int]:
     if not found:
         raise ModelNotFoundError(f"MLflow run {run_id} logged no model (its training may have failed)")
     tagged = run.data.tags.get(f"aidetect.{IMAGE_SIZE_TAG}")
-    return _load_torch(uri, found[0].model_uri, int(tagged) if tagged else None, f"model of run {run_id}")
+    size = int(tagged) if tagged else None
+    return _load_torch(uri, found[0].model_uri, size, f"model of run {run_id}", trust_pickle)
 
 
 def find_version(uri: str, name: str, model_digest: str) -> Any | None:

@@ -303,3 +303,22 @@ def not_an_image(path: Path) -> str:
     except OSError as error:
         return f"unreadable: {error.strerror or error}"
     return f"not an image ({sniff_content(head) if head else 'empty file'})"
+
+
+def check_header(path: Path, min_side: int, max_pixels: int, animated_policy: AnimatedPolicy) -> str:
+    """Why ingest would refuse this file judging by its header alone ("" if nothing): for scoring outside the
+    pipeline (predict), before any pixel is decoded. Same reasons as check_image for what the header shows."""
+    if min_side < 1 or max_pixels < 1:
+        raise ValueError(f"min_side and max_pixels must be >= 1, got {min_side} and {max_pixels}")
+    n_bytes = Path(path).stat().st_size
+    if n_bytes == 0:
+        return "zero_bytes"
+    with open(path, "rb") as handle:
+        head = handle.read(SNIFF_BYTES)
+    with _pixel_limit(max_pixels):
+        try:
+            image = Image.open(path)
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
+            return _open_failure_reason(error, head, n_bytes)
+        with image:
+            return _header_problem(image, min_side, max_pixels, animated_policy)

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import json
+import logging
 import os
+import socket
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 _SUBDIRS = (
     "store",
@@ -26,8 +34,16 @@ _SUBDIRS = (
 )
 
 
+LOCK_FILE = ".aidetect.lock"
+_UMASK_LOCK = threading.Lock()
+
+
 class WorkspaceError(FileNotFoundError):
     """The workspace directory is missing or not an aidetect workspace."""
+
+
+class WorkspaceBusyError(RuntimeError):
+    """Another process writes to this workspace (it holds the workspace lock); the message names it."""
 
 
 @dataclass(frozen=True)
@@ -141,13 +157,38 @@ def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def current_umask() -> int:
+    """The process's umask (read from /proc where possible, since os.umask can only be read by setting it)."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode a plain open() would give a new file: 0o666 less the umask (mkstemp alone gives 0o600)."""
+    return 0o666 & ~current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path next to target; rename it onto target only if the block succeeds."""
+    """Yield a temporary path next to target; rename it onto target only if the block succeeds.
+
+    The file gets the mode of a plain open() under the user's umask, so a team sharing a workspace can read it.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, default_file_mode())
+    finally:
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -209,12 +250,22 @@ def atomic_write_text(target: Path, text: str) -> Path:
 
 
 def put_in_store(workspace: Workspace, data: bytes, ext: str) -> tuple[str, Path]:
-    """Store bytes content-addressed (idempotent); return (sha256, path)."""
+    """Store bytes content-addressed (idempotent; a damaged copy already there is rewritten); return (sha256, path)."""
     sha256 = bytes_sha256(data)
     target = workspace.store_path(sha256, ext)
-    if not target.exists():
+    if not has_content(target, sha256):
         atomic_write_bytes(target, data)
     return sha256, target
+
+
+def has_content(path: Path, sha256: str) -> bool:
+    """Whether path is a file whose bytes hash to sha256 (a truncated or replaced file does not)."""
+    if not Path(path).is_file():
+        return False
+    if file_sha256(path) == sha256:
+        return True
+    log.warning("%s does not hold the bytes its name promises (%s...): rewriting it", path, sha256[:12])
+    return False
 
 
 def digest_of(*parts: str) -> str:
@@ -246,3 +297,101 @@ def folder_files(root: Path) -> Iterator[Path]:
         parts = path.relative_to(root).parts
         if not any(part.startswith(".") for part in parts) and path.is_file():
             yield path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One workspace, one writer
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds (or held) the workspace lock."""
+
+    pid: int
+    host: str
+    since: str
+    command: str = ""
+
+    def describe(self) -> str:
+        """'pid 123 on host h since 2026-...: aidetect run'."""
+        what = f": {self.command}" if self.command else ""
+        return f"pid {self.pid} on host {self.host} since {self.since}{what}"
+
+    def is_alive(self) -> bool | None:
+        """Whether the holder's process still runs (None when it runs on another host: unknown)."""
+        if self.host != socket.gethostname():
+            return None
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def lock_path(workspace: Workspace) -> Path:
+    """The workspace's lock file."""
+    return workspace.root / LOCK_FILE
+
+
+def read_lock_holder(path: Path) -> LockHolder | None:
+    """The holder recorded in a lock file, or None when it is empty or unreadable."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8") or "null")
+        return LockHolder(int(data["pid"]), str(data["host"]), str(data["since"]), str(data.get("command", "")))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _busy_message(workspace: Workspace, holder: LockHolder | None) -> str:
+    who = holder.describe() if holder is not None else "another process"
+    return (
+        f"workspace {workspace.root} is in use by {who} (lock file {lock_path(workspace)}); "
+        "wait for that run to finish or stop it, then run again. One workspace takes one writer at a time"
+    )
+
+
+def _try_lock(workspace: Workspace) -> int:
+    """An open descriptor holding the exclusive lock; WorkspaceBusyError naming the holder if it is taken."""
+    path = lock_path(workspace)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, default_file_mode())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise WorkspaceBusyError(_busy_message(workspace, read_lock_holder(path))) from None
+    return fd
+
+
+def check_unlocked(workspace: Workspace) -> None:
+    """Raise WorkspaceBusyError now if another process holds the workspace lock (a quick check before starting)."""
+    if not lock_path(workspace).exists():
+        return
+    fd = _try_lock(workspace)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def workspace_lock(workspace: Workspace, command: str = "") -> Iterator[LockHolder | None]:
+    """Hold the workspace's writer lock for the block; yield the stale holder taken over (a killed run) or None.
+
+    The lock is an flock on .aidetect.lock, so the kernel releases it when its process dies, whatever the way; the
+    file records pid, host, start time and command so that a second run can say who holds it.
+    """
+    fd = _try_lock(workspace)
+    path = lock_path(workspace)
+    stale = read_lock_holder(path)
+    if stale is not None:
+        log.warning("taking over the workspace lock left by %s (that process is gone)", stale.describe())
+    me = LockHolder(os.getpid(), socket.gethostname(), datetime.now(UTC).isoformat(timespec="seconds"), command)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(asdict(me)).encode("utf-8"), 0)
+        os.fsync(fd)
+        yield stale
+    finally:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

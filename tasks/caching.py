@@ -16,6 +16,15 @@ from pipeline_lib import cachekey
 from pipeline_lib.workspace import Workspace
 
 
+def result_folder(workspace: Workspace) -> Any:
+    """Where stage results live: workspace/prefect/results, one file per cache key holding the whole record.
+
+    Key and result in one file (no separate key storage): a result file that is missing or unreadable is a cache
+    miss, so the stage is recomputed instead of failing with "Path ... does not exist".
+    """
+    return workspace.prefect / "results"
+
+
 @dataclass
 class StageKeyPolicy(CachePolicy):
     """A Prefect cache policy whose key is cachekey.stage_key: the task's fixed parts plus its inputs' parts."""
@@ -66,8 +75,9 @@ def cached(
         return task.with_options(cache_policy=NO_CACHE, persist_result=False)
     policy = StageKeyPolicy(fixed=tuple(sorted(fixed_parts(task, index or cachekey.CodeIndex()).items())))
     return task.with_options(
-        cache_policy=policy.configure(key_storage=str(workspace.prefect / "cache")),
+        cache_policy=policy,
         persist_result=True,
+        result_storage=result_folder(workspace),
         refresh_cache=refresh,
     )
 

@@ -151,4 +151,4 @@ def merge_ingest(
     table = ingest_lib.ingest(workspace, crawled, config, checks=checks, hashing=hashing, hashes=hashes)
     summary = ingest_lib.ingest_summary(table)
     metrics = {f"ingest.{k}": float(v) for k, v in summary.items()}
-    return StageResult(cat.write_snapshot(workspace, "ingest", table), metrics)
+    return StageResult(cat.write_snapshot(workspace, "ingest", table), metrics, ingest_lib.missing_notes(table))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from pipeline_lib import calibration as calibration_lib
 from pipeline_lib import catalog as cat
 from pipeline_lib import crawl as crawl_lib
 from pipeline_lib import dedup as dedup_lib
-from pipeline_lib import devices, health, models, preprocess, report, review, split, tracking
+from pipeline_lib import devices, health, models, preprocess, recovery, report, review, split
 from pipeline_lib import evaluate as evaluate_lib
 from pipeline_lib import predict as predict_lib
 from pipeline_lib import train as train_lib
@@ -35,7 +36,6 @@ from pipeline_lib.config import (
 from pipeline_lib.normalize import policy_key
 from pipeline_lib.workspace import Ref, Workspace
 from tasks.caching import current_stage_key
-from tasks.progress import EpochReporter
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ def crawl_sources(root: str, sources: SourcesConfig) -> StageResult:
     workspace = Workspace.create(root)
     result = crawl_lib.crawl_sources(workspace, sources)
     summary, crawl_log, fallback_notes = _crawl_fallbacks(workspace, sources, result)
+    recovered = recovery.restore_missing(workspace, crawl_log, sources)  # files deleted since they were fetched
     log_ref = cat.write_table(workspace, "crawl", "log", crawl_log)
     totals = summary[["new", "skipped", "failed"]].sum()
     metrics = {f"crawl.{k}": float(v) for k, v in totals.items()}
@@ -105,7 +106,8 @@ def crawl_sources(root: str, sources: SourcesConfig) -> StageResult:
     keywords = health.keyword_health(summary)
     flagged = health.flagged(keywords)
     notes += [f"crawl health: {r.source} {r.keyword!r} {r.flag}: {r.message}" for r in flagged.itertuples()]
-    notes += fallback_notes
+    notes += fallback_notes + recovered.notes()
+    metrics |= {"crawl.restored": float(len(recovered.restored)), "crawl.lost": float(len(recovered.lost))}
     metrics |= health.engine_counts(summary) | health.keyword_counts(summary)
     metrics["crawl.flagged_keywords"] = float(len(flagged))
     rows = summary.to_dict("records")
@@ -275,20 +277,20 @@ def train(
     config: TrainConfig,
     normalize: NormalizeConfig | None = None,
     resume: bool = True,
-    progress: tracking.Tracker | None = None,
+    progress: Callable[[train_lib.EpochStats], None] | None = None,
 ) -> TrainOutput:
     """Fine-tune the classifier in models/<stage key>/ (split.training_set in, so only content keys it).
 
     resume: continue from that folder's last.pt (a run of the same key that was interrupted); False (--refresh-cache)
-    trains from epoch 0. progress: the MLflow run each finished epoch's metrics go to as it ends (not in the key).
+    trains from epoch 0. progress: called as each epoch ends (tasks.progress.EpochReporter: a console line and the
+    epoch's metrics in MLflow); live, not in the key, so the code that reports is not the code that trains.
     """
     workspace = Workspace.create(root)
     active = _active(normalize)
     out_dir = workspace.models / current_stage_key()[:16]
     table = cat.read_table(workspace, trainset)
-    reporter = EpochReporter(progress, config.epochs)
     result = train_lib.train_model(
-        workspace, table, config, out_dir, on_epoch=reporter, policy=active, resume=resume
+        workspace, table, config, out_dir, on_epoch=progress, policy=active, resume=resume
     )
     history = [vars(epoch) | {} for epoch in result.history]
     return TrainOutput(
@@ -324,7 +326,8 @@ def fit_calibration(
     normalize: NormalizeConfig | None,
     device: str = "cpu",
 ) -> tuple[float, dict[str, float], list[str]]:
-    """(temperature fitted on the validation split's logits, calibration.* metrics, notes); T = 1 when off/empty."""
+    """(temperature fitted on the validation split's logits, calibration.* metrics, notes); T = 1 when off, when
+    the split is too small or one-class, or when the fit lands outside calibration.TEMPERATURE_RANGE."""
     if not config.temperature_scaling:
         return 1.0, {"calibration.temperature": 1.0}, ["temperature scaling off (calibration.temperature_scaling)"]
     if val_rows.empty:
@@ -332,15 +335,19 @@ def fit_calibration(
     images = preprocess.load_tensors(workspace, val_rows["sha256"].tolist(), size, _active(normalize))
     logits = evaluate_lib.predict_logits(model, images, device=device)
     labels = val_rows["label"].astype(str).to_numpy()
-    temperature = calibration_lib.fit_temperature(logits, labels)
+    fit = calibration_lib.fit_bounded_temperature(logits, labels, config.min_val_images)
+    temperature = fit.temperature
     raw = calibration_lib.expected_calibration_error(evaluate_lib.softmax_p_ai(logits), labels)
     fitted = calibration_lib.expected_calibration_error(calibration_lib.apply_temperature(logits, temperature), labels)
     metrics = {
         "calibration.temperature": temperature,
+        "calibration.fitted": float(not fit.reason),
         "calibration.val_n": float(len(val_rows)),
         "calibration.val_ece_raw": raw,
         "calibration.val_ece": fitted,
     }
+    if fit.reason:
+        return temperature, metrics, [f"temperature scaling skipped, T=1: {fit.reason}"]
     return temperature, metrics, [f"temperature scaling: T={temperature:.3f} on {len(val_rows)} validation images"]
 
 
@@ -473,7 +480,8 @@ def make_report(
             "model": str(meta.get("model_name")),
             "model digest": model_ref.digest[:16],
             "normalisation": policy_key(active) if active else "none",
-            "temperature": f"{evaluation.temperature:.4f}",
+            "temperature": f"{evaluation.temperature:.4f}"
+            + "".join(f" ({note})" for note in evaluation.notes if note.startswith("temperature scaling skipped")),
         },
         per_generator=pd.DataFrame(evaluation.generators) if evaluation.generators else None,
         cam_target=config.cam_target,

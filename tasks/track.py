@@ -29,10 +29,15 @@ log = logging.getLogger(__name__)
 
 @task(name="mlflow-start", cache_policy=NO_CACHE)
 def start_tracking(root: str, config: PipelineConfig, run_name: str, tags: dict[str, str]) -> tracking.Tracker:
-    """Open the pipeline's MLflow run and log the whole config (params + config.yaml)."""
+    """Open the pipeline's MLflow run and log the whole config (params + config.yaml); first mark KILLED the runs a
+    killed process left RUNNING in this workspace (the caller holds the workspace lock)."""
     workspace = Workspace.create(root)
     uri = tracking.tracking_uri(config.tracking.uri, workspace)
-    tracker = tracking.start_run(uri, config.tracking.experiment, workspace, run_name, tags)
+    orphans = tracking.end_orphaned_runs(uri, config.tracking.experiment, workspace)
+    owner = tracking.owner_tags(workspace)
+    tracker = tracking.start_run(uri, config.tracking.experiment, workspace, run_name, tags | owner)
+    if orphans:
+        tracker.set_tags({"aidetect.killed_orphans": ",".join(orphans)})
     tracker.log_params(flatten_config(config))
     tracker.log_text(config_to_yaml(config), "config.yaml")
     return tracker
@@ -135,15 +140,18 @@ def register(
     alias: str = tracking.CHAMPION,
     promote: bool = False,
     device: str = "cpu",
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
-    """Log the best model (pickle format) unless this checkpoint is registered already; maybe move the alias to it.
+    """Log the best model (pickle format, with its state_dict beside it) unless this checkpoint is registered already;
+    maybe move the alias to it.
 
     alias is `champion`, or `loo-<generator>` for a leave-one-generator-out run (which never touches `champion`).
-    The model holding the alias is scored on this test split too (on device, in batches), decoded with its own
-    recorded normalisation and calibrated with its own temperature (its version's calibration tag); McNemar's paired
-    test on the two models' per-image correctness says whether the difference is more than noise. When some of these
-    test images were in that model's training or validation data the two are not comparable: the alias stays unless
-    promote (--promote).
+    The model holding the alias is scored on this test split too (on device, in batches): rebuilt from its
+    state_dict (never unpickled unless trust_pickle), decoded with its own recorded normalisation and calibrated with
+    its own temperature (its version's calibration tag); McNemar's paired test on the two models' per-image
+    correctness says whether the difference is more than noise. When some of these test images were in that model's
+    training or validation data the two are not comparable: the alias stays unless promote (--promote). A holder
+    that cannot be loaded is reported and skipped.
     """
     workspace = Workspace.create(root)
     existing = tracking.find_version(tracker.uri, name, model_ref.digest)
@@ -160,10 +168,10 @@ def register(
         f"torch=={torch.__version__.split('+')[0]}",
         f"torchvision=={torchvision.__version__.split('+')[0]}",
     ]
-    uri = tracking.log_pytorch_model(tracker, model, example, requirements)
+    uri = tracking.log_pytorch_model(tracker, model, example, requirements, checkpoint=model_ref.resolve(workspace))
     holder = tracking.current_champion(tracker.uri, name, alias)
     unfair = _not_comparable(tracker.uri, holder, evaluation, workspace)
-    champion = _score_champion(workspace, tracker.uri, name, alias, evaluation, device)
+    champion, skipped = _score_champion(workspace, tracker.uri, name, alias, evaluation, device, trust_pickle)
     champion_score = _rescore_champion(test_digest, holder, champion)
     paired = _paired_test(workspace, tracker, evaluation, champion)
     decision = tracking.register_model(
@@ -179,9 +187,12 @@ def register(
         alias=alias,
         not_comparable=unfair,
         promote=promote,
+        architecture=str(meta["model_name"]),
     )
     _log_decision(tracker, decision, rescored=champion_score is not None, image_size=size)
-    return paired | {
+    if skipped:
+        tracker.set_tags({"aidetect.champion_skipped": skipped})
+    return paired | ({"champion_skipped": skipped} if skipped else {}) | {
         "version": decision.version,
         "promoted": decision.promoted,
         "reason": decision.reason,
@@ -206,32 +217,39 @@ def _not_comparable(uri: str, holder: Any, evaluation: EvalOutput, workspace: Wo
 
 
 def _score_champion(
-    workspace: Workspace, uri: str, name: str, alias: str, evaluation: EvalOutput, device: str = "cpu"
-) -> pd.DataFrame | None:
-    """The alias holder's predictions on this run's test images (same order as the challenger's), or None.
+    workspace: Workspace,
+    uri: str,
+    name: str,
+    alias: str,
+    evaluation: EvalOutput,
+    device: str = "cpu",
+    trust_pickle: bool = False,
+) -> tuple[pd.DataFrame | None, str]:
+    """(The alias holder's predictions on this run's test images, same order as the challenger's, or None; why it
+    was skipped, "" if it was not).
 
     The images are decoded with the holder's own normalisation and its logits calibrated with its own temperature.
     """
     if tracking.current_champion(uri, name, alias) is None:
-        return None
+        return None, ""
     try:
-        champion, size = tracking.load_champion(uri, name, alias)
+        champion, size = tracking.load_champion(uri, name, alias, trust_pickle)
         recorded = tracking.champion_calibration(uri, name, alias)
         calibration = parse_calibration(recorded, f"calibration tag of {name}@{alias}") if recorded else None
     except (tracking.ModelNotFoundError, ValueError) as error:
-        log.warning("%s not scored: %s", alias, error)
-        return None
+        log.warning("%s not scored, skipped: %s", alias, error)
+        return None, str(error)
     calibration = calibration or ModelCalibration()
     rows = pd.read_parquet(evaluation.predictions.resolve(workspace))
     if rows.empty:
-        return None
+        return None, ""
     policy = calibration.normalize
     policy = policy if policy is not None and policy.mode != "none" else None
     images = preprocess.load_tensors(workspace, rows["sha256"].tolist(), size, policy)
     logits = evaluate_lib.predict_logits(champion, images, device=devices.resolve_device(device))
     p_ai = calibration_lib.apply_temperature(logits, calibration.temperature)
     threshold = float(evaluation.metrics["threshold"])
-    return evaluate_lib.predictions_table(rows, p_ai, threshold, p_ai_raw=evaluate_lib.softmax_p_ai(logits))
+    return evaluate_lib.predictions_table(rows, p_ai, threshold, p_ai_raw=evaluate_lib.softmax_p_ai(logits)), ""
 
 
 def _rescore_champion(test_digest: str, holder: Any, champion: pd.DataFrame | None) -> float | None:

@@ -8,6 +8,7 @@ import pytest
 from pipeline_lib.calibration import (
     apply_temperature,
     expected_calibration_error,
+    fit_bounded_temperature,
     fit_temperature,
     verdict,
     verdicts,
@@ -32,6 +33,21 @@ def test_temperature_scaling_lowers_ece_of_an_overconfident_model() -> None:
     before = expected_calibration_error(apply_temperature(test_logits, 1.0), test_labels)
     after = expected_calibration_error(apply_temperature(test_logits, temperature), test_labels)
     assert before > 0.1 and after < 0.04 and after < before / 3
+
+
+def test_a_temperature_needs_enough_validation_images_and_stays_in_range() -> None:
+    logits, labels = toy(2000, seed=0)
+    assert fit_bounded_temperature(logits, labels, 30).temperature == pytest.approx(5.0, rel=0.15)
+    # 16 images the model separates perfectly: the raw fit runs to the edge of its search (T -> 0)
+    separable = np.stack([np.zeros(16), np.where(np.arange(16) % 2, 4.0, -4.0)], axis=1)
+    halves = np.arange(16) % 2
+    assert fit_temperature(separable, halves) < 0.1, "the unbounded fit would print p_ai like 1e-28"
+    few = fit_bounded_temperature(separable, halves, 30)
+    assert few.temperature == 1.0 and "only 16 validation images" in few.reason and "min_val_images=30" in few.reason
+    many = fit_bounded_temperature(np.tile(separable, (4, 1)), np.tile(halves, 4), 30)
+    assert many.temperature == 1.0 and "outside 0.2..10" in many.reason and "separates" in many.reason
+    one_class = fit_bounded_temperature(logits[:50], np.ones(50, dtype=int), 30)
+    assert one_class.temperature == 1.0 and "one class" in one_class.reason
 
 
 def test_p_ai_input_gives_the_same_temperature_as_logits() -> None:

@@ -8,6 +8,7 @@ from pipeline_lib.catalog import (
     counts,
     empty_catalog,
     new_rows,
+    read_parquet_file,
     read_snapshot,
     write_snapshot,
 )
@@ -40,6 +41,23 @@ def test_tampered_snapshot_is_detected(workspace):
     ref.resolve(workspace).write_bytes(b"garbage")
     with pytest.raises(CatalogError, match="changed on disk"):
         read_snapshot(workspace, ref)
+
+
+def test_a_truncated_snapshot_is_rewritten_when_the_stage_writes_it_again(workspace):
+    ref = write_snapshot(workspace, "ingest", _rows())
+    path = ref.resolve(workspace)
+    path.write_bytes(path.read_bytes()[:100])  # what a crash or a full disk leaves
+    with pytest.raises(CatalogError, match="changed on disk"):
+        read_snapshot(workspace, ref)
+    assert write_snapshot(workspace, "ingest", _rows()) == ref
+    pd.testing.assert_frame_equal(read_snapshot(workspace, ref), _rows())
+
+
+def test_a_damaged_parquet_file_is_a_catalog_error_naming_it(tmp_path):
+    path = tmp_path / "dedup-0123.parquet"
+    path.write_bytes(b"PAR1 not really")
+    with pytest.raises(CatalogError, match="dedup-0123.parquet is damaged"):
+        read_parquet_file(path)
 
 
 def test_label_other_than_real_or_ai_is_rejected():

@@ -524,6 +524,9 @@ def test_group_csv_generator_column_names_each_files_generator(workspace: Worksp
         "alice_2.png": "stable-diffusion",
         "bob_7.jpg": "unknown-tool",  # empty cell: the folder's generator
         "noname.jpg": "DALL·E 3",
+        "no_extension": "unknown-tool",  # an image by its bytes, not in the CSV
+        "groups.csv": "unknown-tool",  # left out (not images): logged with the folder's generator
+        "notes.txt": "unknown-tool",
     }
     assert crawl.read_group_csv(root / "groups.csv", root)["bob_7.jpg"] == "p2"
 
@@ -754,3 +757,94 @@ def test_detect_ext_prefers_the_bytes(tmp_path: Path) -> None:
     assert detect_ext(_jpeg(tmp_path, 1), "http://h/no-suffix") == "jpg"
     assert detect_ext(b"<html></html>", "http://h/x.JPEG?size=2") == "jpg"
     assert detect_ext(b"<html></html>", "http://h/page") == "bin"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A total deadline per download, and a declared length over the cap refused before reading
+
+
+@contextlib.contextmanager
+def _raw_site(answer: Any) -> Iterator[str]:
+    """A loopback server whose every GET is answered by answer(handler); yields its base URL; counts requests."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            answer.hits += 1
+            try:
+                answer(self)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up
+                self.close_connection = True
+
+    answer.hits = 0
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+def test_a_server_trickling_bytes_hits_the_total_deadline(tmp_path: Path) -> None:
+    import time
+
+    body = b"x" * 40
+
+    def trickle(handler: BaseHTTPRequestHandler) -> None:  # one byte every 0.25 s: no read ever times out
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        for byte in body:
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
+            time.sleep(0.25)
+
+    with _raw_site(trickle) as base, crawl.requests.Session() as session:
+        sources = _sources(request_timeout_s=3, download_timeout_s=1.5, max_retries=2)
+        data, error = crawl.fetch_bytes(session, f"{base}/slow.jpg", sources)
+    assert data is None, "a download must not outlive its deadline however steadily the bytes trickle"
+    assert "took longer than 1.5 s in all" in error, error
+    assert trickle.hits == 1, "a download that ran out of time is not retried"
+
+
+def test_a_declared_length_over_the_cap_is_refused_before_reading(tmp_path: Path) -> None:
+    def huge(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(crawl.MAX_DOWNLOAD_BYTES + 1))
+        handler.end_headers()
+        handler.wfile.write(b"\xff\xd8\xff" + b"\0" * 1000)
+        handler.wfile.flush()
+        handler.close_connection = True
+
+    with _raw_site(huge) as base, crawl.requests.Session() as session:
+        data, error = crawl.fetch_bytes(session, f"{base}/huge.jpg", _sources(max_retries=2))
+    assert data is None and f"declared Content-Length {crawl.MAX_DOWNLOAD_BYTES + 1}" in error, error
+    assert huge.hits == 1, "refused at once, not read, not retried"
+
+
+def test_search_pages_pass_the_same_check(workspace: Workspace, tmp_path: Path) -> None:
+    site = TestSite({"0.jpg": _jpeg(tmp_path, 0)})
+    with site.serve() as endpoint:
+        result = crawl_sources(workspace, _sources(search=[_bing(endpoint, ["x"])], allow_private_addresses=False))
+    assert site.queries == [], "the loopback search page itself must not be requested"
+    error = result.summary.set_index("keyword").loc["x", "error"]
+    assert "search page refused" in error and "loopback" in error, error
+
+
+def test_over_long_keywords_are_refused_with_where_they_came_from(workspace: Workspace, tmp_path: Path) -> None:
+    long, endpoint = "x" * 220, "http://127.0.0.1:9/s?q={keyword}&first={offset}"
+    with pytest.raises(ValueError, match=r"sources.search\[0\].keywords: keyword 'x+'\.\.\. is 220 characters"):
+        crawl_sources(workspace, _sources(search=[_bing(endpoint, [long])]))
+    keywords = tmp_path / "names.txt"
+    keywords.write_text(f"fine\n{long}\n", encoding="utf-8")
+    source = _bing(endpoint, [], keywords_file=keywords)
+    with pytest.raises(ValueError, match="names.txt: keyword .* the limit is 100"):
+        crawl_sources(workspace, _sources(search=[source]))
+    urls = tmp_path / "urls.csv"
+    urls.write_text(f"url,label,group\nhttp://127.0.0.1:9/a.jpg,real,{long}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="urls.csv, line 2: keyword"):
+        crawl.read_url_list(urls)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nobody yet\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="has no keywords .*empty.txt holds none"):
+        crawl_sources(workspace, _sources(search=[_bing(endpoint, [], keywords_file=empty)]))

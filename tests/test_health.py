@@ -146,3 +146,10 @@ def test_fallback_keeps_the_filters_its_engine_supports_and_names_the_dropped(
     note = plan[0].describe()
     assert "filters kept: type=photo, color=color" in note and "dropped: size=>4mp (bing does not support them)" in note
     assert fallback_sources(keyword_health(first.summary), sources) == [plan[0].source]
+
+
+def test_metric_names_from_long_keywords_are_bounded_and_stay_unique() -> None:
+    long_a, long_b = "a" * 220, "a" * 219 + "b"
+    slug_a, slug_b = metric_slug(long_a), metric_slug(long_b)
+    assert len(slug_a) == len(slug_b) == 64 and slug_a != slug_b
+    assert metric_slug("short name") == "short_name"

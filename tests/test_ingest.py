@@ -285,7 +285,7 @@ def test_planned_chunks_with_hashing_fill_the_cache_like_ingest(tmp_path: Path) 
     files = crawled_files()
     mapped_ws, plain_ws = Workspace.create(tmp_path / "mapped"), Workspace.create(tmp_path / "plain")
     crawl_log = crawl(mapped_ws, files)
-    jobs = validation_jobs(mapped_ws, files_to_ingest(crawl_log))
+    jobs = validation_jobs(mapped_ws, files_to_ingest(crawl_log), CONFIG)
     rows = validate_files(mapped_ws, jobs[:4], CONFIG, HASHING) + validate_files(mapped_ws, jobs[4:], CONFIG, HASHING)
     assert {row["sha256"] for row in rows if row["phash"]} == {row["sha256"] for row in rows if row["ok"]}
     assert not cache_path(mapped_ws, *HASHING).exists(), "chunks only compute; the merge writes the cache"

@@ -181,3 +181,36 @@ def test_calibration_file_round_trip_and_temperature_applied(tmp_path: Path, mod
     calibration_path(checkpoint).write_text("not json", encoding="utf-8")
     with pytest.raises(ValueError, match="malformed"):
         read_calibration(checkpoint)
+
+
+def _png_header_claiming(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims width x height pixels (a decompression bomb as far as any decoder knows)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def test_files_ingest_would_refuse_are_reported_per_file_and_never_decoded(
+    tmp_path: Path, model: models.Classifier
+) -> None:
+    from pipeline_lib.config import IngestConfig
+
+    bomb = _png_header_claiming(tmp_path / "bomb.png", 12_000, 12_000)  # 144 megapixels
+    tiny = make_image(tmp_path / "tiny.jpg", seed=5, size=(20, 20))
+    good = make_image(tmp_path / "good.jpg", seed=6)
+    rows = predict_files(model, {"image_size": SIZE}, [bomb, tiny, good], ingest=IngestConfig())
+    by_name = {Path(row.path).name: row for row in rows}
+    assert by_name["bomb.png"].p_ai is None
+    assert "refused by the ingest policy: decompression_bomb" in by_name["bomb.png"].error
+    assert "ingest.max_pixels=89478485" in by_name["bomb.png"].error
+    assert by_name["tiny.jpg"].error.startswith("refused by the ingest policy: too_small")
+    assert by_name["good.jpg"].error is None and 0 <= by_name["good.jpg"].p_ai <= 1
+    strict = predict_files(model, {"image_size": SIZE}, [good], ingest=IngestConfig(max_pixels=100))
+    assert "decompression_bomb" in strict[0].error

@@ -9,10 +9,12 @@ from pipeline_lib.review import (
     ReviewError,
     append_decisions,
     apply_decisions,
+    damaged_decisions_path,
     decisions_digest,
     read_decisions,
     read_decisions_csv,
     record_auto_approvals,
+    repair_decisions,
     write_review_pack,
 )
 from tests.conftest import make_image
@@ -55,6 +57,50 @@ def test_bad_decision_or_unknown_sha_changes_nothing(workspace):
     with pytest.raises(ReviewError, match="no image with sha256"):
         append_decisions(workspace, [Decision("c" * 64, "approve")], known={"a" * 64})
     assert not (workspace.review / "decisions.jsonl").exists(), "a rejected batch must write nothing"
+
+
+def _cut_off(workspace, first: str) -> bytes:
+    """A decisions file whose last append was cut off by a crash: one whole line, then half of the next."""
+    whole = json.dumps({"sha256": first, "decision": "reject", "reason": "unrelated", "reviewer": "a", "when": "t"})
+    half = json.dumps({"sha256": "d" * 64, "decision": "approve", "reason": "", "reviewer": "a", "when": "t"})[:37]
+    (workspace.review / "decisions.jsonl").write_text(whole + "\n" + half, encoding="utf-8")
+    return half.encode()
+
+
+def test_a_cut_off_last_line_is_set_aside_never_merged_with_the_next_decision(workspace, caplog):
+    first, second = "a" * 64, "b" * 64
+    half = _cut_off(workspace, first)
+    assert set(read_decisions(workspace)) == {first}, "a cut-off last line is skipped, not fatal"
+    assert append_decisions(workspace, [Decision(second, "approve", "", "me")]) == 1
+    decisions = read_decisions(workspace)
+    assert {sha: d.decision for sha, d in decisions.items()} == {first: "reject", second: "approve"}
+    lines = (workspace.review / "decisions.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b"" and all(json.loads(line) for line in lines[:-1]), "whole lines only"
+    assert damaged_decisions_path(workspace).read_bytes() == half + b"\n", "the cut-off bytes are kept"
+    assert "cut off" in caplog.text and "decisions.jsonl.damaged" in caplog.text
+
+
+def test_a_whole_last_line_without_its_newline_is_kept(workspace):
+    line = json.dumps({"sha256": "a" * 64, "decision": "approve", "reason": "", "reviewer": "a", "when": "t"})
+    (workspace.review / "decisions.jsonl").write_text(line, encoding="utf-8")
+    append_decisions(workspace, [Decision("b" * 64, "reject", "other", "me")])
+    assert set(read_decisions(workspace)) == {"a" * 64, "b" * 64}
+    assert not damaged_decisions_path(workspace).exists()
+
+
+def test_repair_sets_aside_every_line_that_is_not_a_decision(workspace):
+    first = "a" * 64
+    append_decisions(workspace, [Decision(first, "approve", "", "me")])
+    with open(workspace.review / "decisions.jsonl", "a", encoding="utf-8") as handle:
+        handle.write("{not json\n")
+    append_decisions(workspace, [Decision("b" * 64, "reject", "other", "me")])
+    with pytest.raises(ReviewError, match=r"decisions.jsonl:2 .*doctor --repair"):
+        read_decisions(workspace)
+    messages = repair_decisions(workspace)
+    assert len(messages) == 1 and "1 line(s)" in messages[0]
+    assert set(read_decisions(workspace)) == {first, "b" * 64}
+    assert damaged_decisions_path(workspace).read_text() == "{not json\n"
+    assert repair_decisions(workspace) == []
 
 
 def test_modes(workspace):

@@ -82,7 +82,7 @@ HOSTILE_KEYWORDS = [
     "/etc/passwd",
     "bell\x07nul\x00esc\x1b[31m tab\tnewline\nend",
     "<script>alert('x')</script>",
-    "名前" * 2000,
+    "名前" * 50,
     "C:\\Windows\\System32\\..\\evil",
 ]
 HOSTILE_NAMES = [
@@ -143,3 +143,161 @@ def test_hostile_keywords_and_remote_names_never_become_paths(workspace: Workspa
 )
 def test_remote_names_never_give_an_unsafe_extension(url: str) -> None:
     assert detect_ext(b"<html>not an image</html>", url) == "bin"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The connection goes to the address that passed the check (DNS rebinding)
+#
+# A rebinding DNS server cannot exist here, so socket.getaddrinfo is replaced by a stub resolver: the first lookup
+# of the name gives one answer, every later lookup another. Public addresses are never connected to: the stub
+# refuses to resolve them (as a machine without network would), so no packet leaves the machine.
+
+PUBLIC = "93.184.216.34"
+
+
+class RebindingResolver:
+    """getaddrinfo stub: `name` resolves to first, then to later; PUBLIC (a literal) is refused."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str, first: str, later: str) -> None:
+        import socket
+
+        self.real = socket.getaddrinfo
+        self.name, self.first, self.later = name, first, later
+        self.lookups: list[str] = []
+        self.public_connects = 0
+        monkeypatch.setattr(socket, "getaddrinfo", self)
+
+    def __call__(self, host, port, *args, **kwargs):
+        import socket
+
+        if host == self.name:  # the name: answered by the "DNS server"
+            self.lookups.append(host)
+            return self.real(self.first if len(self.lookups) == 1 else self.later, port, *args, **kwargs)
+        if host == PUBLIC:  # a connection to the public literal: refused, nothing leaves the machine
+            self.public_connects += 1
+            raise socket.gaierror(socket.EAI_NONAME, "no network in tests")
+        return self.real(host, port, *args, **kwargs)
+
+
+def _site(tmp_path: Path) -> LoopbackSite:
+    return LoopbackSite({"a.jpg": make_image(tmp_path / "a.jpg", seed=1).read_bytes()})
+
+
+def test_a_name_that_rebinds_to_loopback_is_never_connected_to(monkeypatch, tmp_path: Path) -> None:
+    import requests
+
+    from pipeline_lib.crawl import fetch_bytes
+
+    site = _site(tmp_path)
+    with site.serve() as endpoint:
+        port = endpoint.split(":")[2].split("/")[0]
+        resolver = RebindingResolver(monkeypatch, "rebind.test", PUBLIC, "127.0.0.1")
+        sources = SourcesConfig(allow_private_addresses=False, request_timeout_s=2, max_retries=0)
+        with requests.Session() as session:
+            session.trust_env = False  # no proxy from the environment: the connection is ours to pin
+            data, error = fetch_bytes(session, f"http://rebind.test:{port}/img/a.jpg", sources)
+    assert site.hits["a.jpg"] == 0, "the check saw a public address: nothing may reach 127.0.0.1"
+    assert data is None and resolver.public_connects == 1, "the connection went to the address that was checked"
+    assert resolver.lookups == ["rebind.test"], "the name is resolved once, by the check; the connection is pinned"
+
+
+def test_every_redirect_hop_is_pinned_to_its_checked_address(monkeypatch, tmp_path: Path) -> None:
+    import requests
+
+    from pipeline_lib.crawl import fetch_bytes
+
+    site = _site(tmp_path)
+    with site.serve() as endpoint:
+        port = endpoint.split(":")[2].split("/")[0]
+        redirect = LoopbackSite({})
+        redirect.answer_image = lambda handler, name: _redirect(handler, f"http://hop.test:{port}/img/a.jpg")
+        with redirect.serve() as first:
+            start = first.split("/search")[0] + "/img/start.jpg"
+            resolver = RebindingResolver(monkeypatch, "hop.test", "127.0.0.1", PUBLIC)
+            sources = SourcesConfig(allow_private_addresses=True, request_timeout_s=5, max_retries=0)
+            with requests.Session() as session:
+                session.trust_env = False
+                data, error = fetch_bytes(session, start, sources)
+    assert (data, error) == (site.images["a.jpg"], ""), error
+    assert resolver.lookups == ["hop.test"] and resolver.public_connects == 0
+
+
+def _redirect(handler, location: str) -> None:
+    handler.send_response(302)
+    handler.send_header("Location", location)
+    handler.send_header("Content-Length", "0")
+    handler.end_headers()
+
+
+def test_https_keeps_the_name_for_sni_and_the_certificate_while_connecting_to_the_pinned_address(
+    monkeypatch, tmp_path: Path
+) -> None:
+    import ssl
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import requests
+
+    from pipeline_lib.crawl import fetch_bytes
+    from pipeline_lib.demo_data import serving
+
+    cert, key = _self_signed(tmp_path, "pinned.test")
+    image = make_image(tmp_path / "b.jpg", seed=2).read_bytes()
+    seen_sni: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.sni_callback = lambda sock, name, ctx: seen_sni.append(name)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    with serving(server) as port:
+        resolver = RebindingResolver(monkeypatch, "pinned.test", "127.0.0.1", PUBLIC)
+        sources = SourcesConfig(allow_private_addresses=True, request_timeout_s=5, max_retries=0)
+        with requests.Session() as session:
+            session.trust_env = False  # else REQUESTS_CA_BUNDLE from the environment overrides session.verify
+            session.verify = str(cert)
+            data, error = fetch_bytes(session, f"https://pinned.test:{port}/img/b.jpg", sources)
+    assert (data, error) == (image, ""), error
+    assert seen_sni == ["pinned.test"] and resolver.lookups == ["pinned.test"]
+
+
+def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for name (and its key), as PEM files."""
+    import datetime
+
+    pytest.importorskip("cryptography")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path

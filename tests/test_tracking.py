@@ -12,7 +12,7 @@ from pipeline_lib import evaluate, models, preprocess, tracking
 from pipeline_lib.workspace import bytes_sha256
 from tasks import track
 from tasks.stages import EvalOutput
-from tests.conftest import make_image
+from tests.conftest import MarkerPayload, make_image
 
 SIZE = 32  # image size of the test checkpoints
 
@@ -76,11 +76,15 @@ def test_load_champion_and_run_model_round_trip_with_image_size(workspace):
     with pytest.raises(tracking.ModelNotFoundError, match="no 'champion'"):
         tracking.load_champion(tracker.uri, "det")
     tracking.register_model(tracker, uri, "det", 0.5, "t", "m", image_size=4)
-    champion, size = tracking.load_champion(tracker.uri, "det")
+    with pytest.raises(tracking.UnsafeModelError, match="--trust-pickle"):
+        tracking.load_champion(tracker.uri, "det")  # logged without a state_dict: only unpickling could load it
+    champion, size = tracking.load_champion(tracker.uri, "det", trust_pickle=True)
     assert size == 4, f"champion image size should come from its version tag, got {size}"
     images = torch.rand(3, 3, 4, 4)
     torch.testing.assert_close(champion(images), model(images), msg="the loaded champion is not the logged model")
-    by_run, run_size = tracking.load_run_model(tracker.uri, tracker.run_id)
+    with pytest.raises(tracking.UnsafeModelError):
+        tracking.load_run_model(tracker.uri, tracker.run_id)
+    by_run, run_size = tracking.load_run_model(tracker.uri, tracker.run_id, trust_pickle=True)
     assert run_size == 4, f"a run's model image size should come from its signature, got {run_size}"
     torch.testing.assert_close(by_run(images), model(images))
     with pytest.raises(tracking.ModelNotFoundError, match="no MLflow run"):
@@ -330,3 +334,67 @@ def test_experiment_opens_in_the_training_view(workspace):
     assert MlflowClient(tracking_uri=uri).get_experiment(older).tags[tracking.EXPERIMENT_KIND_TAG] == (
         "custom_model_development"
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Registered models are rebuilt from their state_dict: a replaced pickle in the tracking store runs nothing
+
+
+def _logged_files(workspace, name: str) -> list:
+    return sorted((workspace.root / "mlartifacts").rglob(name))
+
+
+def test_the_champion_is_rebuilt_from_its_state_dict_and_a_pickled_payload_never_runs(workspace, tmp_path):
+    model_ref = _constant_model(workspace, "champ", 0.0, 5.0)
+    model, meta = models.load_model(model_ref.resolve(workspace))
+    tracker = _tracker(workspace)
+    example = np.random.rand(1, 3, SIZE, SIZE).astype("float32")
+    uri = tracking.log_pytorch_model(tracker, model, example, ["torch"], checkpoint=model_ref.resolve(workspace))
+    tracking.register_model(tracker, uri, "det", 0.5, "t", "m", image_size=SIZE, architecture=meta["model_name"])
+    assert tracking.current_champion(tracker.uri, "det").tags["architecture"] == "resnet18"
+    marker = tmp_path / "pwned"
+    (pickled,) = _logged_files(workspace, "model.pth")
+    torch.save(MarkerPayload(str(marker)), pickled)  # someone with write access to the store replaced it
+
+    champion, size = tracking.load_champion(tracker.uri, "det")
+    assert not marker.exists(), "loading the champion unpickled the model"
+    assert size == SIZE and isinstance(champion, models.Classifier)
+    images = torch.rand(2, 3, SIZE, SIZE)
+    torch.testing.assert_close(champion(images), model(images))
+
+    (state,) = _logged_files(workspace, "best.pt")
+    torch.save(MarkerPayload(str(marker)), state)
+    with pytest.raises(tracking.UnsafeModelError, match="cannot be loaded safely"):
+        tracking.load_champion(tracker.uri, "det")
+    with pytest.raises(tracking.UnsafeModelError):
+        tracking.load_champion(tracker.uri, "det", trust_pickle=True)
+    assert not marker.exists(), "a state_dict file is never unpickled beyond tensors"
+
+
+def test_register_task_reports_and_skips_a_champion_it_cannot_load_safely(workspace, tmp_path):
+    split = _test_split(workspace, "a", ["ai", "ai", "real", "real"], seed=1)
+    first, _ = _register(workspace, _constant_model(workspace, "ai1", 0.0, 5.0), split, "A")
+    marker = tmp_path / "pwned"
+    for path in _logged_files(workspace, "model.pth") + _logged_files(workspace, "best.pt"):
+        torch.save(MarkerPayload(str(marker)), path)
+    second, run = _register(workspace, _constant_model(workspace, "real1", 5.0, 0.0), split, "A")
+    assert not marker.exists(), "champion re-scoring unpickled the model"
+    assert "cannot be loaded safely" in second["champion_skipped"], second
+    assert "cannot be loaded safely" in run["tags"]["aidetect.champion_skipped"]
+    assert second["version"] != first["version"]
+
+
+def test_a_run_left_running_by_a_killed_process_is_marked_killed(workspace):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    uri = tracking.tracking_uri(None, workspace)
+    owner = tracking.owner_tags(workspace)
+    orphan = tracking.start_run(uri, "exp", workspace, "killed", owner | {"aidetect.pid": dead.stdout.strip()})
+    mine = tracking.start_run(uri, "exp", workspace, "this one", owner)
+    elsewhere = tracking.start_run(uri, "exp", workspace, "other ws", owner | {tracking.WORKSPACE_TAG: "/other/ws"})
+    assert tracking.end_orphaned_runs(uri, "exp", workspace) == [orphan.run_id]
+    status = {t.run_id: tracking.run_summary(uri, t.run_id)["status"] for t in (orphan, mine, elsewhere)}
+    assert status == {orphan.run_id: "KILLED", mine.run_id: "RUNNING", elsewhere.run_id: "RUNNING"}
+    assert tracking.end_orphaned_runs(uri, "no-such-experiment", workspace) == []

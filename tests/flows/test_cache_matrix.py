@@ -182,12 +182,18 @@ MATRIX: tuple[Change, ...] = (
 )
 
 
+RUN_RECORDS = (".aidetect.lock", "runs.jsonl")  # every run says who runs (the lock) and adds its line to the list
+
+
 def _stamps(root: Path) -> dict[str, tuple[int, int]]:
-    """(size, mtime_ns) of every file in the workspace but MLflow's artifacts (each run logs its own)."""
+    """(size, mtime_ns) of every file in the workspace but MLflow's artifacts and the run records (each run writes
+    its own)."""
     return {
-        path.relative_to(root).as_posix(): (path.stat().st_size, path.stat().st_mtime_ns)
+        relative: (path.stat().st_size, path.stat().st_mtime_ns)
         for path in root.rglob("*")
-        if path.is_file() and not path.relative_to(root).as_posix().startswith("mlartifacts/")
+        if path.is_file()
+        and not (relative := path.relative_to(root).as_posix()).startswith("mlartifacts/")
+        and relative not in RUN_RECORDS
     }
 
 
@@ -315,8 +321,10 @@ def test_the_parts_that_changed_are_logged_on_the_stage_run(matrix: dict[str, An
     folder = Path(_row(matrix, "train.lr").summary["model"]).parent.name
     assert train["tags"]["aidetect.cache_key"][:16] == folder, "the logged key is not the key Prefect used"
     assert {"key.lib.torch", "key.code.pipeline_lib.train", "key.input.trainset"} <= set(train["params"])
-    unchanged = _stage_run(matrix, "no change", "ingest")
+    unchanged = _stage_run(matrix, "no change", "crawl")  # the one stage that runs every time
     assert unchanged["tags"]["aidetect.key_changed"] == "(none: the key is unchanged)"
+    uri, run_id = matrix["world"].tracking_uri, _row(matrix, "no change").summary["mlflow_run_id"]
+    assert set(tracking.stage_runs(tracking.Tracker(uri, run_id))) == {"crawl"}, "cached stages get no nested run"
 
 
 def test_refresh_cache_trains_the_same_key_again_from_epoch_0(matrix: dict[str, Any]) -> None:

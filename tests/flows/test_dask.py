@@ -173,6 +173,7 @@ def test_a_run_on_a_cluster_whose_workers_cannot_see_the_workspace_stops_before_
             "sources": {"folders": [{"path": str(data / "real"), "label": "real"}]},
             "execution": {"workspace": str(root), "task_runner": "dask", "dask_address": address},
             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+            "train": {"weights": "none"},  # offline here: the weights check would stop the run first
         }
         config.write_text(yaml.safe_dump(mapping), encoding="utf-8")
         result = CliRunner().invoke(app, ["run", "--config", str(config)])

@@ -20,6 +20,7 @@ SMALL = [
     "--set", "evaluate.bootstrap=50",
     "--set", "report.images_per_cell=1",
     "--set", "tracking.system_metrics_interval_s=0",
+    "--set", "split.min_groups_per_label=1",  # 6 persons: one val or test group per label
 ]  # fmt: skip
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline_lib import models
+from pipeline_lib import models, tracking
 from pipeline_lib.workspace import Workspace
-from tests.conftest import make_image
+from tests.conftest import MarkerPayload, make_image
 
 runner = CliRunner()
 
@@ -66,14 +67,15 @@ def test_predict_missing_model_exits_2_with_a_clear_message(tmp_path: Path) -> N
     assert result.exit_code == 2 and "no image files" in result.output, result.output
 
 
-def _logged_run(workspace: Path, model: torch.nn.Module, calibration: str | None) -> str:
-    """An MLflow run in the workspace's store that logged model (and registered it with calibration, if given)."""
+def _logged_run(workspace: Path, model: torch.nn.Module, calibration: str | None, saved: Path) -> str:
+    """An MLflow run in the workspace's store that logged model with its checkpoint file `saved` (its state_dict),
+    and registered it with calibration, if given."""
     from pipeline_lib import tracking
 
     ws = Workspace.open(workspace)
     tracker = tracking.start_run(tracking.tracking_uri(None, ws), "aidetect", ws, "run", {})
     example = torch.rand(1, 3, 32, 32).numpy()
-    uri = tracking.log_pytorch_model(tracker, model, example, ["torch"])
+    uri = tracking.log_pytorch_model(tracker, model, example, ["torch"], checkpoint=saved)
     if calibration is not None:
         tracking.register_model(tracker, uri, "aidetect", 0.9, "t", "m", image_size=32, calibration=calibration)
     tracker.finish()
@@ -96,7 +98,7 @@ def test_predict_with_a_run_id_uses_the_runs_calibration_and_normalisation(tmp_p
     calibration = ModelCalibration(4.0, NormalizeConfig(mode="jpeg", quality=20))
     write_calibration(path, calibration)
     workspace = str(Workspace.create(tmp_path / "ws").root)
-    run_id = _logged_run(Path(workspace), model, json.dumps(calibration.as_dict()))
+    run_id = _logged_run(Path(workspace), model, json.dumps(calibration.as_dict()), path)
     by_run = _predict_json(str(tmp_path / "in"), "--model", run_id, "--workspace", workspace)
     by_champion = _predict_json(str(tmp_path / "in"), "--model", "champion", "--workspace", workspace)
     by_file = _predict_json(str(tmp_path / "in"), "--model", str(path))
@@ -110,9 +112,10 @@ def test_predict_with_a_run_id_uses_the_runs_calibration_and_normalisation(tmp_p
 
 def test_predict_with_a_run_without_calibration_says_so(tmp_path: Path) -> None:
     image = make_image(tmp_path / "a.jpg", seed=1)
-    model, _ = models.load_model(checkpoint(tmp_path))
+    saved = checkpoint(tmp_path)
+    model, _ = models.load_model(saved)
     workspace = str(Workspace.create(tmp_path / "ws").root)
-    run_id = _logged_run(Path(workspace), model, None)
+    run_id = _logged_run(Path(workspace), model, None, saved)
     result = runner.invoke(app, ["predict", str(image), "--model", run_id, "--workspace", workspace, "--json"])
     assert result.exit_code == 0 and "records no calibration" in result.stderr, result.output
     row = json.loads(result.stdout)[0]
@@ -131,3 +134,42 @@ def test_predict_device_option(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         missing = runner.invoke(app, ["predict", str(image), "--model", model, "--device", "cuda:0"])
         assert missing.exit_code == 2 and "no CUDA device" in missing.output
+
+
+def test_predict_champion_is_rebuilt_from_its_state_dict_and_never_unpickled(tmp_path: Path) -> None:
+    workspace = Workspace.create(tmp_path / "ws")
+    uri = tracking.tracking_uri(None, workspace)
+    tracker = tracking.start_run(uri, "aidetect", workspace, "run")
+    path = checkpoint(tmp_path)
+    model, _ = models.load_model(path)
+    example = np.random.rand(1, 3, 32, 32).astype("float32")
+    logged = tracking.log_pytorch_model(tracker, model, example, ["torch"], checkpoint=path)
+    tracking.register_model(tracker, logged, "aidetect", 0.9, "t", "m", image_size=32, architecture="resnet18")
+    marker = tmp_path / "pwned"
+    (pickled,) = (workspace.root / "mlartifacts").rglob("model.pth")
+    torch.save(MarkerPayload(str(marker)), pickled)  # the tracking store was tampered with
+    image = make_image(tmp_path / "a.jpg")
+    result = runner.invoke(app, ["predict", str(image), "--workspace", str(workspace.root), "--json"])
+    assert result.exit_code == 0, result.output
+    assert not marker.exists(), "predict --model champion unpickled the tracking store's model"
+    (row,) = json.loads(result.stdout)
+    assert row["error"] is None and 0 <= row["p_ai"] <= 1
+
+    (state,) = (workspace.root / "mlartifacts").rglob("best.pt")
+    torch.save(MarkerPayload(str(marker)), state)
+    result = runner.invoke(app, ["predict", str(image), "--workspace", str(workspace.root), "--trust-pickle"])
+    assert result.exit_code == 2 and "cannot be loaded safely" in result.output, result.output
+    assert not marker.exists()
+
+
+def test_predict_applies_the_ingest_policy_per_file(tmp_path: Path) -> None:
+    big = make_image(tmp_path / "big.jpg", seed=1, size=(64, 64))
+    small = make_image(tmp_path / "small.jpg", seed=2, size=(40, 40))
+    config = tmp_path / "strict.yaml"
+    config.write_text("ingest:\n  max_pixels: 2000\n", encoding="utf-8")
+    args = ["predict", str(big), str(small), "--model", str(checkpoint(tmp_path)), "--json"]
+    result = runner.invoke(app, [*args, "--config", str(config)])
+    assert result.exit_code == 1, result.output
+    rows = {Path(row["path"]).name: row for row in json.loads(result.stdout)}
+    assert "refused by the ingest policy: decompression_bomb" in rows["big.jpg"]["error"]
+    assert rows["small.jpg"]["error"] is None

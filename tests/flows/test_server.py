@@ -57,7 +57,7 @@ def test_a_started_server_is_used_by_later_commands_until_it_is_stopped(tmp_path
         assert again.returncode == 0 and "already running" in again.stdout
         assert f"Prefect API: {api_url}" in _aidetect(env, "server", "status").stdout
 
-        crawled = _aidetect(env, "crawl", "--config", str(config), "--workspace", str(tmp_path / "ws"))
+        crawled = _aidetect(env, "crawl", "--config", str(config), "--workspace", str(tmp_path / "ws"), "--json")
         assert crawled.returncode == 0, crawled.stdout + crawled.stderr
         summary = json.loads(crawled.stdout[crawled.stdout.index("{") : crawled.stdout.rindex("}") + 1])
         assert summary["states"] == {"crawl": "Completed", "ingest": "Completed"}, summary
