@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline_lib.workspace import Workspace
+from pipeline_lib.core.workspace import Workspace
 
 log = logging.getLogger("bench_cli")
 REPO = Path(__file__).resolve().parents[1]

@@ -42,13 +42,21 @@ import numpy as np
 from PIL import Image
 from synthetic import photo_like_image
 
-from pipeline_lib import fingerprint, review
-from pipeline_lib import ingest as ingest_lib
-from pipeline_lib.catalog import write_snapshot
-from pipeline_lib.config import DedupConfig, ExecutionConfig, IngestConfig, ReviewConfig, SourcesConfig, UrlListSource
-from pipeline_lib.crawl import crawl_sources
-from pipeline_lib.dedup import find_duplicates
-from pipeline_lib.workspace import Workspace
+from pipeline_lib.acquire import fingerprint
+from pipeline_lib.acquire import ingest as ingest_lib
+from pipeline_lib.acquire.crawl import crawl_sources
+from pipeline_lib.core.catalog import write_snapshot
+from pipeline_lib.core.config import (
+    DedupConfig,
+    ExecutionConfig,
+    IngestConfig,
+    ReviewConfig,
+    SourcesConfig,
+    UrlListSource,
+)
+from pipeline_lib.core.workspace import Workspace
+from pipeline_lib.curate import review
+from pipeline_lib.curate.dedup import find_duplicates
 
 log = logging.getLogger("bench_crawl")
 

@@ -29,9 +29,9 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from synthetic import photo_like_image  # noqa: E402
 
 from flows.pipeline import fingerprint_stage, ingest_stage, preprocess_stage, tracked_stages  # noqa: E402
-from pipeline_lib.catalog import read_snapshot, write_snapshot  # noqa: E402
-from pipeline_lib.config import PipelineConfig, build_config  # noqa: E402
-from pipeline_lib.workspace import Workspace, listing_digest  # noqa: E402
+from pipeline_lib.core.catalog import read_snapshot, write_snapshot  # noqa: E402
+from pipeline_lib.core.config import PipelineConfig, build_config  # noqa: E402
+from pipeline_lib.core.workspace import Workspace, listing_digest  # noqa: E402
 from tasks import stages  # noqa: E402
 
 log = logging.getLogger("bench_dask_scaling")

@@ -26,12 +26,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from pipeline_lib import preprocess
-from pipeline_lib import train as train_lib
-from pipeline_lib.catalog import new_rows
-from pipeline_lib.config import LABELS, AugmentConfig, TrainConfig
-from pipeline_lib.models import build_model
-from pipeline_lib.workspace import Workspace, put_in_store
+from pipeline_lib.core.catalog import new_rows
+from pipeline_lib.core.config import LABELS, AugmentConfig, TrainConfig
+from pipeline_lib.core.workspace import Workspace, put_in_store
+from pipeline_lib.learn import preprocess
+from pipeline_lib.learn import train as train_lib
+from pipeline_lib.learn.models import build_model
 
 log = logging.getLogger("bench_data_path")
 

@@ -21,9 +21,9 @@ import imagehash
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance
 
-from pipeline_lib.config import DedupConfig
-from pipeline_lib.fingerprint import hash_image
-from pipeline_lib.workspace import file_sha256
+from pipeline_lib.acquire.fingerprint import hash_image
+from pipeline_lib.core.config import DedupConfig
+from pipeline_lib.core.workspace import file_sha256
 
 log = logging.getLogger("bench_dedup_quality")
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline_lib import devices
-from pipeline_lib.models import build_model
+from pipeline_lib.core import devices
+from pipeline_lib.learn.models import build_model
 
 log = logging.getLogger("bench_gpu_train")
 

@@ -30,11 +30,12 @@ import torch
 from bench_gpu_train import measure, train_variant
 from synthetic import photo_like_image
 
-from pipeline_lib import catalog as cat
-from pipeline_lib import devices, preprocess
-from pipeline_lib import train as train_lib
-from pipeline_lib.config import TrainConfig
-from pipeline_lib.workspace import Workspace, put_in_store
+from pipeline_lib.core import catalog as cat
+from pipeline_lib.core import devices
+from pipeline_lib.core.config import TrainConfig
+from pipeline_lib.core.workspace import Workspace, put_in_store
+from pipeline_lib.learn import preprocess
+from pipeline_lib.learn import train as train_lib
 
 log = logging.getLogger("bench_gpu_train_e2e")
 AUGMENT_ON = ("device", "loader")  # the project's CUDA default first, then the naive way

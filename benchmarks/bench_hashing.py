@@ -28,11 +28,11 @@ import scipy.fftpack
 from PIL import Image
 from synthetic import photo_like_image
 
-from pipeline_lib import fingerprint, hashing, jobs
-from pipeline_lib.catalog import new_rows
-from pipeline_lib.fingerprint import fingerprint_catalog_with_stats
-from pipeline_lib.hashing import hash_pair
-from pipeline_lib.workspace import Workspace, file_sha256
+from pipeline_lib.acquire import fingerprint, hashing, jobs
+from pipeline_lib.acquire.fingerprint import fingerprint_catalog_with_stats
+from pipeline_lib.acquire.hashing import hash_pair
+from pipeline_lib.core.catalog import new_rows
+from pipeline_lib.core.workspace import Workspace, file_sha256
 
 log = logging.getLogger("bench_hashing")
 
@@ -155,7 +155,7 @@ print(time.perf_counter() - start)
 
 
 def time_pool_startup(workers: int) -> float:
-    """Seconds to start `workers` spawned processes that import pipeline_lib.jobs (what hashing needs), run one
+    """Seconds to start `workers` spawned processes that import pipeline_lib.acquire.jobs (what hashing needs), run one
     tiny call each and shut down; the parent is a bare `python -c`, so only the workers' own imports count."""
     command = [sys.executable, "-c", STARTUP_PROBE, str(workers)]
     result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
@@ -291,8 +291,8 @@ def main() -> None:
         naive_s, seq_s = min(naive_runs), min(seq_runs)
         floor_s = min(time_draft_decode_only(paths) for _ in range(args.repeats))
         startup_s = min(time_pool_startup(workers) for _ in range(args.repeats))
-        import_light = min(time_import("pipeline_lib.jobs") for _ in range(args.repeats))
-        import_pandas = min(time_import("pipeline_lib.fingerprint") for _ in range(args.repeats))
+        import_light = min(time_import("pipeline_lib.acquire.jobs") for _ in range(args.repeats))
+        import_pandas = min(time_import("pipeline_lib.acquire.fingerprint") for _ in range(args.repeats))
         warm_s = min(time_warm_pool(paths, workers) for _ in range(args.repeats))
         pool = time_pool(root / "ws", paths, workers)
         default = time_library_default(root / "ws-default", paths)

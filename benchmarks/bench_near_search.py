@@ -1,4 +1,4 @@
-"""Benchmark: near-duplicate pair search (pipeline_lib.dedup.find_near_pairs) against a numpy brute force.
+"""Benchmark: near-duplicate pair search (pipeline_lib.curate.dedup.find_near_pairs) against a numpy brute force.
 
 Prints one JSON object on stdout; progress goes to stderr.
 Usage: .venv/bin/python benchmarks/bench_near_search.py [--quick]
@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from pipeline_lib.dedup import _plan_vectorised, find_near_pairs
+from pipeline_lib.curate.dedup import _plan_vectorised, find_near_pairs
 
 log = logging.getLogger("bench_near_search")
 

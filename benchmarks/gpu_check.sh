@@ -31,7 +31,7 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3
 fi
 nvidia-smi >"$OUT_DIR/nvidia-smi.txt" 2>&1 || true
 : >"$OUT_DIR/summary.txt"
-step cuda_tests 180 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_train_cuda.py
+step cuda_tests 180 "$PY" -m pytest -q -p no:cacheprovider -rs tests/learn/test_train_cuda.py
 step bench_gpu_train 75 "$PY" benchmarks/bench_gpu_train.py --steps 20
 step bench_gpu_train_e2e 150 "$PY" benchmarks/bench_gpu_train_e2e.py -n 2048 --workers 4 8
 step bench_reference_recipe 210 "$PY" benchmarks/bench_reference_recipe.py

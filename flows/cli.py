@@ -21,11 +21,11 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from pipeline_lib import privacy
+from pipeline_lib.core import privacy
 
 if TYPE_CHECKING:
-    from pipeline_lib.config import FolderSource, PipelineConfig
-    from pipeline_lib.workspace import Workspace
+    from pipeline_lib.core.config import FolderSource, PipelineConfig
+    from pipeline_lib.core.workspace import Workspace
 
 EXIT_INPUT, EXIT_REVIEW, EXIT_NO_SERVER = 2, 3, 4  # 2: bad input or a damaged workspace
 DEBUG_ENV = "AIDETECT_DEBUG"  # set by --debug (or by the user): errors show their traceback
@@ -42,17 +42,17 @@ def _known_failures() -> list[tuple[tuple[type[BaseException], ...], str]]:
 
     from pyarrow import ArrowException
 
-    from pipeline_lib.audit import AuditError
-    from pipeline_lib.catalog import CatalogError
-    from pipeline_lib.cluster import ClusterError
-    from pipeline_lib.config import ConfigError
-    from pipeline_lib.crawl import CrawlLogError, SourceError
-    from pipeline_lib.models import CheckpointError, WeightsError, WeightsNotFoundError
-    from pipeline_lib.preprocess import PreprocessError
-    from pipeline_lib.review import ReviewError
-    from pipeline_lib.split import SplitError
-    from pipeline_lib.tracking import ModelNotFoundError
-    from pipeline_lib.workspace import WorkspaceBusyError, WorkspaceError
+    from pipeline_lib.acquire.crawl import CrawlLogError, SourceError
+    from pipeline_lib.core.catalog import CatalogError
+    from pipeline_lib.core.cluster import ClusterError
+    from pipeline_lib.core.config import ConfigError
+    from pipeline_lib.core.tracking import ModelNotFoundError
+    from pipeline_lib.core.workspace import WorkspaceBusyError, WorkspaceError
+    from pipeline_lib.curate.audit import AuditError
+    from pipeline_lib.curate.review import ReviewError
+    from pipeline_lib.curate.split import SplitError
+    from pipeline_lib.learn.models import CheckpointError, WeightsError, WeightsNotFoundError
+    from pipeline_lib.learn.preprocess import PreprocessError
 
     return [
         ((ConfigError, SourceError, SplitError, AuditError, WorkspaceError, WorkspaceBusyError, ClusterError), ""),
@@ -126,7 +126,7 @@ RefreshOpt = Annotated[bool, typer.Option("--refresh-cache", help="Recompute eve
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 DEMO_PORT = 47811  # loopback port of the demo's search site; stable so that a second demo run fetches nothing
-PROGRESS_ENV, PROGRESS_LOGGER = "PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib.progress"
+PROGRESS_ENV, PROGRESS_LOGGER = "PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib.core.progress"
 
 
 @app.callback()
@@ -154,7 +154,7 @@ def _echo(lines: list[str]) -> None:
 
 
 def _config(config: Path | None, workspace: Path | None, overrides: list[str] | None, refresh: bool) -> PipelineConfig:
-    from pipeline_lib.config import ConfigError, load_config
+    from pipeline_lib.core.config import ConfigError, load_config
 
     extra = list(overrides or [])
     if workspace is not None:
@@ -168,7 +168,7 @@ def _config(config: Path | None, workspace: Path | None, overrides: list[str] | 
 
 
 def _workspace(workspace: Path | None) -> Workspace:
-    from pipeline_lib.workspace import Workspace, WorkspaceError
+    from pipeline_lib.core.workspace import Workspace, WorkspaceError
 
     try:
         return Workspace.open(workspace or Path("workspace"))
@@ -180,10 +180,10 @@ def _check_sources(cfg: PipelineConfig) -> None:
     """Every source of the config (and the workspace's imports) as a crawl would check it, before Prefect starts."""
     if not cfg.execution.crawl:
         return
-    from pipeline_lib.config import ConfigError
-    from pipeline_lib.crawl import check_sources
-    from pipeline_lib.imports import with_imports
-    from pipeline_lib.workspace import Workspace, WorkspaceError
+    from pipeline_lib.acquire.crawl import check_sources
+    from pipeline_lib.acquire.imports import with_imports
+    from pipeline_lib.core.config import ConfigError
+    from pipeline_lib.core.workspace import Workspace, WorkspaceError
 
     try:
         workspace = Workspace.open(cfg.execution.workspace)
@@ -213,7 +213,7 @@ def _prefect() -> Iterator[str]:
 
 def _check_unlocked(cfg: PipelineConfig) -> None:
     """Exit 2 at once, naming the holder, when another run holds the workspace (before any server starts)."""
-    from pipeline_lib.workspace import Workspace, check_unlocked
+    from pipeline_lib.core.workspace import Workspace, check_unlocked
 
     root = Path(cfg.execution.workspace).expanduser().resolve()
     if (root / ".aidetect-workspace").is_file():
@@ -221,16 +221,16 @@ def _check_unlocked(cfg: PipelineConfig) -> None:
 
 
 def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
-    from pipeline_lib.cluster import ClusterError
-    from pipeline_lib.config import ConfigError
-    from pipeline_lib.review import ReviewPending
-    from pipeline_lib.workspace import WorkspaceError
+    from pipeline_lib.core.cluster import ClusterError
+    from pipeline_lib.core.config import ConfigError
+    from pipeline_lib.core.workspace import WorkspaceError
+    from pipeline_lib.curate.review import ReviewPending
 
     _check_unlocked(cfg)
     with _prefect():
         from flows.pipeline import run_pipeline
-        from pipeline_lib.models import WeightsError, WeightsNotFoundError
-        from pipeline_lib.split import SplitError
+        from pipeline_lib.curate.split import SplitError
+        from pipeline_lib.learn.models import WeightsError, WeightsNotFoundError
 
         try:
             return run_pipeline(cfg)
@@ -261,7 +261,7 @@ def _review_timed_out(error: BaseException) -> bool:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    from pipeline_lib.summary import run_lines
+    from pipeline_lib.ops.summary import run_lines
 
     _echo(run_lines(summary))
 
@@ -304,7 +304,7 @@ def _crawl(cfg: PipelineConfig, as_json: bool, folders: list[FolderSource] | Non
         ]
         typer.echo(json.dumps(result, indent=2, default=str))
         return
-    from pipeline_lib.summary import crawl_lines
+    from pipeline_lib.ops.summary import crawl_lines
 
     _echo(crawl_lines(result, accounts))
     typer.echo(f"\ncatalog: {result['catalog']}  (MLflow run {result['mlflow_run_id']})")
@@ -312,9 +312,9 @@ def _crawl(cfg: PipelineConfig, as_json: bool, folders: list[FolderSource] | Non
 
 def _accounts(cfg: PipelineConfig, folders: list[FolderSource] | None) -> list[Any]:
     """The file accounting of the given folder sources (default: every folder the crawl read, imports included)."""
-    from pipeline_lib.imports import with_imports
-    from pipeline_lib.status import folder_accounts
-    from pipeline_lib.workspace import Workspace
+    from pipeline_lib.acquire.imports import with_imports
+    from pipeline_lib.core.workspace import Workspace
+    from pipeline_lib.ops.status import folder_accounts
 
     workspace = Workspace.open(cfg.execution.workspace)
     return folder_accounts(workspace, folders if folders is not None else with_imports(cfg.sources, workspace).folders)
@@ -340,7 +340,7 @@ def _folder_source(folder: Path, label: str, group_by: str, generator: str) -> F
     """The import as a folder source; exit 2 naming the option that is wrong."""
     from pydantic import ValidationError
 
-    from pipeline_lib.config import FolderSource
+    from pipeline_lib.core.config import FolderSource
 
     try:
         return FolderSource(path=folder.resolve(), label=label, group_by=group_by, generator=generator)
@@ -351,7 +351,7 @@ def _folder_source(folder: Path, label: str, group_by: str, generator: str) -> F
 
 def _check_folder(source: FolderSource) -> None:
     """The folder exists and holds at least one image; its grouping works (CSV readable); else exit 2."""
-    from pipeline_lib.workspace import folder_files
+    from pipeline_lib.core.workspace import folder_files
 
     folder = source.path
     if not folder.is_dir():
@@ -359,7 +359,7 @@ def _check_folder(source: FolderSource) -> None:
     files = list(folder_files(folder))
     if not files:
         _fail(f"import folder {folder} is empty (hidden files are not imported)")
-    from pipeline_lib.validate import not_an_image
+    from pipeline_lib.acquire.validate import not_an_image
 
     reasons = {path: not_an_image(path) for path in files}
     if all(reasons.values()):
@@ -367,8 +367,8 @@ def _check_folder(source: FolderSource) -> None:
         _fail(f"no images among the {len(files)} file(s) in {folder}: {listed}")
     if not source.group_by.startswith("csv:"):
         return  # folder and pattern grouping were checked with the options
-    from pipeline_lib.config import SourcesConfig
-    from pipeline_lib.crawl import check_sources
+    from pipeline_lib.acquire.crawl import check_sources
+    from pipeline_lib.core.config import SourcesConfig
 
     try:
         check_sources(SourcesConfig(folders=[source]))
@@ -402,9 +402,9 @@ def import_folder(
     cfg = _config(config, workspace, list(set_ or []) + no_sources, False)
     _check_unlocked(cfg)
     with _prefect():  # a Prefect API first: nothing is saved when there is none
-        from pipeline_lib.config import ConfigError
-        from pipeline_lib.imports import add_import
-        from pipeline_lib.workspace import Workspace
+        from pipeline_lib.acquire.imports import add_import
+        from pipeline_lib.core.config import ConfigError
+        from pipeline_lib.core.workspace import Workspace
 
         try:
             add_import(Workspace.create(cfg.execution.workspace), source)
@@ -422,7 +422,7 @@ def demo(
     refresh_cache: RefreshOpt = False,
 ):
     """Offline demo on synthetic data: loopback crawl with icrawler, folder import, train, report."""
-    from pipeline_lib.config import ConfigError, build_config, merge_mappings, read_yaml_mapping
+    from pipeline_lib.core.config import ConfigError, build_config, merge_mappings, read_yaml_mapping
 
     workspace = workspace.resolve()
     extra = list(set_ or []) + (["execution.refresh_cache=true"] if refresh_cache else [])
@@ -433,7 +433,7 @@ def demo(
         build_config(data, extra, origin="demo config")  # checked before any data is drawn or Prefect starts
     except ConfigError as error:
         _fail(str(error))
-    from pipeline_lib import demo_data
+    from pipeline_lib.ops import demo_data
 
     data_root = workspace / "demo-data"
     typer.echo(f"generating synthetic demo data in {data_root} (not real people: drawn faces)")
@@ -460,7 +460,7 @@ def status(
     the tracking URI of the config they are recorded in)."""
     cfg = _config(config, workspace, set_, False)
     ws = _workspace(cfg.execution.workspace)
-    from pipeline_lib.status import folder_accounts, recent_runs, workspace_status
+    from pipeline_lib.ops.status import folder_accounts, recent_runs, workspace_status
 
     info = workspace_status(ws)
     info["tracking_uri"] = cfg.tracking.uri or f"sqlite:///{ws.root / 'mlflow.db'}"
@@ -473,7 +473,7 @@ def status(
         info["imports"] = [{"folder": str(a.folder), "files": [vars(item) for item in a.files]} for a in accounts]
         typer.echo(json.dumps(info, indent=2, default=str))
         return
-    from pipeline_lib.summary import status_lines
+    from pipeline_lib.ops.summary import status_lines
 
     _echo(status_lines(info, accounts))
 
@@ -482,8 +482,8 @@ def status(
 def review_status(workspace: WorkspaceOpt = None):
     """How many images are decided, approved, rejected and still undecided."""
     ws = _workspace(workspace)
-    from pipeline_lib.review import read_decisions
-    from pipeline_lib.status import workspace_status
+    from pipeline_lib.curate.review import read_decisions
+    from pipeline_lib.ops.status import workspace_status
 
     decisions = read_decisions(ws).values()
     approved = sum(d.decision == "approve" for d in decisions)
@@ -497,9 +497,9 @@ def review_status(workspace: WorkspaceOpt = None):
 def review_export(target: Path, workspace: WorkspaceOpt = None):
     """Write undecided images to a CSV (sha256,label,group,url,decision,reason) to fill in."""
     ws = _workspace(workspace)
-    from pipeline_lib.catalog import STATUS_OK, read_parquet_file
-    from pipeline_lib.review import read_decisions
-    from pipeline_lib.status import latest_snapshot
+    from pipeline_lib.core.catalog import STATUS_OK, read_parquet_file
+    from pipeline_lib.curate.review import read_decisions
+    from pipeline_lib.ops.status import latest_snapshot
 
     snapshot = latest_snapshot(ws, "dedup")
     if snapshot is None:
@@ -521,9 +521,9 @@ def review_pack(
     A run builds it by itself only in review.mode=require; thumbnails already made are reused.
     """
     ws = _workspace(workspace)
-    from pipeline_lib.catalog import read_parquet_file
-    from pipeline_lib.review import ReviewError, apply_decisions, read_decisions, write_review_pack
-    from pipeline_lib.status import latest_snapshot
+    from pipeline_lib.core.catalog import read_parquet_file
+    from pipeline_lib.curate.review import ReviewError, apply_decisions, read_decisions, write_review_pack
+    from pipeline_lib.ops.status import latest_snapshot
 
     snapshot = latest_snapshot(ws, "dedup")
     if snapshot is None:
@@ -540,9 +540,9 @@ def review_pack(
 def review_apply(csv_file: Path, workspace: WorkspaceOpt = None, reviewer: str = "csv"):
     """Append the decisions of a CSV (sha256,decision[,reason]) to review/decisions.jsonl."""
     ws = _workspace(workspace)
-    from pipeline_lib.catalog import read_parquet_file
-    from pipeline_lib.review import ReviewError, append_decisions, read_decisions_csv, set_aside_cut_off_line
-    from pipeline_lib.status import latest_snapshot
+    from pipeline_lib.core.catalog import read_parquet_file
+    from pipeline_lib.curate.review import ReviewError, append_decisions, read_decisions_csv, set_aside_cut_off_line
+    from pipeline_lib.ops.status import latest_snapshot
 
     snapshot = latest_snapshot(ws, "dedup")
     known = set(read_parquet_file(snapshot)["sha256"]) if snapshot is not None else set()
@@ -608,10 +608,10 @@ def review_serve(
 ):
     """Serve the review page for the undecided images; 'finish review' resumes a waiting run if there is one."""
     ws = _workspace(workspace)
-    from pipeline_lib import review_server
-    from pipeline_lib.catalog import read_parquet_file
-    from pipeline_lib.review import read_waiting
-    from pipeline_lib.status import latest_snapshot
+    from pipeline_lib.core.catalog import read_parquet_file
+    from pipeline_lib.curate import review_server
+    from pipeline_lib.curate.review import read_waiting
+    from pipeline_lib.ops.status import latest_snapshot
 
     snapshot = latest_snapshot(ws, "dedup")
     if snapshot is None:
@@ -648,7 +648,7 @@ def review_done(
 ):
     """Resume the flow run that waits at the review gate (needs the Prefect server the run uses)."""
     ws = _workspace(workspace)
-    from pipeline_lib.review import ReviewError, read_waiting
+    from pipeline_lib.curate.review import ReviewError, read_waiting
 
     try:
         waiting = read_waiting(ws)
@@ -727,8 +727,8 @@ def doctor(
     ws = _workspace(cfg.execution.workspace)
     from dataclasses import asdict
 
-    from pipeline_lib.doctor import Doctor, diagnose
-    from pipeline_lib.workspace import workspace_lock
+    from pipeline_lib.core.workspace import workspace_lock
+    from pipeline_lib.ops.doctor import Doctor, diagnose
 
     checkup = Doctor(ws, repair, deep, cfg.sources, cfg.tracking.uri, cfg.tracking.experiment)
     if repair:
@@ -767,7 +767,7 @@ def ui(
     """The MLflow UI of tracking.uri: a tracking server's own, or started here on a database store (default: the
     workspace's SQLite); and how to start Prefect's."""
     cfg = _config(config, workspace, set_, False)
-    from pipeline_lib import tracking
+    from pipeline_lib.core import tracking
 
     prefect_hint = "Prefect UI: run `prefect server start` in another shell, then http://127.0.0.1:4200"
     if cfg.tracking.uri and tracking.is_server(cfg.tracking.uri):
@@ -802,7 +802,7 @@ def weights_fetch(
     source = url or (base.weights_url if name == base.model else None)
     overrides = [f"train.model={name}"] + ([f"train.weights_url={source}"] if source else [])
     train = _config(config, None, overrides, False).train
-    from pipeline_lib import models
+    from pipeline_lib.learn import models
 
     try:
         fetched = models.fetch_imagenet_weights(train.model, train.weights_url)
@@ -822,7 +822,7 @@ def _predict_model(
     """
     path = Path(spec).expanduser()
     if path.suffix == ".pt" or path.is_file():
-        from pipeline_lib import models
+        from pipeline_lib.learn import models
 
         try:
             model, meta = models.load_model(path)
@@ -831,7 +831,7 @@ def _predict_model(
         return model, meta | {"description": f"checkpoint {path}"}
     cfg = _config(config, workspace, None, False)
     ws = None if cfg.tracking.uri else _workspace(cfg.execution.workspace)
-    from pipeline_lib import tracking
+    from pipeline_lib.core import tracking
 
     uri = cfg.tracking.uri or tracking.tracking_uri(None, ws)
     name = cfg.tracking.registered_model
@@ -901,8 +901,8 @@ def predict(
     band_config = settings.calibration
     if not (checkpoint.suffix == ".pt" or checkpoint.is_file()):
         _workspace_or_uri(config, workspace)
-    from pipeline_lib.devices import resolve_device
-    from pipeline_lib.predict import collect_paths, parse_calibration, predict_files, read_calibration
+    from pipeline_lib.assess.predict import collect_paths, parse_calibration, predict_files, read_calibration
+    from pipeline_lib.core.devices import resolve_device
 
     if not collect_paths(paths):
         _fail("no image files found in: " + ", ".join(map(str, paths)))
@@ -938,7 +938,7 @@ def predict(
     if as_json:
         typer.echo(json.dumps([row.as_dict() for row in rows], indent=2))
     else:
-        from pipeline_lib.summary import prediction_lines
+        from pipeline_lib.ops.summary import prediction_lines
 
         _echo(prediction_lines(rows, meta["description"]))
     if any(row.error for row in rows):

@@ -18,15 +18,15 @@ from prefect.states import State
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from flows import review_gate
-from pipeline_lib import cachekey, cluster
-from pipeline_lib import report as report_lib
-from pipeline_lib import split as split_lib
-from pipeline_lib import tracking as tracking_lib
-from pipeline_lib.config import DedupConfig, ExecutionConfig, IngestConfig, NormalizeConfig, PipelineConfig
-from pipeline_lib.crawl import crawl_log_path
-from pipeline_lib.imports import with_imports
-from pipeline_lib.status import record_run
-from pipeline_lib.workspace import Ref, Workspace, digest_of, file_sha256, workspace_lock
+from pipeline_lib.acquire.crawl import crawl_log_path
+from pipeline_lib.acquire.imports import with_imports
+from pipeline_lib.assess import report as report_lib
+from pipeline_lib.core import cachekey, cluster
+from pipeline_lib.core import tracking as tracking_lib
+from pipeline_lib.core.config import DedupConfig, ExecutionConfig, IngestConfig, NormalizeConfig, PipelineConfig
+from pipeline_lib.core.workspace import Ref, Workspace, digest_of, file_sha256, workspace_lock
+from pipeline_lib.curate import split as split_lib
+from pipeline_lib.ops.status import record_run
 from tasks import per_image, stages, track
 from tasks.caching import cached, stage_key
 from tasks.progress import EpochReporter

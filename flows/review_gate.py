@@ -16,11 +16,11 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
 
-from pipeline_lib import review
-from pipeline_lib import review_server as server
-from pipeline_lib.catalog import read_snapshot
-from pipeline_lib.config import PipelineConfig, ReviewConfig
-from pipeline_lib.workspace import Workspace
+from pipeline_lib.core.catalog import read_snapshot
+from pipeline_lib.core.config import PipelineConfig, ReviewConfig
+from pipeline_lib.core.workspace import Workspace
+from pipeline_lib.curate import review
+from pipeline_lib.curate import review_server as server
 from tasks import stages
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-from pipeline_lib import privacy
+from pipeline_lib.core import privacy
 
 log = logging.getLogger(__name__)
 

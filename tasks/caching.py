@@ -1,4 +1,4 @@
-"""Cache options for stage tasks: keyed by pipeline_lib.cachekey (inputs, named files, code, libraries), stored
+"""Cache options for stage tasks: keyed by pipeline_lib.core.cachekey (inputs, named files, code, libraries), stored
 inside the workspace."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.transactions import get_transaction
 
-from pipeline_lib import cachekey
-from pipeline_lib.workspace import Workspace
+from pipeline_lib.core import cachekey
+from pipeline_lib.core.workspace import Workspace
 
 
 def result_folder(workspace: Workspace) -> Any:

@@ -11,12 +11,12 @@ from typing import Any
 
 from prefect import task
 
-from pipeline_lib import catalog as cat
-from pipeline_lib import fingerprint as fingerprint_lib
-from pipeline_lib import ingest as ingest_lib
-from pipeline_lib import preprocess as preprocess_lib
-from pipeline_lib.config import IngestConfig, NormalizeConfig
-from pipeline_lib.workspace import Ref, Workspace
+from pipeline_lib.acquire import fingerprint as fingerprint_lib
+from pipeline_lib.acquire import ingest as ingest_lib
+from pipeline_lib.core import catalog as cat
+from pipeline_lib.core.config import IngestConfig, NormalizeConfig
+from pipeline_lib.core.workspace import Ref, Workspace
+from pipeline_lib.learn import preprocess as preprocess_lib
 from tasks.stages import StageResult
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ import logging
 
 from prefect import get_run_logger
 
-from pipeline_lib import tracking
-from pipeline_lib import train as train_lib
+from pipeline_lib.core import tracking
+from pipeline_lib.learn import train as train_lib
 
 log = logging.getLogger(__name__)
 

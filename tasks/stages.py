@@ -12,16 +12,15 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline_lib import audit as audit_lib
-from pipeline_lib import calibration as calibration_lib
-from pipeline_lib import catalog as cat
-from pipeline_lib import crawl as crawl_lib
-from pipeline_lib import dedup as dedup_lib
-from pipeline_lib import devices, health, models, preprocess, recovery, report, review, split
-from pipeline_lib import evaluate as evaluate_lib
-from pipeline_lib import predict as predict_lib
-from pipeline_lib import train as train_lib
-from pipeline_lib.config import (
+from pipeline_lib.acquire import crawl as crawl_lib
+from pipeline_lib.acquire import recovery
+from pipeline_lib.assess import calibration as calibration_lib
+from pipeline_lib.assess import evaluate as evaluate_lib
+from pipeline_lib.assess import health, report
+from pipeline_lib.assess import predict as predict_lib
+from pipeline_lib.core import catalog as cat
+from pipeline_lib.core import devices
+from pipeline_lib.core.config import (
     AuditConfig,
     CalibrationConfig,
     DedupConfig,
@@ -33,8 +32,13 @@ from pipeline_lib.config import (
     SplitConfig,
     TrainConfig,
 )
-from pipeline_lib.normalize import policy_key
-from pipeline_lib.workspace import Ref, Workspace
+from pipeline_lib.core.workspace import Ref, Workspace
+from pipeline_lib.curate import audit as audit_lib
+from pipeline_lib.curate import dedup as dedup_lib
+from pipeline_lib.curate import review, split
+from pipeline_lib.learn import models, preprocess
+from pipeline_lib.learn import train as train_lib
+from pipeline_lib.learn.normalize import policy_key
 from tasks.caching import current_stage_key
 
 log = logging.getLogger(__name__)

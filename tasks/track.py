@@ -14,14 +14,16 @@ import torchvision
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline_lib import calibration as calibration_lib
-from pipeline_lib import catalog as cat
-from pipeline_lib import comparison, devices, models, preprocess, stats, tracking
-from pipeline_lib import evaluate as evaluate_lib
-from pipeline_lib import train as train_lib
-from pipeline_lib.config import NormalizeConfig, PipelineConfig, config_to_yaml, flatten_config
-from pipeline_lib.predict import ModelCalibration, parse_calibration
-from pipeline_lib.workspace import Ref, Workspace
+from pipeline_lib.assess import calibration as calibration_lib
+from pipeline_lib.assess import comparison, stats
+from pipeline_lib.assess import evaluate as evaluate_lib
+from pipeline_lib.assess.predict import ModelCalibration, parse_calibration
+from pipeline_lib.core import catalog as cat
+from pipeline_lib.core import devices, tracking
+from pipeline_lib.core.config import NormalizeConfig, PipelineConfig, config_to_yaml, flatten_config
+from pipeline_lib.core.workspace import Ref, Workspace
+from pipeline_lib.learn import models, preprocess
+from pipeline_lib.learn import train as train_lib
 from tasks.stages import EvalOutput, TrainOutput
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ def log_datasets(root: str, tracker: tracking.Tracker, split_catalog: Ref) -> No
 
 def tracking_digest(catalog_digest: str, split: str) -> str:
     """Digest naming one split of one catalog snapshot."""
-    from pipeline_lib.workspace import digest_of
+    from pipeline_lib.core.workspace import digest_of
 
     return digest_of(catalog_digest, split)[:16]
 

@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 from torchvision.models import resnet18
 
-from pipeline_lib.workspace import Workspace
+from pipeline_lib.core.workspace import Workspace
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def make_image(path: Path, seed: int = 0, size: tuple[int, int] = (48, 40), fmt:
 
 
 class TinyClassifier(nn.Module):
-    """Same interface as pipeline_lib.models.Classifier: [0,1] NCHW floats in, logits [N,2] out."""
+    """Same interface as pipeline_lib.learn.models.Classifier: [0,1] NCHW floats in, logits [N,2] out."""
 
     def __init__(self) -> None:
         super().__init__()

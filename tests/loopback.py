@@ -22,8 +22,8 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from icrawler.builtin.baidu import BaiduParser
 
-from pipeline_lib.demo_data import result_page as bing_result_page
-from pipeline_lib.demo_data import serving
+from pipeline_lib.ops.demo_data import result_page as bing_result_page
+from pipeline_lib.ops.demo_data import serving
 
 log = logging.getLogger(__name__)
 

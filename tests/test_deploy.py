@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from flows.deployments import read_deployments
-from pipeline_lib.config import flatten_config, load_config
+from pipeline_lib.core.config import flatten_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

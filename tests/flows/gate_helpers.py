@@ -14,10 +14,10 @@ from prefect.client.orchestration import get_client
 
 from flows import review_gate
 from flows.pipeline import _crawl_and_ingest, fingerprint_and_dedup, tracked_stages
-from pipeline_lib import review
-from pipeline_lib.catalog import read_snapshot
-from pipeline_lib.config import PipelineConfig, build_config
-from pipeline_lib.workspace import Workspace
+from pipeline_lib.core.catalog import read_snapshot
+from pipeline_lib.core.config import PipelineConfig, build_config
+from pipeline_lib.core.workspace import Workspace
+from pipeline_lib.curate import review
 from tests.conftest import make_image
 
 

@@ -18,19 +18,22 @@ import torch
 from mlflow import MlflowClient
 
 from flows.pipeline import pipeline
-from pipeline_lib import comparison, demo_data, review, tracking
-from pipeline_lib.catalog import read_snapshot
-from pipeline_lib.config import FolderSource, PipelineConfig, build_config, merge_mappings, read_yaml_mapping
-from pipeline_lib.imports import add_import
-from pipeline_lib.status import latest_snapshot, workspace_status
-from pipeline_lib.workspace import Workspace, file_sha256
+from pipeline_lib.acquire.imports import add_import
+from pipeline_lib.assess import comparison
+from pipeline_lib.core import tracking
+from pipeline_lib.core.catalog import read_snapshot
+from pipeline_lib.core.config import FolderSource, PipelineConfig, build_config, merge_mappings, read_yaml_mapping
+from pipeline_lib.core.workspace import Workspace, file_sha256
+from pipeline_lib.curate import review
+from pipeline_lib.ops import demo_data
+from pipeline_lib.ops.status import latest_snapshot, workspace_status
 from tests.conftest import make_image
 
 # 15 pipeline runs: more than the suite's 600 s per test on a machine shared with other jobs
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 REPO = Path(__file__).resolve().parents[2]
 DEMO_YAML = REPO / "configs" / "demo.yaml"
-DEDUP_SOURCE = REPO / "pipeline_lib" / "dedup.py"
+DEDUP_SOURCE = REPO / "pipeline_lib" / "curate" / "dedup.py"
 STAGES = ("crawl", "ingest", "fingerprint", "dedup", "review", "split", "preprocess", "train", "evaluate", "report")
 ALL = set(STAGES)
 TINY = [
@@ -115,7 +118,7 @@ def _reject_one_test_image(world: World) -> None:
 
 @contextlib.contextmanager
 def _edited_dedup_module() -> Iterator[None]:
-    """A real change to the code of pipeline_lib/dedup.py on disk (one more constant), undone afterwards."""
+    """A real change to the code of pipeline_lib/curate/dedup.py on disk (one more constant), undone afterwards."""
     original = DEDUP_SOURCE.read_bytes()
     DEDUP_SOURCE.write_bytes(original + b"\n_CACHE_MATRIX_PROBE = 1  # written by tests/flows/test_cache_matrix.py\n")
     try:
@@ -172,7 +175,9 @@ MATRIX: tuple[Change, ...] = (
         {"crawl", "evaluate", "report"},
         overrides=("report.cam_method=gradcam++",),
     ),
-    Change("the code of pipeline_lib/dedup.py (split imports it)", {"crawl", "dedup", "split"}, code_change=True),
+    Change(
+        "the code of pipeline_lib/curate/dedup.py (split imports it)", {"crawl", "dedup", "split"}, code_change=True
+    ),
     Change(
         "split.leave_out_generator=other, this run only",
         {"crawl", "split", "preprocess", "train", "evaluate", "report"},
@@ -271,7 +276,7 @@ def test_invalidation_matrix(matrix: dict[str, Any]) -> None:
             differs = {stage: state for stage, state in row.summary["states"].items() if state != expected.get(stage)}
             wrong.append(f"{name}: expected Completed {sorted(row.change.completed)}; differs: {differs}")
     assert not wrong, "\n".join(wrong)
-    assert file_sha256(DEDUP_SOURCE) == matrix["dedup_source"], "pipeline_lib/dedup.py was not restored"
+    assert file_sha256(DEDUP_SOURCE) == matrix["dedup_source"], "pipeline_lib/curate/dedup.py was not restored"
 
 
 def test_a_run_without_changes_rewrites_nothing(matrix: dict[str, Any]) -> None:
@@ -309,8 +314,8 @@ def test_the_parts_that_changed_are_logged_on_the_stage_run(matrix: dict[str, An
     expected = {
         ("train.lr", "train"): "input.config",
         ("evaluate.threshold", "evaluate"): "input.config",
-        ("the code of pipeline_lib/dedup.py", "dedup"): "code.pipeline_lib.dedup",
-        ("the code of pipeline_lib/dedup.py", "split"): "code.pipeline_lib.dedup",  # split imports dedup
+        ("the code of pipeline_lib/curate/dedup.py", "dedup"): "code.pipeline_lib.curate.dedup",
+        ("the code of pipeline_lib/curate/dedup.py", "split"): "code.pipeline_lib.curate.dedup",  # split imports dedup
         ("a name added", "crawl"): "file.search.0.keywords_file",
     }
     for (start, stage), part in expected.items():
@@ -320,7 +325,7 @@ def test_the_parts_that_changed_are_logged_on_the_stage_run(matrix: dict[str, An
     train = _stage_run(matrix, "train.lr", "train")
     folder = Path(_row(matrix, "train.lr").summary["model"]).parent.name
     assert train["tags"]["aidetect.cache_key"][:16] == folder, "the logged key is not the key Prefect used"
-    assert {"key.lib.torch", "key.code.pipeline_lib.train", "key.input.trainset"} <= set(train["params"])
+    assert {"key.lib.torch", "key.code.pipeline_lib.learn.train", "key.input.trainset"} <= set(train["params"])
     unchanged = _stage_run(matrix, "no change", "crawl")  # the one stage that runs every time
     assert unchanged["tags"]["aidetect.key_changed"] == "(none: the key is unchanged)"
     uri, run_id = matrix["world"].tracking_uri, _row(matrix, "no change").summary["mlflow_run_id"]

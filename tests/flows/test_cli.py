@@ -21,8 +21,8 @@ from prefect.settings import PREFECT_API_URL
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline_lib.config import load_config
-from pipeline_lib.workspace import Workspace
+from pipeline_lib.core.config import load_config
+from pipeline_lib.core.workspace import Workspace
 from tests.conftest import make_image
 from tests.flows.gate_helpers import gate_flow
 from tests.flows.mlflow_server import free_port, stop, wait_healthy
@@ -283,7 +283,7 @@ def test_run_offline_without_weights_exits_2_before_any_stage(
 
 
 def test_status_and_ui_use_the_configured_tracking_server_and_say_when_it_is_down(tmp_path: Path):
-    from pipeline_lib.workspace import Workspace
+    from pipeline_lib.core.workspace import Workspace
     from tests.flows.mlflow_server import free_port
 
     ws = Workspace.create(tmp_path / "ws").root
@@ -298,9 +298,9 @@ def test_status_and_ui_use_the_configured_tracking_server_and_say_when_it_is_dow
 
 
 def test_review_pack_is_built_on_request_with_the_decisions_so_far(tmp_path: Path):
-    from pipeline_lib.catalog import new_rows, write_snapshot
-    from pipeline_lib.review import Decision, append_decisions, thumbnail_path
-    from pipeline_lib.workspace import Workspace
+    from pipeline_lib.core.catalog import new_rows, write_snapshot
+    from pipeline_lib.core.workspace import Workspace
+    from pipeline_lib.curate.review import Decision, append_decisions, thumbnail_path
 
     result = runner.invoke(app, ["review", "pack", "--workspace", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "nowhere" in result.output
@@ -392,7 +392,7 @@ def test_a_non_utf8_config_is_named(tmp_path: Path):
 
 
 def test_a_corrupt_decisions_line_is_named(tmp_path: Path):
-    from pipeline_lib.workspace import Workspace
+    from pipeline_lib.core.workspace import Workspace
 
     ws = Workspace.create(tmp_path / "ws")
     (ws.review / "decisions.jsonl").write_text('{"oops"\n{"sha256": "a", "decision": "approve"}\n', encoding="utf-8")
@@ -401,7 +401,7 @@ def test_a_corrupt_decisions_line_is_named(tmp_path: Path):
 
 
 def test_a_damaged_snapshot_is_named(tmp_path: Path):
-    from pipeline_lib.workspace import Workspace
+    from pipeline_lib.core.workspace import Workspace
 
     ws = Workspace.create(tmp_path / "ws")
     (ws.catalog / "dedup-0123456789abcdef.parquet").write_bytes(b"PAR1 cut off")
@@ -412,7 +412,7 @@ def test_a_damaged_snapshot_is_named(tmp_path: Path):
 
 
 def test_a_damaged_mlflow_store_is_named(tmp_path: Path):
-    from pipeline_lib.workspace import Workspace
+    from pipeline_lib.core.workspace import Workspace
 
     ws = Workspace.create(tmp_path / "ws")
     (ws.root / "mlflow.db").write_bytes(b"this is not SQLite" * 300)
@@ -426,10 +426,13 @@ def test_every_known_failure_type_becomes_one_line(tmp_path: Path):
     import pandas as pd
 
     from flows.cli import explain_failure
-    from pipeline_lib import crawl, models, review, tracking
-    from pipeline_lib.catalog import read_table
-    from pipeline_lib.config import SourcesConfig, read_yaml_mapping
-    from pipeline_lib.workspace import Ref, Workspace
+    from pipeline_lib.acquire import crawl
+    from pipeline_lib.core import tracking
+    from pipeline_lib.core.catalog import read_table
+    from pipeline_lib.core.config import SourcesConfig, read_yaml_mapping
+    from pipeline_lib.core.workspace import Ref, Workspace
+    from pipeline_lib.curate import review
+    from pipeline_lib.learn import models
 
     ws = Workspace.create(tmp_path / "ws")
     junk = tmp_path / "junk.bin"
@@ -466,7 +469,7 @@ def test_every_known_failure_type_becomes_one_line(tmp_path: Path):
 def test_doctor_finds_and_repairs_what_is_safe(tmp_path: Path):
     import json as json_lib
 
-    from pipeline_lib.workspace import Workspace
+    from pipeline_lib.core.workspace import Workspace
 
     ws = Workspace.create(tmp_path / "ws")
     (ws.catalog / "ingest-0123456789abcdef.parquet").write_bytes(b"truncated")

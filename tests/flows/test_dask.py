@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.pipeline import _crawl_and_ingest, fingerprint_stage, make_task_runner, preprocess_stage, tracked_stages
-from pipeline_lib import fingerprint as fingerprint_lib
-from pipeline_lib import preprocess as preprocess_lib
-from pipeline_lib import tracking
-from pipeline_lib.catalog import STATUS_OK, read_snapshot, write_snapshot
-from pipeline_lib.config import ExecutionConfig, PipelineConfig, build_config
-from pipeline_lib.workspace import Ref, Workspace
+from pipeline_lib.acquire import fingerprint as fingerprint_lib
+from pipeline_lib.core import tracking
+from pipeline_lib.core.catalog import STATUS_OK, read_snapshot, write_snapshot
+from pipeline_lib.core.config import ExecutionConfig, PipelineConfig, build_config
+from pipeline_lib.core.workspace import Ref, Workspace
+from pipeline_lib.learn import preprocess as preprocess_lib
 from tests.conftest import make_image
 from tests.flows.team_servers import chunk_tasks_on, dask_cluster
 

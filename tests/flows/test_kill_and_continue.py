@@ -24,11 +24,11 @@ import pytest
 import torch
 
 from flows.lifeline import SERVER_MARK
-from pipeline_lib import tracking
-from pipeline_lib.catalog import read_parquet_file
-from pipeline_lib.demo_data import generate_demo_dataset
-from pipeline_lib.status import latest_snapshot
-from pipeline_lib.workspace import Workspace
+from pipeline_lib.core import tracking
+from pipeline_lib.core.catalog import read_parquet_file
+from pipeline_lib.core.workspace import Workspace
+from pipeline_lib.ops.demo_data import generate_demo_dataset
+from pipeline_lib.ops.status import latest_snapshot
 
 pytestmark = pytest.mark.slow
 EPOCHS = 3

@@ -12,14 +12,16 @@ import pytest
 from prefect.client.orchestration import get_client
 
 from flows.pipeline import pipeline
-from pipeline_lib import demo_data, split, tracking
-from pipeline_lib.catalog import STATUS_OK, read_snapshot
-from pipeline_lib.config import build_config, merge_mappings, read_yaml_mapping
-from pipeline_lib.status import latest_snapshot
-from pipeline_lib.workspace import Workspace
+from pipeline_lib.core import tracking
+from pipeline_lib.core.catalog import STATUS_OK, read_snapshot
+from pipeline_lib.core.config import build_config, merge_mappings, read_yaml_mapping
+from pipeline_lib.core.workspace import Workspace
+from pipeline_lib.curate import split
+from pipeline_lib.ops import demo_data
+from pipeline_lib.ops.status import latest_snapshot
+from tests.assess.test_report import Sections
 from tests.flows.mlflow_server import get_json, mlflow_server
 from tests.network_guard import no_remote_connections
-from tests.test_report import Sections
 
 pytestmark = pytest.mark.slow
 DEMO_YAML = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"

@@ -11,8 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline_lib import models, tracking
-from pipeline_lib.workspace import Workspace
+from pipeline_lib.core import tracking
+from pipeline_lib.core.workspace import Workspace
+from pipeline_lib.learn import models
 from tests.conftest import MarkerPayload, make_image
 
 runner = CliRunner()
@@ -70,7 +71,7 @@ def test_predict_missing_model_exits_2_with_a_clear_message(tmp_path: Path) -> N
 def _logged_run(workspace: Path, model: torch.nn.Module, calibration: str | None, saved: Path) -> str:
     """An MLflow run in the workspace's store that logged model with its checkpoint file `saved` (its state_dict),
     and registered it with calibration, if given."""
-    from pipeline_lib import tracking
+    from pipeline_lib.core import tracking
 
     ws = Workspace.open(workspace)
     tracker = tracking.start_run(tracking.tracking_uri(None, ws), "aidetect", ws, "run", {})
@@ -89,8 +90,8 @@ def _predict_json(*args: str) -> list[dict]:
 
 
 def test_predict_with_a_run_id_uses_the_runs_calibration_and_normalisation(tmp_path: Path) -> None:
-    from pipeline_lib.config import NormalizeConfig
-    from pipeline_lib.predict import ModelCalibration, write_calibration
+    from pipeline_lib.assess.predict import ModelCalibration, write_calibration
+    from pipeline_lib.core.config import NormalizeConfig
 
     images = [make_image(tmp_path / "in" / f"{i}.jpg", seed=i, size=(60, 50)) for i in range(3)]
     path = checkpoint(tmp_path)

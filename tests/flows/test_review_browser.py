@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_lib import review
-from pipeline_lib.workspace import Workspace
+from pipeline_lib.core.workspace import Workspace
+from pipeline_lib.curate import review
 from tests.flows.gate_helpers import add_images, gate_config, gate_flow, in_thread, wait_until_paused
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from flows import review_gate
 from flows.cli import app
-from pipeline_lib import review, review_server
-from pipeline_lib.catalog import conform
-from pipeline_lib.status import latest_snapshot
-from pipeline_lib.workspace import Workspace
+from pipeline_lib.core.catalog import conform
+from pipeline_lib.core.workspace import Workspace
+from pipeline_lib.curate import review, review_server
+from pipeline_lib.ops.status import latest_snapshot
 from tests.flows.gate_helpers import add_images, gate_config, gate_flow, in_thread, wait_until_paused
 
 UPSTREAM = ["crawl", "ingest", "fingerprint", "dedup"]

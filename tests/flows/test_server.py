@@ -14,7 +14,7 @@ import pytest
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
 from flows import server
-from pipeline_lib import tracking
+from pipeline_lib.core import tracking
 from tests.conftest import make_image
 
 pytestmark = pytest.mark.slow

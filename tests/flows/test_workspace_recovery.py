@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.pipeline import crawl_flow
-from pipeline_lib.catalog import read_snapshot
-from pipeline_lib.config import build_config
-from pipeline_lib.status import latest_snapshot
-from pipeline_lib.workspace import Workspace, WorkspaceBusyError, file_sha256
+from pipeline_lib.core.catalog import read_snapshot
+from pipeline_lib.core.config import build_config
+from pipeline_lib.core.workspace import Workspace, WorkspaceBusyError, file_sha256
+from pipeline_lib.ops.status import latest_snapshot
 from tests.conftest import make_image
 
 pytestmark = pytest.mark.slow
@@ -90,7 +90,7 @@ def test_a_deleted_store_file_comes_back_from_its_folder_or_is_reported_lost(har
 
 HOLDER = """
 import sys
-from pipeline_lib.workspace import Workspace, workspace_lock
+from pipeline_lib.core.workspace import Workspace, workspace_lock
 with workspace_lock(Workspace.create(sys.argv[1]), "aidetect run (another shell)"):
     print("locked", flush=True)
     sys.stdin.read()

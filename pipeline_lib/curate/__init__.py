@@ -1,0 +1,1 @@
+"""Phase 2, curate: near-duplicates, manual review, the dataset audit and the group-aware split."""

@@ -1,0 +1,1 @@
+"""Phase 3, learn: tensors, normalisation, augmentation, models and training."""

@@ -1,0 +1,249 @@
+import json
+import re
+
+import pytest
+
+from pipeline_lib.core.catalog import new_rows
+from pipeline_lib.curate.review import (
+    Decision,
+    ReviewError,
+    append_decisions,
+    apply_decisions,
+    damaged_decisions_path,
+    decisions_digest,
+    read_decisions,
+    read_decisions_csv,
+    record_auto_approvals,
+    repair_decisions,
+    write_review_pack,
+)
+from tests.conftest import make_image
+
+
+def _catalog(workspace):
+    rows = []
+    for i, status in enumerate(["ok", "ok", "ok", "duplicate_of:" + "s0".ljust(64, "0"), "invalid:truncated"]):
+        sha = f"s{i}".ljust(64, "0")
+        path = make_image(workspace.store / sha[:2] / f"{sha}.jpg", seed=i)
+        rows.append(
+            {
+                "sha256": sha,
+                "path": workspace.relative(path),
+                "label": "real",
+                "group": "<script>x</script>",
+                "url": "http://e.x/\"'><b>",
+                "status": status,
+                "width": 48,
+                "height": 40,
+                "cluster": "s0".ljust(64, "0") if i in (0, 3) else "",
+            }
+        )
+    return new_rows(rows)
+
+
+def test_latest_decision_wins_and_file_is_append_only(workspace):
+    sha = "a" * 64
+    append_decisions(workspace, [Decision(sha, "reject", "unrelated", "me")])
+    append_decisions(workspace, [Decision(sha, "approve", "", "me")])
+    assert read_decisions(workspace)[sha].decision == "approve"
+    lines = (workspace.review / "decisions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["decision"] for line in lines] == ["reject", "approve"]
+    assert decisions_digest(workspace) != ""
+
+
+def test_bad_decision_or_unknown_sha_changes_nothing(workspace):
+    with pytest.raises(ReviewError, match="must be one of"):
+        append_decisions(workspace, [Decision("a" * 64, "approve"), Decision("b" * 64, "maybe")])
+    with pytest.raises(ReviewError, match="no image with sha256"):
+        append_decisions(workspace, [Decision("c" * 64, "approve")], known={"a" * 64})
+    assert not (workspace.review / "decisions.jsonl").exists(), "a rejected batch must write nothing"
+
+
+def _cut_off(workspace, first: str) -> bytes:
+    """A decisions file whose last append was cut off by a crash: one whole line, then half of the next."""
+    whole = json.dumps({"sha256": first, "decision": "reject", "reason": "unrelated", "reviewer": "a", "when": "t"})
+    half = json.dumps({"sha256": "d" * 64, "decision": "approve", "reason": "", "reviewer": "a", "when": "t"})[:37]
+    (workspace.review / "decisions.jsonl").write_text(whole + "\n" + half, encoding="utf-8")
+    return half.encode()
+
+
+def test_a_cut_off_last_line_is_set_aside_never_merged_with_the_next_decision(workspace, caplog):
+    first, second = "a" * 64, "b" * 64
+    half = _cut_off(workspace, first)
+    assert set(read_decisions(workspace)) == {first}, "a cut-off last line is skipped, not fatal"
+    assert append_decisions(workspace, [Decision(second, "approve", "", "me")]) == 1
+    decisions = read_decisions(workspace)
+    assert {sha: d.decision for sha, d in decisions.items()} == {first: "reject", second: "approve"}
+    lines = (workspace.review / "decisions.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b"" and all(json.loads(line) for line in lines[:-1]), "whole lines only"
+    assert damaged_decisions_path(workspace).read_bytes() == half + b"\n", "the cut-off bytes are kept"
+    assert "cut off" in caplog.text and "decisions.jsonl.damaged" in caplog.text
+
+
+def test_a_whole_last_line_without_its_newline_is_kept(workspace):
+    line = json.dumps({"sha256": "a" * 64, "decision": "approve", "reason": "", "reviewer": "a", "when": "t"})
+    (workspace.review / "decisions.jsonl").write_text(line, encoding="utf-8")
+    append_decisions(workspace, [Decision("b" * 64, "reject", "other", "me")])
+    assert set(read_decisions(workspace)) == {"a" * 64, "b" * 64}
+    assert not damaged_decisions_path(workspace).exists()
+
+
+def test_repair_sets_aside_every_line_that_is_not_a_decision(workspace):
+    first = "a" * 64
+    append_decisions(workspace, [Decision(first, "approve", "", "me")])
+    with open(workspace.review / "decisions.jsonl", "a", encoding="utf-8") as handle:
+        handle.write("{not json\n")
+    append_decisions(workspace, [Decision("b" * 64, "reject", "other", "me")])
+    with pytest.raises(ReviewError, match=r"decisions.jsonl:2 .*doctor --repair"):
+        read_decisions(workspace)
+    messages = repair_decisions(workspace)
+    assert len(messages) == 1 and "1 line(s)" in messages[0]
+    assert set(read_decisions(workspace)) == {first, "b" * 64}
+    assert damaged_decisions_path(workspace).read_text() == "{not json\n"
+    assert repair_decisions(workspace) == []
+
+
+def test_modes(workspace):
+    catalog = _catalog(workspace)
+    decisions = {catalog.sha256[1]: Decision(catalog.sha256[1], "reject", "other")}
+    auto = apply_decisions(catalog, decisions, "auto")
+    assert (auto.rejected, auto.auto_approved, auto.pending) == (1, 2, 0)
+    required = apply_decisions(catalog, decisions, "require")
+    assert required.pending == 2 and list(required.catalog.status[:3]) == [
+        "pending_review",
+        "rejected",
+        "pending_review",
+    ]
+    assert catalog.status[0] == "ok", "input must not be mutated"
+
+
+def test_auto_mode_records_its_approvals_once_and_people_still_win(workspace):
+    catalog = _catalog(workspace)
+    append_decisions(workspace, [Decision(catalog["sha256"][1], "reject", "unrelated", "alice")])
+    assert record_auto_approvals(workspace, catalog) == 2, "the two undecided ok images (not duplicates, not invalid)"
+    decisions = read_decisions(workspace)
+    assert {sha[:2]: (d.decision, d.reviewer) for sha, d in decisions.items()} == {
+        "s0": ("approve", "auto"),
+        "s1": ("reject", "alice"),
+        "s2": ("approve", "auto"),
+    }
+    digest = decisions_digest(workspace)
+    assert record_auto_approvals(workspace, catalog) == 0 and decisions_digest(workspace) == digest, "appended twice"
+    outcome = apply_decisions(catalog, read_decisions(workspace), "auto")
+    assert (outcome.approved, outcome.rejected, outcome.auto_approved, outcome.pending) == (2, 1, 2, 0)
+
+
+def test_csv_decisions(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("sha256,decision,reason\n" + "a" * 64 + ",reject,duplicate\n" + "b" * 64 + ",,\n")
+    decisions = read_decisions_csv(path)
+    assert [(d.decision, d.reason) for d in decisions] == [("reject", "duplicate")]
+    (tmp_path / "bad.csv").write_text("hash,verdict\n")
+    with pytest.raises(ReviewError, match="lacks column"):
+        read_decisions_csv(tmp_path / "bad.csv")
+
+
+def test_review_pack_escapes_crawled_text(workspace):
+    index = write_review_pack(workspace, _catalog(workspace))
+    page = index.read_text()
+    assert "<script>x</script>" not in page and "&lt;script&gt;" in page
+    assert "\"'><b>" not in page
+    assert (index.parent / "thumbs" / ("s0".ljust(64, "0") + ".jpg")).is_file()
+
+
+def _cluster_catalog(workspace, groups=("people", "people")):
+    keeper, other = "k".ljust(64, "0"), "d".ljust(64, "0")
+    rows = []
+    # The duplicate comes first in the catalog: the pack must still show the keeper first.
+    for i, (sha, status, group) in enumerate([(other, "duplicate_of:" + keeper, groups[1]), (keeper, "ok", groups[0])]):
+        path = make_image(workspace.store / sha[:2] / f"{sha}.jpg", seed=i)
+        rows.append(
+            {
+                "sha256": sha,
+                "path": workspace.relative(path),
+                "label": "real",
+                "group": group,
+                "url": "http://e.x/a",
+                "status": status,
+                "width": 48,
+                "height": 40,
+                "cluster": keeper,
+            }
+        )
+    alone = "a".ljust(64, "0")
+    path = make_image(workspace.store / "aa" / f"{alone}.jpg", seed=9)
+    rows.append(
+        {
+            "sha256": alone,
+            "path": workspace.relative(path),
+            "label": "ai",
+            "group": "g2",
+            "url": "u",
+            "status": "ok",
+            "width": 48,
+            "height": 40,
+            "cluster": "",
+        }
+    )
+    return new_rows(rows), keeper, other
+
+
+def _cluster_blocks(page):
+    return re.findall(r"<div class='cluster[^']*'.*?</div>", page, flags=re.S)
+
+
+def test_review_pack_shows_each_cluster_keeper_first(workspace):
+    catalog, keeper, other = _cluster_catalog(workspace)
+    page = write_review_pack(workspace, catalog).read_text()
+    blocks = _cluster_blocks(page)
+    assert len(blocks) == 1
+    thumbs = re.findall(r"thumbs/([0-9a-z]+)\.jpg", blocks[0])
+    assert thumbs == [keeper, other], "keeper first, then the duplicate"
+    figures = blocks[0].split("<figure")[1:]
+    assert "keeper" in figures[0] and "keeper" not in figures[1].split("duplicate_of:")[0]
+    assert "duplicate_of:" + keeper in figures[1]
+    assert "cross-group" not in blocks[0]
+    assert ("a".ljust(64, "0") + ".jpg") not in blocks[0]
+    for sha in (keeper, other):
+        assert (workspace.review / "pack" / "thumbs" / f"{sha}.jpg").is_file()
+
+
+def test_review_pack_flags_cross_group_clusters_and_escapes_group_names(workspace):
+    catalog, keeper, other = _cluster_catalog(workspace, groups=("<script>alert(1)</script>", "people"))
+    page = write_review_pack(workspace, catalog).read_text()
+    (block,) = _cluster_blocks(page)
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in block
+    assert "cross-group" in block and "people" in block
+
+
+def test_hints_flag_tiny_images_cross_group_duplicates_and_faces(workspace):
+    from pipeline_lib.curate import faces
+    from pipeline_lib.curate.review import review_hints
+
+    catalog, keeper, other = _cluster_catalog(workspace, groups=("anna", "bob"))
+    catalog.loc[catalog["sha256"] == keeper, "status"] = "pending_review"
+    hints = review_hints(workspace, catalog, catalog[catalog["status"] == "pending_review"], tiny_side=64)
+    texts = {sha: [h.text for h in hs if h.flagged] for sha, hs in hints.items()}
+    assert "tiny: 48×40" in texts[keeper] and "cross-group duplicate: anna, bob" in texts[other]
+    face = hints[keeper][0]
+    if faces.available():
+        assert face.text == "no face found" and face.flagged, "random noise has no face"
+        assert keeper in (workspace.review / "faces.json").read_text(), "face counts are remembered"
+    else:
+        assert face.text == "face count unavailable"
+    page = write_review_pack(workspace, catalog, tiny_side=64).read_text()
+    assert "tiny: 48×40" in page and "cross-group duplicate" in page
+
+
+def test_recrawl_asks_only_about_new_images_and_rejected_stays_rejected(workspace):
+    from pipeline_lib.curate.review import approve_remaining, undecided
+
+    catalog = _catalog(workspace)
+    append_decisions(workspace, [Decision(catalog.sha256[0], "reject", "unrelated", "me")])
+    approve_remaining(workspace, catalog, "me")
+    assert undecided(catalog, read_decisions(workspace)).empty
+    grown = new_rows(list(catalog.to_dict("records")) + [catalog.iloc[1].to_dict() | {"sha256": "n".ljust(64, "0")}])
+    assert list(undecided(grown, read_decisions(workspace))["sha256"]) == ["n".ljust(64, "0")]
+    outcome = apply_decisions(grown, read_decisions(workspace), "require")
+    assert outcome.catalog.status[0] == "rejected" and outcome.pending == 1

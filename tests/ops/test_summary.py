@@ -1,0 +1,76 @@
+"""Console text for people: aligned, rounded, with intervals and the registered model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from pipeline_lib.acquire.imports import FileOutcome, FolderAccount
+from pipeline_lib.ops import summary
+
+RUN = {
+    "states": {"crawl": "Cached", "ingest": "Cached", "train": "Completed", "evaluate": "Completed"},
+    "seconds": 41.37,
+    "metrics": {
+        "accuracy": 0.8378378378378378,
+        "accuracy_ci_low": 0.7297297,
+        "accuracy_ci_high": 0.9459459,
+        "n_test": 37.0,
+        "roc_auc": 0.95012,
+    },
+    "registry": {"version": "3", "promoted": True, "reason": "no champion yet", "champion_version": None},
+    "registered_model": "aidetect",
+    "data_version": "split-0123456789abcdef",
+    "report": "/ws/reports/x/report/index.html",
+    "mlflow_run_id": "5eea468f",
+    "workspace": "/ws",
+    "notes": ["format-shortcut audit [warn] on the train split: ROC-AUC 1.000", "largest groups: p1 (4 ai, train)"],
+}
+
+
+def test_run_summary_rounds_and_names_the_model():
+    text = "\n".join(summary.run_lines(RUN))
+    assert "Pipeline done in 41.4 s: 2 cached (crawl, ingest), 2 computed (train, evaluate)." in text
+    assert "test accuracy  0.838 (95% CI 0.730-0.946, n = 37)" in text
+    assert "aidetect version 3, alias champion (no champion yet)" in text
+    assert "0.8378378" not in text and "{" not in text and "'" not in text.replace("doesn't", "")
+    warnings = text.split("Warnings:")[1].split("Notes:")[0]
+    assert "format-shortcut audit [warn]" in warnings and "largest groups" not in warnings
+
+
+def test_all_cached_is_said_once_and_champion_kept_is_explained():
+    states = {"crawl": "Cached", "train": "Cached"}
+    assert summary.stage_states(states) == "2 cached"
+    kept = {"version": "4", "promoted": False, "reason": "accuracy 0.8 <= champion 0.9", "champion_version": "3"}
+    assert summary.model_line(kept, "det") == "det version 4; champion stays version 3 (accuracy 0.8 <= champion 0.9)"
+    again = {"version": "3", "promoted": False, "reason": "same checkpoint already registered", "aliases": ["champion"]}
+    assert summary.model_line(again, "det") == "det version 3, alias champion (this checkpoint was registered before)"
+
+
+def test_aligned_and_table_line_up():
+    assert summary.aligned([("a", "1"), ("long key", "2")]) == ["  a         1", "  long key  2"]
+    lines = summary.table(("name", "n"), [("x", 1), ("yy", 10)])
+    assert lines == ["  name   n", "  x      1", "  yy    10"]
+
+
+def test_folder_account_lists_reasons():
+    account = FolderAccount(
+        Path("/data/mj"),
+        "ai",
+        [FileOutcome("a.png", "imported"), FileOutcome("b.txt", "left out", "not an image (text)")],
+    )
+    lines = summary.account_lines(account)
+    assert lines[0] == "2 file(s) in /data/mj (label ai): 1 imported, 1 left out"
+    assert "    b.txt: not an image (text)" in lines
+
+
+def test_predictions_say_which_model_and_one_verdict():
+    rows = [
+        SimpleNamespace(path="a.jpg", p_ai=0.91, label="ai", verdict="ai", error=None, cam=None),
+        SimpleNamespace(path="b.jpg", p_ai=0.55, label="ai", verdict="uncertain", error=None, cam=None),
+        SimpleNamespace(path="c.jpg", p_ai=None, label=None, verdict=None, error="unreadable image", cam=None),
+    ]
+    lines = summary.prediction_lines(rows, "aidetect version 3 (alias champion)")
+    assert lines[0] == "scored by aidetect version 3 (alias champion)"
+    assert lines[2].split() == ["verdict", "p_ai", "file"]
+    assert lines[4].split()[:2] == ["uncertain", "0.550"] and "label" not in lines[2]
