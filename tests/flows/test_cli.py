@@ -388,7 +388,7 @@ def test_a_non_utf8_config_is_named(tmp_path: Path):
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes("train:\n  model: r\xe9snet\n".encode("latin-1"))
     result = runner.invoke(app, ["run", "--config", str(bad), "--workspace", str(tmp_path / "ws")])
-    _one_line_exit_2(result, "ConfigError", "latin1.yaml", "not UTF-8")
+    _one_line_exit_2(result, "config file", "latin1.yaml", "not UTF-8")
 
 
 def test_a_corrupt_decisions_line_is_named(tmp_path: Path):

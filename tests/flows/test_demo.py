@@ -47,5 +47,5 @@ def test_demo_runs_offline_and_says_what_matters(tmp_path: Path):
     assert "telemetry" not in err.lower(), err[-3000:]
     epochs = [line for line in err.splitlines() if "epoch " in line and "train loss" in line and "img/s" in line]
     assert len(epochs) >= 2 and "[head only]" in epochs[0] and "[all layers]" in epochs[1], err[-3000:]
-    reports = list((workspace / "reports").glob("*/report/index.html"))
+    reports = list((workspace / "reports").glob("*/report-*/index.html"))
     assert len(reports) == 1 and 'id="warnings"' in reports[0].read_text(encoding="utf-8")

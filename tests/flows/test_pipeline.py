@@ -171,7 +171,7 @@ def _check_nested_runs(first: dict[str, Any], failed_run_id: str) -> None:
     parent = tracking.Tracker(first["tracking_uri"], first["mlflow_run_id"])
     children = tracking.stage_runs(parent)
     ran = {stage for stage, state in first["states"].items() if state != "Cached"}
-    assert set(children) == ran == {"train", "evaluate", "report"}, (first["states"], children)
+    assert set(children) == ran == {"crawl", "train", "evaluate", "report"}, (first["states"], children)
     for stage in ran:
         assert children[stage]["state"] == "Completed" and children[stage]["status"] == "FINISHED", children[stage]
         info = parent.client.get_run(children[stage]["run_id"]).info
@@ -209,7 +209,7 @@ def _check_mlflow_server(first: dict[str, Any], root: Path) -> None:
         for r in children["runs"]
         if any(t["key"] == "mlflow.parentRunId" and t["value"] == run_id for t in r["data"].get("tags", []))
     ]
-    assert {r["info"]["run_name"] for r in nested} == {"train", "evaluate", "report"}, nested
+    assert {r["info"]["run_name"] for r in nested} == {"crawl", "train", "evaluate", "report"}, nested
 
 
 def _post_json(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
