@@ -266,22 +266,34 @@ def inspect_image(
     """
     if animated_policy not in ("first_frame", "reject"):
         raise ValueError(f"ingest.animated must be 'first_frame' or 'reject', got {animated_policy!r}")
+    with _opened(path, min_side, max_pixels) as (image, reason, head, n_bytes):
+        base = ImageCheck(False, "", None, None, "", "", None, n_bytes, False)
+        if image is None:
+            return _with_reason(base, reason), None
+        check = _check_opened(image, base, head, min_side, max_pixels, animated_policy, prepare)
+        return check, (use(image, check) if check.ok and use is not None else None)
+
+
+@contextlib.contextmanager
+def _opened(path: Path, min_side: int, max_pixels: int) -> Iterator[tuple[Image.Image | None, str, bytes, int]]:
+    """The file opened lazily under the pixel bound: (image, "", its first bytes, its size), or (None, why it cannot
+    be opened, ...); no pixel is decoded here."""
     if min_side < 1 or max_pixels < 1:
         raise ValueError(f"min_side and max_pixels must be >= 1, got {min_side} and {max_pixels}")
     n_bytes = Path(path).stat().st_size
-    base = ImageCheck(False, "", None, None, "", "", None, n_bytes, False)
     if n_bytes == 0:
-        return _with_reason(base, "zero_bytes"), None
+        yield None, "zero_bytes", b"", 0
+        return
     with open(path, "rb") as handle:
         head = handle.read(SNIFF_BYTES)
     with _pixel_limit(max_pixels):
         try:
             image = Image.open(path)
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
-            return _with_reason(base, _open_failure_reason(error, head, n_bytes)), None
+            yield None, _open_failure_reason(error, head, n_bytes), head, n_bytes
+            return
         with image:
-            check = _check_opened(image, base, head, min_side, max_pixels, animated_policy, prepare)
-            return check, (use(image, check) if check.ok and use is not None else None)
+            yield image, "", head, n_bytes
 
 
 def not_an_image(path: Path) -> str:
@@ -308,17 +320,5 @@ def not_an_image(path: Path) -> str:
 def check_header(path: Path, min_side: int, max_pixels: int, animated_policy: AnimatedPolicy) -> str:
     """Why ingest would refuse this file judging by its header alone ("" if nothing): for scoring outside the
     pipeline (predict), before any pixel is decoded. Same reasons as check_image for what the header shows."""
-    if min_side < 1 or max_pixels < 1:
-        raise ValueError(f"min_side and max_pixels must be >= 1, got {min_side} and {max_pixels}")
-    n_bytes = Path(path).stat().st_size
-    if n_bytes == 0:
-        return "zero_bytes"
-    with open(path, "rb") as handle:
-        head = handle.read(SNIFF_BYTES)
-    with _pixel_limit(max_pixels):
-        try:
-            image = Image.open(path)
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
-            return _open_failure_reason(error, head, n_bytes)
-        with image:
-            return _header_problem(image, min_side, max_pixels, animated_policy)
+    with _opened(path, min_side, max_pixels) as (image, reason, _, _):
+        return reason if image is None else _header_problem(image, min_side, max_pixels, animated_policy)
