@@ -18,9 +18,12 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import pandas as pd
 import pytest
+import requests
 
-from pipeline_lib.acquire import crawl
-from pipeline_lib.acquire.crawl import crawl_sources, detect_ext, read_crawl_log
+from pipeline_lib.acquire import crawl, crawl_log, crawl_state, engines, fetch, folders, sources
+from pipeline_lib.acquire.crawl import crawl_sources
+from pipeline_lib.acquire.crawl_log import crawl_log_path, read_crawl_log
+from pipeline_lib.acquire.crawl_state import detect_ext
 from pipeline_lib.acquire.ingest import LOG_COLUMNS, ingest
 from pipeline_lib.core.config import (
     FolderSource,
@@ -218,10 +221,10 @@ def test_keywords_from_csv_and_inline_are_merged(tmp_path: Path) -> None:
     path = tmp_path / "names.csv"
     path.write_text("keyword,notes\n山田 花子,x\nNaomi Osaka,y\n,z\n", encoding="utf-8")
     source = SearchSource(keywords=["Naomi Osaka", "A"], keywords_file=path)
-    assert crawl.source_keywords(source, 0) == ["Naomi Osaka", "A", "山田 花子"]
+    assert sources.source_keywords(source, 0) == ["Naomi Osaka", "A", "山田 花子"]
     (tmp_path / "bad.csv").write_text("name\nx\n", encoding="utf-8")
     with pytest.raises(ValueError, match="bad.csv has no 'keyword' column"):
-        crawl.read_keywords(tmp_path / "bad.csv")
+        sources.read_keywords(tmp_path / "bad.csv")
 
 
 def test_network_loss_keeps_what_was_fetched(workspace: Workspace, dataset: DemoDataset) -> None:
@@ -251,22 +254,22 @@ def test_a_keyword_is_searched_again_only_after_recrawl_after_hours(workspace: W
     with site.serve() as endpoint:
         sources = sources.model_copy(update={"search": [sources.search[0].model_copy(update={"endpoint": endpoint})]})
         crawl_sources(workspace, sources, now=NOW)
-        searched = pd.read_parquet(crawl.searches_path(workspace))
+        searched = pd.read_parquet(crawl_log.searches_path(workspace))
         assert searched[["source", "keyword"]].values.tolist() == [["search:bing", "alice"]]
 
         # 19 h later, a name added to the file: only the new name is searched, the log file is not rewritten
         keywords.write_text("alice\nbob\n", encoding="utf-8")
-        log_stamp = crawl.crawl_log_path(workspace).stat().st_mtime_ns
+        log_stamp = crawl_log_path(workspace).stat().st_mtime_ns
         later = crawl_sources(workspace, sources, now=NOW + pd.Timedelta(hours=19))
         assert site.queries == ["alice", "bob"], site.queries
         assert later.not_due == [("search:bing", "alice")]
-        assert crawl.crawl_log_path(workspace).stat().st_mtime_ns == log_stamp, "nothing new: the log is not rewritten"
+        assert crawl_log_path(workspace).stat().st_mtime_ns == log_stamp, "nothing new: the log is not rewritten"
 
         # 21 h after the first search (a daily schedule with slack): alice is due again, bob not yet
         next_day = crawl_sources(workspace, sources, now=NOW + pd.Timedelta(hours=21))
     assert site.queries == ["alice", "bob", "alice"], site.queries
     assert next_day.not_due == [("search:bing", "bob")]
-    stamps = pd.read_parquet(crawl.searches_path(workspace)).set_index("keyword")["searched_at"]
+    stamps = pd.read_parquet(crawl_log.searches_path(workspace)).set_index("keyword")["searched_at"]
     assert stamps["alice"] == pd.Timestamp(NOW + pd.Timedelta(hours=21)), stamps
     assert stamps["bob"] == pd.Timestamp(NOW + pd.Timedelta(hours=19)), stamps
 
@@ -276,7 +279,7 @@ def test_a_failed_search_is_not_stamped_and_is_tried_again(workspace: Workspace,
     sources = _sources(search=[_bing(dead, ["person-01"])], recrawl_after_hours=20)
     first = crawl_sources(workspace, sources, now=NOW)
     assert "search page failed" in first.summary.iloc[0]["error"]
-    assert not crawl.searches_path(workspace).exists(), "a search that failed must not wait recrawl_after_hours"
+    assert not crawl_log.searches_path(workspace).exists(), "a search that failed must not wait recrawl_after_hours"
     with search_site(dataset) as endpoint:
         healthy = _sources(search=[_bing(endpoint, ["person-01"])], recrawl_after_hours=20)
         second = crawl_sources(workspace, healthy, now=NOW + pd.Timedelta(minutes=5))
@@ -286,12 +289,12 @@ def test_a_failed_search_is_not_stamped_and_is_tried_again(workspace: Workspace,
 def test_due_keywords_boundaries() -> None:
     searches = pd.DataFrame(
         {"source": ["search:bing", "search:google"], "keyword": ["a", "b"], "searched_at": [pd.Timestamp(NOW)] * 2}
-    ).astype(crawl.SEARCH_COLUMNS)
+    ).astype(crawl_log.SEARCH_COLUMNS)
     at = NOW + pd.Timedelta(hours=20)
-    assert crawl.due_keywords(searches, "search:bing", ["a", "b"], at, 20) == (["a", "b"], [])
-    assert crawl.due_keywords(searches, "search:bing", ["a", "b"], at, 20.5) == (["b"], ["a"])
-    assert crawl.due_keywords(searches, "search:google", ["a", "b"], at, 21) == (["a"], ["b"])
-    assert crawl.due_keywords(searches, "search:bing", ["a"], NOW, 0) == (["a"], []), "0 h: every crawl searches"
+    assert crawl_log.due_keywords(searches, "search:bing", ["a", "b"], at, 20) == (["a", "b"], [])
+    assert crawl_log.due_keywords(searches, "search:bing", ["a", "b"], at, 20.5) == (["b"], ["a"])
+    assert crawl_log.due_keywords(searches, "search:google", ["a", "b"], at, 21) == (["a"], ["b"])
+    assert crawl_log.due_keywords(searches, "search:bing", ["a"], NOW, 0) == (["a"], []), "0 h: every crawl searches"
 
 
 def test_log_is_persisted_when_a_source_raises(
@@ -300,7 +303,7 @@ def test_log_is_persisted_when_a_source_raises(
     def explode(*args: Any) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(crawl, "_crawl_folder", explode)
+    monkeypatch.setattr(crawl, "crawl_folder", explode)
     with search_site(dataset) as endpoint:
         sources = _sources(search=[_bing(endpoint, ["person-03"])], folders=[{"path": dataset.ai_dir, "label": "ai"}])
         with pytest.raises(RuntimeError, match="disk on fire"):
@@ -366,7 +369,7 @@ def test_many_threads_write_every_file_exactly_once_whole_over_one_connection_ea
 
 def test_concurrent_stores_of_the_same_bytes_write_each_file_once(workspace: Workspace) -> None:
     payloads = [bytes([i]) * (50_000 + i) for i in range(16)]
-    state = crawl.CrawlState(workspace, crawl.empty_log(), NOW)
+    state = crawl_state.CrawlState(workspace, crawl_log.empty_log(), NOW)
     start = threading.Barrier(48)
     outcomes: list[tuple[str, str, bool]] = []
     lock = threading.Lock()
@@ -390,7 +393,7 @@ def test_concurrent_stores_of_the_same_bytes_write_each_file_once(workspace: Wor
     files = sorted(path for path in workspace.incoming.rglob("*") if path.is_file())
     assert [path.read_bytes() for path in files] == sorted(payloads, key=bytes_sha256)
     state.sync()  # durable before the log names them; a second crawl state finds them all held
-    held = crawl.held_files(workspace)
+    held = crawl_state.held_files(workspace)
     assert all(held[bytes_sha256(data)].read_bytes() == data for data in payloads)
 
 
@@ -434,7 +437,7 @@ def test_bad_url_list_names_file_and_line(workspace: Workspace, tmp_path: Path, 
     listing.write_text(text, encoding="utf-8")
     with pytest.raises(ValueError, match=message):
         crawl_sources(workspace, _sources(urls=[UrlListSource(csv=listing)]))
-    assert not crawl.crawl_log_path(workspace).exists()
+    assert not crawl_log_path(workspace).exists()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -535,7 +538,7 @@ def test_group_csv_generator_column_names_each_files_generator(workspace: Worksp
         "groups.csv": "unknown-tool",  # left out (not images): logged with the folder's generator
         "notes.txt": "unknown-tool",
     }
-    assert crawl.read_group_csv(root / "groups.csv", root)["bob_7.jpg"] == "p2"
+    assert folders.read_group_csv(root / "groups.csv", root)["bob_7.jpg"] == "p2"
 
 
 def test_file_already_in_the_store_is_logged_but_not_copied(workspace: Workspace, tmp_path: Path) -> None:
@@ -583,7 +586,7 @@ def test_google_parser_crawls_a_loopback_site(workspace: Workspace, tmp_path: Pa
 
 
 def test_google_feeder_keeps_the_real_site_and_its_filters() -> None:
-    feeder = crawl.EndpointGoogleFeeder(1, None, None)
+    feeder = engines.EndpointGoogleFeeder(1, None, None)
     feeder.feed("cat", 0, 150, filters={"type": "photo", "color": "color"})
     urls = [feeder.out_queue.get_nowait() for _ in range(feeder.out_queue.qsize())]
     assert len(urls) == 2 and all(u.startswith("https://www.google.com/search?q=cat&") for u in urls)
@@ -679,10 +682,10 @@ def test_bad_baidu_and_flickr_settings_are_named(workspace: Workspace, source: d
 
 def test_portable_filters_keep_what_the_other_engine_understands() -> None:
     reference = {"type": "photo", "color": "color", "size": ">4mp"}
-    assert crawl.portable_filters(reference, "bing") == ({"type": "photo", "color": "color"}, {"size": ">4mp"})
-    assert crawl.portable_filters(reference, "baidu") == ({}, reference)
-    assert crawl.portable_filters(reference, "flickr") == ({}, reference)
-    assert crawl.portable_filters({"size": ">2000x2000", "type": "photo"}, "google") == (
+    assert engines.portable_filters(reference, "bing") == ({"type": "photo", "color": "color"}, {"size": ">4mp"})
+    assert engines.portable_filters(reference, "baidu") == ({}, reference)
+    assert engines.portable_filters(reference, "flickr") == ({}, reference)
+    assert engines.portable_filters({"size": ">2000x2000", "type": "photo"}, "google") == (
         {"type": "photo"},
         {"size": ">2000x2000"},
     )
@@ -746,14 +749,14 @@ def test_flaky_endpoint_retries_logs_specific_errors_and_never_half_writes(
 def test_body_shorter_than_content_length_is_never_returned(tmp_path: Path) -> None:
     site = LoopbackSite({"a.jpg": _jpeg(tmp_path, 1)})
     site.truncate_first = {"a.jpg": 1}
-    with site.serve() as endpoint, crawl.requests.Session() as session:
+    with site.serve() as endpoint, requests.Session() as session:
         url = endpoint.split("/search")[0] + "/img/a.jpg"
         once = _sources(max_retries=0)
-        assert crawl.fetch_bytes(session, url, once) == (
+        assert fetch.fetch_bytes(session, url, once) == (
             None,
             f"truncated body: got {len(site.images['a.jpg']) // 2} of {len(site.images['a.jpg'])} bytes",
         )
-        assert crawl.fetch_bytes(session, url, once) == (site.images["a.jpg"], "")
+        assert fetch.fetch_bytes(session, url, once) == (site.images["a.jpg"], "")
 
 
 def test_detect_ext_prefers_the_bytes(tmp_path: Path) -> None:
@@ -806,9 +809,9 @@ def test_a_server_trickling_bytes_hits_the_total_deadline(tmp_path: Path) -> Non
             handler.wfile.flush()
             time.sleep(0.25)
 
-    with _raw_site(trickle) as base, crawl.requests.Session() as session:
+    with _raw_site(trickle) as base, requests.Session() as session:
         sources = _sources(request_timeout_s=3, download_timeout_s=1.5, max_retries=2)
-        data, error = crawl.fetch_bytes(session, f"{base}/slow.jpg", sources)
+        data, error = fetch.fetch_bytes(session, f"{base}/slow.jpg", sources)
     assert data is None, "a download must not outlive its deadline however steadily the bytes trickle"
     assert "took longer than 1.5 s in all" in error, error
     assert trickle.hits == 1, "a download that ran out of time is not retried"
@@ -817,15 +820,15 @@ def test_a_server_trickling_bytes_hits_the_total_deadline(tmp_path: Path) -> Non
 def test_a_declared_length_over_the_cap_is_refused_before_reading(tmp_path: Path) -> None:
     def huge(handler: BaseHTTPRequestHandler) -> None:
         handler.send_response(200)
-        handler.send_header("Content-Length", str(crawl.MAX_DOWNLOAD_BYTES + 1))
+        handler.send_header("Content-Length", str(fetch.MAX_DOWNLOAD_BYTES + 1))
         handler.end_headers()
         handler.wfile.write(b"\xff\xd8\xff" + b"\0" * 1000)
         handler.wfile.flush()
         handler.close_connection = True
 
-    with _raw_site(huge) as base, crawl.requests.Session() as session:
-        data, error = crawl.fetch_bytes(session, f"{base}/huge.jpg", _sources(max_retries=2))
-    assert data is None and f"declared Content-Length {crawl.MAX_DOWNLOAD_BYTES + 1}" in error, error
+    with _raw_site(huge) as base, requests.Session() as session:
+        data, error = fetch.fetch_bytes(session, f"{base}/huge.jpg", _sources(max_retries=2))
+    assert data is None and f"declared Content-Length {fetch.MAX_DOWNLOAD_BYTES + 1}" in error, error
     assert huge.hits == 1, "refused at once, not read, not retried"
 
 
@@ -850,7 +853,7 @@ def test_over_long_keywords_are_refused_with_where_they_came_from(workspace: Wor
     urls = tmp_path / "urls.csv"
     urls.write_text(f"url,label,group\nhttp://127.0.0.1:9/a.jpg,real,{long}\n", encoding="utf-8")
     with pytest.raises(ValueError, match="urls.csv, line 2: keyword"):
-        crawl.read_url_list(urls)
+        sources.read_url_list(urls)
     empty = tmp_path / "empty.txt"
     empty.write_text("# nobody yet\n", encoding="utf-8")
     with pytest.raises(ValueError, match="has no keywords .*empty.txt holds none"):

@@ -7,7 +7,9 @@ from urllib.parse import unquote
 
 import pytest
 
-from pipeline_lib.acquire.crawl import crawl_sources, detect_ext, read_crawl_log, read_searches
+from pipeline_lib.acquire.crawl import crawl_sources
+from pipeline_lib.acquire.crawl_log import read_crawl_log, read_searches
+from pipeline_lib.acquire.crawl_state import detect_ext
 from pipeline_lib.acquire.safety import UnsafeUrlError, check_url
 from pipeline_lib.core.config import SourcesConfig
 from pipeline_lib.core.workspace import Workspace, file_sha256
@@ -186,7 +188,7 @@ def _site(tmp_path: Path) -> LoopbackSite:
 def test_a_name_that_rebinds_to_loopback_is_never_connected_to(monkeypatch, tmp_path: Path) -> None:
     import requests
 
-    from pipeline_lib.acquire.crawl import fetch_bytes
+    from pipeline_lib.acquire.fetch import fetch_bytes
 
     site = _site(tmp_path)
     with site.serve() as endpoint:
@@ -204,7 +206,7 @@ def test_a_name_that_rebinds_to_loopback_is_never_connected_to(monkeypatch, tmp_
 def test_every_redirect_hop_is_pinned_to_its_checked_address(monkeypatch, tmp_path: Path) -> None:
     import requests
 
-    from pipeline_lib.acquire.crawl import fetch_bytes
+    from pipeline_lib.acquire.fetch import fetch_bytes
 
     site = _site(tmp_path)
     with site.serve() as endpoint:
@@ -237,7 +239,7 @@ def test_https_keeps_the_name_for_sni_and_the_certificate_while_connecting_to_th
 
     import requests
 
-    from pipeline_lib.acquire.crawl import fetch_bytes
+    from pipeline_lib.acquire.fetch import fetch_bytes
     from pipeline_lib.ops.demo_data import serving
 
     cert, key = _self_signed(tmp_path, "pinned.test")
