@@ -27,6 +27,9 @@ from pipeline_lib.ops.demo_data import serving
 
 log = logging.getLogger(__name__)
 
+# A request timeout for clients of these servers that never fires on a loaded machine: a test that needs a timeout
+# to fire holds the answer back instead (LoopbackSite.stalled).
+REQUEST_TIMEOUT_S = 60
 PageFormat = Callable[[list[str]], str]
 
 

@@ -11,10 +11,9 @@ from pipeline_lib.core.config import SourcesConfig
 from pipeline_lib.core.workspace import Workspace, file_sha256
 from pipeline_lib.ops.demo_data import DemoDataset
 from tests.conftest import make_image
+from tests.loopback import REQUEST_TIMEOUT_S
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-# Long enough never to fire on a loaded machine: a test that needs a timeout to fire holds its answer back instead.
-REQUEST_TIMEOUT_S = 60
 
 
 def loopback_sources(**kwargs: Any) -> SourcesConfig:

@@ -15,15 +15,8 @@ from pipeline_lib.acquire.ingest import LOG_COLUMNS, ingest
 from pipeline_lib.core.config import IngestConfig, build_config
 from pipeline_lib.core.workspace import Workspace, file_sha256
 from pipeline_lib.ops.demo_data import DemoDataset, demo_config_dict, search_site
-from tests.acquire.crawl_helpers import (
-    NOW,
-    REQUEST_TIMEOUT_S,
-    bing,
-    incoming,
-    loopback_sources,
-    served_urls,
-)
-from tests.loopback import closed_port_url
+from tests.acquire.crawl_helpers import NOW, bing, incoming, loopback_sources, served_urls
+from tests.loopback import REQUEST_TIMEOUT_S, closed_port_url
 
 DEAD_ENDPOINT = "images/async?q={keyword}&first={offset}"  # on a port where nothing listens
 

@@ -14,7 +14,7 @@ from pipeline_lib.acquire.safety import UnsafeUrlError, check_url
 from pipeline_lib.core.config import SourcesConfig
 from pipeline_lib.core.workspace import Workspace, file_sha256
 from tests.conftest import make_image
-from tests.loopback import LoopbackSite
+from tests.loopback import REQUEST_TIMEOUT_S, LoopbackSite
 
 
 @pytest.mark.parametrize(
@@ -107,7 +107,7 @@ def test_hostile_keywords_and_remote_names_never_become_paths(workspace: Workspa
     with site.serve() as endpoint:
         search = {"engine": "bing", "endpoint": endpoint, "keywords": HOSTILE_KEYWORDS, "max_num": 10, "threads": 2}
         sources = SourcesConfig.model_validate(
-            {"allow_private_addresses": True, "request_timeout_s": 3, "search": [search]}
+            {"allow_private_addresses": True, "request_timeout_s": REQUEST_TIMEOUT_S, "search": [search]}
         )
         result = crawl_sources(workspace, sources)
 
@@ -194,7 +194,7 @@ def test_a_name_that_rebinds_to_loopback_is_never_connected_to(monkeypatch, tmp_
     with site.serve() as endpoint:
         port = endpoint.split(":")[2].split("/")[0]
         resolver = RebindingResolver(monkeypatch, "rebind.test", PUBLIC, "127.0.0.1")
-        sources = SourcesConfig(allow_private_addresses=False, request_timeout_s=2, max_retries=0)
+        sources = SourcesConfig(allow_private_addresses=False, request_timeout_s=REQUEST_TIMEOUT_S, max_retries=0)
         with requests.Session() as session:
             session.trust_env = False  # no proxy from the environment: the connection is ours to pin
             data, error = fetch_bytes(session, f"http://rebind.test:{port}/img/a.jpg", sources)
@@ -216,7 +216,7 @@ def test_every_redirect_hop_is_pinned_to_its_checked_address(monkeypatch, tmp_pa
         with redirect.serve() as first:
             start = first.split("/search")[0] + "/img/start.jpg"
             resolver = RebindingResolver(monkeypatch, "hop.test", "127.0.0.1", PUBLIC)
-            sources = SourcesConfig(allow_private_addresses=True, request_timeout_s=5, max_retries=0)
+            sources = SourcesConfig(allow_private_addresses=True, request_timeout_s=REQUEST_TIMEOUT_S, max_retries=0)
             with requests.Session() as session:
                 session.trust_env = False
                 data, error = fetch_bytes(session, start, sources)
@@ -263,7 +263,7 @@ def test_https_keeps_the_name_for_sni_and_the_certificate_while_connecting_to_th
     server.socket = context.wrap_socket(server.socket, server_side=True)
     with serving(server) as port:
         resolver = RebindingResolver(monkeypatch, "pinned.test", "127.0.0.1", PUBLIC)
-        sources = SourcesConfig(allow_private_addresses=True, request_timeout_s=5, max_retries=0)
+        sources = SourcesConfig(allow_private_addresses=True, request_timeout_s=REQUEST_TIMEOUT_S, max_retries=0)
         with requests.Session() as session:
             session.trust_env = False  # else REQUESTS_CA_BUNDLE from the environment overrides session.verify
             session.verify = str(cert)
