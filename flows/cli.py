@@ -42,7 +42,8 @@ def _known_failures() -> list[tuple[tuple[type[BaseException], ...], str]]:
 
     from pyarrow import ArrowException
 
-    from pipeline_lib.acquire.crawl import CrawlLogError, SourceError
+    from pipeline_lib.acquire.crawl import SourceError
+    from pipeline_lib.acquire.crawl_log import CrawlLogError
     from pipeline_lib.core.catalog import CatalogError
     from pipeline_lib.core.cluster import ClusterError
     from pipeline_lib.core.config import ConfigError

@@ -18,7 +18,7 @@ from prefect.states import State
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from flows import review_gate
-from pipeline_lib.acquire.crawl import crawl_log_path
+from pipeline_lib.acquire.crawl_log import crawl_log_path
 from pipeline_lib.acquire.imports import with_imports
 from pipeline_lib.assess import report as report_lib
 from pipeline_lib.core import cachekey, cluster

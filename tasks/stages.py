@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline_lib.acquire import crawl as crawl_lib
 from pipeline_lib.acquire import recovery
+from pipeline_lib.acquire.crawl_log import read_crawl_log
 from pipeline_lib.assess import calibration as calibration_lib
 from pipeline_lib.assess import evaluate as evaluate_lib
 from pipeline_lib.assess import health, report
@@ -137,7 +138,7 @@ def _crawl_fallbacks(
 def current_crawl_log(root: str, log_digest: str) -> StageResult:
     """Snapshot the crawl log as it stands (no crawling): what `retrain` starts from."""
     workspace = Workspace.create(root)
-    table = crawl_lib.read_crawl_log(workspace)
+    table = read_crawl_log(workspace)
     if table.empty:
         raise ValueError(f"nothing crawled yet in {workspace.root}: run `aidetect crawl` or `aidetect run`")
     return StageResult(cat.write_table(workspace, "crawl", "log", table), {"crawl.logged": float(len(table))})

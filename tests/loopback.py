@@ -1,9 +1,10 @@
 """A scriptable search site on 127.0.0.1 for crawl tests: Bing-, Google- or Baidu-format result pages, a Flickr-like
 REST API (/services/rest/), plus images.
 
-Image answers can be made to fail: the first N requests with HTTP 500, every request after a sleep longer than
-the client's timeout, or with a truncated body (Content-Length larger than the bytes sent, then the connection
-closes). Every request is counted per image name, so tests can see the retries from the server's side.
+Image answers can be made to fail: the first N requests with HTTP 500, every request held unanswered for as long
+as the site serves (the client must time out, however fast or slow the machine), or with a truncated body
+(Content-Length larger than the bytes sent, then the connection closes). Every request is counted per image name,
+so tests can see the retries from the server's side, and can wait until the server has seen them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import logging
 import string
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +27,9 @@ from pipeline_lib.ops.demo_data import serving
 
 log = logging.getLogger(__name__)
 
+# A request timeout for clients of these servers that never fires on a loaded machine: a test that needs a timeout
+# to fire holds the answer back instead (LoopbackSite.stalled).
+REQUEST_TIMEOUT_S = 60
 PageFormat = Callable[[list[str]], str]
 
 
@@ -71,8 +74,9 @@ def baidu_result_page(image_urls: list[str]) -> str:
 class LoopbackSite:
     """Serve `images` under /img/<name> and a result page listing all of them (or `listing[query]`) at offset 0.
 
-    fail_first[name] = N answers the first N requests of that image with HTTP 500; slow[name] = seconds to sleep
-    before answering; truncate_first[name] = N sends only half the body (with the full Content-Length) N times.
+    fail_first[name] = N answers the first N requests of that image with HTTP 500; a name in stalled is never
+    answered while the site serves (held until serve() ends); truncate_first[name] = N sends only half the body
+    (with the full Content-Length) N times.
     """
 
     __test__ = False
@@ -81,7 +85,7 @@ class LoopbackSite:
         self.images = images
         self.page = page
         self.fail_first: dict[str, int] = {}
-        self.slow: dict[str, float] = {}
+        self.stalled: set[str] = set()
         self.truncate_first: dict[str, int] = {}
         self.hits: Counter[str] = Counter()
         self.queries: list[str] = []
@@ -90,11 +94,20 @@ class LoopbackSite:
         self.api_calls: list[dict[str, str]] = []  # Flickr REST calls (query parameters)
         self.connections: set[tuple[str, int]] = set()  # client (address, port) of every request: one per connection
         self._lock = threading.Lock()
+        self._counted = threading.Condition(self._lock)  # notified on every image request
+        self._release = threading.Event()  # set when serve() ends: stalled requests are let go
 
     def _count(self, name: str) -> int:
-        with self._lock:
+        with self._counted:
             self.hits[name] += 1
+            self._counted.notify_all()
             return self.hits[name]
+
+    def wait_for_hits(self, name: str, n: int, timeout: float = 120.0) -> bool:
+        """Wait until the server has seen n requests of image name (a client may give up before the server
+        reads its request); False if it has not after timeout seconds."""
+        with self._counted:
+            return self._counted.wait_for(lambda: self.hits[name] >= n, timeout)
 
     def answer_search(self, handler: BaseHTTPRequestHandler, base: str) -> None:
         """A result page (empty past the first page) in this site's format."""
@@ -134,8 +147,10 @@ class LoopbackSite:
         if name not in self.images:
             _send(handler, 404, b"not found")
             return
-        if self.slow.get(name):
-            time.sleep(self.slow[name])
+        if name in self.stalled:
+            self._release.wait()  # no answer at all: the client's read timeout must fire
+            handler.close_connection = True
+            return
         if n <= self.fail_first.get(name, 0):
             _send(handler, 500, b"server error")
             return
@@ -155,6 +170,7 @@ class LoopbackSite:
     def serve(self) -> Iterator[str]:
         """Run the site on a free loopback port; yield its search endpoint template ({keyword}, {offset})."""
         site = self
+        self._release = threading.Event()
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -178,7 +194,10 @@ class LoopbackSite:
                     self.close_connection = True
 
         with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as port:
-            yield f"http://127.0.0.1:{port}/search?q={{keyword}}&first={{offset}}"
+            try:
+                yield f"http://127.0.0.1:{port}/search?q={{keyword}}&first={{offset}}"
+            finally:
+                self._release.set()  # stalled handlers end before the server stops
 
 
 def _send(handler: BaseHTTPRequestHandler, status: int, body: bytes) -> None:

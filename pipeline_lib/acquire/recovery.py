@@ -13,7 +13,8 @@ from urllib.parse import unquote, urlsplit
 import pandas as pd
 import requests
 
-from pipeline_lib.acquire.crawl import fetch_bytes
+from pipeline_lib.acquire.crawl_state import files_under
+from pipeline_lib.acquire.fetch import fetch_bytes
 from pipeline_lib.acquire.ingest import recorded_check
 from pipeline_lib.core.config import SourcesConfig
 from pipeline_lib.core.workspace import Workspace, atomic_write_bytes, bytes_sha256
@@ -49,17 +50,9 @@ class Recovery:
 
 def _held_files(folder: Path, nested: bool) -> Iterator[tuple[str, Path, int]]:
     """(sha256 part of the name, path, size) of every file under folder (one level of sub-folders when nested)."""
-    if not folder.is_dir():
-        return
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if nested and entry.is_dir():
-                with os.scandir(entry.path) as inner:
-                    for item in inner:
-                        if item.is_file() and not item.name.startswith("."):
-                            yield item.name.split(".", 1)[0], Path(item.path), item.stat().st_size
-            elif not nested and entry.is_file() and not entry.name.startswith("."):
-                yield entry.name.split(".", 1)[0], Path(entry.path), entry.stat().st_size
+    for entry in files_under(folder, nested):
+        if not entry.name.startswith("."):
+            yield entry.name.split(".", 1)[0], Path(entry.path), entry.stat().st_size
 
 
 def held_files(workspace: Workspace) -> dict[str, tuple[Path, int]]:

@@ -1,7 +1,7 @@
 """Crawler health: flag keywords that returned nothing or mostly failures, and count per engine and keyword.
 
 icrawler's parsers break silently when a search site changes its HTML (Google's does, often): the crawl then
-"succeeds" with zero results. `keyword_health` turns a crawl summary (crawl.SUMMARY_COLUMNS) into one row per
+"succeeds" with zero results. `keyword_health` turns a crawl summary (crawl_state.SUMMARY_COLUMNS) into one row per
 keyword with a flag; `engine_counts` / `keyword_counts` give flat metrics to log every run, so a broken engine
 shows up as a drop across runs; `fallback_plan` / `fallback_sources` build search sources that retry the flagged
 keywords with each source's `fallback_engine`, keeping the filters that engine supports and naming the others.
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from pipeline_lib.acquire.crawl import portable_filters, source_keywords
+from pipeline_lib.acquire.engines import portable_filters
+from pipeline_lib.acquire.sources import source_keywords
 from pipeline_lib.core.config import SearchSource, SourcesConfig
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,9 @@ def engine_of(source: str) -> str:
 def _check_summary(summary: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in SUMMARY_NEEDS if c not in summary.columns]
     if missing:
-        raise ValueError(f"crawl summary is missing columns: {', '.join(missing)} (expected crawl.SUMMARY_COLUMNS)")
+        raise ValueError(
+            f"crawl summary is missing columns: {', '.join(missing)} (expected crawl_state.SUMMARY_COLUMNS)"
+        )
     frame = summary.reset_index(drop=True).copy()
     for name in ("new", "skipped", "failed"):
         frame[name] = pd.to_numeric(frame[name], errors="raise").fillna(0).astype("int64")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline_lib.acquire import recovery
-from pipeline_lib.acquire.crawl import CrawlLogError, crawl_log_path, read_crawl_log
+from pipeline_lib.acquire.crawl_log import CrawlLogError, crawl_log_path, read_crawl_log
 from pipeline_lib.core.catalog import CatalogError
 from pipeline_lib.core.config import SourcesConfig
 from pipeline_lib.core.workspace import Workspace, file_sha256, lock_path, read_lock_holder

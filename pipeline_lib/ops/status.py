@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline_lib.acquire.crawl_log import crawl_log_path
 from pipeline_lib.acquire.imports import FolderAccount, account_folder, read_imports
 from pipeline_lib.core.catalog import STATUS_OK, conform, counts
 from pipeline_lib.core.config import FolderSource
@@ -88,10 +89,6 @@ def folder_accounts(workspace: Workspace, folders: Sequence[FolderSource] | None
     folders = read_imports(workspace) if folders is None else folders
     if not folders:
         return []
-    from pipeline_lib.acquire.crawl import (
-        crawl_log_path,  # icrawler: only imported when there are imports to account for
-    )
-
     log_file = crawl_log_path(workspace)
     crawl_log = pd.read_parquet(log_file) if log_file.is_file() else pd.DataFrame(columns=["url", "sha256", "error"])
     found = latest_catalog(workspace)

@@ -10,7 +10,7 @@ from pipeline_lib.acquire.recovery import missing_files, restore_missing
 from pipeline_lib.core.config import FolderSource, IngestConfig, SourcesConfig
 from pipeline_lib.core.workspace import file_sha256
 from tests.conftest import make_image
-from tests.loopback import LoopbackSite
+from tests.loopback import REQUEST_TIMEOUT_S, LoopbackSite
 
 
 def _imported(workspace, tmp_path: Path):
@@ -61,7 +61,7 @@ def test_a_downloaded_file_is_fetched_again_from_its_url(workspace, tmp_path: Pa
     site = LoopbackSite({"a.jpg": image})
     with site.serve() as endpoint:
         search = {"engine": "bing", "endpoint": endpoint, "keywords": ["k"], "max_num": 5, "threads": 1}
-        sources = SourcesConfig(allow_private_addresses=True, request_timeout_s=5, search=[search])
+        sources = SourcesConfig(allow_private_addresses=True, request_timeout_s=REQUEST_TIMEOUT_S, search=[search])
         log = crawl_sources(workspace, sources).log
         catalog = ingest(workspace, log, IngestConfig())
         (workspace.root / catalog["path"][0]).unlink()

@@ -7,12 +7,14 @@ from urllib.parse import unquote
 
 import pytest
 
-from pipeline_lib.acquire.crawl import crawl_sources, detect_ext, read_crawl_log, read_searches
+from pipeline_lib.acquire.crawl import crawl_sources
+from pipeline_lib.acquire.crawl_log import read_crawl_log, read_searches
+from pipeline_lib.acquire.crawl_state import detect_ext
 from pipeline_lib.acquire.safety import UnsafeUrlError, check_url
 from pipeline_lib.core.config import SourcesConfig
 from pipeline_lib.core.workspace import Workspace, file_sha256
 from tests.conftest import make_image
-from tests.loopback import LoopbackSite
+from tests.loopback import REQUEST_TIMEOUT_S, LoopbackSite
 
 
 @pytest.mark.parametrize(
@@ -105,7 +107,7 @@ def test_hostile_keywords_and_remote_names_never_become_paths(workspace: Workspa
     with site.serve() as endpoint:
         search = {"engine": "bing", "endpoint": endpoint, "keywords": HOSTILE_KEYWORDS, "max_num": 10, "threads": 2}
         sources = SourcesConfig.model_validate(
-            {"allow_private_addresses": True, "request_timeout_s": 3, "search": [search]}
+            {"allow_private_addresses": True, "request_timeout_s": REQUEST_TIMEOUT_S, "search": [search]}
         )
         result = crawl_sources(workspace, sources)
 
@@ -186,13 +188,13 @@ def _site(tmp_path: Path) -> LoopbackSite:
 def test_a_name_that_rebinds_to_loopback_is_never_connected_to(monkeypatch, tmp_path: Path) -> None:
     import requests
 
-    from pipeline_lib.acquire.crawl import fetch_bytes
+    from pipeline_lib.acquire.fetch import fetch_bytes
 
     site = _site(tmp_path)
     with site.serve() as endpoint:
         port = endpoint.split(":")[2].split("/")[0]
         resolver = RebindingResolver(monkeypatch, "rebind.test", PUBLIC, "127.0.0.1")
-        sources = SourcesConfig(allow_private_addresses=False, request_timeout_s=2, max_retries=0)
+        sources = SourcesConfig(allow_private_addresses=False, request_timeout_s=REQUEST_TIMEOUT_S, max_retries=0)
         with requests.Session() as session:
             session.trust_env = False  # no proxy from the environment: the connection is ours to pin
             data, error = fetch_bytes(session, f"http://rebind.test:{port}/img/a.jpg", sources)
@@ -204,7 +206,7 @@ def test_a_name_that_rebinds_to_loopback_is_never_connected_to(monkeypatch, tmp_
 def test_every_redirect_hop_is_pinned_to_its_checked_address(monkeypatch, tmp_path: Path) -> None:
     import requests
 
-    from pipeline_lib.acquire.crawl import fetch_bytes
+    from pipeline_lib.acquire.fetch import fetch_bytes
 
     site = _site(tmp_path)
     with site.serve() as endpoint:
@@ -214,7 +216,7 @@ def test_every_redirect_hop_is_pinned_to_its_checked_address(monkeypatch, tmp_pa
         with redirect.serve() as first:
             start = first.split("/search")[0] + "/img/start.jpg"
             resolver = RebindingResolver(monkeypatch, "hop.test", "127.0.0.1", PUBLIC)
-            sources = SourcesConfig(allow_private_addresses=True, request_timeout_s=5, max_retries=0)
+            sources = SourcesConfig(allow_private_addresses=True, request_timeout_s=REQUEST_TIMEOUT_S, max_retries=0)
             with requests.Session() as session:
                 session.trust_env = False
                 data, error = fetch_bytes(session, start, sources)
@@ -237,7 +239,7 @@ def test_https_keeps_the_name_for_sni_and_the_certificate_while_connecting_to_th
 
     import requests
 
-    from pipeline_lib.acquire.crawl import fetch_bytes
+    from pipeline_lib.acquire.fetch import fetch_bytes
     from pipeline_lib.ops.demo_data import serving
 
     cert, key = _self_signed(tmp_path, "pinned.test")
@@ -261,7 +263,7 @@ def test_https_keeps_the_name_for_sni_and_the_certificate_while_connecting_to_th
     server.socket = context.wrap_socket(server.socket, server_side=True)
     with serving(server) as port:
         resolver = RebindingResolver(monkeypatch, "pinned.test", "127.0.0.1", PUBLIC)
-        sources = SourcesConfig(allow_private_addresses=True, request_timeout_s=5, max_retries=0)
+        sources = SourcesConfig(allow_private_addresses=True, request_timeout_s=REQUEST_TIMEOUT_S, max_retries=0)
         with requests.Session() as session:
             session.trust_env = False  # else REQUESTS_CA_BUNDLE from the environment overrides session.verify
             session.verify = str(cert)

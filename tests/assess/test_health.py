@@ -22,7 +22,7 @@ from pipeline_lib.assess.health import (
 from pipeline_lib.core.config import ConfigError, SearchSource, SourcesConfig, build_config
 from pipeline_lib.core.workspace import Workspace
 from tests.conftest import make_image
-from tests.loopback import LoopbackSite, google_result_page
+from tests.loopback import REQUEST_TIMEOUT_S, LoopbackSite, google_result_page
 
 
 def summary(rows: list[tuple[str, str, int, int, int, str]]) -> pd.DataFrame:
@@ -82,7 +82,7 @@ def test_a_keyword_the_loopback_search_page_lists_nothing_for_is_flagged(workspa
         sources = SourcesConfig.model_validate(
             {
                 "allow_private_addresses": True,
-                "request_timeout_s": 3,
+                "request_timeout_s": REQUEST_TIMEOUT_S,
                 "max_retries": 0,
                 "search": [
                     {
@@ -129,9 +129,8 @@ def test_fallback_keeps_the_filters_its_engine_supports_and_names_the_dropped(
             "fallback_engine": "bing",
             "fallback_endpoint": bing_endpoint,
         }
-        sources = SourcesConfig.model_validate(
-            {"allow_private_addresses": True, "request_timeout_s": 3, "max_retries": 0, "search": [search]}
-        )
+        settings = {"allow_private_addresses": True, "request_timeout_s": REQUEST_TIMEOUT_S, "max_retries": 0}
+        sources = SourcesConfig.model_validate(settings | {"search": [search]})
         first = crawl_sources(workspace, sources)
         plan = fallback_plan(keyword_health(first.summary), sources)
         assert len(plan) == 1 and plan[0].source.keywords == ["unicorns"] and plan[0].engine == "google"

@@ -426,7 +426,7 @@ def test_every_known_failure_type_becomes_one_line(tmp_path: Path):
     import pandas as pd
 
     from flows.cli import explain_failure
-    from pipeline_lib.acquire import crawl
+    from pipeline_lib.acquire import crawl, crawl_log
     from pipeline_lib.core import tracking
     from pipeline_lib.core.catalog import read_table
     from pipeline_lib.core.config import SourcesConfig, read_yaml_mapping
@@ -446,7 +446,7 @@ def test_every_known_failure_type_becomes_one_line(tmp_path: Path):
     sources = SourcesConfig(search=[{"keywords_file": empty, "endpoint": "http://h/?q={keyword}&first={offset}"}])
     cases = {
         "CatalogError": lambda: read_table(ws, Ref("crawl/log.parquet", "0" * 64)),
-        "CrawlLogError": lambda: crawl.read_crawl_log(ws),
+        "CrawlLogError": lambda: crawl_log.read_crawl_log(ws),
         "ReviewError": lambda: review.read_decisions(ws),
         "CheckpointError": lambda: models.load_model(junk),
         "ArrowInvalid": lambda: pd.read_parquet(junk),
