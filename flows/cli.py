@@ -522,7 +522,8 @@ def review_pack(
     """
     ws = _workspace(workspace)
     from pipeline_lib.core.catalog import read_parquet_file
-    from pipeline_lib.curate.review import ReviewError, apply_decisions, read_decisions, write_review_pack
+    from pipeline_lib.curate.review import ReviewError, apply_decisions, read_decisions
+    from pipeline_lib.curate.review_pack import write_review_pack
     from pipeline_lib.ops.status import latest_snapshot
 
     snapshot = latest_snapshot(ws, "dedup")

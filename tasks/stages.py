@@ -35,7 +35,7 @@ from pipeline_lib.core.config import (
 from pipeline_lib.core.workspace import Ref, Workspace
 from pipeline_lib.curate import audit as audit_lib
 from pipeline_lib.curate import dedup as dedup_lib
-from pipeline_lib.curate import review, split
+from pipeline_lib.curate import review, review_pack, split
 from pipeline_lib.learn import models, preprocess
 from pipeline_lib.learn import train as train_lib
 from pipeline_lib.learn.normalize import policy_key
@@ -164,7 +164,7 @@ def review_gate(root: str, catalog: Ref, decisions_digest: str, config: ReviewCo
         cat.read_snapshot(workspace, catalog), review.read_decisions(workspace), config.mode
     )
     if config.mode == "require":
-        review.write_review_pack(workspace, outcome.catalog, config.thumbnail_size, config.tiny_side)
+        review_pack.write_review_pack(workspace, outcome.catalog, config.thumbnail_size, config.tiny_side)
     if outcome.pending:
         raise review.ReviewPending(review.pending_message(outcome.pending, workspace))
     metrics = {

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from pipeline_lib.core.catalog import INVALID_PREFIX, STATUS_OK, STATUS_PENDING
 from pipeline_lib.core.workspace import Workspace
-from pipeline_lib.curate import review
+from pipeline_lib.curate import review, review_pack
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def create_app(
     tiny_side: int = 128,
     token: str | None = None,
     allowed_hosts: tuple[str, ...] = (),
-    max_pixels: int = review.THUMBNAIL_MAX_PIXELS,
+    max_pixels: int = review_pack.THUMBNAIL_MAX_PIXELS,
 ) -> FastAPI:
     """The review app for the images of catalog that are undecided now (ok/pending rows without a decision).
 
@@ -277,7 +277,7 @@ def create_app(
     known = set(candidates["sha256"])
     todo_shas = list(todo["sha256"])
     paths = thumbnail_paths(catalog, todo, set(decided_before) & set(catalog["sha256"]))
-    hints = review.review_hints(workspace, catalog, todo, tiny_side)
+    hints = review_pack.review_hints(workspace, catalog, todo, tiny_side)
     lock = threading.Lock()
     finished: dict[str, object] = {}
     app = FastAPI(title="aidetect review", docs_url=None, redoc_url=None, openapi_url=None)
@@ -303,8 +303,8 @@ def create_app(
             raise HTTPException(404, f"no image with sha256 {sha!r} is shown on this page")
         target = review.thumbnail_path(workspace, sha)  # made on first request, then cached
         try:
-            review.write_thumbnail(workspace.root / str(paths[sha]), target, thumbnail_size, max_pixels)
-        except review.ThumbnailError as error:
+            review_pack.write_thumbnail(workspace.root / str(paths[sha]), target, thumbnail_size, max_pixels)
+        except review_pack.ThumbnailError as error:
             raise HTTPException(422, str(error)) from None
         return FileResponse(target, media_type="image/jpeg")
 
@@ -351,7 +351,7 @@ def create_app(
     return app
 
 
-def _card(row: object, decided: dict[str, review.Decision], hints: list[review.Hint], members: pd.DataFrame) -> str:
+def _card(row: object, decided: dict[str, review.Decision], hints: list[review_pack.Hint], members: pd.DataFrame) -> str:
     """One image to decide, all crawled text escaped."""
     esc = html.escape
     r = row
@@ -376,9 +376,9 @@ def _card(row: object, decided: dict[str, review.Decision], hints: list[review.H
         f"<img src='thumbs/{esc(r.sha256)}.jpg' alt='image {esc(r.sha256[:12])}'>"
         f"<figcaption><b class='label'>{esc(str(r.label))}</b> · <span class='group'>{esc(str(r.group))}</span>"
         f" · <span class='keyword'>{esc(str(r.keyword))}</span><br>"
-        f"<a class='url' href='{esc(review.safe_href(url))}' rel='noreferrer' target='_blank'>{esc(url[:80])}</a><br>"
+        f"<a class='url' href='{esc(review_pack.safe_href(url))}' rel='noreferrer' target='_blank'>{esc(url[:80])}</a><br>"
         f"{esc(str(r.width))}×{esc(str(r.height))} · <code>{esc(r.sha256[:12])}</code><br>"
-        f"{review.hints_html(hints)}{cluster}</figcaption>"
+        f"{review_pack.hints_html(hints)}{cluster}</figcaption>"
         f"<div class='actions'><button class='approve' type='button'>approve (a)</button> "
         f"<select class='reason' aria-label='reject reason'>{options}</select> "
         f"<button class='reject' type='button'>reject (r)</button></div>"
@@ -390,7 +390,7 @@ def render_page(
     catalog: pd.DataFrame,
     todo: pd.DataFrame,
     decided: dict[str, review.Decision],
-    hints: dict[str, list[review.Hint]],
+    hints: dict[str, list[review_pack.Hint]],
     progress: dict[str, int],
     waiting: bool,
 ) -> str:
