@@ -610,7 +610,7 @@ def review_serve(
     """Serve the review page for the undecided images; 'finish review' resumes a waiting run if there is one."""
     ws = _workspace(workspace)
     from pipeline_lib.core.catalog import read_parquet_file
-    from pipeline_lib.curate import review_server
+    from pipeline_lib.curate import review_access, review_server
     from pipeline_lib.curate.review import read_waiting
     from pipeline_lib.ops.status import latest_snapshot
 
@@ -632,12 +632,12 @@ def review_serve(
             return review_server.FinishResult(f"decisions saved; could not resume the waiting run: {error}")
         return review_server.FinishResult(message, accepted)
 
-    token = review_server.access_token(host)
+    token = review_access.access_token(host)
     app_ = review_server.create_app(ws, read_parquet_file(snapshot), on_finish, reviewer="web", token=token)
     if token:
-        typer.secho(f"warning: {review_server.exposure_warning(host)}", fg=typer.colors.YELLOW, err=True)
+        typer.secho(f"warning: {review_access.exposure_warning(host)}", fg=typer.colors.YELLOW, err=True)
     shown = f"[{host}]" if ":" in host else host
-    typer.echo(f"review page: {review_server.page_url(f'http://{shown}:{port}/', token)}  (Ctrl-C to stop)")
+    typer.echo(f"review page: {review_access.page_url(f'http://{shown}:{port}/', token)}  (Ctrl-C to stop)")
     review_server.serve_forever(app_, host, port)
 
 
