@@ -20,7 +20,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from flows import review_gate
 from pipeline_lib.acquire.crawl import crawl_log_path
 from pipeline_lib.acquire.imports import with_imports
-from pipeline_lib.assess import report as report_lib
+from pipeline_lib.assess import report_content
 from pipeline_lib.core import cachekey, cluster
 from pipeline_lib.core import tracking as tracking_lib
 from pipeline_lib.core.config import DedupConfig, ExecutionConfig, IngestConfig, NormalizeConfig, PipelineConfig
@@ -405,7 +405,7 @@ def _model_stages(
     notes = [*run.notes, *evaluation.notes]
     # The audit's verdict is part of the report's key (the split decides it); crawl health describes the crawl that
     # ran now and is handed over live, so that a crawl that fetched nothing new leaves the report cached.
-    keyed, health = report_lib.split_warning_notes(run.notes)
+    keyed, health = report_content.split_warning_notes(run.notes)
     report_args = (config.report, title, normalize, device, keyed, trained.history, data_version)
     report_ref = run.run(
         "report", stages.make_report, root, trained.model, evaluation, *report_args, health_notes=health
@@ -440,7 +440,7 @@ def _model_stages(
         "model": str(trained.model.resolve(workspace)),
         "registry": registered,
         "notes": [*split.notes, *evaluation.notes],
-        "warnings": report_lib.report_warnings(notes, evaluation.metrics, config.report.data_note),
+        "warnings": report_content.report_warnings(notes, evaluation.metrics, config.report.data_note),
     }
 
 

@@ -15,8 +15,8 @@ from prefect.cache_policies import NO_CACHE
 from pipeline_lib.acquire import crawl as crawl_lib
 from pipeline_lib.acquire import recovery
 from pipeline_lib.assess import calibration as calibration_lib
+from pipeline_lib.assess import cam, health, report, report_content
 from pipeline_lib.assess import evaluate as evaluate_lib
-from pipeline_lib.assess import health, report
 from pipeline_lib.assess import predict as predict_lib
 from pipeline_lib.core import catalog as cat
 from pipeline_lib.core import devices
@@ -417,8 +417,8 @@ def evaluate(
     generator_metrics, generators = evaluate_lib.generator_metrics(predictions, config.threshold)
     metrics |= generator_metrics
     subset = images[:CAM_SUMMARY_LIMIT]
-    metrics |= report.cam_attention_metrics(model, subset, models.target_layer(model), cam_method, device=device)
-    notes += report.cam_warnings(metrics)
+    metrics |= cam.cam_attention_metrics(model, subset, models.target_layer(model), cam_method, device=device)
+    notes += report_content.cam_warnings(metrics)
     written = predict_lib.write_calibration(
         model_path,
         predict_lib.ModelCalibration(
@@ -460,7 +460,7 @@ def make_report(
     model, meta = models.load_model(model_ref.resolve(workspace))
     device = devices.resolve_device(device)
     predictions = pd.read_parquet(evaluation.predictions.resolve(workspace))
-    selected = report.select_examples(predictions, config.images_per_cell)
+    selected = report_content.select_examples(predictions, config.images_per_cell)
     size, active = int(meta["image_size"]), _active(normalize)
     images = preprocess.load_tensors(workspace, selected["sha256"].tolist(), size, active)
     out_dir = evaluation.predictions.resolve(workspace).parent / f"report-{current_stage_key()[:12]}"
@@ -491,10 +491,10 @@ def make_report(
         cam_target=config.cam_target,
         device=device,
         originals=_originals(workspace, selected["sha256"].tolist()),
-        warnings=report.report_warnings(
+        warnings=report_content.report_warnings(
             [*(notes or []), *(health_notes or []), *evaluation.notes], evaluation.metrics, config.data_note
         ),
-        top=report.headline(evaluation.metrics, model_name, data_version),
+        top=report_content.headline(evaluation.metrics, model_name, data_version),
     )
     return workspace.ref(index)
 
