@@ -17,6 +17,7 @@ from pipeline_lib.acquire import recovery
 from pipeline_lib.assess import calibration as calibration_lib
 from pipeline_lib.assess import cam, health, report, report_content
 from pipeline_lib.assess import evaluate as evaluate_lib
+from pipeline_lib.assess import plots as plots_lib
 from pipeline_lib.assess import predict as predict_lib
 from pipeline_lib.core import catalog as cat
 from pipeline_lib.core import devices
@@ -358,10 +359,10 @@ def fit_calibration(
 def _plots(workspace: Workspace, predictions: pd.DataFrame, out_dir: Any) -> dict[str, str]:
     plots = {}
     for name, plot in (
-        ("confusion_matrix", evaluate_lib.plot_confusion_matrix),
-        ("roc", evaluate_lib.plot_roc),
-        ("pr", evaluate_lib.plot_pr),
-        ("reliability", evaluate_lib.plot_reliability),
+        ("confusion_matrix", plots_lib.plot_confusion_matrix),
+        ("roc", plots_lib.plot_roc),
+        ("pr", plots_lib.plot_pr),
+        ("reliability", plots_lib.plot_reliability),
     ):
         plot(predictions, out_dir / f"{name}.png")
         plots[name] = workspace.relative(out_dir / f"{name}.png")

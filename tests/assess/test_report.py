@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline_lib.assess.evaluate import per_group_accuracy, plot_roc, predictions_table
+from pipeline_lib.assess.evaluate import per_group_accuracy, predictions_table
+from pipeline_lib.assess.plots import plot_roc
 from pipeline_lib.assess.report import build_report
 from pipeline_lib.assess.report_content import select_examples
 from tests.assess.conftest import random_images
