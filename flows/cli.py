@@ -154,7 +154,8 @@ def _echo(lines: list[str]) -> None:
 
 
 def _config(config: Path | None, workspace: Path | None, overrides: list[str] | None, refresh: bool) -> PipelineConfig:
-    from pipeline_lib.core.config import ConfigError, load_config
+    from pipeline_lib.core.config import ConfigError
+    from pipeline_lib.core.config_loader import load_config
 
     extra = list(overrides or [])
     if workspace is not None:
@@ -422,7 +423,8 @@ def demo(
     refresh_cache: RefreshOpt = False,
 ):
     """Offline demo on synthetic data: loopback crawl with icrawler, folder import, train, report."""
-    from pipeline_lib.core.config import ConfigError, build_config, merge_mappings, read_yaml_mapping
+    from pipeline_lib.core.config import ConfigError
+    from pipeline_lib.core.config_loader import build_config, merge_mappings, read_yaml_mapping
 
     workspace = workspace.resolve()
     extra = list(set_ or []) + (["execution.refresh_cache=true"] if refresh_cache else [])

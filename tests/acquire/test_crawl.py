@@ -22,14 +22,8 @@ import pytest
 from pipeline_lib.acquire import crawl
 from pipeline_lib.acquire.crawl import crawl_sources, detect_ext, read_crawl_log
 from pipeline_lib.acquire.ingest import LOG_COLUMNS, ingest
-from pipeline_lib.core.config import (
-    FolderSource,
-    IngestConfig,
-    SearchSource,
-    SourcesConfig,
-    UrlListSource,
-    build_config,
-)
+from pipeline_lib.core.config import FolderSource, IngestConfig, SearchSource, SourcesConfig, UrlListSource
+from pipeline_lib.core.config_loader import build_config
 from pipeline_lib.core.workspace import Workspace, bytes_sha256, file_sha256
 from pipeline_lib.ops.demo_data import (
     DemoDataset,
