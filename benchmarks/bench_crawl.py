@@ -55,7 +55,7 @@ from pipeline_lib.core.config import (
     UrlListSource,
 )
 from pipeline_lib.core.workspace import Workspace
-from pipeline_lib.curate import review
+from pipeline_lib.curate import review, review_pack
 from pipeline_lib.curate.dedup import find_duplicates
 
 log = logging.getLogger("bench_crawl")
@@ -165,7 +165,7 @@ def review_auto(workspace: Workspace, catalog: Any) -> None:
 def review_auto_with_pack(workspace: Workspace, catalog: Any) -> None:
     """Auto mode as it was: the same, plus the review pack nobody looks at (thumbnails now made at draft scale)."""
     outcome = review.apply_decisions(catalog, review.read_decisions(workspace), "auto")
-    review.write_review_pack(workspace, outcome.catalog, ReviewConfig().thumbnail_size)
+    review_pack.write_review_pack(workspace, outcome.catalog, ReviewConfig().thumbnail_size)
     write_snapshot(workspace, "review", outcome.catalog)
 
 

@@ -30,7 +30,8 @@ from synthetic import photo_like_image  # noqa: E402
 
 from flows.pipeline import fingerprint_stage, ingest_stage, preprocess_stage, tracked_stages  # noqa: E402
 from pipeline_lib.core.catalog import read_snapshot, write_snapshot  # noqa: E402
-from pipeline_lib.core.config import PipelineConfig, build_config  # noqa: E402
+from pipeline_lib.core.config import PipelineConfig  # noqa: E402
+from pipeline_lib.core.config_loader import build_config  # noqa: E402
 from pipeline_lib.core.workspace import Workspace, listing_digest  # noqa: E402
 from tasks import stages  # noqa: E402
 

@@ -33,7 +33,8 @@ import torch
 from synthetic import photo_like_image
 
 from pipeline_lib.core import tracking
-from pipeline_lib.core.config import PipelineConfig, build_config, merge_mappings, read_yaml_mapping
+from pipeline_lib.core.config import PipelineConfig
+from pipeline_lib.core.config_loader import build_config, merge_mappings, read_yaml_mapping
 
 log = logging.getLogger("bench_reference_recipe")
 DEFAULT_YAML = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"

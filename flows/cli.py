@@ -155,7 +155,8 @@ def _echo(lines: list[str]) -> None:
 
 
 def _config(config: Path | None, workspace: Path | None, overrides: list[str] | None, refresh: bool) -> PipelineConfig:
-    from pipeline_lib.core.config import ConfigError, load_config
+    from pipeline_lib.core.config import ConfigError
+    from pipeline_lib.core.config_loader import load_config
 
     extra = list(overrides or [])
     if workspace is not None:
@@ -423,7 +424,8 @@ def demo(
     refresh_cache: RefreshOpt = False,
 ):
     """Offline demo on synthetic data: loopback crawl with icrawler, folder import, train, report."""
-    from pipeline_lib.core.config import ConfigError, build_config, merge_mappings, read_yaml_mapping
+    from pipeline_lib.core.config import ConfigError
+    from pipeline_lib.core.config_loader import build_config, merge_mappings, read_yaml_mapping
 
     workspace = workspace.resolve()
     extra = list(set_ or []) + (["execution.refresh_cache=true"] if refresh_cache else [])
@@ -523,7 +525,8 @@ def review_pack(
     """
     ws = _workspace(workspace)
     from pipeline_lib.core.catalog import read_parquet_file
-    from pipeline_lib.curate.review import ReviewError, apply_decisions, read_decisions, write_review_pack
+    from pipeline_lib.curate.review import ReviewError, apply_decisions, read_decisions
+    from pipeline_lib.curate.review_pack import write_review_pack
     from pipeline_lib.ops.status import latest_snapshot
 
     snapshot = latest_snapshot(ws, "dedup")
@@ -610,7 +613,7 @@ def review_serve(
     """Serve the review page for the undecided images; 'finish review' resumes a waiting run if there is one."""
     ws = _workspace(workspace)
     from pipeline_lib.core.catalog import read_parquet_file
-    from pipeline_lib.curate import review_server
+    from pipeline_lib.curate import review_access, review_server
     from pipeline_lib.curate.review import read_waiting
     from pipeline_lib.ops.status import latest_snapshot
 
@@ -632,12 +635,12 @@ def review_serve(
             return review_server.FinishResult(f"decisions saved; could not resume the waiting run: {error}")
         return review_server.FinishResult(message, accepted)
 
-    token = review_server.access_token(host)
+    token = review_access.access_token(host)
     app_ = review_server.create_app(ws, read_parquet_file(snapshot), on_finish, reviewer="web", token=token)
     if token:
-        typer.secho(f"warning: {review_server.exposure_warning(host)}", fg=typer.colors.YELLOW, err=True)
+        typer.secho(f"warning: {review_access.exposure_warning(host)}", fg=typer.colors.YELLOW, err=True)
     shown = f"[{host}]" if ":" in host else host
-    typer.echo(f"review page: {review_server.page_url(f'http://{shown}:{port}/', token)}  (Ctrl-C to stop)")
+    typer.echo(f"review page: {review_access.page_url(f'http://{shown}:{port}/', token)}  (Ctrl-C to stop)")
     review_server.serve_forever(app_, host, port)
 
 

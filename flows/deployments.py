@@ -10,7 +10,7 @@ import yaml
 from prefect import Flow, flow
 
 from flows.pipeline import crawl_flow, pipeline_in_current_flow
-from pipeline_lib.core.config import load_config
+from pipeline_lib.core.config_loader import load_config
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
 

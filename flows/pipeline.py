@@ -20,8 +20,8 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from flows import review_gate
 from pipeline_lib.acquire.crawl_log import crawl_log_path
 from pipeline_lib.acquire.imports import with_imports
-from pipeline_lib.assess import report as report_lib
-from pipeline_lib.core import cachekey, cluster
+from pipeline_lib.assess import report_content
+from pipeline_lib.core import cachekey, cluster, code_index
 from pipeline_lib.core import tracking as tracking_lib
 from pipeline_lib.core.config import DedupConfig, ExecutionConfig, IngestConfig, NormalizeConfig, PipelineConfig
 from pipeline_lib.core.workspace import Ref, Workspace, digest_of, file_sha256, workspace_lock
@@ -46,7 +46,7 @@ class StageRecorder:
         self.workspace = workspace
         self.refresh = refresh
         self.tracker = tracker
-        self.index = cachekey.CodeIndex()  # parses the project's code once per flow run
+        self.index = code_index.CodeIndex()  # parses the project's code once per flow run
         self.states: dict[str, str] = {}
         self._earlier: dict[str, dict[str, str]] | None = None  # stage -> key parts of its previous run
         self.outcome: dict[str, Any] = {}  # what the run's line in the workspace's runs list adds (accuracy, model)
@@ -147,13 +147,13 @@ def _per_image_stage(
     source: Ref,
     params: tuple[Any, ...],
     chunk_size: int,
-    index: cachekey.CodeIndex | None = None,
+    index: code_index.CodeIndex | None = None,
 ) -> State:
     """plan(root, source, *params, chunk_size) -> chunks; chunk(root, chunk, *params) mapped on the flow's task runner;
     merge(root, source, *params, results). The merge's state, or the failed plan's or chunk's (then no merge)."""
     plan_task, chunk_task, merge_task = tasks
     root = str(workspace.root)
-    index = index or cachekey.CodeIndex()
+    index = index or code_index.CodeIndex()
     plan: State = cached(plan_task, workspace, refresh, index)(root, source, *params, chunk_size, return_state=True)
     if not plan.is_completed():
         return plan
@@ -405,7 +405,7 @@ def _model_stages(
     notes = [*run.notes, *evaluation.notes]
     # The audit's verdict is part of the report's key (the split decides it); crawl health describes the crawl that
     # ran now and is handed over live, so that a crawl that fetched nothing new leaves the report cached.
-    keyed, health = report_lib.split_warning_notes(run.notes)
+    keyed, health = report_content.split_warning_notes(run.notes)
     report_args = (config.report, title, normalize, device, keyed, trained.history, data_version)
     report_ref = run.run(
         "report", stages.make_report, root, trained.model, evaluation, *report_args, health_notes=health
@@ -440,7 +440,7 @@ def _model_stages(
         "model": str(trained.model.resolve(workspace)),
         "registry": registered,
         "notes": [*split.notes, *evaluation.notes],
-        "warnings": report_lib.report_warnings(notes, evaluation.metrics, config.report.data_note),
+        "warnings": report_content.report_warnings(notes, evaluation.metrics, config.report.data_note),
     }
 
 

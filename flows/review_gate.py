@@ -19,7 +19,7 @@ from prefect.input import RunInput
 from pipeline_lib.core.catalog import read_snapshot
 from pipeline_lib.core.config import PipelineConfig, ReviewConfig
 from pipeline_lib.core.workspace import Workspace
-from pipeline_lib.curate import review
+from pipeline_lib.curate import review, review_access
 from pipeline_lib.curate import review_server as server
 from tasks import stages
 
@@ -88,14 +88,14 @@ def wait_for_review(cfg: ReviewConfig, workspace: Workspace, catalog: Any, pendi
             )  # fmt: skip
             answer = suspend_flow_run(wait_for_input=ReviewInput, timeout=timeout, key=PAUSE_KEY)
         else:
-            token = server.access_token(cfg.host)
+            token = review_access.access_token(cfg.host)
             if token:
-                logger.warning(server.exposure_warning(cfg.host))
+                logger.warning(review_access.exposure_warning(cfg.host))
             app = server.create_app(
                 workspace, catalog, page_resumer(flow_run.id), "web", cfg.thumbnail_size, cfg.tiny_side, token
             )
             with _serving(app, cfg) as base:
-                url = server.page_url(base, token)
+                url = review_access.page_url(base, token)
                 review.write_waiting(workspace, str(flow_run.id), how, pending, url)
                 logger.warning(
                     "%d image(s) await review: open %s , decide them and press 'finish review' "

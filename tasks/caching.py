@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.transactions import get_transaction
 
-from pipeline_lib.core import cachekey
+from pipeline_lib.core import cachekey, code_index
 from pipeline_lib.core.workspace import Workspace
 
 
@@ -45,7 +45,7 @@ def _defaults(fn: Any) -> dict[str, Any]:
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
-def fixed_parts(task: Task[Any, Any], index: cachekey.CodeIndex) -> dict[str, str]:
+def fixed_parts(task: Task[Any, Any], index: code_index.CodeIndex) -> dict[str, str]:
     """The parts of a task's key that do not depend on its arguments: its name, its code, its libraries."""
     fn = task.fn
     return {"task": f"{fn.__module__}:{fn.__name__}"} | index.task_parts(fn.__module__, fn.__name__)
@@ -58,7 +58,7 @@ def bound_inputs(task: Task[Any, Any], args: tuple[Any, ...]) -> dict[str, Any]:
     return dict(bound.arguments)
 
 
-def stage_key(task: Task[Any, Any], args: tuple[Any, ...], index: cachekey.CodeIndex) -> cachekey.StageKey:
+def stage_key(task: Task[Any, Any], args: tuple[Any, ...], index: code_index.CodeIndex) -> cachekey.StageKey:
     """The key a call task(*args) gets, with its parts (what the recorder logs on the stage's MLflow run)."""
     return cachekey.stage_key(fixed_parts(task, index), bound_inputs(task, args))
 
@@ -67,13 +67,13 @@ def cached(
     task: Task[Any, Any],
     workspace: Workspace,
     refresh: bool = False,
-    index: cachekey.CodeIndex | None = None,
+    index: code_index.CodeIndex | None = None,
     cache: bool = True,
 ) -> Task[Any, Any]:
     """The task keyed by its stage key, results kept in the workspace; cache=False: it runs every time."""
     if not cache:
         return task.with_options(cache_policy=NO_CACHE, persist_result=False)
-    policy = StageKeyPolicy(fixed=tuple(sorted(fixed_parts(task, index or cachekey.CodeIndex()).items())))
+    policy = StageKeyPolicy(fixed=tuple(sorted(fixed_parts(task, index or code_index.CodeIndex()).items())))
     return task.with_options(
         cache_policy=policy,
         persist_result=True,

@@ -16,8 +16,9 @@ from pipeline_lib.acquire import crawl as crawl_lib
 from pipeline_lib.acquire import recovery
 from pipeline_lib.acquire.crawl_log import read_crawl_log
 from pipeline_lib.assess import calibration as calibration_lib
+from pipeline_lib.assess import cam, health, report, report_content
 from pipeline_lib.assess import evaluate as evaluate_lib
-from pipeline_lib.assess import health, report
+from pipeline_lib.assess import plots as plots_lib
 from pipeline_lib.assess import predict as predict_lib
 from pipeline_lib.core import catalog as cat
 from pipeline_lib.core import devices
@@ -36,7 +37,7 @@ from pipeline_lib.core.config import (
 from pipeline_lib.core.workspace import Ref, Workspace
 from pipeline_lib.curate import audit as audit_lib
 from pipeline_lib.curate import dedup as dedup_lib
-from pipeline_lib.curate import review, split
+from pipeline_lib.curate import review, review_pack, split
 from pipeline_lib.learn import models, preprocess
 from pipeline_lib.learn import train as train_lib
 from pipeline_lib.learn.normalize import policy_key
@@ -165,7 +166,7 @@ def review_gate(root: str, catalog: Ref, decisions_digest: str, config: ReviewCo
         cat.read_snapshot(workspace, catalog), review.read_decisions(workspace), config.mode
     )
     if config.mode == "require":
-        review.write_review_pack(workspace, outcome.catalog, config.thumbnail_size, config.tiny_side)
+        review_pack.write_review_pack(workspace, outcome.catalog, config.thumbnail_size, config.tiny_side)
     if outcome.pending:
         raise review.ReviewPending(review.pending_message(outcome.pending, workspace))
     metrics = {
@@ -359,10 +360,10 @@ def fit_calibration(
 def _plots(workspace: Workspace, predictions: pd.DataFrame, out_dir: Any) -> dict[str, str]:
     plots = {}
     for name, plot in (
-        ("confusion_matrix", evaluate_lib.plot_confusion_matrix),
-        ("roc", evaluate_lib.plot_roc),
-        ("pr", evaluate_lib.plot_pr),
-        ("reliability", evaluate_lib.plot_reliability),
+        ("confusion_matrix", plots_lib.plot_confusion_matrix),
+        ("roc", plots_lib.plot_roc),
+        ("pr", plots_lib.plot_pr),
+        ("reliability", plots_lib.plot_reliability),
     ):
         plot(predictions, out_dir / f"{name}.png")
         plots[name] = workspace.relative(out_dir / f"{name}.png")
@@ -418,8 +419,8 @@ def evaluate(
     generator_metrics, generators = evaluate_lib.generator_metrics(predictions, config.threshold)
     metrics |= generator_metrics
     subset = images[:CAM_SUMMARY_LIMIT]
-    metrics |= report.cam_attention_metrics(model, subset, models.target_layer(model), cam_method, device=device)
-    notes += report.cam_warnings(metrics)
+    metrics |= cam.cam_attention_metrics(model, subset, models.target_layer(model), cam_method, device=device)
+    notes += report_content.cam_warnings(metrics)
     written = predict_lib.write_calibration(
         model_path,
         predict_lib.ModelCalibration(
@@ -461,7 +462,7 @@ def make_report(
     model, meta = models.load_model(model_ref.resolve(workspace))
     device = devices.resolve_device(device)
     predictions = pd.read_parquet(evaluation.predictions.resolve(workspace))
-    selected = report.select_examples(predictions, config.images_per_cell)
+    selected = report_content.select_examples(predictions, config.images_per_cell)
     size, active = int(meta["image_size"]), _active(normalize)
     images = preprocess.load_tensors(workspace, selected["sha256"].tolist(), size, active)
     out_dir = evaluation.predictions.resolve(workspace).parent / f"report-{current_stage_key()[:12]}"
@@ -492,10 +493,10 @@ def make_report(
         cam_target=config.cam_target,
         device=device,
         originals=_originals(workspace, selected["sha256"].tolist()),
-        warnings=report.report_warnings(
+        warnings=report_content.report_warnings(
             [*(notes or []), *(health_notes or []), *evaluation.notes], evaluation.metrics, config.data_note
         ),
-        top=report.headline(evaluation.metrics, model_name, data_version),
+        top=report_content.headline(evaluation.metrics, model_name, data_version),
     )
     return workspace.ref(index)
 

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from flows.deployments import read_deployments
-from pipeline_lib.core.config import flatten_config, load_config
+from pipeline_lib.core.config import flatten_config
+from pipeline_lib.core.config_loader import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

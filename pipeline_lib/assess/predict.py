@@ -24,7 +24,7 @@ import torch
 from pydantic import ValidationError
 
 from pipeline_lib.acquire.validate import check_header
-from pipeline_lib.assess import report
+from pipeline_lib.assess import cam as cam_lib
 from pipeline_lib.assess.calibration import apply_temperature, verdicts
 from pipeline_lib.assess.evaluate import borrowed_model, predict_logits, softmax_p_ai
 from pipeline_lib.core.config import IngestConfig, NormalizeConfig
@@ -196,14 +196,14 @@ def _write_cams(
     as PNG files into cam_dir; return their paths."""
     target = list(classes) if classes is not None else 1
     layer = models.target_layer(model)
-    maps = report.compute_cams(
+    maps = cam_lib.compute_cams(
         model, images, layer, method=cam_method, batch_size=len(images), target_class=target, device=device
     )
     written: list[str] = []
     for image, cam, path in zip(images, maps, paths, strict=True):
-        _, overlay = report.cam_overlay(image, cam)
+        _, overlay = cam_lib.cam_overlay(image, cam)
         target = cam_dir / cam_file_name(path)
-        atomic_write_bytes(target, report.png_bytes(overlay))
+        atomic_write_bytes(target, cam_lib.png_bytes(overlay))
         written.append(str(target))
     return written
 
@@ -238,7 +238,7 @@ def _score_batch(model: torch.nn.Module, batch: Sequence[Path], how: _Scoring) -
         scores = {i: (float(p), float(r), str(v)) for i, p, r, v in zip(good, p_ai, raw, said, strict=True)}
         if how.cam_dir is not None:
             predicted = pd.DataFrame({"predicted": np.where(p_ai >= how.threshold, "ai", "real")})
-            classes = report.cam_classes(predicted, how.cam_target)
+            classes = cam_lib.cam_classes(predicted, how.cam_target)
             paths = [batch[i] for i in good]
             files = _write_cams(model, images, paths, how.cam_dir, how.cam_method, classes, how.device)
             cams = dict(zip(good, files, strict=True))
@@ -282,10 +282,10 @@ def predict_files(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be strictly between 0 and 1, got {threshold}")
-    if cam_method not in report.CAM_METHODS:
-        raise ValueError(f"cam_method must be one of {', '.join(report.CAM_METHODS)}, got {cam_method!r}")
-    if cam_target not in report.CAM_TARGETS:
-        raise ValueError(f"cam_target must be one of {', '.join(report.CAM_TARGETS)}, got {cam_target!r}")
+    if cam_method not in cam_lib.CAM_METHODS:
+        raise ValueError(f"cam_method must be one of {', '.join(cam_lib.CAM_METHODS)}, got {cam_method!r}")
+    if cam_target not in cam_lib.CAM_TARGETS:
+        raise ValueError(f"cam_target must be one of {', '.join(cam_lib.CAM_TARGETS)}, got {cam_target!r}")
     low, high = band
     if not 0 < low < high < 1:
         raise ValueError(f"uncertain band must satisfy 0 < uncertain_low < uncertain_high < 1, got {band}")

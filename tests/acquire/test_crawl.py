@@ -12,7 +12,8 @@ from pipeline_lib.acquire import crawl
 from pipeline_lib.acquire.crawl import crawl_sources
 from pipeline_lib.acquire.crawl_log import read_crawl_log
 from pipeline_lib.acquire.ingest import LOG_COLUMNS, ingest
-from pipeline_lib.core.config import IngestConfig, build_config
+from pipeline_lib.core.config import IngestConfig
+from pipeline_lib.core.config_loader import build_config
 from pipeline_lib.core.workspace import Workspace, file_sha256
 from pipeline_lib.ops.demo_data import DemoDataset, demo_config_dict, search_site
 from tests.acquire.crawl_helpers import NOW, bing, incoming, loopback_sources, served_urls

@@ -13,7 +13,8 @@ from pipeline_lib.assess.calibration import (
     verdict,
     verdicts,
 )
-from pipeline_lib.core.config import CalibrationConfig, ConfigError, build_config
+from pipeline_lib.core.config import CalibrationConfig, ConfigError
+from pipeline_lib.core.config_loader import build_config
 
 
 def toy(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,15 +1,13 @@
-"""Tests for pipeline_lib.assess.evaluate: probabilities, predictions table, metrics and plots."""
+"""Tests for pipeline_lib.assess.evaluate: probabilities, predictions table and metrics."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from pipeline_lib.assess.evaluate import (
@@ -19,10 +17,6 @@ from pipeline_lib.assess.evaluate import (
     expected_calibration_error,
     generator_metrics,
     per_group_accuracy,
-    plot_confusion_matrix,
-    plot_pr,
-    plot_reliability,
-    plot_roc,
     predict_logits,
     predict_probabilities,
     predictions_table,
@@ -31,34 +25,8 @@ from pipeline_lib.assess.evaluate import (
     softmax_p_ai,
 )
 from pipeline_lib.learn.normalize import ROBUSTNESS_VARIANTS
+from tests.assess.conftest import make_rows
 from tests.conftest import TinyClassifier
-
-# Ten hand-made predictions at threshold 0.5 (ai = positive):
-#   ai   rows: 0.9 0.8 0.7 0.6 | 0.3        -> tp = 4, fn = 1
-#   real rows: 0.65 0.55 | 0.2 0.1 0.05     -> fp = 2, tn = 3
-AI_SCORES = [0.9, 0.8, 0.7, 0.6, 0.3]
-REAL_SCORES = [0.65, 0.55, 0.2, 0.1, 0.05]
-
-
-def make_rows(labels: list[str], groups: list[str] | None = None) -> pd.DataFrame:
-    """Catalog-like test rows with the identity columns the evaluation needs."""
-    n = len(labels)
-    return pd.DataFrame(
-        {
-            "sha256": [f"{i:064x}" for i in range(n)],
-            "group": groups or [f"person{i}" for i in range(n)],
-            "label": labels,
-            "source": ["search:bing"] * n,
-            "url": [f"http://127.0.0.1/img{i}.jpg" for i in range(n)],
-            "keyword": groups or [f"person{i}" for i in range(n)],
-        }
-    )
-
-
-@pytest.fixture
-def hand_predictions() -> pd.DataFrame:
-    rows = make_rows(["ai"] * 5 + ["real"] * 5)
-    return predictions_table(rows, np.array(AI_SCORES + REAL_SCORES), threshold=0.5)
 
 
 def test_metrics_match_hand_computed_values(hand_predictions: pd.DataFrame) -> None:
@@ -143,20 +111,6 @@ def test_per_group_accuracy_sorted_worst_first() -> None:
     assert list(table["group"]) == ["C", "D", "A", "B"], f"groups not sorted worst first: {list(table['group'])}"
     assert list(table["n"]) == [1, 4, 2, 3], f"group sizes wrong: {list(table['n'])}"
     assert list(table["accuracy"]) == [0.0, 0.5, 0.5, 1.0], f"group accuracies wrong: {list(table['accuracy'])}"
-
-
-@pytest.mark.parametrize("plot", [plot_confusion_matrix, plot_roc, plot_pr, plot_reliability])
-@pytest.mark.parametrize("single_class", [False, True])
-def test_plots_are_valid_pngs(plot, single_class: bool, hand_predictions: pd.DataFrame, tmp_path: Path) -> None:
-    predictions = hand_predictions.head(5) if single_class else hand_predictions
-    target = tmp_path / "plots" / f"{plot.__name__}.png"
-    returned = plot(predictions, target)
-    assert Path(returned) == target, f"{plot.__name__} returned {returned}, expected {target}"
-    with Image.open(target) as image:
-        image.verify()
-        assert image.format == "PNG", f"{plot.__name__} wrote {image.format}, not PNG"
-    leftovers = [p.name for p in target.parent.iterdir() if p != target]
-    assert leftovers == [], f"atomic write left temporary files behind: {leftovers}"
 
 
 def test_predict_probabilities_matches_softmax_and_restores_model() -> None:

@@ -19,7 +19,8 @@ from pipeline_lib.assess.health import (
     keyword_health,
     metric_slug,
 )
-from pipeline_lib.core.config import ConfigError, SearchSource, SourcesConfig, build_config
+from pipeline_lib.core.config import ConfigError, SearchSource, SourcesConfig
+from pipeline_lib.core.config_loader import build_config
 from pipeline_lib.core.workspace import Workspace
 from tests.conftest import make_image
 from tests.loopback import REQUEST_TIMEOUT_S, LoopbackSite, google_result_page

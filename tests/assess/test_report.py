@@ -1,4 +1,4 @@
-"""Tests for pipeline_lib.assess.report: CAM maps, example selection and the HTML report folder."""
+"""Tests for pipeline_lib.assess.report: the HTML report folder (pictures, sections, escaping)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
-from pipeline_lib.assess.evaluate import per_group_accuracy, plot_roc, predictions_table
-from pipeline_lib.assess.report import CAM_METHODS, build_report, compute_cams, select_examples
+from pipeline_lib.assess.evaluate import per_group_accuracy, predictions_table
+from pipeline_lib.assess.plots import plot_roc
+from pipeline_lib.assess.report import build_report
+from pipeline_lib.assess.report_content import select_examples
+from tests.assess.conftest import random_images
 from tests.conftest import TinyClassifier
 
 HOSTILE_GROUP = "<script>alert(1)</script>"
@@ -65,17 +67,6 @@ class Examples(HTMLParser):
             self.found[self.current] += data
 
 
-@pytest.fixture(scope="module")
-def model() -> TinyClassifier:
-    torch.manual_seed(0)
-    return TinyClassifier().eval()
-
-
-def random_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
-
-
 def make_predictions(groups: list[str] | None = None, urls: list[str] | None = None) -> pd.DataFrame:
     """Eight predictions, two per cell (ai/real x correct/misclassified)."""
     labels = ["ai", "ai", "ai", "ai", "real", "real", "real", "real"]
@@ -122,63 +113,6 @@ def parse(index: Path) -> ImageTags:
     return parser
 
 
-def test_compute_cams_shape_range_and_dtype(model: TinyClassifier) -> None:
-    images = random_images(8, 64)
-    cams = compute_cams(model, images, model.net.layer4[-1], batch_size=3)
-    assert cams.shape == (8, 64, 64), f"expected one 64x64 map per image, got {cams.shape}"
-    assert cams.dtype == np.float32, f"maps should be float32, got {cams.dtype}"
-    assert np.isfinite(cams).all() and cams.min() >= 0.0 and cams.max() <= 1.0, "maps must lie in [0, 1]"
-
-
-def test_compute_cams_works_on_frozen_model_and_leaves_it_as_given(model: TinyClassifier) -> None:
-    images = random_images(2, 64, seed=1)
-    layer = model.net.layer4[-1]
-    expected = compute_cams(model, images, layer)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    model.train()
-    try:
-        with torch.inference_mode():
-            frozen = compute_cams(model, images, layer)
-        flags = {p.requires_grad for p in model.parameters()}
-        assert flags == {False}, "compute_cams must restore requires_grad=False on a frozen model"
-        assert model.training, "compute_cams must give the model back in train mode when it got it so"
-    finally:
-        for param in model.parameters():
-            param.requires_grad_(True)
-        model.eval()
-    np.testing.assert_allclose(frozen, expected, atol=1e-5, err_msg="a frozen model gave other Grad-CAM maps")
-    leftover = [m for m in model.modules() if m._forward_hooks or m._backward_hooks]
-    assert leftover == [], f"compute_cams left hooks on {len(leftover)} modules"
-    assert all(p.grad is None for p in model.parameters()), "compute_cams left gradients on the parameters"
-
-
-@pytest.mark.parametrize("method", sorted(CAM_METHODS))
-def test_every_registered_cam_method_runs(model: TinyClassifier, method: str) -> None:
-    cams = compute_cams(model, random_images(2, 32, seed=2), model.net.layer3[-1], method=method)
-    assert cams.shape == (2, 32, 32), f"{method} gave shape {cams.shape}"
-    assert np.isfinite(cams).all() and cams.min() >= 0.0 and cams.max() <= 1.0, f"{method} maps outside [0, 1]"
-
-
-def test_compute_cams_rejects_unknown_method(model: TinyClassifier) -> None:
-    with pytest.raises(ValueError, match="gradcam"):
-        compute_cams(model, random_images(1, 32), model.net.layer4[-1], method="layercam")
-
-
-def test_select_examples_cells_limits_and_order() -> None:
-    predictions = make_predictions()
-    selected = select_examples(predictions, per_cell=1)
-    by_cell = dict(zip(selected["cell"], selected["p_ai"], strict=True))
-    # Most confident per cell: ai right 0.95, ai wrong 0.1, real right 0.05, real wrong 0.85.
-    expected = {"ai_correct": 0.95, "ai_misclassified": 0.1, "real_correct": 0.05, "real_misclassified": 0.85}
-    assert by_cell == expected, f"wrong example picked per cell: {by_cell}"
-    both = select_examples(predictions, per_cell=5)
-    assert len(both) == 8 and both["cell"].value_counts().to_dict() == dict.fromkeys(expected, 2), (
-        "per_cell larger than a cell should return the whole cell"
-    )
-    assert "cell" not in predictions.columns, "select_examples mutated its input"
-
-
 def test_build_report_embeds_both_pictures_of_every_selected_image(tmp_path: Path, model: TinyClassifier) -> None:
     predictions = make_predictions()
     index, selected = write_report(tmp_path, model, predictions)
@@ -218,14 +152,6 @@ def test_every_example_shows_p_ai_group_and_source(tmp_path: Path, model: TinyCl
         assert ("Original" in text) and ("Grad-CAM" in text), "each example must caption Original | Grad-CAM"
 
 
-def test_compute_cams_does_not_depend_on_batch_size(model: TinyClassifier) -> None:
-    images = random_images(5, 32, seed=3)
-    layer = model.net.layer4[-1]
-    one_batch = compute_cams(model, images, layer, batch_size=5)
-    small = compute_cams(model, images, layer, batch_size=2)
-    np.testing.assert_allclose(small, one_batch, atol=1e-5, err_msg="CAM maps depend on the batch size")
-
-
 def test_report_lists_calibration_metric(tmp_path: Path, model: TinyClassifier) -> None:
     predictions = make_predictions()
     selected = select_examples(predictions, per_cell=1).head(1)
@@ -259,7 +185,7 @@ def test_build_report_escapes_crawled_text(tmp_path: Path, model: TinyClassifier
 
 @pytest.mark.parametrize("cam_target", ["predicted", "ai", "real"])
 def test_cams_explain_the_configured_target(tmp_path: Path, model: TinyClassifier, cam_target: str) -> None:
-    from pipeline_lib.assess.report import cam_overlay, png_bytes
+    from pipeline_lib.assess.cam import cam_overlay, compute_cams, png_bytes
 
     predictions = make_predictions()
     selected = select_examples(predictions, per_cell=1).reset_index(drop=True)
@@ -288,17 +214,6 @@ def test_cams_explain_the_configured_target(tmp_path: Path, model: TinyClassifie
     assert f'<strong class="cam-target">{said[cam_target]}</strong>' in text, "the report must say what CAMs explain"
     if cam_target == "predicted":
         assert "Grad-CAM (real)" in text and "Grad-CAM (ai)" in text
-
-
-def test_per_image_targets_differ_from_one_target(model: TinyClassifier) -> None:
-    images = random_images(2, 96, seed=5)
-    layer = model.net.layer4[-1]
-    mixed = compute_cams(model, images, layer, target_class=[0, 1])
-    assert not np.allclose(mixed[0], compute_cams(model, images[:1], layer, target_class=1)[0], atol=1e-3)
-    np.testing.assert_allclose(mixed[0], compute_cams(model, images[:1], layer, target_class=0)[0], atol=1e-5)
-    np.testing.assert_allclose(mixed[1], compute_cams(model, images[1:], layer, target_class=1)[0], atol=1e-5)
-    with pytest.raises(ValueError, match="one class per image"):
-        compute_cams(model, images, layer, target_class=[0])
 
 
 def test_robustness_section_says_the_files_were_degraded(tmp_path: Path, model: TinyClassifier) -> None:
@@ -352,7 +267,7 @@ class Sections(HTMLParser):
 
 
 def test_report_leads_with_headline_warnings_and_curves(tmp_path: Path, model: TinyClassifier) -> None:
-    from pipeline_lib.assess.report import headline, report_warnings
+    from pipeline_lib.assess.report_content import headline, report_warnings
     from pipeline_lib.learn.train import plot_learning_curves
 
     predictions = make_predictions()
@@ -401,10 +316,3 @@ def test_report_leads_with_headline_warnings_and_curves(tmp_path: Path, model: T
     sha = str(selected["sha256"].iloc[0])
     with Image.open(tmp_path / "report" / "img" / f"{sha}_orig.png") as shown:
         assert shown.size == (256, 192), "the Original is the stored file at display size, not the 32 px input"
-
-
-def test_report_without_flags_says_so(tmp_path: Path, model: TinyClassifier) -> None:
-    from pipeline_lib.assess.report import report_warnings
-
-    metrics = {"accuracy": 0.9, "accuracy_ci_low": 0.88, "accuracy_ci_high": 0.92, "n_test": 900.0}
-    assert report_warnings(["format-shortcut audit [ok] on the train split: ROC-AUC 0.55"], metrics) == []

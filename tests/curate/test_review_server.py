@@ -87,13 +87,6 @@ def test_bad_decision_value_gets_4xx_and_writes_nothing(workspace, patch):
     assert _lines(workspace) == []
 
 
-def test_crawled_text_is_escaped(workspace):
-    page = TestClient(create_app(workspace, _catalog(workspace))).get("/").text
-    assert "<script>alert" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;&quot;&#x27;" in page
-    assert "href='javascript:" not in page, "crawled javascript: URLs never become links"
-    assert page.count("<script>") == 1, "only the page's own script"
-
-
 def test_only_undecided_images_are_asked_and_rejected_stays_rejected(workspace):
     catalog = _catalog(workspace)
     append_decisions(workspace, [Decision(catalog.sha256[0], "reject", "unrelated", "earlier")])
@@ -140,56 +133,12 @@ def test_background_server_listens_on_loopback_and_stops(workspace):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Only its own Host, same-origin state changes, a token off loopback, bounded bodies, no quarantined thumbnails
+# What the page may show: never a quarantined file, never more pixels than allowed, one file per thumbnail
 
 
 def _loopback_client(workspace, catalog, **kwargs) -> TestClient:
     """A client that talks to the app as a browser on 127.0.0.1:8765 would (the server's own address)."""
     return TestClient(create_app(workspace, catalog, **kwargs), base_url="http://127.0.0.1:8765")
-
-
-def test_a_foreign_host_is_refused_dns_rebinding(workspace):
-    catalog = _catalog(workspace)
-    client = _loopback_client(workspace, catalog)
-    body = {"sha256": catalog.sha256[0], "decision": "approve"}
-    rebound = {"Host": "attacker.example:8765", "Origin": "http://attacker.example:8765"}
-    assert client.post("/api/decisions", json=body, headers=rebound).status_code == 421
-    assert client.get("/", headers={"Host": "attacker.example:8765"}).status_code == 421
-    assert client.get("/", headers={"Host": "127.0.0.1:9999"}).status_code == 421, "another port is another site"
-    assert _lines(workspace) == []
-    assert client.get("/").status_code == 200
-    assert client.get("/", headers={"Host": "localhost:8765"}).status_code == 200
-
-
-def test_state_changes_need_a_same_origin_json_request(workspace):
-    catalog = _catalog(workspace)
-    client = _loopback_client(workspace, catalog)
-    body = {"sha256": catalog.sha256[0], "decision": "approve"}
-    assert client.post("/api/decisions", json=body, headers={"Origin": "http://evil.example"}).status_code == 403
-    cross = {"Sec-Fetch-Site": "cross-site"}
-    assert client.post("/api/approve-rest", json={"group": "g1"}, headers=cross).status_code == 403
-    form = client.post("/api/decisions", content=json.dumps(body), headers={"Content-Type": "text/plain"})
-    assert form.status_code == 415, "a plain form post (no preflight) cannot change anything"
-    assert _lines(workspace) == []
-    same = {"Origin": "http://127.0.0.1:8765", "Sec-Fetch-Site": "same-origin"}
-    assert client.post("/api/decisions", json=body, headers=same).status_code == 200
-    assert len(_lines(workspace)) == 1
-
-
-def test_request_bodies_are_bounded(workspace):
-    catalog = _catalog(workspace)
-    client = _loopback_client(workspace, catalog)
-    big = json.dumps({"sha256": catalog.sha256[0], "decision": "approve", "pad": "x" * 300_000})
-    response = client.post("/api/decisions", content=big, headers={"Content-Type": "application/json"})
-    assert response.status_code == 413 and "larger than" in response.json()["detail"]
-
-    def chunks():  # no Content-Length: counted while it arrives
-        for _ in range(100):
-            yield b"x" * 10_000
-
-    streamed = client.post("/api/finish", content=chunks(), headers={"Content-Type": "application/json"})
-    assert streamed.status_code == 413
-    assert _lines(workspace) == []
 
 
 def test_no_thumbnail_of_a_quarantined_file_and_a_pixel_bound(workspace):
@@ -222,20 +171,3 @@ def test_concurrent_thumbnail_requests_never_share_a_temporary_file(workspace):
         with ThreadPoolExecutor(8) as pool:
             bodies = list(pool.map(fetch, range(16)))
     assert all(body[:2] == b"\xff\xd8" for body in bodies) and len(set(bodies)) == 1
-
-
-def test_a_page_beyond_loopback_needs_its_token(workspace):
-    from pipeline_lib.curate.review_server import access_token, page_url
-
-    assert access_token("127.0.0.1") is None and access_token("localhost") is None and access_token("::1") is None
-    token = access_token("0.0.0.0")
-    assert token and len(token) >= 20 and token != access_token("0.0.0.0")
-    catalog = _catalog(workspace)
-    client = _loopback_client(workspace, catalog, token=token)
-    assert client.get("/").status_code == 403
-    assert client.post("/api/decisions", json={"sha256": catalog.sha256[0], "decision": "approve"}).status_code == 403
-    assert page_url("http://h:1/", token) == f"http://h:1/?token={token}"
-    page = client.get(f"/?token={token}")
-    assert page.status_code == 200 and "HttpOnly" in page.headers["set-cookie"]
-    assert client.post("/api/decisions", json={"sha256": catalog.sha256[0], "decision": "approve"}).status_code == 200
-    assert client.get(f"/thumbs/{catalog.sha256[0]}.jpg").status_code == 200, "the cookie carries the token"

@@ -15,7 +15,8 @@ from prefect.client.orchestration import get_client
 from flows import review_gate
 from flows.pipeline import _crawl_and_ingest, fingerprint_and_dedup, tracked_stages
 from pipeline_lib.core.catalog import read_snapshot
-from pipeline_lib.core.config import PipelineConfig, build_config
+from pipeline_lib.core.config import PipelineConfig
+from pipeline_lib.core.config_loader import build_config
 from pipeline_lib.core.workspace import Workspace
 from pipeline_lib.curate import review
 from tests.conftest import make_image

@@ -22,7 +22,8 @@ from pipeline_lib.acquire.imports import add_import
 from pipeline_lib.assess import comparison
 from pipeline_lib.core import tracking
 from pipeline_lib.core.catalog import read_snapshot
-from pipeline_lib.core.config import FolderSource, PipelineConfig, build_config, merge_mappings, read_yaml_mapping
+from pipeline_lib.core.config import FolderSource, PipelineConfig
+from pipeline_lib.core.config_loader import build_config, merge_mappings, read_yaml_mapping
 from pipeline_lib.core.workspace import Workspace, file_sha256
 from pipeline_lib.curate import review
 from pipeline_lib.ops import demo_data

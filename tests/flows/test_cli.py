@@ -21,7 +21,7 @@ from prefect.settings import PREFECT_API_URL
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline_lib.core.config import load_config
+from pipeline_lib.core.config_loader import load_config
 from pipeline_lib.core.workspace import Workspace
 from tests.conftest import make_image
 from tests.flows.gate_helpers import gate_flow
@@ -429,7 +429,8 @@ def test_every_known_failure_type_becomes_one_line(tmp_path: Path):
     from pipeline_lib.acquire import crawl, crawl_log
     from pipeline_lib.core import tracking
     from pipeline_lib.core.catalog import read_table
-    from pipeline_lib.core.config import SourcesConfig, read_yaml_mapping
+    from pipeline_lib.core.config import SourcesConfig
+    from pipeline_lib.core.config_loader import read_yaml_mapping
     from pipeline_lib.core.workspace import Ref, Workspace
     from pipeline_lib.curate import review
     from pipeline_lib.learn import models

@@ -21,7 +21,8 @@ from flows.pipeline import _crawl_and_ingest, fingerprint_stage, make_task_runne
 from pipeline_lib.acquire import fingerprint as fingerprint_lib
 from pipeline_lib.core import tracking
 from pipeline_lib.core.catalog import STATUS_OK, read_snapshot, write_snapshot
-from pipeline_lib.core.config import ExecutionConfig, PipelineConfig, build_config
+from pipeline_lib.core.config import ExecutionConfig, PipelineConfig
+from pipeline_lib.core.config_loader import build_config
 from pipeline_lib.core.workspace import Ref, Workspace
 from pipeline_lib.learn import preprocess as preprocess_lib
 from tests.conftest import make_image

@@ -14,7 +14,7 @@ from prefect.client.orchestration import get_client
 from flows.pipeline import pipeline
 from pipeline_lib.core import tracking
 from pipeline_lib.core.catalog import STATUS_OK, read_snapshot
-from pipeline_lib.core.config import build_config, merge_mappings, read_yaml_mapping
+from pipeline_lib.core.config_loader import build_config, merge_mappings, read_yaml_mapping
 from pipeline_lib.core.workspace import Workspace
 from pipeline_lib.curate import split
 from pipeline_lib.ops import demo_data

@@ -8,7 +8,7 @@ import pytest
 
 from flows.pipeline import pipeline
 from pipeline_lib.core import tracking
-from pipeline_lib.core.config import build_config, merge_mappings, read_yaml_mapping
+from pipeline_lib.core.config_loader import build_config, merge_mappings, read_yaml_mapping
 from pipeline_lib.ops import demo_data
 from tests.loopback import LoopbackSite, google_result_page
 

@@ -16,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline_lib.core.config import merge_mappings, read_yaml_mapping
+from pipeline_lib.core.config_loader import merge_mappings, read_yaml_mapping
 from pipeline_lib.ops import demo_data
 from tests.flows.mlflow_server import get_json, mlflow_server, post_json
 from tests.flows.team_servers import (

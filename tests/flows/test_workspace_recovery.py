@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.pipeline import crawl_flow
 from pipeline_lib.core.catalog import read_snapshot
-from pipeline_lib.core.config import build_config
+from pipeline_lib.core.config_loader import build_config
 from pipeline_lib.core.workspace import Workspace, WorkspaceBusyError, file_sha256
 from pipeline_lib.ops.status import latest_snapshot
 from tests.conftest import make_image

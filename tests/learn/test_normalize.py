@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline_lib.core.config import ConfigError, NormalizeConfig, build_config
+from pipeline_lib.core.config import ConfigError, NormalizeConfig
+from pipeline_lib.core.config_loader import build_config
 from pipeline_lib.curate.audit import file_metadata
 from pipeline_lib.learn.normalize import (
     ROBUSTNESS_VARIANTS,

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline_lib.assess.cam import cam_attention_metrics, compute_cams
 from pipeline_lib.assess.evaluate import predict_probabilities, robustness_metrics
 from pipeline_lib.assess.predict import predict_files
-from pipeline_lib.assess.report import cam_attention_metrics, compute_cams
 from pipeline_lib.core import devices
 from pipeline_lib.core.config import AugmentConfig
 from pipeline_lib.core.workspace import Workspace

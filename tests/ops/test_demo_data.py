@@ -12,7 +12,7 @@ import requests
 from icrawler.builtin.bing import BingParser
 from PIL import Image
 
-from pipeline_lib.core.config import build_config
+from pipeline_lib.core.config_loader import build_config
 from pipeline_lib.core.workspace import file_sha256
 from pipeline_lib.ops.demo_data import DemoDataset, demo_config_dict, generate_demo_dataset, search_site
 
