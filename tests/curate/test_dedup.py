@@ -16,6 +16,7 @@ from PIL import Image
 from pipeline_lib.acquire.fingerprint import fingerprint_catalog
 from pipeline_lib.core.catalog import new_rows
 from pipeline_lib.core.workspace import Workspace, put_in_store
+from pipeline_lib.curate import dedup
 from pipeline_lib.curate.dedup import (
     BKTree,
     MultiIndexHash,
@@ -259,3 +260,45 @@ def test_exact_copy_of_a_non_keeper_points_at_the_keeper() -> None:
     assert list(result.catalog["status"]) == [f"duplicate_of:{sha('b')}", "ok", f"duplicate_of:{sha('b')}"]
     assert (result.n_exact, result.n_near, result.n_clusters) == (1, 2, 1)  # the copy counts as exact and near
     assert set(result.catalog["cluster"]) == {sha("b")}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The production search (find_near_pairs on 64-bit hashes: the vectorised multi-index search) against brute force
+
+
+@st.composite
+def clustered_hashes(draw: st.DrawFn) -> list[int]:
+    """64-bit hashes in a few clusters (a centre, then copies with a few bits flipped), plus lone random ones."""
+    centres = draw(st.lists(st.integers(min_value=0, max_value=(1 << 64) - 1), min_size=1, max_size=6))
+    flips = st.lists(st.integers(min_value=0, max_value=63), max_size=12)
+    members = draw(st.lists(st.tuples(st.sampled_from(centres), flips), max_size=50))
+    hashes = [centre ^ sum({1 << bit for bit in bits}) for centre, bits in members]
+    lone = draw(st.lists(st.integers(min_value=0, max_value=(1 << 64) - 1), max_size=20))
+    return draw(st.permutations(centres + hashes + lone))
+
+
+@settings(max_examples=150, deadline=None)
+@given(hashes=clustered_hashes(), threshold=st.integers(min_value=0, max_value=64))
+def test_vectorised_search_finds_the_brute_force_pairs(hashes: list[int], threshold: int) -> None:
+    assert find_near_pairs(hashes, threshold) == brute_force_pairs(hashes, threshold)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hashes=clustered_hashes(),
+    threshold=st.integers(min_value=0, max_value=16),
+    batch=st.integers(min_value=1, max_value=64),
+)
+def test_vectorised_search_is_exact_across_batch_boundaries(hashes: list[int], threshold: int, batch: int) -> None:
+    """Production batches _BATCH (4 M) candidate checks; tiny batches put the boundaries inside these small sets."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dedup, "_BATCH", batch)
+        assert find_near_pairs(hashes, threshold) == brute_force_pairs(hashes, threshold)
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 4, 8, 10, 20, 32, 63, 64])
+def test_vectorised_search_on_full_64_bit_hashes_with_many_pairs(threshold: int) -> None:
+    hashes = planted_hashes(300, 64, seed=threshold) + [1 << 63]  # the top bit set: all 64 bits are searched
+    expected = brute_force_pairs(hashes, threshold)
+    assert find_near_pairs(hashes, threshold) == expected
+    assert len(expected) >= 10, "the planted copies give pairs to find"

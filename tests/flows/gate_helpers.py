@@ -50,19 +50,41 @@ def gate_config(data: Path, root: Path, **review_cfg: Any) -> PipelineConfig:
     return build_config(mapping, origin="test")
 
 
-def wait_until_paused(workspace: Workspace, timeout: float = 60) -> UUID:
-    """The flow run id from review/waiting.json once the API says that run is paused."""
+# How long a test waits for a flow run to reach the gate or to end: generous, for a machine with load 8 on 2 cores,
+# and below pytest's 600 s per test so that the failure names what was awaited. Nothing here waits for a fixed time.
+DEADLINE_S = 480
+
+
+def wait_until_paused(workspace: Workspace, timeout: float = DEADLINE_S) -> UUID:
+    """The flow run id from review/waiting.json once the API says that run is paused and can be resumed.
+
+    Prefect saves the review form's schema just after the run enters PAUSED, and refuses a resume with input before
+    that ("Run input schema not found"): both are waited for, on the server's own records.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = review.read_waiting(workspace) if review.waiting_path(workspace).exists() else None
-        if info:
-            run_id = UUID(str(info["flow_run_id"]))
-            with get_client(sync_client=True) as client:
-                state = client.read_flow_run(run_id).state
-            if state is not None and state.is_paused():
-                return run_id
+        if info and resumable(UUID(str(info["flow_run_id"]))):
+            return UUID(str(info["flow_run_id"]))
         time.sleep(0.2)
-    raise TimeoutError("the flow run never reached PAUSED")
+    raise TimeoutError(f"the flow run never reached PAUSED with its review form within {timeout:.0f} s")
+
+
+def resumable(run_id: UUID) -> bool:
+    """Whether the server holds the run as paused (or suspended) with the schema of the input it waits for."""
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+        if state is None or not state.is_paused():
+            return False
+        keyset = state.state_details.run_input_keyset
+        return not keyset or bool(client.filter_flow_run_input(run_id, keyset["schema"], 1, set()))
+
+
+def finished(thread: threading.Thread, box: dict[str, Any], timeout: float = DEADLINE_S) -> dict[str, Any]:
+    """The box of a flow started with in_thread once its thread has ended (AssertionError if it has not in time)."""
+    thread.join(timeout)
+    assert not thread.is_alive(), f"the flow run did not end within {timeout:.0f} s"
+    return box
 
 
 def in_thread(target: Any, *args: Any) -> tuple[threading.Thread, dict[str, Any]]:

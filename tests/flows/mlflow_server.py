@@ -27,8 +27,8 @@ def wait_healthy(url: str, server: subprocess.Popen, seconds: float) -> None:
     while True:
         if server.poll() is not None:
             raise RuntimeError(f"server for {url} exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+        try:  # a slow first answer on a busy machine is waited for, not cut off and asked again
+            with urllib.request.urlopen(url, timeout=max(1.0, min(30.0, deadline - time.monotonic()))) as response:
                 if response.status == 200:
                     return
         except OSError:
@@ -48,7 +48,7 @@ def stop(server: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, artifact_root: Path, seconds: float = 120, proxy: bool = False) -> Iterator[str]:
+def mlflow_server(backend_uri: str, artifact_root: Path, seconds: float = 480, proxy: bool = False) -> Iterator[str]:
     """Start `mlflow server` on 127.0.0.1 (stopped on exit); yield its base URL once /health answers.
 
     proxy: the server stores artifacts under artifact_root itself (--artifacts-destination) and clients upload them

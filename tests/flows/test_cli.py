@@ -24,7 +24,7 @@ from flows.cli import app
 from pipeline_lib.core.config_loader import load_config
 from pipeline_lib.core.workspace import Workspace
 from tests.conftest import make_image
-from tests.flows.gate_helpers import gate_flow
+from tests.flows.gate_helpers import DEADLINE_S, gate_flow
 from tests.flows.mlflow_server import free_port, stop, wait_healthy
 from tests.loopback import closed_port_url, serve_files
 from tests.network_guard import guarded_environment, read_log
@@ -43,7 +43,7 @@ IMPORTS_PROBE = (
 )
 
 
-def _child(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+def _child(args: list[str], env: dict[str, str], timeout: float = DEADLINE_S) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -105,7 +105,9 @@ def test_bad_input_exits_2_before_prefect_torch_or_mlflow_are_imported(tmp_path:
 def test_prefect_server_that_does_not_start_gives_one_line_and_exit_4(tmp_path: Path):
     images = tmp_path / "images"
     make_image(images / "p" / "a.png", seed=1, fmt="PNG")
-    env = _child_env(tmp_path) | {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0"}  # no server answers in 0 s
+    # A limit of 0 s: Prefect starts the server process but never asks it for an answer, so the start fails on any
+    # machine, busy or not (no race between the server and a short wait).
+    env = _child_env(tmp_path) | {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0"}
     result = _child([*AIDETECT, "import", str(images), "--label", "ai", "--workspace", str(tmp_path / "ws")], env)
     assert result.returncode == 4, (result.stdout, result.stderr)
     errors = [line for line in result.stderr.splitlines() if "did not start" in line]
@@ -200,7 +202,7 @@ def test_crawl_then_review_export_apply_status_serve_and_done(harness, tmp_path:
         cwd=REPO, env=_child_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        wait_healthy(f"http://127.0.0.1:{port}/", server, 120)
+        wait_healthy(f"http://127.0.0.1:{port}/", server, DEADLINE_S)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
             page = response.read().decode("utf-8")
     finally:
@@ -215,6 +217,8 @@ def test_review_timeout_exits_3_with_how_to_continue(harness, tmp_path: Path, mo
         make_image(folder / "prompt-a" / f"v{index}.png", seed=index, size=(64, 64), fmt="PNG")
     name, data = _hashed_weights()
     config = tmp_path / "config.yaml"
+    # review.timeout_hours 0.0003 is the gate's shortest timeout (1 s), and its end is what this test waits for:
+    # nobody resumes the run, so nothing races it and a busy machine only makes the run end later.
     with serve_files({name: data}) as (base, _):
         config.write_text(
             f"sources:\n  folders:\n    - path: {folder}\n      label: ai\n"
@@ -340,7 +344,7 @@ def test_serve_needs_a_server_then_serves_the_deployments(harness, tmp_path: Pat
     assert {"recrawl-and-retrain", "retrain", "crawl"} <= names
 
 
-def _wait_for_deployments(server: subprocess.Popen, wanted: set[str], seconds: float = 300) -> set[str]:
+def _wait_for_deployments(server: subprocess.Popen, wanted: set[str], seconds: float = DEADLINE_S) -> set[str]:
     """The deployment names the harness server holds once `wanted` are all there (raise if serve exits first)."""
     import time
 
@@ -362,7 +366,7 @@ def test_ui_serves_the_workspace_store_with_telemetry_off(tmp_path: Path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        wait_healthy(f"http://127.0.0.1:{port}/health", server, 300)
+        wait_healthy(f"http://127.0.0.1:{port}/health", server, DEADLINE_S)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/ajax-api/3.0/mlflow/ui-telemetry", timeout=30) as r:
             telemetry = json.loads(r.read().decode("utf-8"))
     finally:

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline_lib.core.workspace import Workspace
 from pipeline_lib.curate import review
-from tests.flows.gate_helpers import add_images, gate_config, gate_flow, in_thread, wait_until_paused
+from tests.flows.gate_helpers import add_images, finished, gate_config, gate_flow, in_thread, wait_until_paused
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -78,8 +78,8 @@ def test_review_page_in_a_browser_resumes_the_paused_run(harness, tmp_path, brow
     wait.until(lambda _: browser.find_element(By.TAG_NAME, "body").get_attribute("data-finished") == "resumed")
     assert "resumed" in browser.find_element(By.ID, "message").text
 
-    thread.join(60)
-    assert not thread.is_alive() and "error" not in box, box.get("error")
+    box = finished(thread, box)
+    assert "error" not in box, box.get("error")
     result = box["result"]
     assert result["states"]["review"] == "Completed"
     assert result["statuses"].get("rejected") == 2 and "pending_review" not in result["statuses"]

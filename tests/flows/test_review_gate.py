@@ -19,7 +19,7 @@ from pipeline_lib.core.catalog import conform
 from pipeline_lib.core.workspace import Workspace
 from pipeline_lib.curate import review, review_server
 from pipeline_lib.ops.status import latest_snapshot
-from tests.flows.gate_helpers import add_images, gate_config, gate_flow, in_thread, wait_until_paused
+from tests.flows.gate_helpers import add_images, finished, gate_config, gate_flow, in_thread, wait_until_paused
 
 UPSTREAM = ["crawl", "ingest", "fingerprint", "dedup"]
 
@@ -49,8 +49,8 @@ def test_pause_then_resume_with_input_approves_the_rest(harness, tmp_path):
     review.append_decisions(workspace, [review.Decision(first, "reject", "unrelated", "me")])
     accepted, message = review_gate.resume_run(run_id, approve_remaining=True, note="checked")
     assert accepted, message
-    thread.join(60)
-    assert not thread.is_alive() and "error" not in box, box.get("error")
+    box = finished(thread, box)
+    assert "error" not in box, box.get("error")
     result = box["result"]
     assert [result["states"][s] for s in UPSTREAM] == ["Completed"] * 4
     assert result["states"]["review"] == "Completed"
@@ -73,7 +73,7 @@ def test_pause_then_resume_with_input_approves_the_rest(harness, tmp_path):
     review.append_decisions(workspace, [review.Decision(todo["sha256"].iloc[0], "approve", "", "me")])
     done = CliRunner().invoke(app, ["review", "done", "--workspace", str(root)])  # the CLI resumes the waiting run
     assert done.exit_code == 0 and "resumed" in done.stdout, done.output
-    thread.join(60)
+    box = finished(thread, box)
     assert "error" not in box, box.get("error")
     assert box["result"]["statuses"].get("rejected") == 1 and "pending_review" not in box["result"]["statuses"]
 
@@ -84,6 +84,8 @@ def _dedup_catalog(workspace: Workspace) -> pd.DataFrame:
 
 def test_pause_timeout_ends_the_run_with_how_to_continue(harness, tmp_path, caplog):
     root = tmp_path / "ws"
+    # The gate's shortest timeout (1 s) is what this test waits for: nothing races it (nobody resumes the run), so
+    # a busy machine can only make it end later, and the run's end is awaited, not timed.
     config = gate_config(_data(tmp_path), root, timeout_hours=1 / 3600)
     state = gate_flow(config, return_state=True)
     # Prefect's server fails a run whose pause expired ("never resumed"); the gate's ReviewPending explains more.
@@ -101,7 +103,7 @@ def test_resuming_without_decisions_keeps_images_from_training(harness, tmp_path
     thread, box = in_thread(gate_flow, gate_config(_data(tmp_path), root))
     run_id = wait_until_paused(workspace)
     assert review_gate.resume_run(run_id, note="later")[0]
-    thread.join(60)
+    box = finished(thread, box)
     assert isinstance(box.get("error"), review.ReviewPending), box
     assert "aidetect review serve" in str(box["error"])
     assert _decisions(workspace) == []
