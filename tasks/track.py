@@ -18,9 +18,22 @@ from pipeline_lib.assess import calibration as calibration_lib
 from pipeline_lib.assess import comparison, stats
 from pipeline_lib.assess import evaluate as evaluate_lib
 from pipeline_lib.assess.predict import ModelCalibration, parse_calibration
+from pipeline_lib.assess.registry import ChampionDecision, load_champion, register_model
 from pipeline_lib.core import catalog as cat
-from pipeline_lib.core import devices, tracking
+from pipeline_lib.core import devices
 from pipeline_lib.core.config import NormalizeConfig, PipelineConfig, config_to_yaml, flatten_config
+from pipeline_lib.core.tracking.logged_models import IMAGE_SIZE_TAG, ModelNotFoundError, log_pytorch_model
+from pipeline_lib.core.tracking.runs import (
+    CATALOG_ARTIFACTS,
+    Tracker,
+    end_orphaned_runs,
+    epoch_metrics,
+    owner_tags,
+    run_catalog,
+    start_run,
+)
+from pipeline_lib.core.tracking.store import tracking_uri
+from pipeline_lib.core.tracking.versions import CHAMPION, champion_calibration, current_champion, find_version
 from pipeline_lib.core.workspace import Ref, Workspace
 from pipeline_lib.learn import models, preprocess
 from pipeline_lib.learn import train as train_lib
@@ -30,14 +43,14 @@ log = logging.getLogger(__name__)
 
 
 @task(name="mlflow-start", cache_policy=NO_CACHE)
-def start_tracking(root: str, config: PipelineConfig, run_name: str, tags: dict[str, str]) -> tracking.Tracker:
+def start_tracking(root: str, config: PipelineConfig, run_name: str, tags: dict[str, str]) -> Tracker:
     """Open the pipeline's MLflow run and log the whole config (params + config.yaml); first mark KILLED the runs a
     killed process left RUNNING in this workspace (the caller holds the workspace lock)."""
     workspace = Workspace.create(root)
-    uri = tracking.tracking_uri(config.tracking.uri, workspace)
-    orphans = tracking.end_orphaned_runs(uri, config.tracking.experiment, workspace)
-    owner = tracking.owner_tags(workspace)
-    tracker = tracking.start_run(uri, config.tracking.experiment, workspace, run_name, tags | owner)
+    uri = tracking_uri(config.tracking.uri, workspace)
+    orphans = end_orphaned_runs(uri, config.tracking.experiment, workspace)
+    owner = owner_tags(workspace)
+    tracker = start_run(uri, config.tracking.experiment, workspace, run_name, tags | owner)
     if orphans:
         tracker.set_tags({"aidetect.killed_orphans": ",".join(orphans)})
     tracker.log_params(flatten_config(config))
@@ -47,7 +60,7 @@ def start_tracking(root: str, config: PipelineConfig, run_name: str, tags: dict[
 
 @task(name="mlflow-log-stage", cache_policy=NO_CACHE)
 def log_stage(
-    tracker: tracking.Tracker,
+    tracker: Tracker,
     stage: str,
     state: str,
     metrics: dict[str, float],
@@ -64,7 +77,7 @@ def log_stage(
 
 
 @task(name="mlflow-log-datasets", cache_policy=NO_CACHE)
-def log_datasets(root: str, tracker: tracking.Tracker, split_catalog: Ref) -> None:
+def log_datasets(root: str, tracker: Tracker, split_catalog: Ref) -> None:
     """Each split's table as an MLflow dataset input with its digest; the catalog snapshot as an artifact."""
     workspace = Workspace.create(root)
     table = cat.read_snapshot(workspace, split_catalog)
@@ -74,7 +87,7 @@ def log_datasets(root: str, tracker: tracking.Tracker, split_catalog: Ref) -> No
         rows = usable[usable["split"] == split][["sha256", "label", "group", "source", "url", "path"]]
         digest = tracking_digest(split_catalog.digest, split)
         tracker.log_dataset(rows.reset_index(drop=True), f"catalog-{split}", digest, str(split_catalog.path), context)
-    tracker.log_artifact(split_catalog.resolve(workspace), tracking.CATALOG_ARTIFACTS)
+    tracker.log_artifact(split_catalog.resolve(workspace), CATALOG_ARTIFACTS)
     tracker.set_tags({"aidetect.catalog": split_catalog.path, "aidetect.catalog_digest": split_catalog.digest})
 
 
@@ -86,7 +99,7 @@ def tracking_digest(catalog_digest: str, split: str) -> str:
 
 
 @task(name="mlflow-log-training", cache_policy=NO_CACHE)
-def log_training(tracker: tracking.Tracker, output: TrainOutput, logged_live: bool = False) -> None:
+def log_training(tracker: Tracker, output: TrainOutput, logged_live: bool = False) -> None:
     """Per-epoch curves (those not logged live as each epoch ended), the best epoch, the class balance (counts, loss
     weights) and the weights' provenance.
 
@@ -96,7 +109,7 @@ def log_training(tracker: tracking.Tracker, output: TrainOutput, logged_live: bo
     for epoch in output.history:
         step = int(epoch["epoch"])
         if skip_after is None or step <= skip_after:
-            tracker.log_metrics(tracking.epoch_metrics(epoch), step=step)
+            tracker.log_metrics(epoch_metrics(epoch), step=step)
     tracker.log_metrics({"train.best_epoch": output.best_epoch, "train.stopped_early": float(output.stopped_early)})
     if output.resumed_from_epoch is not None:
         tracker.log_metrics({"train.resumed_from_epoch": float(output.resumed_from_epoch)})
@@ -120,7 +133,7 @@ def log_training(tracker: tracking.Tracker, output: TrainOutput, logged_live: bo
 
 
 @task(name="mlflow-log-evaluation", cache_policy=NO_CACHE)
-def log_evaluation(root: str, tracker: tracking.Tracker, evaluation: EvalOutput, report_index: Ref) -> None:
+def log_evaluation(root: str, tracker: Tracker, evaluation: EvalOutput, report_index: Ref) -> None:
     """Test metrics, plots, predictions and the Grad-CAM report folder, all in the same run."""
     workspace = Workspace.create(root)
     tracker.log_metrics({f"test.{k}": v for k, v in evaluation.metrics.items()})
@@ -133,13 +146,13 @@ def log_evaluation(root: str, tracker: tracking.Tracker, evaluation: EvalOutput,
 @task(name="mlflow-register", cache_policy=NO_CACHE)
 def register(
     root: str,
-    tracker: tracking.Tracker,
+    tracker: Tracker,
     model_ref: Ref,
     evaluation: EvalOutput,
     test_digest: str,
     name: str,
     normalize: NormalizeConfig | None = None,
-    alias: str = tracking.CHAMPION,
+    alias: str = CHAMPION,
     promote: bool = False,
     device: str = "cpu",
     trust_pickle: bool = False,
@@ -156,7 +169,7 @@ def register(
     that cannot be loaded is reported and skipped.
     """
     workspace = Workspace.create(root)
-    existing = tracking.find_version(tracker.uri, name, model_ref.digest)
+    existing = find_version(tracker.uri, name, model_ref.digest)
     if existing is not None:
         tracker.set_tags({"aidetect.model_version": existing.version, "aidetect.model_reused": "true"})
         aliases = list(getattr(existing, "aliases", None) or [])
@@ -170,13 +183,13 @@ def register(
         f"torch=={torch.__version__.split('+')[0]}",
         f"torchvision=={torchvision.__version__.split('+')[0]}",
     ]
-    uri = tracking.log_pytorch_model(tracker, model, example, requirements, checkpoint=model_ref.resolve(workspace))
-    holder = tracking.current_champion(tracker.uri, name, alias)
+    uri = log_pytorch_model(tracker, model, example, requirements, checkpoint=model_ref.resolve(workspace))
+    holder = current_champion(tracker.uri, name, alias)
     unfair = _not_comparable(tracker.uri, holder, evaluation, workspace)
     champion, skipped = _score_champion(workspace, tracker.uri, name, alias, evaluation, device, trust_pickle)
     champion_score = _rescore_champion(test_digest, holder, champion)
     paired = _paired_test(workspace, tracker, evaluation, champion)
-    decision = tracking.register_model(
+    decision = register_model(
         tracker,
         uri,
         name,
@@ -210,7 +223,7 @@ def _not_comparable(uri: str, holder: Any, evaluation: EvalOutput, workspace: Wo
     """Why the alias holder cannot be compared on this test split (it trained on some of it), or None."""
     if holder is None:
         return None
-    trained_on = tracking.run_catalog(uri, holder.run_id)
+    trained_on = run_catalog(uri, holder.run_id)
     if trained_on is None:
         log.warning("version %s of the registry records no training catalog: overlap not checked", holder.version)
         return None
@@ -232,13 +245,13 @@ def _score_champion(
 
     The images are decoded with the holder's own normalisation and its logits calibrated with its own temperature.
     """
-    if tracking.current_champion(uri, name, alias) is None:
+    if current_champion(uri, name, alias) is None:
         return None, ""
     try:
-        champion, size = tracking.load_champion(uri, name, alias, trust_pickle)
-        recorded = tracking.champion_calibration(uri, name, alias)
+        champion, size = load_champion(uri, name, alias, trust_pickle)
+        recorded = champion_calibration(uri, name, alias)
         calibration = parse_calibration(recorded, f"calibration tag of {name}@{alias}") if recorded else None
-    except (tracking.ModelNotFoundError, ValueError) as error:
+    except (ModelNotFoundError, ValueError) as error:
         log.warning("%s not scored, skipped: %s", alias, error)
         return None, str(error)
     calibration = calibration or ModelCalibration()
@@ -262,7 +275,7 @@ def _rescore_champion(test_digest: str, holder: Any, champion: pd.DataFrame | No
 
 
 def _paired_test(
-    workspace: Workspace, tracker: tracking.Tracker, evaluation: EvalOutput, champion: pd.DataFrame | None
+    workspace: Workspace, tracker: Tracker, evaluation: EvalOutput, champion: pd.DataFrame | None
 ) -> dict[str, Any]:
     """McNemar on champion vs challenger correctness over the same test images: metric and tags, and a log line."""
     if champion is None or champion.empty:
@@ -278,7 +291,7 @@ def _paired_test(
 
 
 def _log_decision(
-    tracker: tracking.Tracker, decision: tracking.ChampionDecision, rescored: bool, image_size: int
+    tracker: Tracker, decision: ChampionDecision, rescored: bool, image_size: int
 ) -> None:
     """Both scores as metrics, the decision as tags of the run."""
     scores = {"registry.challenger_score": decision.challenger_score}
@@ -294,12 +307,12 @@ def _log_decision(
             "aidetect.champion_rescored": str(rescored).lower(),
             "aidetect.champion_alias": decision.alias,
             "aidetect.champion_comparable": str(decision.comparable).lower(),
-            f"aidetect.{tracking.IMAGE_SIZE_TAG}": str(image_size),
+            f"aidetect.{IMAGE_SIZE_TAG}": str(image_size),
         }
     )
 
 
 @task(name="mlflow-finish", cache_policy=NO_CACHE)
-def finish_tracking(tracker: tracking.Tracker, status: str) -> None:
+def finish_tracking(tracker: Tracker, status: str) -> None:
     """Close the run as FINISHED or FAILED."""
     tracker.finish(status)

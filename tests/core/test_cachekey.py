@@ -84,7 +84,9 @@ def test_the_real_stages_reach_their_modules() -> None:
     train = index.task_parts("tasks.stages", "train")
     expected = {"code.pipeline_lib.learn.train", "code.pipeline_lib.learn.models", "lib.torch", "lib.torchvision"}
     assert expected <= set(train)
-    assert "code.pipeline_lib.curate.dedup" not in train and "code.pipeline_lib.core.tracking" not in train
+    assert "code.pipeline_lib.curate.dedup" not in train
+    assert not [part for part in train if part.startswith("code.pipeline_lib.core.tracking")], sorted(train)
+    assert "code.pipeline_lib.core.tracking.versions" in index.task_parts("tasks.track", "register"), "not followed"
     dedup = index.task_parts("tasks.stages", "dedup")
     assert "code.pipeline_lib.curate.dedup" in dedup and "lib.torch" not in dedup
     hashes = index.task_parts("tasks.per_image", "hash_chunk")

@@ -1,4 +1,4 @@
-"""Real MLflow on SQLite in tmp_path."""
+"""The champion policy and registered models rebuilt from their state_dict: real MLflow on SQLite in tmp_path."""
 
 import json
 
@@ -9,7 +9,11 @@ import torch
 from torch import nn
 
 from pipeline_lib.assess import evaluate
-from pipeline_lib.core import tracking
+from pipeline_lib.assess.registry import alias_for, load_champion, load_run_model, register_model
+from pipeline_lib.core.tracking.logged_models import ModelNotFoundError, UnsafeModelError, log_pytorch_model
+from pipeline_lib.core.tracking.runs import CATALOG_ARTIFACTS, run_summary, start_run
+from pipeline_lib.core.tracking.store import tracking_uri
+from pipeline_lib.core.tracking.versions import champion_calibration, current_champion, find_version
 from pipeline_lib.core.workspace import bytes_sha256
 from pipeline_lib.learn import models, preprocess
 from tasks import track
@@ -20,33 +24,8 @@ SIZE = 32  # image size of the test checkpoints
 
 
 def _tracker(workspace):
-    uri = tracking.tracking_uri(None, workspace)
-    return tracking.start_run(uri, "exp", workspace, "run", {"aidetect.kind": "pipeline"})
-
-
-def test_embedded_store_lives_in_the_workspace(workspace):
-    tracker = _tracker(workspace)
-    assert tracker.uri == f"sqlite:///{workspace.root / 'mlflow.db'}"
-    tracker.log_text("hi", "notes/a.txt")
-    assert list((workspace.root / "mlartifacts").rglob("a.txt")), "artifacts must land inside the workspace"
-
-
-def test_params_metrics_tags_datasets_round_trip(workspace):
-    tracker = _tracker(workspace)
-    tracker.log_params({"train.lr": 0.1})
-    tracker.log_metrics({"acc": 0.9, "nan_metric": float("nan")})
-    tracker.log_metrics({"loss": 1.0}, step=1)
-    tracker.set_tags({"prefect.flow_run_id": "abc"})
-    frame = pd.DataFrame({"sha256": ["x"], "label": ["ai"]})
-    tracker.log_dataset(frame, "catalog-test", "d" * 16, "catalog/split-x.parquet", "test")
-    tracker.finish()
-    summary = tracking.run_summary(tracker.uri, tracker.run_id)
-    assert summary["params"]["train.lr"] == "0.1"
-    assert summary["metrics"]["acc"] == 0.9 and "nan_metric" not in summary["metrics"]
-    assert summary["tags"]["prefect.flow_run_id"] == "abc"
-    assert summary["datasets"] == [("catalog-test", "d" * 16)]
-    assert summary["status"] == "FINISHED"
-    assert tracking.recent_runs(tracker.uri, "exp")[0]["run_id"] == tracker.run_id
+    uri = tracking_uri(None, workspace)
+    return start_run(uri, "exp", workspace, "run", {"aidetect.kind": "pipeline"})
 
 
 def test_champion_moves_only_on_improvement(workspace):
@@ -55,45 +34,40 @@ def test_champion_moves_only_on_improvement(workspace):
     decisions = []
     for score in (0.8, 0.7, 0.9):
         tracker = _tracker(workspace)
-        uri = tracking.log_pytorch_model(tracker, model, example, ["torch"])
-        decisions.append(tracking.register_model(tracker, uri, "det", score, "testdigest", f"m{score}"))
+        uri = log_pytorch_model(tracker, model, example, ["torch"])
+        decisions.append(register_model(tracker, uri, "det", score, "testdigest", f"m{score}"))
     assert [d.promoted for d in decisions] == [True, False, True], [d.reason for d in decisions]
-    champion = tracking.current_champion(tracker.uri, "det")
+    champion = current_champion(tracker.uri, "det")
     assert str(champion.version) == decisions[2].version
-    assert str(tracking.find_version(tracker.uri, "det", "m0.7").version) == decisions[1].version
+    assert str(find_version(tracker.uri, "det", "m0.7").version) == decisions[1].version
     # A champion scored on another test split is not compared blindly.
-    other = tracking.register_model(tracker, uri, "det", 0.99, "othertest", "m-other")
+    other = register_model(tracker, uri, "det", 0.99, "othertest", "m-other")
     assert not other.promoted and "another test split" in other.reason
-    import mlflow.pytorch
-
-    mlflow.set_tracking_uri(tracker.uri)
-    loaded = mlflow.pytorch.load_model(uri)
-    assert loaded(torch.rand(5, 3, 4, 4)).shape == (5, 2), "pickled model must accept any batch size"
 
 
 def test_load_champion_and_run_model_round_trip_with_image_size(workspace):
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
     tracker = _tracker(workspace)
-    uri = tracking.log_pytorch_model(tracker, model, np.random.rand(1, 3, 4, 4).astype("float32"), ["torch"])
-    with pytest.raises(tracking.ModelNotFoundError, match="no 'champion'"):
-        tracking.load_champion(tracker.uri, "det")
-    tracking.register_model(tracker, uri, "det", 0.5, "t", "m", image_size=4)
-    with pytest.raises(tracking.UnsafeModelError, match="--trust-pickle"):
-        tracking.load_champion(tracker.uri, "det")  # logged without a state_dict: only unpickling could load it
-    champion, size = tracking.load_champion(tracker.uri, "det", trust_pickle=True)
+    uri = log_pytorch_model(tracker, model, np.random.rand(1, 3, 4, 4).astype("float32"), ["torch"])
+    with pytest.raises(ModelNotFoundError, match="no 'champion'"):
+        load_champion(tracker.uri, "det")
+    register_model(tracker, uri, "det", 0.5, "t", "m", image_size=4)
+    with pytest.raises(UnsafeModelError, match="--trust-pickle"):
+        load_champion(tracker.uri, "det")  # logged without a state_dict: only unpickling could load it
+    champion, size = load_champion(tracker.uri, "det", trust_pickle=True)
     assert size == 4, f"champion image size should come from its version tag, got {size}"
     images = torch.rand(3, 3, 4, 4)
     torch.testing.assert_close(champion(images), model(images), msg="the loaded champion is not the logged model")
-    with pytest.raises(tracking.UnsafeModelError):
-        tracking.load_run_model(tracker.uri, tracker.run_id)
-    by_run, run_size = tracking.load_run_model(tracker.uri, tracker.run_id, trust_pickle=True)
+    with pytest.raises(UnsafeModelError):
+        load_run_model(tracker.uri, tracker.run_id)
+    by_run, run_size = load_run_model(tracker.uri, tracker.run_id, trust_pickle=True)
     assert run_size == 4, f"a run's model image size should come from its signature, got {run_size}"
     torch.testing.assert_close(by_run(images), model(images))
-    with pytest.raises(tracking.ModelNotFoundError, match="no MLflow run"):
-        tracking.load_run_model(tracker.uri, "0" * 32)
+    with pytest.raises(ModelNotFoundError, match="no MLflow run"):
+        load_run_model(tracker.uri, "0" * 32)
     empty = _tracker(workspace)
-    with pytest.raises(tracking.ModelNotFoundError, match="logged no model"):
-        tracking.load_run_model(tracker.uri, empty.run_id)
+    with pytest.raises(ModelNotFoundError, match="logged no model"):
+        load_run_model(tracker.uri, empty.run_id)
 
 
 def _constant_model(workspace, name: str, real_bias: float, ai_bias: float):
@@ -145,7 +119,7 @@ def _register(workspace, model_ref, split, digest):
     evaluation = EvalOutput(workspace.ref(rows_ref.resolve(workspace)), metrics, {}, [])
     tracker = _tracker(workspace)
     result = track.register.fn(str(workspace.root), tracker, model_ref, evaluation, digest, "det")
-    return result, tracking.run_summary(tracker.uri, tracker.run_id)
+    return result, run_summary(tracker.uri, tracker.run_id)
 
 
 def test_register_task_rescores_the_champion_when_the_test_split_changed(workspace):
@@ -171,7 +145,7 @@ def test_register_task_rescores_the_champion_when_the_test_split_changed(workspa
     third, run = _register(workspace, _constant_model(workspace, "ai2", 0.0, 6.0), split_c, "C")
     assert not third["promoted"] and third["champion_score"] == pytest.approx(0.5), third
     assert "<=" in run["tags"]["aidetect.champion_decision"], run["tags"]
-    champion = tracking.current_champion(workspace_uri(workspace), "det")
+    champion = current_champion(workspace_uri(workspace), "det")
     assert str(champion.version) == second["version"], "the champion moved without improving"
     assert champion.tags["test_digest"] == "C", "the re-scored champion must record the split it was scored on"
 
@@ -182,23 +156,7 @@ def test_register_task_rescores_the_champion_when_the_test_split_changed(workspa
 
 
 def workspace_uri(workspace) -> str:
-    return tracking.tracking_uri(None, workspace)
-
-
-def test_stage_runs_are_finished_children_hidden_from_recent_runs(workspace):
-    parent = _tracker(workspace)
-    parent.set_tags({"prefect.flow_run_id": "flow-1"})
-    tracking.stage_run(parent, "ingest", "Completed", {"ingest.ok": 3.0, "bad": float("inf")}, 1.5)
-    tracking.stage_run(parent, "train", "Failed", {}, 0.25, failed=True)
-    children = tracking.stage_runs(parent)
-    assert set(children) == {"ingest", "train"}
-    assert children["ingest"]["status"] == "FINISHED" and children["ingest"]["state"] == "Completed"
-    assert children["ingest"]["metrics"] == {"ingest.ok": 3.0, "stage.seconds": 1.5}
-    assert children["train"]["status"] == "FAILED" and children["train"]["state"] == "Failed"
-    summary = tracking.run_summary(parent.uri, children["ingest"]["run_id"])
-    assert summary["tags"]["mlflow.parentRunId"] == parent.run_id
-    assert summary["tags"]["aidetect.kind"] == "stage" and summary["tags"]["prefect.flow_run_id"] == "flow-1"
-    assert [r["run_id"] for r in tracking.recent_runs(parent.uri, "exp")] == [parent.run_id]
+    return tracking_uri(None, workspace)
 
 
 def test_champion_carries_its_calibration_for_predict(workspace):
@@ -207,52 +165,52 @@ def test_champion_carries_its_calibration_for_predict(workspace):
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
     tracker = _tracker(workspace)
-    uri = tracking.log_pytorch_model(tracker, model, np.random.rand(1, 3, 4, 4).astype("float32"), ["torch"])
+    uri = log_pytorch_model(tracker, model, np.random.rand(1, 3, 4, 4).astype("float32"), ["torch"])
     text = json.dumps(ModelCalibration(0.5, NormalizeConfig(mode="jpeg", quality=80)).as_dict())
-    tracking.register_model(tracker, uri, "cal", 0.9, "t", "m", image_size=4, calibration=text)
-    found = parse_calibration(tracking.champion_calibration(tracker.uri, "cal"), "champion tag")
+    register_model(tracker, uri, "cal", 0.9, "t", "m", image_size=4, calibration=text)
+    found = parse_calibration(champion_calibration(tracker.uri, "cal"), "champion tag")
     assert found.temperature == 0.5 and found.normalize.quality == 80
-    assert tracking.champion_calibration(tracker.uri, "no-such-model") is None
+    assert champion_calibration(tracker.uri, "no-such-model") is None
     with pytest.raises(ValueError, match="champion tag is malformed"):
         parse_calibration("{}", "champion tag")
 
 
 def test_alias_of_a_leave_one_generator_out_run():
-    assert tracking.alias_for(None) == tracking.alias_for("") == "champion"
-    assert tracking.alias_for("Stable Diffusion 1.5") == "loo-stable-diffusion-1-5"
-    assert tracking.alias_for("midjourney") == "loo-midjourney"
+    assert alias_for(None) == alias_for("") == "champion"
+    assert alias_for("Stable Diffusion 1.5") == "loo-stable-diffusion-1-5"
+    assert alias_for("midjourney") == "loo-midjourney"
 
 
 def _logged(workspace):
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
     tracker = _tracker(workspace)
-    return tracker, tracking.log_pytorch_model(tracker, model, np.random.rand(1, 3, 4, 4).astype("float32"), ["t"])
+    return tracker, log_pytorch_model(tracker, model, np.random.rand(1, 3, 4, 4).astype("float32"), ["t"])
 
 
 def test_a_not_comparable_challenger_moves_the_alias_only_with_promote(workspace):
     tracker, uri = _logged(workspace)
-    first = tracking.register_model(tracker, uri, "det", 0.6, "A", "m1")
+    first = register_model(tracker, uri, "det", 0.6, "A", "m1")
     unfair = "not comparable: 2 of the 4 test images were in the training or validation data of version 1"
-    kept = tracking.register_model(tracker, uri, "det", 0.9, "B", "m2", champion_score=0.95, not_comparable=unfair)
+    kept = register_model(tracker, uri, "det", 0.9, "B", "m2", champion_score=0.95, not_comparable=unfair)
     assert not kept.promoted and not kept.comparable and "pass --promote" in kept.reason, kept
-    champion = tracking.current_champion(tracker.uri, "det")
+    champion = current_champion(tracker.uri, "det")
     assert str(champion.version) == first.version and champion.tags["test_digest"] == "A", "an unfair score was kept"
-    forced = tracking.register_model(tracker, uri, "det", 0.5, "B", "m3", not_comparable=unfair, promote=True)
+    forced = register_model(tracker, uri, "det", 0.5, "B", "m3", not_comparable=unfair, promote=True)
     assert forced.promoted and "promoted anyway (--promote)" in forced.reason, forced
-    assert str(tracking.current_champion(tracker.uri, "det").version) == forced.version
+    assert str(current_champion(tracker.uri, "det").version) == forced.version
 
 
 def test_a_leave_one_generator_out_model_never_touches_the_champion(workspace):
     tracker, uri = _logged(workspace)
-    champion = tracking.register_model(tracker, uri, "det", 0.6, "A", "m1")
-    before = dict(tracking.current_champion(tracker.uri, "det").tags)
-    loo = tracking.register_model(tracker, uri, "det", 0.99, "LOO", "m2", champion_score=0.1, alias="loo-mj")
+    champion = register_model(tracker, uri, "det", 0.6, "A", "m1")
+    before = dict(current_champion(tracker.uri, "det").tags)
+    loo = register_model(tracker, uri, "det", 0.99, "LOO", "m2", champion_score=0.1, alias="loo-mj")
     assert loo.promoted and loo.reason == "no loo-mj yet" and loo.alias == "loo-mj", loo
-    again = tracking.register_model(tracker, uri, "det", 0.3, "LOO", "m3", champion_score=0.99, alias="loo-mj")
+    again = register_model(tracker, uri, "det", 0.3, "LOO", "m3", champion_score=0.99, alias="loo-mj")
     assert not again.promoted and again.reason == "accuracy 0.3000 <= loo-mj 0.9900", again
-    current = tracking.current_champion(tracker.uri, "det")
+    current = current_champion(tracker.uri, "det")
     assert str(current.version) == champion.version and dict(current.tags) == before
-    assert str(tracking.current_champion(tracker.uri, "det", "loo-mj").version) == loo.version
+    assert str(current_champion(tracker.uri, "det", "loo-mj").version) == loo.version
 
 
 def _register_with(workspace, model_ref, split, digest, threshold=0.5, calibration=None, catalog=None):
@@ -269,9 +227,9 @@ def _register_with(workspace, model_ref, split, digest, threshold=0.5, calibrati
     if catalog is not None:
         path = workspace.reports / f"catalog-{digest}.parquet"
         catalog.to_parquet(path, index=False)
-        tracker.log_artifact(path, tracking.CATALOG_ARTIFACTS)
+        tracker.log_artifact(path, CATALOG_ARTIFACTS)
     result = track.register.fn(str(workspace.root), tracker, model_ref, evaluation, digest, "det", normalize)
-    return result, tracking.run_summary(tracker.uri, tracker.run_id)
+    return result, run_summary(tracker.uri, tracker.run_id)
 
 
 def test_the_champion_is_rescored_with_its_own_temperature_and_normalisation(workspace):
@@ -306,36 +264,7 @@ def test_a_champion_trained_on_the_test_images_is_reported_not_comparable(worksp
         second["reason"]
     )
     assert run["tags"]["aidetect.champion_comparable"] == "false"
-    assert str(tracking.current_champion(workspace_uri(workspace), "det").version) == first["version"]
-
-
-def test_stage_run_spans_the_stage_and_carries_its_epochs(workspace):
-    parent = _tracker(workspace)
-    ended = 1_800_000_000.0  # a fixed end: the run must start 90 s before it
-    history = [
-        {"epoch": 1, "phase": "head", "train_loss": 0.9, "val_loss": 0.8, "val_accuracy": 0.5},
-        {"epoch": 2, "phase": "all", "train_loss": 0.6, "val_loss": 0.7, "val_accuracy": 0.75},
-    ]
-    child = tracking.stage_run(parent, "train", "Completed", {"x": 1.0}, 90.0, ended_at=ended, history=history)
-    run = child.client.get_run(child.run_id)
-    assert run.info.end_time == 1_800_000_000_000 and run.info.start_time == 1_800_000_000_000 - 90_000
-    losses = child.client.get_metric_history(child.run_id, "train.val_loss")
-    assert [(m.step, m.value) for m in losses] == [(1, 0.8), (2, 0.7)]
-    assert "train.phase" not in run.data.metrics
-
-
-def test_experiment_opens_in_the_training_view(workspace):
-    from mlflow import MlflowClient
-
-    uri = tracking.tracking_uri(None, workspace)
-    experiment_id = tracking.ensure_experiment(uri, "views", workspace)
-    tags = MlflowClient(tracking_uri=uri).get_experiment(experiment_id).tags
-    assert tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
-    older = MlflowClient(tracking_uri=uri).create_experiment("older")  # made before aidetect tagged experiments
-    assert tracking.ensure_experiment(uri, "older", workspace) == older
-    assert MlflowClient(tracking_uri=uri).get_experiment(older).tags[tracking.EXPERIMENT_KIND_TAG] == (
-        "custom_model_development"
-    )
+    assert str(current_champion(workspace_uri(workspace), "det").version) == first["version"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -351,14 +280,14 @@ def test_the_champion_is_rebuilt_from_its_state_dict_and_a_pickled_payload_never
     model, meta = models.load_model(model_ref.resolve(workspace))
     tracker = _tracker(workspace)
     example = np.random.rand(1, 3, SIZE, SIZE).astype("float32")
-    uri = tracking.log_pytorch_model(tracker, model, example, ["torch"], checkpoint=model_ref.resolve(workspace))
-    tracking.register_model(tracker, uri, "det", 0.5, "t", "m", image_size=SIZE, architecture=meta["model_name"])
-    assert tracking.current_champion(tracker.uri, "det").tags["architecture"] == "resnet18"
+    uri = log_pytorch_model(tracker, model, example, ["torch"], checkpoint=model_ref.resolve(workspace))
+    register_model(tracker, uri, "det", 0.5, "t", "m", image_size=SIZE, architecture=meta["model_name"])
+    assert current_champion(tracker.uri, "det").tags["architecture"] == "resnet18"
     marker = tmp_path / "pwned"
     (pickled,) = _logged_files(workspace, "model.pth")
     torch.save(MarkerPayload(str(marker)), pickled)  # someone with write access to the store replaced it
 
-    champion, size = tracking.load_champion(tracker.uri, "det")
+    champion, size = load_champion(tracker.uri, "det")
     assert not marker.exists(), "loading the champion unpickled the model"
     assert size == SIZE and isinstance(champion, models.Classifier)
     images = torch.rand(2, 3, SIZE, SIZE)
@@ -366,10 +295,10 @@ def test_the_champion_is_rebuilt_from_its_state_dict_and_a_pickled_payload_never
 
     (state,) = _logged_files(workspace, "best.pt")
     torch.save(MarkerPayload(str(marker)), state)
-    with pytest.raises(tracking.UnsafeModelError, match="cannot be loaded safely"):
-        tracking.load_champion(tracker.uri, "det")
-    with pytest.raises(tracking.UnsafeModelError):
-        tracking.load_champion(tracker.uri, "det", trust_pickle=True)
+    with pytest.raises(UnsafeModelError, match="cannot be loaded safely"):
+        load_champion(tracker.uri, "det")
+    with pytest.raises(UnsafeModelError):
+        load_champion(tracker.uri, "det", trust_pickle=True)
     assert not marker.exists(), "a state_dict file is never unpickled beyond tensors"
 
 
@@ -386,17 +315,3 @@ def test_register_task_reports_and_skips_a_champion_it_cannot_load_safely(worksp
     assert second["version"] != first["version"]
 
 
-def test_a_run_left_running_by_a_killed_process_is_marked_killed(workspace):
-    import subprocess
-    import sys
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    uri = tracking.tracking_uri(None, workspace)
-    owner = tracking.owner_tags(workspace)
-    orphan = tracking.start_run(uri, "exp", workspace, "killed", owner | {"aidetect.pid": dead.stdout.strip()})
-    mine = tracking.start_run(uri, "exp", workspace, "this one", owner)
-    elsewhere = tracking.start_run(uri, "exp", workspace, "other ws", owner | {tracking.WORKSPACE_TAG: "/other/ws"})
-    assert tracking.end_orphaned_runs(uri, "exp", workspace) == [orphan.run_id]
-    status = {t.run_id: tracking.run_summary(uri, t.run_id)["status"] for t in (orphan, mine, elsewhere)}
-    assert status == {orphan.run_id: "KILLED", mine.run_id: "RUNNING", elsewhere.run_id: "RUNNING"}
-    assert tracking.end_orphaned_runs(uri, "no-such-experiment", workspace) == []
