@@ -9,15 +9,21 @@ import torch
 from torch import nn
 
 from pipeline_lib.assess import evaluate
-from pipeline_lib.assess.registry import alias_for, load_champion, load_run_model, register_model
+from pipeline_lib.assess.predict import ModelCalibration
+from pipeline_lib.assess.registry import (
+    Challenger,
+    alias_for,
+    load_champion,
+    load_run_model,
+    register_challenger,
+    register_model,
+)
 from pipeline_lib.core.tracking.logged_models import ModelNotFoundError, UnsafeModelError, log_pytorch_model
 from pipeline_lib.core.tracking.runs import CATALOG_ARTIFACTS, run_summary, start_run
 from pipeline_lib.core.tracking.store import tracking_uri
 from pipeline_lib.core.tracking.versions import champion_calibration, current_champion, find_version
 from pipeline_lib.core.workspace import bytes_sha256
 from pipeline_lib.learn import models, preprocess
-from tasks import track
-from tasks.stages import EvalOutput
 from tests.conftest import MarkerPayload, make_image
 
 SIZE = 32  # image size of the test checkpoints
@@ -108,21 +114,29 @@ def _test_split(workspace, name: str, labels: list[str], seed: int):
     return rows, workspace.ref(path)
 
 
-def _register(workspace, model_ref, split, digest):
-    """Evaluate model_ref on the split like the evaluate task does, then run the register task."""
+def _register(workspace, model_ref, split, digest, threshold=0.5, calibration=None, catalog=None):
+    """Evaluate model_ref on the split like the evaluate stage does, at a threshold, then register it as the register
+    task does; the run first logs `catalog` (its training data), if given, as the pipeline does."""
     rows, rows_ref = split
     model, meta = models.load_model(model_ref.resolve(workspace))
     images = preprocess.load_tensors(workspace, rows["sha256"].tolist(), int(meta["image_size"]))
-    predictions = evaluate.predictions_table(rows, evaluate.predict_probabilities(model, images), 0.5)
+    predictions = evaluate.predictions_table(rows, evaluate.predict_probabilities(model, images), threshold)
     predictions.to_parquet(rows_ref.resolve(workspace), index=False)
-    metrics = evaluate.compute_metrics(predictions, 0.5, n_bootstrap=0)
-    evaluation = EvalOutput(workspace.ref(rows_ref.resolve(workspace)), metrics, {}, [])
+    metrics = evaluate.compute_metrics(predictions, threshold, n_bootstrap=0)
+    temperature, normalize = calibration or (1.0, None)
     tracker = _tracker(workspace)
-    result = track.register.fn(str(workspace.root), tracker, model_ref, evaluation, digest, "det")
+    if catalog is not None:
+        path = workspace.reports / f"catalog-{digest}.parquet"
+        catalog.to_parquet(path, index=False)
+        tracker.log_artifact(path, CATALOG_ARTIFACTS)
+    own = ModelCalibration(temperature, normalize)
+    checkpoint, table = model_ref.resolve(workspace), rows_ref.resolve(workspace)
+    challenger = Challenger(checkpoint, model_ref.digest, table, metrics, own, digest)
+    result = register_challenger(workspace, tracker, challenger, "det")
     return result, run_summary(tracker.uri, tracker.run_id)
 
 
-def test_register_task_rescores_the_champion_when_the_test_split_changed(workspace):
+def test_the_champion_is_rescored_when_the_test_split_changed(workspace):
     always_ai = _constant_model(workspace, "ai1", 0.0, 5.0)
     always_real = _constant_model(workspace, "real1", 5.0, 0.0)
     split_a = _test_split(workspace, "a", ["ai", "ai", "ai", "real"], seed=1)  # always-ai: 0.75
@@ -160,7 +174,7 @@ def workspace_uri(workspace) -> str:
 
 
 def test_champion_carries_its_calibration_for_predict(workspace):
-    from pipeline_lib.assess.predict import ModelCalibration, parse_calibration
+    from pipeline_lib.assess.predict import parse_calibration
     from pipeline_lib.core.config import NormalizeConfig
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
@@ -213,25 +227,6 @@ def test_a_leave_one_generator_out_model_never_touches_the_champion(workspace):
     assert str(current_champion(tracker.uri, "det", "loo-mj").version) == loo.version
 
 
-def _register_with(workspace, model_ref, split, digest, threshold=0.5, calibration=None, catalog=None):
-    """Like _register, at a threshold; the run then logs `catalog` (its training data) as the pipeline does."""
-    rows, rows_ref = split
-    model, meta = models.load_model(model_ref.resolve(workspace))
-    images = preprocess.load_tensors(workspace, rows["sha256"].tolist(), int(meta["image_size"]))
-    predictions = evaluate.predictions_table(rows, evaluate.predict_probabilities(model, images), threshold)
-    predictions.to_parquet(rows_ref.resolve(workspace), index=False)
-    metrics = evaluate.compute_metrics(predictions, threshold, n_bootstrap=0)
-    temperature, normalize = calibration or (1.0, None)
-    evaluation = EvalOutput(workspace.ref(rows_ref.resolve(workspace)), metrics, {}, [], temperature=temperature)
-    tracker = _tracker(workspace)
-    if catalog is not None:
-        path = workspace.reports / f"catalog-{digest}.parquet"
-        catalog.to_parquet(path, index=False)
-        tracker.log_artifact(path, CATALOG_ARTIFACTS)
-    result = track.register.fn(str(workspace.root), tracker, model_ref, evaluation, digest, "det", normalize)
-    return result, run_summary(tracker.uri, tracker.run_id)
-
-
 def test_the_champion_is_rescored_with_its_own_temperature_and_normalisation(workspace):
     from pipeline_lib.core.config import NormalizeConfig
     from pipeline_lib.learn.normalize import policy_key
@@ -239,10 +234,10 @@ def test_the_champion_is_rescored_with_its_own_temperature_and_normalisation(wor
     # p_ai = sigmoid(0.85) = 0.70 for every image: "ai" at threshold 0.6, but its own T=4 makes it 0.55: "real"
     champion = _constant_model(workspace, "hot", 0.0, 0.85)
     own = (4.0, NormalizeConfig(mode="jpeg", quality=70))
-    first, _ = _register_with(workspace, champion, _test_split(workspace, "a", ["real", "ai"], seed=1), "A", 0.6, own)
+    first, _ = _register(workspace, champion, _test_split(workspace, "a", ["real", "ai"], seed=1), "A", 0.6, own)
     assert first["promoted"], first
     split_b = _test_split(workspace, "b", ["real", "real", "real", "ai"], seed=2)
-    second, run = _register_with(workspace, _constant_model(workspace, "ai3", 0.0, 5.0), split_b, "B", 0.6)
+    second, run = _register(workspace, _constant_model(workspace, "ai3", 0.0, 5.0), split_b, "B", 0.6)
     assert second["champion_score"] == pytest.approx(0.75), "with T=1 the champion would say ai and score 0.25"
     assert not second["promoted"] and second["comparable"], second
     policy_folder = workspace.cache / "tensors" / f"s{SIZE}-{policy_key(own[1])}"
@@ -256,9 +251,9 @@ def test_a_champion_trained_on_the_test_images_is_reported_not_comparable(worksp
         {"sha256": [*split_a[0]["sha256"], split_b[0]["sha256"][0]], "status": "ok", "split": ["test", "train", "val"]}
     )
     always_real = _constant_model(workspace, "real9", 5.0, 0.0)
-    first, _ = _register_with(workspace, always_real, split_a, "A", catalog=trained_on)
+    first, _ = _register(workspace, always_real, split_a, "A", catalog=trained_on)
     better = _constant_model(workspace, "ai9", 0.0, 5.0)
-    second, run = _register_with(workspace, better, split_b, "B")
+    second, run = _register(workspace, better, split_b, "B")
     assert not second["comparable"] and not second["promoted"], second
     assert second["reason"].startswith("not comparable: 1 of the 4 test images were in the training or validation"), (
         second["reason"]
@@ -302,7 +297,7 @@ def test_the_champion_is_rebuilt_from_its_state_dict_and_a_pickled_payload_never
     assert not marker.exists(), "a state_dict file is never unpickled beyond tensors"
 
 
-def test_register_task_reports_and_skips_a_champion_it_cannot_load_safely(workspace, tmp_path):
+def test_a_champion_that_cannot_be_loaded_safely_is_reported_and_skipped(workspace, tmp_path):
     split = _test_split(workspace, "a", ["ai", "ai", "real", "real"], seed=1)
     first, _ = _register(workspace, _constant_model(workspace, "ai1", 0.0, 5.0), split, "A")
     marker = tmp_path / "pwned"
