@@ -8,7 +8,7 @@ import logging
 from prefect import get_run_logger
 
 from pipeline_lib.core.tracking.runs import Tracker, epoch_metrics
-from pipeline_lib.learn import train as train_lib
+from pipeline_lib.learn.history import EpochStats, describe_epoch, seconds_left
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +21,10 @@ class EpochReporter:
         self.max_epochs = max_epochs
         self.durations: list[float] = []
 
-    def __call__(self, stats: train_lib.EpochStats) -> None:
+    def __call__(self, stats: EpochStats) -> None:
         self.durations.append(stats.seconds)
-        left = train_lib.seconds_left(self.durations, stats.epoch, self.max_epochs)
-        get_run_logger().info(train_lib.describe_epoch(stats, self.max_epochs, left))
+        left = seconds_left(self.durations, stats.epoch, self.max_epochs)
+        get_run_logger().info(describe_epoch(stats, self.max_epochs, left))
         if self.tracker is None:
             return
         try:

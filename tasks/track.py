@@ -25,7 +25,7 @@ from pipeline_lib.core.tracking.runs import (
 from pipeline_lib.core.tracking.store import tracking_uri
 from pipeline_lib.core.tracking.versions import CHAMPION
 from pipeline_lib.core.workspace import Ref, Workspace
-from pipeline_lib.learn import train as train_lib
+from pipeline_lib.learn.history import plot_learning_curves
 from tasks.stages import EvalOutput, TrainOutput
 
 
@@ -115,7 +115,7 @@ def log_training(tracker: Tracker, output: TrainOutput, logged_live: bool = Fals
         tracker.log_table(history, "training/history.json")
         with tempfile.TemporaryDirectory() as folder:
             tracker.log_artifact(
-                train_lib.plot_learning_curves(output.history, Path(folder) / "learning_curves.png"), "training"
+                plot_learning_curves(output.history, Path(folder) / "learning_curves.png"), "training"
             )
 
 
