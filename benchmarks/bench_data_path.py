@@ -26,11 +26,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from pipeline_lib.core import devices
 from pipeline_lib.core.catalog import new_rows
 from pipeline_lib.core.config import LABELS, AugmentConfig, TrainConfig
 from pipeline_lib.core.workspace import Workspace, put_in_store
 from pipeline_lib.learn import preprocess
-from pipeline_lib.learn import train as train_lib
+from pipeline_lib.learn.augment import build_augmentation
+from pipeline_lib.learn.datasets import CachedImages, make_loader
 from pipeline_lib.learn.models import build_model
 
 log = logging.getLogger("bench_data_path")
@@ -106,9 +108,9 @@ def cache_loader(workspace: Workspace, rows: pd.DataFrame, workers: int, augment
     """The trainer's own Dataset (CachedImages) and DataLoader (make_loader), epoch 1."""
     config = TrainConfig(image_size=SIZE, batch_size=BATCH, num_workers=workers, augment=augment or AugmentConfig())
     labels = [LABELS.index(str(label)) for label in rows["label"]]
-    transform = train_lib.build_augmentation(config.augment) if augment is not None else None
-    dataset = train_lib.CachedImages(workspace, rows["sha256"].astype(str).tolist(), labels, SIZE, transform, 0)
-    loader = train_lib.make_loader(dataset, config, shuffle=True, device="cpu")
+    transform = build_augmentation(config.augment) if augment is not None else None
+    dataset = CachedImages(workspace, rows["sha256"].astype(str).tolist(), labels, SIZE, transform, 0)
+    loader = make_loader(dataset, config, shuffle=True, device="cpu")
     loader.sampler.set_epoch(1)
     dataset.epoch = 1
     return loader
@@ -162,9 +164,11 @@ def train_steps(name: str, device: str, batch: int, steps: int) -> float:
     criterion = nn.CrossEntropyLoss()
     model.train()
 
+    precision = devices.resolve_precision("auto", device)  # bf16 on cuda, fp32 on the cpu, as the trainer
+
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with train_lib._autocast(device):  # bf16 on cuda, as the trainer
+        with devices.autocast(device, precision):
             loss = criterion(model(inputs).float(), targets)
         loss.backward()
         optimizer.step()

@@ -35,7 +35,7 @@ from pipeline_lib.core import devices
 from pipeline_lib.core.config import TrainConfig
 from pipeline_lib.core.workspace import Workspace, put_in_store
 from pipeline_lib.learn import preprocess
-from pipeline_lib.learn import train as train_lib
+from pipeline_lib.learn.train import train_model
 
 log = logging.getLogger("bench_gpu_train_e2e")
 AUGMENT_ON = ("device", "loader")  # the project's CUDA default first, then the naive way
@@ -65,7 +65,7 @@ def make_catalog(workspace: Workspace, n: int) -> pd.DataFrame:
 
 def train_run(workspace: Workspace, table: pd.DataFrame, config: TrainConfig, out_dir: Path) -> list[dict[str, float]]:
     """train_model once; each epoch's phase, train images/s and seconds."""
-    result = train_lib.train_model(workspace, table, config, out_dir)
+    result = train_model(workspace, table, config, out_dir)
     return [
         {
             "epoch": epoch.epoch,

@@ -32,9 +32,10 @@ from typing import Any
 import torch
 from synthetic import photo_like_image
 
-from pipeline_lib.core import tracking
 from pipeline_lib.core.config import PipelineConfig
 from pipeline_lib.core.config_loader import build_config, merge_mappings, read_yaml_mapping
+from pipeline_lib.core.tracking.runs import Tracker, run_summary
+from pipeline_lib.core.tracking.stage_runs import stage_runs
 
 log = logging.getLogger("bench_reference_recipe")
 DEFAULT_YAML = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -71,10 +72,10 @@ def timed_run(config: PipelineConfig) -> dict[str, Any]:
     started = time.perf_counter()
     summary = run_pipeline(config)
     wall = time.perf_counter() - started
-    stages = tracking.stage_runs(tracking.Tracker(summary["tracking_uri"], summary["mlflow_run_id"]))
+    stages = stage_runs(Tracker(summary["tracking_uri"], summary["mlflow_run_id"]))
     seconds = {name: round(run["metrics"].get("stage.seconds", 0.0), 2) for name, run in stages.items()}
     data_s = sum(seconds.get(name, 0.0) for name in DATA_STAGES)
-    logged = tracking.run_summary(summary["tracking_uri"], summary["mlflow_run_id"])["metrics"]
+    logged = run_summary(summary["tracking_uri"], summary["mlflow_run_id"])["metrics"]
     return {
         "recipe_s": round(summary["seconds"] - data_s, 2),
         "pipeline_s": summary["seconds"],

@@ -47,7 +47,7 @@ def _known_failures() -> list[tuple[tuple[type[BaseException], ...], str]]:
     from pipeline_lib.core.catalog import CatalogError
     from pipeline_lib.core.cluster import ClusterError
     from pipeline_lib.core.config import ConfigError
-    from pipeline_lib.core.tracking import ModelNotFoundError
+    from pipeline_lib.core.tracking.logged_models import ModelNotFoundError
     from pipeline_lib.core.workspace import WorkspaceBusyError, WorkspaceError
     from pipeline_lib.curate.audit import AuditError
     from pipeline_lib.curate.review import ReviewError
@@ -771,17 +771,17 @@ def ui(
     """The MLflow UI of tracking.uri: a tracking server's own, or started here on a database store (default: the
     workspace's SQLite); and how to start Prefect's."""
     cfg = _config(config, workspace, set_, False)
-    from pipeline_lib.core import tracking
+    from pipeline_lib.core.tracking import store
 
     prefect_hint = "Prefect UI: run `prefect server start` in another shell, then http://127.0.0.1:4200"
-    if cfg.tracking.uri and tracking.is_server(cfg.tracking.uri):
-        typer.echo(f"MLflow UI: {tracking.ui_address(cfg.tracking.uri)}  (the tracking server of tracking.uri)")
+    if cfg.tracking.uri and store.is_server(cfg.tracking.uri):
+        typer.echo(f"MLflow UI: {store.ui_address(cfg.tracking.uri)}  (the tracking server of tracking.uri)")
         typer.echo(prefect_hint)
         return
     ws = _workspace(cfg.execution.workspace)
-    uri = tracking.tracking_uri(cfg.tracking.uri, ws)
-    host, port = host or tracking.LOCAL_UI_HOST, port or tracking.LOCAL_UI_PORT
-    command = mlflow_ui_command(uri, tracking.artifact_root(ws), host, port)
+    uri = store.tracking_uri(cfg.tracking.uri, ws)
+    host, port = host or store.LOCAL_UI_HOST, port or store.LOCAL_UI_PORT
+    command = mlflow_ui_command(uri, store.artifact_root(ws), host, port)
     typer.echo(f"MLflow UI: http://{host}:{port}  (store {uri})")
     typer.echo(prefect_hint)
     sys.stdout.flush()
@@ -835,19 +835,21 @@ def _predict_model(
         return model, meta | {"description": f"checkpoint {path}"}
     cfg = _config(config, workspace, None, False)
     ws = None if cfg.tracking.uri else _workspace(cfg.execution.workspace)
-    from pipeline_lib.core import tracking
+    from pipeline_lib.assess import registry
+    from pipeline_lib.core.tracking import store, versions
+    from pipeline_lib.core.tracking.logged_models import ModelNotFoundError
 
-    uri = cfg.tracking.uri or tracking.tracking_uri(None, ws)
+    uri = cfg.tracking.uri or store.tracking_uri(None, ws)
     name = cfg.tracking.registered_model
     trust = trust_pickle or cfg.tracking.trust_pickle
     try:
         if spec == "champion":
-            model, size = tracking.load_champion(uri, name, trust_pickle=trust)
-            calibration = tracking.champion_calibration(uri, name)
-            description = f"{name} version {tracking.current_champion(uri, name).version} (alias champion)"
+            model, size = registry.load_champion(uri, name, trust_pickle=trust)
+            calibration = versions.champion_calibration(uri, name)
+            description = f"{name} version {versions.current_champion(uri, name).version} (alias champion)"
         else:
-            model, size = tracking.load_run_model(uri, spec, trust)
-            calibration, description = tracking.run_calibration(uri, spec), f"the model of MLflow run {spec}"
+            model, size = registry.load_run_model(uri, spec, trust)
+            calibration, description = versions.run_calibration(uri, spec), f"the model of MLflow run {spec}"
             if calibration is None:
                 typer.secho(
                     f"note: run {spec} records no calibration: p_ai is the model's own softmax and the files are "
@@ -855,7 +857,7 @@ def _predict_model(
                     fg=typer.colors.YELLOW,
                     err=True,
                 )
-    except tracking.ModelNotFoundError as error:
+    except ModelNotFoundError as error:
         _fail(f"model not found: {error}")
     return model, {"image_size": size, "model": spec, "calibration": calibration, "description": description}
 

@@ -21,9 +21,11 @@ from flows import review_gate
 from pipeline_lib.acquire.crawl_log import crawl_log_path
 from pipeline_lib.acquire.imports import with_imports
 from pipeline_lib.assess import report_content
+from pipeline_lib.assess.registry import alias_for
 from pipeline_lib.core import cachekey, cluster, code_index
-from pipeline_lib.core import tracking as tracking_lib
 from pipeline_lib.core.config import DedupConfig, ExecutionConfig, IngestConfig, NormalizeConfig, PipelineConfig
+from pipeline_lib.core.tracking.runs import Tracker, code_version, system_metrics
+from pipeline_lib.core.tracking.stage_runs import KEY_PARAM_PREFIX, previous_stage_keys, stage_run
 from pipeline_lib.core.workspace import Ref, Workspace, digest_of, file_sha256, workspace_lock
 from pipeline_lib.curate import split as split_lib
 from pipeline_lib.ops.status import record_run
@@ -42,7 +44,7 @@ class StageRecorder:
     run.
     """
 
-    def __init__(self, workspace: Workspace, refresh: bool, tracker: tracking_lib.Tracker) -> None:
+    def __init__(self, workspace: Workspace, refresh: bool, tracker: Tracker) -> None:
         self.workspace = workspace
         self.refresh = refresh
         self.tracker = tracker
@@ -111,14 +113,12 @@ class StageRecorder:
         shown = cachekey.shown_parts(key or cachekey.StageKey({}))
         try:
             if self._earlier is None:
-                self._earlier = tracking_lib.previous_stage_keys(self.tracker, str(self.workspace.root))
+                self._earlier = previous_stage_keys(self.tracker, str(self.workspace.root))
             changed = cachekey.changed_parts(shown, self._earlier.get(name))
             tags = {"aidetect.cache_key": key.digest if key else "", "aidetect.key_changed": changed}
             tags["aidetect.workspace"] = str(self.workspace.root)
-            params = {f"{tracking_lib.KEY_PARAM_PREFIX}{part}": value for part, value in shown.items()}
-            tracking_lib.stage_run(
-                self.tracker, name, state, metrics, seconds, failed, params, tags, history=history
-            )
+            params = {f"{KEY_PARAM_PREFIX}{part}": value for part, value in shown.items()}
+            stage_run(self.tracker, name, state, metrics, seconds, failed, params, tags, history=history)
         except Exception as error:  # the tracking store may be down; the stage's result still counts
             log.warning("no nested MLflow run for stage %s: %s", name, error)
             return
@@ -239,7 +239,7 @@ def _flow_run_tags(kind: str = "pipeline") -> dict[str, str]:
         "prefect.flow_run_id": str(getattr(flow_run, "id", "")),
         "prefect.flow_run_name": str(getattr(flow_run, "name", "")),
         "prefect.deployment_id": str(getattr(flow_run, "deployment_id", "") or ""),
-        "mlflow.source.git.commit": tracking_lib.code_version(),
+        "mlflow.source.git.commit": code_version(),
     }
 
 
@@ -256,7 +256,7 @@ def pipeline_in_current_flow(config: PipelineConfig) -> dict[str, Any]:
     stages.fetch_weights(config.train)
     tags = _flow_run_tags()
     with tracked_stages(config, tags["prefect.flow_run_name"] or "pipeline", tags) as (workspace, stages_run, tracker):
-        with tracking_lib.system_metrics(tracker, config.tracking.system_metrics_interval_s):
+        with system_metrics(tracker, config.tracking.system_metrics_interval_s):
             catalog = _data_stages(config, workspace, stages_run)
             summary = _model_stages(config, workspace, stages_run, tracker, catalog)
         summary |= {
@@ -280,7 +280,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 @contextlib.contextmanager
 def tracked_stages(
     config: PipelineConfig, run_name: str, tags: dict[str, str]
-) -> Iterator[tuple[Workspace, StageRecorder, tracking_lib.Tracker]]:
+) -> Iterator[tuple[Workspace, StageRecorder, Tracker]]:
     """What a flow's stages run in: the workspace (its writer lock held), Prefect results stored inside it, the task
     runner of config.execution for the per-image chunks (stage_task_runner), an MLflow run and a recorder.
 
@@ -306,7 +306,7 @@ def tracked_stages(
 
 
 def _record_run(
-    workspace: Workspace, tracker: tracking_lib.Tracker, tags: dict[str, str], status: str, started: float, run: Any
+    workspace: Workspace, tracker: Tracker, tags: dict[str, str], status: str, started: float, run: Any
 ) -> None:
     """The run's line in the workspace's runs list (what `aidetect status` shows without opening MLflow)."""
     entry = {
@@ -382,7 +382,7 @@ def _model_stages(
     config: PipelineConfig,
     workspace: Workspace,
     run: StageRecorder,
-    tracker: tracking_lib.Tracker,
+    tracker: Tracker,
     split: stages.StageResult,
 ) -> dict[str, Any]:
     root = str(workspace.root)
@@ -413,7 +413,7 @@ def _model_stages(
     track.log_evaluation(root, tracker, evaluation, report_ref)
     test_digest = digest_of(split.catalog.digest, "test")[:16]
     registry_name = config.tracking.registered_model
-    alias = tracking_lib.alias_for(config.split.leave_out_generator)
+    alias = alias_for(config.split.leave_out_generator)
     registered = track.register(
         root,
         tracker,
@@ -444,7 +444,7 @@ def _model_stages(
     }
 
 
-def _publish(summary: dict[str, Any], tracker: tracking_lib.Tracker) -> None:
+def _publish(summary: dict[str, Any], tracker: Tracker) -> None:
     """Prefect artifacts: a markdown summary and a link to the MLflow run."""
     metrics = summary.get("metrics", {})
     nan = float("nan")

@@ -39,8 +39,9 @@ from pipeline_lib.curate import audit as audit_lib
 from pipeline_lib.curate import dedup as dedup_lib
 from pipeline_lib.curate import review, review_pack, split
 from pipeline_lib.learn import models, preprocess
-from pipeline_lib.learn import train as train_lib
+from pipeline_lib.learn.history import EpochStats, plot_learning_curves
 from pipeline_lib.learn.normalize import policy_key
+from pipeline_lib.learn.train import train_model
 from tasks.caching import current_stage_key
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class TrainOutput:
     weights_sha256: str
     device: str
     resumed_from_epoch: int | None = None  # the epoch of last.pt training continued after; None: from epoch 0
-    balance: dict[str, float] = field(default_factory=dict)  # train.ClassBalance.metrics()
+    balance: dict[str, float] = field(default_factory=dict)  # learn.datasets.ClassBalance.metrics()
     precision: str = ""
     augment_on: str = ""
 
@@ -283,7 +284,7 @@ def train(
     config: TrainConfig,
     normalize: NormalizeConfig | None = None,
     resume: bool = True,
-    progress: Callable[[train_lib.EpochStats], None] | None = None,
+    progress: Callable[[EpochStats], None] | None = None,
 ) -> TrainOutput:
     """Fine-tune the classifier in models/<stage key>/ (split.training_set in, so only content keys it).
 
@@ -295,7 +296,7 @@ def train(
     active = _active(normalize)
     out_dir = workspace.models / current_stage_key()[:16]
     table = cat.read_table(workspace, trainset)
-    result = train_lib.train_model(
+    result = train_model(
         workspace, table, config, out_dir, on_epoch=progress, policy=active, resume=resume
     )
     history = [vars(epoch) | {} for epoch in result.history]
@@ -468,7 +469,7 @@ def make_report(
     out_dir = evaluation.predictions.resolve(workspace).parent / f"report-{current_stage_key()[:12]}"
     plots = {name: workspace.root / path for name, path in evaluation.plots.items()}
     if history:
-        curves = train_lib.plot_learning_curves(history, out_dir.parent / "learning_curves.png")
+        curves = plot_learning_curves(history, out_dir.parent / "learning_curves.png")
         plots = {"learning_curves": curves, **plots}
     model_name = f"{meta.get('model_name')} ({model_ref.digest[:8]})"
     index = report.build_report(

@@ -62,6 +62,11 @@ def device_type(device: str) -> str:
     return torch.device(device).type
 
 
+def is_cuda(device: str) -> bool:
+    """True for cuda and cuda:N."""
+    return device_type(device) == "cuda"
+
+
 def choose_precision(requested: str, kind: str, bf16_supported: bool) -> str:
     """bf16, fp16 or fp32 for a device type (cpu, cuda, mps).
 

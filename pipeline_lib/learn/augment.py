@@ -1,6 +1,7 @@
-"""Training augmentation of whole uint8 batches on any device (the GPU when training on CUDA), in plain torch ops.
+"""Training augmentation: torchvision's transforms in the loader, or whole uint8 batches on any device (the GPU when
+training on CUDA) in plain torch ops; resolve_augment_on says which.
 
-The loader path (train.build_augmentation) augments one image at a time in the DataLoader workers. On a GPU those
+The loader path (build_augmentation) augments one image at a time in the DataLoader workers. On a GPU those
 CPU workers cannot keep up, so here the workers only draw each sample's parameters (`draw_params`, from the same
 per-sample seeded generator and with the same calls, in the same order, as torchvision's transforms in
 build_augmentation) and the device applies them to the batch (`apply_params`): one affine warp (affine_grid with
@@ -15,9 +16,12 @@ import logging
 import math
 
 import torch
+from torch import nn
 from torch.nn import functional as F  # noqa: N812 - torch's own convention
 from torchvision.io import decode_jpeg, encode_jpeg
+from torchvision.transforms import v2
 
+from pipeline_lib.core import devices
 from pipeline_lib.core.config import AugmentConfig
 
 log = logging.getLogger(__name__)
@@ -46,7 +50,7 @@ def _applied(p: float) -> bool:
 def draw_params(config: AugmentConfig, height: int, width: int) -> torch.Tensor:
     """One sample's augmentation parameters (float64 [len(PARAM_NAMES)]) from the global torch generator.
 
-    The draws are those of train.build_augmentation's transforms, in its order: RandomAffine (angle, tx, ty,
+    The draws are those of build_augmentation's transforms, in its order: RandomAffine (angle, tx, ty,
     scale), RandomHorizontalFlip, RandomAutocontrast, then blur (apply, kernel, sigma) and JPEG (apply, quality)
     only when enabled. Seeded the same way, both paths augment a sample with the same parameters.
     """
@@ -199,3 +203,60 @@ def jpeg_works_on(device: str) -> bool:
         log.warning("JPEG re-compression cannot run on %s (%s): augmenting in the loader workers", device, error)
         return False
     return True
+
+
+def resolve_augment_on(augment_on: str, device: str, config: AugmentConfig) -> str:
+    """'device' or 'loader': auto augments on a CUDA device, in the loader elsewhere (or where JPEG cannot run)."""
+    if augment_on not in ("auto", "loader", "device"):
+        raise ValueError(f"train.augment_on must be auto, loader or device, got {augment_on!r}")
+    if augment_on != "auto":
+        return augment_on
+    if not devices.is_cuda(device):
+        return "loader"
+    return "device" if config.jpeg_p == 0 or jpeg_works_on(device) else "loader"
+
+
+def build_augmentation(config: AugmentConfig) -> v2.Compose:
+    """On uint8 CHW tensors: rotation+translate+scale (one affine), h-flip, autocontrast, optional blur and JPEG."""
+    if config.affine_scale_min > config.affine_scale_max:
+        raise ValueError(
+            f"train.augment.affine_scale_min ({config.affine_scale_min}) must be <= "
+            f"affine_scale_max ({config.affine_scale_max})"
+        )
+    if config.jpeg_quality_min > config.jpeg_quality_max:
+        raise ValueError(
+            f"train.augment.jpeg_quality_min ({config.jpeg_quality_min}) must be <= "
+            f"jpeg_quality_max ({config.jpeg_quality_max})"
+        )
+    t = config.affine_translate
+    # The recipe's RandomRotation and RandomAffine as one warp: the same mapping of pixels as a rotation followed
+    # by a translate/scale (uniform scaling commutes with rotation), one interpolation instead of two, and half the
+    # per-sample cost. One difference: where the shift or a zoom-out shows what the separate rotation had cut off
+    # at the frame, the single warp shows those pixels instead of black. The flip after the warp gives the same
+    # distribution (the translation range is symmetric).
+    steps: list[nn.Module] = [
+        v2.RandomAffine(
+            config.rotation_degrees, translate=(t, t), scale=(config.affine_scale_min, config.affine_scale_max)
+        ),
+        v2.RandomHorizontalFlip(config.hflip_p),
+        v2.RandomAutocontrast(config.autocontrast_p),
+    ]
+    # Degradations real photos go through; only added when enabled so p=0 leaves the random stream unchanged.
+    if config.blur_p > 0:
+        blurs = [v2.GaussianBlur(kernel, sigma=BLUR_SIGMA) for kernel in BLUR_KERNELS]
+        steps.append(v2.RandomApply([v2.RandomChoice(blurs)], p=config.blur_p))
+    if config.jpeg_p > 0:
+        jpeg = v2.JPEG(quality=(config.jpeg_quality_min, config.jpeg_quality_max))
+        steps.append(v2.RandomApply([jpeg], p=config.jpeg_p))
+    return v2.Compose(steps)
+
+
+class ParamDraw:
+    """Draws one sample's augmentation parameters in a loader worker (picklable for spawned workers)."""
+
+    def __init__(self, config: AugmentConfig) -> None:
+        build_augmentation(config)  # the same checks as the loader path
+        self.config = config
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return draw_params(self.config, int(image.shape[-2]), int(image.shape[-1]))

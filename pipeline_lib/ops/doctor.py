@@ -180,15 +180,16 @@ def check_mlflow_db(doctor: Doctor) -> list[Finding]:
 
 def check_runs(doctor: Doctor) -> list[Finding]:
     """MLflow runs of this workspace that a killed process left RUNNING; marked KILLED on repair."""
-    from pipeline_lib.core import tracking
+    from pipeline_lib.core.tracking.runs import end_orphaned_runs
+    from pipeline_lib.core.tracking.store import tracking_uri
 
-    uri = tracking.tracking_uri(doctor.tracking_uri, doctor.workspace)
+    uri = tracking_uri(doctor.tracking_uri, doctor.workspace)
     if uri.startswith("sqlite:") and not (doctor.workspace.root / "mlflow.db").is_file():
         return []
     if not doctor.repair:
         return []  # finding them needs the same query as ending them: reported when repairing
     try:
-        ended = tracking.end_orphaned_runs(uri, doctor.experiment, doctor.workspace)
+        ended = end_orphaned_runs(uri, doctor.experiment, doctor.workspace)
     except Exception as error:  # a damaged store raises MLflow's and SQLAlchemy's own types
         return [Finding("mlflow runs", uri, f"cannot be searched: {type(error).__name__}")]
     return [Finding("mlflow run", run_id, "left RUNNING by a killed process", "marked KILLED") for run_id in ended]

@@ -268,7 +268,7 @@ class Sections(HTMLParser):
 
 def test_report_leads_with_headline_warnings_and_curves(tmp_path: Path, model: TinyClassifier) -> None:
     from pipeline_lib.assess.report_content import headline, report_warnings
-    from pipeline_lib.learn.train import plot_learning_curves
+    from pipeline_lib.learn.history import plot_learning_curves
 
     predictions = make_predictions()
     selected = select_examples(predictions, per_cell=1)

@@ -74,9 +74,12 @@ def test_unused_definitions_and_other_modules_do_not_change_the_key(project: Pat
 def test_the_real_stages_reach_their_modules() -> None:
     index = CodeIndex()
     train = index.task_parts("tasks.stages", "train")
-    expected = {"code.pipeline_lib.learn.train", "code.pipeline_lib.learn.models", "lib.torch", "lib.torchvision"}
-    assert expected <= set(train)
-    assert "code.pipeline_lib.curate.dedup" not in train and "code.pipeline_lib.core.tracking" not in train
+    learn = ("train", "datasets", "steps", "checkpoints", "history", "augment", "models")
+    expected = {f"code.pipeline_lib.learn.{name}" for name in learn} | {"lib.torch", "lib.torchvision"}
+    assert expected <= set(train), sorted(expected - set(train))
+    assert "code.pipeline_lib.curate.dedup" not in train
+    assert not [part for part in train if part.startswith("code.pipeline_lib.core.tracking")], sorted(train)
+    assert "code.pipeline_lib.core.tracking.versions" in index.task_parts("tasks.track", "register"), "not followed"
     dedup = index.task_parts("tasks.stages", "dedup")
     assert "code.pipeline_lib.curate.dedup" in dedup and "lib.torch" not in dedup
     hashes = index.task_parts("tasks.per_image", "hash_chunk")

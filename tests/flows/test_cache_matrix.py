@@ -20,10 +20,13 @@ from mlflow import MlflowClient
 from flows.pipeline import pipeline
 from pipeline_lib.acquire.imports import add_import
 from pipeline_lib.assess import comparison
-from pipeline_lib.core import tracking
 from pipeline_lib.core.catalog import read_snapshot
 from pipeline_lib.core.config import FolderSource, PipelineConfig
 from pipeline_lib.core.config_loader import build_config, merge_mappings, read_yaml_mapping
+from pipeline_lib.core.tracking.runs import Tracker, recent_runs, run_catalog, run_summary
+from pipeline_lib.core.tracking.stage_runs import stage_runs
+from pipeline_lib.core.tracking.store import tracking_uri
+from pipeline_lib.core.tracking.versions import CHAMPION, current_champion
 from pipeline_lib.core.workspace import Workspace, file_sha256
 from pipeline_lib.curate import review
 from pipeline_lib.ops import demo_data
@@ -206,8 +209,8 @@ def _stamps(root: Path) -> dict[str, tuple[int, int]]:
 def _aliases(world: World) -> dict[str, tuple[str, dict[str, str]]]:
     """alias -> (version, its tags) in the registry."""
     found = {}
-    for alias in (tracking.CHAMPION, "loo-other"):
-        version = tracking.current_champion(world.tracking_uri, "aidetect", alias)
+    for alias in (CHAMPION, "loo-other"):
+        version = current_champion(world.tracking_uri, "aidetect", alias)
         if version is not None:
             found[alias] = (str(version.version), dict(version.tags))
     return found
@@ -219,7 +222,7 @@ class Row:
 
     change: Change
     summary: dict[str, Any]
-    run: dict[str, Any]  # tracking.run_summary of its MLflow run
+    run: dict[str, Any]  # run_summary of its MLflow run
     before: dict[str, tuple[int, int]]
     after: dict[str, tuple[int, int]]
     aliases_before: dict[str, tuple[str, dict[str, str]]]
@@ -253,7 +256,7 @@ def _run_matrix(world: World) -> dict[str, Any]:
             before, aliases = _stamps(world.ws), _aliases(world)
             with _edited_dedup_module() if change.code_change else contextlib.nullcontext():
                 summary = pipeline(world.config([*overrides, *change.once]))
-            run = tracking.run_summary(world.tracking_uri, summary["mlflow_run_id"])
+            run = run_summary(world.tracking_uri, summary["mlflow_run_id"])
             rows[change.name] = Row(change, summary, run, before, _stamps(world.ws), aliases, _aliases(world))
     return {"world": world, "base": base, "rows": rows, "dedup_source": dedup_source}
 
@@ -305,10 +308,10 @@ def test_training_is_keyed_by_the_content_of_its_images(matrix: dict[str, Any]) 
 
 
 def _stage_run(matrix: dict[str, Any], start: str, stage: str) -> dict[str, Any]:
-    """tracking.run_summary of one stage's nested run in one row's pipeline run."""
+    """run_summary of one stage's nested run in one row's pipeline run."""
     uri = matrix["world"].tracking_uri
-    children = tracking.stage_runs(tracking.Tracker(uri, _row(matrix, start).summary["mlflow_run_id"]))
-    return tracking.run_summary(uri, children[stage]["run_id"])
+    children = stage_runs(Tracker(uri, _row(matrix, start).summary["mlflow_run_id"]))
+    return run_summary(uri, children[stage]["run_id"])
 
 
 def test_the_parts_that_changed_are_logged_on_the_stage_run(matrix: dict[str, Any]) -> None:
@@ -330,7 +333,7 @@ def test_the_parts_that_changed_are_logged_on_the_stage_run(matrix: dict[str, An
     unchanged = _stage_run(matrix, "no change", "crawl")  # the one stage that runs every time
     assert unchanged["tags"]["aidetect.key_changed"] == "(none: the key is unchanged)"
     uri, run_id = matrix["world"].tracking_uri, _row(matrix, "no change").summary["mlflow_run_id"]
-    assert set(tracking.stage_runs(tracking.Tracker(uri, run_id))) == {"crawl"}, "cached stages get no nested run"
+    assert set(stage_runs(Tracker(uri, run_id))) == {"crawl"}, "cached stages get no nested run"
 
 
 def test_refresh_cache_trains_the_same_key_again_from_epoch_0(matrix: dict[str, Any]) -> None:
@@ -345,26 +348,26 @@ def test_refresh_cache_trains_the_same_key_again_from_epoch_0(matrix: dict[str, 
 
 def test_a_champion_that_trained_on_the_test_images_is_not_comparable(matrix: dict[str, Any]) -> None:
     row = _row(matrix, "split ratios with --reshuffle")
-    champion_version, _ = row.aliases_before[tracking.CHAMPION]
+    champion_version, _ = row.aliases_before[CHAMPION]
     registry = row.summary["registry"]
     test = _split_catalog(matrix, row)
     test_images = set(test[(test["split"] == "test") & (test["status"] == "ok")]["sha256"])
     uri = matrix["world"].tracking_uri
     champion_run = MlflowClient(tracking_uri=uri).get_model_version("aidetect", champion_version).run_id
-    trained_on = comparison.seen_in_training(tracking.run_catalog(uri, champion_run))
+    trained_on = comparison.seen_in_training(run_catalog(uri, champion_run))
     assert test_images & trained_on, "the reshuffle must put images the champion trained on into test"
     assert registry["comparable"] is False and registry["promoted"] is False, registry
     assert "not comparable" in registry["reason"] and "--promote" in registry["reason"], registry["reason"]
-    assert row.aliases_after[tracking.CHAMPION] == row.aliases_before[tracking.CHAMPION], "the champion moved"
+    assert row.aliases_after[CHAMPION] == row.aliases_before[CHAMPION], "the champion moved"
     assert row.run["tags"]["aidetect.champion_comparable"] == "false"
-    assert champion_version == row.aliases_after[tracking.CHAMPION][0]
+    assert champion_version == row.aliases_after[CHAMPION][0]
 
 
 def test_leave_one_generator_out_gets_its_own_alias_and_leaves_the_champion(matrix: dict[str, Any]) -> None:
     row = _row(matrix, "split.leave_out_generator")
     assert row.summary["registry"]["alias"] == "loo-other" and row.summary["registry"]["promoted"], row.summary
     assert row.aliases_after["loo-other"][0] == row.summary["registry"]["version"]
-    assert row.aliases_after[tracking.CHAMPION] == row.aliases_before[tracking.CHAMPION], "champion or its tags moved"
+    assert row.aliases_after[CHAMPION] == row.aliases_before[CHAMPION], "champion or its tags moved"
 
 
 def test_auto_review_records_what_was_trained_on(matrix: dict[str, Any]) -> None:
@@ -404,9 +407,9 @@ def test_a_one_label_workspace_exits_2_naming_the_label_and_registers_nothing(ha
     assert f"put ai images into {empty}" in message and "aidetect import FOLDER --label ai" in message, message
     assert "Nothing was trained or registered" in message
     assert not list((ws / "models").iterdir()), "a model was trained"
-    uri = tracking.tracking_uri(None, Workspace.open(ws))
+    uri = tracking_uri(None, Workspace.open(ws))
     assert MlflowClient(tracking_uri=uri).search_registered_models() == [], "a one-label model was registered"
-    run = tracking.recent_runs(uri, "aidetect")[0]
+    run = recent_runs(uri, "aidetect")[0]
     notes = MlflowClient(tracking_uri=uri).download_artifacts(run["run_id"], "notes/split.txt", str(tmp_path))
     assert "label ai has no usable image" in Path(notes).read_text(encoding="utf-8")
     assert run["status"] == "FAILED"

@@ -431,10 +431,10 @@ def test_every_known_failure_type_becomes_one_line(tmp_path: Path):
 
     from flows.cli import explain_failure
     from pipeline_lib.acquire import crawl, crawl_log
-    from pipeline_lib.core import tracking
     from pipeline_lib.core.catalog import read_table
     from pipeline_lib.core.config import SourcesConfig
     from pipeline_lib.core.config_loader import read_yaml_mapping
+    from pipeline_lib.core.tracking.runs import recent_runs
     from pipeline_lib.core.workspace import Ref, Workspace
     from pipeline_lib.curate import review
     from pipeline_lib.learn import models
@@ -457,7 +457,7 @@ def test_every_known_failure_type_becomes_one_line(tmp_path: Path):
         "ArrowInvalid": lambda: pd.read_parquet(junk),
         "ConfigError": lambda: read_yaml_mapping(junk),
         "SourceError": lambda: crawl.crawl_sources(ws, sources),
-        "DatabaseError": lambda: tracking.recent_runs(f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}", "aidetect"),
+        "DatabaseError": lambda: recent_runs(f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}", "aidetect"),
     }
     for name, failing in cases.items():
         try:

@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.pipeline import _crawl_and_ingest, fingerprint_stage, make_task_runner, preprocess_stage, tracked_stages
 from pipeline_lib.acquire import fingerprint as fingerprint_lib
-from pipeline_lib.core import tracking
 from pipeline_lib.core.catalog import STATUS_OK, read_snapshot, write_snapshot
 from pipeline_lib.core.config import ExecutionConfig, PipelineConfig
 from pipeline_lib.core.config_loader import build_config
+from pipeline_lib.core.tracking.stage_runs import stage_runs
 from pipeline_lib.core.workspace import Ref, Workspace
 from pipeline_lib.learn import preprocess as preprocess_lib
 from tests.conftest import make_image
@@ -137,13 +137,13 @@ def test_per_image_stages_on_processes_and_a_dask_cluster_equal_threads(harness,
     cached = dict.fromkeys(("ingest", "fingerprint", "preprocess"), "Cached")
     assert again["states"] == {"crawl": "Completed"} | cached, again["states"]  # the crawl always runs, finds nothing
     assert again["catalog"] == on_dask["catalog"]
-    stages = tracking.stage_runs(on_dask["tracker"])
+    stages = stage_runs(on_dask["tracker"])
     assert set(stages) == {"crawl", "ingest", "fingerprint", "preprocess"}, stages
     assert stages["fingerprint"]["metrics"]["fingerprint.hashed"] == 0  # ingest's decode hashed them
     assert stages["fingerprint"]["metrics"]["fingerprint.cached"] == 12
     assert stages["preprocess"]["metrics"]["preprocess.new_tensors"] == 12
     assert stages["ingest"]["metrics"]["ingest.ok"] == 13 and stages["ingest"]["state"] == "Completed"
-    thread_ingest = tracking.stage_runs(threads["tracker"])["ingest"]["metrics"]
+    thread_ingest = stage_runs(threads["tracker"])["ingest"]["metrics"]
     counts = {key: value for key, value in stages["ingest"]["metrics"].items() if key.startswith("ingest.")}
     assert counts == {key: value for key, value in thread_ingest.items() if key.startswith("ingest.")}
     assert stages["fingerprint"]["status"] == "FINISHED" and stages["fingerprint"]["state"] == "Completed"

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from flows.lifeline import SERVER_MARK
-from pipeline_lib.core import tracking
 from pipeline_lib.core.catalog import read_parquet_file
+from pipeline_lib.core.tracking.runs import WORKSPACE_TAG, recent_runs, run_summary
 from pipeline_lib.core.workspace import Workspace
 from pipeline_lib.ops.demo_data import generate_demo_dataset
 from pipeline_lib.ops.status import latest_snapshot
@@ -182,6 +182,6 @@ def test_killed_during_ingest_preprocess_and_training_then_continued(harness, tm
 
     # The three killed runs' MLflow runs were left RUNNING; the runs after them marked them KILLED.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    runs = [tracking.run_summary(uri, run["run_id"]) for run in tracking.recent_runs(uri, "aidetect", limit=10)]
-    statuses = sorted(run["status"] for run in runs if run["tags"][tracking.WORKSPACE_TAG] == str(ws))
+    runs = [run_summary(uri, run["run_id"]) for run in recent_runs(uri, "aidetect", limit=10)]
+    statuses = sorted(run["status"] for run in runs if run["tags"][WORKSPACE_TAG] == str(ws))
     assert statuses == ["FINISHED", "KILLED", "KILLED", "KILLED"], statuses

@@ -12,9 +12,10 @@ import pytest
 from prefect.client.orchestration import get_client
 
 from flows.pipeline import pipeline
-from pipeline_lib.core import tracking
 from pipeline_lib.core.catalog import STATUS_OK, read_snapshot
 from pipeline_lib.core.config_loader import build_config, merge_mappings, read_yaml_mapping
+from pipeline_lib.core.tracking.runs import Tracker, recent_runs, run_summary
+from pipeline_lib.core.tracking.stage_runs import stage_runs
 from pipeline_lib.core.workspace import Workspace
 from pipeline_lib.curate import split
 from pipeline_lib.ops import demo_data
@@ -91,9 +92,9 @@ def _full_pipeline_then_resume_then_all_cached(tmp_path: Path) -> None:
     computed = broken_seconds + first["seconds"]
     print(f"pipeline seconds: computed {computed:.2f}, all cached {second['seconds']:.2f}")
     assert second["mlflow_run_id"] != first["mlflow_run_id"]
-    all_cached = tracking.Tracker(second["tracking_uri"], second["mlflow_run_id"])
-    assert set(tracking.stage_runs(all_cached)) == {"crawl"}, "cached stages get no nested run; the crawl always runs"
-    assert tracking.run_summary(all_cached.uri, all_cached.run_id)["tags"]["aidetect.stage.train"] == "Cached"
+    all_cached = Tracker(second["tracking_uri"], second["mlflow_run_id"])
+    assert set(stage_runs(all_cached)) == {"crawl"}, "cached stages get no nested run; the crawl always runs"
+    assert run_summary(all_cached.uri, all_cached.run_id)["tags"]["aidetect.stage.train"] == "Cached"
 
     workspace = Workspace.open(root)
     catalog = read_snapshot(workspace, workspace.ref(latest_snapshot(workspace, "split")))
@@ -115,7 +116,7 @@ def _full_pipeline_then_resume_then_all_cached(tmp_path: Path) -> None:
     assert all(set(ok[ok["split"] == s]["label"]) == {"real", "ai"} for s in ("train", "val", "test"))
 
     # MLflow: the run, its config, metrics, datasets and artifacts.
-    summary = tracking.run_summary(first["tracking_uri"], first["mlflow_run_id"])
+    summary = run_summary(first["tracking_uri"], first["mlflow_run_id"])
     assert summary["status"] == "FINISHED"
     assert summary["params"]["train.model"] == "resnet18"
     for key in ("test.accuracy", "test.roc_auc", "test.f1_ai", "dedup.exact", "ingest.invalid", "crawl.new"):
@@ -132,7 +133,7 @@ def _full_pipeline_then_resume_then_all_cached(tmp_path: Path) -> None:
     assert any(key.startswith("system/") for key in summary["metrics"]), "no system metrics sampled"
     assert any(a.startswith("catalog/") and a.endswith(".parquet") for a in artifacts)
     failed_runs = [
-        r for r in tracking.recent_runs(first["tracking_uri"], "aidetect", limit=10) if r["status"] == "FAILED"
+        r for r in recent_runs(first["tracking_uri"], "aidetect", limit=10) if r["status"] == "FAILED"
     ]
     assert len(failed_runs) == 1
 
@@ -156,7 +157,7 @@ def _full_pipeline_then_resume_then_all_cached(tmp_path: Path) -> None:
     reshuffled = moved.model_copy(update={"execution": moved.execution.model_copy(update={"reshuffle_splits": True})})
     third = pipeline(reshuffled)
     assert third["states"]["split"] == "Completed" and third["states"]["dedup"] == "Cached"
-    summary3 = tracking.run_summary(third["tracking_uri"], third["mlflow_run_id"])
+    summary3 = run_summary(third["tracking_uri"], third["mlflow_run_id"])
     assert summary3["metrics"]["split.registry_version"] == 2
     assert (root / "splits" / "registry-v1.csv").is_file()
 
@@ -168,8 +169,8 @@ def _full_pipeline_then_resume_then_all_cached(tmp_path: Path) -> None:
 def _check_nested_runs(first: dict[str, Any], failed_run_id: str) -> None:
     """A child run (tags.mlflow.parentRunId) per stage that ran, from its start to its end, with its state and
     metrics (train: its epochs); cached stages are only tags of the parent; children stay hidden."""
-    parent = tracking.Tracker(first["tracking_uri"], first["mlflow_run_id"])
-    children = tracking.stage_runs(parent)
+    parent = Tracker(first["tracking_uri"], first["mlflow_run_id"])
+    children = stage_runs(parent)
     ran = {stage for stage, state in first["states"].items() if state != "Cached"}
     assert set(children) == ran == {"crawl", "train", "evaluate", "report"}, (first["states"], children)
     for stage in ran:
@@ -182,9 +183,9 @@ def _check_nested_runs(first: dict[str, Any], failed_run_id: str) -> None:
     assert [m.step for m in epochs] == list(range(1, len(epochs) + 1)) and epochs, "train's run has its epochs"
     live = parent.client.get_metric_history(parent.run_id, "train.val_loss")
     assert sorted(m.step for m in live) == [m.step for m in epochs], "each epoch logged once on the parent"
-    listed = {r["run_id"] for r in tracking.recent_runs(first["tracking_uri"], "aidetect", limit=50)}
+    listed = {r["run_id"] for r in recent_runs(first["tracking_uri"], "aidetect", limit=50)}
     assert not listed & {child["run_id"] for child in children.values()}
-    failed = tracking.stage_runs(tracking.Tracker(first["tracking_uri"], failed_run_id))
+    failed = stage_runs(Tracker(first["tracking_uri"], failed_run_id))
     assert failed["train"]["status"] == "FAILED" and failed["fingerprint"]["status"] == "FINISHED", failed
     assert "dedup.exact" in failed["dedup"]["metrics"]
 

@@ -11,7 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline_lib.core import tracking
+from pipeline_lib.assess.registry import register_model
+from pipeline_lib.core.tracking.logged_models import log_pytorch_model
+from pipeline_lib.core.tracking.runs import start_run
+from pipeline_lib.core.tracking.store import tracking_uri
 from pipeline_lib.core.workspace import Workspace
 from pipeline_lib.learn import models
 from tests.conftest import MarkerPayload, make_image
@@ -71,14 +74,12 @@ def test_predict_missing_model_exits_2_with_a_clear_message(tmp_path: Path) -> N
 def _logged_run(workspace: Path, model: torch.nn.Module, calibration: str | None, saved: Path) -> str:
     """An MLflow run in the workspace's store that logged model with its checkpoint file `saved` (its state_dict),
     and registered it with calibration, if given."""
-    from pipeline_lib.core import tracking
-
     ws = Workspace.open(workspace)
-    tracker = tracking.start_run(tracking.tracking_uri(None, ws), "aidetect", ws, "run", {})
+    tracker = start_run(tracking_uri(None, ws), "aidetect", ws, "run", {})
     example = torch.rand(1, 3, 32, 32).numpy()
-    uri = tracking.log_pytorch_model(tracker, model, example, ["torch"], checkpoint=saved)
+    uri = log_pytorch_model(tracker, model, example, ["torch"], checkpoint=saved)
     if calibration is not None:
-        tracking.register_model(tracker, uri, "aidetect", 0.9, "t", "m", image_size=32, calibration=calibration)
+        register_model(tracker, uri, "aidetect", 0.9, "t", "m", image_size=32, calibration=calibration)
     tracker.finish()
     return tracker.run_id
 
@@ -139,13 +140,13 @@ def test_predict_device_option(tmp_path: Path) -> None:
 
 def test_predict_champion_is_rebuilt_from_its_state_dict_and_never_unpickled(tmp_path: Path) -> None:
     workspace = Workspace.create(tmp_path / "ws")
-    uri = tracking.tracking_uri(None, workspace)
-    tracker = tracking.start_run(uri, "aidetect", workspace, "run")
+    uri = tracking_uri(None, workspace)
+    tracker = start_run(uri, "aidetect", workspace, "run")
     path = checkpoint(tmp_path)
     model, _ = models.load_model(path)
     example = np.random.rand(1, 3, 32, 32).astype("float32")
-    logged = tracking.log_pytorch_model(tracker, model, example, ["torch"], checkpoint=path)
-    tracking.register_model(tracker, logged, "aidetect", 0.9, "t", "m", image_size=32, architecture="resnet18")
+    logged = log_pytorch_model(tracker, model, example, ["torch"], checkpoint=path)
+    register_model(tracker, logged, "aidetect", 0.9, "t", "m", image_size=32, architecture="resnet18")
     marker = tmp_path / "pwned"
     (pickled,) = (workspace.root / "mlartifacts").rglob("model.pth")
     torch.save(MarkerPayload(str(marker)), pickled)  # the tracking store was tampered with

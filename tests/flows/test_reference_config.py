@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from flows.pipeline import pipeline
-from pipeline_lib.core import tracking
 from pipeline_lib.core.config_loader import build_config, merge_mappings, read_yaml_mapping
+from pipeline_lib.core.tracking.runs import run_summary
 from pipeline_lib.ops import demo_data
 from tests.loopback import LoopbackSite, google_result_page
 
@@ -61,7 +61,7 @@ def test_reference_config_runs_end_to_end_on_loopback_fixtures(harness, tmp_path
     assert sorted(site.queries) == sorted(dataset.keywords), "every name of the keyword file was searched"
     filters = "&tbs=itp:photo,ic:color,isz:lt,islt:4mp"  # photo, colour, larger than 4 MP
     assert all(path.endswith(filters) for path in site.search_paths), site.search_paths
-    summary = tracking.run_summary(result["tracking_uri"], result["mlflow_run_id"])
+    summary = run_summary(result["tracking_uri"], result["mlflow_run_id"])
     params, metrics = summary["params"], summary["metrics"]
     assert (params["train.model"], params["train.batch_size"], params["train.class_balance"]) == (
         "resnet50",

@@ -14,7 +14,7 @@ import pytest
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
 from flows import server
-from pipeline_lib.core import tracking
+from pipeline_lib.core.tracking.runs import run_summary
 from tests.conftest import make_image
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ def test_a_started_server_is_used_by_later_commands_until_it_is_stopped(tmp_path
         summary = json.loads(crawled.stdout[crawled.stdout.index("{") : crawled.stdout.rindex("}") + 1])
         assert summary["states"] == {"crawl": "Completed", "ingest": "Completed"}, summary
         uri = f"sqlite:///{tmp_path / 'ws' / 'mlflow.db'}"
-        flow_run_id = tracking.run_summary(uri, summary["mlflow_run_id"])["tags"]["prefect.flow_run_id"]
+        flow_run_id = run_summary(uri, summary["mlflow_run_id"])["tags"]["prefect.flow_run_id"]
         runs = _flow_runs(api_url)
         assert [(run["id"], run["state_type"]) for run in runs] == [(flow_run_id, "COMPLETED")], "run on this server"
 

@@ -6,6 +6,7 @@ Everything runs on the CPU device here; tests/learn/test_train_cuda.py compares 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 
 import numpy as np
@@ -17,7 +18,7 @@ from torchvision.transforms import v2
 
 from pipeline_lib.core.config import AugmentConfig
 from pipeline_lib.learn import augment
-from pipeline_lib.learn.train import build_augmentation
+from pipeline_lib.learn.augment import build_augmentation
 
 CONFIGS = {
     "recipe": AugmentConfig(),
@@ -180,3 +181,51 @@ def test_identity_parameters_and_input_checks() -> None:
     with pytest.raises(ValueError, match="params must be shaped"):
         augment.apply_params(images, identity[:2])
     assert augment.jpeg_works_on("cpu")
+
+
+def test_loader_augmentation_is_seeded_and_keeps_dtype() -> None:
+    augment = build_augmentation(AugmentConfig())
+    images = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    first = augment(images)
+    torch.manual_seed(5)
+    assert torch.equal(first, augment(images)) and first.dtype == torch.uint8 and first.shape == images.shape
+    with pytest.raises(ValueError, match="affine_scale_min"):
+        build_augmentation(AugmentConfig(affine_scale_min=1.2, affine_scale_max=1.0))
+
+
+def test_blur_and_jpeg_augmentation() -> None:
+    images = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    assert len(build_augmentation(AugmentConfig()).transforms) == 3  # p=0: the recipe is unchanged
+    plain = AugmentConfig(rotation_degrees=0, hflip_p=0, autocontrast_p=0, affine_translate=0)
+    identity = build_augmentation(plain.model_copy(update={"affine_scale_min": 1, "affine_scale_max": 1}))
+    degraded = build_augmentation(
+        plain.model_copy(update={"affine_scale_min": 1, "affine_scale_max": 1, "blur_p": 1.0, "jpeg_p": 1.0})
+    )
+    assert torch.equal(identity(images), images)
+    torch.manual_seed(3)
+    first = degraded(images)
+    torch.manual_seed(3)
+    assert torch.equal(first, degraded(images)) and first.dtype == torch.uint8 and first.shape == images.shape
+    assert not torch.equal(first, images)
+    # Blur smooths noise: neighbouring pixels get closer.
+    assert first.float().diff(dim=2).abs().mean() < images.float().diff(dim=2).abs().mean()
+    jpeg_only = build_augmentation(
+        plain.model_copy(
+            update={
+                "affine_scale_min": 1,
+                "affine_scale_max": 1,
+                "jpeg_p": 1.0,
+                "jpeg_quality_min": 10,
+                "jpeg_quality_max": 10,
+            }
+        )
+    )
+    buffer = io.BytesIO()
+    Image.fromarray(images.permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=10)
+    reference = torch.from_numpy(np.array(Image.open(buffer))).permute(2, 0, 1)
+    assert (jpeg_only(images).int() - reference.int()).abs().float().mean() < 3  # a real quality-10 JPEG round trip
+    with pytest.raises(ValueError, match="jpeg_quality_min"):
+        build_augmentation(
+            AugmentConfig.model_construct(**{**plain.model_dump(), "jpeg_quality_min": 90, "jpeg_quality_max": 80})
+        )

@@ -19,9 +19,10 @@ from pipeline_lib.core import catalog as cat
 from pipeline_lib.core import devices
 from pipeline_lib.core.config import AugmentConfig, TrainConfig
 from pipeline_lib.core.workspace import Workspace, put_in_store
-from pipeline_lib.learn import augment as augment_lib
-from pipeline_lib.learn import models
-from pipeline_lib.learn import train as train_lib
+from pipeline_lib.learn import checkpoints, models
+from pipeline_lib.learn.datasets import CachedImages, make_loader
+from pipeline_lib.learn.history import EpochStats
+from pipeline_lib.learn.train import build_initial_model, resolve_device, train_model
 
 SIZE = 32
 
@@ -94,17 +95,17 @@ def _states_equal(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-def _untimed(history: list[train_lib.EpochStats]) -> list[dict[str, object]]:
+def _untimed(history: list[EpochStats]) -> list[dict[str, object]]:
     """Epoch stats without the wall-clock fields."""
     return [vars(e) | {"seconds": 0, "images_per_second": 0} for e in history]
 
 
 def test_learns_separable_data(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
     workspace, table = data
-    seen: list[train_lib.EpochStats] = []
+    seen: list[EpochStats] = []
     # From random weights on 16 images the head on frozen random features learns; full fine-tuning starts slowly.
     config = _config(epochs=5, head_only_epochs=4, lr=0.01, backbone_lr=1e-4)
-    result = train_lib.train_model(workspace, table, config, tmp_path / "run", on_epoch=seen.append)
+    result = train_model(workspace, table, config, tmp_path / "run", on_epoch=seen.append)
     assert [e.epoch for e in result.history] == [1, 2, 3, 4, 5] and seen == result.history
     assert [e.phase for e in result.history] == ["head", "head", "head", "head", "all"]
     assert result.history[3].train_loss < result.history[0].train_loss
@@ -126,8 +127,8 @@ def test_head_only_phase_freezes_backbone(data: tuple[Workspace, pd.DataFrame], 
     weights = tmp_path / "init.pt"
     torch.save(source.state_dict(), weights)
     config = _config(epochs=2, head_only_epochs=2, weights=str(weights), lr=0.05)
-    initial, _ = train_lib.build_initial_model(config)
-    result = train_lib.train_model(workspace, table, config, tmp_path / "run")
+    initial, _ = build_initial_model(config)
+    result = train_model(workspace, table, config, tmp_path / "run")
     assert result.weights.name == str(weights) and len(result.weights.sha256) == 64
     trained = torch.load(result.last_path, weights_only=True)["model"]
     backbone = {k.removeprefix("backbone."): v for k, v in trained.items() if k.startswith("backbone.")}
@@ -140,7 +141,7 @@ def test_early_stopping(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) ->
     workspace, table = data
     # lr so small the weights cannot change: val loss stays equal, which is no improvement.
     config = _config(epochs=6, head_only_epochs=6, lr=1e-12, weight_decay=0.0, patience=1)
-    result = train_lib.train_model(workspace, table, config, tmp_path / "run")
+    result = train_model(workspace, table, config, tmp_path / "run")
     assert result.stopped_early
     assert len(result.history) == 2 and result.best_epoch == 1
 
@@ -148,10 +149,10 @@ def test_early_stopping(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) ->
 def test_resume_is_bitwise_identical(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
     workspace, table = data
     config = _config(epochs=3, head_only_epochs=1)
-    full = train_lib.train_model(workspace, table, config, tmp_path / "full")
-    partial = train_lib.train_model(workspace, table, config, tmp_path / "crash", stop_after_epoch=2)
+    full = train_model(workspace, table, config, tmp_path / "full")
+    partial = train_model(workspace, table, config, tmp_path / "crash", stop_after_epoch=2)
     assert len(partial.history) == 2 and partial.resumed_from_epoch is None
-    resumed = train_lib.train_model(workspace, table, config, tmp_path / "crash")
+    resumed = train_model(workspace, table, config, tmp_path / "crash")
     assert resumed.resumed_from_epoch == 2
     assert _untimed(resumed.history) == _untimed(full.history)
     for name in ("best.pt", "last.pt"):
@@ -160,7 +161,7 @@ def test_resume_is_bitwise_identical(data: tuple[Workspace, pd.DataFrame], tmp_p
         key = "state_dict" if name == "best.pt" else "model"
         assert _states_equal(first[key], second[key]), name
     before = (tmp_path / "crash" / "last.pt").stat().st_mtime_ns
-    again = train_lib.train_model(workspace, table, config, tmp_path / "crash")  # finished: nothing to do
+    again = train_model(workspace, table, config, tmp_path / "crash")  # finished: nothing to do
     assert (tmp_path / "crash" / "last.pt").stat().st_mtime_ns == before
     assert again.best_epoch == full.best_epoch and len(again.history) == 3
 
@@ -170,9 +171,9 @@ def test_without_resume_a_finished_run_trains_again_from_epoch_0(
 ) -> None:
     workspace, table = data
     config = _config(epochs=2, head_only_epochs=1)
-    first = train_lib.train_model(workspace, table, config, tmp_path / "run")
+    first = train_model(workspace, table, config, tmp_path / "run")
     stamps = {name: (tmp_path / "run" / name).stat().st_mtime_ns for name in ("best.pt", "last.pt")}
-    fresh = train_lib.train_model(workspace, table, config, tmp_path / "run", resume=False)
+    fresh = train_model(workspace, table, config, tmp_path / "run", resume=False)
     assert fresh.resumed_from_epoch is None and [e.epoch for e in fresh.history] == [1, 2]
     assert all((tmp_path / "run" / name).stat().st_mtime_ns != stamp for name, stamp in stamps.items()), "not rewritten"
     assert _untimed(fresh.history) == _untimed(first.history), "a fresh start repeats the same seeded run"
@@ -180,59 +181,48 @@ def test_without_resume_a_finished_run_trains_again_from_epoch_0(
 
 def test_other_settings_in_same_folder_refused(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
     workspace, table = data
-    train_lib.train_model(workspace, table, _config(epochs=1), tmp_path / "run")
+    train_model(workspace, table, _config(epochs=1), tmp_path / "run")
     with pytest.raises(ValueError, match="other settings"):
-        train_lib.train_model(workspace, table, _config(epochs=1, lr=0.02), tmp_path / "run")
+        train_model(workspace, table, _config(epochs=1, lr=0.02), tmp_path / "run")
 
 
 def test_empty_val_split(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
     workspace, table = data
     no_val = table[table["split"] != "val"]
     with pytest.raises(ValueError, match="val") as caught:
-        train_lib.train_model(workspace, no_val, _config(), tmp_path / "run")
+        train_model(workspace, no_val, _config(), tmp_path / "run")
     assert "train=16" in str(caught.value) and "val=0" in str(caught.value)
     no_train = table.assign(status=np.where(table["split"] == "train", "rejected", table["status"]))
     with pytest.raises(ValueError, match="train split is empty"):
-        train_lib.train_model(workspace, no_train, _config(), tmp_path / "run")
-
-
-def test_augmentation_is_seeded_and_keeps_dtype() -> None:
-    augment = train_lib.build_augmentation(AugmentConfig())
-    images = torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(5)
-    first = augment(images)
-    torch.manual_seed(5)
-    assert torch.equal(first, augment(images)) and first.dtype == torch.uint8 and first.shape == images.shape
-    with pytest.raises(ValueError, match="affine_scale_min"):
-        train_lib.build_augmentation(AugmentConfig(affine_scale_min=1.2, affine_scale_max=1.0))
+        train_model(workspace, no_train, _config(), tmp_path / "run")
 
 
 def test_cuda_request_without_gpu() -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert train_lib.resolve_device("auto") == "cpu"
+    assert resolve_device("auto") == "cpu"
     with pytest.raises(RuntimeError, match="cuda"):
-        train_lib.resolve_device("cuda")
+        resolve_device("cuda")
 
 
 def test_epoch_logging(data: tuple[Workspace, pd.DataFrame], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     workspace, table = data
     with caplog.at_level(logging.INFO, logger="pipeline_lib.learn.train"):
-        train_lib.train_model(workspace, table, _config(epochs=1), tmp_path / "run")
+        train_model(workspace, table, _config(epochs=1), tmp_path / "run")
     assert any("epoch 1/1" in record.getMessage() for record in caplog.records)
 
 
 def test_resume_with_cosine_schedule_is_bitwise_identical(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
     workspace, table = data
     config = _config(epochs=3, head_only_epochs=1, schedule="cosine", backbone_lr=0.002, label_smoothing=0.1)
-    full = train_lib.train_model(workspace, table, config, tmp_path / "full")
+    full = train_model(workspace, table, config, tmp_path / "full")
     expected = [0.01 * (1 + math.cos(math.pi * k / 3)) / 2 for k in range(3)]  # lr each epoch trained with
     assert [e.lr for e in full.history] == pytest.approx(expected)
-    train_lib.train_model(workspace, table, config, tmp_path / "crash", stop_after_epoch=2)
+    train_model(workspace, table, config, tmp_path / "crash", stop_after_epoch=2)
     saved = torch.load(tmp_path / "crash" / "last.pt", weights_only=True)
     assert saved["scheduler"]["last_epoch"] == 2
     assert [g["lr"] for g in saved["optimizer"]["param_groups"]] == pytest.approx([expected[2], expected[2] / 5])
-    resumed = train_lib.train_model(workspace, table, config, tmp_path / "crash")
+    resumed = train_model(workspace, table, config, tmp_path / "crash")
     assert resumed.resumed_from_epoch == 2 and _untimed(resumed.history) == _untimed(full.history)
     for name, key in (("best.pt", "state_dict"), ("last.pt", "model")):
         first = torch.load(tmp_path / "full" / name, weights_only=True)[key]
@@ -244,7 +234,7 @@ def test_resume_with_cosine_schedule_is_bitwise_identical(data: tuple[Workspace,
 def test_step_schedule_scales_both_groups(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
     workspace, table = data
     config = _config(epochs=2, head_only_epochs=1, schedule="step", step_size=1, gamma=0.5, backbone_lr=0.004)
-    result = train_lib.train_model(workspace, table, config, tmp_path / "run")
+    result = train_model(workspace, table, config, tmp_path / "run")
     assert [e.lr for e in result.history] == pytest.approx([0.01, 0.005])
     groups = torch.load(result.last_path, weights_only=True)["optimizer"]["param_groups"]
     assert [g["lr"] for g in groups] == pytest.approx([0.0025, 0.001])  # after the step at the end of epoch 2
@@ -253,105 +243,25 @@ def test_step_schedule_scales_both_groups(data: tuple[Workspace, pd.DataFrame], 
 def test_workers_give_the_same_run(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
     workspace, table = data
     config = _config(epochs=2, head_only_epochs=1)
-    single = train_lib.train_model(workspace, table, config, tmp_path / "w0")
-    pooled = train_lib.train_model(workspace, table, config.model_copy(update={"num_workers": 2}), tmp_path / "w2")
+    single = train_model(workspace, table, config, tmp_path / "w0")
+    pooled = train_model(workspace, table, config.model_copy(update={"num_workers": 2}), tmp_path / "w2")
     assert _untimed(pooled.history) == _untimed(single.history)  # persistent workers still see each epoch
     assert not multiprocessing.active_children()  # the persistent workers were stopped
     first = torch.load(single.last_path, weights_only=True)["model"]
     assert _states_equal(first, torch.load(pooled.last_path, weights_only=True)["model"])
 
 
-def test_loader_options(data: tuple[Workspace, pd.DataFrame]) -> None:
-    workspace, table = data
-    rows = table[table["split"] == "train"].reset_index(drop=True)
-    labels = [0] * len(rows)
-    dataset = train_lib.CachedImages(workspace, rows["sha256"].tolist(), labels, SIZE)
-    cpu = train_lib.make_loader(dataset, _config(), shuffle=True, device="cpu")
-    assert not cpu.pin_memory and not cpu.persistent_workers
-    pooled = train_lib.make_loader(dataset, _config(num_workers=2), shuffle=False, device="cuda")
-    assert pooled.pin_memory and pooled.persistent_workers and pooled.num_workers == 2
-    sampler = cpu.sampler
-    sampler.set_epoch(1)
-    first = list(sampler)
-    sampler.set_epoch(2)
-    second = list(sampler)
-    assert {key[0] for key in first} == {1} and sorted(i for _, i in first) == list(range(len(rows)))
-    assert [i for _, i in first] != [i for _, i in second]
-    sampler.set_epoch(1)
-    assert list(sampler) == first
-
-
 def test_compile_is_ignored_on_cpu(
     data: tuple[Workspace, pd.DataFrame], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     workspace, table = data
-    with caplog.at_level(logging.INFO, logger="pipeline_lib.learn.train"):
-        result = train_lib.train_model(workspace, table, _config(epochs=1, compile=True), tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="pipeline_lib.learn.steps"):
+        result = train_model(workspace, table, _config(epochs=1, compile=True), tmp_path / "run")
     assert any("compile ignored on cpu" in record.getMessage() for record in caplog.records)
     assert len(result.history) == 1
     # compile is a runtime setting: the same folder continues without it.
-    again = train_lib.train_model(workspace, table, _config(epochs=1), tmp_path / "run")
+    again = train_model(workspace, table, _config(epochs=1), tmp_path / "run")
     assert again.resumed_from_epoch == 1
-
-
-def test_blur_and_jpeg_augmentation() -> None:
-    images = torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    assert len(train_lib.build_augmentation(AugmentConfig()).transforms) == 3  # p=0: the recipe is unchanged
-    plain = AugmentConfig(rotation_degrees=0, hflip_p=0, autocontrast_p=0, affine_translate=0)
-    identity = train_lib.build_augmentation(plain.model_copy(update={"affine_scale_min": 1, "affine_scale_max": 1}))
-    degraded = train_lib.build_augmentation(
-        plain.model_copy(update={"affine_scale_min": 1, "affine_scale_max": 1, "blur_p": 1.0, "jpeg_p": 1.0})
-    )
-    assert torch.equal(identity(images), images)
-    torch.manual_seed(3)
-    first = degraded(images)
-    torch.manual_seed(3)
-    assert torch.equal(first, degraded(images)) and first.dtype == torch.uint8 and first.shape == images.shape
-    assert not torch.equal(first, images)
-    # Blur smooths noise: neighbouring pixels get closer.
-    assert first.float().diff(dim=2).abs().mean() < images.float().diff(dim=2).abs().mean()
-    jpeg_only = train_lib.build_augmentation(
-        plain.model_copy(
-            update={
-                "affine_scale_min": 1,
-                "affine_scale_max": 1,
-                "jpeg_p": 1.0,
-                "jpeg_quality_min": 10,
-                "jpeg_quality_max": 10,
-            }
-        )
-    )
-    buffer = io.BytesIO()
-    Image.fromarray(images.permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=10)
-    reference = torch.from_numpy(np.array(Image.open(buffer))).permute(2, 0, 1)
-    assert (jpeg_only(images).int() - reference.int()).abs().float().mean() < 3  # a real quality-10 JPEG round trip
-    with pytest.raises(ValueError, match="jpeg_quality_min"):
-        train_lib.build_augmentation(
-            AugmentConfig.model_construct(**{**plain.model_dump(), "jpeg_quality_min": 90, "jpeg_quality_max": 80})
-        )
-
-
-def test_plot_learning_curves(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
-    stats = [
-        train_lib.EpochStats(1, "head", 0.7, 0.5, 0.69, 0.5, 0.01, 1.0, 10.0),
-        train_lib.EpochStats(2, "head", 0.6, 0.7, 0.50, 0.75, 0.01, 1.0, 10.0),
-        train_lib.EpochStats(3, "all", 0.4, 0.9, 0.55, 0.75, 0.01, 1.0, 10.0),
-    ]
-    assert train_lib.curve_marks(stats) == (3, 2)
-    path = train_lib.plot_learning_curves(stats, tmp_path / "plots" / "curves.png")
-    assert path == tmp_path / "plots" / "curves.png"
-    with Image.open(path) as image:
-        assert image.format == "PNG" and image.size == (1000, 400)
-    assert [p.name for p in path.parent.iterdir()] == ["curves.png"]  # no temporary left behind
-    as_dicts = [vars(e) for e in stats[::-1]]  # what the train task hands on; order does not matter
-    assert train_lib.curve_marks(as_dicts) == (3, 2)
-    assert train_lib.plot_learning_curves(as_dicts, tmp_path / "d.png").stat().st_size > 1000
-    assert train_lib.curve_marks([vars(e) | {"phase": "all"} for e in stats]) == (None, 2)
-    with pytest.raises(ValueError, match="empty"):
-        train_lib.plot_learning_curves([], tmp_path / "e.png")
-    with pytest.raises(ValueError, match="val_loss"):
-        train_lib.plot_learning_curves([{"epoch": 1, "phase": "all"}], tmp_path / "e.png")
-    assert not (tmp_path / "e.png").exists()
 
 
 def test_all_layers_train_for_patience_epochs_after_a_stalled_head_phase(
@@ -361,8 +271,8 @@ def test_all_layers_train_for_patience_epochs_after_a_stalled_head_phase(
     # The head's lr is too small to change a float32 weight: val loss is identical over the head-only epochs,
     # which alone would exhaust patience 2 by epoch 3. The backbone trains at a real lr once unfrozen.
     config = _config(epochs=9, head_only_epochs=3, lr=1e-12, backbone_lr=0.05, weight_decay=0.0, patience=2)
-    initial, _ = train_lib.build_initial_model(config)
-    result = train_lib.train_model(workspace, table, config, tmp_path / "run")
+    initial, _ = build_initial_model(config)
+    result = train_model(workspace, table, config, tmp_path / "run")
     head = [e for e in result.history if e.phase == "head"]
     full = [e for e in result.history if e.phase == "all"]
     assert len(head) == 3 and len({e.val_loss for e in head}) == 1, "the head-only phase should stall"
@@ -372,26 +282,6 @@ def test_all_layers_train_for_patience_epochs_after_a_stalled_head_phase(
     assert not torch.equal(trained[first_conv], initial.state_dict()[first_conv]), "the backbone never changed"
     if result.stopped_early:
         assert result.history[-1].phase == "all"
-
-
-def _stats(epoch: int, phase: str, val_loss: float) -> train_lib.EpochStats:
-    return train_lib.EpochStats(epoch, phase, 0.5, 0.5, val_loss, 0.5, 0.01, 1.0)
-
-
-def test_patience_restarts_at_the_phase_change_and_best_spans_both_phases() -> None:
-    state = train_lib._State("x")
-    losses = [("head", 0.5), ("head", 0.6), ("head", 0.7), ("all", 0.9), ("all", 0.8), ("all", 0.85), ("all", 0.95)]
-    stopped_at = None
-    for epoch, (phase, loss) in enumerate(losses, start=1):
-        stats = _stats(epoch, phase, loss)
-        state.history.append(stats)
-        train_lib._update_best(state, stats, patience=2, may_stop=phase == "all")
-        if state.stopped_early and stopped_at is None:
-            stopped_at = epoch
-    # Head epochs 2 and 3 exhaust patience 2 but may not stop; the all-layers phase starts a counter of its own:
-    # 0.9 (phase best), 0.8 (better), then two epochs without improvement stop at epoch 7.
-    assert stopped_at == 7 and state.bad_epochs == 2
-    assert state.best_epoch == 1 and state.best_val_loss == 0.5, "best.pt comes from the head phase here"
 
 
 def _level(rng: np.random.Generator, value: float) -> np.ndarray:
@@ -438,7 +328,7 @@ def test_class_balance_raises_minority_recall(imbalanced: tuple[Workspace, pd.Da
         config = _config(
             image_size=16, batch_size=10, epochs=3, head_only_epochs=3, augment=augment, class_balance=mode
         )
-        result = train_lib.train_model(workspace, table, config, tmp_path / mode)
+        result = train_model(workspace, table, config, tmp_path / mode)
         model, _ = models.load_model(result.best_path)
         p_ai = evaluate.predict_probabilities(model, images)
         recall[mode] = float((p_ai[is_ai] >= 0.5).mean())
@@ -450,111 +340,48 @@ def test_class_balance_raises_minority_recall(imbalanced: tuple[Workspace, pd.Da
     assert recall["weighted"] > recall["none"] and recall["undersample"] > recall["none"], recall
 
 
-def test_class_balance_summary_and_undersampled_epochs() -> None:
-    labels = [0] * 8 + [1] * 2
-    assert train_lib.class_balance(labels, "none").weights == {"real": 1.0, "ai": 1.0}
-    weighted = train_lib.class_balance(labels, "weighted")
-    assert weighted.weights == {"real": 0.625, "ai": 2.5} and weighted.per_epoch == 10
-    assert train_lib.class_balance([0, 0, 1, 1], "weighted").weights == {"real": 1.0, "ai": 1.0}
-    assert train_lib.class_balance([0, 0, 0], "undersample").per_epoch == 3  # one class: nothing to balance
-    with pytest.raises(ValueError, match="class_balance"):
-        train_lib.class_balance(labels, "oversample")
-    sampler = train_lib.UndersampledEpochSampler(labels, seed=0)
-    epochs = []
-    for epoch in (1, 2, 3):
-        sampler.set_epoch(epoch)
-        keys = list(sampler)
-        assert len(keys) == len(sampler) == 4 and {e for e, _ in keys} == {epoch}
-        drawn = [index for _, index in keys]
-        assert sorted(i for i in drawn if i >= 8) == [8, 9], "every minority image, every epoch"
-        assert len({i for i in drawn if i < 8}) == 2
-        epochs.append(drawn)
-    assert len({tuple(sorted(d)) for d in epochs}) > 1, "the majority subset should change between epochs"
-    sampler.set_epoch(1)
-    assert [index for _, index in sampler] == epochs[0], "the draw depends on (seed, epoch) only"
-
-
 def test_augmenting_on_the_device_continues_the_same_run(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
     workspace, table = data
     augment = AugmentConfig(rotation_degrees=10, affine_translate=0.1, autocontrast_p=0.0, blur_p=0.5, jpeg_p=0.5)
     config = _config(epochs=2, head_only_epochs=1, augment=augment, augment_on="loader")
-    loader = train_lib.train_model(workspace, table, config, tmp_path / "loader")
+    loader = train_model(workspace, table, config, tmp_path / "loader")
     on_device = config.model_copy(update={"augment_on": "device"})
-    device = train_lib.train_model(workspace, table, on_device, tmp_path / "device")
+    device = train_model(workspace, table, on_device, tmp_path / "device")
     assert (loader.augment_on, device.augment_on) == ("loader", "device")
     # The workers draw each sample's parameters with the loader path's seeds: the same images, the same run.
     assert _untimed(device.history) == _untimed(loader.history)
     first = torch.load(loader.last_path, weights_only=True)["model"]
     assert _states_equal(first, torch.load(device.last_path, weights_only=True)["model"])
     # Where augmentation runs is a runtime setting: a run started in the loader finishes on the device.
-    train_lib.train_model(workspace, table, config, tmp_path / "switch", stop_after_epoch=1)
-    switched = train_lib.train_model(workspace, table, on_device, tmp_path / "switch")
+    train_model(workspace, table, config, tmp_path / "switch", stop_after_epoch=1)
+    switched = train_model(workspace, table, on_device, tmp_path / "switch")
     assert switched.resumed_from_epoch == 1 and _untimed(switched.history) == _untimed(loader.history)
-
-
-def test_device_augmentation_dataset_items(data: tuple[Workspace, pd.DataFrame]) -> None:
-    workspace, table = data
-    rows = table[table["split"] == "train"].reset_index(drop=True)
-    config = _config()
-    dataset = train_lib._dataset(workspace, rows, config, augment=True, policy=None, on_device=True)
-    image, label, params = dataset[(3, 0)]
-    assert image.dtype == torch.uint8 and image.shape == (3, SIZE, SIZE) and params.shape == (9,)
-    loader_set = train_lib._dataset(workspace, rows, config, augment=True, policy=None)
-    augmented, same_label = loader_set[(3, 0)]
-    assert same_label == label and torch.equal(augment_lib.apply_params(image[None], params[None])[0], augmented)
-    with pytest.raises(ValueError, match="not both"):
-        train_lib.CachedImages(workspace, [], [], SIZE, augment=lambda x: x, draw=lambda x: x)
 
 
 def test_bf16_autocast_on_the_cpu(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
     workspace, table = data
-    result = train_lib.train_model(workspace, table, _config(epochs=1, precision="bf16"), tmp_path / "run")
+    result = train_model(workspace, table, _config(epochs=1, precision="bf16"), tmp_path / "run")
     assert result.precision == "bf16" and np.isfinite(result.history[0].train_loss)
-    assert train_lib.train_model(workspace, table, _config(epochs=1), tmp_path / "fp32").precision == "fp32"
+    assert train_model(workspace, table, _config(epochs=1), tmp_path / "fp32").precision == "fp32"
     with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
-        train_lib.train_model(workspace, table, _config(epochs=1, precision="fp16"), tmp_path / "fp16")
-
-
-def test_fp16_step_goes_through_the_gradient_scaler(data: tuple[Workspace, pd.DataFrame]) -> None:
-    workspace, table = data
-    rows = table[table["split"] == "train"].reset_index(drop=True)
-    config = _config()
-    loader = train_lib.make_loader(train_lib._dataset(workspace, rows, config, True, None), config, True, "cpu")
-    model, _ = train_lib.build_initial_model(config)
-    optimizer = train_lib._make_optimizer(model, config)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
-    before = model.head.weight.detach().clone()
-    loss, accuracy = train_lib._train_epoch(model, loader, optimizer, "cpu", precision="fp16", scaler=scaler)
-    assert np.isfinite(loss) and 0 <= accuracy <= 1
-    assert not torch.equal(model.head.weight, before) and model.head.weight.dtype == torch.float32
-    assert scaler.get_scale() == 2.0**12  # two finite steps, each growing the scale once
+        train_model(workspace, table, _config(epochs=1, precision="fp16"), tmp_path / "fp16")
 
 
 def test_num_workers_auto_and_rng_state(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
     workspace, table = data
     rows = table[table["split"] == "train"].reset_index(drop=True)
-    dataset = train_lib.CachedImages(workspace, rows["sha256"].tolist(), [0] * len(rows), SIZE)
-    loader = train_lib.make_loader(dataset, _config(num_workers="auto"), shuffle=False, device="cpu")
+    dataset = CachedImages(workspace, rows["sha256"].tolist(), [0] * len(rows), SIZE)
+    loader = make_loader(dataset, _config(num_workers="auto"), shuffle=False, device="cpu")
     assert loader.num_workers == devices.choose_num_workers("auto", devices.usable_cpu_count(), "cpu")
-    assert set(train_lib._rng_state("cpu")) == {"torch"}
+    assert set(checkpoints._rng_state("cpu")) == {"torch"}
     config = _config(epochs=2, head_only_epochs=1)
-    full = train_lib.train_model(workspace, table, config, tmp_path / "full")
-    train_lib.train_model(workspace, table, config, tmp_path / "gpu-run", stop_after_epoch=1)
+    full = train_model(workspace, table, config, tmp_path / "full")
+    train_model(workspace, table, config, tmp_path / "gpu-run", stop_after_epoch=1)
     state = torch.load(tmp_path / "gpu-run" / "last.pt", weights_only=True)
     assert set(state["rng"]) == {"torch"} and state["scaler"] is None
     state["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # as a GPU run saves it; ignored on the CPU
     torch.save(state, tmp_path / "gpu-run" / "last.pt")
-    resumed = train_lib.train_model(workspace, table, config, tmp_path / "gpu-run")
+    resumed = train_model(workspace, table, config, tmp_path / "gpu-run")
     assert resumed.resumed_from_epoch == 1 and _untimed(resumed.history) == _untimed(full.history)
 
 
-def test_epoch_line_says_phase_losses_speed_and_time_left():
-    from pipeline_lib.learn.train import EpochStats, describe_epoch, seconds_left
-
-    stats = EpochStats(3, "all", 0.51234, 0.78, 0.43, 0.84, 0.01, 2.0, 412.3)
-    left = seconds_left([4.0, 2.0, 3.0], epoch=3, max_epochs=30)
-    assert left == 81.0
-    line = describe_epoch(stats, 30, left)
-    assert line.startswith("epoch 3/30 [all layers]  train loss 0.512 acc 0.780  |  val loss 0.430 acc 0.840")
-    assert "412 img/s" in line and "at most 1:21 left" in line
-    assert describe_epoch(stats, 3, seconds_left([2.0], 3, 3)).endswith("last epoch")

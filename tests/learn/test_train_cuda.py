@@ -21,9 +21,10 @@ from pipeline_lib.assess.predict import predict_files
 from pipeline_lib.core import devices
 from pipeline_lib.core.config import AugmentConfig
 from pipeline_lib.core.workspace import Workspace
-from pipeline_lib.learn import augment, models
-from pipeline_lib.learn import train as train_lib
+from pipeline_lib.learn import augment, models, steps
+from pipeline_lib.learn.history import EpochStats
 from pipeline_lib.learn.preprocess import load_tensors
+from pipeline_lib.learn.train import build_initial_model, resolve_device, train_model
 from tests.learn.test_augment import _params, _photos
 from tests.learn.test_train import SIZE, _config, _dataset, _untimed
 
@@ -42,8 +43,8 @@ def _test_images(workspace: Workspace, table: pd.DataFrame) -> torch.Tensor:
 
 
 def test_resolve_device_and_precision_on_this_gpu() -> None:
-    assert train_lib.resolve_device("auto") == "cuda" and train_lib.resolve_device("cuda") == "cuda"
-    assert train_lib.resolve_device("cuda:0") == "cuda:0"
+    assert resolve_device("auto") == "cuda" and resolve_device("cuda") == "cuda"
+    assert resolve_device("cuda:0") == "cuda:0"
     major, _ = torch.cuda.get_device_capability(0)
     assert devices.resolve_precision("auto", "cuda") == ("bf16" if major >= 8 else "fp16")
     assert devices.resolve_num_workers("auto", "cuda") == min(8, max(0, devices.usable_cpu_count() - 1))
@@ -52,7 +53,7 @@ def test_resolve_device_and_precision_on_this_gpu() -> None:
 def test_learns_on_cuda_and_checkpoints_load_on_cpu(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
     workspace, table = data
     config = _config(device="cuda", epochs=5, head_only_epochs=4, backbone_lr=1e-4)
-    result = train_lib.train_model(workspace, table, config, tmp_path / "run")
+    result = train_model(workspace, table, config, tmp_path / "run")
     assert result.device == "cuda" and [e.phase for e in result.history] == ["head"] * 4 + ["all"]
     assert result.augment_on == "device" and result.precision == devices.resolve_precision("auto", "cuda")
     assert result.history[3].train_loss < result.history[0].train_loss
@@ -67,12 +68,12 @@ def test_learns_on_cuda_and_checkpoints_load_on_cpu(data: tuple[Workspace, pd.Da
 
 def test_bf16_and_channels_last_inside_a_step(data: tuple[Workspace, pd.DataFrame]) -> None:
     workspace, table = data
-    model, _ = train_lib.build_initial_model(_config(device="cuda"))
+    model, _ = build_initial_model(_config(device="cuda"))
     model.to("cuda").to(memory_format=torch.channels_last)
     batch = _test_images(workspace, table)[:4]
-    inputs = train_lib._to_input(batch, "cuda")
+    inputs = steps._to_input(batch, "cuda")
     assert inputs.is_contiguous(memory_format=torch.channels_last) and inputs.dtype == torch.float32
-    with train_lib._autocast("cuda", "bf16"):
+    with steps._autocast("cuda", "bf16"):
         logits = model(inputs)
     assert logits.dtype == torch.bfloat16 and logits.shape == (4, 2)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
@@ -81,22 +82,22 @@ def test_bf16_and_channels_last_inside_a_step(data: tuple[Workspace, pd.DataFram
 def test_compiled_training_saves_plain_state_dicts(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
     workspace, table = data
     config = _config(device="cuda", epochs=2, head_only_epochs=1, compile=True)
-    result = train_lib.train_model(workspace, table, config, tmp_path / "run", stop_after_epoch=1)
+    result = train_model(workspace, table, config, tmp_path / "run", stop_after_epoch=1)
     best = torch.load(result.best_path, weights_only=True)["state_dict"]
     assert not any("_orig_mod" in key for key in best)
     models.load_model(result.best_path)  # loads into an uncompiled Classifier
-    resumed = train_lib.train_model(workspace, table, config.model_copy(update={"compile": False}), tmp_path / "run")
+    resumed = train_model(workspace, table, config.model_copy(update={"compile": False}), tmp_path / "run")
     assert resumed.resumed_from_epoch == 1 and len(resumed.history) == 2
 
 
 def test_resume_on_cuda_and_move_to_cpu(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
     workspace, table = data
     config = _config(device="cuda", epochs=3, head_only_epochs=1)
-    partial = train_lib.train_model(workspace, table, config, tmp_path / "run", stop_after_epoch=1)
-    resumed = train_lib.train_model(workspace, table, config, tmp_path / "run", stop_after_epoch=2)
+    partial = train_model(workspace, table, config, tmp_path / "run", stop_after_epoch=1)
+    resumed = train_model(workspace, table, config, tmp_path / "run", stop_after_epoch=2)
     assert resumed.resumed_from_epoch == 1 and _untimed(resumed.history[:1]) == _untimed(partial.history)
     # device is a runtime setting: the run started on the GPU finishes on the CPU from the same last.pt.
-    on_cpu = train_lib.train_model(workspace, table, config.model_copy(update={"device": "cpu"}), tmp_path / "run")
+    on_cpu = train_model(workspace, table, config.model_copy(update={"device": "cpu"}), tmp_path / "run")
     assert on_cpu.device == "cpu" and on_cpu.resumed_from_epoch == 2 and len(on_cpu.history) == 3
     assert np.isfinite(on_cpu.history[-1].train_loss)
 
@@ -104,14 +105,14 @@ def test_resume_on_cuda_and_move_to_cpu(data: tuple[Workspace, pd.DataFrame], tm
 def test_pinned_loader_with_workers(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
     workspace, table = data
     config = _config(device="cuda", epochs=1, num_workers=2)
-    result = train_lib.train_model(workspace, table, config, tmp_path / "run")
+    result = train_model(workspace, table, config, tmp_path / "run")
     assert len(result.history) == 1 and result.history[0].images_per_second > 0
     assert not multiprocessing.active_children()
 
 
 def test_evaluation_and_gradcam_on_cuda_match_cpu(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
     workspace, table = data
-    result = train_lib.train_model(workspace, table, _config(device="cuda", epochs=2), tmp_path / "run")
+    result = train_model(workspace, table, _config(device="cuda", epochs=2), tmp_path / "run")
     model, _ = models.load_model(result.best_path)
     images = _test_images(workspace, table)
     on_gpu = predict_probabilities(model, images, batch_size=4, device="cuda")
@@ -150,24 +151,24 @@ def test_fp16_with_a_scaler_and_the_cuda_rng_in_last_pt(data: tuple[Workspace, p
     caller = torch.cuda.get_rng_state(0)
     states: list[torch.Tensor] = []
 
-    def keep(into: list[torch.Tensor]) -> Callable[[train_lib.EpochStats], None]:
+    def keep(into: list[torch.Tensor]) -> Callable[[EpochStats], None]:
         return lambda _: into.append(torch.cuda.get_rng_state(0))  # the training stream, after each epoch
 
-    full = train_lib.train_model(workspace, table, config, tmp_path / "full", on_epoch=keep(states))
+    full = train_model(workspace, table, config, tmp_path / "full", on_epoch=keep(states))
     assert torch.equal(torch.cuda.get_rng_state(0), caller)  # training forks the GPU's generator
     assert full.precision == "fp16" and full.device == "cuda:0" and all(np.isfinite(e.val_loss) for e in full.history)
-    train_lib.train_model(workspace, table, config, tmp_path / "crash", stop_after_epoch=1)
+    train_model(workspace, table, config, tmp_path / "crash", stop_after_epoch=1)
     saved = torch.load(tmp_path / "crash" / "last.pt", weights_only=True)
     assert saved["scaler"] and saved["scaler"]["scale"] > 0 and torch.equal(saved["rng"]["cuda"], states[0])
     resumed_states: list[torch.Tensor] = []
-    resumed = train_lib.train_model(workspace, table, config, tmp_path / "crash", on_epoch=keep(resumed_states))
+    resumed = train_model(workspace, table, config, tmp_path / "crash", on_epoch=keep(resumed_states))
     assert resumed.resumed_from_epoch == 1 and len(resumed.history) == 3
     assert all(torch.equal(a, b) for a, b in zip(resumed_states, states[1:], strict=True))
 
 
 def test_every_model_stage_on_the_gpu(data: tuple[Workspace, pd.DataFrame], tmp_path: Path) -> None:
     workspace, table = data
-    model, _ = train_lib.build_initial_model(_config())
+    model, _ = build_initial_model(_config())
     images = _test_images(workspace, table)
     labels = table[table["split"] != "train"]["label"].tolist()
     # Threshold 0.01: a random model calls everything ai on both devices, so accuracies are comparable exactly.
