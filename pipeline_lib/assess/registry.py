@@ -356,11 +356,11 @@ def _load_state_dict(uri: str, model_uri: str, what: str) -> tuple[Any, int] | N
 
     UnsafeModelError when the file is there but is not a plain checkpoint (e.g. a pickle that would run code).
     """
-    path = logged_models.download_state_dict(uri, model_uri)
-    if path is None:
-        return None
-    try:
-        model, meta = models.load_model(path)
-    except (models.CheckpointError, FileNotFoundError) as error:
-        raise UnsafeModelError(f"{what}: the state_dict of {model_uri} cannot be loaded safely: {error}") from None
+    with logged_models.downloaded_state_dict(uri, model_uri) as path:
+        if path is None:
+            return None
+        try:
+            model, meta = models.load_model(path)
+        except (models.CheckpointError, FileNotFoundError) as error:
+            raise UnsafeModelError(f"{what}: the state_dict of {model_uri} cannot be loaded safely: {error}") from None
     return model, int(meta["image_size"])

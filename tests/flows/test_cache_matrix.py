@@ -7,6 +7,7 @@ model (resnet18 from scratch at 32 px, one epoch) so that the whole matrix takes
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,10 +235,12 @@ def matrix(harness, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
     """A finished run, then every change of MATRIX in turn (torch on one thread: two busy cores are slower)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("matrix")
     try:
-        yield _run_matrix(_world(tmp_path_factory.mktemp("matrix")))
+        yield _run_matrix(_world(folder))
     finally:
         torch.set_num_threads(threads)
+        shutil.rmtree(folder, ignore_errors=True)  # a dozen ResNet50 checkpoints: about 1.4 GB
 
 
 def _run_matrix(world: World) -> dict[str, Any]:

@@ -6,6 +6,8 @@ import io
 import logging
 import math
 import multiprocessing
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -86,9 +88,11 @@ def _config(**changes: object) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, pd.DataFrame]:
-    workspace = Workspace.create(tmp_path_factory.mktemp("train") / "ws")
-    return workspace, _dataset(workspace)
+def data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Workspace, pd.DataFrame]]:
+    folder = tmp_path_factory.mktemp("train")
+    workspace = Workspace.create(folder / "ws")
+    yield workspace, _dataset(workspace)
+    shutil.rmtree(folder, ignore_errors=True)  # the checkpoints trained on it
 
 
 def _states_equal(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:

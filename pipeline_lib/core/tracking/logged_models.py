@@ -62,32 +62,37 @@ def log_pytorch_model(
     with torch.inference_mode():
         output = model(torch.as_tensor(input_example)).softmax(dim=1).numpy()
     signature = infer_signature(input_example, output)
-    extra = [str(_as_best_pt(checkpoint))] if checkpoint is not None else None
-    with quiet(), _active_run(tracker):
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            serialization_format="pickle",
-            signature=signature,
-            input_example=input_example,
-            pip_requirements=requirements,
-            extra_files=extra,
-        )
+    with contextlib.ExitStack() as stack:
+        extra = [str(stack.enter_context(_as_best_pt(checkpoint)))] if checkpoint is not None else None
+        with quiet(), _active_run(tracker):
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                serialization_format="pickle",
+                signature=signature,
+                input_example=input_example,
+                pip_requirements=requirements,
+                extra_files=extra,
+            )
     return info.model_uri
 
 
-def _as_best_pt(checkpoint: Path) -> Path:
-    """The checkpoint under the file name STATE_DICT_PATH expects (a copy in a temporary folder if it differs)."""
+@contextlib.contextmanager
+def _as_best_pt(checkpoint: Path) -> Iterator[Path]:
+    """The checkpoint under the file name STATE_DICT_PATH expects: itself, or a copy in a temporary folder that is
+    removed on exit (a checkpoint is about 200 MB: a leaked copy per logged model fills a disk)."""
     import shutil
     import tempfile
 
     checkpoint = Path(checkpoint)
     name = Path(STATE_DICT_PATH).name
     if checkpoint.name == name:
-        return checkpoint
-    target = Path(tempfile.mkdtemp(prefix="aidetect-model-")) / name
-    shutil.copyfile(checkpoint, target)
-    return target
+        yield checkpoint
+        return
+    with tempfile.TemporaryDirectory(prefix="aidetect-model-") as folder:
+        target = Path(folder) / name
+        shutil.copyfile(checkpoint, target)
+        yield target
 
 
 def logged_model_id(model_uri: str) -> str | None:
@@ -115,23 +120,22 @@ def logged_model_of_run(uri: str, run_id: str) -> tuple[str, int | None]:
     return found[0].model_uri, int(tagged) if tagged else None
 
 
-def download_state_dict(uri: str, model_uri: str) -> Path | None:
-    """A logged model's aidetect checkpoint (STATE_DICT_PATH) downloaded into a temporary folder, or None when the
-    model has no such file."""
-    return _download(uri, f"{_model_files_uri(uri, model_uri)}/{STATE_DICT_PATH}")
-
-
-def _download(uri: str, artifact_uri: str) -> Path | None:
-    """A logged model's file downloaded into a temporary folder, or None when the model has no such file."""
+@contextlib.contextmanager
+def downloaded_state_dict(uri: str, model_uri: str) -> Iterator[Path | None]:
+    """A logged model's aidetect checkpoint (STATE_DICT_PATH) downloaded into a temporary folder that is removed
+    on exit, or None when the model has no such file. Load it inside the with block."""
     import tempfile
 
-    folder = tempfile.mkdtemp(prefix="aidetect-model-")
-    with quiet(), global_uri(uri):
-        try:
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=folder))
-        except (MlflowException, OSError) as error:
-            log.debug("no %s: %s", artifact_uri, error)
-            return None
+    artifact_uri = f"{_model_files_uri(uri, model_uri)}/{STATE_DICT_PATH}"
+    with tempfile.TemporaryDirectory(prefix="aidetect-model-") as folder:
+        with quiet(), global_uri(uri):
+            try:
+                found = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=folder)
+                path: Path | None = Path(found)
+            except (MlflowException, OSError) as error:
+                log.debug("no %s: %s", artifact_uri, error)
+                path = None
+        yield path
 
 
 def _model_files_uri(uri: str, model_uri: str) -> str:
@@ -151,12 +155,14 @@ def _model_files_uri(uri: str, model_uri: str) -> str:
 def load_pickled(uri: str, model_uri: str, image_size: int | None, what: str) -> tuple[Any, int]:
     """(The pickled model in eval mode, its image size): unpickling runs code from the tracking store, so call it
     only when the user trusts that store (--trust-pickle)."""
+    import tempfile
+
     import mlflow.pytorch
 
     log.warning("%s: unpickling %s as asked (--trust-pickle)", what, model_uri)
-    with quiet(), global_uri(uri):
+    with quiet(), global_uri(uri), tempfile.TemporaryDirectory(prefix="aidetect-model-") as folder:
         try:
-            model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+            model = mlflow.pytorch.load_model(model_uri, dst_path=folder, map_location="cpu")
         except (MlflowException, OSError) as error:
             raise ModelNotFoundError(f"{what}: cannot load {model_uri} from {uri}: {error}") from None
         size = image_size or _signature_image_size(model_uri)
