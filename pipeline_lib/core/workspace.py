@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -44,6 +46,34 @@ class WorkspaceError(FileNotFoundError):
 
 class WorkspaceBusyError(RuntimeError):
     """Another process writes to this workspace (it holds the workspace lock); the message names it."""
+
+
+class DiskFullError(OSError):
+    """A file could not be written because its disk is full; the message names the file and the space left."""
+
+
+LOW_SPACE_BYTES = 64 * 2**20  # below this after a failed write, the failure is taken for a full disk
+
+
+def _disk_full(error: BaseException, folder: Path) -> DiskFullError | None:
+    """A DiskFullError for a failed write into folder, or None when the failure was something else.
+
+    An OSError says ENOSPC itself; torch.save reports a full disk as a RuntimeError ("file write failed"), so any
+    other failure counts when the disk has less than LOW_SPACE_BYTES left.
+    """
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or (
+        not isinstance(error, OSError) and free < LOW_SPACE_BYTES
+    )
+    if not full:
+        return None
+    return DiskFullError(
+        errno.ENOSPC, f"no space left on the disk of {folder} ({free / 2**20:.0f} MiB free): free some space "
+        "or move the workspace to a larger disk; nothing was written"
+    )
 
 
 @dataclass(frozen=True)
@@ -193,9 +223,15 @@ def atomic_path(target: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, target)
+    except Exception as error:
+        tmp.unlink(missing_ok=True)
+        full = _disk_full(error, target.parent)
+        if full is None:
+            raise
+        full.filename = str(target)
+        raise full from error
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(target: Path, data: bytes, durable: bool = True) -> Path:
