@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,20 @@ from torch import nn
 from torchvision.models import resnet18
 
 from pipeline_lib.core.workspace import Workspace
+
+NEEDED_TEMP_BYTES = 2 * 2**30  # a whole run peaks at about 1.4 GB in pytest's temporary folder
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Say up front when the temporary folder's disk is too small: a full disk fails tests far from the cause."""
+    folder = tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    if free < NEEDED_TEMP_BYTES:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        need = NEEDED_TEMP_BYTES / 2**30
+        line = f"WARNING: {free / 2**30:.1f} GiB free in {folder}; the tests need about {need:.0f} GiB"
+        if reporter is not None:
+            reporter.write_line(line, yellow=True, bold=True)
 
 
 @pytest.fixture
