@@ -12,6 +12,6 @@ def harness(tmp_path_factory: pytest.TempPathFactory):
     settings = {PREFECT_HOME: str(tmp_path_factory.mktemp("prefect-home")), PREFECT_SERVER_ANALYTICS_ENABLED: False}
     with temporary_settings(settings):
         # a generous limit: on a machine with load 8 on 2 cores the server's first answer can take minutes; pytest's
-        # 600 s per test (which counts this setup) still ends a server that never answers
+        # 1800 s per test (which counts this setup) still ends a server that never answers
         with prefect_test_harness(server_startup_timeout=480):
             yield

@@ -51,8 +51,8 @@ def gate_config(data: Path, root: Path, **review_cfg: Any) -> PipelineConfig:
 
 
 # How long a test waits for a flow run to reach the gate or to end: generous, for a machine with load 8 on 2 cores,
-# and below pytest's 600 s per test so that the failure names what was awaited. Nothing here waits for a fixed time.
-DEADLINE_S = 480
+# and below pytest's 1800 s per test so that the failure names what was awaited. Nothing here waits for a fixed time.
+DEADLINE_S = 1200
 
 
 def wait_until_paused(workspace: Workspace, timeout: float = DEADLINE_S) -> UUID:

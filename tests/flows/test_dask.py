@@ -97,7 +97,6 @@ def _tensors(root: Path, shas: list[str]) -> dict[str, np.ndarray]:
     return {sha: np.load(preprocess_lib.tensor_path(workspace, sha, IMAGE_SIZE)) for sha in shas}
 
 
-@pytest.mark.timeout(300)
 def test_per_image_stages_on_processes_and_a_dask_cluster_equal_threads(harness, tmp_path: Path):
     data = tmp_path / "data"
     _images(data)
@@ -163,7 +162,6 @@ def test_task_runner_choice():
         ExecutionConfig(task_runner="gpu")
 
 
-@pytest.mark.timeout(240)
 def test_a_run_on_a_cluster_whose_workers_cannot_see_the_workspace_stops_before_any_stage(harness, tmp_path: Path):
     data, root = tmp_path / "data", tmp_path / "ws"
     _images(data)

@@ -167,7 +167,9 @@ def _full_pipeline_then_resume_then_all_cached(tmp_path: Path) -> None:
     assert set(predictions["sha256"]) == set(ok[ok["split"] == "test"]["sha256"])
 
     # 4. Changing the split seed without --reshuffle is refused with a clear message; with it, a new registry version.
-    moved = _config(dataset, "http://127.0.0.1:9/unused?q={keyword}&first={offset}", root, ["split.seed=7"])
+    # (Two epochs at 32 px: this step checks the split registry, not the model; 20 more epochs cost minutes.)
+    quick = ["split.seed=7", "train.epochs=2", "train.patience=2", "train.image_size=32"]
+    moved = _config(dataset, "http://127.0.0.1:9/unused?q={keyword}&first={offset}", root, quick)
     moved = moved.model_copy(update={"sources": config.sources})
     state = pipeline(moved, return_state=True)
     assert state.is_failed() and "--reshuffle" in str(state.result(raise_on_failure=False))

@@ -73,7 +73,6 @@ def _flow_run(api: str, flow_run_id: str) -> tuple[dict[str, Any], list[str]]:
     return flow_run, [f"{line['level']} {line['message']}" for line in logs]
 
 
-@pytest.mark.timeout(900)
 def test_a_deployment_runs_the_pipeline_on_postgres_backed_servers_and_dask_workers(tmp_path: Path):
     require_postgres()
     dataset = demo_data.generate_demo_dataset(tmp_path / "data", n_persons_per_class=10, image_size=64, seed=3)
