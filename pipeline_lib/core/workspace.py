@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
 import tempfile
 import threading
@@ -18,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from pipeline_lib.core.diskspace import disk_full
 
 log = logging.getLogger(__name__)
 
@@ -46,34 +46,6 @@ class WorkspaceError(FileNotFoundError):
 
 class WorkspaceBusyError(RuntimeError):
     """Another process writes to this workspace (it holds the workspace lock); the message names it."""
-
-
-class DiskFullError(OSError):
-    """A file could not be written because its disk is full; the message names the file and the space left."""
-
-
-LOW_SPACE_BYTES = 64 * 2**20  # below this after a failed write, the failure is taken for a full disk
-
-
-def _disk_full(error: BaseException, folder: Path) -> DiskFullError | None:
-    """A DiskFullError for a failed write into folder, or None when the failure was something else.
-
-    An OSError says ENOSPC itself; torch.save reports a full disk as a RuntimeError ("file write failed"), so any
-    other failure counts when the disk has less than LOW_SPACE_BYTES left.
-    """
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return None
-    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or (
-        not isinstance(error, OSError) and free < LOW_SPACE_BYTES
-    )
-    if not full:
-        return None
-    return DiskFullError(
-        errno.ENOSPC, f"no space left on the disk of {folder} ({free / 2**20:.0f} MiB free): free some space "
-        "or move the workspace to a larger disk; nothing was written"
-    )
 
 
 @dataclass(frozen=True)
@@ -225,7 +197,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     except Exception as error:
         tmp.unlink(missing_ok=True)
-        full = _disk_full(error, target.parent)
+        full = disk_full(error, target.parent)
         if full is None:
             raise
         full.filename = str(target)
