@@ -14,12 +14,13 @@ class DiskFullError(OSError):
 LOW_SPACE_BYTES = 64 * 2**20  # below this after a failed write, the failure is taken for a full disk
 
 
-def disk_full(error: BaseException, folder: Path) -> DiskFullError | None:
-    """A DiskFullError for a failed write into folder, or None when the failure was something else.
+def disk_full(error: BaseException, target: Path) -> DiskFullError | None:
+    """A DiskFullError for a failed write of target, or None when the failure was something else.
 
     An OSError says ENOSPC itself; torch.save reports a full disk as a RuntimeError ("file write failed"), so any
     other failure counts when the disk has less than LOW_SPACE_BYTES left.
     """
+    folder = Path(target).parent
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
@@ -31,5 +32,6 @@ def disk_full(error: BaseException, folder: Path) -> DiskFullError | None:
         return None
     return DiskFullError(
         errno.ENOSPC, f"no space left on the disk of {folder} ({free / 2**20:.0f} MiB free): free some space "
-        "or move the workspace to a larger disk; nothing was written"
+        "or move the workspace to a larger disk; nothing was written",
+        str(target),
     )

@@ -196,11 +196,9 @@ def atomic_path(target: Path) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, target)
     except Exception as error:
-        tmp.unlink(missing_ok=True)
-        full = disk_full(error, target.parent)
+        full = disk_full(error, target)  # measured before the partial file goes, as the write that failed saw it
         if full is None:
             raise
-        full.filename = str(target)
         raise full from error
     finally:
         tmp.unlink(missing_ok=True)
