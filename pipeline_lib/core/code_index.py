@@ -9,10 +9,11 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from pipeline_lib.core.workspace import digest_of
 
@@ -181,6 +182,27 @@ class CodeIndex:
         parts |= {f"code.{m}": parsed.digest for m in modules if (parsed := self.parse(m)) is not None}
         libraries = set(walk.libraries) | self.imported_libraries(modules)
         return parts | {f"lib.{LIBRARIES[n]}": library_version(LIBRARIES[n]) for n in sorted(libraries)}
+
+
+def producer_parts(*functions: Callable[..., Any], index: CodeIndex | None = None) -> dict[str, str]:
+    """The code and library parts of the functions that make a per-image artifact (a hash, a tensor, an embedding).
+
+    Derived as a stage's code parts are (`CodeIndex.task_parts`): each function's definition and the definitions it
+    uses, the pipeline_lib modules they reach, the versions of the libraries they import. A per-image cache keyed by
+    these parts is recomputed exactly when the code that made its entries changes, with no version to bump by hand.
+    """
+    index = index or CodeIndex()
+    parts: dict[str, str] = {}
+    for function in functions:
+        found = index.task_parts(function.__module__, function.__name__)
+        parts[f"code.producer.{function.__module__}:{function.__name__}"] = found.pop("code.task")
+        parts |= found
+    return parts
+
+
+def producer_digest(*functions: Callable[..., Any], index: CodeIndex | None = None) -> str:
+    """One digest of producer_parts: the name of a per-image cache made by these functions (a folder or file name)."""
+    return digest_of(*(f"{name}={value}" for name, value in sorted(producer_parts(*functions, index=index).items())))
 
 
 def _in_package(module: str) -> bool:

@@ -94,3 +94,28 @@ def test_a_missing_definition_is_named(project: Path) -> None:
     (project / "tasks" / "t.py").write_text("x = 1\n", encoding="utf-8")
     with pytest.raises(CacheKeyError, match="'stage' is not a top-level definition of tasks.t"):
         _parts(project)
+
+
+def test_producer_digest_follows_a_library_function_into_the_modules_it_reaches(project: Path) -> None:
+    import importlib
+    import sys
+
+    from pipeline_lib.core.code_index import producer_digest, producer_parts
+
+    sys.path.insert(0, str(project))
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name.split(".")[0] == "pipeline_lib"}
+    try:
+        f = importlib.import_module("pipeline_lib.a").f
+        index = CodeIndex(project)
+        parts = producer_parts(f, index=index)
+        assert set(parts) == {"code.producer.pipeline_lib.a:f", "code.pipeline_lib.b"}, "f uses b, not numpy"
+        before = producer_digest(f, index=CodeIndex(project))
+        (project / "pipeline_lib" / "c.py").write_text("X = 2\n", encoding="utf-8")
+        assert producer_digest(f, index=CodeIndex(project)) == before, "a module f never reaches does not count"
+        (project / "pipeline_lib" / "b.py").write_text("def g():\n    return 2\n", encoding="utf-8")
+        assert producer_digest(f, index=CodeIndex(project)) != before, "a change in a reached module must count"
+    finally:
+        sys.path.remove(str(project))
+        for name in [n for n in sys.modules if n.split(".")[0] == "pipeline_lib"]:
+            del sys.modules[name]
+        sys.modules.update(saved)
