@@ -365,9 +365,8 @@ def _check_folder(source: FolderSource) -> None:
         _fail(f"import folder {folder} is empty (hidden files are not imported)")
     from pipeline_lib.acquire.folders import left_out_reason
 
-    reasons = {entry.path: left_out_reason(folder, entry) for entry in entries}
-    if all(reasons.values()):
-        listed = ", ".join(f"{p.relative_to(folder)} ({why})" for p, why in list(reasons.items())[:3])
+    if all(left_out_reason(folder, entry) for entry in entries):  # stops at the first image
+        listed = ", ".join(f"{e.path.relative_to(folder)} ({left_out_reason(folder, e)})" for e in entries[:3])
         _fail(f"no images among the {len(entries)} file(s) in {folder}: {listed}")
     if not source.group_by.startswith("csv:"):
         return  # folder and pattern grouping were checked with the options

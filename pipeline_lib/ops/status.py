@@ -37,7 +37,7 @@ def latest_catalog(workspace: Workspace, stages: tuple[str, ...] = STAGE_ORDER) 
 
 def workspace_status(workspace: Workspace) -> dict[str, Any]:
     """Catalog counts by status, label and split, and how many images await review."""
-    found = latest_catalog(workspace, ("ingest",))
+    found = latest_catalog(workspace)
     if found is None:
         return {"workspace": str(workspace.root), "stage": None, "images": 0}
     stage, catalog = found
