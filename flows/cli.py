@@ -338,14 +338,16 @@ def crawl(
         _crawl(cfg, as_json)
 
 
-def _folder_source(folder: Path, label: str, group_by: str, generator: str) -> FolderSource:
+def _folder_source(folder: Path, label: str, group_by: str, generator: str, follow: bool) -> FolderSource:
     """The import as a folder source; exit 2 naming the option that is wrong."""
     from pydantic import ValidationError
 
     from pipeline_lib.core.config import FolderSource
 
     try:
-        return FolderSource(path=folder.resolve(), label=label, group_by=group_by, generator=generator)
+        return FolderSource(
+            path=folder.resolve(), label=label, group_by=group_by, generator=generator, follow_symlinks=follow
+        )
     except ValidationError as error:
         fields = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors())
         _fail(f"invalid import: {fields}")
@@ -353,20 +355,19 @@ def _folder_source(folder: Path, label: str, group_by: str, generator: str) -> F
 
 def _check_folder(source: FolderSource) -> None:
     """The folder exists and holds at least one image; its grouping works (CSV readable); else exit 2."""
-    from pipeline_lib.core.workspace import folder_files
+    from pipeline_lib.acquire.local_files import folder_entries
 
     folder = source.path
     if not folder.is_dir():
         _fail(f"import folder {folder} does not exist or is not a directory")
-    files = list(folder_files(folder))
-    if not files:
+    entries = list(folder_entries(folder, source.follow_symlinks))
+    if not entries:
         _fail(f"import folder {folder} is empty (hidden files are not imported)")
-    from pipeline_lib.acquire.validate import not_an_image
+    from pipeline_lib.acquire.folders import left_out_reason
 
-    reasons = {path: not_an_image(path) for path in files}
-    if all(reasons.values()):
-        listed = ", ".join(f"{p.relative_to(folder)} ({why})" for p, why in list(reasons.items())[:3])
-        _fail(f"no images among the {len(files)} file(s) in {folder}: {listed}")
+    if all(left_out_reason(folder, entry) for entry in entries):  # stops at the first image
+        listed = ", ".join(f"{e.path.relative_to(folder)} ({left_out_reason(folder, e)})" for e in entries[:3])
+        _fail(f"no images among the {len(entries)} file(s) in {folder}: {listed}")
     if not source.group_by.startswith("csv:"):
         return  # folder and pattern grouping were checked with the options
     from pipeline_lib.acquire.crawl import check_sources
@@ -388,6 +389,14 @@ def import_folder(
     generator: Annotated[
         str, typer.Option(help="e.g. midjourney, stable-diffusion (a csv:FILE generator column overrides it per file)")
     ] = "unknown",
+    follow_symlinks: Annotated[
+        bool,
+        typer.Option(
+            "--follow-symlinks",
+            help="Follow symlinks that point inside the folder (without it every symlink is left out; one pointing "
+            "outside the folder always is).",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     set_: SetOpt = None,
@@ -395,10 +404,10 @@ def import_folder(
 ):
     """Add a folder of local images to the workspace (kept as a source of every later run) and ingest it now.
 
-    Every file that is not hidden is looked at: images are imported whatever their extension, every other file is
-    listed with the reason it was left out.
+    Every file that is not hidden is looked at: images are imported whatever their extension, every other file
+    (symlinks included) is listed with the reason it was left out. Nothing outside the folder is read.
     """
-    source = _folder_source(folder, label, group_by, generator)
+    source = _folder_source(folder, label, group_by, generator, follow_symlinks)
     _check_folder(source)
     no_sources = ["sources.search=[]", "sources.urls=[]", "sources.folders=[]"]
     cfg = _config(config, workspace, list(set_ or []) + no_sources, False)

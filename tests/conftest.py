@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,22 @@ def workspace(tmp_path: Path) -> Workspace:
 def _isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never let a test touch ./mlruns or a real server."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow-default.db'}")
+
+
+@pytest.fixture
+def outside_secret() -> Iterator[Path]:
+    """A secret PNG (readable, a valid image) in a folder of its own outside pytest's tmp_path, removed at the end:
+    the target of symlinks that an import must never follow."""
+    folder = Path(tempfile.mkdtemp(prefix="aidetect-secret-"))
+    try:
+        yield make_image(folder / "shadow.png", seed=4242, size=(64, 64), fmt="PNG")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def files_holding(root: Path, data: bytes) -> list[Path]:
+    """Every file under root whose bytes contain data (symlinks are not followed)."""
+    return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and data in p.read_bytes()]
 
 
 def make_image(path: Path, seed: int = 0, size: tuple[int, int] = (48, 40), fmt: str = "JPEG") -> Path:

@@ -297,14 +297,6 @@ def listing_digest(folders: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def folder_files(root: Path) -> Iterator[Path]:
-    """Every file under root that is not hidden (no part of its path starts with '.'), sorted, recursive."""
-    for path in sorted(root.rglob("*")):
-        parts = path.relative_to(root).parts
-        if not any(part.startswith(".") for part in parts) and path.is_file():
-            yield path
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # One workspace, one writer
 

@@ -175,3 +175,17 @@ def test_predict_applies_the_ingest_policy_per_file(tmp_path: Path) -> None:
     rows = {Path(row["path"]).name: row for row in json.loads(result.stdout)}
     assert "refused by the ingest policy: decompression_bomb" in rows["big.jpg"]["error"]
     assert rows["small.jpg"]["error"] is None
+
+
+def test_predict_refuses_a_calibration_file_with_an_extreme_temperature(tmp_path: Path) -> None:
+    from pipeline_lib.assess.predict import calibration_path
+
+    image = make_image(tmp_path / "a.jpg", seed=1)
+    model = checkpoint(tmp_path)
+    for extreme in ("1e-12", "1e12"):
+        calibration_path(model).write_text(f'{{"temperature": {extreme}}}', encoding="utf-8")
+        result = runner.invoke(app, ["predict", str(image), "--model", str(model), "--json"])
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output, result.output
+        assert str(calibration_path(model)) in result.output and f"T={float(extreme):.3g}" in result.output
+        assert "outside 0.2..10" in result.output, result.output
