@@ -263,7 +263,7 @@ def _writer(cfg: PipelineConfig, command: str, create: bool = False) -> Iterator
     workspace checked (a folder, a layout it knows, a sound tracking store) and its writer lock held until the
     command ends, so that a command that loses the lock exits 2 in one line having changed nothing.
 
-    A workspace that does not exist yet is made here only when create; otherwise the flow makes it under its lock.
+    A workspace that does not exist yet is made here only when create; otherwise the flow makes it, then locks it.
     """
     from pipeline_lib.core.layout import UnusableWorkspaceError
     from pipeline_lib.core.workspace import WorkspaceBusyError
@@ -278,8 +278,7 @@ def _writer(cfg: PipelineConfig, command: str, create: bool = False) -> Iterator
 
 def _hold_workspace(stack: contextlib.ExitStack, cfg: PipelineConfig, command: str, create: bool) -> None:
     """_writer's checks, with the lock entered on stack. A folder that is not a workspace yet is locked before
-    anything is made in it; a path that does not exist yet is left to the flow (which makes it under its lock)
-    unless create."""
+    anything is made in it; a path that does not exist yet is left to the flow unless create."""
     from pipeline_lib.core.layout import check_creatable
     from pipeline_lib.core.workspace import Workspace, WorkspaceError, workspace_lock
 
@@ -291,7 +290,7 @@ def _hold_workspace(stack: contextlib.ExitStack, cfg: PipelineConfig, command: s
             check_creatable(root)
             if not create:
                 return
-            root.mkdir(parents=True)  # the lock file's folder; the workspace is made under the lock
+            root.mkdir(parents=True, exist_ok=True)  # the lock file's folder; the workspace is made under the lock
         workspace = Workspace(root)
     stack.enter_context(workspace_lock(workspace, command))
     if create:
