@@ -21,8 +21,7 @@ from pipeline_lib.core.workspace import Workspace
 log = logging.getLogger(__name__)
 
 ARTIFACTS_DIR = "mlartifacts"  # store.artifact_root's folder: where the workspace's runs keep their artifacts
-# Every column of MLflow's SQLite schema that holds an artifact location (those of a newer schema that this MLflow
-# lacks are skipped).
+# Every column of MLflow's SQLite schema that holds an artifact location (a column the store's schema lacks is skipped).
 LOCATION_COLUMNS = (
     ("experiments", "artifact_location"),
     ("runs", "artifact_uri"),
