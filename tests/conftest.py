@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +58,29 @@ def outside_secret() -> Iterator[Path]:
 def files_holding(root: Path, data: bytes) -> list[Path]:
     """Every file under root whose bytes contain data (symlinks are not followed)."""
     return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and data in p.read_bytes()]
+
+
+HOLDER = """
+import sys
+from pathlib import Path
+from pipeline_lib.core.workspace import Workspace, workspace_lock
+workspace = Workspace.create(sys.argv[1]) if sys.argv[2] == "create" else Workspace(Path(sys.argv[1]))
+with workspace_lock(workspace, "aidetect run (test holder)"):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def hold_workspace_lock(root: Path, create: bool = True) -> subprocess.Popen:
+    """A second process that holds the workspace lock (the real one) until its stdin closes; returns once it holds
+    it. create=False: it locks the folder as it is, as a command holds a new workspace's folder before it makes the
+    workspace in it. Close its stdin and wait for it to let go."""
+    how = "create" if create else "as-is"
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(root), how], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == "locked"
+    return process
 
 
 def make_image(path: Path, seed: int = 0, size: tuple[int, int] = (48, 40), fmt: str = "JPEG") -> Path:
