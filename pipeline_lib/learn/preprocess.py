@@ -1,8 +1,10 @@
-"""Decode each image once into a resized uint8 CHW tensor cache (cache/tensors/s<size>/ab/<sha>.npy).
+"""Decode each image once into a resized uint8 CHW tensor cache (cache/tensors/s<size>-<code>/ab/<sha>.npy).
 
-With a normalisation policy (config preprocess.normalize, mode jpeg) the image is re-encoded first
-(normalize.normalize_image: strip metadata, optional resize, JPEG round-trip) and the tensor is cached under
-cache/tensors/s<size>-<policy_key>/ab/<sha>.npy; policy None or mode 'none' keeps the plain paths.
+<code> is the digest of decode_image and the code it reaches (code_index.producer_code): a change of the decoding
+code writes every tensor again, into a new folder, on the next run. With a normalisation policy (config
+preprocess.normalize, mode jpeg) the image is re-encoded first (normalize.normalize_image: strip metadata, optional
+resize, JPEG round-trip) and the tensor is cached under cache/tensors/s<size>-<policy_key>-<code>/ab/<sha>.npy;
+policy None or mode 'none' keeps the plain folder.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from PIL import Image, ImageOps
 
 from pipeline_lib.acquire.validate import to_rgb
 from pipeline_lib.core.catalog import STATUS_OK
+from pipeline_lib.core.code_index import producer_code
 from pipeline_lib.core.config import NormalizeConfig
 from pipeline_lib.core.progress import progress
 from pipeline_lib.core.workspace import Workspace, atomic_write_bytes
@@ -60,16 +63,22 @@ def _active(policy: NormalizeConfig | None) -> NormalizeConfig | None:
 
 
 def cache_folder_name(size: int, policy: NormalizeConfig | None = None) -> str:
-    """'s<size>' without normalisation, 's<size>-<policy_key>' with it."""
+    """'s<size>-<code>' without normalisation, 's<size>-<policy_key>-<code>' with it; <code> names the decoding code."""
     _check_size(size)
     active = _active(policy)
-    return f"s{size}" if active is None else f"s{size}-{policy_key(active)}"
+    kind = f"s{size}" if active is None else f"s{size}-{policy_key(active)}"
+    return f"{kind}-{producer_code(*TENSOR_PRODUCERS)}"
+
+
+def tensor_folder(workspace: Workspace, size: int, policy: NormalizeConfig | None = None) -> Path:
+    """The tensors of one size and policy made by the current decoding code: cache/tensors/<cache_folder_name>."""
+    return workspace.cache / "tensors" / cache_folder_name(size, policy)
 
 
 def tensor_path(workspace: Workspace, sha256: str, size: int, policy: NormalizeConfig | None = None) -> Path:
-    """Cache location of one image's tensor: cache/tensors/s<size>[-<policy_key>]/<sha[:2]>/<sha>.npy."""
+    """Cache location of one image's tensor: cache/tensors/<cache_folder_name>/<sha[:2]>/<sha>.npy."""
     _check_sha(sha256)
-    return workspace.cache / "tensors" / cache_folder_name(size, policy) / sha256[:2] / f"{sha256}.npy"
+    return tensor_folder(workspace, size, policy) / sha256[:2] / f"{sha256}.npy"
 
 
 def _resize_crop(image: Image.Image, size: int) -> Image.Image:
@@ -111,6 +120,9 @@ def decode_image(
             rgb = normalize_image(image, active, _rng_for(path, sha256))
     array = np.asarray(_resize_crop(rgb, size), dtype=np.uint8)
     return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+TENSOR_PRODUCERS = (decode_image,)  # what makes a cached tensor: its digest names the tensor folder
 
 
 def _write_array(target: Path, array: np.ndarray) -> None:
