@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from pipeline_lib.ops.status import latest_snapshot, workspace_status
 from tests.conftest import make_image
 
 pytestmark = pytest.mark.slow
+log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 DEMO_YAML = REPO / "configs" / "demo.yaml"
 DEDUP_SOURCE = REPO / "pipeline_lib" / "curate" / "dedup.py"
@@ -233,8 +235,9 @@ MATRIX: tuple[Change, ...] = (
     Change("a line of the report's HTML template", {"crawl", "report"}, code=TEMPLATE_EDIT),
     Change("an annotation in pipeline_lib/learn/augment.py (train reaches it)", {"crawl"}, code=ANNOTATION_EDIT),
     Change(
-        "_resize_crop resizes with NEAREST: every tensor is decoded again, into a new folder, and trained on",
-        {"crawl", "preprocess", "train", "evaluate", "report"},
+        "_resize_crop resizes with NEAREST: every tensor is decoded again, into a new folder, and trained on (split's "
+        "shortcut audit reads the files as preprocess normalises them, so it reaches preprocess too)",
+        {"crawl", "split", "preprocess", "train", "evaluate", "report"},
         code=RESIZE_EDIT,
     ),
     Change(
@@ -242,7 +245,12 @@ MATRIX: tuple[Change, ...] = (
         {"crawl", "split", "preprocess", "train", "evaluate", "report"},
         once=("split.leave_out_generator=other",),
     ),
-    Change("a real change of the perceptual hash: every phash is computed again", ALL, code=HASH_EDIT),
+    Change(
+        "a real change of the perceptual hash: every phash is computed again, dedup onward run on them; the training "
+        "set (its images and labels) is the same, so its model is cached",
+        ALL - {"train"},
+        code=HASH_EDIT,
+    ),
     Change("--refresh-cache", ALL, once=("execution.refresh_cache=true",)),
 )
 
@@ -316,6 +324,7 @@ def _run_matrix(world: World) -> dict[str, Any]:
                 summary = pipeline(world.config([*overrides, *change.once]))
             run = run_summary(world.tracking_uri, summary["mlflow_run_id"])
             rows[change.name] = Row(change, summary, run, before, _stamps(world.ws), aliases, _aliases(world))
+            log.info("cache matrix row took %.1f s: %s", summary["seconds"], change.name)
     return {"world": world, "base": base, "rows": rows, "dedup_source": dedup_source, "overrides": overrides}
 
 
