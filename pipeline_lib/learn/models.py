@@ -104,12 +104,21 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [N, 2] for float images in [0, 1]."""
+        return self.head(self.features(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate features [N, feature_count] (the head's input) for float images in [0, 1]."""
         if not x.is_floating_point():
             raise TypeError(f"Classifier expects float images in [0, 1] (divide uint8 by 255), got {x.dtype}")
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"Classifier expects images shaped [N,3,H,W], got {list(x.shape)}")
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        return self.head(self.backbone(x))
+        return self.backbone(x)
+
+    @property
+    def feature_count(self) -> int:
+        """Length of one image's features (the head's input size)."""
+        return int(self.head.in_features)
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters of the 2-class head."""
