@@ -77,8 +77,13 @@ def tensor_folder(workspace: Workspace, size: int, policy: NormalizeConfig | Non
 
 def tensor_path(workspace: Workspace, sha256: str, size: int, policy: NormalizeConfig | None = None) -> Path:
     """Cache location of one image's tensor: cache/tensors/<cache_folder_name>/<sha[:2]>/<sha>.npy."""
+    return _in_folder(tensor_folder(workspace, size, policy), sha256)
+
+
+def _in_folder(folder: Path, sha256: str) -> Path:
+    """One image's tensor in a tensor folder (loops take the folder once: its name costs a few stat calls)."""
     _check_sha(sha256)
-    return tensor_folder(workspace, size, policy) / sha256[:2] / f"{sha256}.npy"
+    return folder / sha256[:2] / f"{sha256}.npy"
 
 
 def _resize_crop(image: Image.Image, size: int) -> Image.Image:
@@ -202,9 +207,10 @@ def preprocess_images(
     _check_size(size)
     active = _active(policy)
     rows = _split_rows(catalog)
+    folder = tensor_folder(workspace, size, active)
     jobs: list[_Job] = []
     for sha256, relative in zip(rows["sha256"], rows["path"], strict=True):
-        target = tensor_path(workspace, str(sha256), size, active)
+        target = _in_folder(folder, str(sha256))
         if target.exists():
             continue
         source = workspace.root / str(relative)
@@ -232,9 +238,10 @@ def missing_tensor_jobs(
     _check_size(size)
     active = _active(policy)
     rows = _split_rows(catalog)
+    folder = tensor_folder(workspace, size, active)
     jobs: TensorJobs = []
     for sha256, relative in zip(rows["sha256"], rows["path"], strict=True):
-        if tensor_path(workspace, str(sha256), size, active).exists():
+        if _in_folder(folder, str(sha256)).exists():
             continue
         source = workspace.root / str(relative)
         if not source.is_file():
@@ -252,10 +259,11 @@ def write_tensors(
     """
     _check_size(size)
     active = _active(policy)
+    folder = tensor_folder(workspace, size, active)
     written, errors = 0, []
     jobs = list(jobs)
     for sha256, relative in progress(jobs, len(jobs), "preprocessing"):
-        target = tensor_path(workspace, sha256, size, active)
+        target = _in_folder(folder, sha256)
         if target.exists():
             continue
         source = workspace.root / relative
@@ -307,9 +315,14 @@ def find_original(workspace: Workspace, sha256: str) -> Path:
     return matches[0]
 
 
-def load_tensor(workspace: Workspace, sha256: str, size: int, policy: NormalizeConfig | None = None) -> np.ndarray:
-    """One image's uint8 (3, size, size) array from the cache; decoded (and cached) when missing or damaged."""
-    path = tensor_path(workspace, sha256, size, policy)
+def load_tensor(
+    workspace: Workspace, sha256: str, size: int, policy: NormalizeConfig | None = None, folder: Path | None = None
+) -> np.ndarray:
+    """One image's uint8 (3, size, size) array from the cache; decoded (and cached) when missing or damaged.
+
+    folder: tensor_folder(workspace, size, policy) when the caller already has it (one per loop or dataset).
+    """
+    path = _in_folder(folder or tensor_folder(workspace, size, policy), sha256)
     array = _read_array(path, size)
     if array is None:
         array = decode_image(find_original(workspace, sha256), size, policy, sha256)
@@ -323,8 +336,8 @@ def load_tensors(
     """uint8 tensor [N, 3, size, size] of the images in the given order (what evaluate/report expect)."""
     import torch  # here, not at the top: the decode pool's workers import this module and need no torch
 
-    _check_size(size)
-    arrays = [load_tensor(workspace, str(sha), size, policy) for sha in shas]
+    folder = tensor_folder(workspace, size, policy)
+    arrays = [load_tensor(workspace, str(sha), size, policy, folder) for sha in shas]
     if not arrays:
         return torch.empty((0, 3, size, size), dtype=torch.uint8)
     return torch.from_numpy(np.stack(arrays))
