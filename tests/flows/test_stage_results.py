@@ -29,20 +29,9 @@ from pipeline_lib.ops import demo_data
 from tasks import per_image, stages
 from tasks.results import SERIALIZER_TYPE, StageResultSerializer, accepted_record, return_type
 from tests.conftest import make_image
+from tests.flows.test_cache_matrix import TINY
 
 DEMO_YAML = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-TINY = [
-    "train.image_size=16",
-    "train.epochs=1",
-    "train.head_only_epochs=0",
-    "train.batch_size=64",
-    "evaluate.bootstrap=0",
-    "report.images_per_cell=1",
-    "audit.enabled=false",
-    "split.min_groups_per_label=1",
-    "sources.recrawl_after_hours=20",
-    "tracking.system_metrics_interval_s=0",
-]
 
 
 class Armed(BaseModel):
