@@ -53,9 +53,9 @@ def replace_once(block: str, old: str, new: str) -> str:
 
 
 class Session:
-    """One bash reading the blocks from a pipe (fd 3; its stdin is /dev/null), stopping at the first failing command
-    (set -e), so that variables, the working folder and background jobs carry from block to block, as in a
-    terminal. Its output (stdout and stderr) is kept; run() returns each block's part of it."""
+    """One bash reading the blocks from a pipe (not its stdin, which is /dev/null: the background jobs it starts with
+    job control on inherit stdin), stopping at the first failing command (set -e), so that variables, the working
+    folder and background jobs carry from block to block, as in a terminal; run() returns a block's output."""
 
     def __init__(self, env: Mapping[str, str], cwd: Path) -> None:
         read_end, self._commands = os.pipe()
@@ -71,7 +71,6 @@ class Session:
             start_new_session=True,
         )
         os.close(read_end)
-        self.output: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -95,7 +94,6 @@ class Session:
             if line.strip() == DONE:
                 return "".join(lines)
             lines.append(line)
-            self.output.append(line)
 
     def close(self) -> None:
         """End the session (its background jobs are stopped by the caller)."""

@@ -1,6 +1,7 @@
 """docs/team.md followed on loopback: the page's own code blocks, run in order in one bash session, start the MLflow and
-Prefect servers on PostgreSQL, a Dask scheduler and workers, register the deployments, start the worker, run the
-whole pipeline with deploy/team-demo.yaml, show it with `aidetect`, and stop everything. The test supplies only what
+Prefect servers on PostgreSQL, a Dask scheduler and workers, the Prefect worker (which creates the work pool),
+register the deployments, run the whole pipeline with deploy/team-demo.yaml, show it with `aidetect`, and stop
+everything. The test supplies only what
 the page leaves to the reader: free ports and its own folders in the settings block, and PostgreSQL (its own cluster,
 as an unprivileged user when the tests run as root, for the two blocks that install and stop Debian's). It reads
 the run back through both servers' REST APIs, with every Python process under the network guard."""
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 BLOCKS = [
     "install", "settings", "databases", "demo-data", "mlflow", "prefect", "dask", "wait",
-    "deploy", "worker", "run", "status", "stop", "stop-postgres",
+    "worker", "deploy", "run", "status", "stop", "stop-postgres",
 ]  # fmt: skip
 NEED_ROOT = {"install", "stop-postgres"}  # the test's own cluster stands in for Debian's service
 GIVEN = ["TEAM_HOME", "DB_PASSWORD", "DB_ADDRESS", "MLFLOW_PORT", "PREFECT_PORT", "DASK_PORT", "DASK_DASHBOARD_PORT"]
@@ -85,9 +86,20 @@ def _follow_the_page(scripts: dict[str, str], env: dict[str, str], team: Path, p
             assert not list((team / "run").glob("*.pid")), f"the stop block left pid files:\n{stop}"
             left = team_page.alive_groups(pids)
             assert not left, f"still running after the stop block: {left}\n{stop}"
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{_log_tails(team / 'logs')}") from None
     finally:
         pids.update(_pids(team))
         team_page.stop_groups(pids)
+
+
+def _log_tails(folder: Path, lines: int = 25) -> str:
+    """The last lines of each server's log (the page sends them to $TEAM_HOME/logs/)."""
+    tails = [
+        f"--- {log.name}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        for log in sorted(folder.glob("*.log"))
+    ]
+    return "\n".join(tails)
 
 
 def _until(scripts: dict[str, str], last: str) -> list[str]:
