@@ -332,10 +332,10 @@ def test_the_parts_that_changed_are_logged_on_the_stage_run(matrix: dict[str, An
     folder = Path(_row(matrix, "train.lr").summary["model"]).parent.name
     assert train["tags"]["aidetect.cache_key"][:16] == folder, "the logged key is not the key Prefect used"
     assert {"key.lib.torch", "key.code.pipeline_lib.learn.train", "key.input.trainset"} <= set(train["params"])
-    unchanged = _stage_run(matrix, "no change", "crawl")  # the one stage that runs every time
-    assert unchanged["tags"]["aidetect.key_changed"] == "(none: the key is unchanged)"
-    uri, run_id = matrix["world"].tracking_uri, _row(matrix, "no change").summary["mlflow_run_id"]
-    assert set(stage_runs(Tracker(uri, run_id))) == {"crawl"}, "cached stages get no nested run"
+    uri, row = matrix["world"].tracking_uri, _row(matrix, "no change")
+    nested = stage_runs(Tracker(uri, row.summary["mlflow_run_id"]))
+    assert nested == {}, f"cached stages and a crawl that found nothing new get no nested run: {sorted(nested)}"
+    assert row.run["tags"]["aidetect.stage.crawl.unchanged"] == "true", row.run["tags"]
 
 
 def test_refresh_cache_trains_the_same_key_again_from_epoch_0(matrix: dict[str, Any]) -> None:

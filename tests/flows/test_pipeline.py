@@ -108,8 +108,9 @@ def _full_pipeline_then_resume_then_all_cached(tmp_path: Path) -> None:
     print(f"pipeline seconds: computed {computed:.2f}, all cached {second['seconds']:.2f}")
     assert second["mlflow_run_id"] != first["mlflow_run_id"]
     all_cached = Tracker(second["tracking_uri"], second["mlflow_run_id"])
-    assert set(stage_runs(all_cached)) == {"crawl"}, "cached stages get no nested run; the crawl always runs"
-    assert run_summary(all_cached.uri, all_cached.run_id)["tags"]["aidetect.stage.train"] == "Cached"
+    assert stage_runs(all_cached) == {}, "cached stages and a crawl that found nothing new get no nested run"
+    tags = run_summary(all_cached.uri, all_cached.run_id)["tags"]
+    assert tags["aidetect.stage.train"] == "Cached" and tags["aidetect.stage.crawl.unchanged"] == "true", tags
 
     workspace = Workspace.open(root)
     catalog = read_snapshot(workspace, workspace.ref(latest_snapshot(workspace, "split")))
