@@ -445,7 +445,8 @@ def _model_stages(
     # The audit's verdict is part of the report's key (the split decides it); crawl health describes the crawl that
     # ran now and is handed over live, so that a crawl that fetched nothing new leaves the report cached.
     keyed, health = report_content.split_warning_notes(run.notes)
-    report_args = (config.report, title, normalize, device, keyed, trained.history, data_version)
+    held_out = config.split.leave_out_generator
+    report_args = (config.report, title, normalize, device, keyed, trained.history, data_version, held_out)
     report_ref = run.run(
         "report", stages.make_report, root, trained.model, evaluation, *report_args, health_notes=health
     )
