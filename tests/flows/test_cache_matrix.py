@@ -172,6 +172,11 @@ MATRIX: tuple[Change, ...] = (
         overrides=("split.train=0.5", "split.val=0.25", "split.test=0.25"),
         once=("execution.reshuffle_splits=true",),
     ),
+    Change(
+        "--promote on the next run: the cached model of the reshuffled split takes the champion alias",
+        {"crawl"},
+        once=("execution.promote=true",),
+    ),
     Change("train.lr", {"crawl", "train", "evaluate", "report"}, overrides=("train.lr=0.01",)),
     Change("evaluate.threshold", {"crawl", "evaluate", "report"}, overrides=("evaluate.threshold=0.6",)),
     Change(
@@ -363,6 +368,14 @@ def test_a_champion_that_trained_on_the_test_images_is_not_comparable(matrix: di
     assert row.aliases_after[CHAMPION] == row.aliases_before[CHAMPION], "the champion moved"
     assert row.run["tags"]["aidetect.champion_comparable"] == "false"
     assert champion_version == row.aliases_after[CHAMPION][0]
+
+
+def test_promote_on_a_later_run_promotes_the_registered_version_of_the_cached_model(matrix: dict[str, Any]) -> None:
+    reshuffled, row = _row(matrix, "split ratios with --reshuffle"), _row(matrix, "--promote on the next run")
+    version = reshuffled.summary["registry"]["version"]
+    registry = row.summary["registry"]
+    assert registry["reused"] and registry["promoted"] and registry["version"] == version, registry
+    assert row.aliases_before[CHAMPION][0] != version and row.aliases_after[CHAMPION][0] == version, row.aliases_after
 
 
 def test_leave_one_generator_out_gets_its_own_alias_and_leaves_the_champion(matrix: dict[str, Any]) -> None:
