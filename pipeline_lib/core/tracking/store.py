@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from pipeline_lib.core.workspace import Workspace
 
 LOCAL_UI_HOST, LOCAL_UI_PORT = "127.0.0.1", 5000  # where `aidetect ui` serves a store that has no server of its own
-# MLflow 3's UI opens an experiment in the view its kind names; without the tag it may guess the GenAI one.
+# The experiment's kind as MLflow 3 records it (set when aidetect creates the experiment, for what reads it).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # the classic training view: runs, metrics, models
 # MLflow 3.17's UI ignores that tag: it takes its view from this query parameter of the page's URL, else from the
