@@ -148,7 +148,7 @@ class StageRecorder:
             earlier = self._earlier_runs().get(name)
             changed = cachekey.changed_parts(shown, earlier.key if earlier else None)
             tags = {"aidetect.cache_key": key.digest if key else "", "aidetect.key_changed": changed}
-            tags[OUTPUT_TAG] = output
+            tags |= {OUTPUT_TAG: output} if output else {}
             tags["aidetect.workspace"] = str(self.workspace.root)
             params = {f"{KEY_PARAM_PREFIX}{part}": value for part, value in shown.items()}
             stage_run(self.tracker, name, state, metrics, seconds, failed, params, tags, history=history)
