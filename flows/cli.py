@@ -869,13 +869,16 @@ def ui(
     host: Annotated[str | None, typer.Option(help="Address of the UI (default 127.0.0.1).")] = None,
 ):
     """The MLflow UI of tracking.uri: a tracking server's own, or started here on a database store (default: the
-    workspace's SQLite); and how to start Prefect's."""
+    workspace's SQLite), at the experiment's runs table in the training view; and how to start Prefect's."""
     cfg = _config(config, workspace, set_, False)
     from pipeline_lib.core.tracking import store
 
     prefect_hint = "Prefect UI: run `prefect server start` in another shell, then http://127.0.0.1:4200"
     if cfg.tracking.uri and store.is_server(cfg.tracking.uri):
-        typer.echo(f"MLflow UI: {store.ui_address(cfg.tracking.uri)}  (the tracking server of tracking.uri)")
+        server = store.ui_address(cfg.tracking.uri)
+        found = store.find_experiment(server, cfg.tracking.experiment) if _server_is_up(server) else None
+        page = store.experiment_page(server, found) if found else server
+        typer.echo(f"MLflow UI: {page}  (the tracking server of tracking.uri)")
         typer.echo(prefect_hint)
         return
     ws = _workspace(cfg.execution.workspace)
@@ -884,7 +887,9 @@ def ui(
     uri = open_store(cfg.tracking.uri, ws)
     host, port = host or store.LOCAL_UI_HOST, port or store.LOCAL_UI_PORT
     command = mlflow_ui_command(uri, store.artifact_root(ws), host, port)
-    typer.echo(f"MLflow UI: http://{host}:{port}  (store {uri})")
+    shown = f"[{host}]" if ":" in host else host
+    page = store.experiment_page(f"http://{shown}:{port}", store.ensure_experiment(uri, cfg.tracking.experiment, ws))
+    typer.echo(f"MLflow UI: {page}  (store {uri})")
     typer.echo(prefect_hint)
     sys.stdout.flush()
     os.execv(command[0], command) if os.name == "posix" else subprocess.run(command, check=False)

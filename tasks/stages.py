@@ -453,12 +453,13 @@ def make_report(
     notes: list[str] | None = None,
     history: list[dict[str, Any]] | None = None,
     data_version: str = "",
+    held_out_generator: str | None = None,
     health_notes: list[str] | None = None,
 ) -> Ref:
     """Self-contained HTML report: headline, warnings (notes of the run's stages, health_notes of its crawl: not in
-    the stage key), learning curves (history), then
-    the details (plots, robustness, per-generator scores, Original | Grad-CAM pairs computed on device) and all
-    metrics."""
+    the stage key), learning curves (history), then the details (plots, robustness, per-generator scores with
+    held_out_generator marked, every test group counted, Original | Grad-CAM pairs computed on device, each cell's
+    total) and all metrics."""
     workspace = Workspace.create(root)
     model, meta = models.load_model(model_ref.resolve(workspace))
     device = devices.resolve_device(device)
@@ -478,7 +479,7 @@ def make_report(
         images,
         selected,
         evaluation.metrics,
-        pd.DataFrame(evaluation.worst_groups),
+        evaluate_lib.per_group_accuracy(predictions),
         models.target_layer(model),
         config.cam_method,
         title,
@@ -498,6 +499,8 @@ def make_report(
             [*(notes or []), *(health_notes or []), *evaluation.notes], evaluation.metrics, config.data_note
         ),
         top=report_content.headline(evaluation.metrics, model_name, data_version),
+        cell_totals=report_content.cell_counts(predictions),
+        held_out_generator=held_out_generator,
     )
     return workspace.ref(index)
 
