@@ -27,6 +27,8 @@ LIBRARIES: dict[str, str] = {
     "imagehash": "ImageHash",
     "pytorch_grad_cam": "grad-cam",
     "numpy": "numpy",
+    "open_clip": "open-clip-torch",  # the foundation extra: CLIP image encoders (learn/foundation.py)
+    "timm": "timm",  # the foundation extra: DINOv2
 }
 
 
