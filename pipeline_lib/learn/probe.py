@@ -14,13 +14,14 @@ would only repeat the file every run starts from.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,10 @@ from pipeline_lib.learn.train import TrainResult
 log = logging.getLogger(__name__)
 
 PHASE = "probe"
+# The head's operations are tiny: split across threads they cost more than they save. On 2 cores at load average ~18,
+# 20 epochs on 1,000 x 768 features took 0.9 s on one thread and 15.5 s on two (benchmarks/bench_foundation.py,
+# head_fit_threads, measures both in one run).
+HEAD_THREADS = 1
 
 
 def _active(policy: NormalizeConfig | None) -> NormalizeConfig | None:
@@ -175,8 +180,10 @@ def fit_head(
     label_smoothing: float = 0.0,
     undersample: bool = False,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    threads: int = HEAD_THREADS,
 ) -> ProbeFit:
     """Train head on (features, labels) with AdamW, early stopping on the validation loss; head keeps the best state.
+    threads: the CPU threads torch uses meanwhile (HEAD_THREADS).
 
     1. The features are standardised with the training split's mean and std (inside the head, so it is saved).
     2. Each epoch's order (and undersampled subset) is drawn from (seed, epoch): a run is reproducible.
@@ -187,7 +194,7 @@ def fit_head(
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
     best_state, best_loss, best_epoch, bad, history = copy.deepcopy(head.state_dict()), math.inf, 0, 0, []
-    with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
+    with torch.random.fork_rng(devices=[]), _threads(threads):  # the caller's generator is left as it was
         for epoch in range(1, config.epochs + 1):
             started = time.perf_counter()
             seed_of_epoch = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
@@ -213,6 +220,17 @@ def fit_head(
         raise FloatingPointError("the probe's validation loss was never finite")
     head.load_state_dict(best_state)
     return ProbeFit(copy.deepcopy(best_state), history, best_epoch, best_loss, len(history) < config.epochs)
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """torch on count CPU threads for a block, then as it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _labels(rows: pd.DataFrame) -> torch.Tensor:
