@@ -14,6 +14,7 @@ base install (without the extra) imports and runs everything else.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import http.client
 import importlib
@@ -29,7 +30,7 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
-from pipeline_lib.core.config import FOUNDATION_MODELS
+from pipeline_lib.core.config import FOUNDATION_MODELS, ConfigError
 from pipeline_lib.core.workspace import file_sha256
 from pipeline_lib.learn.weights import (
     WeightsError,
@@ -100,14 +101,14 @@ class BackboneSpec:
 
 def _openai(name: str, architecture: str, digest: str, file_name: str, patch: int, what: str) -> BackboneSpec:
     source = WeightsSource(f"{_OPENAI}/{digest}/{file_name}", file_name, digest, "torchscript", _FROM_OPENAI_URL)
-    return BackboneSpec(name, "open_clip", architecture, source, OPENAI_MEAN, OPENAI_STD, 224, patch, True,
-                        description=what)  # fmt: skip
+    clip = BackboneSpec(name, "open_clip", architecture, source, OPENAI_MEAN, OPENAI_STD, input_size=224, patch=patch)
+    return dataclasses.replace(clip, quick_gelu=True, description=what)  # OpenAI trained with QuickGELU
 
 
 def _laion(name: str, architecture: str, file_name: str, patch: int, what: str) -> BackboneSpec:
     source = WeightsSource(f"{_LAION}/{file_name}", file_name, name_prefix(file_name), "torch", _FROM_LAION_NAME)
-    return BackboneSpec(name, "open_clip", architecture, source, OPENAI_MEAN, OPENAI_STD, 224, patch,
-                        description=what)  # fmt: skip
+    clip = BackboneSpec(name, "open_clip", architecture, source, OPENAI_MEAN, OPENAI_STD, input_size=224, patch=patch)
+    return dataclasses.replace(clip, description=what)
 
 
 def _dinov2(name: str, architecture: str, what: str) -> BackboneSpec:
@@ -170,14 +171,15 @@ def check_available(name: str) -> None:
 
 
 def check_input_size(name: str, size: int) -> None:
-    """ValueError when a backbone cannot take size x size inputs (CLIP: its fixed size; DINOv2: multiples of 14)."""
+    """ConfigError (a ValueError) when a backbone cannot take size x size inputs (CLIP: its fixed size; DINOv2:
+    multiples of 14)."""
     if not is_foundation(name):
         return
     spec = spec_of(name)
     if spec.input_size is not None and size != spec.input_size:
-        raise ValueError(f"train.image_size must be {spec.input_size} for {name} (its position embedding is fixed)")
+        raise ConfigError(f"train.image_size must be {spec.input_size} for {name} (its position embedding is fixed)")
     if size % spec.patch:
-        raise ValueError(f"train.image_size must be a multiple of {spec.patch} for {name} (its patch size)")
+        raise ConfigError(f"train.image_size must be a multiple of {spec.patch} for {name} (its patch size)")
 
 
 def build_backbone(name: str) -> tuple[nn.Module, int]:

@@ -4,8 +4,9 @@ and a small head (linear or MLP, learn/heads.py) trained on them with early stop
 The head is trained with torch (AdamW on mini-batches) rather than scikit-learn's LogisticRegression: one code
 path for the linear and the MLP head, the class weights and label smoothing of the fine-tuning recipe, early
 stopping on the same validation loss, and the result is the nn.Module head of the Classifier as it is (its
-state_dict, Grad-CAM's gradients through it) with no conversion. It trains on the CPU: the features of 100,000
-images of a ViT-L are 0.4 GB, and an epoch of a linear layer on them takes well under a second.
+state_dict, Grad-CAM's gradients through it) with no conversion. It trains on the CPU (on one thread, HEAD_THREADS):
+the features of 100,000 images of a ViT-L are 0.4 GB, and the head's epochs cost little next to embedding the
+images (benchmarks/bench_foundation.py: probe_fit_s).
 
 The checkpoint of a probe on a published backbone holds the head and the backbone's file name and sha256, not the
 backbone (see models.Classifier.backbone_reference): 1.2 GB of ViT-L weights per run and per registered version
