@@ -195,19 +195,7 @@ FOUNDATION_MODELS: tuple[str, ...] = (
     "dinov2_vitb14",
     "dinov2_vitl14",
 )
-ModelName = Literal[
-    "resnet50",
-    "resnet18",
-    "efficientnet_b0",
-    "convnext_tiny",
-    "clip_vit_b16",
-    "clip_vit_l14",
-    "clip_vit_b16_laion",
-    "clip_vit_l14_laion",
-    "dinov2_vits14",
-    "dinov2_vitb14",
-    "dinov2_vitl14",
-]
+ModelName = Literal[TORCHVISION_MODELS + FOUNDATION_MODELS]  # type: ignore[valid-type]  # the names above
 
 
 class ProbeConfig(_Section):

@@ -21,6 +21,7 @@ import importlib
 import logging
 import math
 import posixpath
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from pipeline_lib.learn.weights import (
     download_checked,
     mismatch_message,
     name_prefix,
+    read_torch_state,
 )
 
 log = logging.getLogger(__name__)
@@ -273,7 +275,9 @@ def _torchscript_state(name: str, path: Path, sha256: str) -> dict[str, torch.Te
             f"weights file {path} is a TorchScript archive: aidetect loads one only when its sha256 equals the one "
             f"published for {name} (it holds code); give a safetensors or weights-only torch file instead"
         )
-    return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    with warnings.catch_warnings():  # torch.jit is deprecated; OpenAI publishes no other format of these weights
+        warnings.simplefilter("ignore", FutureWarning)
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -297,15 +301,7 @@ def read_state(name: str, path: Path, sha256: str) -> dict[str, torch.Tensor]:
             raise WeightsError(f"weights file {path} is not a readable safetensors file: {error}") from None
     if _is_torchscript(path):
         return _torchscript_state(name, path, sha256)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises many types for bad files
-        raise WeightsError(f"weights file {path} is not a readable weights-only torch file: {error}") from None
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise WeightsError(f"weights file {path} must hold a state dict (a dict of tensors)")
-    return data
+    return read_torch_state(path)
 
 
 def backbone_state(name: str, state: Mapping[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from pipeline_lib.learn.weights import (
     WeightsNotFoundError,
     checkpoints_dir,
     mismatch_message,
+    read_torch_state,
 )
 
 log = logging.getLogger(__name__)
@@ -258,19 +259,6 @@ def ensure_initial_weights(
     return path
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a file (torch.load weights_only); an aidetect checkpoint's state_dict is unwrapped."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises many types for bad files
-        raise WeightsError(f"weights file {path} is not a readable torch state_dict: {error}") from None
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise WeightsError(f"weights file {path} must hold a state_dict (a dict of tensors), got {type(data).__name__}")
-    return data
-
-
 def _check_fit(path: Path, target: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load state into target strictly; WeightsError naming missing, unexpected and misshaped keys."""
     expected = target.state_dict()
@@ -289,7 +277,7 @@ def _load_into(model: Classifier, path: Path, sha256: str) -> None:
         else:
             foundation.load_into(model.name, model.backbone, state, path)
         return
-    state = _read_state_dict(path)
+    state = read_torch_state(path)
     if any(key.startswith("backbone.") for key in state):
         _check_fit(path, model, state)
         return

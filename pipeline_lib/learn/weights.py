@@ -53,6 +53,20 @@ def name_prefix(file_name: str) -> str:
     return match.group(1) if match else ""
 
 
+def read_torch_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a torch file, loaded weights-only (tensors, no code); a checkpoint's state_dict is
+    unwrapped. WeightsError naming the file when it is unreadable or holds something else."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types for bad files
+        raise WeightsError(f"weights file {path} is not a readable torch state_dict: {error}") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise WeightsError(f"weights file {path} must hold a state_dict (a dict of tensors), got {type(data).__name__}")
+    return data
+
+
 def mismatch_message(path: Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
     """Describe missing, unexpected and wrongly shaped keys (a few of each)."""
     missing = sorted(set(expected) - set(found))
