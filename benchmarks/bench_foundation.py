@@ -130,14 +130,15 @@ def measure_backbone(name: str, rows: pd.DataFrame, extra: pd.DataFrame, root: P
     workspace = Workspace.create(root / name)
     copy_store(root, workspace, rows, extra)
     config = config_for(name, args)
-    model, _ = models.build_model(name, config.weights, head=None)
-    extractor = probe.backbone_extractor(model, config.image_size, batch_size=32)
+    model, _ = probe.build_probe_model(config)  # as train_model builds it: the same (seeded) backbone
+    extractor = probe.backbone_extractor(model, config.image_size, batch_size=config.batch_size)
     shas = rows["sha256"].tolist()
     cold, cold_s = timed(probe.embed_rows, workspace, extractor, shas, args.device)
     warm, warm_s = timed(probe.embed_rows, workspace, extractor, shas, args.device)
     assert (cold.computed, warm.reused) == (len(shas), len(shas)), (cold.computed, warm.reused)
     del model, extractor
     linear, linear_s = timed(train_model, workspace, rows, config, root / f"{name}-linear")
+    assert linear.features["computed"] == 0, f"{name}: the probe must read the features embedded above"
     mlp = config_for(name, args, probe=ProbeConfig(head="mlp", hidden=256))
     again, again_s = timed(train_model, workspace, rows, mlp, root / f"{name}-mlp")
     grown = pd.concat([rows, extra], ignore_index=True)

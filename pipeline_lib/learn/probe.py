@@ -238,6 +238,19 @@ def _labels(rows: pd.DataFrame) -> torch.Tensor:
     return torch.tensor([LABELS.index(str(label)) for label in rows["label"]], dtype=torch.long)
 
 
+def build_probe_model(config: TrainConfig) -> tuple[models.Classifier, models.WeightsInfo]:
+    """The model a probe run starts from: config.model with config.weights (random parts from config.seed, so that a
+    random backbone is the same every run and its cached features are reused), config.probe's head, and the
+    backbone marked as the published file it is (models.reference_backbone)."""
+    foundation.check_input_size(config.model, config.image_size)
+    spec = heads.probe_spec(config.probe.head, config.probe.hidden, config.probe.dropout)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model, weights = models.build_model(config.model, config.weights, config.weights_url, head=spec)
+    models.reference_backbone(model, weights, config.weights_url)
+    return model, weights
+
+
 def train_probe(
     workspace: Workspace,
     catalog: pd.DataFrame,
@@ -254,12 +267,7 @@ def train_probe(
     """
     train_rows, val_rows = train_val_rows(catalog)
     device = devices.resolve_device(config.device)
-    foundation.check_input_size(config.model, config.image_size)
-    spec = heads.probe_spec(config.probe.head, config.probe.hidden, config.probe.dropout)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model, weights = models.build_model(config.model, config.weights, config.weights_url, head=spec)
-    models.reference_backbone(model, weights, config.weights_url)
+    model, weights = build_probe_model(config)
     extractor = backbone_extractor(model, config.image_size, policy, config.batch_size)
     shas = [*train_rows["sha256"].astype(str), *val_rows["sha256"].astype(str)]
     found = embed_rows(workspace, extractor, shas, device)
@@ -267,7 +275,7 @@ def train_probe(
     train_x, val_x = matrix[: len(train_rows)], matrix[len(train_rows) :]
     balance = class_balance(_labels(train_rows).tolist(), config.class_balance)
     log.info("probe on %s features (%s): %d computed, %d from the cache; head %s", config.model, found.key,
-             found.computed, found.reused, spec)  # fmt: skip
+             found.computed, found.reused, model.head_spec)  # fmt: skip
     fit = fit_head(
         model.head, (train_x, _labels(train_rows)), (val_x, _labels(val_rows)), config.probe, config.seed,
         loss_weights(balance), config.label_smoothing, config.class_balance == "undersample", on_epoch,
