@@ -43,9 +43,9 @@ from pipeline_lib.learn.train import TrainResult
 log = logging.getLogger(__name__)
 
 PHASE = "probe"
-# The head's operations are tiny: split across threads they cost more than they save. On 2 cores at load average ~18,
-# 20 epochs on 1,000 x 768 features took 0.9 s on one thread and 15.5 s on two (benchmarks/bench_foundation.py,
-# head_fit_threads, measures both in one run).
+# The head's operations are tiny: split across threads they cost more than they save. On 2 shared cores (load average
+# 10-16), 20 epochs on 1,000 x 768 features took 0.94 s on one thread and 15.8 s on two (benchmarks/
+# bench_foundation.py, head_fit_threads, measures both in one run; docs/backbones.md).
 HEAD_THREADS = 1
 
 
