@@ -44,15 +44,16 @@ def _catalog(workspace: Workspace, per_label: dict[str, int], seed: int = 0) -> 
         for label in ("real", "ai"):
             for i in range(count):
                 sha, path = put_in_store(workspace, _image(rng, label), "png")
-                records.append({"sha256": sha, "path": workspace.relative(path), "label": label,
-                                "group": f"{label}-{split}-{seed}-{i % 2}", "status": "ok", "split": split})  # fmt: skip
+                group = f"{label}-{split}-{seed}-{i % 2}"
+                row = {"sha256": sha, "path": workspace.relative(path), "label": label, "group": group}
+                records.append(row | {"status": "ok", "split": split})
     return cat.new_rows(records)
 
 
 def _config(model: str = "clip_vit_b16", **changes: object) -> TrainConfig:
     size = CLIP_SIZE if model.startswith("clip") else DINO_SIZE
-    values: dict[str, object] = {"model": model, "weights": "none", "image_size": size, "batch_size": 8,
-                                 "device": "cpu", "num_workers": 0, "probe": ProbeConfig(epochs=40, patience=5)}  # fmt: skip
+    values: dict[str, object] = {"model": model, "weights": "none", "image_size": size, "batch_size": 8}
+    values |= {"device": "cpu", "num_workers": 0, "probe": ProbeConfig(epochs=40, patience=5)}
     return TrainConfig(**(values | changes))
 
 
