@@ -899,15 +899,23 @@ def ui(
 def weights_fetch(
     model: Annotated[
         str | None,
-        typer.Argument(help="resnet50, resnet18, efficientnet_b0 or convnext_tiny (default: the config's model)."),
+        typer.Argument(
+            help="A train.model: resnet50, resnet18, efficientnet_b0, convnext_tiny, or a foundation backbone "
+            "(clip_vit_b16, clip_vit_l14, clip_vit_b16_laion, clip_vit_l14_laion, dinov2_vits14, dinov2_vitb14, "
+            "dinov2_vitl14; docs/backbones.md). Default: the config's model."
+        ),
     ] = None,
     url: Annotated[
         str | None,
-        typer.Option("--url", help="Download from this URL (a mirror) instead of torchvision's; name-<sha256>.pth."),
+        typer.Option(
+            "--url",
+            help="Download from this URL (a mirror) instead of the publisher's; torchvision files: name-<sha256>.pth.",
+        ),
     ] = None,
     config: ConfigOpt = None,
 ):
-    """Download the ImageNet weights `train.weights: imagenet` starts from into TORCH_HOME's cache, hash-checked."""
+    """Download the published weights `train.weights: imagenet` / `pretrained` start from into TORCH_HOME's cache,
+    hash-checked."""
     base = _config(config, None, None, False).train
     name = model or base.model
     source = url or (base.weights_url if name == base.model else None)
@@ -916,7 +924,7 @@ def weights_fetch(
     from pipeline_lib.learn import models
 
     try:
-        fetched = models.fetch_imagenet_weights(train.model, train.weights_url)
+        fetched = models.fetch_weights(train.model, train.weights_url)
     except (models.WeightsNotFoundError, models.WeightsError) as error:
         _fail(str(error))
     state = "downloaded to" if fetched.downloaded else "already in the cache:"

@@ -437,7 +437,7 @@ def _model_stages(
         caches.drop_caches(workspace, caches.model_caches(workspace, config))
     run.per_image("preprocess", PREPROCESS_TASKS, split.catalog, (size, normalize), chunk_size)
     trainset = split.trainset or split.catalog
-    reporter = EpochReporter(tracker, config.train.epochs)  # live: a line and MLflow metrics as each epoch ends
+    reporter = EpochReporter(tracker, config.train.max_epochs)  # live: a line and MLflow metrics as each epoch ends
     trained = run.run(
         "train", stages.train, root, trainset, config.train, normalize, not run.refresh, progress=reporter
     )

@@ -240,6 +240,7 @@ def _log_challenger(tracker: Tracker, checkpoint: Path) -> tuple[str, dict[str, 
     requirements = [
         f"torch=={torch.__version__.split('+')[0]}",
         f"torchvision=={torchvision.__version__.split('+')[0]}",
+        *models.library_requirements(str(meta["model_name"])),
     ]
     return logged_models.log_pytorch_model(tracker, model, example, requirements, checkpoint=checkpoint), meta
 

@@ -15,6 +15,7 @@ import logging
 import math
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,7 @@ def build_report(
     top: dict[str, str] | None = None,
     cell_totals: dict[str, int] | None = None,
     held_out_generator: str | None = None,
+    reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Path:
     """Write out_dir/index.html (pictures embedded) with img/ and plots/ beside it; index.html is written last.
 
@@ -262,7 +264,8 @@ def build_report(
     every test group, the worst shown) and the Original | CAM pairs (originals: sha256 -> stored file; cell_totals:
     how many test images each cell holds, of which the selected rows are a part). All metrics are in a collapsed
     appendix. cam_target (report.cam_target): the CAMs explain each image's predicted
-    class, or always "ai" / "real"; they are computed on device.
+    class, or always "ai" / "real"; they are computed on device. reshape_transform: for a vision transformer's
+    target layer, its tokens to the patch grid (learn.models.cam_reshape).
     """
     _check_selected(images, selected)
     out_dir = Path(out_dir)
@@ -271,8 +274,9 @@ def build_report(
     rows = selected.reset_index(drop=True)
     classes = cam_classes(rows, cam_target)
     cams = compute_cams(
-        model, images, target_layer, cam_method, batch_size=cam_batch_size, target_class=classes, device=device
-    )
+        model, images, target_layer, cam_method, batch_size=cam_batch_size, target_class=classes, device=device,
+        reshape_transform=reshape_transform,
+    )  # fmt: skip
     sections: list[dict[str, Any]] = []
     originals = originals or {}
     for cell, _, _ in CELLS:

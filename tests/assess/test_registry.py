@@ -334,3 +334,31 @@ def test_a_champion_that_cannot_be_loaded_safely_is_reported_and_skipped(workspa
     assert second["version"] != first["version"]
 
 
+
+
+def test_a_probe_champion_is_logged_as_head_and_backbone_file_and_rebuilt_from_it(workspace, tmp_path, monkeypatch):
+    from pipeline_lib.learn import heads
+    from tests.tiny_backbones import DINO_SIZE, safetensors_file, use_tiny_backbones
+
+    use_tiny_backbones(monkeypatch)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    data, digest = safetensors_file(models.Classifier("dinov2_vits14").backbone.state_dict())
+    stored = tmp_path / "torch" / "hub" / "checkpoints" / "vit_small_patch14_dinov2.lvd142m.safetensors"
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(data)
+    model, weights = models.build_model("dinov2_vits14", "pretrained", head=heads.probe_spec("linear", 1, 0.0))
+    models.reference_backbone(model, weights)
+    checkpoint = workspace.models / "probe.pt"
+    models.save_checkpoint(checkpoint, model, {"image_size": DINO_SIZE})
+    split = _test_split(workspace, "a", ["ai", "real", "ai", "real"], seed=3)
+    result, run = _register(workspace, workspace.ref(checkpoint), split, "A")
+    assert result["promoted"] and run["tags"]["aidetect.champion_alias"] == "champion"
+    (pickled,) = _logged_files(workspace, "model.pth")
+    assert pickled.stat().st_size < 100_000, "the logged model holds the head, not the backbone"
+    (requirements,) = _logged_files(workspace, "requirements.txt")
+    assert "timm==" in requirements.read_text(), "a DINOv2 model needs timm to be loaded"
+    champion, size = load_champion(workspace_uri(workspace), "det")
+    assert size == DINO_SIZE and models.is_probe(champion)
+    images = torch.rand(2, 3, DINO_SIZE, DINO_SIZE)
+    torch.testing.assert_close(champion(images), model.eval()(images))
+    assert champion.backbone_reference == {"file": stored.name, "sha256": digest}
