@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 FEATURES_FOLDER = "features"
 ABOUT_FILE = "extractor.json"
 KEY_LENGTH = 32  # hex digits of a cache folder's name (128 bits)
+PENULTIMATE = "penultimate"  # the block of a classifier's vector that its head reads
 
 LoadFn = Callable[[Path, str], np.ndarray]  # (image file, its sha256) -> the model's input for that one image
 ForwardFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, stacked inputs on the device) -> [N, dim]
@@ -57,7 +58,9 @@ class Extractor:
 
     name: what people call it ("champion:aidetect/3", "resnet50:imagenet"); identity: the parts that change the
     output (weights digest, input size, normalisation); producers: the functions (and classes) whose code makes the
-    features, for producer_digest; load: one file -> model input; forward: a batch -> [N, dim] features.
+    features, for producer_digest; load: one file -> model input; forward: a batch -> [N, dim] features; blocks:
+    named consecutive column ranges of a vector (name, width), e.g. the penultimate features then pooled early ones
+    (default: one block, "features").
     """
 
     name: str
@@ -69,6 +72,7 @@ class Extractor:
     dim: int
     batch_size: int = 32
     details: Mapping[str, Any] = field(default_factory=dict)  # written to extractor.json, never part of the key
+    blocks: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -79,6 +83,16 @@ class Extractor:
             raise ValueError(
                 f"extractor {self.name!r}: dim and batch_size must be >= 1, got {self.dim}, {self.batch_size}"
             )
+        if self.blocks and sum(width for _, width in self.blocks) != self.dim:
+            raise ValueError(f"extractor {self.name!r}: its blocks {self.blocks} do not add up to dim {self.dim}")
+
+    def block_slices(self) -> dict[str, slice]:
+        """name -> the columns of that block in a feature vector."""
+        slices, start = {}, 0
+        for name, width in self.blocks or (("features", self.dim),):
+            slices[name] = slice(start, start + width)
+            start += width
+        return slices
 
 
 @dataclass(frozen=True)
@@ -253,14 +267,24 @@ def classifier_input(path: Path, sha256: str, size: int, policy: NormalizeConfig
 
 
 def classifier_forward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """A Classifier's penultimate features (the head's input) for a uint8 batch."""
-    return model.features(batch.float() / 255.0)
+    """A Classifier's penultimate features (the head's input), then its first stage's output averaged over the
+    image (colour and texture), for a uint8 batch."""
+    early: list[torch.Tensor] = []
+    hook = models.first_stage(model).register_forward_hook(lambda _m, _i, out: early.append(out.mean(dim=(2, 3))))
+    try:
+        late = model.features(batch.float() / 255.0)
+    finally:
+        hook.remove()
+    return torch.cat([late, early[0]], dim=1)
 
 
 def classifier_extractor(
     model: models.Classifier, name: str, image_size: int, policy: NormalizeConfig | None = None, batch_size: int = 32
 ) -> Extractor:
-    """An Extractor of a trained Classifier: name e.g. "champion:aidetect/3", keyed by its weights, size and policy."""
+    """An Extractor of a trained Classifier: name e.g. "champion:aidetect/3", keyed by its weights, size and policy.
+
+    Its vectors hold two blocks: the penultimate features (PENULTIMATE, what the head reads) and the first stage's
+    pooled output ("first_stage")."""
     if not isinstance(model, models.Classifier):
         raise TypeError(f"classifier_extractor needs a learn.models.Classifier, got {type(model).__name__}")
     active = policy if policy is not None and policy.mode != "none" else None
@@ -270,6 +294,8 @@ def classifier_extractor(
         "image_size": str(image_size),
         "normalize": "none" if active is None else json.dumps(active.model_dump(mode="json"), sort_keys=True),
     }
+    with _evaluating(model, "cpu"), torch.inference_mode():
+        early = classifier_forward(model, torch.zeros((1, 3, 32, 32), dtype=torch.uint8)).shape[1] - model.feature_count
     return Extractor(
         name=name,
         identity=identity,
@@ -277,6 +303,7 @@ def classifier_extractor(
         model=model,
         load=functools.partial(classifier_input, size=image_size, policy=active),
         forward=classifier_forward,
-        dim=model.feature_count,
+        dim=model.feature_count + early,
         batch_size=batch_size,
+        blocks=((PENULTIMATE, model.feature_count), ("first_stage", early)),
     )

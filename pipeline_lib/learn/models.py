@@ -303,6 +303,16 @@ def target_layer(model: nn.Module) -> nn.Module:
     return model.backbone.features[-1]  # efficientnet blocks; convnext: features[-1] is the last stage
 
 
+def first_stage(model: nn.Module) -> nn.Module:
+    """The first stage of the backbone (resnet layer1, efficientnet and convnext features[1]): its pooled output
+    describes colour and texture, which the penultimate features of a trained classifier may no longer tell apart."""
+    if not isinstance(model, Classifier):
+        raise TypeError(f"first_stage needs a pipeline_lib.learn.models.Classifier, got {type(model).__name__}")
+    if model.name.startswith("resnet"):
+        return model.backbone.layer1
+    return model.backbone.features[1]
+
+
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached, contiguous CPU copy of a state dict (loadable anywhere)."""
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
