@@ -44,13 +44,13 @@ def review_hints(
             for sha in members["sha256"].drop_duplicates():
                 hints.setdefault(sha, []).append(Hint(f"cross-group duplicate: {', '.join(groups)}", True))
     if face_rows is not None and len(face_rows):
-        counts = _face_hints(workspace, face_rows)
+        counts = face_hints(workspace, face_rows)
         for sha, hint in counts.items():
             hints.setdefault(sha, []).insert(0, hint)
     return hints
 
 
-def _face_hints(workspace: Workspace, rows: pd.DataFrame) -> dict[str, Hint]:
+def face_hints(workspace: Workspace, rows: pd.DataFrame) -> dict[str, Hint]:
     """Face hints per sha256, remembered in review/faces.json (an image's content never changes)."""
     from pipeline_lib.curate import faces
 
