@@ -28,6 +28,7 @@ from PIL import Image
 from pipeline_lib.assess.cam import CAM_TARGETS, cam_classes, cam_overlay, compute_cams, png_bytes
 from pipeline_lib.assess.evaluate import CLASS_NAMES, check_images
 from pipeline_lib.assess.report_content import CELL_TITLES, CELLS, report_warnings
+from pipeline_lib.assess.review_numbers import review_rows
 from pipeline_lib.core.workspace import atomic_write_bytes, atomic_write_text
 from pipeline_lib.learn.normalize import ROBUSTNESS_DESCRIPTION, ROBUSTNESS_VARIANTS
 
@@ -248,6 +249,7 @@ def build_report(
     originals: dict[str, Path] | None = None,
     warnings: list[dict[str, str]] | None = None,
     top: dict[str, str] | None = None,
+    review: dict[str, float] | None = None,
 ) -> Path:
     """Write out_dir/index.html (pictures embedded) with img/ and plots/ beside it; index.html is written last.
 
@@ -294,6 +296,7 @@ def build_report(
         "robustness": _robustness_rows(metrics),
         "robustness_how": ROBUSTNESS_DESCRIPTION,
         "generators": _generator_rows(per_generator),
+        "review": review_rows(review or {}),
     }
     index = atomic_write_text(out_dir / "index.html", render_html(context))
     log.info("report written to %s (%d examples)", index, len(rows))
