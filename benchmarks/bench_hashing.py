@@ -312,7 +312,7 @@ def main() -> None:
         "mean_file_bytes": mean_bytes,
         "bits_per_pixel": round(8 * mean_bytes / (WIDTH * HEIGHT), 2),
         "cpu_count": os.cpu_count(),
-        "hash_version": fingerprint.HASH_VERSION,
+        "hash_code": fingerprint.hash_code(),
         "single_core_repeats_best_of": args.repeats,
         "naive_imagehash_phash_images_per_s": rate(n, naive_s),
         "project_one_core_images_per_s": rate(n, seq_s),

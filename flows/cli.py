@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -47,7 +48,9 @@ def _known_failures() -> list[tuple[tuple[type[BaseException], ...], str]]:
     from pipeline_lib.core.catalog import CatalogError
     from pipeline_lib.core.cluster import ClusterError
     from pipeline_lib.core.config import ConfigError
+    from pipeline_lib.core.layout import UnusableWorkspaceError
     from pipeline_lib.core.tracking.logged_models import ModelNotFoundError
+    from pipeline_lib.core.tracking.workspace_store import TrackingStoreError
     from pipeline_lib.core.workspace import WorkspaceBusyError, WorkspaceError
     from pipeline_lib.curate.audit import AuditError
     from pipeline_lib.curate.review import ReviewError
@@ -57,6 +60,7 @@ def _known_failures() -> list[tuple[tuple[type[BaseException], ...], str]]:
 
     return [
         ((ConfigError, SourceError, SplitError, AuditError, WorkspaceError, WorkspaceBusyError, ClusterError), ""),
+        ((UnusableWorkspaceError, TrackingStoreError), ""),
         ((WeightsNotFoundError, WeightsError, ModelNotFoundError), ""),
         ((CatalogError, CrawlLogError, ReviewError, CheckpointError, PreprocessError), DOCTOR_HINT),
         ((sqlite3.DatabaseError,), MLFLOW_HINT),
@@ -86,6 +90,32 @@ def explain_failure(error: BaseException) -> str | None:
                 text = str(cause) if keys_per_line else " ".join(str(cause).split())
                 return f"{type(cause).__name__}: {text}{hint}"
     return None
+
+
+class _KnownFailureTraceback(logging.Filter):
+    """Keeps off the console the records Prefect logs with the traceback of a failed task or flow when the failure
+    is a known one: the command prints its one line instead. Prefect's run logs (its API handler) keep them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or explain_failure(error) is None
+
+
+@contextlib.contextmanager
+def _console_without_known_tracebacks() -> Iterator[None]:
+    """_KnownFailureTraceback on Prefect's console handlers for the block (not with --debug)."""
+    import prefect.main  # noqa: F401 - sets up Prefect's logging (its console handler) as a flow's import would
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    consoles = [] if _debug() else [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    quiet = _KnownFailureTraceback()
+    for handler in consoles:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in consoles:
+            handler.removeFilter(quiet)
 
 
 class _Commands(TyperGroup):
@@ -150,6 +180,13 @@ def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _refuse(error: Exception) -> NoReturn:
+    """Exit 2 with the one line of a known failure met before any stage runs (its traceback with --debug)."""
+    if _debug():
+        raise error
+    _fail(f"{type(error).__name__}: {' '.join(str(error).split())}")
+
+
 def _echo(lines: list[str]) -> None:
     typer.echo("\n".join(lines))
 
@@ -170,12 +207,15 @@ def _config(config: Path | None, workspace: Path | None, overrides: list[str] | 
 
 
 def _workspace(workspace: Path | None) -> Workspace:
+    from pipeline_lib.core.layout import UnusableWorkspaceError
     from pipeline_lib.core.workspace import Workspace, WorkspaceError
 
     try:
         return Workspace.open(workspace or Path("workspace"))
     except WorkspaceError as error:
         _fail(str(error))
+    except UnusableWorkspaceError as error:
+        _refuse(error)
 
 
 def _check_sources(cfg: PipelineConfig) -> None:
@@ -185,12 +225,15 @@ def _check_sources(cfg: PipelineConfig) -> None:
     from pipeline_lib.acquire.crawl import check_sources
     from pipeline_lib.acquire.imports import with_imports
     from pipeline_lib.core.config import ConfigError
+    from pipeline_lib.core.layout import UnusableWorkspaceError
     from pipeline_lib.core.workspace import Workspace, WorkspaceError
 
     try:
         workspace = Workspace.open(cfg.execution.workspace)
     except WorkspaceError:
         workspace = None  # a new workspace has no imports yet
+    except UnusableWorkspaceError as error:
+        _refuse(error)
     try:
         check_sources(with_imports(cfg.sources, workspace) if workspace else cfg.sources)
     except (ConfigError, ValueError, OSError) as error:
@@ -210,16 +253,55 @@ def _prefect() -> Iterator[str]:
             if _debug():
                 raise
             _fail(str(error), code=EXIT_NO_SERVER)
+        stack.enter_context(_console_without_known_tracebacks())
         yield api
 
 
-def _check_unlocked(cfg: PipelineConfig) -> None:
-    """Exit 2 at once, naming the holder, when another run holds the workspace (before any server starts)."""
-    from pipeline_lib.core.workspace import Workspace, check_unlocked
+@contextlib.contextmanager
+def _writer(cfg: PipelineConfig, command: str, create: bool = False) -> Iterator[None]:
+    """The command's hold on its workspace, taken before anything is written and before Prefect starts: the
+    workspace checked (a folder, a layout it knows, a sound tracking store) and its writer lock held until the
+    command ends, so that a command that loses the lock exits 2 in one line having changed nothing.
+
+    A workspace that does not exist yet is made here only when create; otherwise the flow makes it, then locks it.
+    """
+    from pipeline_lib.core.layout import UnusableWorkspaceError
+    from pipeline_lib.core.workspace import WorkspaceBusyError
+
+    with contextlib.ExitStack() as stack:
+        try:
+            _hold_workspace(stack, cfg, command, create)
+        except (UnusableWorkspaceError, WorkspaceBusyError) as error:
+            _refuse(error)
+        yield
+
+
+def _hold_workspace(stack: contextlib.ExitStack, cfg: PipelineConfig, command: str, create: bool) -> None:
+    """_writer's checks, with the lock entered on stack. A folder that is not a workspace yet is locked before
+    anything is made in it; a path that does not exist yet is left to the flow unless create."""
+    from pipeline_lib.core.layout import check_creatable
+    from pipeline_lib.core.workspace import Workspace, WorkspaceError, workspace_lock
 
     root = Path(cfg.execution.workspace).expanduser().resolve()
-    if (root / ".aidetect-workspace").is_file():
-        check_unlocked(Workspace(root))
+    try:
+        workspace = Workspace.open(root)
+    except WorkspaceError:  # not a workspace yet (a path that cannot hold one raised UnusableWorkspaceError)
+        if not root.exists():
+            check_creatable(root)
+            if not create:
+                return
+            root.mkdir(parents=True, exist_ok=True)  # the lock file's folder; the workspace is made under the lock
+        workspace = Workspace(root)
+    stack.enter_context(workspace_lock(workspace, command))
+    if create:
+        Workspace.create(root)
+    from pipeline_lib.core.tracking.store import tracking_uri
+    from pipeline_lib.core.tracking.workspace_store import TrackingStoreError, check_store
+
+    try:
+        check_store(tracking_uri(cfg.tracking.uri, workspace))
+    except TrackingStoreError as error:
+        _refuse(error)
 
 
 def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
@@ -228,7 +310,6 @@ def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     from pipeline_lib.core.workspace import WorkspaceError
     from pipeline_lib.curate.review import ReviewPending
 
-    _check_unlocked(cfg)
     with _prefect():
         from flows.pipeline import run_pipeline
         from pipeline_lib.curate.split import SplitError
@@ -291,7 +372,9 @@ def run(
     extra += ["execution.promote=true"] if promote else []
     cfg = _config(config, workspace, extra, refresh_cache)
     _check_sources(cfg)
-    _print_summary(_run_pipeline(cfg))
+    with _writer(cfg, "aidetect run"):
+        summary = _run_pipeline(cfg)
+    _print_summary(summary)
 
 
 def _crawl(cfg: PipelineConfig, as_json: bool, folders: list[FolderSource] | None = None) -> None:
@@ -333,19 +416,20 @@ def crawl(
     """Crawl and ingest only: grow the catalog."""
     cfg = _config(config, workspace, set_, refresh_cache)
     _check_sources(cfg)
-    _check_unlocked(cfg)
-    with _prefect():
+    with _writer(cfg, "aidetect crawl"), _prefect():
         _crawl(cfg, as_json)
 
 
-def _folder_source(folder: Path, label: str, group_by: str, generator: str) -> FolderSource:
+def _folder_source(folder: Path, label: str, group_by: str, generator: str, follow: bool) -> FolderSource:
     """The import as a folder source; exit 2 naming the option that is wrong."""
     from pydantic import ValidationError
 
     from pipeline_lib.core.config import FolderSource
 
     try:
-        return FolderSource(path=folder.resolve(), label=label, group_by=group_by, generator=generator)
+        return FolderSource(
+            path=folder.resolve(), label=label, group_by=group_by, generator=generator, follow_symlinks=follow
+        )
     except ValidationError as error:
         fields = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors())
         _fail(f"invalid import: {fields}")
@@ -353,20 +437,19 @@ def _folder_source(folder: Path, label: str, group_by: str, generator: str) -> F
 
 def _check_folder(source: FolderSource) -> None:
     """The folder exists and holds at least one image; its grouping works (CSV readable); else exit 2."""
-    from pipeline_lib.core.workspace import folder_files
+    from pipeline_lib.acquire.local_files import folder_entries
 
     folder = source.path
     if not folder.is_dir():
         _fail(f"import folder {folder} does not exist or is not a directory")
-    files = list(folder_files(folder))
-    if not files:
+    entries = list(folder_entries(folder, source.follow_symlinks))
+    if not entries:
         _fail(f"import folder {folder} is empty (hidden files are not imported)")
-    from pipeline_lib.acquire.validate import not_an_image
+    from pipeline_lib.acquire.folders import left_out_reason
 
-    reasons = {path: not_an_image(path) for path in files}
-    if all(reasons.values()):
-        listed = ", ".join(f"{p.relative_to(folder)} ({why})" for p, why in list(reasons.items())[:3])
-        _fail(f"no images among the {len(files)} file(s) in {folder}: {listed}")
+    if all(left_out_reason(folder, entry) for entry in entries):  # stops at the first image
+        listed = ", ".join(f"{e.path.relative_to(folder)} ({left_out_reason(folder, e)})" for e in entries[:3])
+        _fail(f"no images among the {len(entries)} file(s) in {folder}: {listed}")
     if not source.group_by.startswith("csv:"):
         return  # folder and pattern grouping were checked with the options
     from pipeline_lib.acquire.crawl import check_sources
@@ -388,6 +471,14 @@ def import_folder(
     generator: Annotated[
         str, typer.Option(help="e.g. midjourney, stable-diffusion (a csv:FILE generator column overrides it per file)")
     ] = "unknown",
+    follow_symlinks: Annotated[
+        bool,
+        typer.Option(
+            "--follow-symlinks",
+            help="Follow symlinks that point inside the folder (without it every symlink is left out; one pointing "
+            "outside the folder always is).",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     set_: SetOpt = None,
@@ -395,21 +486,22 @@ def import_folder(
 ):
     """Add a folder of local images to the workspace (kept as a source of every later run) and ingest it now.
 
-    Every file that is not hidden is looked at: images are imported whatever their extension, every other file is
-    listed with the reason it was left out.
+    Every file that is not hidden is looked at: images are imported whatever their extension, every other file
+    (symlinks included) is listed with the reason it was left out. Nothing outside the folder is read.
     """
-    source = _folder_source(folder, label, group_by, generator)
+    source = _folder_source(folder, label, group_by, generator, follow_symlinks)
     _check_folder(source)
     no_sources = ["sources.search=[]", "sources.urls=[]", "sources.folders=[]"]
     cfg = _config(config, workspace, list(set_ or []) + no_sources, False)
-    _check_unlocked(cfg)
-    with _prefect():  # a Prefect API first: nothing is saved when there is none
+    # The lock first, then a Prefect API: the folder is recorded only by the command that holds the workspace, and
+    # only when flows can run.
+    with _writer(cfg, f"aidetect import {source.path}", create=True), _prefect():
         from pipeline_lib.acquire.imports import add_import
         from pipeline_lib.core.config import ConfigError
         from pipeline_lib.core.workspace import Workspace
 
         try:
-            add_import(Workspace.create(cfg.execution.workspace), source)
+            add_import(Workspace.open(cfg.execution.workspace), source)
         except ConfigError as error:
             _fail(str(error))
         _crawl(cfg, as_json, [source])
@@ -433,22 +525,23 @@ def demo(
         base = read_yaml_mapping(DEMO_CONFIG)
         overlay = {k: v for k, v in (read_yaml_mapping(config) if config else {}).items() if k != "sources"}
         data = merge_mappings(merge_mappings(base, overlay), {"execution": {"workspace": str(workspace)}})
-        build_config(data, extra, origin="demo config")  # checked before any data is drawn or Prefect starts
+        checked = build_config(data, extra, origin="demo config")  # before any data is drawn or Prefect starts
     except ConfigError as error:
         _fail(str(error))
     from pipeline_lib.ops import demo_data
 
     data_root = workspace / "demo-data"
-    typer.echo(f"generating synthetic demo data in {data_root} (not real people: drawn faces)")
-    dataset = demo_data.generate_demo_dataset(data_root, n_persons_per_class=persons)
-    with demo_data.search_site(dataset, port=DEMO_PORT) as endpoint:
-        typer.echo(f"serving the 'real' class on a loopback search page: {endpoint}")
-        cfg = build_config(
-            merge_mappings(merge_mappings(base, demo_data.demo_config_dict(dataset, endpoint, workspace)), overlay),
-            extra,
-            origin="demo config",
-        )
-        summary = _run_pipeline(cfg)
+    with _writer(checked, "aidetect demo", create=True):
+        typer.echo(f"generating synthetic demo data in {data_root} (not real people: drawn faces)")
+        dataset = demo_data.generate_demo_dataset(data_root, n_persons_per_class=persons)
+        with demo_data.search_site(dataset, port=DEMO_PORT) as endpoint:
+            typer.echo(f"serving the 'real' class on a loopback search page: {endpoint}")
+            cfg = build_config(
+                merge_mappings(merge_mappings(base, demo_data.demo_config_dict(dataset, endpoint, workspace)), overlay),
+                extra,
+                origin="demo config",
+            )
+            summary = _run_pipeline(cfg)
     _print_summary(summary)
 
 
@@ -463,6 +556,7 @@ def status(
     the tracking URI of the config they are recorded in)."""
     cfg = _config(config, workspace, set_, False)
     ws = _workspace(cfg.execution.workspace)
+    from pipeline_lib.core.tracking.workspace_store import TrackingStoreError, check_store
     from pipeline_lib.ops.status import folder_accounts, recent_runs, workspace_status
 
     info = workspace_status(ws)
@@ -471,14 +565,20 @@ def status(
     server = cfg.tracking.uri if (cfg.tracking.uri or "").startswith(("http://", "https://")) else None
     if server and not _server_is_up(server):
         info["runs"], info["runs_error"] = [], f"no MLflow tracking server answers at {server} (tracking.uri)"
+    try:
+        check_store(info["tracking_uri"], deep=False)  # SQLite's own check only: status answers at once
+    except TrackingStoreError as error:
+        info["tracking_error"] = str(error)
     accounts = folder_accounts(ws)
     if as_json:
         info["imports"] = [{"folder": str(a.folder), "files": [vars(item) for item in a.files]} for a in accounts]
         typer.echo(json.dumps(info, indent=2, default=str))
-        return
-    from pipeline_lib.ops.summary import status_lines
+    else:
+        from pipeline_lib.ops.summary import status_lines
 
-    _echo(status_lines(info, accounts))
+        _echo(status_lines(info, accounts))
+    if "tracking_error" in info:
+        _fail(f"TrackingStoreError: {info['tracking_error']}")
 
 
 @review_app.command("status")
@@ -825,7 +925,9 @@ def ui(
         typer.echo(prefect_hint)
         return
     ws = _workspace(cfg.execution.workspace)
-    uri = store.tracking_uri(cfg.tracking.uri, ws)
+    from pipeline_lib.core.tracking.workspace_store import open_store
+
+    uri = open_store(cfg.tracking.uri, ws)
     host, port = host or store.LOCAL_UI_HOST, port or store.LOCAL_UI_PORT
     command = mlflow_ui_command(uri, store.artifact_root(ws), host, port)
     typer.echo(f"MLflow UI: http://{host}:{port}  (store {uri})")
@@ -882,10 +984,10 @@ def _predict_model(
     cfg = _config(config, workspace, None, False)
     ws = None if cfg.tracking.uri else _workspace(cfg.execution.workspace)
     from pipeline_lib.assess import registry
-    from pipeline_lib.core.tracking import store, versions
+    from pipeline_lib.core.tracking import versions, workspace_store
     from pipeline_lib.core.tracking.logged_models import ModelNotFoundError
 
-    uri = cfg.tracking.uri or store.tracking_uri(None, ws)
+    uri = cfg.tracking.uri or workspace_store.open_store(None, ws)
     name = cfg.tracking.registered_model
     trust = trust_pickle or cfg.tracking.trust_pickle
     try:

@@ -29,6 +29,7 @@ from pipeline_lib.core.tracking.runs import Tracker, code_version, system_metric
 from pipeline_lib.core.tracking.stage_runs import KEY_PARAM_PREFIX, previous_stage_keys, stage_run
 from pipeline_lib.core.workspace import Ref, Workspace, digest_of, file_sha256, workspace_lock
 from pipeline_lib.curate import split as split_lib
+from pipeline_lib.ops import caches
 from pipeline_lib.ops.status import record_run
 from tasks import per_image, stages, track
 from tasks.caching import cached, stage_key
@@ -334,8 +335,11 @@ def _crawl_and_ingest(
 
     The crawl log decides what is fetched again: a keyword searched within sources.recrawl_after_hours is not
     searched again (with --refresh-cache it is), a URL fetched once never again, a local file only when new or changed.
+    With --refresh-cache the per-image caches of the data stages are made again (validation records, hashes, ...).
     """
     root = str(workspace.root)
+    if run.refresh:
+        caches.drop_caches(workspace, caches.data_caches(workspace, config))
     sources = with_imports(config.sources, workspace)
     if config.execution.crawl:
         if run.refresh:
@@ -393,6 +397,8 @@ def _model_stages(
     track.log_datasets(root, tracker, split.catalog)
     normalize = config.preprocess.normalize
     size, chunk_size = config.train.image_size, config.execution.chunk_size
+    if run.refresh:  # every tensor is decoded again by the code now
+        caches.drop_caches(workspace, caches.model_caches(workspace, config))
     run.per_image("preprocess", PREPROCESS_TASKS, split.catalog, (size, normalize), chunk_size)
     trainset = split.trainset or split.catalog
     reporter = EpochReporter(tracker, config.train.epochs)  # live: a line and MLflow metrics as each epoch ends

@@ -22,8 +22,8 @@ from pipeline_lib.core.tracking.runs import (
     owner_tags,
     start_run,
 )
-from pipeline_lib.core.tracking.store import tracking_uri
 from pipeline_lib.core.tracking.versions import CHAMPION
+from pipeline_lib.core.tracking.workspace_store import open_store
 from pipeline_lib.core.workspace import Ref, Workspace
 from pipeline_lib.learn.history import plot_learning_curves
 from tasks.stages import EvalOutput, TrainOutput
@@ -32,9 +32,10 @@ from tasks.stages import EvalOutput, TrainOutput
 @task(name="mlflow-start", cache_policy=NO_CACHE)
 def start_tracking(root: str, config: PipelineConfig, run_name: str, tags: dict[str, str]) -> Tracker:
     """Open the pipeline's MLflow run and log the whole config (params + config.yaml); first mark KILLED the runs a
-    killed process left RUNNING in this workspace (the caller holds the workspace lock)."""
+    killed process left RUNNING in this workspace (the caller holds the workspace lock). The store is checked first
+    and, when it is the workspace's own, its artifact locations kept inside this workspace (open_store)."""
     workspace = Workspace.create(root)
-    uri = tracking_uri(config.tracking.uri, workspace)
+    uri = open_store(config.tracking.uri, workspace)
     orphans = end_orphaned_runs(uri, config.tracking.experiment, workspace)
     owner = owner_tags(workspace)
     tracker = start_run(uri, config.tracking.experiment, workspace, run_name, tags | owner)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,45 @@ def workspace(tmp_path: Path) -> Workspace:
 def _isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never let a test touch ./mlruns or a real server."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow-default.db'}")
+
+
+@pytest.fixture
+def outside_secret() -> Iterator[Path]:
+    """A secret PNG (readable, a valid image) in a folder of its own outside pytest's tmp_path, removed at the end:
+    the target of symlinks that an import must never follow."""
+    folder = Path(tempfile.mkdtemp(prefix="aidetect-secret-"))
+    try:
+        yield make_image(folder / "shadow.png", seed=4242, size=(64, 64), fmt="PNG")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def files_holding(root: Path, data: bytes) -> list[Path]:
+    """Every file under root whose bytes contain data (symlinks are not followed)."""
+    return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and data in p.read_bytes()]
+
+
+HOLDER = """
+import sys
+from pathlib import Path
+from pipeline_lib.core.workspace import Workspace, workspace_lock
+workspace = Workspace.create(sys.argv[1]) if sys.argv[2] == "create" else Workspace(Path(sys.argv[1]))
+with workspace_lock(workspace, "aidetect run (test holder)"):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def hold_workspace_lock(root: Path, create: bool = True) -> subprocess.Popen:
+    """A second process that holds the workspace lock (the real one) until its stdin closes; returns once it holds
+    it. create=False: it locks the folder as it is, as a command holds a new workspace's folder before it makes the
+    workspace in it. Close its stdin and wait for it to let go."""
+    how = "create" if create else "as-is"
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(root), how], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == "locked"
+    return process
 
 
 def make_image(path: Path, seed: int = 0, size: tuple[int, int] = (48, 40), fmt: str = "JPEG") -> Path:

@@ -12,6 +12,7 @@ from urllib.parse import urljoin
 import requests
 import urllib3
 
+from pipeline_lib.acquire.deadline import Watchdog, download_deadline
 from pipeline_lib.acquire.safety import UnsafeUrlError, pin_session
 from pipeline_lib.core.config import SourcesConfig
 
@@ -118,31 +119,44 @@ def fetch_bytes(session: requests.Session, url: str, sources: SourcesConfig) -> 
     """GET url with retries (connection errors, timeouts, truncated bodies, 5xx, 429; backoff 0.2s*2**i), all
     within sources.download_timeout_s; every hop checked and pinned (the session gets a PinnedAdapter).
 
+    The deadline covers connecting, the status line, the headers and the body of every attempt: a watchdog shuts
+    the connection down when it passes (acquire/deadline.py), however slowly the server trickles its bytes.
     Returns (bytes, "") or (None, error); a body shorter than its Content-Length is never returned.
     """
     pin_session(session, sources.allow_private_addresses)
-    deadline = time.monotonic() + sources.download_timeout_s
+    with download_deadline(sources.download_timeout_s) as watchdog:
+        return _fetch_with_retries(session, url, sources, watchdog)
+
+
+def _fetch_with_retries(
+    session: requests.Session, url: str, sources: SourcesConfig, watchdog: Watchdog
+) -> tuple[bytes | None, str]:
+    late = f"took longer than {sources.download_timeout_s:g} s in all"
     error = ""
     for attempt in range(sources.max_retries + 1):
-        if attempt:
-            time.sleep(min(BACKOFF_BASE_S * 2 ** (attempt - 1), max(0.0, deadline - time.monotonic())))
+        if attempt and watchdog.wait(BACKOFF_BASE_S * 2 ** (attempt - 1)):
+            return None, f"{late} (before attempt {attempt + 1}; last error: {error})"
         try:
-            status, body = _get_once(session, url, sources, deadline)
+            status, body = _get_once(session, url, sources, watchdog.deadline)
         except UnsafeUrlError as unsafe:
             return None, str(unsafe)
-        except DownloadDeadlineError as late:
-            return None, f"took longer than {sources.download_timeout_s:g} s in all ({late})"
+        except DownloadDeadlineError as failure:
+            return None, f"{late} ({failure})"
         except TruncatedBodyError as failure:
             error = str(failure)
-            continue
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as failure:
             error = f"{type(failure).__name__}: {failure}"
-            continue
         except (requests.RequestException, ValueError) as failure:
-            return None, f"{type(failure).__name__}: {failure}"
-        if 200 <= status < 300:
-            return body, ""
-        error = f"http {status}"
-        if status != 429 and status < 500:
-            return None, error
+            error = f"{type(failure).__name__}: {failure}"
+            return (None, f"{late} (cut off: {error})") if watchdog.fired else (None, error)
+        else:
+            if watchdog.fired:  # whatever was read, the watchdog cut it short
+                return None, f"{late} (cut off after http {status})"
+            if 200 <= status < 300:
+                return body, ""
+            error = f"http {status}"
+            if status != 429 and status < 500:
+                return None, error
+        if watchdog.fired:
+            return None, f"{late} (the connection was shut down at the deadline: {error})"
     return None, error[:500]

@@ -8,16 +8,17 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pipeline_lib.acquire.crawl_state import CrawlState
+from pipeline_lib.acquire.local_files import FolderEntry, folder_entries, open_inside
 from pipeline_lib.acquire.sources import clean_keyword, read_utf8
 from pipeline_lib.acquire.validate import not_an_image
 from pipeline_lib.core.config import FolderSource
 from pipeline_lib.core.progress import progress
-from pipeline_lib.core.workspace import bytes_sha256, folder_files
+from pipeline_lib.core.workspace import bytes_sha256
 
 GroupOf = Callable[[Path], tuple[str, str]]  # file -> (group, error)
 
@@ -113,13 +114,6 @@ def folder_generators(source: FolderSource) -> GeneratorOf:
     return generator_of
 
 
-def image_files(root: Path) -> Iterator[Path]:
-    """The files under root an import takes to ingest: images whatever their name, and files named like images."""
-    for path in folder_files(root):
-        if not not_an_image(path):
-            yield path
-
-
 @dataclass(frozen=True)
 class FolderJob:
     source: FolderSource
@@ -128,22 +122,45 @@ class FolderJob:
 
 
 def crawl_folder(state: CrawlState, job: FolderJob) -> None:
-    """Copy a folder's images into incoming/ (the user's files are only read); log every other file with its reason."""
+    """Copy a folder's images into incoming/ (the user's files are only read, and nothing outside the folder: see
+    local_files); log every other file, symlinks included, with the reason it was left out."""
     source = job.source
-    name = f"folder:{Path(source.path).name}"
+    root = Path(source.path)
+    name = f"folder:{root.name}"
     found = False
-    files = list(folder_files(Path(source.path)))
-    for path in progress(files, len(files), f"crawl {name}", unit="file"):
-        reason = not_an_image(path)
+    entries = list(folder_entries(root, source.follow_symlinks))
+    for entry in progress(entries, len(entries), f"crawl {name}", unit="file"):
+        data, reason = _read_image(root, entry)
         if reason:
-            _skip_file(state, name, source, path, reason)
+            _skip_file(state, name, source, entry.path, reason)
         else:
             found = True
-            generator = job.generator_of(path) if job.generator_of is not None else source.generator
-            _import_file(state, name, source, path, job.group_of, generator)
+            generator = job.generator_of(entry.path) if job.generator_of is not None else source.generator
+            _import_file(state, name, source, entry.path, data, job.group_of, generator)
         state.checkpoint()
     if not found:
         state.note(name, "", f"no image files in {source.path}")
+
+
+def left_out_reason(root: Path, entry: FolderEntry) -> str:
+    """Why an import leaves an entry of root out ("" when it takes it): what the walk found, or the file's bytes."""
+    return _read_image(root, entry, keep=False)[1]
+
+
+def _read_image(root: Path, entry: FolderEntry, keep: bool = True) -> tuple[bytes, str]:
+    """(the bytes of an entry the import takes (b"" unless keep), "") or (b"", why it is left out); the file is
+    opened inside root (local_files.open_inside), so nothing outside it is read."""
+    if entry.reason:
+        return b"", entry.reason
+    try:
+        with open_inside(root, entry.target) as handle:
+            reason = not_an_image(entry.path, handle)
+            if reason or not keep:
+                return b"", reason
+            handle.seek(0)
+            return handle.read(), ""
+    except OSError as failure:
+        return b"", f"unreadable: {failure.strerror or failure}"
 
 
 def _skip_file(state: CrawlState, name: str, source: FolderSource, path: Path, reason: str) -> None:
@@ -152,21 +169,30 @@ def _skip_file(state: CrawlState, name: str, source: FolderSource, path: Path, r
     if state.is_logged_failure(url, reason):
         return
     meta = {"source": name, "label": source.label, "group": "", "keyword": "", "generator": source.generator}
-    state.record(meta, url, "", "", path.stat().st_size, reason)
+    state.record(meta, url, "", "", _size(path), reason)
+
+
+def _size(path: Path) -> int:
+    """The entry's own size (a symlink's, not its target's); 0 if it is gone."""
+    try:
+        return path.lstat().st_size
+    except OSError:
+        return 0
 
 
 def _import_file(
-    state: CrawlState, name: str, source: FolderSource, path: Path, group_of: GroupOf, generator: str | None = None
+    state: CrawlState,
+    name: str,
+    source: FolderSource,
+    path: Path,
+    data: bytes,
+    group_of: GroupOf,
+    generator: str | None = None,
 ) -> None:
     url = path.absolute().as_uri()
     group, error = group_of(path)
     generator = source.generator if generator is None else generator
     meta = {"source": name, "label": source.label, "group": group, "keyword": group, "generator": generator}
-    try:
-        data = path.read_bytes()
-    except OSError as failure:
-        error = error or f"unreadable: {failure}"
-        data = b""
     if error:
         state.record(meta, url, "", "", len(data), error)
         state.count(name, group, "failed")

@@ -10,9 +10,10 @@ from pathlib import Path
 import pandas as pd
 from pydantic import ValidationError
 
+from pipeline_lib.acquire.local_files import folder_entries
 from pipeline_lib.core.catalog import INVALID_PREFIX
 from pipeline_lib.core.config import ConfigError, FolderSource, SourcesConfig
-from pipeline_lib.core.workspace import Workspace, atomic_write_text, folder_files
+from pipeline_lib.core.workspace import Workspace, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,9 @@ def account_folder(source: FolderSource, crawl_log: pd.DataFrame, catalog: pd.Da
     status = _status_by_sha(catalog)
     root = Path(source.path)
     outcomes = []
-    for path in folder_files(root) if root.is_dir() else []:
-        name = path.relative_to(root).as_posix()
-        url = path.absolute().as_uri()
+    for entry in folder_entries(root, source.follow_symlinks):
+        name = entry.path.relative_to(root).as_posix()
+        url = entry.path.absolute().as_uri()
         row = last.loc[url] if last is not None and url in last.index else None
         outcomes.append(_outcome(name, row, status))
     return FolderAccount(root, source.label, outcomes)

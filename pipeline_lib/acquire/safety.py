@@ -10,9 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import urllib3.poolmanager
 from requests import PreparedRequest
 from requests.adapters import HTTPAdapter
 from requests.utils import select_proxy
+
+from pipeline_lib.acquire.deadline import WATCHED_POOLS
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +123,18 @@ class PinnedAdapter(HTTPAdapter):
     def __init__(self, allow_private: bool, **kwargs: Any) -> None:
         self.allow_private = allow_private
         super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        """requests' pool manager, with pools whose connections a download's deadline reaches (deadline.py)."""
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = WATCHED_POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        """requests' proxy manager; an HTTP(S) proxy's pools are watched too (a SOCKS proxy keeps its own pools)."""
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if manager.pool_classes_by_scheme is urllib3.poolmanager.pool_classes_by_scheme:
+            manager.pool_classes_by_scheme = WATCHED_POOLS
+        return manager
 
     def get_connection_with_tls_context(
         self, request: PreparedRequest, verify: Any, proxies: dict[str, str] | None = None, cert: Any = None

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import BinaryIO, Literal, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -296,24 +296,33 @@ def _opened(path: Path, min_side: int, max_pixels: int) -> Iterator[tuple[Image.
             yield image, "", head, n_bytes
 
 
-def not_an_image(path: Path) -> str:
+def not_an_image(path: Path, handle: BinaryIO | None = None) -> str:
     """Why an import leaves path out ("" when it is taken): not an image by its bytes nor by its name.
 
     A file Pillow recognises is an image whatever its extension; a file named like an image that Pillow cannot read
-    is taken too, so that ingest quarantines it with the reason (truncated, html, ...).
+    is taken too, so that ingest quarantines it with the reason (truncated, html, ...). handle: the file opened
+    already (e.g. by local_files.open_inside, so that no path is followed again); it is read from its start.
     """
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return ""
+    if handle is not None:
+        return _content_reason(handle)
     try:
-        with Image.open(path):
+        with path.open("rb") as opened:
+            return _content_reason(opened)
+    except OSError as error:
+        return f"unreadable: {error.strerror or error}"
+
+
+def _content_reason(handle: BinaryIO) -> str:
+    """"" when Pillow recognises the file's bytes as an image, else "not an image (<what the bytes look like>)"."""
+    try:
+        with Image.open(handle):  # a file object passed in stays open
             return ""
     except Exception:  # anything Pillow cannot identify is not an image to import
         pass
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(SNIFF_BYTES)
-    except OSError as error:
-        return f"unreadable: {error.strerror or error}"
+    handle.seek(0)
+    head = handle.read(SNIFF_BYTES)
     return f"not an image ({sniff_content(head) if head else 'empty file'})"
 
 

@@ -97,11 +97,35 @@ def fit_bounded_temperature(scores: np.ndarray, labels: np.ndarray | list, min_i
     if len(np.unique(y)) < 2:
         return TemperatureFit(1.0, "the validation split holds one class only")
     temperature = fit_temperature(scores, labels)
-    low, high = TEMPERATURE_RANGE
-    if not low <= temperature <= high:
+    problem = temperature_problem(temperature)
+    if problem:
+        low = TEMPERATURE_RANGE[0]
         why = "separates the validation split perfectly" if temperature < low else "barely tells the classes apart"
-        return TemperatureFit(1.0, f"the fitted T={temperature:.3g} is outside {low:g}..{high:g} (the model {why})")
+        return TemperatureFit(1.0, f"the fitted {problem} (the model {why})")
     return TemperatureFit(temperature)
+
+
+def temperature_problem(temperature: float) -> str:
+    """Why a temperature must not rescale scores ("" when it may): it is not a number inside TEMPERATURE_RANGE.
+
+    The one bound of every temperature: a fitted one outside it is replaced by T = 1, a stored one read back
+    (check_temperature) is refused.
+    """
+    low, high = TEMPERATURE_RANGE
+    if math.isfinite(temperature) and low <= temperature <= high:
+        return ""
+    return f"T={temperature:.3g} is outside {low:g}..{high:g}"
+
+
+def check_temperature(temperature: float, where: str) -> float:
+    """The temperature of a stored calibration (where: the file or tag it came from), or ValueError naming both."""
+    problem = temperature_problem(temperature)
+    if problem:
+        raise ValueError(
+            f"{where}: temperature {problem}; aidetect never stores such a temperature (a fit outside that range "
+            "gives T = 1), so the calibration was edited or damaged: fix or remove it"
+        )
+    return temperature
 
 
 def apply_temperature(scores: np.ndarray, temperature: float) -> np.ndarray:

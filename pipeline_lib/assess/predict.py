@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ from pydantic import ValidationError
 
 from pipeline_lib.acquire.validate import check_header
 from pipeline_lib.assess import cam as cam_lib
-from pipeline_lib.assess.calibration import apply_temperature, verdicts
+from pipeline_lib.assess.calibration import apply_temperature, check_temperature, verdicts
 from pipeline_lib.assess.evaluate import borrowed_model, predict_logits, softmax_p_ai
 from pipeline_lib.core.config import IngestConfig, NormalizeConfig
 from pipeline_lib.core.workspace import atomic_write_bytes, atomic_write_text
@@ -65,8 +64,7 @@ def calibration_path(checkpoint: Path) -> Path:
 
 def write_calibration(checkpoint: Path, calibration: ModelCalibration) -> Path:
     """Write the calibration file beside checkpoint atomically; return its path."""
-    if not calibration.temperature > 0 or not math.isfinite(calibration.temperature):
-        raise ValueError(f"temperature must be a positive finite number, got {calibration.temperature}")
+    check_temperature(calibration.temperature, f"calibration of {checkpoint}")
     text = json.dumps(calibration.as_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
     return atomic_write_text(calibration_path(checkpoint), text)
 
@@ -95,8 +93,7 @@ def parse_calibration(text: str, where: str) -> ModelCalibration:
         normalize = None if policy is None else NormalizeConfig.model_validate(policy)
     except (OSError, ValueError, KeyError, TypeError, ValidationError) as error:
         raise ValueError(f"{where} is malformed: {error}") from None
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise ValueError(f"{where}: temperature must be positive and finite, got {temperature}")
+    check_temperature(temperature, where)  # bounded like a fitted one: 1e-12 or 1e12 would make every p_ai 0/1 or 0.5
     details = {k: v for k, v in data.items() if k not in ("temperature", "normalize")}
     return ModelCalibration(temperature, normalize, details)
 

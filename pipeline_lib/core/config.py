@@ -77,6 +77,11 @@ class FolderSource(_Section):
     label: Label
     group_by: str = "folder"
     generator: str = "unknown"
+    follow_symlinks: bool = Field(
+        False,
+        description="Follow symlinks that point inside the folder (others are always left out, with the reason): "
+        "without it every symlink is left out as `symlink`, so that an import never reads outside its folder.",
+    )
 
     @field_validator("group_by")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import hashlib
 import json
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline_lib.core.diskspace import disk_full
+from pipeline_lib.core.layout import MARKER_FILE, check_root, layout_version, marker_text, not_writable
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,9 @@ _SUBDIRS = (
 
 LOCK_FILE = ".aidetect.lock"
 _UMASK_LOCK = threading.Lock()
+# The workspaces whose lock this command holds (a context variable: a flow run inside the command inherits it, a
+# second thread started apart does not).
+_HELD_LOCKS: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("aidetect_workspace_locks", default=())
 
 
 class WorkspaceError(FileNotFoundError):
@@ -68,24 +73,38 @@ class Workspace:
 
     @classmethod
     def create(cls, root: Path | str) -> Workspace:
-        """Create (or reuse) a workspace at root with all its sub-directories."""
+        """Create (or reuse) a workspace at root with all its sub-directories.
+
+        Raises UnusableWorkspaceError (one line) when root is a file, holds a file where a folder belongs, names an
+        unknown layout version or cannot be written.
+        """
         path = Path(root).expanduser().resolve()
-        for name in _SUBDIRS:
-            (path / name).mkdir(parents=True, exist_ok=True)
-        marker = path / ".aidetect-workspace"
-        if not marker.exists():
-            marker.write_text("aidetect workspace v1\n", encoding="utf-8")
+        check_root(path, _SUBDIRS)
+        marker = path / MARKER_FILE
+        if marker.is_file():
+            layout_version(marker)
+        try:
+            for name in _SUBDIRS:
+                (path / name).mkdir(parents=True, exist_ok=True)
+            if not marker.exists():
+                marker.write_text(marker_text(), encoding="utf-8")
+        except OSError as error:
+            raise not_writable(path, error) from error
         return cls(path)
 
     @classmethod
     def open(cls, root: Path | str) -> Workspace:
-        """Open an existing workspace; raise WorkspaceError naming the path if there is none."""
+        """Open an existing workspace; raise WorkspaceError naming the path if there is none, UnusableWorkspaceError
+        if it is a file, holds a file where a folder belongs or names an unknown layout version."""
         path = Path(root).expanduser().resolve()
-        if not (path / ".aidetect-workspace").is_file():
+        check_root(path, _SUBDIRS)
+        marker = path / MARKER_FILE
+        if not marker.is_file():
             raise WorkspaceError(
                 f"no aidetect workspace at {path} (run `aidetect run` or `aidetect demo` first, "
                 "or pass --workspace DIR)"
             )
+        layout_version(marker)
         return cls(path)
 
     @property
@@ -297,14 +316,6 @@ def listing_digest(folders: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def folder_files(root: Path) -> Iterator[Path]:
-    """Every file under root that is not hidden (no part of its path starts with '.'), sorted, recursive."""
-    for path in sorted(root.rglob("*")):
-        parts = path.relative_to(root).parts
-        if not any(part.startswith(".") for part in parts) and path.is_file():
-            yield path
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # One workspace, one writer
 
@@ -359,9 +370,13 @@ def _busy_message(workspace: Workspace, holder: LockHolder | None) -> str:
 
 
 def _try_lock(workspace: Workspace) -> int:
-    """An open descriptor holding the exclusive lock; WorkspaceBusyError naming the holder if it is taken."""
+    """An open descriptor holding the exclusive lock; WorkspaceBusyError naming the holder if it is taken,
+    UnusableWorkspaceError if the workspace cannot be written."""
     path = lock_path(workspace)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, default_file_mode())
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, default_file_mode())
+    except OSError as error:
+        raise not_writable(workspace.root, error) from error
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -384,20 +399,26 @@ def workspace_lock(workspace: Workspace, command: str = "") -> Iterator[LockHold
     """Hold the workspace's writer lock for the block; yield the stale holder taken over (a killed run) or None.
 
     The lock is an flock on .aidetect.lock, so the kernel releases it when its process dies, whatever the way; the
-    file records pid, host, start time and command so that a second run can say who holds it.
+    file records pid, host, start time and command so that a second run can say who holds it. Taking it again
+    where it is held already (a flow run inside the command that took it) is a no-op: the outer block keeps it.
     """
+    if workspace.root in _HELD_LOCKS.get():
+        yield None
+        return
     fd = _try_lock(workspace)
     path = lock_path(workspace)
     stale = read_lock_holder(path)
     if stale is not None:
         log.warning("taking over the workspace lock left by %s (that process is gone)", stale.describe())
     me = LockHolder(os.getpid(), socket.gethostname(), datetime.now(UTC).isoformat(timespec="seconds"), command)
+    held = _HELD_LOCKS.set((*_HELD_LOCKS.get(), workspace.root))
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(asdict(me)).encode("utf-8"), 0)
         os.fsync(fd)
         yield stale
     finally:
+        _HELD_LOCKS.reset(held)
         os.ftruncate(fd, 0)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from pipeline_lib.core import devices
-from pipeline_lib.core.code_index import CodeIndex, producer_parts
+from pipeline_lib.core.code_index import CodeIndex, producer_digest, producer_parts
 from pipeline_lib.core.config import NormalizeConfig
 from pipeline_lib.core.progress import progress
 from pipeline_lib.core.workspace import Workspace, atomic_write_bytes, atomic_write_text, digest_of
@@ -117,10 +117,11 @@ def state_digest(model: nn.Module) -> str:
 
 
 def key_parts(extractor: Extractor, index: CodeIndex | None = None) -> dict[str, str]:
-    """The parts of a cache key: name, identity.* and the producers' code and library parts."""
+    """The parts of a cache key: name, identity.* and code, the producers' digest (code_index.producer_digest,
+    remembered per process when no index is given)."""
     parts = {"name": extractor.name}
     parts |= {f"identity.{name}": str(value) for name, value in extractor.identity.items()}
-    return parts | producer_parts(*extractor.producers, index=index)
+    return parts | {"code": producer_digest(*extractor.producers, index=index)}
 
 
 def cache_key(extractor: Extractor, index: CodeIndex | None = None) -> str:
@@ -162,8 +163,9 @@ def _write_vector(path: Path, vector: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue(), durable=False)
 
 
-def _write_about(folder: Path, extractor: Extractor, parts: Mapping[str, str]) -> None:
-    """extractor.json: what made this folder (for people; the key already says everything the cache needs)."""
+def _write_about(folder: Path, extractor: Extractor, parts: Mapping[str, str], index: CodeIndex | None) -> None:
+    """extractor.json: what made this folder, the producers' code parts included (for people; the key already says
+    everything the cache needs)."""
     target = folder / ABOUT_FILE
     if target.is_file():
         return
@@ -171,6 +173,7 @@ def _write_about(folder: Path, extractor: Extractor, parts: Mapping[str, str]) -
         "name": extractor.name,
         "dim": extractor.dim,
         "key_parts": dict(sorted(parts.items())),
+        "code_parts": dict(sorted(producer_parts(*extractor.producers, index=index).items())),
         "details": dict(extractor.details),
         "created": datetime.now(UTC).isoformat(),
     }
@@ -247,7 +250,7 @@ def embed(
             rows[sha] = vector
     missing = [(sha, Path(images[sha])) for sha in shas if sha not in rows]
     if missing:
-        _write_about(workspace.cache / FEATURES_FOLDER / key, extractor, parts)
+        _write_about(workspace.cache / FEATURES_FOLDER / key, extractor, parts, index)
         computed = _compute(extractor, missing, devices.resolve_device(device))
         for (sha, _), vector in zip(missing, computed, strict=True):
             _write_vector(feature_path(workspace, key, sha), vector)

@@ -164,15 +164,13 @@ def check_checkpoints(doctor: Doctor) -> list[Finding]:
 
 def check_mlflow_db(doctor: Doctor) -> list[Finding]:
     """The embedded MLflow store passes SQLite's quick_check (never repaired here: it holds every past run)."""
+    from pipeline_lib.core.tracking.workspace_store import sqlite_problem
+
     path = doctor.workspace.root / "mlflow.db"
     if not path.is_file():
         return []
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
-            result = connection.execute("PRAGMA quick_check").fetchone()[0]
-    except sqlite3.DatabaseError as error:
-        result = str(error)
-    if result == "ok":
+    result = sqlite_problem(path)
+    if result is None:
         return [Finding("mlflow", str(path))]
     problem = f"not a sound SQLite database ({result}); restore it from a backup, or move it away to start a new one"
     return [Finding("mlflow", str(path), problem)]

@@ -85,12 +85,16 @@ def recent_runs(workspace: Workspace, limit: int = 5) -> list[dict[str, Any]]:
 
 
 def folder_accounts(workspace: Workspace, folders: Sequence[FolderSource] | None = None) -> list[FolderAccount]:
-    """What became of every file of the given folder sources (default: the workspace's imports)."""
+    """What became of every file of the given folder sources (default: the workspace's imports).
+
+    Judged against the newest ingest snapshot: ingest catalogs every file of the (cumulative) crawl log, while the
+    later stages' snapshots are as old as the last full run and miss what a crawl or import has ingested since.
+    """
     folders = read_imports(workspace) if folders is None else folders
     if not folders:
         return []
     log_file = crawl_log_path(workspace)
     crawl_log = pd.read_parquet(log_file) if log_file.is_file() else pd.DataFrame(columns=["url", "sha256", "error"])
-    found = latest_catalog(workspace)
+    found = latest_catalog(workspace, ("ingest",))
     catalog = found[1] if found is not None else None
     return [account_folder(source, crawl_log, catalog) for source in folders]

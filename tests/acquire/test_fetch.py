@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from pipeline_lib.acquire import fetch
@@ -24,7 +26,7 @@ from pipeline_lib.core.config import IngestConfig, UrlListSource
 from pipeline_lib.core.workspace import Workspace
 from pipeline_lib.ops.demo_data import serving
 from tests.acquire.crawl_helpers import bing, incoming, jpeg, jpegs, loopback_sources, no_half_written_files
-from tests.loopback import LoopbackSite
+from tests.loopback import LoopbackSite, closed_port_url
 
 
 def _url_list(tmp_path: Path, urls: list[str]) -> UrlListSource:
@@ -186,6 +188,102 @@ def test_a_server_trickling_bytes_hits_the_total_deadline() -> None:
     assert data is None, "a download must not outlive its deadline however steadily the bytes trickle"
     assert "took longer than 1.5 s in all" in error, error
     assert trickle.hits == 1, "a download that ran out of time is not retried"
+
+
+# A server that sends a long status line (or header) one byte per interval needs at least TRICKLED_BYTES *
+# TRICKLE_INTERVAL_S = 60 s for it (each pause is a wait on the test's stop event, which only ends it sooner): a
+# download with a 2 s deadline must give up long before, whatever the machine's load.
+TRICKLE_INTERVAL_S = 0.2
+TRICKLED_BYTES = 300
+TRICKLE_S = TRICKLED_BYTES * TRICKLE_INTERVAL_S
+
+
+def _trickle(handler: BaseHTTPRequestHandler, stop: threading.Event, line: bytes, rest: bytes) -> bool:
+    """Send line one byte per TRICKLE_INTERVAL_S, then rest; False if the test stopped it first."""
+    for byte in line:
+        if stop.wait(TRICKLE_INTERVAL_S):
+            handler.close_connection = True
+            return False
+        handler.wfile.write(bytes([byte]))
+        handler.wfile.flush()
+    handler.wfile.write(rest)
+    handler.wfile.flush()
+    return True
+
+
+@pytest.mark.parametrize("through_proxy", [False, True], ids=["direct", "through-an-http-proxy"])
+def test_a_server_trickling_its_status_line_is_cut_off_at_the_deadline(through_proxy: bool) -> None:
+    stop, finished = threading.Event(), threading.Event()
+
+    def slow_status(handler: BaseHTTPRequestHandler) -> None:
+        if _trickle(handler, stop, b"HTTP/1.1 200 " + b"O" * TRICKLED_BYTES + b"\r\n", b"Content-Length: 2\r\n\r\nok"):
+            finished.set()
+
+    with _raw_site(slow_status) as base, requests.Session() as session:
+        session.trust_env = False
+        url = f"{base}/slow.jpg"
+        if through_proxy:  # the proxy is the slow one; the URL behind it is never connected to
+            session.proxies = {"http": base}
+            url = closed_port_url("slow.jpg")
+        try:
+            started = time.monotonic()
+            sources = loopback_sources(download_timeout_s=2, max_retries=2)
+            data, error = fetch.fetch_bytes(session, url, sources)
+            elapsed, server_done = time.monotonic() - started, finished.is_set()
+        finally:
+            stop.set()  # the handler ends before the server stops
+    assert data is None and "took longer than 2 s in all" in error, error
+    assert not server_done, "the download waited for the whole status line: the deadline must cover it"
+    assert elapsed < 2 + 40 < TRICKLE_S, f"a 2 s deadline took {elapsed:.1f} s"
+    assert slow_status.hits == 1, "a download that ran out of time is not retried"
+
+
+def test_a_tls_handshake_trickled_byte_by_byte_is_cut_off_at_the_deadline() -> None:
+    stop, finished = threading.Event(), threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def handle(self) -> None:  # plain TCP: a "TLS server" announcing a 16 KiB handshake record, sent slowly
+            self.connection.recv(4096)  # the ClientHello
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                if _trickle(self, stop, b"\x16\x03\x03\x40\x00" + b"\x02" * TRICKLED_BYTES, b""):
+                    finished.set()
+
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as port, requests.Session() as session:
+        session.trust_env = False
+        try:
+            sources = loopback_sources(download_timeout_s=2, max_retries=1)
+            data, error = fetch.fetch_bytes(session, f"https://127.0.0.1:{port}/slow.jpg", sources)
+            server_done = finished.is_set()
+        finally:
+            stop.set()
+    assert data is None and "took longer than 2 s in all" in error, error
+    assert not server_done, "the download waited for the whole handshake: its timeout must be what is left, at most"
+
+
+def test_a_crawl_is_not_held_by_a_server_trickling_its_headers(workspace: Workspace, tmp_path: Path) -> None:
+    stop, finished = threading.Event(), threading.Event()
+    image = jpeg(tmp_path, 1)
+
+    def site(handler: BaseHTTPRequestHandler) -> None:
+        if handler.path.endswith("/ok.jpg"):
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(image)))
+            handler.end_headers()
+            handler.wfile.write(image)
+        elif _trickle(handler, stop, b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * TRICKLED_BYTES, b"\r\n\r\n"):
+            finished.set()
+
+    with _raw_site(site) as base:
+        try:
+            sources = loopback_sources(urls=[_url_list(tmp_path, [f"{base}/slow.jpg", f"{base}/ok.jpg"])],
+                                       download_timeout_s=2, max_retries=1)  # fmt: skip
+            result = crawl_sources(workspace, sources)
+            server_done = finished.is_set()
+        finally:
+            stop.set()
+    errors = _names_and_errors(result.log)
+    assert errors["ok.jpg"] == "" and "took longer than 2 s in all" in errors["slow.jpg"], errors
+    assert not server_done, "the crawl waited for the trickling server"
 
 
 def test_a_declared_length_over_the_cap_is_refused_before_reading() -> None:

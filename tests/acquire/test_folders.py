@@ -9,10 +9,12 @@ import pytest
 
 from pipeline_lib.acquire import folders
 from pipeline_lib.acquire.crawl import CrawlResult, crawl_sources
-from pipeline_lib.core.config import FolderSource
-from pipeline_lib.core.workspace import Workspace
+from pipeline_lib.acquire.imports import NOT_SEEN, account_folder
+from pipeline_lib.acquire.ingest import ingest
+from pipeline_lib.core.config import FolderSource, IngestConfig
+from pipeline_lib.core.workspace import Workspace, bytes_sha256, default_file_mode
 from tests.acquire.crawl_helpers import NOW, incoming, jpeg, loopback_sources
-from tests.conftest import make_image
+from tests.conftest import files_holding, make_image
 
 
 def _folder(root: Path) -> Path:
@@ -111,3 +113,29 @@ def test_group_csv_generator_column_names_each_files_generator(workspace: Worksp
         "notes.txt": "unknown-tool",
     }
     assert folders.read_group_csv(root / "groups.csv", root)["bob_7.jpg"] == "p2"
+
+
+def test_an_import_reads_nothing_outside_its_folder(workspace: Workspace, tmp_path: Path, outside_secret: Path) -> None:
+    root = tmp_path / "imgs"
+    make_image(root / "alice" / "1.png", seed=1, fmt="PNG")
+    (root / "alice" / "2.png").symlink_to("1.png")  # inside the folder
+    (root / "shadow.png").symlink_to(outside_secret)  # the file outside tmp_path a hostile folder points to
+    (root / "etc").symlink_to(outside_secret.parent, target_is_directory=True)
+    secret = outside_secret.read_bytes()
+    logged = {}
+    for follow in (False, True):
+        source = FolderSource(path=root, label="ai", follow_symlinks=follow)
+        result = crawl_sources(workspace, loopback_sources(folders=[source]))
+        catalog = ingest(workspace, result.log, IngestConfig(min_side=8))
+        names = result.log["url"].map(lambda url: url.split("/imgs/")[1])
+        logged[follow] = dict(zip(names, result.log["error"], strict=True))  # the last row of each file
+        assert bytes_sha256(secret) not in set(result.log["sha256"]), "the secret's content reached the crawl log"
+        assert files_holding(workspace.root, secret) == [], "the secret's bytes reached the workspace"
+        assert account_folder(source, result.log, catalog).count(NOT_SEEN) == 0, "every entry is accounted for"
+    assert logged[False] == {"alice/1.png": "", "alice/2.png": "symlink", "etc": "symlink", "shadow.png": "symlink"}
+    assert logged[True]["alice/2.png"] == "", "a symlink inside the folder is followed when asked"
+    assert logged[True]["shadow.png"] == logged[True]["etc"] == "symlink outside the folder", logged[True]
+    # whatever was written (incoming/, store/, quarantine/) has no wider permissions than the user's umask allows
+    for path in [*workspace.incoming.rglob("*"), *workspace.store.rglob("*"), *workspace.quarantine.rglob("*")]:
+        if path.is_file():
+            assert path.stat().st_mode & 0o777 & ~default_file_mode() == 0, f"{path}: {oct(path.stat().st_mode)}"

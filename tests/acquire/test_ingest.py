@@ -20,11 +20,13 @@ from pipeline_lib.acquire.fingerprint import cache_path, fingerprint_catalog_wit
 from pipeline_lib.acquire.hashing import hash_pair
 from pipeline_lib.acquire.ingest import (
     LOG_COLUMNS,
+    VALIDATION_PRODUCERS,
     checks_by_sha,
     files_to_ingest,
     hashes_by_sha,
     ingest,
     ingest_summary,
+    records_folder,
     validate_files,
     validation_jobs,
     validation_record_path,
@@ -32,6 +34,7 @@ from pipeline_lib.acquire.ingest import (
 from pipeline_lib.core.catalog import COLUMNS
 from pipeline_lib.core.config import FolderSource, IngestConfig, SourcesConfig
 from pipeline_lib.core.workspace import Workspace, bytes_sha256, file_sha256
+from tests.project_copy import copy_project, digest_in, edit
 
 CONFIG = IngestConfig(min_side=16, max_pixels=10_000_000)
 HASHING = ("phash", 8)
@@ -157,6 +160,17 @@ def test_second_ingest_reuses_validation_records(workspace: Workspace) -> None:
     pd.testing.assert_frame_equal(first, second)
     assert {sha: path.stat().st_mtime_ns for sha, path in records.items()} == stamps, "files were validated again"
     assert {path: (workspace.root / path).stat().st_mtime_ns for path in second["path"]} == placed
+
+
+def test_validation_records_are_named_by_the_code_that_judged_the_files(workspace: Workspace, tmp_path: Path) -> None:
+    root = copy_project(tmp_path / "project")
+    before = digest_in(root, *VALIDATION_PRODUCERS)
+    folder = records_folder(workspace, CONFIG)
+    assert folder.name == f"min16-px10000000-first_frame-{before[:16]}", "the copy holds the checkout's code"
+    edit(root, "pipeline_lib/acquire/ingest.py", 'MISSING_FILE = "missing_file"', 'MISSING_FILE = "gone"')
+    assert digest_in(root, *VALIDATION_PRODUCERS) == before, "ingest's bookkeeping judges no file"
+    edit(root, "pipeline_lib/acquire/validate.py", "if min_side < 1 or max_pixels < 1:", "if min_side < 2:")
+    assert digest_in(root, *VALIDATION_PRODUCERS) != before, "a change of validate must judge every file again"
 
 
 def test_another_ingest_policy_judges_every_file_again(workspace: Workspace) -> None:

@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 
 from pipeline_lib.assess.calibration import (
+    TEMPERATURE_RANGE,
     apply_temperature,
+    check_temperature,
     expected_calibration_error,
     fit_bounded_temperature,
     fit_temperature,
+    temperature_problem,
     verdict,
     verdicts,
 )
@@ -49,6 +52,19 @@ def test_a_temperature_needs_enough_validation_images_and_stays_in_range() -> No
     assert many.temperature == 1.0 and "outside 0.2..10" in many.reason and "separates" in many.reason
     one_class = fit_bounded_temperature(logits[:50], np.ones(50, dtype=int), 30)
     assert one_class.temperature == 1.0 and "one class" in one_class.reason
+
+
+@pytest.mark.parametrize("temperature", [1e-12, 0.19, 10.5, 1e12, float("nan"), float("inf"), 0.0, -2.0])
+def test_a_stored_temperature_is_bounded_like_a_fitted_one(temperature: float) -> None:
+    assert temperature_problem(temperature), f"T={temperature} must be refused"
+    with pytest.raises(ValueError, match=r"best\.calibration\.json: temperature T=.* is outside 0\.2\.\.10"):
+        check_temperature(temperature, "calibration file best.calibration.json")
+
+
+def test_temperatures_inside_the_range_pass_both_ways() -> None:
+    low, high = TEMPERATURE_RANGE
+    for temperature in (low, 1.0, 4.0, high):
+        assert temperature_problem(temperature) == "" and check_temperature(temperature, "x") == temperature
 
 
 def test_p_ai_input_gives_the_same_temperature_as_logits() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,13 @@ def test_calibration_file_round_trip_and_temperature_applied(tmp_path: Path, mod
     calibration_path(checkpoint).write_text('{"temperature": -1}', encoding="utf-8")
     with pytest.raises(ValueError, match="calibration.json"):
         read_calibration(checkpoint)
+    for extreme in ("1e-12", "1e12"):  # each makes every p_ai 0/1 or 0.5: refused as a fitted one would be
+        calibration_path(checkpoint).write_text(f'{{"temperature": {extreme}}}', encoding="utf-8")
+        shown = re.escape(f"best.calibration.json: temperature T={float(extreme):.3g} is outside 0.2..10")
+        with pytest.raises(ValueError, match=shown):
+            read_calibration(checkpoint)
+    with pytest.raises(ValueError, match="outside 0.2..10"):
+        write_calibration(checkpoint, ModelCalibration(50.0))
     calibration_path(checkpoint).write_text("not json", encoding="utf-8")
     with pytest.raises(ValueError, match="malformed"):
         read_calibration(checkpoint)

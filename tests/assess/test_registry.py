@@ -240,7 +240,8 @@ def test_the_champion_is_rescored_with_its_own_temperature_and_normalisation(wor
     second, run = _register(workspace, _constant_model(workspace, "ai3", 0.0, 5.0), split_b, "B", 0.6)
     assert second["champion_score"] == pytest.approx(0.75), "with T=1 the champion would say ai and score 0.25"
     assert not second["promoted"] and second["comparable"], second
-    policy_folder = workspace.cache / "tensors" / f"s{SIZE}-{policy_key(own[1])}"
+    policy_folder = preprocess.tensor_folder(workspace, SIZE, own[1])
+    assert policy_folder.name.startswith(f"s{SIZE}-{policy_key(own[1])}-")
     assert policy_folder.is_dir(), "the champion's images were not decoded with its own normalisation"
 
 

@@ -1,9 +1,6 @@
 import hashlib
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -16,10 +13,13 @@ from pipeline_lib.core.workspace import (
     current_umask,
     file_sha256,
     listing_digest,
+    lock_path,
     put_in_store,
+    read_lock_holder,
     sync_files,
     workspace_lock,
 )
+from tests.conftest import hold_workspace_lock
 
 
 def test_create_then_open(tmp_path):
@@ -106,26 +106,8 @@ def test_a_damaged_store_file_is_rewritten(workspace):
     assert path.read_bytes() == b"hello world"
 
 
-HOLDER = """
-import sys
-from pipeline_lib.core.workspace import Workspace, workspace_lock
-with workspace_lock(Workspace.create(sys.argv[1]), "aidetect run (test holder)"):
-    print("locked", flush=True)
-    sys.stdin.read()
-"""
-
-
-def _hold_lock(root: Path) -> subprocess.Popen:
-    """A second process that holds the workspace lock until its stdin closes; returns once it holds it."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert process.stdout.readline().strip() == "locked"
-    return process
-
-
 def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_is_taken_over(workspace):
-    holder = _hold_lock(workspace.root)
+    holder = hold_workspace_lock(workspace.root)
     try:
         with pytest.raises(WorkspaceBusyError) as info:
             with workspace_lock(workspace, "second"):
@@ -145,8 +127,55 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_is_tak
 
 
 def test_a_lock_released_normally_lets_the_next_run_in(workspace):
-    holder = _hold_lock(workspace.root)
+    holder = hold_workspace_lock(workspace.root)
     holder.stdin.close()
     assert holder.wait() == 0
     with workspace_lock(workspace) as stale:
         assert stale is None
+
+
+def test_a_workspace_path_that_cannot_hold_a_workspace_is_refused_at_open_and_create(tmp_path):
+    from pipeline_lib.core.layout import UnusableWorkspaceError
+
+    a_file = tmp_path / "ws.txt"
+    a_file.write_text("x", encoding="utf-8")
+    for make in (Workspace.create, Workspace.open):
+        with pytest.raises(UnusableWorkspaceError, match="is a file, not a folder"):
+            make(a_file)
+    workspace = Workspace.create(tmp_path / "ws")
+    workspace.cache.rmdir()
+    workspace.cache.write_bytes(b"")
+    for make in (Workspace.create, Workspace.open):
+        with pytest.raises(UnusableWorkspaceError, match="keeps its cache/ folder"):
+            make(workspace.root)
+    workspace.cache.unlink()
+    (workspace.root / ".aidetect-workspace").write_text("aidetect workspace v99\n", encoding="utf-8")
+    for make in (Workspace.create, Workspace.open):
+        with pytest.raises(UnusableWorkspaceError, match="layout v99"):
+            make(workspace.root)
+    assert not workspace.cache.exists(), "a refused workspace is not touched"
+
+
+def test_the_lock_taken_again_by_its_holder_is_a_no_op_but_another_thread_is_refused(workspace):
+    import threading
+
+    refused: list[BaseException] = []
+
+    def second_writer() -> None:
+        try:
+            with workspace_lock(workspace, "a thread of its own"):
+                pass
+        except WorkspaceBusyError as error:
+            refused.append(error)
+
+    with workspace_lock(workspace, "aidetect import (the command)"):
+        with workspace_lock(workspace, "aidetect flow run (inside it)") as stale:
+            assert stale is None
+        other = threading.Thread(target=second_writer)  # a new thread does not share this command's hold
+        other.start()
+        other.join()
+        holder = read_lock_holder(lock_path(workspace))
+        assert holder is not None and holder.command == "aidetect import (the command)", "the inner block let go"
+    assert len(refused) == 1 and "aidetect import (the command)" in str(refused[0])
+    check_unlocked(workspace)
+

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from pipeline_lib.core.config_loader import load_config
 from pipeline_lib.core.workspace import Workspace
-from tests.conftest import make_image
+from tests.conftest import files_holding, make_image
 from tests.flows.gate_helpers import DEADLINE_S, gate_flow
 from tests.flows.mlflow_server import free_port, stop, wait_healthy
 from tests.loopback import closed_port_url, serve_files
@@ -150,6 +150,33 @@ def test_import_accounts_for_every_file_and_status_shows_it(harness, tmp_path: P
     text = runner.invoke(app, ["status", "--workspace", str(ws)]).stdout
     assert "7 file(s) in" in text and "5 imported, 1 quarantined, 1 left out" in text, text
     assert "notes.txt: not an image (text)" in text and "{" not in text, text
+
+
+def test_import_after_a_run_accounts_for_every_file_and_never_reads_outside_the_folder(
+    harness, tmp_path: Path, outside_secret: Path
+):
+    ws = tmp_path / "ws"
+    gate_flow(load_config(_crawl_config(tmp_path), [f"execution.workspace={ws}", "review.mode=off"]))  # a run's data
+    folder = tmp_path / "dataQ"
+    for index in range(3):
+        make_image(folder / "q" / f"{index}.png", seed=40 + index, size=(64, 64), fmt="PNG")
+    (folder / "q" / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    (folder / "shadow.png").symlink_to(outside_secret)
+    (folder / "inside.png").symlink_to(folder / "q" / "0.png")
+    result = runner.invoke(app, ["import", str(folder), "--label", "ai", "--workspace", str(ws)])
+    assert result.exit_code == 0, result.output
+    line = f"6 file(s) in {folder} (label ai): 3 imported, 1 quarantined, 2 left out"
+    assert line in result.stdout and "not seen yet" not in result.stdout, result.stdout
+    assert "shadow.png: symlink\n" in result.stdout and "inside.png: symlink\n" in result.stdout, result.stdout
+    status = runner.invoke(app, ["status", "--workspace", str(ws)]).stdout
+    assert line in status and "not seen yet" not in status, status
+
+    args = ["import", str(folder), "--label", "ai", "--follow-symlinks", "--workspace", str(ws)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "4 imported, 1 quarantined, 1 left out" in result.stdout, result.stdout
+    assert "shadow.png: symlink outside the folder" in result.stdout, result.stdout
+    assert files_holding(ws, outside_secret.read_bytes()) == [], "the file outside the folder was read"
 
 
 def _crawl_config(tmp_path: Path) -> Path:

@@ -175,3 +175,37 @@ def test_predict_applies_the_ingest_policy_per_file(tmp_path: Path) -> None:
     rows = {Path(row["path"]).name: row for row in json.loads(result.stdout)}
     assert "refused by the ingest policy: decompression_bomb" in rows["big.jpg"]["error"]
     assert rows["small.jpg"]["error"] is None
+
+
+def test_predict_refuses_a_calibration_file_with_an_extreme_temperature(tmp_path: Path) -> None:
+    from pipeline_lib.assess.predict import calibration_path
+
+    image = make_image(tmp_path / "a.jpg", seed=1)
+    model = checkpoint(tmp_path)
+    for extreme in ("1e-12", "1e12"):
+        calibration_path(model).write_text(f'{{"temperature": {extreme}}}', encoding="utf-8")
+        result = runner.invoke(app, ["predict", str(image), "--model", str(model), "--json"])
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output, result.output
+        assert str(calibration_path(model)) in result.output and f"T={float(extreme):.3g}" in result.output
+        assert "outside 0.2..10" in result.output, result.output
+
+
+def test_predict_trust_pickle_on_a_model_file_that_holds_no_model_is_one_line(tmp_path: Path) -> None:
+    workspace = Workspace.create(tmp_path / "ws")
+    tracker = start_run(tracking_uri(None, workspace), "aidetect", workspace, "run")
+    path = checkpoint(tmp_path)
+    model, _ = models.load_model(path)
+    example = np.random.rand(1, 3, 32, 32).astype("float32")
+    logged = log_pytorch_model(tracker, model, example, ["torch"], checkpoint=path)
+    register_model(tracker, logged, "aidetect", 0.9, "t", "m", image_size=32, architecture="resnet18")
+    (state,) = (workspace.root / "mlartifacts").rglob("best.pt")
+    state.unlink()  # no state_dict to rebuild it from
+    (pickled,) = (workspace.root / "mlartifacts").rglob("model.pth")
+    torch.save(5, pickled)  # a number where the model was
+    image = make_image(tmp_path / "a.jpg")
+    result = runner.invoke(app, ["predict", str(image), "--workspace", str(workspace.root), "--trust-pickle"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    line = result.stderr.strip().splitlines()[-1]  # after MLflow's download progress bars: one line
+    assert "holds no torch model (AttributeError: 'int' object has no attribute 'eval')" in line, line
+    assert line.startswith("model not found: champion of 'aidetect'") and "a checkpoint file (.pt)" in line, line

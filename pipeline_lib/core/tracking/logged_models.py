@@ -158,6 +158,7 @@ def load_pickled(uri: str, model_uri: str, image_size: int | None, what: str) ->
     import tempfile
 
     import mlflow.pytorch
+    import torch
 
     log.warning("%s: unpickling %s as asked (--trust-pickle)", what, model_uri)
     with quiet(), global_uri(uri), tempfile.TemporaryDirectory(prefix="aidetect-model-") as folder:
@@ -165,10 +166,21 @@ def load_pickled(uri: str, model_uri: str, image_size: int | None, what: str) ->
             model = mlflow.pytorch.load_model(model_uri, dst_path=folder, map_location="cpu")
         except (MlflowException, OSError) as error:
             raise ModelNotFoundError(f"{what}: cannot load {model_uri} from {uri}: {error}") from None
+        except Exception as error:  # noqa: BLE001 - a replaced file unpickles to anything (MLflow then calls .eval())
+            raise _not_a_model(what, model_uri, f"{type(error).__name__}: {error}") from None
         size = image_size or _signature_image_size(model_uri)
+    if not isinstance(model, torch.nn.Module):
+        raise _not_a_model(what, model_uri, f"it unpickles to a {type(model).__name__}")
     if size is None:
         raise ModelNotFoundError(f"{what}: {model_uri} records no image size (no {IMAGE_SIZE_TAG!r} tag or signature)")
     return model.eval(), int(size)
+
+
+def _not_a_model(what: str, model_uri: str, why: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"{what}: {model_uri} holds no torch model ({why}) and no state_dict to rebuild one from: register a model "
+        "trained by aidetect, or pass --model a checkpoint file (.pt)"
+    )
 
 
 def _signature_image_size(model_uri: str) -> int | None:

@@ -78,3 +78,13 @@ def test_a_pickled_model_loads_only_when_asked_and_accepts_any_batch_size(worksp
     assert load_pickled(tracker.uri, model_uri, 9, "test model")[1] == 9, "a recorded size wins over the signature"
     left = sorted(p.name for p in temp_folder.rglob("*.pth"))
     assert not left, f"downloaded model files left behind: {left}"
+
+
+def test_a_pickled_model_file_that_holds_no_model_is_named_not_called(workspace):
+    tracker = _tracker(workspace)
+    model_uri = log_pytorch_model(tracker, _tiny(), np.random.rand(1, 3, 4, 4).astype("float32"), ["torch"])
+    (pickled,) = (workspace.root / "mlartifacts").rglob("model.pth")
+    torch.save(5, pickled)  # replaced by hand: a number where the model was
+    why = "holds no torch model \\(AttributeError: 'int' object has no attribute 'eval'\\)"
+    with pytest.raises(ModelNotFoundError, match=why):
+        load_pickled(tracker.uri, model_uri, 4, "champion of 'aidetect'")
