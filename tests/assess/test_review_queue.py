@@ -119,19 +119,23 @@ def _page(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def _stored(workspace: Workspace, files: dict[str, bytes], label: str, prefix: str) -> list[dict[str, object]]:
+def stored(workspace: Workspace, files: dict[str, bytes], label: str, prefix: str) -> list[dict[str, object]]:
+    """Put files (<group>/<name> -> bytes) into the store; their catalog rows (group: prefix + folder)."""
     rows = []
     for name, data in sorted(files.items()):
         sha, path = put_in_store(workspace, data, "png" if data[:4] == b"\x89PNG" else "jpg")
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+        group = prefix + name.split("/")[0]
         rows.append(
             {
                 "sha256": sha,
                 "path": workspace.relative(path),
                 "label": label,
                 "status": "ok",
-                "width": 48,
-                "height": 48,
-                "group": prefix + name.split("/")[0],
+                "group": group,
+                "width": width,
+                "height": height,
             }
         )
     return rows
@@ -142,14 +146,14 @@ def _planted(workspace: Workspace) -> tuple[pd.DataFrame, set[str]]:
     and pages of text in both folders."""
     rows = []
     for label in ("real", "ai"):
-        rows += _stored(workspace, class_files(1, 8, 48, label), label, "old-")
+        rows += stored(workspace, class_files(1, 8, 48, label), label, "old-")
     review.append_decisions(workspace, [review.Decision(str(r["sha256"]), "approve", "", "t") for r in rows])
     for label in ("real", "ai"):
-        rows += _stored(workspace, class_files(2, 5, 48, label), label, "new-")
+        rows += stored(workspace, class_files(2, 5, 48, label), label, "new-")
     wrong = dict(list(class_files(3, 2, 48, "ai").items())[:3])
-    planted = _stored(workspace, {f"person-01/x{i}": data for i, data in enumerate(wrong.values())}, "real", "new-")
-    planted += _stored(workspace, {"person-02/n1": _page(1)}, "real", "new-")
-    planted += _stored(workspace, {"prompt-01/n2": _page(2)}, "ai", "new-")
+    planted = stored(workspace, {f"person-01/x{i}": data for i, data in enumerate(wrong.values())}, "real", "new-")
+    planted += stored(workspace, {"person-02/n1": _page(1)}, "real", "new-")
+    planted += stored(workspace, {"prompt-01/n2": _page(2)}, "ai", "new-")
     return new_rows(rows + planted), {str(r["sha256"]) for r in planted}
 
 
@@ -225,7 +229,7 @@ def test_embeddings_are_computed_only_for_new_images_or_a_new_model(planted_queu
     again = rq.build_queue(workspace, catalog, decisions, scorer, NO_FACES)
     assert again.computed == 0 and again.reused == first.computed + first.reused, "a re-score embeds nothing"
     pd.testing.assert_frame_equal(again.rows, first.rows)
-    extra = _stored(workspace, {"person-03/late": _page(9)}, "real", "new-")
+    extra = stored(workspace, {"person-03/late": _page(9)}, "real", "new-")
     grown = new_rows([*catalog.to_dict("records"), *extra])
     recrawl = rq.build_queue(workspace, grown, decisions, scorer, NO_FACES)
     assert recrawl.computed == 1, "a re-crawl embeds only its new image"

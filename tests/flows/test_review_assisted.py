@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from pathlib import Path
 
 import pandas as pd
 
@@ -16,18 +15,8 @@ from pipeline_lib.core.workspace import Workspace
 from pipeline_lib.curate import review
 from pipeline_lib.ops.status import latest_snapshot
 from tests.assess.test_review_scorer import register_champion
-from tests.flows.gate_helpers import add_images, finished, gate_config, gate_flow, in_thread, wait_until_paused
-
-
-def _data(tmp_path: Path) -> Path:
-    data = tmp_path / "data"
-    add_images(data, "real", "anna", range(0, 2))
-    add_images(data, "ai", "sd-1", range(10, 12))
-    return data
-
-
-def _decisions(workspace: Workspace) -> list[dict]:
-    return [json.loads(line) for line in review.decisions_path(workspace).read_text().splitlines()]
+from tests.flows.gate_helpers import finished, gate_config, gate_flow, in_thread, wait_until_paused
+from tests.flows.test_review_gate import _data, _decisions
 
 
 def _shas(workspace: Workspace) -> dict[str, list[str]]:

@@ -104,42 +104,22 @@ def _queue_workspace(root: Path):
     from PIL import Image
 
     from pipeline_lib.core.catalog import new_rows
-    from pipeline_lib.core.workspace import put_in_store
     from pipeline_lib.learn import models
     from pipeline_lib.ops.demo_faces import class_files
+    from tests.assess.test_review_queue import stored
 
     workspace = Workspace.create(root)
-
-    def stored(files: dict[str, bytes], label: str, prefix: str) -> list[dict]:
-        rows = []
-        for name, data in sorted(files.items()):
-            sha, path = put_in_store(workspace, data, "png" if data[:4] == b"\x89PNG" else "jpg")
-            rows.append(
-                {
-                    "sha256": sha,
-                    "path": workspace.relative(path),
-                    "label": label,
-                    "status": "ok",
-                    "group": prefix + name.split("/")[0],
-                    "width": 128,
-                    "height": 128,
-                }
-            )
-        return rows
-
-    approved = stored(class_files(5, 4, 128, "real"), "real", "old-") + stored(
-        class_files(5, 4, 128, "ai"), "ai", "old-"
-    )
+    approved = stored(workspace, class_files(5, 4, 128, "real"), "real", "old-")
+    approved += stored(workspace, class_files(5, 4, 128, "ai"), "ai", "old-")
     review.append_decisions(workspace, [review.Decision(str(r["sha256"]), "approve", "", "me") for r in approved])
     noise = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(noise, "JPEG")
     ai_face = next(iter(class_files(7, 1, 128, "ai").values()))
     photo = next(iter(class_files(7, 1, 128, "real").values()))
-    pending = stored(class_files(6, 3, 128, "real"), "real", "new-") + stored(
-        class_files(6, 3, 128, "ai"), "ai", "new-"
-    )
-    pending += stored({"person-01/odd.png": ai_face, "person-02/noise.jpg": noise.getvalue()}, "real", "new-")
-    pending += stored({"prompt-01/photo.jpg": photo}, "ai", "new-")
+    pending = stored(workspace, class_files(6, 3, 128, "real"), "real", "new-")
+    pending += stored(workspace, class_files(6, 3, 128, "ai"), "ai", "new-")
+    odd = {"person-01/odd.png": ai_face, "person-02/noise.jpg": noise.getvalue()}
+    pending += stored(workspace, odd, "real", "new-") + stored(workspace, {"prompt-01/photo.jpg": photo}, "ai", "new-")
     torch_model = models.Classifier("resnet18")
     models.save_checkpoint(workspace.models / "run1" / "best.pt", torch_model, {"image_size": 32})
     return workspace, new_rows(approved + pending)
