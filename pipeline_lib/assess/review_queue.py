@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 SUGGEST_REJECT = 0.5  # suspicion from which the queue suggests a rejection
 MIN_REFERENCE = 5  # approved images of a label needed to judge outliers among them
 MIN_REASON = 0.05  # an outlier signal weaker than this is no reason
+AGREES = 0.9  # the model's p of the given label from which the reason says it agrees (below: unsure)
 MIN_LABEL_ISSUES = 10  # scored images per label needed before cleanlab's per-class thresholds mean anything
 LABEL_WORDS = {"real": "real photos", "ai": "AI images"}
 QUEUE_COLUMNS = ("sha256", "label", "group", "suspicion", "suggested", "reject_reason", "why", "reasons")
@@ -102,7 +103,8 @@ def label_signals(labels: list[str], p_ai: np.ndarray) -> list[Signal]:
             text = f"model says {other} with {p_other:.2f}" + (" (cleanlab: label issue)" if issue else "")
             out.append(Signal(max(1.0 - float(q), 0.5 if issue else 0.0), text, "wrong_label"))
         else:
-            out.append(Signal(1.0 - float(q), f"model agrees: {label} {float(q):.2f}"))
+            verb = "agrees" if q >= AGREES else "is unsure"
+            out.append(Signal(1.0 - float(q), f"model {verb}: {label} {float(q):.2f}", "wrong_label"))
     return out
 
 

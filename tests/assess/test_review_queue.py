@@ -41,7 +41,7 @@ def test_label_signals_say_what_the_model_thinks_and_cleanlab_flags_issues() -> 
     assert signals[23].text.startswith("model says real with 0.80")
     assert signals[0].text == "model agrees: real 0.95" and signals[0].strength == pytest.approx(0.05)
     few = rq.label_signals(["real", "ai"], np.array([0.4, 0.6]))
-    assert [s.text for s in few] == ["model agrees: real 0.60", "model agrees: ai 0.60"], "too few for cleanlab"
+    assert [s.text for s in few] == ["model is unsure: real 0.60", "model is unsure: ai 0.60"], "too few for cleanlab"
 
 
 def test_outliers_are_far_from_the_approved_images_of_their_label() -> None:
