@@ -234,6 +234,8 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in runs.items()}
     eager = median["eager_imports"]
     result = {
+        "benchmark": "cli",
+        "quick": args.quick,
         "cpu_count": os.cpu_count(),
         "load_average_1min": os.getloadavg()[0],
         "repeats": args.repeats,
