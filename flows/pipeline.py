@@ -293,7 +293,7 @@ def pipeline_in_current_flow(config: PipelineConfig) -> dict[str, Any]:
     """The pipeline's stages inside the flow run that calls this (a deployment's own run, so its gate can suspend)."""
     started = time.perf_counter()
     # Before the crawl: a weights download that fails (offline) stops the run now, not after the review.
-    stages.fetch_weights(config.train)
+    stages.fetch_weights(config.train, str(config.execution.workspace), config.execution.refresh_cache)
     tags = _flow_run_tags()
     with tracked_stages(config, tags["prefect.flow_run_name"] or "pipeline", tags) as (workspace, stages_run, tracker):
         with system_metrics(tracker, config.tracking.system_metrics_interval_s):
@@ -441,7 +441,7 @@ def _model_stages(
     trained = run.run(
         "train", stages.train, root, trainset, config.train, normalize, not run.refresh, progress=reporter
     )
-    track.log_training(tracker, trained, logged_live=run.states["train"] != "Cached")
+    track.log_training(tracker, trained, logged_live=run.states["train"] != "Cached", root=root)
     device = config.train.device  # every model stage runs where training did
     evaluate_args = (config.evaluate, config.calibration, normalize, config.report.cam_method, device)
     evaluation = run.run("evaluate", stages.evaluate, root, split.catalog, trained.model, *evaluate_args)
