@@ -42,6 +42,8 @@ from tasks.progress import EpochReporter
 
 log = logging.getLogger(__name__)
 
+CODE_PARTS = "code-parts.json"  # in the workspace's cache: the code parts of stage keys (code_index.CodeIndex)
+
 
 class StageRecorder:
     """Runs stage tasks, keeps each one's final state name, and logs it to MLflow as it goes (with its cache key).
@@ -56,7 +58,8 @@ class StageRecorder:
         self.workspace = workspace
         self.refresh = refresh
         self.tracker = tracker
-        self.index = code_index.CodeIndex()  # parses the project's code once per flow run
+        # parses the project's code once per flow run, or takes the parts a run before derived from the same files
+        self.index = code_index.CodeIndex(remembered=workspace.cache / CODE_PARTS)
         self.states: dict[str, str] = {}
         self._earlier: dict[str, EarlierStageRun] | None = None  # stage -> its previous nested run
         self.outcome: dict[str, Any] = {}  # what the run's line in the workspace's runs list adds (accuracy, model)
