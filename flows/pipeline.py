@@ -296,9 +296,10 @@ def pipeline_in_current_flow(config: PipelineConfig) -> dict[str, Any]:
     """The pipeline's stages inside the flow run that calls this (a deployment's own run, so its gate can suspend)."""
     started = time.perf_counter()
     # Before the crawl: a weights download that fails (offline) stops the run now, not after the review.
-    stages.fetch_weights(config.train, str(config.execution.workspace), config.execution.refresh_cache)
+    weights = stages.fetch_weights(config.train, str(config.execution.workspace), config.execution.refresh_cache)
     tags = _flow_run_tags()
     with tracked_stages(config, tags["prefect.flow_run_name"] or "pipeline", tags) as (workspace, stages_run, tracker):
+        stages.remember_weights(workspace, config.train, weights)  # the first run's check, made before it existed
         with system_metrics(tracker, config.tracking.system_metrics_interval_s):
             catalog = _data_stages(config, workspace, stages_run)
             summary = _model_stages(config, workspace, stages_run, tracker, catalog)

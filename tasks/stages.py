@@ -289,9 +289,17 @@ def fetch_weights(config: TrainConfig, root: str | None = None, refresh: bool = 
         )
 
     workspace = None if refresh or root is None else _existing_workspace(root)
-    question = (config.model, config.weights, config.weights_url or "", str(config.image_size))
-    path = initial_weights.checked_weights(workspace, question, check)
+    path = initial_weights.checked_weights(workspace, _weights_question(config), check)
     return "" if path is None else str(path)
+
+
+def remember_weights(workspace: Workspace, config: TrainConfig, found: str) -> None:
+    """Keep fetch_weights' answer (found: "" for no file) in the workspace, for a check made before it existed."""
+    initial_weights.remember(workspace, _weights_question(config), Path(found) if found else None)
+
+
+def _weights_question(config: TrainConfig) -> tuple[str, ...]:
+    return config.model, config.weights, config.weights_url or "", str(config.image_size)
 
 
 def _existing_workspace(root: str) -> Workspace | None:

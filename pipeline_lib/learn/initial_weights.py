@@ -39,19 +39,32 @@ def checked_weights(
     otherwise. Without a workspace, check() is run."""
     if workspace is None:
         return check()
-    key = digest_of(*question, *(f"{name}={os.environ.get(name, '')}" for name in LOOKUP_ENV))
-    record = _read(workspace)
-    known = record.get(key)
+    known = _read(workspace).get(_key(question))
     if isinstance(known, dict) and _unchanged(known):
         log.debug("initial weights %s: checked before, unchanged (%s)", question, known.get("path"))
         return None if known.get("path") is None else Path(known["path"])
     found = check()
-    record[key] = {"path": None if found is None else str(found), "stamp": _stamp(found)}
+    remember(workspace, question, found)
+    return found
+
+
+def remember(workspace: Workspace, question: tuple[str, ...], found: Path | None) -> None:
+    """Keep what the check found for question (e.g. one made before the workspace existed), with the file's stamp;
+    nothing when that is kept already."""
+    record = _read(workspace)
+    entry = {"path": None if found is None else str(found), "stamp": _stamp(found)}
+    if record.get(_key(question)) == entry:
+        return
     try:
-        atomic_write_text(record_path(workspace), json.dumps(record, indent=1, sort_keys=True))
+        text = json.dumps(record | {_key(question): entry}, indent=1, sort_keys=True)
+        atomic_write_text(record_path(workspace), text)
     except OSError as error:  # a read-only workspace: the next run checks again
         log.warning("the initial weights check is not remembered in %s: %s", record_path(workspace), error)
-    return found
+
+
+def _key(question: tuple[str, ...]) -> str:
+    """The record's key of a question: its parts and where torch.hub looks the file up."""
+    return digest_of(*question, *(f"{name}={os.environ.get(name, '')}" for name in LOOKUP_ENV))
 
 
 def _stamp(path: Path | None) -> list[int] | None:

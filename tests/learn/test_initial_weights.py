@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from pipeline_lib.core.workspace import Workspace
-from pipeline_lib.learn.initial_weights import checked_weights, record_path
+from pipeline_lib.learn.initial_weights import checked_weights, record_path, remember
 
 
 class Check:
@@ -59,3 +59,14 @@ def test_an_unreadable_record_is_checked_again(tmp_path: Path) -> None:
     check = Check(None)
     assert checked_weights(workspace, ("resnet18", "none", ""), check) is None and check.calls == 1
     assert checked_weights(workspace, ("resnet18", "none", ""), check) is None and check.calls == 1
+
+
+def test_a_check_made_before_the_workspace_existed_is_remembered(tmp_path: Path) -> None:
+    weights = tmp_path / "resnet18.pth"
+    weights.write_bytes(b"weights")
+    check = Check(weights)
+    question = ("resnet18", "imagenet", "")
+    found = checked_weights(None, question, check)
+    workspace = Workspace.create(tmp_path / "ws")
+    remember(workspace, question, found)
+    assert checked_weights(workspace, question, check) == weights and check.calls == 1, "the first check forgotten"
