@@ -22,6 +22,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from flows import console
 from pipeline_lib.core import privacy
 
 if TYPE_CHECKING:
@@ -162,13 +163,23 @@ PROGRESS_ENV, PROGRESS_LOGGER = "PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib.c
 
 @app.callback()
 def main_options(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (or AIDETECT_DEBUG=1).")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", help="Show every log record on stderr: Prefect's, MLflow's, warnings (or AIDETECT_VERBOSE=1)."
+        ),
+    ] = False,
 ) -> None:
     """aidetect: build and maintain a detector of AI-generated images."""
     privacy.quiet_mlflow()  # before anything imports mlflow (it starts its telemetry client at import)
-    os.environ.setdefault(PROGRESS_ENV, PROGRESS_LOGGER)  # before Prefect sets up logging: progress lines show
+    ctx.with_resource(console.env_defaults(os.environ, console.library_defaults(sys.stderr.isatty())))
+    os.environ.setdefault(PROGRESS_ENV, PROGRESS_LOGGER)  # before Prefect sets up logging: progress lines reach its API
     if debug:
         os.environ[DEBUG_ENV] = "1"
+    if verbose:
+        os.environ[console.VERBOSE_ENV] = "1"
 
 
 def _debug() -> bool:
@@ -240,10 +251,19 @@ def _check_sources(cfg: PipelineConfig) -> None:
         _fail(f"invalid source: {error}")
 
 
+def _log_file(cfg: PipelineConfig, command: str) -> Path:
+    """The log file of this command in the config's workspace (flows.console)."""
+    from datetime import datetime
+
+    return console.log_path(Path(cfg.execution.workspace).expanduser().resolve(), command, datetime.now())
+
+
 @contextlib.contextmanager
-def _prefect() -> Iterator[str]:
+def _prefect(log_file: Path | None = None, as_json: bool = False) -> Iterator[str]:
     """The Prefect API of this command's flows (flows.runtime.prefect_session): PREFECT_API_URL, the server of
-    `aidetect server start`, or a temporary server started now; exit 4 with one line when that does not start."""
+    `aidetect server start`, or a temporary server started now; exit 4 with one line when that does not start.
+    Within it the console is quiet and log_file keeps every record (flows.console); with as_json the stage lines
+    go to stderr, leaving stdout to the JSON."""
     from flows.runtime import PrefectStartError, prefect_session
 
     with contextlib.ExitStack() as stack:
@@ -254,6 +274,7 @@ def _prefect() -> Iterator[str]:
                 raise
             _fail(str(error), code=EXIT_NO_SERVER)
         stack.enter_context(_console_without_known_tracebacks())
+        stack.enter_context(console.command_output(log_file, sys.stderr if as_json else None))
         yield api
 
 
@@ -269,6 +290,7 @@ def _writer(cfg: PipelineConfig, command: str, create: bool = False) -> Iterator
     from pipeline_lib.core.workspace import WorkspaceBusyError
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(console.env_defaults(os.environ, console.prefect_defaults()))  # before Prefect starts
         try:
             _hold_workspace(stack, cfg, command, create)
         except (UnusableWorkspaceError, WorkspaceBusyError) as error:
@@ -304,19 +326,21 @@ def _hold_workspace(stack: contextlib.ExitStack, cfg: PipelineConfig, command: s
         _refuse(error)
 
 
-def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+def _run_pipeline(cfg: PipelineConfig, command: str) -> dict[str, Any]:
+    """The pipeline flow's summary, with the command's log file named in it."""
     from pipeline_lib.core.cluster import ClusterError
     from pipeline_lib.core.config import ConfigError
     from pipeline_lib.core.workspace import WorkspaceError
     from pipeline_lib.curate.review import ReviewPending
 
-    with _prefect():
+    log_file = _log_file(cfg, command)
+    with _prefect(log_file):
         from flows.pipeline import run_pipeline
         from pipeline_lib.curate.split import SplitError
         from pipeline_lib.learn.models import WeightsError, WeightsNotFoundError
 
         try:
-            return run_pipeline(cfg)
+            return run_pipeline(cfg) | {"log_file": str(log_file)}
         except ReviewPending as error:
             _fail(str(error), code=EXIT_REVIEW)
         except (ClusterError, ConfigError, SplitError, WeightsNotFoundError, WeightsError, WorkspaceError) as error:
@@ -373,11 +397,11 @@ def run(
     cfg = _config(config, workspace, extra, refresh_cache)
     _check_sources(cfg)
     with _writer(cfg, "aidetect run"):
-        summary = _run_pipeline(cfg)
+        summary = _run_pipeline(cfg, "run")
     _print_summary(summary)
 
 
-def _crawl(cfg: PipelineConfig, as_json: bool, folders: list[FolderSource] | None = None) -> None:
+def _crawl(cfg: PipelineConfig, as_json: bool, log_file: Path, folders: list[FolderSource] | None = None) -> None:
     """Run the crawl flow (inside _prefect()) and print what it did (and, for folders, what became of every file)."""
     from flows.pipeline import crawl_flow
 
@@ -387,12 +411,13 @@ def _crawl(cfg: PipelineConfig, as_json: bool, folders: list[FolderSource] | Non
         result["folders"] = [
             {"folder": str(a.folder), "files": [vars(item) for item in a.files]} for a in accounts
         ]
-        typer.echo(json.dumps(result, indent=2, default=str))
+        typer.echo(json.dumps(result | {"log_file": str(log_file)}, indent=2, default=str))
         return
     from pipeline_lib.ops.summary import crawl_lines
 
     _echo(crawl_lines(result, accounts))
     typer.echo(f"\ncatalog: {result['catalog']}  (MLflow run {result['mlflow_run_id']})")
+    typer.echo(f"log: {log_file}")
 
 
 def _accounts(cfg: PipelineConfig, folders: list[FolderSource] | None) -> list[Any]:
@@ -416,8 +441,9 @@ def crawl(
     """Crawl and ingest only: grow the catalog."""
     cfg = _config(config, workspace, set_, refresh_cache)
     _check_sources(cfg)
-    with _writer(cfg, "aidetect crawl"), _prefect():
-        _crawl(cfg, as_json)
+    log_file = _log_file(cfg, "crawl")
+    with _writer(cfg, "aidetect crawl"), _prefect(log_file, as_json):
+        _crawl(cfg, as_json, log_file)
 
 
 def _folder_source(folder: Path, label: str, group_by: str, generator: str, follow: bool) -> FolderSource:
@@ -495,7 +521,8 @@ def import_folder(
     cfg = _config(config, workspace, list(set_ or []) + no_sources, False)
     # The lock first, then a Prefect API: the folder is recorded only by the command that holds the workspace, and
     # only when flows can run.
-    with _writer(cfg, f"aidetect import {source.path}", create=True), _prefect():
+    log_file = _log_file(cfg, "import")
+    with _writer(cfg, f"aidetect import {source.path}", create=True), _prefect(log_file, as_json):
         from pipeline_lib.acquire.imports import add_import
         from pipeline_lib.core.config import ConfigError
         from pipeline_lib.core.workspace import Workspace
@@ -504,7 +531,7 @@ def import_folder(
             add_import(Workspace.open(cfg.execution.workspace), source)
         except ConfigError as error:
             _fail(str(error))
-        _crawl(cfg, as_json, [source])
+        _crawl(cfg, as_json, log_file, [source])
 
 
 @app.command()
@@ -541,7 +568,7 @@ def demo(
                 extra,
                 origin="demo config",
             )
-            summary = _run_pipeline(cfg)
+            summary = _run_pipeline(cfg, "demo")
     _print_summary(summary)
 
 
@@ -1018,31 +1045,32 @@ def predict(
         where = resolve_device(device)
     except (ValueError, RuntimeError) as error:
         _fail(f"--device: {error}")
-    loaded, meta = _predict_model(model, config, workspace, trust_pickle)
-    try:
-        if checkpoint.is_file():
-            calibration = read_calibration(checkpoint)
-        elif meta.get("calibration"):
-            calibration = parse_calibration(meta["calibration"], f"calibration tag of model {model!r}")
-        else:
-            calibration = None
-        band = (band_config.uncertain_low, band_config.uncertain_high)
-        rows = predict_files(
-            loaded,
-            meta,
-            paths,
-            batch_size,
-            cam_dir=cam,
-            cam_method=cam_method,
-            threshold=threshold,
-            calibration=calibration,
-            band=band,
-            cam_target=cam_target or settings.report.cam_target,
-            device=where,
-            ingest=settings.ingest,
-        )
-    except ValueError as error:
-        _fail(str(error))
+    with console.command_output(lines=sys.stderr):  # stdout is the result; MLflow's records: with --verbose only
+        loaded, meta = _predict_model(model, config, workspace, trust_pickle)
+        try:
+            if checkpoint.is_file():
+                calibration = read_calibration(checkpoint)
+            elif meta.get("calibration"):
+                calibration = parse_calibration(meta["calibration"], f"calibration tag of model {model!r}")
+            else:
+                calibration = None
+            band = (band_config.uncertain_low, band_config.uncertain_high)
+            rows = predict_files(
+                loaded,
+                meta,
+                paths,
+                batch_size,
+                cam_dir=cam,
+                cam_method=cam_method,
+                threshold=threshold,
+                calibration=calibration,
+                band=band,
+                cam_target=cam_target or settings.report.cam_target,
+                device=where,
+                ingest=settings.ingest,
+            )
+        except ValueError as error:
+            _fail(str(error))
     if as_json:
         typer.echo(json.dumps([row.as_dict() for row in rows], indent=2))
     else:

@@ -24,11 +24,13 @@ from pipeline_lib.assess import report_content
 from pipeline_lib.assess.registry import alias_for
 from pipeline_lib.core import cachekey, cluster, code_index
 from pipeline_lib.core.config import DedupConfig, ExecutionConfig, IngestConfig, NormalizeConfig, PipelineConfig
+from pipeline_lib.core.output import output_line
 from pipeline_lib.core.tracking.runs import Tracker, code_version, system_metrics
 from pipeline_lib.core.tracking.stage_runs import KEY_PARAM_PREFIX, previous_stage_keys, stage_run
 from pipeline_lib.core.workspace import Ref, Workspace, digest_of, file_sha256, workspace_lock
 from pipeline_lib.curate import split as split_lib
 from pipeline_lib.ops.status import record_run
+from pipeline_lib.ops.summary import stage_line
 from tasks import per_image, stages, track
 from tasks.caching import cached, stage_key
 from tasks.progress import EpochReporter
@@ -76,9 +78,10 @@ class StageRecorder:
         return self.record(name, state, time.perf_counter() - started, key)
 
     def record(self, name: str, state: State, seconds: float, key: cachekey.StageKey | None = None) -> Any:
-        """Keep a finished stage's state, log it on the parent run and as a nested run (with its key's parts when
-        given); its result (raise if failed)."""
+        """Keep a finished stage's state, say it in a line of output, log it on the parent run and as a nested run
+        (with its key's parts when given); its result (raise if failed)."""
         self.states[name] = state.name
+        get_run_logger().info(stage_line(name, state.name, seconds), extra=output_line())
         try:
             result = state.result()  # raises if the stage failed
         except BaseException:

@@ -68,11 +68,21 @@ def seconds(value: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def _state_word(state: str) -> str:
+    """computed, cached, or the Prefect state's name in lower case (failed, crashed)."""
+    return {"Completed": "computed", "Cached": "cached"}.get(state, state.lower())
+
+
+def stage_line(stage: str, state: str, took: float) -> str:
+    """The console line of a stage as it ends: 'train        computed   41.4 s'."""
+    return f"{stage:<12} {_state_word(state):<9} {seconds(took):>8}"
+
+
 def stage_states(states: Mapping[str, str]) -> str:
     """'3 computed (train, evaluate, report), 7 cached' in stage order."""
     groups: dict[str, list[str]] = {}
     for stage, state in states.items():
-        groups.setdefault({"Completed": "computed", "Cached": "cached"}.get(state, state.lower()), []).append(stage)
+        groups.setdefault(_state_word(state), []).append(stage)
     parts = []
     for kind, stages in groups.items():
         listed = f" ({', '.join(stages)})" if kind != "cached" or len(stages) < len(states) else ""
@@ -118,6 +128,8 @@ def run_lines(summary: Mapping[str, Any]) -> list[str]:
         rows.append(("data version", str(summary["data_version"])))
     rows += [("report", str(summary.get("report", "")))]
     rows.append(("MLflow run", f"{summary['mlflow_run_id']}  ({_where_to_open(summary)})"))
+    if summary.get("log_file"):
+        rows.append(("log", str(summary["log_file"])))
     lines += aligned(rows)
     if "warnings" in summary:  # the report's warnings box, word for word
         warnings = [f"{item['kind']}: {item['text']}" for item in summary["warnings"]]

@@ -47,6 +47,14 @@ def test_all_cached_is_said_once_and_champion_kept_is_explained():
     assert summary.model_line(again, "det") == "det version 3, alias champion (this checkpoint was registered before)"
 
 
+def test_a_stage_line_says_computed_or_cached_and_its_time():
+    assert summary.stage_line("train", "Completed", 41.37) == "train        computed    41.4 s"
+    assert summary.stage_line("crawl", "Cached", 0.2).split() == ["crawl", "cached", "0.2", "s"]
+    assert summary.stage_line("evaluate", "Failed", 3.0).split()[:2] == ["evaluate", "failed"]
+    lines = summary.run_lines(RUN | {"log_file": "/ws/logs/20260102-030405-run.log"})
+    assert "  log            /ws/logs/20260102-030405-run.log" in lines, "the summary names the log file"
+
+
 def test_aligned_and_table_line_up():
     assert summary.aligned([("a", "1"), ("long key", "2")]) == ["  a         1", "  long key  2"]
     lines = summary.table(("name", "n"), [("x", 1), ("yy", 10)])
