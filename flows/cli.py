@@ -119,14 +119,33 @@ def _console_without_known_tracebacks() -> Iterator[None]:
             handler.removeFilter(quiet)
 
 
-class _Commands(TyperGroup):
+# A command's own exit and a usage error (an unknown command or option, a bad value): typer >= 0.22 raises its own
+# copy of click's exceptions (TyperException is the base of its ClickException), older typer click's own.
+_OWN_EXITS = (typer.Exit, typer.Abort, typer.TyperException, click.exceptions.Exit, click.ClickException, click.Abort)
+
+
+class _Group(TyperGroup):
+    """A command group whose --help lists each command with its whole first sentence (wrapped, never cut)."""
+
+    def format_commands(self, ctx: click.Context, formatter: Any) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=sys.maxsize)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class _Commands(_Group):
     """The aidetect command group: every known failure of any command ends as one line and exit 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
-            raise  # a command's own exit (typer.Exit is not click's in this typer)
+        except _OWN_EXITS:
+            raise  # a command's own exit, or a usage error: click says what is wrong, nothing else is imported
         except Exception as error:
             message = explain_failure(error)
             if message is None or _debug():
@@ -136,20 +155,23 @@ class _Commands(TyperGroup):
 
 
 app = typer.Typer(
-    cls=_Commands, help="aidetect: build and maintain a detector of AI-generated images.", no_args_is_help=True
+    cls=_Commands,
+    help="aidetect: build and maintain a detector of AI-generated images.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 review_app = typer.Typer(
     help="Manual review: counts, bulk decisions from CSV, the review page, resuming a waiting run.",
     no_args_is_help=True,
 )
-app.add_typer(review_app, name="review")
+app.add_typer(review_app, name="review", cls=_Group)
 weights_app = typer.Typer(help="Pretrained weights in TORCH_HOME's cache.", no_args_is_help=True)
-app.add_typer(weights_app, name="weights")
+app.add_typer(weights_app, name="weights", cls=_Group)
 server_app = typer.Typer(
     help="A Prefect server kept up between commands (saves each command the temporary server's start-up).",
     no_args_is_help=True,
 )
-app.add_typer(server_app, name="server")
+app.add_typer(server_app, name="server", cls=_Group)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: built-in defaults).")]
 WorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace directory.")]
@@ -267,6 +289,7 @@ def _prefect(log_file: Path | None = None, as_json: bool = False) -> Iterator[st
     from flows.runtime import PrefectStartError, prefect_session
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(console.env_defaults(os.environ, console.prefect_defaults()))  # before Prefect starts
         try:
             api = stack.enter_context(prefect_session())
         except PrefectStartError as error:
@@ -290,7 +313,6 @@ def _writer(cfg: PipelineConfig, command: str, create: bool = False) -> Iterator
     from pipeline_lib.core.workspace import WorkspaceBusyError
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(console.env_defaults(os.environ, console.prefect_defaults()))  # before Prefect starts
         try:
             _hold_workspace(stack, cfg, command, create)
         except (UnusableWorkspaceError, WorkspaceBusyError) as error:
@@ -510,10 +532,11 @@ def import_folder(
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Add a folder of local images to the workspace (kept as a source of every later run) and ingest it now.
+    """Add a folder of local images to the workspace and ingest it now.
 
-    Every file that is not hidden is looked at: images are imported whatever their extension, every other file
-    (symlinks included) is listed with the reason it was left out. Nothing outside the folder is read.
+    The folder stays a source of every later run. Every file that is not hidden is looked at: images are imported
+    whatever their extension, every other file (symlinks included) is listed with the reason it was left out.
+    Nothing outside the folder is read.
     """
     source = _folder_source(folder, label, group_by, generator, follow_symlinks)
     _check_folder(source)
@@ -536,7 +559,9 @@ def import_folder(
 
 @app.command()
 def demo(
-    workspace: Annotated[Path, typer.Option("--workspace", "-w")] = Path("demo-workspace"),
+    workspace: Annotated[Path, typer.Option("--workspace", "-w", help="Workspace directory of the demo.")] = Path(
+        "demo-workspace"
+    ),
     config: ConfigOpt = None,
     persons: Annotated[int, typer.Option(help="Synthetic persons per class.", min=3)] = 30,
     set_: SetOpt = None,
@@ -579,8 +604,11 @@ def status(
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Catalog counts by status, label and split; pending reviews; imported folders, file by file; last runs (and
-    the tracking URI of the config they are recorded in)."""
+    """Catalog counts, pending reviews, imported folders and last runs of a workspace.
+
+    Counts by status, label and split; imported folders file by file; the last runs, and the tracking URI of the
+    config they are recorded in.
+    """
     cfg = _config(config, workspace, set_, False)
     ws = _workspace(cfg.execution.workspace)
     from pipeline_lib.core.tracking.workspace_store import TrackingStoreError, check_store
@@ -624,7 +652,10 @@ def review_status(workspace: WorkspaceOpt = None):
 
 
 @review_app.command("export")
-def review_export(target: Path, workspace: WorkspaceOpt = None):
+def review_export(
+    target: Annotated[Path, typer.Argument(help="CSV file to write (replaced if it exists).")],
+    workspace: WorkspaceOpt = None,
+):
     """Write undecided images to a CSV (sha256,label,group,url,decision,reason) to fill in."""
     ws = _workspace(workspace)
     from pipeline_lib.core.catalog import STATUS_OK, read_parquet_file
@@ -668,7 +699,11 @@ def review_pack(
 
 
 @review_app.command("apply")
-def review_apply(csv_file: Path, workspace: WorkspaceOpt = None, reviewer: str = "csv"):
+def review_apply(
+    csv_file: Annotated[Path, typer.Argument(help="CSV with columns sha256,decision[,reason] (e.g. review export's).")],
+    workspace: WorkspaceOpt = None,
+    reviewer: Annotated[str, typer.Option(help="Name recorded as the reviewer of these decisions.")] = "csv",
+):
     """Append the decisions of a CSV (sha256,decision[,reason]) to review/decisions.jsonl."""
     ws = _workspace(workspace)
     from pipeline_lib.core.catalog import read_parquet_file
@@ -775,7 +810,7 @@ def review_serve(
 def review_done(
     workspace: WorkspaceOpt = None,
     approve_remaining: Annotated[bool, typer.Option(help="Approve every image still undecided.")] = False,
-    note: str = "",
+    note: Annotated[str, typer.Option(help="A note for the waiting flow run's log (Prefect UI).")] = "",
 ):
     """Resume the flow run that waits at the review gate (needs the Prefect server the run uses)."""
     ws = _workspace(workspace)
@@ -852,8 +887,11 @@ def doctor(
     deep: Annotated[bool, typer.Option("--deep", help="Also hash every stored file against its name.")] = False,
     as_json: JsonOpt = False,
 ):
-    """Check a workspace (snapshots, store against the crawl log, decisions, checkpoints, mlflow.db, leftovers of
-    killed runs) and, with --repair, repair what is safe. Exit 0 when nothing is left to fix, 2 otherwise."""
+    """Check a workspace and, with --repair, repair what is safe.
+
+    Looks at the snapshots, the store against the crawl log, decisions, checkpoints, mlflow.db and leftovers of
+    killed runs. Exit 0 when nothing is left to fix, 2 otherwise.
+    """
     cfg = _config(config, workspace, None, False)
     ws = _workspace(cfg.execution.workspace)
     from dataclasses import asdict
@@ -1006,8 +1044,20 @@ def predict(
         typer.Option("--cam-target", help="predicted, ai or real: what CAMs explain (default: report.cam_target)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
-    threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0)] = 0.5,
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", min=1, metavar="N", help="Images scored at once (lower it if memory runs out)."),
+    ] = 32,
+    threshold: Annotated[
+        float,
+        typer.Option(
+            "--threshold",
+            min=0.0,
+            max=1.0,
+            metavar="P",
+            help="Label ai when p_ai >= P, else real (the verdict column keeps its uncertain band).",
+        ),
+    ] = 0.5,
     device: Annotated[
         str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
     ] = "auto",
