@@ -1074,7 +1074,9 @@ def predict(
     The temperature and normalisation of training are applied: from a checkpoint's <model>.calibration.json, or from
     the champion's or the run's calibration tag (--model champion / RUN_ID). The model scores (and explains) the
     images in batches on --device. The first line says which model scored the files. Files ingest would refuse by
-    their header (config ingest: max_pixels, min_side, animated) are not decoded and get an error row.
+    their header (config ingest: max_pixels, min_side, animated) are not decoded and get an error row. Under a folder,
+    every file that is not hidden is looked at as `import` does: a file that is not an image (or a symlink out of the
+    folder) is listed as left out, with the reason, and is no error.
     Exit 1 if some file could not be read or was refused, 2 if the model or images are missing or the device is not
     available.
     """
@@ -1086,11 +1088,14 @@ def predict(
     band_config = settings.calibration
     if not (checkpoint.suffix == ".pt" or checkpoint.is_file()):
         _workspace_or_uri(config, workspace)
-    from pipeline_lib.assess.predict import collect_paths, parse_calibration, predict_files, read_calibration
+    from pipeline_lib.assess.predict import collect_inputs, parse_calibration, predict_files, read_calibration
     from pipeline_lib.core.devices import resolve_device
 
-    if not collect_paths(paths):
-        _fail("no image files found in: " + ", ".join(map(str, paths)))
+    inputs = collect_inputs(paths)
+    if not inputs.files:
+        left_out = "; ".join(f"{path}: {reason}" for path, reason in inputs.left_out[:3])
+        named = ", ".join(map(str, paths))
+        _fail(f"no image files found in: {named}" + (f" (left out: {left_out})" if left_out else ""))
     try:
         where = resolve_device(device)
     except (ValueError, RuntimeError) as error:

@@ -229,9 +229,16 @@ def prediction_lines(rows: Sequence[Any], model: str) -> list[str]:
     lines = [f"scored by {model}", ""]
     body = []
     for row in rows:
-        if row.error:
+        if row.left_out:
+            body.append(("left out", "-", f"{row.path}: {row.left_out}"))
+        elif row.error:
             body.append(("error", "-", f"{row.path}: {row.error}"))
         else:
             cam = f"  (cam: {row.cam})" if row.cam else ""
             body.append((row.verdict or row.label, f"{row.p_ai:.3f}", f"{row.path}{cam}"))
-    return lines + table(("verdict", "p_ai", "file"), body, indent="")
+    lines += table(("verdict", "p_ai", "file"), body, indent="")
+    errors, left_out = sum(bool(r.error) for r in rows), sum(bool(r.left_out) for r in rows)
+    if errors or left_out:
+        scored = len(rows) - errors - left_out
+        lines += ["", f"{len(rows)} file(s): {scored} scored, {errors} error, {left_out} left out"]
+    return lines

@@ -73,12 +73,18 @@ def test_folder_account_lists_reasons():
 
 
 def test_predictions_say_which_model_and_one_verdict():
-    rows = [
-        SimpleNamespace(path="a.jpg", p_ai=0.91, label="ai", verdict="ai", error=None, cam=None),
-        SimpleNamespace(path="b.jpg", p_ai=0.55, label="ai", verdict="uncertain", error=None, cam=None),
-        SimpleNamespace(path="c.jpg", p_ai=None, label=None, verdict=None, error="unreadable image", cam=None),
-    ]
+    def row(path: str, p_ai=None, verdict=None, error=None, left_out=None) -> SimpleNamespace:
+        label = None if p_ai is None else "ai"
+        return SimpleNamespace(
+            path=path, p_ai=p_ai, label=label, verdict=verdict, error=error, cam=None, left_out=left_out
+        )
+
+    rows = [row("a.jpg", 0.91, "ai"), row("b.jpg", 0.55, "uncertain"), row("c.jpg", error="unreadable image")]
+    rows.append(row("d.txt", left_out="not an image"))
     lines = summary.prediction_lines(rows, "aidetect version 3 (alias champion)")
     assert lines[0] == "scored by aidetect version 3 (alias champion)"
     assert lines[2].split() == ["verdict", "p_ai", "file"]
     assert lines[4].split()[:2] == ["uncertain", "0.550"] and "label" not in lines[2]
+    assert lines[6].split() == ["left", "out", "-", "d.txt:", "not", "an", "image"], lines
+    assert lines[-1] == "4 file(s): 2 scored, 1 error, 1 left out", lines
+    assert summary.prediction_lines(rows[:2], "m")[-1].split()[0] == "uncertain", "no count line when all were scored"
