@@ -31,9 +31,8 @@ def plan_fingerprint(
     algorithm: str,
     hash_size: int,
     chunk_size: int = 256,
-    hash_version: int = fingerprint_lib.HASH_VERSION,
 ) -> list[Chunk]:
-    """Chunks of the ok images whose hashes are not cached yet (hash_version keys the cache to the definition)."""
+    """Chunks of the ok images whose hashes are not cached yet (the cache is named by the hashing code's digest)."""
     workspace = Workspace.create(root)
     jobs = fingerprint_lib.missing_hash_jobs(workspace, cat.read_snapshot(workspace, catalog_ref), algorithm, hash_size)
     chunks = fingerprint_lib.chunked(jobs, chunk_size)
@@ -42,9 +41,7 @@ def plan_fingerprint(
 
 
 @task(name="fingerprint-hash-chunk")
-def hash_chunk(
-    root: str, chunk: Chunk, algorithm: str, hash_size: int, hash_version: int = fingerprint_lib.HASH_VERSION
-) -> list[fingerprint_lib.HashRow]:
+def hash_chunk(root: str, chunk: Chunk, algorithm: str, hash_size: int) -> list[fingerprint_lib.HashRow]:
     """(sha256, hash, dhash, error) per image of one chunk; unreadable images give their error, never raise."""
     return fingerprint_lib.hash_jobs(Workspace.create(root), chunk, algorithm, hash_size)
 
@@ -56,7 +53,6 @@ def merge_fingerprints(
     algorithm: str,
     hash_size: int,
     results: list[list[fingerprint_lib.HashRow]],
-    hash_version: int = fingerprint_lib.HASH_VERSION,
 ) -> StageResult:
     """Add the chunks' hashes to the hash cache and write the fingerprinted catalog snapshot."""
     workspace = Workspace.create(root)
@@ -127,7 +123,6 @@ def validate_chunk(
     chunk: Chunk,
     config: IngestConfig,
     hashing: ingest_lib.Hashing | None = None,
-    hash_version: int = fingerprint_lib.HASH_VERSION,
 ) -> list[dict[str, Any]]:
     """ImageCheck dicts (with sha256, and the hashes of `hashing` from the same decode) of one chunk's files."""
     return ingest_lib.validate_files(Workspace.create(root), chunk, config, hashing)
@@ -140,7 +135,6 @@ def merge_ingest(
     config: IngestConfig,
     hashing: ingest_lib.Hashing | None,
     results: list[list[dict[str, Any]]],
-    hash_version: int = fingerprint_lib.HASH_VERSION,
 ) -> StageResult:
     """Place the files (store/ or quarantine/, validation records), put their hashes into the fingerprint cache,
     and snapshot the catalog."""

@@ -4,10 +4,11 @@ The catalog's `phash` column holds the hash of the *configured* algorithm (phash
 column name is kept for schema stability. The `dhash` column always holds a dhash of the same size, a cheap
 second opinion. Pixels are hashed as stored (EXIF orientation is not applied), so a file always hashes the same.
 
-The hash itself (definition version HASH_VERSION, draft decoding, exact float phash/dhash) is defined in
-`pipeline_lib.acquire.hashing`; ingest normally computes it already, from the decode that validates a file (`jobs`), so
-this stage only fills gaps (files ingested before, another algorithm or hash size, a removed cache). Hashes from
-another definition are never mixed: the cache file name carries HASH_VERSION.
+The hash itself (draft decoding, exact float phash/dhash) is defined in `pipeline_lib.acquire.hashing`; ingest
+normally computes it already, from the decode that validates a file (`jobs`), so this stage only fills gaps (files
+ingested before, another algorithm or hash size, a removed cache). Hashes made by other code are never mixed: the
+cache file name carries the digest of the code that computes them (hash_code), so a change of that code recomputes
+every hash on the next run.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline_lib.acquire.hashing import HASH_VERSION, check_params
+from pipeline_lib.acquire.hashing import check_params
 from pipeline_lib.acquire.hashing import hash_image as hash_image  # the hash itself, re-exported for existing callers
 from pipeline_lib.acquire.hashing import hash_pair as hash_pair
-from pipeline_lib.acquire.jobs import HashJob, HashOutcome, hash_job, map_jobs
+from pipeline_lib.acquire.jobs import HashJob, HashOutcome, hash_job, map_jobs, validate_job
 from pipeline_lib.core.catalog import INVALID_PREFIX, STATUS_OK, conform
+from pipeline_lib.core.code_index import producer_code
 from pipeline_lib.core.progress import progress
 from pipeline_lib.core.workspace import Workspace, atomic_path
 
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 CACHE_COLUMNS: tuple[str, ...] = ("sha256", "phash", "dhash")
 UNHASHABLE = "unhashable"
+# The jobs whose hashes the cache holds: the fingerprint stage's, and ingest's (validate and hash in one decode).
+HASH_PRODUCERS = (hash_job, validate_job)
 
 
 def _run_jobs(jobs: list[HashJob], workers: int | None) -> Iterator[HashOutcome]:
@@ -38,9 +42,14 @@ def _run_jobs(jobs: list[HashJob], workers: int | None) -> Iterator[HashOutcome]
     return map_jobs(hash_job, jobs, workers)
 
 
+def hash_code() -> str:
+    """The digest of the code that computes the cached hashes (HASH_PRODUCERS and what they reach); cheap to ask."""
+    return producer_code(*HASH_PRODUCERS)
+
+
 def cache_path(workspace: Workspace, algorithm: str, hash_size: int) -> Path:
-    """Where the sha256 -> hashes table of one (algorithm, hash_size) is kept."""
-    return workspace.cache / "hashes" / f"{algorithm}-{hash_size}-v{HASH_VERSION}.parquet"
+    """Where the sha256 -> hashes table of one (algorithm, hash_size), made by the current code, is kept."""
+    return workspace.cache / "hashes" / f"{algorithm}-{hash_size}-{hash_code()}.parquet"
 
 
 def _empty_cache() -> pd.DataFrame:

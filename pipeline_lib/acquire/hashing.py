@@ -1,9 +1,9 @@
-"""The perceptual hash of one image file (definition version HASH_VERSION), pure and pandas-free.
+"""The perceptual hash of one image file, pure and pandas-free.
 
 This module imports only numpy, Pillow, scipy.fft and imagehash, so that a worker process that hashes (or
 validates and hashes, see `pipeline_lib.acquire.jobs`) starts quickly. The workspace cache lives in `fingerprint`.
 
-The project's hash of an image (definition version HASH_VERSION) is not `imagehash.<algo>(Image.open(path))` but
+The project's hash of an image is not `imagehash.<algo>(Image.open(path))` but
 a hash of a box-reduced greyscale image, computed in floating point:
 
 1. decode to 8-bit greyscale. JPEGs are decoded straight to their luma (Y) channel, in both modes; other files
@@ -26,7 +26,8 @@ hashes agree: the two reduced images differ only by the decoder's rounding of th
 level), and keeping everything after it in float (version 2 rounded to 8 bits twice more, in the second reduce
 and inside imagehash) leaves too little difference to flip a bit (benchmarks/README.md). The price is that the
 hash is not bit-identical to imagehash on the raw decoded image (a few of 64 bits differ on most photos). Hashes
-from another definition are never mixed: the cache file name carries HASH_VERSION.
+from another definition are never mixed: the hash cache's file name carries the digest of this code
+(`fingerprint.hash_code`), so changing it recomputes the hashes with no version to bump.
 """
 
 from __future__ import annotations
@@ -46,8 +47,6 @@ ALGORITHMS: tuple[str, ...] = ("phash", "dhash", "whash", "ahash")
 # T = DRAFT_FACTOR * hash_size: images are box-reduced to >= T pixels per side before the final LANCZOS resize;
 # twice what phash and whash resize to (4 * hash_size), so the LANCZOS resize still does the filtering.
 DRAFT_FACTOR = 8
-# Version of the hash definition (see the module docstring); part of the cache file name.
-HASH_VERSION = 3
 PHASH_FACTOR = 4  # phash's DCT input is (PHASH_FACTOR * hash_size) squared, imagehash's highfreq_factor
 
 

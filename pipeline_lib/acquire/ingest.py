@@ -21,6 +21,7 @@ from pipeline_lib.acquire.fingerprint import store_hashes
 from pipeline_lib.acquire.jobs import SHA_MISMATCH, Validated, ValidateJob, map_jobs, validate_job
 from pipeline_lib.acquire.validate import ImageCheck
 from pipeline_lib.core.catalog import INVALID_PREFIX, STATUS_OK, empty_catalog, is_invalid, new_rows
+from pipeline_lib.core.code_index import producer_code
 from pipeline_lib.core.config import IngestConfig
 from pipeline_lib.core.progress import progress
 from pipeline_lib.core.workspace import Workspace, atomic_write_bytes, file_sha256, sync_files
@@ -41,6 +42,7 @@ LOG_COLUMNS: tuple[str, ...] = (
 MISSING_FILE = "missing_file"
 HASH_COLUMNS: tuple[str, ...] = ("phash", "dhash")  # validate_files' hashes ("" when not hashed)
 Hashing = tuple[str, int]  # (algorithm, hash_size) of the dedup config
+VALIDATION_PRODUCERS = (validate_job,)  # what makes a validation record: its digest names the records' folder
 Hashes = Mapping[str, tuple[str, str]]  # sha256 -> (hash of the configured algorithm, dhash)
 
 
@@ -53,13 +55,20 @@ class Placement:
 
 
 def policy_folder(config: IngestConfig) -> str:
-    """The name of one ingest policy's records: min_side, max_pixels and animated decide whether a file is usable."""
-    return f"min{config.min_side}-px{config.max_pixels}-{config.animated}"
+    """The name of one ingest policy's records made by the current code: min_side, max_pixels and animated decide
+    whether a file is usable, and the digest of VALIDATION_PRODUCERS (and what they reach) names the code."""
+    return f"min{config.min_side}-px{config.max_pixels}-{config.animated}-{producer_code(*VALIDATION_PRODUCERS)}"
+
+
+def records_folder(workspace: Workspace, config: IngestConfig) -> Path:
+    """The validation records of one ingest policy made by the current code (another policy, or another version
+    of the validation code, judges every file again)."""
+    return workspace.cache / "validation" / policy_folder(config)
 
 
 def validation_record_path(workspace: Workspace, sha256: str, config: IngestConfig) -> Path:
-    """Where the validation record of one sha256 under one ingest policy is kept (another policy judges it again)."""
-    return workspace.cache / "validation" / policy_folder(config) / f"{sha256}.json"
+    """Where the validation record of one sha256 under one ingest policy is kept (see records_folder)."""
+    return records_folder(workspace, config) / f"{sha256}.json"
 
 
 def _quarantine_path(workspace: Workspace, sha256: str, ext: str) -> Path:
@@ -188,10 +197,23 @@ def validate_files(
     rows = []
     jobs = list(jobs)
     for sha256, relative in progress(jobs, len(jobs), "ingest: validating"):
-        done = validate_job(_job(sha256, workspace.root / relative, config, hashing))
+        source = _planned_source(workspace, sha256, relative)
+        if source is None:
+            log.info("ingest: %s is gone (and no copy of %s is in store/ or quarantine/)", relative, sha256[:12])
+            continue  # the merge finds it missing and says so in the catalog
+        done = validate_job(_job(sha256, source, config, hashing))
         main, second = done.hashes or ("", "")
         rows.append({"sha256": sha256, **dataclasses.asdict(done.check), "phash": main, "dhash": second})
     return rows
+
+
+def _planned_source(workspace: Workspace, sha256: str, relative: str) -> Path | None:
+    """The file a job planned earlier validates: where the plan saw it, else the copy of the same bytes an ingest
+    since moved to store/ or quarantine/ (a plan kept in the cache outlives its incoming/ files); None if neither."""
+    planned = workspace.root / relative
+    if planned.is_file():
+        return planned
+    return next(iter(_stored_copies(workspace, sha256, planned.suffix[1:])), None)
 
 
 def checks_by_sha(rows: Iterable[Mapping[str, Any]]) -> dict[str, ImageCheck]:

@@ -1,7 +1,9 @@
-"""The code part of a stage's cache key: the project's modules parsed (without docstrings), the definitions a task
-function uses, the pipeline_lib modules it reaches through their imports, and the libraries they import.
+"""The code part of a stage's cache key: the project's modules parsed (without docstrings and without the annotations
+that never run), the definitions a task function uses, the pipeline_lib modules it reaches through their imports, the
+data files those modules read (DATA_FILES) and the libraries they import.
 
-cachekey turns these parts, with the parts of the stage's inputs, into the key.
+cachekey turns these parts, with the parts of the stage's inputs, into the key. The same parts of the functions that
+make a per-image cache's entries (producer_parts) name that cache, so that a code change recomputes its entries.
 """
 
 from __future__ import annotations
@@ -9,13 +11,14 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline_lib.core.workspace import digest_of
+from pipeline_lib.core.workspace import digest_of, file_sha256
 
 PACKAGE = "pipeline_lib"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # holds pipeline_lib/, tasks/ and flows/
@@ -27,7 +30,19 @@ LIBRARIES: dict[str, str] = {
     "imagehash": "ImageHash",
     "pytorch_grad_cam": "grad-cam",
     "numpy": "numpy",
+    "scipy": "scipy",  # the DCT of the perceptual hash
+    "jinja2": "Jinja2",  # renders the report
+    "cv2": "opencv-python-headless",  # counts faces for the review hints (the `faces` extra)
+    "open_clip": "open-clip-torch",  # the foundation extra: CLIP image encoders (learn/foundation.py)
+    "timm": "timm",  # the foundation extra: DINOv2
 }
+# Non-Python files a module reads at run time, as globs relative to the project root: each file's content is a
+# `data.<path>` part of every key that reaches the module. tests/core/test_code_index.py fails on a file inside the
+# packages that no glob covers, so a new template cannot be left out of the keys.
+DATA_FILES: dict[str, tuple[str, ...]] = {
+    "pipeline_lib.assess.report": ("pipeline_lib/assess/templates/*",),
+}
+PRODUCER_CHARS = 16  # hex characters of a producer digest in a cache's file or folder name
 
 
 class CacheKeyError(TypeError):
@@ -62,6 +77,39 @@ def _strip_docstrings(tree: ast.Module) -> ast.Module:
     return tree
 
 
+class _WithoutAnnotations(ast.NodeTransformer):
+    """Drops the annotations that never run: of function arguments and returns, and of variables outside class
+    bodies (`x: int = 1` becomes `x = 1`, a bare `x: int` goes). An annotated attribute of a class body stays: it
+    defines a dataclass or pydantic field, and its type is how pydantic validates the field."""
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> ast.ClassDef:
+        node.body = [child if isinstance(child, ast.AnnAssign) else self.visit(child) for child in node.body]
+        node.decorator_list = [self.visit(child) for child in node.decorator_list]
+        return node
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.AST:
+        arguments = node.args
+        for argument in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs):
+            argument.annotation = None
+        for argument in (arguments.vararg, arguments.kwarg):
+            if argument is not None:
+                argument.annotation = None
+        node.returns = None
+        return self.generic_visit(node)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> ast.AST | None:
+        if node.value is None:
+            return None
+        return ast.Assign(targets=[node.target], value=self.visit(node.value))
+
+
+def _strip_annotations(tree: ast.Module) -> ast.Module:
+    """The tree without the annotations that never run (modified in place: the caller owns the parsed tree)."""
+    return _WithoutAnnotations().visit(tree)
+
+
 def node_digest(node: ast.AST) -> str:
     """Digest of a syntax tree without positions: comments, docstrings and layout do not change it."""
     return hashlib.sha256(ast.dump(node, include_attributes=False).encode("utf-8")).hexdigest()
@@ -80,7 +128,7 @@ class ParsedModule:
     """One project module: its name, the digest of its code, and what it imports (names -> targets)."""
 
     name: str
-    tree: ast.Module  # without docstrings
+    tree: ast.Module  # without docstrings and the annotations that never run
     digest: str
     imports: Mapping[str, tuple[str, str | None]]  # local name -> (module, attribute or None), top level only
     modules: frozenset[str]  # every module imported anywhere at run time (absolute names)
@@ -89,7 +137,7 @@ class ParsedModule:
 @functools.lru_cache(maxsize=256)
 def _parse_file(module: str, path: str, mtime_ns: int, size: int) -> ParsedModule:
     """A parsed module; memoised by file stamp, so that each flow run re-reads only files that changed."""
-    tree = _strip_docstrings(ast.parse(Path(path).read_text(encoding="utf-8"), filename=path))
+    tree = _strip_annotations(_strip_docstrings(ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)))
     aliases, modules = _imports_of(tree, module)
     return ParsedModule(module, tree, node_digest(tree), aliases, modules)
 
@@ -124,12 +172,25 @@ def _imports_of(tree: ast.Module, name: str) -> tuple[dict[str, tuple[str, str |
     return aliases, frozenset(modules)
 
 
+Stamp = tuple[int, int]  # (mtime_ns, size) of a file; (-1, -1) when it is gone
+
+
+def _stamp(path: Path | str) -> Stamp:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return (-1, -1)
+    return (stat.st_mtime_ns, stat.st_size)
+
+
 @dataclass
 class CodeIndex:
     """Parses the project's modules once per index (one index per flow run) and answers code and library parts."""
 
     root: Path = PROJECT_ROOT
     _parsed: dict[str, ParsedModule | None] = field(default_factory=dict)
+    _stamps: dict[str, Stamp] = field(default_factory=dict)  # every file read: path -> (mtime_ns, size)
+    _data: dict[str, str] = field(default_factory=dict)  # data file (relative path) -> sha256
 
     def path_of(self, module: str) -> Path | None:
         """The source file of a project module (a package's __init__.py), or None for any other module."""
@@ -147,8 +208,25 @@ class CodeIndex:
         return self._parsed[module]
 
     def _read(self, module: str, path: Path) -> ParsedModule:
-        stat = path.stat()
-        return _parse_file(module, str(path), stat.st_mtime_ns, stat.st_size)
+        stamp = self._stamps[str(path)] = _stamp(path)
+        return _parse_file(module, str(path), *stamp)
+
+    def files_read(self) -> dict[str, Stamp]:
+        """(mtime_ns, size) of every source and data file this index has read, by path."""
+        return dict(self._stamps)
+
+    def data_parts(self, modules: Iterable[str]) -> dict[str, str]:
+        """`data.<path>`: the content digest of every data file the modules read (DATA_FILES)."""
+        parts: dict[str, str] = {}
+        for module in modules:
+            for pattern in DATA_FILES.get(module, ()):
+                for path in sorted(p for p in self.root.glob(pattern) if p.is_file()):
+                    relative = path.relative_to(self.root).as_posix()
+                    if relative not in self._data:
+                        self._stamps[str(path)] = _stamp(path)
+                        self._data[relative] = file_sha256(path)
+                    parts[f"data.{relative}"] = self._data[relative]
+        return parts
 
     def closure(self, roots: Iterable[str]) -> list[str]:
         """The pipeline_lib modules reachable from roots through imports anywhere in them, sorted."""
@@ -173,13 +251,16 @@ class CodeIndex:
         return names & set(LIBRARIES)
 
     def task_parts(self, module: str, function: str) -> dict[str, str]:
-        """`code.task`, `code.<module>` per pipeline_lib module reached and `lib.*` of a task function."""
+        """`code.task`, `code.<module>` per pipeline_lib module reached, `data.*` of the data files the task's
+        modules read and `lib.*` of a task function."""
         walk = _TaskWalk(self)
         walk.visit(module, function)
         task_digest = digest_of(*(f"{name}:{digest}" for name, digest in sorted(walk.definitions.items())))
         modules = self.closure(walk.modules)
         parts = {"code.task": task_digest}
         parts |= {f"code.{m}": parsed.digest for m in modules if (parsed := self.parse(m)) is not None}
+        defined_in = {name.split(":")[0] for name in walk.definitions}
+        parts |= self.data_parts(sorted(defined_in | set(modules)))
         libraries = set(walk.libraries) | self.imported_libraries(modules)
         return parts | {f"lib.{LIBRARIES[n]}": library_version(LIBRARIES[n]) for n in sorted(libraries)}
 
@@ -188,21 +269,50 @@ def producer_parts(*functions: Callable[..., Any], index: CodeIndex | None = Non
     """The code and library parts of the functions that make a per-image artifact (a hash, a tensor, an embedding).
 
     Derived as a stage's code parts are (`CodeIndex.task_parts`): each function's definition and the definitions it
-    uses, the pipeline_lib modules they reach, the versions of the libraries they import. A per-image cache keyed by
-    these parts is recomputed exactly when the code that made its entries changes, with no version to bump by hand.
+    uses, the pipeline_lib modules they reach, the data files they read, the versions of the libraries they import.
+    A per-image cache keyed by these parts is recomputed exactly when the code that made its entries changes, with no
+    version to bump by hand. CacheKeyError if a function's source file is not in the project.
     """
     index = index or CodeIndex()
     parts: dict[str, str] = {}
     for function in functions:
-        found = index.task_parts(function.__module__, function.__name__)
-        parts[f"code.producer.{function.__module__}:{function.__name__}"] = found.pop("code.task")
+        module, name = function.__module__, function.__name__
+        if index.parse(module) is None:
+            raise CacheKeyError(f"the source of {module}.{name} is not under {index.root}: it cannot key a cache")
+        found = index.task_parts(module, name)
+        parts[f"code.producer.{module}:{name}"] = found.pop("code.task")
         parts |= found
     return parts
 
 
-def producer_digest(*functions: Callable[..., Any], index: CodeIndex | None = None) -> str:
-    """One digest of producer_parts: the name of a per-image cache made by these functions (a folder or file name)."""
-    return digest_of(*(f"{name}={value}" for name, value in sorted(producer_parts(*functions, index=index).items())))
+def producer_digest(*functions: Callable[..., Any], index: CodeIndex | None = None, root: Path = PROJECT_ROOT) -> str:
+    """One digest of producer_parts: the name of a per-image cache made by these functions (a folder or file name).
+
+    Without an index (the project's code under root) it is remembered for the life of the process and derived again
+    only when a file it was derived from changes: a few stat calls per call, so it is cheap to ask per image, and a
+    worker process (a process pool's, a Dask worker) derives it from the code it runs.
+    """
+    if index is not None:
+        return _parts_digest(producer_parts(*functions, index=index))
+    key = (str(root), tuple(f"{f.__module__}:{f.__qualname__}" for f in functions))
+    known = _PRODUCERS.get(key)
+    if known is None or any(_stamp(path) != stamp for path, stamp in known[1].items()):
+        fresh = CodeIndex(root)
+        known = _PRODUCERS[key] = (_parts_digest(producer_parts(*functions, index=fresh)), fresh.files_read())
+    return known[0]
+
+
+def producer_code(*functions: Callable[..., Any]) -> str:
+    """The short producer digest that a per-image cache's file or folder name carries."""
+    return producer_digest(*functions)[:PRODUCER_CHARS]
+
+
+# Process-wide memo of producer_digest (like _parse_file's): (root, functions) -> (digest, stamps of the files read).
+_PRODUCERS: dict[tuple[str, tuple[str, ...]], tuple[str, dict[str, Stamp]]] = {}
+
+
+def _parts_digest(parts: Mapping[str, str]) -> str:
+    return digest_of(*(f"{name}={value}" for name, value in sorted(parts.items())))
 
 
 def _in_package(module: str) -> bool:
@@ -229,15 +339,17 @@ class _TaskWalk:
         if node is None:
             raise CacheKeyError(f"{name!r} is not a top-level definition of {module}")
         self.definitions[key] = node_digest(node)  # the module's tree has no docstrings
+        local = _local_imports(node, module)
         for used in sorted(_names_used(node)):
-            self._resolve(parsed, used)
+            self._resolve(parsed, used, local)
 
-    def _resolve(self, parsed: ParsedModule, used: str) -> None:
-        """Follow one name: a definition of the same module, a pipeline_lib module, a project definition, a library."""
-        if _top_level(parsed.tree, used) is not None:
+    def _resolve(self, parsed: ParsedModule, used: str, local: Mapping[str, tuple[str, str | None]]) -> None:
+        """Follow one name: a definition of the same module, a pipeline_lib module, a project definition, a library
+        (imported at the top of the module or inside the definition that uses it)."""
+        if used not in local and _top_level(parsed.tree, used) is not None:
             self.visit(parsed.name, used)
             return
-        source, attribute = parsed.imports.get(used, ("", None))
+        source, attribute = local.get(used) or parsed.imports.get(used, ("", None))
         submodule = f"{source}.{attribute}" if attribute else source
         is_module = self.index.parse(submodule) is not None
         if _in_package(submodule) and is_module:
@@ -248,6 +360,12 @@ class _TaskWalk:
             self.visit(source, attribute)  # a definition imported from another project module (e.g. tasks.*)
         elif source.split(".")[0] in LIBRARIES:
             self.libraries.add(source.split(".")[0])
+
+
+def _local_imports(node: ast.AST, module: str) -> dict[str, tuple[str, str | None]]:
+    """The alias table of the imports inside a definition (a library or module imported where it is used)."""
+    aliases, _ = _imports_of(ast.Module(body=list(_statements(node)), type_ignores=[]), module)
+    return aliases
 
 
 def _top_level(tree: ast.Module, name: str) -> ast.AST | None:
@@ -262,24 +380,10 @@ def _top_level(tree: ast.Module, name: str) -> ast.AST | None:
 
 
 def _names_used(node: ast.AST) -> set[str]:
-    """Every name read inside node (the roots of attribute chains included), outside type annotations: with
-    `from __future__ import annotations` they are never evaluated, so the code they name does not run."""
-    annotations = [
-        part
-        for n in ast.walk(node)
-        for part in (
-            [a.annotation for a in (*n.args.posonlyargs, *n.args.args, *n.args.kwonlyargs)]
-            + [a.annotation for a in (n.args.vararg, n.args.kwarg) if a is not None]
-            + [n.returns]
-            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
-            else [n.annotation]
-            if isinstance(n, ast.AnnAssign)
-            else []
-        )
-        if part is not None
-    ]
-    skipped = {id(n) for annotation in annotations for n in ast.walk(annotation)}
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and id(n) not in skipped}
+    """Every name read inside node (the roots of attribute chains included). The parsed trees hold no annotations
+    but those of class attributes (fields: their types count); the others are never evaluated, so the code they
+    name does not run."""
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
 
 def library_version(distribution: str) -> str:

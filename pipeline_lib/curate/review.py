@@ -67,9 +67,14 @@ def damaged_decisions_path(workspace: Workspace) -> Path:
     return workspace.review / "decisions.jsonl.damaged"
 
 
+def thumbnail_folder(workspace: Workspace) -> Path:
+    """Where the cached review thumbnails are kept (review_pack.thumbnails_made_now says which code made them)."""
+    return workspace.review / "pack" / "thumbs"
+
+
 def thumbnail_path(workspace: Workspace, sha256: str) -> Path:
     """Where the cached review thumbnail of one image is kept."""
-    return workspace.review / "pack" / "thumbs" / f"{sha256}.jpg"
+    return thumbnail_folder(workspace) / f"{sha256}.jpg"
 
 
 @contextlib.contextmanager

@@ -14,10 +14,14 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from pipeline_lib.core.catalog import STATUS_OK, STATUS_PENDING
+from pipeline_lib.core.code_index import producer_code
 from pipeline_lib.core.workspace import Workspace, atomic_path, atomic_write_text
-from pipeline_lib.curate.review import thumbnail_path
+from pipeline_lib.curate import faces
+from pipeline_lib.curate.review import thumbnail_folder, thumbnail_path
 
 log = logging.getLogger(__name__)
+
+FACE_PRODUCERS = (faces.face_hint,)  # what makes a face hint: its digest names the hints' file
 
 
 @dataclass(frozen=True)
@@ -50,11 +54,15 @@ def review_hints(
     return hints
 
 
-def _face_hints(workspace: Workspace, rows: pd.DataFrame) -> dict[str, Hint]:
-    """Face hints per sha256, remembered in review/faces.json (an image's content never changes)."""
-    from pipeline_lib.curate import faces
+def faces_path(workspace: Workspace) -> Path:
+    """Where the face hints made by the current face-counting code are remembered: review/faces-<code>.json."""
+    return workspace.review / f"faces-{producer_code(*FACE_PRODUCERS)}.json"
 
-    cache_path = workspace.review / "faces.json"
+
+def _face_hints(workspace: Workspace, rows: pd.DataFrame) -> dict[str, Hint]:
+    """Face hints per sha256, remembered in faces_path (an image's content never changes; a change of the face
+    counting code counts again)."""
+    cache_path = faces_path(workspace)
     try:
         known = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else {}
     except json.JSONDecodeError:
@@ -96,6 +104,24 @@ def write_thumbnail(source: Path, target: Path, size: int, max_pixels: int = THU
             thumb.save(tmp, "JPEG", quality=85)
 
 
+THUMBNAIL_PRODUCERS = (write_thumbnail,)  # what makes a review thumbnail (thumbnails_made_now)
+
+
+def thumbnails_made_now(workspace: Workspace, size: int) -> None:
+    """Empty the thumbnail folder if other code or another size made its thumbnails; review/pack/thumbs.made_by names
+    the size and the digest of write_thumbnail (and what it reaches) of those inside. Call before making any."""
+    marker = workspace.review / "pack" / "thumbs.made_by"
+    made_by = f"{size}-{producer_code(*THUMBNAIL_PRODUCERS)}"
+    if marker.is_file() and marker.read_text(encoding="utf-8").strip() == made_by:
+        return
+    stale = sorted(thumbnail_folder(workspace).glob("*.jpg"))
+    for old in stale:
+        old.unlink(missing_ok=True)
+    atomic_write_text(marker, made_by + "\n")
+    if stale:
+        log.info("review thumbnails: %d made by other code or at another size removed", len(stale))
+
+
 @contextlib.contextmanager
 def _opened_within(source: Path, max_pixels: int) -> Iterator[Image.Image]:
     """The image opened lazily; ThumbnailError if it is unreadable or has more than max_pixels pixels."""
@@ -120,6 +146,7 @@ def write_review_pack(
     person is asked about).
     """
     pack = workspace.review / "pack"
+    thumbnails_made_now(workspace, thumbnail_size)
     considered = catalog[catalog["status"].isin([STATUS_OK, STATUS_PENDING]) | (catalog["cluster"] != "")]
     for row in considered.drop_duplicates("sha256").itertuples():
         try:

@@ -94,6 +94,7 @@ def create_app(
     known = set(candidates["sha256"])
     todo_shas = list(todo["sha256"])
     paths = thumbnail_paths(catalog, todo, set(decided_before) & set(catalog["sha256"]))
+    review_pack.thumbnails_made_now(workspace, thumbnail_size)
     hints = review_pack.review_hints(workspace, catalog, todo, tiny_side)
     lock = threading.Lock()
     finished: dict[str, object] = {}

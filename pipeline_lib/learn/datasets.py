@@ -62,6 +62,7 @@ class CachedImages(Dataset):
         self.workspace = workspace
         self.draw = draw
         self.policy = policy
+        self.folder = preprocess.tensor_folder(workspace, size, policy)  # named by the decoding code: once, here
         self.shas = shas
         self.labels = labels
         self.size = size
@@ -75,7 +76,8 @@ class CachedImages(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
         """key: an index (uses self.epoch) or (epoch, index) as EpochSampler yields (works in persistent workers)."""
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
-        image = torch.from_numpy(preprocess.load_tensor(self.workspace, self.shas[index], self.size, self.policy))
+        array = preprocess.load_tensor(self.workspace, self.shas[index], self.size, self.policy, self.folder)
+        image = torch.from_numpy(array)
         if self.draw is not None:
             return image, self.labels[index], self._seeded(epoch, index, self.draw, image)
         if self.augment is not None:

@@ -1,8 +1,10 @@
-"""Decode each image once into a resized uint8 CHW tensor cache (cache/tensors/s<size>/ab/<sha>.npy).
+"""Decode each image once into a resized uint8 CHW tensor cache (cache/tensors/s<size>-<code>/ab/<sha>.npy).
 
-With a normalisation policy (config preprocess.normalize, mode jpeg) the image is re-encoded first
-(normalize.normalize_image: strip metadata, optional resize, JPEG round-trip) and the tensor is cached under
-cache/tensors/s<size>-<policy_key>/ab/<sha>.npy; policy None or mode 'none' keeps the plain paths.
+<code> is the digest of decode_image and the code it reaches (code_index.producer_code): a change of the decoding
+code writes every tensor again, into a new folder, on the next run. With a normalisation policy (config
+preprocess.normalize, mode jpeg) the image is re-encoded first (normalize.normalize_image: strip metadata, optional
+resize, JPEG round-trip) and the tensor is cached under cache/tensors/s<size>-<policy_key>-<code>/ab/<sha>.npy;
+policy None or mode 'none' keeps the plain folder.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from PIL import Image, ImageOps
 
 from pipeline_lib.acquire.validate import to_rgb
 from pipeline_lib.core.catalog import STATUS_OK
+from pipeline_lib.core.code_index import producer_code
 from pipeline_lib.core.config import NormalizeConfig
 from pipeline_lib.core.progress import progress
 from pipeline_lib.core.workspace import Workspace, atomic_write_bytes
@@ -60,16 +63,27 @@ def _active(policy: NormalizeConfig | None) -> NormalizeConfig | None:
 
 
 def cache_folder_name(size: int, policy: NormalizeConfig | None = None) -> str:
-    """'s<size>' without normalisation, 's<size>-<policy_key>' with it."""
+    """'s<size>-<code>' without normalisation, 's<size>-<policy_key>-<code>' with it; <code> names the decoding code."""
     _check_size(size)
     active = _active(policy)
-    return f"s{size}" if active is None else f"s{size}-{policy_key(active)}"
+    kind = f"s{size}" if active is None else f"s{size}-{policy_key(active)}"
+    return f"{kind}-{producer_code(*TENSOR_PRODUCERS)}"
+
+
+def tensor_folder(workspace: Workspace, size: int, policy: NormalizeConfig | None = None) -> Path:
+    """The tensors of one size and policy made by the current decoding code: cache/tensors/<cache_folder_name>."""
+    return workspace.cache / "tensors" / cache_folder_name(size, policy)
 
 
 def tensor_path(workspace: Workspace, sha256: str, size: int, policy: NormalizeConfig | None = None) -> Path:
-    """Cache location of one image's tensor: cache/tensors/s<size>[-<policy_key>]/<sha[:2]>/<sha>.npy."""
+    """Cache location of one image's tensor: cache/tensors/<cache_folder_name>/<sha[:2]>/<sha>.npy."""
+    return _in_folder(tensor_folder(workspace, size, policy), sha256)
+
+
+def _in_folder(folder: Path, sha256: str) -> Path:
+    """One image's tensor in a tensor folder (loops take the folder once: its name costs a few stat calls)."""
     _check_sha(sha256)
-    return workspace.cache / "tensors" / cache_folder_name(size, policy) / sha256[:2] / f"{sha256}.npy"
+    return folder / sha256[:2] / f"{sha256}.npy"
 
 
 def _resize_crop(image: Image.Image, size: int) -> Image.Image:
@@ -111,6 +125,9 @@ def decode_image(
             rgb = normalize_image(image, active, _rng_for(path, sha256))
     array = np.asarray(_resize_crop(rgb, size), dtype=np.uint8)
     return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+TENSOR_PRODUCERS = (decode_image,)  # what makes a cached tensor: its digest names the tensor folder
 
 
 def _write_array(target: Path, array: np.ndarray) -> None:
@@ -190,9 +207,10 @@ def preprocess_images(
     _check_size(size)
     active = _active(policy)
     rows = _split_rows(catalog)
+    folder = tensor_folder(workspace, size, active)
     jobs: list[_Job] = []
     for sha256, relative in zip(rows["sha256"], rows["path"], strict=True):
-        target = tensor_path(workspace, str(sha256), size, active)
+        target = _in_folder(folder, str(sha256))
         if target.exists():
             continue
         source = workspace.root / str(relative)
@@ -220,9 +238,10 @@ def missing_tensor_jobs(
     _check_size(size)
     active = _active(policy)
     rows = _split_rows(catalog)
+    folder = tensor_folder(workspace, size, active)
     jobs: TensorJobs = []
     for sha256, relative in zip(rows["sha256"], rows["path"], strict=True):
-        if tensor_path(workspace, str(sha256), size, active).exists():
+        if _in_folder(folder, str(sha256)).exists():
             continue
         source = workspace.root / str(relative)
         if not source.is_file():
@@ -240,10 +259,11 @@ def write_tensors(
     """
     _check_size(size)
     active = _active(policy)
+    folder = tensor_folder(workspace, size, active)
     written, errors = 0, []
     jobs = list(jobs)
     for sha256, relative in progress(jobs, len(jobs), "preprocessing"):
-        target = tensor_path(workspace, sha256, size, active)
+        target = _in_folder(folder, sha256)
         if target.exists():
             continue
         source = workspace.root / relative
@@ -295,9 +315,14 @@ def find_original(workspace: Workspace, sha256: str) -> Path:
     return matches[0]
 
 
-def load_tensor(workspace: Workspace, sha256: str, size: int, policy: NormalizeConfig | None = None) -> np.ndarray:
-    """One image's uint8 (3, size, size) array from the cache; decoded (and cached) when missing or damaged."""
-    path = tensor_path(workspace, sha256, size, policy)
+def load_tensor(
+    workspace: Workspace, sha256: str, size: int, policy: NormalizeConfig | None = None, folder: Path | None = None
+) -> np.ndarray:
+    """One image's uint8 (3, size, size) array from the cache; decoded (and cached) when missing or damaged.
+
+    folder: tensor_folder(workspace, size, policy) when the caller already has it (one per loop or dataset).
+    """
+    path = _in_folder(folder or tensor_folder(workspace, size, policy), sha256)
     array = _read_array(path, size)
     if array is None:
         array = decode_image(find_original(workspace, sha256), size, policy, sha256)
@@ -311,8 +336,8 @@ def load_tensors(
     """uint8 tensor [N, 3, size, size] of the images in the given order (what evaluate/report expect)."""
     import torch  # here, not at the top: the decode pool's workers import this module and need no torch
 
-    _check_size(size)
-    arrays = [load_tensor(workspace, str(sha), size, policy) for sha in shas]
+    folder = tensor_folder(workspace, size, policy)
+    arrays = [load_tensor(workspace, str(sha), size, policy, folder) for sha in shas]
     if not arrays:
         return torch.empty((0, 3, size, size), dtype=torch.uint8)
     return torch.from_numpy(np.stack(arrays))

@@ -13,6 +13,7 @@ from pipeline_lib.acquire.hashing import hash_pair
 from pipeline_lib.core.catalog import new_rows
 from pipeline_lib.core.workspace import Workspace, put_in_store
 from tests.acquire.test_hashing import encode, smooth
+from tests.project_copy import copy_project, digest_in, edit
 
 
 def store(workspace: Workspace, data: bytes, ext: str, **fields: object) -> dict[str, object]:
@@ -46,7 +47,7 @@ def test_cache_is_reused_and_extended(workspace: Workspace) -> None:
     table = catalog_of(workspace, 3)
     first = fingerprint_catalog_with_stats(workspace, table, "phash", 8)
     cache = cache_path(workspace, "phash", 8)
-    assert cache == workspace.cache / "hashes" / f"phash-8-v{fingerprint.HASH_VERSION}.parquet"
+    assert cache == workspace.cache / "hashes" / f"phash-8-{fingerprint.hash_code()}.parquet"
     assert cache.is_file()
     mtime = cache.stat().st_mtime_ns
     again = fingerprint_catalog_with_stats(workspace, table, "phash", 8)
@@ -100,7 +101,7 @@ def test_algorithm_switch_uses_its_own_cache(workspace: Workspace) -> None:
     for frame in by_algorithm.values():  # the second opinion is the same dhash whatever the algorithm
         assert frame["dhash"].tolist() == by_algorithm["phash"]["dhash"].tolist()
     names = sorted(p.name for p in (workspace.cache / "hashes").iterdir())
-    assert names == [f"{name}-8-v{fingerprint.HASH_VERSION}.parquet" for name in ("ahash", "phash", "whash")]
+    assert names == [f"{name}-8-{fingerprint.hash_code()}.parquet" for name in ("ahash", "phash", "whash")]
     larger = fingerprint_catalog(workspace, table, "phash", 16)
     assert (larger["phash"].str.len() == 64).all()
 
@@ -153,3 +154,26 @@ def test_merge_records_unhashable_rows_and_hashes_what_the_plan_missed(workspace
     assert sorted(pd.read_parquet(cache_path(workspace, "phash", 8))["sha256"]) == sorted(
         table["sha256"].iloc[[0, 2]]
     )
+
+
+HASHING = "pipeline_lib/acquire/hashing.py"
+FUTURE = "from __future__ import annotations"
+
+
+def test_the_hash_cache_is_named_by_the_code_that_computes_the_hashes(tmp_path: Path) -> None:
+    root = copy_project(tmp_path / "project")
+    before = digest_in(root, *fingerprint.HASH_PRODUCERS)
+    assert fingerprint.hash_code() == before[:16], "the copy holds the checkout's code: the same digest"
+    edit(root, HASHING, "return low > np.median(low)", "return low >= np.median(low)")
+    assert digest_in(root, *fingerprint.HASH_PRODUCERS) != before, "a real change of phash must rename the cache"
+    edit(root, HASHING, "return low >= np.median(low)", "return low > np.median(low)  # back")
+    edit(root, HASHING, "def dhash_bits(luma: np.ndarray, hash_size: int)", "def dhash_bits(luma: object, hash_size)")
+    edit(root, HASHING, '"""The perceptual hash of one image file', '"""The hash of one image file')
+    edit(root, "pipeline_lib/acquire/fingerprint.py", 'UNHASHABLE = "unhashable"', 'UNHASHABLE = "cannot-hash"')
+    edit(root, "pipeline_lib/curate/dedup.py", FUTURE, FUTURE + "\nX = 1")
+    assert digest_in(root, *fingerprint.HASH_PRODUCERS) == before, (
+        "comments, docstrings, annotations, the cache's own bookkeeping and modules the hashing never reaches must "
+        "not rename the cache (every image would be hashed again)"
+    )
+    edit(root, "pipeline_lib/acquire/validate.py", FUTURE, FUTURE + "\nX = 1")
+    assert digest_in(root, *fingerprint.HASH_PRODUCERS) != before, "ingest hashes from validate's decode: it counts"

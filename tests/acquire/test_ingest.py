@@ -20,11 +20,13 @@ from pipeline_lib.acquire.fingerprint import cache_path, fingerprint_catalog_wit
 from pipeline_lib.acquire.hashing import hash_pair
 from pipeline_lib.acquire.ingest import (
     LOG_COLUMNS,
+    VALIDATION_PRODUCERS,
     checks_by_sha,
     files_to_ingest,
     hashes_by_sha,
     ingest,
     ingest_summary,
+    records_folder,
     validate_files,
     validation_jobs,
     validation_record_path,
@@ -32,6 +34,7 @@ from pipeline_lib.acquire.ingest import (
 from pipeline_lib.core.catalog import COLUMNS
 from pipeline_lib.core.config import FolderSource, IngestConfig, SourcesConfig
 from pipeline_lib.core.workspace import Workspace, bytes_sha256, file_sha256
+from tests.project_copy import copy_project, digest_in, edit
 
 CONFIG = IngestConfig(min_side=16, max_pixels=10_000_000)
 HASHING = ("phash", 8)
@@ -159,6 +162,17 @@ def test_second_ingest_reuses_validation_records(workspace: Workspace) -> None:
     assert {path: (workspace.root / path).stat().st_mtime_ns for path in second["path"]} == placed
 
 
+def test_validation_records_are_named_by_the_code_that_judged_the_files(workspace: Workspace, tmp_path: Path) -> None:
+    root = copy_project(tmp_path / "project")
+    before = digest_in(root, *VALIDATION_PRODUCERS)
+    folder = records_folder(workspace, CONFIG)
+    assert folder.name == f"min16-px10000000-first_frame-{before[:16]}", "the copy holds the checkout's code"
+    edit(root, "pipeline_lib/acquire/ingest.py", 'MISSING_FILE = "missing_file"', 'MISSING_FILE = "gone"')
+    assert digest_in(root, *VALIDATION_PRODUCERS) == before, "ingest's bookkeeping judges no file"
+    edit(root, "pipeline_lib/acquire/validate.py", "if min_side < 1 or max_pixels < 1:", "if min_side < 2:")
+    assert digest_in(root, *VALIDATION_PRODUCERS) != before, "a change of validate must judge every file again"
+
+
 def test_another_ingest_policy_judges_every_file_again(workspace: Workspace) -> None:
     crawl_log = crawl(workspace, crawled_files())
     first = ingest(workspace, crawl_log, CONFIG)
@@ -258,6 +272,22 @@ def test_planned_chunk_checks_give_the_same_catalog_as_ingest(tmp_path: Path) ->
     pd.testing.assert_frame_equal(mapped.drop(columns="fetched_at"), plain.drop(columns="fetched_at"))
     assert validation_jobs(mapped_ws, wanted, CONFIG) == [], "placed files have reusable records"
     assert not [p for p in mapped_ws.incoming.rglob("*") if p.is_file()]
+
+
+def test_a_planned_chunk_run_again_after_ingest_validates_the_stored_copies(workspace: Workspace) -> None:
+    """A plan kept in the cache names incoming/ files that ingest has moved since (issue 24, item 9): validating its
+    chunk again checks the stored or quarantined copy of each sha256; a file gone from everywhere is left out."""
+    files = crawled_files()
+    crawl_log = crawl(workspace, files)
+    jobs = validation_jobs(workspace, files_to_ingest(crawl_log), CONFIG)
+    before = validate_files(workspace, jobs, CONFIG, HASHING)
+    catalog = ingest(workspace, crawl_log, CONFIG, checks=checks_by_sha(before))
+    assert not [p for p in workspace.incoming.rglob("*") if p.is_file()], "ingest moved every file"
+    assert validate_files(workspace, jobs, CONFIG, HASHING) == before
+    gone = catalog[catalog["status"] == "ok"].iloc[0]
+    (workspace.root / gone["path"]).unlink()
+    kept = [row for row in before if row["sha256"] != gone["sha256"]]
+    assert validate_files(workspace, jobs, CONFIG, HASHING) == kept
 
 
 def _assert_hashes_cached(workspace: Workspace, catalog: pd.DataFrame, hashing: tuple[str, int]) -> None:

@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 
 from pipeline_lib.core.cachekey import StageKey, changed_parts
-from pipeline_lib.core.code_index import CacheKeyError, CodeIndex
+from pipeline_lib.core.code_index import DATA_FILES, PROJECT_ROOT, CacheKeyError, CodeIndex, producer_digest
+from pipeline_lib.core.workspace import file_sha256
+from tests.project_copy import copy_project, edit
+
+TEMPLATES = PROJECT_ROOT / "pipeline_lib" / "assess" / "templates"
 
 # A project with three pipeline_lib modules (a imports b; c stands alone) and a task module using two of them.
 PROJECT = {
@@ -114,6 +118,92 @@ def test_producer_digest_follows_a_library_function_into_the_modules_it_reaches(
         assert producer_digest(f, index=CodeIndex(project)) == before, "a module f never reaches does not count"
         (project / "pipeline_lib" / "b.py").write_text("def g():\n    return 2\n", encoding="utf-8")
         assert producer_digest(f, index=CodeIndex(project)) != before, "a change in a reached module must count"
+    finally:
+        sys.path.remove(str(project))
+        for name in [n for n in sys.modules if n.split(".")[0] == "pipeline_lib"]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def test_annotations_that_never_run_do_not_count_and_class_fields_do(project: Path) -> None:
+    before = _parts(project)
+    b = project / "pipeline_lib" / "b.py"
+    b.write_text("LIMIT = 1\n\n\ndef g(x=0, *rest):\n    y = 1\n    return y\n")
+    plain = _parts(project)
+    annotated = "LIMIT: float = 1\nNAME: bytes\n\n\ndef g(x: str = 0, *rest: int) -> str:\n    y: int = 1\n    return y"
+    b.write_text(annotated)
+    assert _parts(project) == plain, "argument, return and variable annotations are never evaluated"
+    b.write_text("class Row:\n    n: int = 1\n\n\ndef g():\n    return Row().n\n")
+    field = _parts(project)
+    b.write_text("class Row:\n    n: float = 1\n\n\ndef g():\n    return Row().n\n")
+    assert changed_parts(_parts(project), field) == "code.pipeline_lib.b", "a class field's type is how it validates"
+    assert changed_parts(plain, before) == "code.pipeline_lib.b"
+
+
+def test_an_annotation_in_a_reached_module_leaves_the_train_key(tmp_path: Path) -> None:
+    root = copy_project(tmp_path / "project")
+    before = CodeIndex(root).task_parts("tasks.stages", "train")
+    assert "code.pipeline_lib.learn.augment" in before
+    augment = "pipeline_lib/learn/augment.py"
+    edit(root, augment, "def _column(params: torch.Tensor, name: str) -> torch.Tensor:", "def _column(params, name):")
+    assert CodeIndex(root).task_parts("tasks.stages", "train") == before, "an annotation changed the train key"
+    edit(root, augment, "def _column(params, name):", "def _column(params, name, unused=None):")
+    assert (
+        changed_parts(CodeIndex(root).task_parts("tasks.stages", "train"), before) == "code.pipeline_lib.learn.augment"
+    )
+
+
+def test_a_template_the_report_reads_is_part_of_its_key(tmp_path: Path) -> None:
+    root = copy_project(tmp_path / "project")
+    before = CodeIndex(root).task_parts("tasks.stages", "make_report")
+    assert before["data.pipeline_lib/assess/templates/report.html"] == file_sha256(TEMPLATES / "report.html")
+    assert not [part for part in CodeIndex(root).task_parts("tasks.stages", "train") if part.startswith("data.")]
+    template = root / "pipeline_lib" / "assess" / "templates" / "report.html"
+    template.write_text(template.read_text(encoding="utf-8") + "<!-- edited -->\n", encoding="utf-8")
+    after = CodeIndex(root).task_parts("tasks.stages", "make_report")
+    assert changed_parts(after, before) == "data.pipeline_lib/assess/templates/report.html"
+
+
+def test_every_data_file_in_the_packages_is_declared() -> None:
+    declared = {path for patterns in DATA_FILES.values() for glob in patterns for path in PROJECT_ROOT.glob(glob)}
+    found = {
+        path
+        for package in ("pipeline_lib", "tasks")
+        for path in (PROJECT_ROOT / package).rglob("*")
+        if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts
+    }
+    undeclared = sorted(path.relative_to(PROJECT_ROOT).as_posix() for path in found - declared)
+    assert not undeclared, (
+        f"{undeclared}: a file the code may read at run time; add it to code_index.DATA_FILES under the module "
+        "that reads it, so that editing it recomputes the stages that use it"
+    )
+
+
+def test_imports_inside_a_definition_are_followed(project: Path) -> None:
+    t = project / "tasks" / "t.py"
+    late = "\n\ndef late(root):\n    import torch\n\n    from pipeline_lib import b\n\n    return b, torch\n"
+    t.write_text(PROJECT["tasks/t.py"] + late)
+    parts = _parts(project, "late")
+    assert {"code.pipeline_lib.b", "lib.torch"} <= set(parts), sorted(parts)
+
+
+def test_producer_digest_is_remembered_until_a_file_it_read_changes(project: Path) -> None:
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(project))
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name.split(".")[0] == "pipeline_lib"}
+    try:
+        f = importlib.import_module("pipeline_lib.a").f
+        first = producer_digest(f, root=project)
+        assert first == producer_digest(f, index=CodeIndex(project)), "remembered or not, the same digest"
+        b = project / "pipeline_lib" / "b.py"
+        b.write_text("def g():\n    return 22\n", encoding="utf-8")  # another size: a new stamp even within a tick
+        assert producer_digest(f, root=project) != first, "a remembered digest outlived a change of its code"
+        assert producer_digest(f, root=project) == producer_digest(f, index=CodeIndex(project))
+        (project / "pipeline_lib" / "c.py").write_text("X = 22\n", encoding="utf-8")
+        with pytest.raises(CacheKeyError, match="is not under"):
+            producer_digest(len, root=project)
     finally:
         sys.path.remove(str(project))
         for name in [n for n in sys.modules if n.split(".")[0] == "pipeline_lib"]:

@@ -3,7 +3,7 @@
 import re
 
 from pipeline_lib.core.catalog import new_rows
-from pipeline_lib.curate.review_pack import review_hints, write_review_pack
+from pipeline_lib.curate.review_pack import faces_path, review_hints, write_review_pack
 from tests.conftest import make_image
 from tests.curate.test_review import _catalog
 
@@ -93,7 +93,7 @@ def test_hints_flag_tiny_images_cross_group_duplicates_and_faces(workspace):
     face = hints[keeper][0]
     if faces.available():
         assert face.text == "no face found" and face.flagged, "random noise has no face"
-        assert keeper in (workspace.review / "faces.json").read_text(), "face counts are remembered"
+        assert keeper in faces_path(workspace).read_text(), "face counts are remembered"
     else:
         assert face.text == "face count unavailable"
     page = write_review_pack(workspace, catalog, tiny_side=64).read_text()

@@ -7,12 +7,15 @@ model (resnet18 from scratch at 32 px, one epoch) so that the whole matrix takes
 from __future__ import annotations
 
 import contextlib
+import importlib
+import logging
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -30,18 +33,21 @@ from pipeline_lib.core.tracking.store import tracking_uri
 from pipeline_lib.core.tracking.versions import CHAMPION, current_champion
 from pipeline_lib.core.workspace import Workspace, file_sha256
 from pipeline_lib.curate import review
-from pipeline_lib.ops import demo_data
+from pipeline_lib.learn import preprocess
+from pipeline_lib.ops import caches, demo_data
 from pipeline_lib.ops.status import latest_snapshot, workspace_status
 from tests.conftest import make_image
 
 pytestmark = pytest.mark.slow
+log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 DEMO_YAML = REPO / "configs" / "demo.yaml"
 DEDUP_SOURCE = REPO / "pipeline_lib" / "curate" / "dedup.py"
 STAGES = ("crawl", "ingest", "fingerprint", "dedup", "review", "split", "preprocess", "train", "evaluate", "report")
 ALL = set(STAGES)
+IMAGE_SIZE = 16
 TINY = [
-    "train.image_size=16",
+    f"train.image_size={IMAGE_SIZE}",
     "train.epochs=1",
     "train.head_only_epochs=0",
     "train.batch_size=64",
@@ -120,15 +126,61 @@ def _reject_one_test_image(world: World) -> None:
     review.append_decisions(workspace, [review.Decision(sorted(test["sha256"])[0], "reject", "unrelated", "tester")])
 
 
+PROBE = "cache matrix probe"  # in every edit, so that an edit left behind by a killed run is found
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A real change to a file of the checkout, undone after the run: old replaced by new (old "" appends new); the
+    module (if named) is reloaded both ways, so that this process runs the code on disk."""
+
+    path: str
+    old: str
+    new: str
+    module: str = ""
+
+
 @contextlib.contextmanager
-def _edited_dedup_module() -> Iterator[None]:
-    """A real change to the code of pipeline_lib/curate/dedup.py on disk (one more constant), undone afterwards."""
-    original = DEDUP_SOURCE.read_bytes()
-    DEDUP_SOURCE.write_bytes(original + b"\n_CACHE_MATRIX_PROBE = 1  # written by tests/flows/test_cache_matrix.py\n")
+def _edited(edit: Edit) -> Iterator[None]:
+    path = REPO / edit.path
+    original = path.read_bytes()
+    text = original.decode("utf-8")
+    assert PROBE not in text, f"{edit.path} still holds an edit of an earlier, killed matrix run: git checkout it"
+    assert edit.old == "" or text.count(edit.old) == 1, f"{edit.path} no longer holds {edit.old!r} once"
+    path.write_text(text.replace(edit.old, edit.new) if edit.old else text + edit.new, encoding="utf-8")
     try:
+        _reload(edit.module)
         yield
     finally:
-        DEDUP_SOURCE.write_bytes(original)
+        path.write_bytes(original)
+        _reload(edit.module)
+
+
+def _reload(module: str) -> None:
+    if module:
+        importlib.reload(importlib.import_module(module))
+
+
+DEDUP_EDIT = Edit(DEDUP_SOURCE.relative_to(REPO).as_posix(), "", f"\n_CACHE_MATRIX_PROBE = 1  # {PROBE}\n")
+TEMPLATE_EDIT = Edit("pipeline_lib/assess/templates/report.html", "<body>", f"<body>\n<!-- {PROBE} -->")
+ANNOTATION_EDIT = Edit(
+    "pipeline_lib/learn/augment.py",
+    "def _column(params: torch.Tensor, name: str) -> torch.Tensor:",
+    f'def _column(params: "torch.Tensor", name: object) -> "torch.Tensor":  # {PROBE}',
+)
+RESIZE_EDIT = Edit(
+    "pipeline_lib/learn/preprocess.py",
+    "(new_w, new_h), Image.Resampling.BILINEAR)",
+    f"(new_w, new_h), Image.Resampling.NEAREST)  # {PROBE}",
+    module="pipeline_lib.learn.preprocess",
+)
+# Every bit of the phash inverted: every value changes, Hamming distances (so the clusters) stay as they were.
+HASH_EDIT = Edit(
+    "pipeline_lib/acquire/hashing.py",
+    "return low > np.median(low)",
+    f"return low <= np.median(low)  # {PROBE}",
+    module="pipeline_lib.acquire.hashing",
+)
 
 
 @dataclass(frozen=True)
@@ -140,7 +192,7 @@ class Change:
     edit: Callable[[World], None] | None = None
     overrides: tuple[str, ...] = ()
     once: tuple[str, ...] = ()
-    code_change: bool = False
+    code: Edit | None = None
 
 
 # One change at a time, each on top of the run before. Listed: the stages that come back Completed; every other
@@ -172,6 +224,11 @@ MATRIX: tuple[Change, ...] = (
         overrides=("split.train=0.5", "split.val=0.25", "split.test=0.25"),
         once=("execution.reshuffle_splits=true",),
     ),
+    Change(
+        "--promote on the next run: the cached model of the reshuffled split takes the champion alias",
+        {"crawl"},
+        once=("execution.promote=true",),
+    ),
     Change("train.lr", {"crawl", "train", "evaluate", "report"}, overrides=("train.lr=0.01",)),
     Change("evaluate.threshold", {"crawl", "evaluate", "report"}, overrides=("evaluate.threshold=0.6",)),
     Change(
@@ -179,13 +236,25 @@ MATRIX: tuple[Change, ...] = (
         {"crawl", "evaluate", "report"},
         overrides=("report.cam_method=gradcam++",),
     ),
+    Change("the code of pipeline_lib/curate/dedup.py (split imports it)", {"crawl", "dedup", "split"}, code=DEDUP_EDIT),
+    Change("a line of the report's HTML template", {"crawl", "report"}, code=TEMPLATE_EDIT),
+    Change("an annotation in pipeline_lib/learn/augment.py (train reaches it)", {"crawl"}, code=ANNOTATION_EDIT),
     Change(
-        "the code of pipeline_lib/curate/dedup.py (split imports it)", {"crawl", "dedup", "split"}, code_change=True
+        "_resize_crop resizes with NEAREST: every tensor is decoded again, into a new folder, and trained on (split's "
+        "shortcut audit reads the files as preprocess normalises them, so it reaches preprocess too)",
+        {"crawl", "split", "preprocess", "train", "evaluate", "report"},
+        code=RESIZE_EDIT,
     ),
     Change(
         "split.leave_out_generator=other, this run only",
         {"crawl", "split", "preprocess", "train", "evaluate", "report"},
         once=("split.leave_out_generator=other",),
+    ),
+    Change(
+        "a real change of the perceptual hash: every phash is computed again, dedup onward run on them; the training "
+        "set (its images and labels) is the same, so its model is cached",
+        ALL - {"train"},
+        code=HASH_EDIT,
     ),
     Change("--refresh-cache", ALL, once=("execution.refresh_cache=true",)),
 )
@@ -256,11 +325,12 @@ def _run_matrix(world: World) -> dict[str, Any]:
                 change.edit(world)
             overrides += change.overrides
             before, aliases = _stamps(world.ws), _aliases(world)
-            with _edited_dedup_module() if change.code_change else contextlib.nullcontext():
+            with _edited(change.code) if change.code is not None else contextlib.nullcontext():
                 summary = pipeline(world.config([*overrides, *change.once]))
             run = run_summary(world.tracking_uri, summary["mlflow_run_id"])
             rows[change.name] = Row(change, summary, run, before, _stamps(world.ws), aliases, _aliases(world))
-    return {"world": world, "base": base, "rows": rows, "dedup_source": dedup_source}
+            log.info("cache matrix row took %.1f s: %s", summary["seconds"], change.name)
+    return {"world": world, "base": base, "rows": rows, "dedup_source": dedup_source, "overrides": overrides}
 
 
 def _row(matrix: dict[str, Any], start: str) -> Row:
@@ -323,6 +393,8 @@ def test_the_parts_that_changed_are_logged_on_the_stage_run(matrix: dict[str, An
         ("the code of pipeline_lib/curate/dedup.py", "dedup"): "code.pipeline_lib.curate.dedup",
         ("the code of pipeline_lib/curate/dedup.py", "split"): "code.pipeline_lib.curate.dedup",  # split imports dedup
         ("a name added", "crawl"): "file.search.0.keywords_file",
+        ("a line of the report's HTML template", "report"): "data.pipeline_lib/assess/templates/report.html",
+        ("_resize_crop resizes with NEAREST", "preprocess"): "code.pipeline_lib.learn.preprocess",
     }
     for (start, stage), part in expected.items():
         child = _stage_run(matrix, start, stage)
@@ -332,10 +404,67 @@ def test_the_parts_that_changed_are_logged_on_the_stage_run(matrix: dict[str, An
     folder = Path(_row(matrix, "train.lr").summary["model"]).parent.name
     assert train["tags"]["aidetect.cache_key"][:16] == folder, "the logged key is not the key Prefect used"
     assert {"key.lib.torch", "key.code.pipeline_lib.learn.train", "key.input.trainset"} <= set(train["params"])
-    unchanged = _stage_run(matrix, "no change", "crawl")  # the one stage that runs every time
-    assert unchanged["tags"]["aidetect.key_changed"] == "(none: the key is unchanged)"
-    uri, run_id = matrix["world"].tracking_uri, _row(matrix, "no change").summary["mlflow_run_id"]
-    assert set(stage_runs(Tracker(uri, run_id))) == {"crawl"}, "cached stages get no nested run"
+    uri, row = matrix["world"].tracking_uri, _row(matrix, "no change")
+    nested = stage_runs(Tracker(uri, row.summary["mlflow_run_id"]))
+    assert nested == {}, f"cached stages and a crawl that found nothing new get no nested run: {sorted(nested)}"
+    assert row.run["tags"]["aidetect.stage.crawl.unchanged"] == "true", row.run["tags"]
+
+
+def _changed(row: Row, prefix: str) -> tuple[set[str], set[str]]:
+    """(files under prefix that the row's run added, those it rewrote)."""
+    after = {path for path in row.after if path.startswith(prefix)}
+    return after - set(row.before), {path for path in after & set(row.before) if row.before[path] != row.after[path]}
+
+
+def _ok_images(catalog: pd.DataFrame) -> pd.DataFrame:
+    return catalog[catalog["status"] == "ok"].drop_duplicates("sha256").set_index("sha256")
+
+
+def test_a_hashing_change_recomputes_every_phash_and_dedup_onward(matrix: dict[str, Any]) -> None:
+    before = _ok_images(_split_catalog(matrix, _row(matrix, "_resize_crop")))
+    row = _row(matrix, "a real change of the perceptual hash")
+    after = _ok_images(_split_catalog(matrix, row))
+    assert set(after.index) == set(before.index) and len(after) > 20, len(after)
+    same = [sha[:12] for sha in after.index if after.loc[sha, "phash"] == before.loc[sha, "phash"]]
+    assert not same, f"{len(same)} of {len(after)} phash values are the old code's: {same[:5]}"
+    assert (after["dhash"] == before["dhash"].reindex(after.index)).all(), "dhash code did not change"
+    added, rewritten = _changed(row, "cache/hashes/")
+    assert len(added) == 1 and not rewritten, (added, rewritten)  # a new cache; the old code's is left as it was
+
+
+def test_a_decoding_change_writes_every_tensor_again_and_retrains(matrix: dict[str, Any]) -> None:
+    previous, row = _row(matrix, "an annotation"), _row(matrix, "_resize_crop")
+    added, rewritten = _changed(row, "cache/tensors/")
+    split = _split_catalog(matrix, row)
+    n_split = split[(split["status"] == "ok") & (split["split"] != "")]["sha256"].nunique()
+    assert len(added) == n_split and not rewritten, (len(added), n_split, sorted(rewritten)[:3])
+    assert len({Path(path).parts[2] for path in added}) == 1, "one new folder, named by the new decoding code"
+    old = matrix["world"].ws / "cache" / "tensors" / preprocess.cache_folder_name(IMAGE_SIZE)  # restored code
+    new = [matrix["world"].ws / path for path in added]
+    differ = sum(not np.array_equal(np.load(path), np.load(old.joinpath(*path.parts[-2:]))) for path in new)
+    assert differ > 0, "NEAREST and BILINEAR tensors are the same: the edit did not run"
+    assert row.summary["model"] != previous.summary["model"], "train ran on the old tensors' key"
+
+
+def test_a_template_edit_renders_the_report_again(matrix: dict[str, Any]) -> None:
+    row = _row(matrix, "a line of the report's HTML template")
+    page = Path(row.summary["report"]).read_text(encoding="utf-8")
+    assert PROBE in page, "the report was not rendered with the edited template"
+    later = Path(_row(matrix, "an annotation").summary["report"]).read_text(encoding="utf-8")
+    assert PROBE not in later, "the template was restored: the cached report of before must come back"
+
+
+def test_refresh_cache_makes_every_per_image_cache_entry_again(matrix: dict[str, Any]) -> None:
+    """The validation records, the hashes and the tensors the run reads are all written again (the review's face
+    hints and thumbnails too, but an auto review makes none)."""
+    refresh, world = _row(matrix, "--refresh-cache"), matrix["world"]
+    workspace, config = Workspace.open(world.ws), world.config(matrix["overrides"])
+    for path in caches.data_caches(workspace, config) + caches.model_caches(workspace, config):
+        location = workspace.relative(path)
+        entries = {name for name in refresh.after if name == location or name.startswith(location + "/")}
+        assert entries or not location.startswith("cache/"), f"{location} was not made again"
+        kept = sorted(name for name in entries if refresh.before.get(name) == refresh.after[name])
+        assert not kept, f"--refresh-cache kept {len(kept)} of {len(entries)} entries of {location}: {kept[:3]}"
 
 
 def test_refresh_cache_trains_the_same_key_again_from_epoch_0(matrix: dict[str, Any]) -> None:
@@ -363,6 +492,14 @@ def test_a_champion_that_trained_on_the_test_images_is_not_comparable(matrix: di
     assert row.aliases_after[CHAMPION] == row.aliases_before[CHAMPION], "the champion moved"
     assert row.run["tags"]["aidetect.champion_comparable"] == "false"
     assert champion_version == row.aliases_after[CHAMPION][0]
+
+
+def test_promote_on_a_later_run_promotes_the_registered_version_of_the_cached_model(matrix: dict[str, Any]) -> None:
+    reshuffled, row = _row(matrix, "split ratios with --reshuffle"), _row(matrix, "--promote on the next run")
+    version = reshuffled.summary["registry"]["version"]
+    registry = row.summary["registry"]
+    assert registry["reused"] and registry["promoted"] and registry["version"] == version, registry
+    assert row.aliases_before[CHAMPION][0] != version and row.aliases_after[CHAMPION][0] == version, row.aliases_after
 
 
 def test_leave_one_generator_out_gets_its_own_alias_and_leaves_the_champion(matrix: dict[str, Any]) -> None:

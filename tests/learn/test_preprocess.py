@@ -13,10 +13,12 @@ import torch
 from PIL import Image
 
 from pipeline_lib.core import catalog as cat
+from pipeline_lib.core.code_index import producer_code
 from pipeline_lib.core.config import NormalizeConfig
 from pipeline_lib.core.workspace import Workspace, put_in_store
 from pipeline_lib.learn import preprocess
 from tests.conftest import make_image
+from tests.project_copy import copy_project, digest_in, edit
 
 
 def _store_image(workspace: Workspace, image: Image.Image, fmt: str = "PNG", **save: object) -> tuple[str, str]:
@@ -45,11 +47,24 @@ def _half_image(size: tuple[int, int]) -> Image.Image:
 
 def test_tensor_path_layout(workspace: Workspace) -> None:
     sha = "ab" + "0" * 62
-    assert preprocess.tensor_path(workspace, sha, 32) == workspace.cache / "tensors" / "s32" / "ab" / f"{sha}.npy"
+    folder = f"s32-{producer_code(preprocess.decode_image)}"
+    assert preprocess.tensor_path(workspace, sha, 32) == workspace.cache / "tensors" / folder / "ab" / f"{sha}.npy"
     with pytest.raises(ValueError, match="sha256"):
         preprocess.tensor_path(workspace, "../etc", 32)
     with pytest.raises(ValueError, match="size"):
         preprocess.tensor_path(workspace, sha, 0)
+
+
+def test_the_tensor_folder_is_named_by_the_decoding_code(tmp_path: Path) -> None:
+    root = copy_project(tmp_path / "project")
+    before = digest_in(root, *preprocess.TENSOR_PRODUCERS)
+    assert preprocess.cache_folder_name(8).endswith(f"-{before[:16]}"), "the copy holds the checkout's code"
+    module = "pipeline_lib/learn/preprocess.py"
+    edit(root, module, "def load_tensors(", "def load_tensors_renamed(")  # reads the cache, makes no tensor
+    edit(root, module, "def _resize_crop(image: Image.Image, size: int)", "def _resize_crop(image, size: float)")
+    assert digest_in(root, *preprocess.TENSOR_PRODUCERS) == before, "code that makes no tensor, an annotation"
+    edit(root, module, "(new_w, new_h), Image.Resampling.BILINEAR", "(new_w, new_h), Image.Resampling.NEAREST")
+    assert digest_in(root, *preprocess.TENSOR_PRODUCERS) != before, "a change of _resize_crop must decode again"
 
 
 def test_decode_shape_dtype_and_centre_crop(tmp_path: Path) -> None:
@@ -196,7 +211,8 @@ def test_normalised_cache_path_and_pixels_differ_from_none(workspace: Workspace)
     plain_path = preprocess.tensor_path(workspace, sha, 16)
     assert preprocess.tensor_path(workspace, sha, 16, NormalizeConfig()) == plain_path, "mode none: same paths"
     normalised_path = preprocess.tensor_path(workspace, sha, 16, policy)
-    assert normalised_path == workspace.cache / "tensors" / "s16-jpeg-q40" / sha[:2] / f"{sha}.npy"
+    folder = f"s16-jpeg-q40-{producer_code(preprocess.decode_image)}"
+    assert normalised_path == workspace.cache / "tensors" / folder / sha[:2] / f"{sha}.npy"
     assert preprocess.preprocess_images(workspace, table, 16) == 1
     assert preprocess.preprocess_images(workspace, table, 16, policy=policy) == 1, "another policy, another cache"
     assert preprocess.preprocess_images(workspace, table, 16, policy=policy) == 0, "normalised cache reused"
