@@ -175,7 +175,12 @@ app.add_typer(server_app, name="server", cls=_Group)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: built-in defaults).")]
 WorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace directory.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override, e.g. --set train.epochs=3")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", metavar="KEY=VALUE", help="Override a config value, e.g. --set train.epochs=3 (repeatable)."
+    ),
+]
 RefreshOpt = Annotated[bool, typer.Option("--refresh-cache", help="Recompute every stage.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
