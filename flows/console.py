@@ -5,7 +5,8 @@ epoch, and the summary. stderr: aidetect's warnings and errors, the errors of th
 when it is a terminal. Prefect's task-run states, MLflow's INFO lines, the plain progress lines of long loops and
 the warnings of libraries that a user cannot act on are left off the console; --verbose (AIDETECT_VERBOSE=1) shows
 them on stderr. The log file, <workspace>/logs/<time>-<command>.log, keeps every record of aidetect, Prefect and
-MLflow at INFO and above, and every warning.
+MLflow at INFO and above, and every warning; it is written once the workspace exists (a command that fails before
+its workspace is made leaves no folder behind).
 
 Prefect's logging stays Prefect's: its console handler gets a filter, its API handler is left alone, so the flow's
 records (its stage and epoch lines included) reach the run's logs in the Prefect UI as before.
@@ -22,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
+from pipeline_lib.core.layout import MARKER_FILE
 from pipeline_lib.core.output import is_output
 
 VERBOSE_ENV = "AIDETECT_VERBOSE"  # set by --verbose (or by the user): the console shows every record
@@ -30,6 +32,7 @@ AT_INFO = ("flows", "tasks", "pipeline_lib", "mlflow")  # loggers whose INFO rec
 # the loggers MLflow gives a stderr handler of its own (and propagate=False) when it configures logging at import
 MLFLOW_OWNED = ("mlflow", "sqlalchemy.engine", "alembic", "huey")
 LOGS_KEPT = 30  # log files kept per workspace (the oldest go)
+EARLY_KEPT = 10_000  # records kept in memory until the workspace exists (then written to its log file)
 FILE_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 CONSOLE_FORMAT = "%(levelname)s %(name)s: %(message)s"  # where Prefect's console handler is not set up (predict)
 
@@ -96,11 +99,23 @@ class QuietConsole(logging.Filter):
 
 
 class _WorkspaceLog(logging.FileHandler):
-    """A log file opened at its first record, its folder made then: a new workspace is made by the flow."""
+    """The command's log file, written once its workspace exists (a new workspace is made by the flow, and a command
+    that fails before that leaves no folder behind); the records before that wait in memory (at most EARLY_KEPT)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, encoding="utf-8", delay=True)
         self.setFormatter(logging.Formatter(FILE_FORMAT))
+        self._marker = Path(path).parent.parent / MARKER_FILE
+        self._early: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None and not self._marker.is_file():
+            if len(self._early) < EARLY_KEPT:
+                self._early.append(record)
+            return
+        early, self._early = self._early, []
+        for kept in [*early, record]:
+            super().emit(kept)
 
     def _open(self):  # noqa: ANN202 - logging.FileHandler's own hook
         Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)

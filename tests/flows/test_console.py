@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from datetime import datetime
@@ -11,6 +12,18 @@ import pytest
 
 from flows import console
 from pipeline_lib.core.output import output_line
+from pipeline_lib.core.workspace import Workspace
+
+
+@pytest.fixture
+def own_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Prefect console handler on the root logger (another test's Prefect harness may have set one up, writing to
+    a stream bound before capfd): command_output then writes its quiet console to this test's stderr."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    root = logging.getLogger()
+    kept = [handler for handler in root.handlers if not isinstance(handler, PrefectConsoleHandler)]
+    monkeypatch.setattr(root, "handlers", kept)
 
 
 def _record(name: str, level: int, extra: dict[str, bool] | None = None) -> logging.LogRecord:
@@ -43,10 +56,11 @@ def test_the_quiet_console_shows_aidetects_warnings_and_every_error_only() -> No
 
 
 def test_command_output_prints_output_lines_and_keeps_everything_in_the_log_file(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], own_console: None
 ) -> None:
     log_file = console.log_path(tmp_path / "ws", "run", datetime(2026, 1, 2, 3, 4, 5))
     assert log_file == tmp_path / "ws" / "logs" / "20260102-030405-run.log"
+    Workspace.create(tmp_path / "ws")
     root = logging.getLogger()
     handlers, level = list(root.handlers), logging.getLogger("mlflow").level
     with console.command_output(log_file):
@@ -67,8 +81,24 @@ def test_command_output_prints_output_lines_and_keeps_everything_in_the_log_file
     assert root.handlers == handlers and logging.getLogger("mlflow").level == level, "the block changed logging"
 
 
+def test_the_log_file_waits_for_its_workspace_and_a_command_that_made_none_leaves_no_folder(tmp_path: Path) -> None:
+    never = console.log_path(tmp_path / "never", "run", datetime(2026, 1, 2, 3, 4, 5))
+    with console.command_output(never):
+        logging.getLogger("flows.cli").warning("failed before the workspace was made")
+    assert not (tmp_path / "never").exists(), "a log file alone must not make a workspace folder"
+
+    later = console.log_path(tmp_path / "ws", "run", datetime(2026, 1, 2, 3, 4, 5))
+    with console.command_output(later):
+        logging.getLogger("flows.pipeline").info("before the workspace")
+        assert not (tmp_path / "ws").exists(), "nothing written before the workspace exists"
+        Workspace.create(tmp_path / "ws")
+        logging.getLogger("flows.pipeline").info("after the workspace")
+    kept = later.read_text(encoding="utf-8").splitlines()
+    assert [line.split(": ", 1)[1] for line in kept] == ["before the workspace", "after the workspace"], kept
+
+
 def test_verbose_shows_every_record_on_stderr(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, own_console: None
 ) -> None:
     monkeypatch.setenv(console.VERBOSE_ENV, "1")
     with console.command_output():
@@ -77,6 +107,32 @@ def test_verbose_shows_every_record_on_stderr(
     out, err = capfd.readouterr()
     assert "Creating initial" in err and out == "an output line\n", (out, err)
     assert "an output line" not in err, "an output line is printed once, on stdout"
+
+
+def test_prefects_console_handler_is_quieted_and_left_as_it_was(
+    monkeypatch: pytest.MonkeyPatch, own_console: None
+) -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    shown = io.StringIO()
+    prefects = PrefectConsoleHandler(stream=shown)
+    root, task_runs = logging.getLogger(), logging.getLogger("prefect.task_runs")
+    level = task_runs.level
+    root.addHandler(prefects)
+    task_runs.setLevel(logging.INFO)  # as Prefect's logging setup sets it: its INFO records reach the handlers
+    try:
+        with console.command_output(lines=io.StringIO()):
+            task_runs.info("Finished in state Completed()")
+            logging.getLogger("tasks.stages").warning("format-shortcut audit [warn]")
+        task_runs.info("after the command")
+    finally:
+        root.removeHandler(prefects)
+        task_runs.setLevel(level)
+    text = shown.getvalue()
+    assert "format-shortcut audit" in text, f"aidetect's warnings stay on Prefect's console: {text!r}"
+    assert "Finished in state" not in text, f"task-run states are off the console: {text!r}"
+    assert "after the command" in text, "the quiet filter is taken off Prefect's handler after the command"
 
 
 def test_only_the_newest_log_files_are_kept(tmp_path: Path) -> None:
