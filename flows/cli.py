@@ -682,13 +682,15 @@ def review_queue(workspace: WorkspaceOpt = None, config: ConfigOpt = None, as_js
 
 
 def _score_queue(cfg: PipelineConfig, ws: Workspace, catalog: Any) -> Any:
-    """The review queue of catalog's undecided images, scored as the flow's review-queue stage scores it."""
+    """The review queue of catalog's undecided images, scored as the flow's review-queue stage scores it (MLflow's
+    records and library warnings on the console with --verbose only)."""
     from pipeline_lib.assess.review_queue import QueueSettings, score_queue
     from pipeline_lib.core.tracking.store import tracking_uri
 
     settings = QueueSettings(tiny_side=cfg.review.tiny_side, device=cfg.train.device)
     uri = tracking_uri(cfg.tracking.uri, ws)
-    return score_queue(ws, catalog, uri, cfg.tracking.registered_model, settings, cfg.tracking.trust_pickle)
+    with console.command_output(lines=sys.stderr):
+        return score_queue(ws, catalog, uri, cfg.tracking.registered_model, settings, cfg.tracking.trust_pickle)
 
 
 @review_app.command("export")
