@@ -285,18 +285,23 @@ def _log_file(cfg: PipelineConfig, command: str) -> Path:
     return console.log_path(Path(cfg.execution.workspace).expanduser().resolve(), command, datetime.now())
 
 
+def _import_flows() -> None:
+    """Import the flows (Prefect, pandas, MLflow: seconds), e.g. while a temporary server starts."""
+    import flows.pipeline  # noqa: F401 - imported for its time, used by the caller
+
+
 @contextlib.contextmanager
 def _prefect(log_file: Path | None = None, as_json: bool = False) -> Iterator[str]:
     """The Prefect API of this command's flows (flows.runtime.prefect_session): PREFECT_API_URL, the server of
-    `aidetect server start`, or a temporary server started now; exit 4 with one line when that does not start.
-    Within it the console is quiet and log_file keeps every record (flows.console); with as_json the stage lines
-    go to stderr, leaving stdout to the JSON."""
+    `aidetect server start`, or a temporary server started now (while the flows are imported); exit 4 with one
+    line when that does not start. Within it the console is quiet and log_file keeps every record (flows.console);
+    with as_json the stage lines go to stderr, leaving stdout to the JSON."""
     from flows.runtime import PrefectStartError, prefect_session
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(console.env_defaults(os.environ, console.prefect_defaults()))  # before Prefect starts
         try:
-            api = stack.enter_context(prefect_session())
+            api = stack.enter_context(prefect_session(prepare=_import_flows))
         except PrefectStartError as error:
             if _debug():
                 raise
@@ -364,13 +369,12 @@ def _run_pipeline(cfg: PipelineConfig, command: str) -> dict[str, Any]:
     with _prefect(log_file):
         from flows.pipeline import run_pipeline
         from pipeline_lib.curate.split import SplitError
-        from pipeline_lib.learn.models import WeightsError, WeightsNotFoundError
 
         try:
             return run_pipeline(cfg) | {"log_file": str(log_file)}
         except ReviewPending as error:
             _fail(str(error), code=EXIT_REVIEW)
-        except (ClusterError, ConfigError, SplitError, WeightsNotFoundError, WeightsError, WorkspaceError) as error:
+        except (ClusterError, ConfigError, SplitError, WorkspaceError, *_weights_errors()) as error:
             if _debug():
                 raise
             _fail(f"{type(error).__name__}: {error}")
@@ -382,6 +386,14 @@ def _run_pipeline(cfg: PipelineConfig, command: str) -> dict[str, Any]:
                     code=EXIT_REVIEW,
                 )
             raise
+
+
+def _weights_errors() -> tuple[type[Exception], ...]:
+    """The initial weights' errors: imported only when a run failed (an except clause is evaluated then), as the
+    models module imports torch, which a run whose model stages are cached never needs."""
+    from pipeline_lib.learn.models import WeightsError, WeightsNotFoundError
+
+    return WeightsNotFoundError, WeightsError
 
 
 def _review_timed_out(error: BaseException) -> bool:

@@ -16,7 +16,8 @@ from tests.network_guard import guarded_environment, read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "benchmarks").glob("bench_*.py"))
-RUN_FLOWS = {"bench_cli_startup", "bench_dask_scaling", "bench_reference_recipe"}  # Prefect servers, whole flows
+# Prefect servers, whole flows
+RUN_FLOWS = {"bench_cli", "bench_cli_startup", "bench_dask_scaling", "bench_reference_recipe"}
 
 
 def _params() -> list:
