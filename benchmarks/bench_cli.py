@@ -1,5 +1,5 @@
-"""Benchmark: how fast `aidetect` answers --help, input errors, a missing workspace and `status`; what an all-cached
-`aidetect run` costs.
+"""Benchmark: how fast `aidetect` answers --help, usage errors, input errors, a missing workspace and `status`; what
+an all-cached `aidetect run` costs.
 
 Each command runs as a fresh process (`python -c "from flows.cli import main; main()" ...`), as a user's shell would
 start it. The naive way, in the same run: a process that imports what the CLI needs for a flow run up front (torch,
@@ -68,6 +68,12 @@ def _commands(root: Path) -> dict[str, tuple[list[str], int]]:
         "status_missing_workspace": ([*CLI, "status", "-w", nowhere], 2),
         "predict_missing_workspace": ([*CLI, "predict", str(images), "-w", nowhere], 2),
         "status": ([*CLI, "status", "-w", str(workspace)], 0),
+        # usage errors and --help of commands: click answers before any command code runs
+        "usage_no_such_command": ([*CLI, "no-such-command"], 2),
+        "usage_demo_persons_2": ([*CLI, "demo", "--persons", "2"], 2),
+        "usage_demo_no_such_option": ([*CLI, "demo", "--no-such-option"], 2),
+        "help_demo": ([*CLI, "demo", "--help"], 0),
+        "help_review_done": ([*CLI, "review", "done", "--help"], 0),
     }
 
 

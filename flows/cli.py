@@ -22,6 +22,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from flows import console
 from pipeline_lib.core import privacy
 
 if TYPE_CHECKING:
@@ -118,14 +119,33 @@ def _console_without_known_tracebacks() -> Iterator[None]:
             handler.removeFilter(quiet)
 
 
-class _Commands(TyperGroup):
+# A command's own exit and a usage error (an unknown command or option, a bad value): typer >= 0.22 raises its own
+# copy of click's exceptions (TyperException is the base of its ClickException), older typer click's own.
+_OWN_EXITS = (typer.Exit, typer.Abort, typer.TyperException, click.exceptions.Exit, click.ClickException, click.Abort)
+
+
+class _Group(TyperGroup):
+    """A command group whose --help lists each command with its whole first sentence (wrapped, never cut)."""
+
+    def format_commands(self, ctx: click.Context, formatter: Any) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=sys.maxsize)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class _Commands(_Group):
     """The aidetect command group: every known failure of any command ends as one line and exit 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
-            raise  # a command's own exit (typer.Exit is not click's in this typer)
+        except _OWN_EXITS:
+            raise  # a command's own exit, or a usage error: click says what is wrong, nothing else is imported
         except Exception as error:
             message = explain_failure(error)
             if message is None or _debug():
@@ -135,24 +155,32 @@ class _Commands(TyperGroup):
 
 
 app = typer.Typer(
-    cls=_Commands, help="aidetect: build and maintain a detector of AI-generated images.", no_args_is_help=True
+    cls=_Commands,
+    help="aidetect: build and maintain a detector of AI-generated images.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 review_app = typer.Typer(
     help="Manual review: counts, bulk decisions from CSV, the review page, resuming a waiting run.",
     no_args_is_help=True,
 )
-app.add_typer(review_app, name="review")
+app.add_typer(review_app, name="review", cls=_Group)
 weights_app = typer.Typer(help="Pretrained weights in TORCH_HOME's cache.", no_args_is_help=True)
-app.add_typer(weights_app, name="weights")
+app.add_typer(weights_app, name="weights", cls=_Group)
 server_app = typer.Typer(
     help="A Prefect server kept up between commands (saves each command the temporary server's start-up).",
     no_args_is_help=True,
 )
-app.add_typer(server_app, name="server")
+app.add_typer(server_app, name="server", cls=_Group)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: built-in defaults).")]
 WorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace directory.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override, e.g. --set train.epochs=3")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", metavar="KEY=VALUE", help="Override a config value, e.g. --set train.epochs=3 (repeatable)."
+    ),
+]
 RefreshOpt = Annotated[bool, typer.Option("--refresh-cache", help="Recompute every stage.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -162,13 +190,23 @@ PROGRESS_ENV, PROGRESS_LOGGER = "PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib.c
 
 @app.callback()
 def main_options(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (or AIDETECT_DEBUG=1).")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", help="Show every log record on stderr: Prefect's, MLflow's, warnings (or AIDETECT_VERBOSE=1)."
+        ),
+    ] = False,
 ) -> None:
     """aidetect: build and maintain a detector of AI-generated images."""
     privacy.quiet_mlflow()  # before anything imports mlflow (it starts its telemetry client at import)
-    os.environ.setdefault(PROGRESS_ENV, PROGRESS_LOGGER)  # before Prefect sets up logging: progress lines show
+    ctx.with_resource(console.env_defaults(os.environ, console.library_defaults(sys.stderr.isatty())))
+    os.environ.setdefault(PROGRESS_ENV, PROGRESS_LOGGER)  # before Prefect sets up logging: progress lines reach its API
     if debug:
         os.environ[DEBUG_ENV] = "1"
+    if verbose:
+        os.environ[console.VERBOSE_ENV] = "1"
 
 
 def _debug() -> bool:
@@ -240,19 +278,28 @@ def _check_sources(cfg: PipelineConfig) -> None:
         _fail(f"invalid source: {error}")
 
 
+def _log_file(cfg: PipelineConfig, command: str) -> Path:
+    """The log file of this command in the config's workspace (flows.console)."""
+    from datetime import datetime
+
+    return console.log_path(Path(cfg.execution.workspace).expanduser().resolve(), command, datetime.now())
+
+
 def _import_flows() -> None:
     """Import the flows (Prefect, pandas, MLflow: seconds), e.g. while a temporary server starts."""
     import flows.pipeline  # noqa: F401 - imported for its time, used by the caller
 
 
 @contextlib.contextmanager
-def _prefect() -> Iterator[str]:
+def _prefect(log_file: Path | None = None, as_json: bool = False) -> Iterator[str]:
     """The Prefect API of this command's flows (flows.runtime.prefect_session): PREFECT_API_URL, the server of
     `aidetect server start`, or a temporary server started now (while the flows are imported); exit 4 with one
-    line when that does not start."""
+    line when that does not start. Within it the console is quiet and log_file keeps every record (flows.console);
+    with as_json the stage lines go to stderr, leaving stdout to the JSON."""
     from flows.runtime import PrefectStartError, prefect_session
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(console.env_defaults(os.environ, console.prefect_defaults()))  # before Prefect starts
         try:
             api = stack.enter_context(prefect_session(prepare=_import_flows))
         except PrefectStartError as error:
@@ -260,6 +307,7 @@ def _prefect() -> Iterator[str]:
                 raise
             _fail(str(error), code=EXIT_NO_SERVER)
         stack.enter_context(_console_without_known_tracebacks())
+        stack.enter_context(console.command_output(log_file, sys.stderr if as_json else None))
         yield api
 
 
@@ -310,18 +358,20 @@ def _hold_workspace(stack: contextlib.ExitStack, cfg: PipelineConfig, command: s
         _refuse(error)
 
 
-def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+def _run_pipeline(cfg: PipelineConfig, command: str) -> dict[str, Any]:
+    """The pipeline flow's summary, with the command's log file named in it."""
     from pipeline_lib.core.cluster import ClusterError
     from pipeline_lib.core.config import ConfigError
     from pipeline_lib.core.workspace import WorkspaceError
     from pipeline_lib.curate.review import ReviewPending
 
-    with _prefect():
+    log_file = _log_file(cfg, command)
+    with _prefect(log_file):
         from flows.pipeline import run_pipeline
         from pipeline_lib.curate.split import SplitError
 
         try:
-            return run_pipeline(cfg)
+            return run_pipeline(cfg) | {"log_file": str(log_file)}
         except ReviewPending as error:
             _fail(str(error), code=EXIT_REVIEW)
         except (ClusterError, ConfigError, SplitError, WorkspaceError, *_weights_errors()) as error:
@@ -386,11 +436,11 @@ def run(
     cfg = _config(config, workspace, extra, refresh_cache)
     _check_sources(cfg)
     with _writer(cfg, "aidetect run"):
-        summary = _run_pipeline(cfg)
+        summary = _run_pipeline(cfg, "run")
     _print_summary(summary)
 
 
-def _crawl(cfg: PipelineConfig, as_json: bool, folders: list[FolderSource] | None = None) -> None:
+def _crawl(cfg: PipelineConfig, as_json: bool, log_file: Path, folders: list[FolderSource] | None = None) -> None:
     """Run the crawl flow (inside _prefect()) and print what it did (and, for folders, what became of every file)."""
     from flows.pipeline import crawl_flow
 
@@ -400,12 +450,13 @@ def _crawl(cfg: PipelineConfig, as_json: bool, folders: list[FolderSource] | Non
         result["folders"] = [
             {"folder": str(a.folder), "files": [vars(item) for item in a.files]} for a in accounts
         ]
-        typer.echo(json.dumps(result, indent=2, default=str))
+        typer.echo(json.dumps(result | {"log_file": str(log_file)}, indent=2, default=str))
         return
     from pipeline_lib.ops.summary import crawl_lines
 
     _echo(crawl_lines(result, accounts))
     typer.echo(f"\ncatalog: {result['catalog']}  (MLflow run {result['mlflow_run_id']})")
+    typer.echo(f"log: {log_file}")
 
 
 def _accounts(cfg: PipelineConfig, folders: list[FolderSource] | None) -> list[Any]:
@@ -429,8 +480,9 @@ def crawl(
     """Crawl and ingest only: grow the catalog."""
     cfg = _config(config, workspace, set_, refresh_cache)
     _check_sources(cfg)
-    with _writer(cfg, "aidetect crawl"), _prefect():
-        _crawl(cfg, as_json)
+    log_file = _log_file(cfg, "crawl")
+    with _writer(cfg, "aidetect crawl"), _prefect(log_file, as_json):
+        _crawl(cfg, as_json, log_file)
 
 
 def _folder_source(folder: Path, label: str, group_by: str, generator: str, follow: bool) -> FolderSource:
@@ -497,10 +549,11 @@ def import_folder(
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Add a folder of local images to the workspace (kept as a source of every later run) and ingest it now.
+    """Add a folder of local images to the workspace and ingest it now.
 
-    Every file that is not hidden is looked at: images are imported whatever their extension, every other file
-    (symlinks included) is listed with the reason it was left out. Nothing outside the folder is read.
+    The folder stays a source of every later run. Every file that is not hidden is looked at: images are imported
+    whatever their extension, every other file (symlinks included) is listed with the reason it was left out.
+    Nothing outside the folder is read.
     """
     source = _folder_source(folder, label, group_by, generator, follow_symlinks)
     _check_folder(source)
@@ -508,7 +561,8 @@ def import_folder(
     cfg = _config(config, workspace, list(set_ or []) + no_sources, False)
     # The lock first, then a Prefect API: the folder is recorded only by the command that holds the workspace, and
     # only when flows can run.
-    with _writer(cfg, f"aidetect import {source.path}", create=True), _prefect():
+    log_file = _log_file(cfg, "import")
+    with _writer(cfg, f"aidetect import {source.path}", create=True), _prefect(log_file, as_json):
         from pipeline_lib.acquire.imports import add_import
         from pipeline_lib.core.config import ConfigError
         from pipeline_lib.core.workspace import Workspace
@@ -517,12 +571,14 @@ def import_folder(
             add_import(Workspace.open(cfg.execution.workspace), source)
         except ConfigError as error:
             _fail(str(error))
-        _crawl(cfg, as_json, [source])
+        _crawl(cfg, as_json, log_file, [source])
 
 
 @app.command()
 def demo(
-    workspace: Annotated[Path, typer.Option("--workspace", "-w")] = Path("demo-workspace"),
+    workspace: Annotated[Path, typer.Option("--workspace", "-w", help="Workspace directory of the demo.")] = Path(
+        "demo-workspace"
+    ),
     config: ConfigOpt = None,
     persons: Annotated[int, typer.Option(help="Synthetic persons per class.", min=3)] = 30,
     set_: SetOpt = None,
@@ -554,7 +610,7 @@ def demo(
                 extra,
                 origin="demo config",
             )
-            summary = _run_pipeline(cfg)
+            summary = _run_pipeline(cfg, "demo")
     _print_summary(summary)
 
 
@@ -565,8 +621,11 @@ def status(
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Catalog counts by status, label and split; pending reviews; imported folders, file by file; last runs (and
-    the tracking URI of the config they are recorded in)."""
+    """Catalog counts, pending reviews, imported folders and last runs of a workspace.
+
+    Counts by status, label and split; imported folders file by file; the last runs, and the tracking URI of the
+    config they are recorded in.
+    """
     cfg = _config(config, workspace, set_, False)
     ws = _workspace(cfg.execution.workspace)
     from pipeline_lib.core.tracking.workspace_store import TrackingStoreError, check_store
@@ -635,17 +694,22 @@ def review_queue(workspace: WorkspaceOpt = None, config: ConfigOpt = None, as_js
 
 
 def _score_queue(cfg: PipelineConfig, ws: Workspace, catalog: Any) -> Any:
-    """The review queue of catalog's undecided images, scored as the flow's review-queue stage scores it."""
+    """The review queue of catalog's undecided images, scored as the flow's review-queue stage scores it (MLflow's
+    records and library warnings on the console with --verbose only)."""
     from pipeline_lib.assess.review_queue import QueueSettings, score_queue
     from pipeline_lib.core.tracking.store import tracking_uri
 
     settings = QueueSettings(tiny_side=cfg.review.tiny_side, device=cfg.train.device)
     uri = tracking_uri(cfg.tracking.uri, ws)
-    return score_queue(ws, catalog, uri, cfg.tracking.registered_model, settings, cfg.tracking.trust_pickle)
+    with console.command_output(lines=sys.stderr):
+        return score_queue(ws, catalog, uri, cfg.tracking.registered_model, settings, cfg.tracking.trust_pickle)
 
 
 @review_app.command("export")
-def review_export(target: Path, workspace: WorkspaceOpt = None):
+def review_export(
+    target: Annotated[Path, typer.Argument(help="CSV file to write (replaced if it exists).")],
+    workspace: WorkspaceOpt = None,
+):
     """Write undecided images to a CSV (sha256,label,group,url,decision,reason) to fill in."""
     ws = _workspace(workspace)
     from pipeline_lib.core.catalog import STATUS_OK, read_parquet_file
@@ -689,7 +753,11 @@ def review_pack(
 
 
 @review_app.command("apply")
-def review_apply(csv_file: Path, workspace: WorkspaceOpt = None, reviewer: str = "csv"):
+def review_apply(
+    csv_file: Annotated[Path, typer.Argument(help="CSV with columns sha256,decision[,reason] (e.g. review export's).")],
+    workspace: WorkspaceOpt = None,
+    reviewer: Annotated[str, typer.Option(help="Name recorded as the reviewer of these decisions.")] = "csv",
+):
     """Append the decisions of a CSV (sha256,decision[,reason]) to review/decisions.jsonl."""
     ws = _workspace(workspace)
     from pipeline_lib.core.catalog import read_parquet_file
@@ -807,7 +875,7 @@ def review_serve(
 def review_done(
     workspace: WorkspaceOpt = None,
     approve_remaining: Annotated[bool, typer.Option(help="Approve every image still undecided.")] = False,
-    note: str = "",
+    note: Annotated[str, typer.Option(help="A note for the waiting flow run's log (Prefect UI).")] = "",
 ):
     """Resume the flow run that waits at the review gate (needs the Prefect server the run uses)."""
     ws = _workspace(workspace)
@@ -884,8 +952,11 @@ def doctor(
     deep: Annotated[bool, typer.Option("--deep", help="Also hash every stored file against its name.")] = False,
     as_json: JsonOpt = False,
 ):
-    """Check a workspace (snapshots, store against the crawl log, decisions, checkpoints, mlflow.db, leftovers of
-    killed runs) and, with --repair, repair what is safe. Exit 0 when nothing is left to fix, 2 otherwise."""
+    """Check a workspace and, with --repair, repair what is safe.
+
+    Looks at the snapshots, the store against the crawl log, decisions, checkpoints, mlflow.db and leftovers of
+    killed runs. Exit 0 when nothing is left to fix, 2 otherwise.
+    """
     cfg = _config(config, workspace, None, False)
     ws = _workspace(cfg.execution.workspace)
     from dataclasses import asdict
@@ -1051,8 +1122,20 @@ def predict(
         typer.Option("--cam-target", help="predicted, ai or real: what CAMs explain (default: report.cam_target)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
-    threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0)] = 0.5,
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", min=1, metavar="N", help="Images scored at once (lower it if memory runs out)."),
+    ] = 32,
+    threshold: Annotated[
+        float,
+        typer.Option(
+            "--threshold",
+            min=0.0,
+            max=1.0,
+            metavar="P",
+            help="Label ai when p_ai >= P, else real (the verdict column keeps its uncertain band).",
+        ),
+    ] = 0.5,
     device: Annotated[
         str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
     ] = "auto",
@@ -1069,7 +1152,9 @@ def predict(
     The temperature and normalisation of training are applied: from a checkpoint's <model>.calibration.json, or from
     the champion's or the run's calibration tag (--model champion / RUN_ID). The model scores (and explains) the
     images in batches on --device. The first line says which model scored the files. Files ingest would refuse by
-    their header (config ingest: max_pixels, min_side, animated) are not decoded and get an error row.
+    their header (config ingest: max_pixels, min_side, animated) are not decoded and get an error row. Under a folder,
+    every file that is not hidden is looked at as `import` does: a file that is not an image (or a symlink out of the
+    folder) is listed as left out, with the reason, and is no error.
     Exit 1 if some file could not be read or was refused, 2 if the model or images are missing or the device is not
     available.
     """
@@ -1081,40 +1166,44 @@ def predict(
     band_config = settings.calibration
     if not (checkpoint.suffix == ".pt" or checkpoint.is_file()):
         _workspace_or_uri(config, workspace)
-    from pipeline_lib.assess.predict import collect_paths, parse_calibration, predict_files, read_calibration
+    from pipeline_lib.assess.predict import collect_inputs, parse_calibration, predict_files, read_calibration
     from pipeline_lib.core.devices import resolve_device
 
-    if not collect_paths(paths):
-        _fail("no image files found in: " + ", ".join(map(str, paths)))
+    inputs = collect_inputs(paths)
+    if not inputs.files:
+        left_out = "; ".join(f"{path}: {reason}" for path, reason in inputs.left_out[:3])
+        named = ", ".join(map(str, paths))
+        _fail(f"no image files found in: {named}" + (f" (left out: {left_out})" if left_out else ""))
     try:
         where = resolve_device(device)
     except (ValueError, RuntimeError) as error:
         _fail(f"--device: {error}")
-    loaded, meta = _predict_model(model, config, workspace, trust_pickle)
-    try:
-        if checkpoint.is_file():
-            calibration = read_calibration(checkpoint)
-        elif meta.get("calibration"):
-            calibration = parse_calibration(meta["calibration"], f"calibration tag of model {model!r}")
-        else:
-            calibration = None
-        band = (band_config.uncertain_low, band_config.uncertain_high)
-        rows = predict_files(
-            loaded,
-            meta,
-            paths,
-            batch_size,
-            cam_dir=cam,
-            cam_method=cam_method,
-            threshold=threshold,
-            calibration=calibration,
-            band=band,
-            cam_target=cam_target or settings.report.cam_target,
-            device=where,
-            ingest=settings.ingest,
-        )
-    except ValueError as error:
-        _fail(str(error))
+    with console.command_output(lines=sys.stderr):  # stdout is the result; MLflow's records: with --verbose only
+        loaded, meta = _predict_model(model, config, workspace, trust_pickle)
+        try:
+            if checkpoint.is_file():
+                calibration = read_calibration(checkpoint)
+            elif meta.get("calibration"):
+                calibration = parse_calibration(meta["calibration"], f"calibration tag of model {model!r}")
+            else:
+                calibration = None
+            band = (band_config.uncertain_low, band_config.uncertain_high)
+            rows = predict_files(
+                loaded,
+                meta,
+                paths,
+                batch_size,
+                cam_dir=cam,
+                cam_method=cam_method,
+                threshold=threshold,
+                calibration=calibration,
+                band=band,
+                cam_target=cam_target or settings.report.cam_target,
+                device=where,
+                ingest=settings.ingest,
+            )
+        except ValueError as error:
+            _fail(str(error))
     if as_json:
         typer.echo(json.dumps([row.as_dict() for row in rows], indent=2))
     else:

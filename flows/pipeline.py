@@ -25,6 +25,7 @@ from pipeline_lib.assess.registry import alias_for
 from pipeline_lib.assess.review_numbers import REVIEW_METRICS
 from pipeline_lib.core import cachekey, cluster, code_index
 from pipeline_lib.core.config import DedupConfig, ExecutionConfig, IngestConfig, NormalizeConfig, PipelineConfig
+from pipeline_lib.core.output import output_line
 from pipeline_lib.core.tracking.runs import Tracker, code_version, system_metrics
 from pipeline_lib.core.tracking.stage_runs import (
     KEY_PARAM_PREFIX,
@@ -37,6 +38,7 @@ from pipeline_lib.core.workspace import Ref, Workspace, digest_of, file_sha256, 
 from pipeline_lib.curate import split as split_lib
 from pipeline_lib.ops import caches
 from pipeline_lib.ops.status import record_run
+from pipeline_lib.ops.summary import stage_line
 from tasks import per_image, stages, track
 from tasks.caching import cached, stage_key
 from tasks.progress import EpochReporter
@@ -91,9 +93,11 @@ class StageRecorder:
     def record(
         self, name: str, state: State, seconds: float, key: cachekey.StageKey | None = None, every_time: bool = False
     ) -> Any:
-        """Keep a finished stage's state, log it on the parent run and as a nested run (with its key's parts when
-        given; none for a stage that runs every_time and changed nothing); its result (raise if failed)."""
+        """Keep a finished stage's state, say it in a line of output, log it on the parent run and as a nested run
+        (with its key's parts when given; none for a stage that runs every_time and changed nothing); its result
+        (raise if failed)."""
         self.states[name] = state.name
+        get_run_logger().info(stage_line(name, state.name, seconds), extra=output_line())
         try:
             result = state.result()  # raises if the stage failed
         except BaseException:

@@ -1,4 +1,4 @@
-"""Training progress as each epoch ends: one console line (Prefect's run logger) and the epoch's metrics in MLflow."""
+"""Training progress as each epoch ends: a line of output (Prefect's run logger) and the epoch's metrics in MLflow."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 
 from prefect import get_run_logger
 
+from pipeline_lib.core.output import output_line
 from pipeline_lib.core.tracking.runs import Tracker, epoch_metrics
 from pipeline_lib.learn.history import EpochStats, describe_epoch, seconds_left
 
@@ -24,7 +25,7 @@ class EpochReporter:
     def __call__(self, stats: EpochStats) -> None:
         self.durations.append(stats.seconds)
         left = seconds_left(self.durations, stats.epoch, self.max_epochs)
-        get_run_logger().info(describe_epoch(stats, self.max_epochs, left))
+        get_run_logger().info(describe_epoch(stats, self.max_epochs, left), extra=output_line())
         if self.tracker is None:
             return
         try:

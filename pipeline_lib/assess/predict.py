@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline_lib.acquire.folders import left_out_reason
+from pipeline_lib.acquire.local_files import folder_entries
 from pipeline_lib.acquire.validate import check_header
 from pipeline_lib.assess import cam as cam_lib
 from pipeline_lib.assess.calibration import apply_temperature, check_temperature, verdicts
@@ -33,9 +35,6 @@ from pipeline_lib.learn.preprocess import decode_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".avif", ".heic"}
-)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 CALIBRATION_SUFFIX = ".calibration.json"
 POLICY_REASONS = frozenset({"decompression_bomb", "too_small", "animated", "unsupported_mode"})
@@ -72,7 +71,8 @@ def read_calibration(checkpoint: Path) -> ModelCalibration:
 
 @dataclass(frozen=True)
 class PredictionRow:
-    """One file's result: p_ai, label and verdict when it was scored, error when it was not; cam = overlay file.
+    """One file's result: p_ai, label and verdict when it was scored, error when it could not be, left_out (the
+    reason) for a file under a folder that is not scored (not an image, a symlink out of the folder); cam = overlay.
 
     p_ai is calibrated (temperature applied) and p_ai_raw is the model's own softmax; label thresholds p_ai,
     verdict applies the uncertain band (ai / real / uncertain).
@@ -85,26 +85,41 @@ class PredictionRow:
     cam: str | None = None
     verdict: str | None = None
     p_ai_raw: float | None = None
+    left_out: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return asdict(self)
 
 
-def collect_paths(paths: Iterable[Path]) -> list[Path]:
-    """Files as given (any extension: a non-image gets a per-file error) and image files under folders, recursively.
+@dataclass(frozen=True)
+class Inputs:
+    """The files to score, in order, and the files under the folders given that are not scored, with the reason."""
+
+    files: list[Path]
+    left_out: list[tuple[Path, str]]
+
+
+def collect_inputs(paths: Iterable[Path]) -> Inputs:
+    """Files as given (any extension: a non-image gets a per-file error) and, under folders, what an import of the
+    folder would take: every file that is not hidden and is an image by its bytes or its name; the others are left
+    out with import's reason (acquire.folders.left_out_reason). Symlinks are followed inside the folder only.
 
     Folders are walked in sorted order; a path given twice is scored once.
     """
     found: list[Path] = []
+    left_out: dict[Path, str] = {}
     for path in map(Path, paths):
-        if path.is_dir():
-            found.extend(
-                sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            )
-        else:
+        if not path.is_dir():
             found.append(path)
-    return list(dict.fromkeys(found))
+            continue
+        for entry in folder_entries(path, follow_symlinks=True):
+            reason = left_out_reason(path, entry)
+            if reason:
+                left_out.setdefault(entry.path, reason)
+            else:
+                found.append(entry.path)
+    return Inputs(list(dict.fromkeys(found)), list(left_out.items()))
 
 
 def _image_size(meta: dict[str, Any]) -> int:
@@ -238,7 +253,8 @@ def predict_files(
     device: str = "cpu",
     ingest: IngestConfig | None = None,
 ) -> list[PredictionRow]:
-    """One PredictionRow per file (folders walked recursively), in order, decoded at meta["image_size"], batched.
+    """One PredictionRow per file (folders walked recursively), in order, decoded at meta["image_size"], batched;
+    then one left_out row per file under a folder that is not scored (collect_inputs).
 
     A file that cannot be read or decoded, or that ingest's validation policy (pixel bound, minimum size,
     animation) refuses by its header, gets an error row and the others are still scored.
@@ -260,7 +276,8 @@ def predict_files(
     if not 0 < low < high < 1:
         raise ValueError(f"uncertain band must satisfy 0 < uncertain_low < uncertain_high < 1, got {band}")
     size = _image_size(meta)
-    files = collect_paths(paths)
+    inputs = collect_inputs(paths)
+    files = inputs.files
     if cam_dir is not None:
         cam_dir = Path(cam_dir)
         cam_dir.mkdir(parents=True, exist_ok=True)
@@ -272,5 +289,5 @@ def predict_files(
         for start in range(0, len(files), batch_size):
             rows.extend(_score_batch(model, files[start : start + batch_size], how))
     failed = sum(row.error is not None for row in rows)
-    log.info("predicted %d file(s), %d not readable", len(rows) - failed, failed)
-    return rows
+    log.info("predicted %d file(s), %d not readable, %d left out", len(rows) - failed, failed, len(inputs.left_out))
+    return rows + [PredictionRow(str(path), None, None, None, left_out=reason) for path, reason in inputs.left_out]

@@ -2,7 +2,8 @@
 
 On a terminal a bar is drawn on stderr (tqdm; several at once when chunks run in parallel). Otherwise (a log file,
 CI) plain lines go to this module's logger: one every LINE_EVERY_S while the loop runs, and one at the end when it
-took at least QUIET_BELOW_S. The CLI shows this logger's lines on the console.
+took at least QUIET_BELOW_S. The CLI keeps them in the command's log file (and Prefect's run logs); --verbose shows
+them on the console.
 """
 
 from __future__ import annotations

@@ -68,11 +68,21 @@ def seconds(value: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def _state_word(state: str) -> str:
+    """computed, cached, or the Prefect state's name in lower case (failed, crashed)."""
+    return {"Completed": "computed", "Cached": "cached"}.get(state, state.lower())
+
+
+def stage_line(stage: str, state: str, took: float) -> str:
+    """The console line of a stage as it ends: 'train        computed   41.4 s'."""
+    return f"{stage:<12} {_state_word(state):<9} {seconds(took):>8}"
+
+
 def stage_states(states: Mapping[str, str]) -> str:
     """'3 computed (train, evaluate, report), 7 cached' in stage order."""
     groups: dict[str, list[str]] = {}
     for stage, state in states.items():
-        groups.setdefault({"Completed": "computed", "Cached": "cached"}.get(state, state.lower()), []).append(stage)
+        groups.setdefault(_state_word(state), []).append(stage)
     parts = []
     for kind, stages in groups.items():
         listed = f" ({', '.join(stages)})" if kind != "cached" or len(stages) < len(states) else ""
@@ -149,6 +159,8 @@ def run_lines(summary: Mapping[str, Any]) -> list[str]:
         rows.append(("data version", str(summary["data_version"])))
     rows += [("report", str(summary.get("report", "")))]
     rows.append(("MLflow run", f"{summary['mlflow_run_id']}  ({_where_to_open(summary)})"))
+    if summary.get("log_file"):
+        rows.append(("log", str(summary["log_file"])))
     lines += aligned(rows)
     if "warnings" in summary:  # the report's warnings box, word for word
         warnings = [f"{item['kind']}: {item['text']}" for item in summary["warnings"]]
@@ -248,9 +260,16 @@ def prediction_lines(rows: Sequence[Any], model: str) -> list[str]:
     lines = [f"scored by {model}", ""]
     body = []
     for row in rows:
-        if row.error:
+        if row.left_out:
+            body.append(("left out", "-", f"{row.path}: {row.left_out}"))
+        elif row.error:
             body.append(("error", "-", f"{row.path}: {row.error}"))
         else:
             cam = f"  (cam: {row.cam})" if row.cam else ""
             body.append((row.verdict or row.label, f"{row.p_ai:.3f}", f"{row.path}{cam}"))
-    return lines + table(("verdict", "p_ai", "file"), body, indent="")
+    lines += table(("verdict", "p_ai", "file"), body, indent="")
+    errors, left_out = sum(bool(r.error) for r in rows), sum(bool(r.left_out) for r in rows)
+    if errors or left_out:
+        scored = len(rows) - errors - left_out
+        lines += ["", f"{len(rows)} file(s): {scored} scored, {errors} error, {left_out} left out"]
+    return lines

@@ -16,7 +16,7 @@ from pipeline_lib.assess.predict import (
     PredictionRow,
     calibration_path,
     cam_file_name,
-    collect_paths,
+    collect_inputs,
     predict_files,
     read_calibration,
     write_calibration,
@@ -56,12 +56,29 @@ def expected_p_ai(model: models.Classifier, path: Path) -> float:
     return float(predict_probabilities(model, images)[0])
 
 
-def test_collect_paths_walks_folders_for_images_and_keeps_explicit_files(tmp_path: Path) -> None:
+def test_collect_inputs_walks_folders_as_import_does_and_keeps_explicit_files(tmp_path: Path) -> None:
     files = make_folder(tmp_path / "in")
-    found = collect_paths([tmp_path / "in", files["notes"], files["a"]])
-    names = [p.name for p in found]
-    assert names[:5] == ["a.jpg", "d.jpeg", "b.png", "corrupt.jpg", "c.webp"], f"folder walk wrong: {names}"
-    assert names[5:] == ["notes.txt"], f"an explicit file must be kept once, duplicates dropped: {names}"
+    (tmp_path / "in" / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>', encoding="utf-8")
+    (tmp_path / "in" / ".hidden.jpg").write_bytes(files["a"].read_bytes())
+    (tmp_path / "in" / "renamed.dat").write_bytes(files["a"].read_bytes())  # an image by its bytes
+    inputs = collect_inputs([tmp_path / "in", files["notes"], files["a"]])
+    names = [p.name for p in inputs.files]
+    expected = ["a.jpg", "d.jpeg", "renamed.dat", "b.png", "corrupt.jpg", "c.webp"]
+    assert names[:6] == expected, f"folder walk wrong (images by bytes or name, hidden files skipped): {names}"
+    assert names[6:] == ["notes.txt"], f"an explicit file must be kept once, duplicates dropped: {names}"
+    left_out = {path.name: reason for path, reason in inputs.left_out}
+    assert set(left_out) == {"logo.svg", "notes.txt"}, f"every other file is left out, with its reason: {left_out}"
+    assert all(reason.startswith("not an image") for reason in left_out.values()), left_out
+
+
+def test_predict_files_lists_left_out_files_after_the_scored_ones(tmp_path: Path, model: models.Classifier) -> None:
+    files = make_folder(tmp_path / "in")
+    rows = predict_files(model, {"image_size": SIZE}, [tmp_path / "in"], batch_size=4)
+    left_out = [row for row in rows if row.left_out]
+    assert [Path(row.path).name for row in left_out] == ["notes.txt"], rows
+    assert left_out[0].error is None and left_out[0].p_ai is None and "not an image" in left_out[0].left_out
+    assert rows[-1] == left_out[0], "left-out rows come after the scored files"
+    assert {Path(row.path) for row in rows} == set(files.values()), "every file of the folder has a row"
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 64])
@@ -90,8 +107,8 @@ def test_predict_files_writes_cam_overlays(tmp_path: Path, model: models.Classif
     files = make_folder(tmp_path / "in")
     out = tmp_path / "cams"
     rows = predict_files(model, {"image_size": SIZE}, [tmp_path / "in"], batch_size=2, cam_dir=out)
-    scored = [row for row in rows if row.error is None]
-    assert len(scored) == 4 and len(rows) == 5, f"expected 4 scored and the corrupt jpg: {rows}"
+    scored = [row for row in rows if row.p_ai is not None]
+    assert len(scored) == 4 and len(rows) == 6, f"expected 4 scored, the corrupt jpg and notes.txt left out: {rows}"
     for row in scored:
         assert row.cam == str(out / cam_file_name(Path(row.path))), f"cam path of {row.path} wrong: {row.cam}"
         with Image.open(row.cam) as picture:
@@ -110,7 +127,7 @@ def test_cam_overlays_explain_the_predicted_label_by_default(tmp_path: Path, mod
     for target in ("predicted", "ai", "real"):
         cams = tmp_path / target  # 96 px: layer4 maps 3x3 (at 32 px they are 1x1 and every CAM is flat)
         rows = predict_files(model, {"image_size": 96}, [tmp_path / "in"], cam_dir=cams, cam_target=target)
-        overlays[target] = {Path(r.path).name: (r.label, Path(r.cam).read_bytes()) for r in rows if r.error is None}
+        overlays[target] = {Path(r.path).name: (r.label, Path(r.cam).read_bytes()) for r in rows if r.cam}
     assert any(overlays["ai"][name][1] != overlays["real"][name][1] for name in overlays["ai"]), "target ignored"
     for name, (label, picture) in overlays["predicted"].items():
         assert picture == overlays[label][name][1], f"{name} (predicted {label}) explains another class"
@@ -135,7 +152,7 @@ def test_predict_files_rejects_bad_arguments(tmp_path: Path, model: models.Class
     assert predict_files(model, {"image_size": SIZE}, []) == [], "no files, no rows"
     row = PredictionRow("p", 0.25, "real", None)
     expected = {"path": "p", "p_ai": 0.25, "label": "real", "error": None, "cam": None}
-    assert row.as_dict() == expected | {"verdict": None, "p_ai_raw": None}
+    assert row.as_dict() == expected | {"verdict": None, "p_ai_raw": None, "left_out": None}
     with pytest.raises(ValueError, match="uncertain band"):
         predict_files(model, {"image_size": SIZE}, [path], band=(0.7, 0.3))
 
@@ -236,7 +253,7 @@ def test_predict_explains_a_vit_probe_on_its_patch_grid(tmp_path: Path, monkeypa
     model, meta = models.load_model(path)
     files = make_folder(tmp_path / "in")
     rows = predict_files(model, meta, [tmp_path / "in"], batch_size=3, cam_dir=tmp_path / "cams")
-    scored = [row for row in rows if row.error is None]
+    scored = [row for row in rows if row.p_ai is not None]  # not the corrupt jpg, nor notes.txt (left out)
     assert len(scored) == 4 and all(row.p_ai is not None and 0 <= row.p_ai <= 1 for row in scored)
     for row in scored:
         with Image.open(row.cam) as picture:

@@ -142,6 +142,9 @@ def test_import_accounts_for_every_file_and_status_shows_it(harness, tmp_path: P
     assert outcomes["prompt-b/broken.jpg"] == ("quarantined", "not_an_image:html")
     assert outcomes["notes.txt"] == ("left out", "not an image (text)")
     assert sum(outcome == "imported" for outcome, _ in outcomes.values()) == 5
+    log_file = Path(summary["log_file"])  # the command's log: what the quiet console left out
+    assert log_file.parent == ws.resolve() / "logs" and log_file.name.endswith("-import.log"), log_file
+    assert "Finished in state" in log_file.read_text(encoding="utf-8"), "Prefect's task-run lines belong in the log"
 
     status = runner.invoke(app, ["status", "--workspace", str(ws), "--json"])
     info = json.loads(status.stdout)

@@ -22,6 +22,7 @@ SMALL = [
     "--set", "tracking.system_metrics_interval_s=0",
     "--set", "split.min_groups_per_label=1",  # 6 persons: one val or test group per label
 ]  # fmt: skip
+STAGES = ["crawl", "ingest", "fingerprint", "dedup", "review", "split", "preprocess", "train", "evaluate", "report"]
 
 
 def test_demo_runs_offline_and_says_what_matters(tmp_path: Path):
@@ -45,7 +46,16 @@ def test_demo_runs_offline_and_says_what_matters(tmp_path: Path):
     assert "Pipeline done in" in out and "test accuracy" in out and "(95% CI" in out, out
     assert "champion is now version 1" in out and "SYNTHETIC" in out and "format-shortcut audit" in out, out
     assert "telemetry" not in err.lower(), err[-3000:]
-    epochs = [line for line in err.splitlines() if "epoch " in line and "train loss" in line and "img/s" in line]
-    assert len(epochs) >= 2 and "[head only]" in epochs[0] and "[all layers]" in epochs[1], err[-3000:]
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ") and "train loss" in line]
+    assert len(epochs) >= 2 and "[head only]" in epochs[0] and "[all layers]" in epochs[1], out
+    stages = [line.split()[0] for line in out.splitlines() if line.split()[1:2] in (["computed"], ["cached"])]
+    assert stages == STAGES, f"one line per stage, computed or cached, on stdout: {out}"
+    for noise in ("Task run", "Finished in state", " INFO ", "mlflow.pytorch", "Downloading artifacts", "epoch "):
+        assert noise not in err, f"{noise!r} belongs in the log file (or --verbose), not on stderr: {err[-3000:]}"
+    (log_line,) = [line for line in out.splitlines() if line.strip().startswith("log ")]
+    log_file = Path(log_line.split()[-1])
+    assert log_file.parent == workspace / "logs" and log_file.is_file(), log_line
+    kept = log_file.read_text(encoding="utf-8")
+    assert "Finished in state Completed()" in kept and epochs[0] in kept, "the log file keeps what the console hides"
     reports = list((workspace / "reports").glob("*/report-*/index.html"))
     assert len(reports) == 1 and 'id="warnings"' in reports[0].read_text(encoding="utf-8")

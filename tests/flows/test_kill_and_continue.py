@@ -63,7 +63,8 @@ class Run:
     """`aidetect run` in a subprocess, its output read line by line into a queue by a thread."""
 
     def __init__(self, config: Path, workspace: Path, env: dict[str, str]) -> None:
-        command = [sys.executable, "-m", "flows.cli", "run", "-c", str(config), "-w", str(workspace)]
+        # --verbose: Prefect's task-run lines (the events this test waits for) on the console
+        command = [sys.executable, "-m", "flows.cli", "--verbose", "run", "-c", str(config), "-w", str(workspace)]
         self.process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
         )

@@ -246,8 +246,12 @@ def test_a_known_failure_inside_a_flow_prints_no_prefect_traceback_but_prefect_k
     result = _child([*AIDETECT, "run", "--config", str(config), "--workspace", str(tmp_path / "ws")], env)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("SplitError: label 'real' has too few groups")
-    run_name = result.stderr.split("Flow run '")[1].split("'")[0]
+    stages = [line.split()[:2] for line in result.stdout.splitlines()]
+    assert ["crawl", "computed"] in stages and ["split", "computed"] in stages, f"no stage lines: {result.stdout}"
+    workspace = json.dumps(str(tmp_path / "ws"))
     with get_client(sync_client=True) as client:
-        (flow_run,) = [run for run in client.read_flow_runs() if run.name == run_name]
+        (flow_run,) = [run for run in client.read_flow_runs() if workspace in json.dumps(run.parameters)]
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
     assert any("Traceback" in log.message and "SplitError" in log.message for log in logs), "not kept in its logs"
+    said = [log.message.split()[:2] for log in logs]
+    assert ["crawl", "computed"] in said and ["split", "computed"] in said, f"no stage lines in the run's logs: {said}"

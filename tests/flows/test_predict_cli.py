@@ -51,6 +51,36 @@ def test_predict_json_with_a_checkpoint_path(tmp_path: Path) -> None:
     assert "a.jpg" in table.output and "p_ai" in table.output, table.output
 
 
+def test_predict_lists_every_file_it_did_not_score_with_the_reason(tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    make_image(folder / "a.jpg", seed=1)
+    make_image(folder / "nested" / "b.png", seed=2, fmt="PNG")
+    (folder / "notes.txt").write_text("what these are", encoding="utf-8")
+    (folder / "nested" / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>', encoding="utf-8")
+    (folder / "outside.jpg").symlink_to(make_image(tmp_path / "elsewhere.jpg", seed=3))
+    model = str(checkpoint(tmp_path))
+    result = runner.invoke(app, ["predict", str(folder), "--model", model])
+    assert result.exit_code == 0, f"a file left out is no error: {result.output}"
+    listed = [line for line in result.stdout.splitlines() if line.startswith("left out")]
+    assert len(listed) == 3, f"every file not scored must be listed once: {result.stdout}"
+    reasons = (("notes.txt", "not an image (text)"), ("logo.svg", "not an image"), ("outside.jpg", "symlink outside"))
+    for name, reason in reasons:
+        assert any(f"{name}: {reason}" in line for line in listed), f"{name} not listed with '{reason}': {listed}"
+    assert "5 file(s): 2 scored, 0 error, 3 left out" in result.stdout, result.stdout
+
+    rows = {Path(row["path"]).name: row for row in _predict_json(str(folder), "--model", model)}
+    assert set(rows) == {"a.jpg", "b.png", "notes.txt", "logo.svg", "outside.jpg"}, sorted(rows)
+    assert rows["notes.txt"]["left_out"] == "not an image (text)" and rows["notes.txt"]["p_ai"] is None
+    assert rows["a.jpg"]["left_out"] is None and rows["a.jpg"]["p_ai"] is not None
+
+    only_text = tmp_path / "texts"
+    (only_text / "sub").mkdir(parents=True)
+    (only_text / "sub" / "readme.txt").write_text("no images here", encoding="utf-8")
+    result = runner.invoke(app, ["predict", str(only_text), "--model", model])
+    assert result.exit_code == 2 and "no image files" in result.output, result.output
+    assert "readme.txt: not an image (text)" in result.output, result.output
+
+
 def test_predict_missing_model_exits_2_with_a_clear_message(tmp_path: Path) -> None:
     image = make_image(tmp_path / "a.jpg")
     result = runner.invoke(app, ["predict", str(image), "--model", str(tmp_path / "nope.pt")])

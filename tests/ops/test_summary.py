@@ -91,6 +91,14 @@ def test_registry_lines_say_when_promote_is_needed_and_what_it_did():
     assert summary.model_line(again | {"champion_version": "8"}, "det") == earlier + "champion is version 8"
 
 
+def test_a_stage_line_says_computed_or_cached_and_its_time():
+    assert summary.stage_line("train", "Completed", 41.37) == "train        computed    41.4 s"
+    assert summary.stage_line("crawl", "Cached", 0.2).split() == ["crawl", "cached", "0.2", "s"]
+    assert summary.stage_line("evaluate", "Failed", 3.0).split()[:2] == ["evaluate", "failed"]
+    lines = summary.run_lines(RUN | {"log_file": "/ws/logs/20260102-030405-run.log"})
+    assert "  log            /ws/logs/20260102-030405-run.log" in lines, "the summary names the log file"
+
+
 def test_aligned_and_table_line_up():
     assert summary.aligned([("a", "1"), ("long key", "2")]) == ["  a         1", "  long key  2"]
     lines = summary.table(("name", "n"), [("x", 1), ("yy", 10)])
@@ -109,12 +117,18 @@ def test_folder_account_lists_reasons():
 
 
 def test_predictions_say_which_model_and_one_verdict():
-    rows = [
-        SimpleNamespace(path="a.jpg", p_ai=0.91, label="ai", verdict="ai", error=None, cam=None),
-        SimpleNamespace(path="b.jpg", p_ai=0.55, label="ai", verdict="uncertain", error=None, cam=None),
-        SimpleNamespace(path="c.jpg", p_ai=None, label=None, verdict=None, error="unreadable image", cam=None),
-    ]
+    def row(path: str, p_ai=None, verdict=None, error=None, left_out=None) -> SimpleNamespace:
+        label = None if p_ai is None else "ai"
+        return SimpleNamespace(
+            path=path, p_ai=p_ai, label=label, verdict=verdict, error=error, cam=None, left_out=left_out
+        )
+
+    rows = [row("a.jpg", 0.91, "ai"), row("b.jpg", 0.55, "uncertain"), row("c.jpg", error="unreadable image")]
+    rows.append(row("d.txt", left_out="not an image"))
     lines = summary.prediction_lines(rows, "aidetect version 3 (alias champion)")
     assert lines[0] == "scored by aidetect version 3 (alias champion)"
     assert lines[2].split() == ["verdict", "p_ai", "file"]
     assert lines[4].split()[:2] == ["uncertain", "0.550"] and "label" not in lines[2]
+    assert lines[6].split() == ["left", "out", "-", "d.txt:", "not", "an", "image"], lines
+    assert lines[-1] == "4 file(s): 2 scored, 1 error, 1 left out", lines
+    assert summary.prediction_lines(rows[:2], "m")[-1].split()[0] == "uncertain", "no count line when all were scored"
