@@ -20,6 +20,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from flows import review_gate
 from pipeline_lib.acquire.crawl_log import crawl_log_path
 from pipeline_lib.acquire.imports import with_imports
+from pipeline_lib.assess import generalization as loo
 from pipeline_lib.assess import report_content
 from pipeline_lib.assess.registry import alias_for
 from pipeline_lib.assess.review_numbers import REVIEW_METRICS
@@ -448,6 +449,7 @@ def _model_stages(
     device = config.train.device  # every model stage runs where training did
     evaluate_args = (config.evaluate, config.calibration, normalize, config.report.cam_method, device)
     evaluation = run.run("evaluate", stages.evaluate, root, split.catalog, trained.model, *evaluate_args)
+    generalized, generalization_note = _generalization(config, run, root, split)
     data_version = Path(split.catalog.path).stem
     title = f"aidetect — {config.train.model}, data {data_version}"
     notes = [*run.notes, *evaluation.notes]
@@ -458,7 +460,8 @@ def _model_stages(
     reviewed = {k: v for k, v in run.metrics.get("review", {}).items() if k in REVIEW_METRICS}
     report_args = (config.report, title, normalize, device, keyed, trained.history, data_version, held_out, reviewed)
     report_ref = run.run(
-        "report", stages.make_report, root, trained.model, evaluation, *report_args, health_notes=health
+        "report", stages.make_report, root, trained.model, evaluation, *report_args, generalized, generalization_note,
+        health_notes=health,
     )
     track.log_evaluation(root, tracker, evaluation, report_ref)
     test_digest = digest_of(split.catalog.digest, "test")[:16]
@@ -490,8 +493,25 @@ def _model_stages(
         "model": str(trained.model.resolve(workspace)),
         "registry": registered,
         "notes": [*split.notes, *evaluation.notes],
+        "train_seconds": trained.seconds,
+        "generalization": generalized.table if generalized else [],
         "warnings": report_content.report_warnings(notes, evaluation.metrics, config.report.data_note),
     }
+
+
+def _generalization(
+    config: PipelineConfig, run: StageRecorder, root: str, split: stages.StageResult
+) -> tuple[stages.StageResult | None, str]:
+    """The leave-one-generator-out stage when report.generalization is on and the split's AI images name two or more
+    generators; else (None, why the report has no table)."""
+    settings = config.report.generalization
+    if settings.mode == "off":
+        return None, loo.OFF_NOTE
+    generators = int(split.metrics.get("split.generators", 0))
+    if generators < loo.MIN_GENERATORS:
+        return None, loo.no_table_note(generators)
+    args = (root, split.catalog, config.train, settings, config.evaluate.threshold, config.preprocess.normalize)
+    return run.run("generalization", stages.generalization, *args), ""
 
 
 def _publish(summary: dict[str, Any], tracker: Tracker) -> None:
