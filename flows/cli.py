@@ -381,7 +381,10 @@ def run(
 def compare(
     configs: Annotated[
         list[Path],
-        typer.Argument(help="Two or more config files (e.g. one per backbone) with the same data and split sections."),
+        typer.Argument(
+            metavar="CONFIG",
+            help="Two or more config files (e.g. one per backbone) with the same data and split sections.",
+        ),
     ],
     workspace: WorkspaceOpt = None,
     set_: Annotated[
@@ -406,8 +409,12 @@ def compare(
     _check_sources(first)
     with _writer(first, "aidetect compare"), _prefect():
         from flows.compare import compare_flow
+        from pipeline_lib.curate.review import ReviewPending
 
-        result = compare_flow(cfgs, column_labels([path.stem for path in configs]))
+        try:
+            result = compare_flow(cfgs, column_labels([path.stem for path in configs]))
+        except ReviewPending as error:
+            _fail(str(error), code=EXIT_REVIEW)
     _echo([json.dumps(result, indent=1, default=str)] if as_json else [result["markdown_table"], result["html"]])
 
 

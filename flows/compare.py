@@ -26,4 +26,5 @@ def compare_flow(configs: list[PipelineConfig], labels: list[str]) -> dict[str, 
     )
     table = compare.side_by_side(contenders)
     states = {label: summary["states"] for label, summary in zip(labels, summaries, strict=True)}
-    return recorded | {"table": table.to_dict("records"), "markdown_table": compare.to_markdown(table), "states": states}
+    markdown = compare.to_markdown(table)
+    return recorded | {"table": table.to_dict("records"), "markdown_table": markdown, "states": states}

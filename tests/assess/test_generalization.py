@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from pipeline_lib.assess import generalization as loo
@@ -105,3 +106,15 @@ def test_a_generator_that_cannot_be_left_out_gets_an_empty_row_with_the_reason(
     result = loo.leave_one_out(workspace, shared, _probe_config(), loo.LeaveOutSettings(), tmp_path / "loo")
     assert list(result["generator"]) == ["gen-a", "gen-b"] and result["note"].str.contains("no AI image").all()
     assert result["accuracy"].map(math.isnan).all() and loo.loo_metrics(result) == {"loo.generators": 2.0}
+
+
+def test_finetune_left_out_models_train_within_the_budget(workspace: Workspace, tmp_path: Path) -> None:
+    table = _catalog(workspace, {"train": 3, "val": 1, "test": 1})
+    config = TrainConfig(model="resnet18", weights="none", image_size=32, batch_size=8, epochs=30, head_only_epochs=5,
+                         device="cpu", num_workers=0)  # fmt: skip
+    result = loo.leave_one_out(workspace, table, config, loo.LeaveOutSettings(finetune_epochs=2), tmp_path / "loo")
+    assert list(result["generator"]) == ["gen-a", "gen-b"] and (result["note"] == "").all(), result
+    assert result["how"].str.contains("2 epoch\\(s\\) at most").all(), result["how"]
+    for generator in ("gen-a", "gen-b"):
+        state = torch.load(tmp_path / "loo" / generator / "last.pt", map_location="cpu", weights_only=True)
+        assert state["epoch"] == 2, f"{generator}: trained {state['epoch']} epochs, the budget is 2"
