@@ -74,27 +74,32 @@ def _number(value: Any, digits: int = 3) -> str:
     return "n/a" if math.isnan(number) else f"{number:.{digits}f}"
 
 
+def _interval(low: Any, high: Any) -> str:
+    return f"{_number(low)}-{_number(high)}"
+
+
 def _held_out_cell(row: Mapping[str, Any] | None) -> str:
     """One contender's leave-out result for one generator: accuracy [95% CI], ROC-AUC."""
     if row is None:
         return "n/a"
     if row.get("note"):
         return f"not trained: {row['note']}"
-    interval = f"{_number(row['accuracy_ci_low'])}-{_number(row['accuracy_ci_high'])}"
+    interval = _interval(row["accuracy_ci_low"], row["accuracy_ci_high"])
     return f"{_number(row['accuracy'])} [{interval}], AUC {_number(row['roc_auc'])}"
 
 
 def side_by_side(contenders: Sequence[Contender]) -> pd.DataFrame:
     """The comparison table: a `measure` column, then one column per contender (text cells).
 
-    Rows: model and mode, test accuracy, its 95% CI, ROC-AUC, test images, training seconds, then per held-out
-    generator (the union of the contenders' leave-one-generator-out tables) accuracy [CI] and ROC-AUC.
+    Rows: model and mode, test accuracy, its 95% CI (evaluate's bootstrap), ROC-AUC, test images, training seconds,
+    then per held-out generator (the union of the contenders' leave-one-generator-out tables) accuracy [95% Wilson
+    CI], ROC-AUC and the left-out model's training seconds.
     """
     rows: dict[str, list[str]] = {
         "model": [f"{c.model} ({c.mode})" for c in contenders],
         "test accuracy": [_number(c.metrics.get("accuracy")) for c in contenders],
-        "95% CI": [f"{_number(c.metrics.get('accuracy_ci_low'))}-{_number(c.metrics.get('accuracy_ci_high'))}"
-                   for c in contenders],  # fmt: skip
+        "95% CI (bootstrap)": [_interval(c.metrics.get("accuracy_ci_low"), c.metrics.get("accuracy_ci_high"))
+                               for c in contenders],  # fmt: skip
         "ROC-AUC": [_number(c.metrics.get("roc_auc")) for c in contenders],
         "test images": [str(int(c.metrics.get("n_test", 0))) for c in contenders],
         "train seconds": [_number(c.train_seconds, 1) for c in contenders],
@@ -102,7 +107,7 @@ def side_by_side(contenders: Sequence[Contender]) -> pd.DataFrame:
     generators = sorted({str(r["generator"]) for c in contenders for r in c.generalization})
     for generator in generators:
         found = [{str(r["generator"]): r for r in c.generalization}.get(generator) for c in contenders]
-        rows[f"held out {generator}: accuracy [CI], ROC-AUC"] = [_held_out_cell(r) for r in found]
+        rows[f"held out {generator}: accuracy [95% Wilson CI], ROC-AUC"] = [_held_out_cell(r) for r in found]
         rows[f"held out {generator}: train seconds"] = [_number(r["train_seconds"], 1) if r else "n/a" for r in found]
     if not generators:
         rows["held-out generators"] = ["none (the data names fewer than two generators)"] * len(contenders)

@@ -89,7 +89,7 @@ def test_leave_one_generator_out_table_then_compare_two_backbones(
     assert set(table["model"]) == {"measure", "clip", "dino"}, "one column per config"
     assert table["model"]["clip"] == "clip_vit_b16 (probe)" and table["model"]["dino"] == "dinov2_vits14 (probe)"
     for generator in GENERATORS:
-        cells = table[f"held out {generator}: accuracy [CI], ROC-AUC"]
+        cells = table[f"held out {generator}: accuracy [95% Wilson CI], ROC-AUC"]
         assert "AUC" in cells["clip"] and "AUC" in cells["dino"], cells
     page = Path(compared["html"])
     assert page.parent == tmp_path / "ws" / "reports" and page.name.startswith("compare-"), page
