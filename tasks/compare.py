@@ -25,7 +25,7 @@ def record_comparison(
     atomic_write_text(page, compare.to_html(table, title, notes))
     atomic_write_text(markdown, compare.to_markdown(table))
     tags = {"aidetect.kind": "compare", "aidetect.workspace": str(workspace.root)}
-    tags |= {f"aidetect.compare.{c.label}": c.run_id for c in contenders}
+    tags |= {f"aidetect.compare.{compare.metric_name(c.label)}": c.run_id for c in contenders}
     tracker = start_run(uri, experiment, workspace, f"compare-{comparison_id}", tags)
     try:
         tracker.log_metrics(compare.comparison_metrics(contenders))

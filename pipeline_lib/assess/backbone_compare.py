@@ -122,18 +122,18 @@ def comparison_metrics(contenders: Sequence[Contender]) -> dict[str, float]:
     <label>.loo.<generator>.accuracy / roc_auc: the table's numbers as MLflow metrics of the comparison run."""
     metrics: dict[str, float] = {}
     for c in contenders:
-        name = _metric_name(c.label)
+        name = metric_name(c.label)
         for key in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "roc_auc"):
             metrics[f"{name}.{key}"] = float(c.metrics.get(key, math.nan))
         metrics[f"{name}.train_seconds"] = float(c.train_seconds)
         for row in c.generalization:
             if not row.get("note"):
-                prefix = f"{name}.loo.{_metric_name(str(row['generator']))}"
+                prefix = f"{name}.loo.{metric_name(str(row['generator']))}"
                 metrics |= {f"{prefix}.accuracy": float(row["accuracy"]), f"{prefix}.roc_auc": float(row["roc_auc"])}
     return metrics
 
 
-def _metric_name(text: str) -> str:
+def metric_name(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text.strip()) or "_"
 
 
