@@ -440,6 +440,47 @@ def run(
     _print_summary(summary)
 
 
+@app.command()
+def compare(
+    configs: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="CONFIG",
+            help="Two or more config files (e.g. one per backbone) with the same data and split sections.",
+        ),
+    ],
+    workspace: WorkspaceOpt = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Override for every config, e.g. --set train.epochs=3")
+    ] = None,
+    as_json: JsonOpt = False,
+):
+    """Run each config on the same workspace and split, then a side-by-side table (accuracy with CI, ROC-AUC,
+    held-out generators, train time) in reports/compare-<id>.html and an MLflow run."""
+    if len(configs) < 2:
+        _fail(f"compare needs two or more config files, got {len(configs)}")
+    from pipeline_lib.assess.backbone_compare import column_labels, differing_sections
+
+    first = _config(configs[0], workspace, set_, False)
+    shared = [f"execution.workspace={first.execution.workspace}"] + (
+        [f"tracking.uri={first.tracking.uri}"] if first.tracking.uri else []
+    )
+    cfgs = [first] + [_config(path, None, [*(set_ or []), *shared], False) for path in configs[1:]]
+    differ = differing_sections(cfgs)
+    if differ:
+        _fail(f"the configs must see the same data and split, but they differ in: {', '.join(differ)}")
+    _check_sources(first)
+    with _writer(first, "aidetect compare"), _prefect(_log_file(first, "compare")):
+        from flows.compare import compare_flow
+        from pipeline_lib.curate.review import ReviewPending
+
+        try:
+            result = compare_flow(cfgs, column_labels([path.stem for path in configs]))
+        except ReviewPending as error:
+            _fail(str(error), code=EXIT_REVIEW)
+    _echo([json.dumps(result, indent=1, default=str)] if as_json else [result["markdown_table"], result["html"]])
+
+
 def _crawl(cfg: PipelineConfig, as_json: bool, log_file: Path, folders: list[FolderSource] | None = None) -> None:
     """Run the crawl flow (inside _prefect()) and print what it did (and, for folders, what became of every file)."""
     from flows.pipeline import crawl_flow

@@ -456,6 +456,7 @@ def _model_stages(
     device = config.train.device  # every model stage runs where training did
     evaluate_args = (config.evaluate, config.calibration, normalize, config.report.cam_method, device)
     evaluation = run.run("evaluate", stages.evaluate, root, split.catalog, trained.model, *evaluate_args)
+    generalized, generalization_note = _generalization(config, run, root, split)
     data_version = Path(split.catalog.path).stem
     title = f"aidetect — {config.train.model}, data {data_version}"
     notes = [*run.notes, *evaluation.notes]
@@ -466,7 +467,8 @@ def _model_stages(
     reviewed = {k: v for k, v in run.metrics.get("review", {}).items() if k in REVIEW_METRICS}
     report_args = (config.report, title, normalize, device, keyed, trained.history, data_version, held_out, reviewed)
     report_ref = run.run(
-        "report", stages.make_report, root, trained.model, evaluation, *report_args, health_notes=health
+        "report", stages.make_report, root, trained.model, evaluation, *report_args, generalized, generalization_note,
+        health_notes=health,
     )
     track.log_evaluation(root, tracker, evaluation, report_ref)
     test_digest = digest_of(split.catalog.digest, "test")[:16]
@@ -498,8 +500,27 @@ def _model_stages(
         "model": str(trained.model.resolve(workspace)),
         "registry": registered,
         "notes": [*split.notes, *evaluation.notes],
+        "train_seconds": trained.seconds,
+        "generalization": generalized.table if generalized else [],
         "warnings": report_content.report_warnings(notes, evaluation.metrics, config.report.data_note),
     }
+
+
+def _generalization(
+    config: PipelineConfig, run: StageRecorder, root: str, split: stages.StageResult
+) -> tuple[stages.StageResult | None, str]:
+    """The leave-one-generator-out stage when report.generalization is on and the split's AI images name two or more
+    generators; else (None, why the report has no table)."""
+    from pipeline_lib.assess import generalization as loo  # torch and scikit-learn: a cached run never needs them
+
+    settings = config.report.generalization
+    if settings.mode == "off":
+        return None, loo.OFF_NOTE
+    generators = int(split.metrics.get("split.generators", 0))
+    if generators < loo.MIN_GENERATORS:
+        return None, loo.no_table_note(generators)
+    args = (root, split.catalog, config.train, settings, config.evaluate.threshold, config.preprocess.normalize)
+    return run.run("generalization", stages.generalization, *args), ""
 
 
 def _publish(summary: dict[str, Any], tracker: Tracker) -> None:

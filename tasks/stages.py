@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from pipeline_lib.core.config import (
     CalibrationConfig,
     DedupConfig,
     EvaluateConfig,
+    GeneralizationConfig,
     NormalizeConfig,
     ReportConfig,
     ReviewConfig,
@@ -73,6 +75,7 @@ class TrainOutput:
     augment_on: str = ""
     mode: str = "finetune"  # train.mode resolved: finetune | probe
     features: dict[str, float] = field(default_factory=dict)  # probe: feature vectors computed / reused
+    seconds: float = 0.0  # wall time of training (a probe's embedding of new images included)
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,7 @@ def make_split(
     metrics = {f"split.{r.split}.{r.label}.images": float(r.images) for r in table.itertuples()}
     metrics |= {f"split.{r.split}.{r.label}.groups": float(r.groups) for r in table.itertuples()}
     metrics |= {"split.registry_version": float(state.version), "split.new_groups": float(plan.new_groups)}
+    metrics["split.generators"] = float(len(split.known_generators(assigned)))  # the generalization stage's gate
     ratios = split.class_ratios(table)
     metrics |= {f"split.{r.split}.real_per_ai": float(r.real_per_ai) for r in ratios.itertuples()}
     largest = split.largest_groups(assigned)
@@ -370,6 +374,7 @@ def train(
     active = _active(normalize)
     out_dir = workspace.models / current_stage_key()[:16]
     table = cat.read_table(workspace, trainset)
+    started = time.perf_counter()
     result = train_model(
         workspace, table, config, out_dir, on_epoch=progress, policy=active, resume=resume
     )
@@ -388,6 +393,7 @@ def train(
         augment_on=result.augment_on,
         mode=result.mode,
         features=result.features,
+        seconds=round(time.perf_counter() - started, 3),
     )
 
 
@@ -418,7 +424,7 @@ def fit_calibration(
         return 1.0, {"calibration.temperature": 1.0}, ["temperature scaling off (calibration.temperature_scaling)"]
     if val_rows.empty:
         return 1.0, {"calibration.temperature": 1.0}, ["temperature scaling skipped: the validation split is empty"]
-    logits = model_logits(workspace, model, val_rows["sha256"].tolist(), size, _active(normalize), device)
+    logits = evaluate_lib.stored_logits(workspace, model, val_rows["sha256"].tolist(), size, _active(normalize), device)
     labels = val_rows["label"].astype(str).to_numpy()
     fit = calibration_lib.fit_bounded_temperature(logits, labels, config.min_val_images)
     temperature = fit.temperature
@@ -434,19 +440,6 @@ def fit_calibration(
     if fit.reason:
         return temperature, metrics, [f"temperature scaling skipped, T=1: {fit.reason}"]
     return temperature, metrics, [f"temperature scaling: T={temperature:.3f} on {len(val_rows)} validation images"]
-
-
-def model_logits(
-    workspace: Workspace, model: Any, shas: list[str], size: int, active: NormalizeConfig | None, device: str
-) -> np.ndarray:
-    """Logits of stored images: a probe's from the cached features of its backbone (learn/probe.py), any other
-    model's from the tensor cache."""
-    from pipeline_lib.assess import evaluate as evaluate_lib
-    from pipeline_lib.learn import models, probe
-
-    if models.is_probe(model):
-        return probe.cached_logits(workspace, model, shas, size, active, device)
-    return evaluate_lib.predict_logits(model, preprocess.load_tensors(workspace, shas, size, active), device=device)
 
 
 def _plots(workspace: Workspace, predictions: pd.DataFrame, out_dir: Any) -> dict[str, str]:
@@ -495,7 +488,7 @@ def evaluate(
     temperature, calibration_metrics, notes = fit_calibration(
         workspace, model, _split_rows(table, "val"), size, calibration or CalibrationConfig(), normalize, device
     )
-    logits = model_logits(workspace, model, rows["sha256"].tolist(), size, active, device)
+    logits = evaluate_lib.stored_logits(workspace, model, rows["sha256"].tolist(), size, active, device)
     p_raw = evaluate_lib.softmax_p_ai(logits)
     p_ai = calibration_lib.apply_temperature(logits, temperature) if len(rows) else p_raw
     predictions = evaluate_lib.predictions_table(rows, p_ai, config.threshold, p_ai_raw=p_raw)
@@ -541,6 +534,34 @@ def evaluate(
     )
 
 
+@task(name="generalization")
+def generalization(
+    root: str,
+    catalog: Ref,
+    config: TrainConfig,
+    settings: GeneralizationConfig,
+    threshold: float = 0.5,
+    normalize: NormalizeConfig | None = None,
+) -> StageResult:
+    """The leave-one-generator-out table (catalog: its parquet; table: its rows; loo.* metrics): per generator of
+    the split's AI images, config's backbone trained without that generator's images, tested on them and on the
+    real test images. With fewer than two generators: an empty table and a note saying why."""
+    from pipeline_lib.assess import generalization as loo
+    from pipeline_lib.core import devices
+
+    workspace = Workspace.create(root)
+    table = cat.read_snapshot(workspace, catalog)
+    names = split.known_generators(table)
+    device = devices.resolve_device(config.device)
+    how = loo.LeaveOutSettings(settings.mode, settings.finetune_epochs, threshold, device)
+    out_dir = workspace.models / current_stage_key()[:16]
+    result = loo.leave_one_out(workspace, table, config, how, out_dir, _active(normalize))
+    notes = [loo.no_table_note(len(names))] if len(names) < loo.MIN_GENERATORS else []
+    notes += [f"leave-one-generator-out of {r.generator}: {r.note}" for r in result.itertuples() if r.note]
+    ref = cat.write_table(workspace, "reports", "generalization", result)
+    return StageResult(ref, loo.loo_metrics(result), notes, loo.table_rows(result))
+
+
 @task(name="report")
 def make_report(
     root: str,
@@ -555,12 +576,15 @@ def make_report(
     data_version: str = "",
     held_out_generator: str | None = None,
     review_numbers: dict[str, float] | None = None,
+    generalization: StageResult | None = None,
+    generalization_note: str = "",
     health_notes: list[str] | None = None,
 ) -> Ref:
     """Self-contained HTML report: headline, warnings (notes of the run's stages, health_notes of its crawl: not in
     the stage key), learning curves (history), the review gate's numbers (review_numbers), then the details (plots,
-    robustness, per-generator scores with held_out_generator marked, every test group counted, Original | Grad-CAM
-    pairs computed on device, each cell's total) and all metrics."""
+    robustness, per-generator scores with held_out_generator marked, the leave-one-generator-out table of the
+    generalization stage (or generalization_note: why there is none), every test group counted, Original |
+    Grad-CAM pairs computed on device, each cell's total) and all metrics."""
     from pipeline_lib.assess import evaluate as evaluate_lib
     from pipeline_lib.assess import report
     from pipeline_lib.core import devices
@@ -611,8 +635,17 @@ def make_report(
         cell_totals=report_content.cell_counts(predictions),
         held_out_generator=held_out_generator,
         review=review_numbers,
+        generalization=_generalization_section(generalization, generalization_note),
     )
     return workspace.ref(index)
+
+
+def _generalization_section(result: StageResult | None, note: str) -> dict[str, Any]:
+    """The report's Generalization section from the stage's result, or the note saying why there is none."""
+    from pipeline_lib.assess import report
+
+    rows, notes = (result.table, result.notes) if result is not None else ([], [])
+    return report.generalization_section(rows, [*notes, note] if note else notes)
 
 
 def _originals(workspace: Workspace, shas: list[str]) -> dict[str, Any]:

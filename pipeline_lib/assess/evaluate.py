@@ -19,7 +19,10 @@ from sklearn.metrics import (
 )
 
 from pipeline_lib.assess import stats
+from pipeline_lib.core.config import NormalizeConfig
 from pipeline_lib.core.progress import progress
+from pipeline_lib.core.workspace import Workspace
+from pipeline_lib.learn import models, preprocess, probe
 from pipeline_lib.learn.normalize import ROBUSTNESS_VARIANTS
 
 log = logging.getLogger(__name__)
@@ -97,6 +100,21 @@ def predict_logits(
             chunks.append(logits.float().cpu().numpy())
     log.debug("predicted %d images in batches of %d", len(images), batch_size)
     return np.concatenate(chunks).astype(np.float64) if chunks else np.empty((0, 2), dtype=np.float64)
+
+
+def stored_logits(
+    workspace: Workspace,
+    model: torch.nn.Module,
+    shas: list[str],
+    size: int,
+    active: NormalizeConfig | None,
+    device: str = "cpu",
+) -> np.ndarray:
+    """Logits of stored images: a probe's from the cached features of its backbone (learn/probe.py), any other
+    model's from the tensor cache (active: the normalisation policy when it re-encodes, else None)."""
+    if models.is_probe(model):
+        return probe.cached_logits(workspace, model, shas, size, active, device)
+    return predict_logits(model, preprocess.load_tensors(workspace, shas, size, active), device=device)
 
 
 def softmax_p_ai(logits: np.ndarray) -> np.ndarray:

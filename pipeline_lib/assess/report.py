@@ -123,6 +123,26 @@ def _generator_rows(per_generator: pd.DataFrame | None, held_out: str | None = N
     ]
 
 
+def generalization_section(rows: list[dict[str, Any]], notes: list[str]) -> dict[str, Any]:
+    """The Generalization section: the leave-one-generator-out rows (generalization.COLUMNS) as template rows, how
+    their models were trained, and the notes (why there is no table, or why a row is empty)."""
+    shown = [
+        {
+            "generator": str(r["generator"]),
+            "n_test": str(int(r["n_test"])),
+            "n_ai": str(int(r["n_ai"])),
+            "accuracy": _format_value("accuracy", r["accuracy"]),
+            "interval": f"{_format_value('ci', r['accuracy_ci_low'])}-{_format_value('ci', r['accuracy_ci_high'])}",
+            "roc_auc": _format_value("roc_auc", r["roc_auc"]),
+            "train_seconds": f"{float(r['train_seconds']):.1f}",
+            "note": str(r["note"]),
+        }
+        for r in rows
+    ]
+    how = sorted({str(r["how"]) for r in rows})
+    return {"rows": shown, "how": "; ".join(how), "notes": list(notes)}
+
+
 def data_uri(png: bytes) -> str:
     """A data: URI of PNG bytes (what the report's <img> tags use)."""
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
@@ -256,13 +276,15 @@ def build_report(
     held_out_generator: str | None = None,
     reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     review: dict[str, float] | None = None,
+    generalization: dict[str, Any] | None = None,
 ) -> Path:
     """Write out_dir/index.html (pictures embedded) with img/ and plots/ beside it; index.html is written last.
 
     The page leads with what matters: the headline numbers (top, see headline()), the warnings box (see
     report_warnings(); CAM attention warnings are added when warnings is None) and the learning curves (the plot
     named learning_curves). Then the details: summary metrics, plots, robustness (robust.* metrics), per-generator
-    scores (per_generator; held_out_generator, a leave-one-generator-out run's, is marked), worst groups (per_group:
+    scores (per_generator; held_out_generator, a leave-one-generator-out run's, is marked), the leave-one-generator-out
+    table (generalization: generalization_section; None: the stage was off), worst groups (per_group:
     every test group, the worst shown) and the Original | CAM pairs (originals: sha256 -> stored file; cell_totals:
     how many test images each cell holds, of which the selected rows are a part). All metrics are in a collapsed
     appendix. cam_target (report.cam_target): the CAMs explain each image's predicted
@@ -309,6 +331,7 @@ def build_report(
         "generators": _generator_rows(per_generator, held_out_generator),
         "held_out_generator": held_out_generator or "",
         "review": review_rows(review or {}),
+        "generalization": generalization,
     }
     index = atomic_write_text(out_dir / "index.html", render_html(context))
     log.info("report written to %s (%d examples)", index, len(rows))

@@ -326,6 +326,25 @@ class EvaluateConfig(_Section):
     bootstrap: int = Field(1000, ge=0)
 
 
+class GeneralizationConfig(_Section):
+    """The report's leave-one-generator-out table: per generator, a model trained without it and tested on it."""
+
+    mode: Literal["auto", "probe", "off"] = Field(
+        "auto",
+        description="auto: train each left-out model as train.mode does (a probe in seconds on cached features; "
+        "finetune within finetune_epochs); probe: a linear probe on the frozen backbone of train.model, whatever "
+        "train.mode; off: no table.",
+    )
+    finetune_epochs: int = Field(
+        3, ge=1, description="finetune: the most epochs of each left-out model (the table says it is this short run)."
+    )
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+
 class ReportConfig(_Section):
     cam_method: Literal["gradcam", "gradcam++", "eigencam", "scorecam"] = "gradcam"
     images_per_cell: int = Field(6, ge=1, le=100)
@@ -333,6 +352,7 @@ class ReportConfig(_Section):
         "predicted", description="The class the CAM maps explain: each image's predicted class, or always ai / real."
     )
     data_note: str = Field("", description="A warning about the data the report shows first (e.g. synthetic data).")
+    generalization: GeneralizationConfig = Field(default_factory=GeneralizationConfig)
 
 
 class AuditConfig(_Section):

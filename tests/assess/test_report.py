@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline_lib.assess.evaluate import per_group_accuracy, predictions_table
 from pipeline_lib.assess.plots import plot_roc
-from pipeline_lib.assess.report import build_report
+from pipeline_lib.assess.report import build_report, generalization_section
 from pipeline_lib.assess.report_content import select_examples
 from tests.assess.conftest import random_images
 from tests.conftest import TinyClassifier
@@ -354,3 +354,32 @@ def test_counts_are_totals_and_only_public_urls_are_links(tmp_path: Path, model:
         assert url in text, f"{url} must still be shown, as text"
     assert '<tr class="held-out"><td>genb <strong>(held out: not trained on)</strong>' in text
     assert "<tr><td>gena</td>" in text and "<strong>genb</strong> was held out of training and validation" in text
+
+
+def test_the_generalization_section_shows_one_row_per_held_out_generator_or_says_why_none(
+    tmp_path: Path, model: TinyClassifier
+) -> None:
+    predictions = make_predictions()
+    common = {
+        "images": random_images(1, 32),
+        "selected": select_examples(predictions, per_cell=1).head(1),
+        "metrics": {"accuracy": 0.9},
+        "per_group": per_group_accuracy(predictions),
+        "target_layer": model.net.layer4[-1],
+        "cam_method": "gradcam",
+        "title": "t",
+    }
+    row = {"generator": "gen-a", "n_test": 12, "n_ai": 10, "n_real": 2, "accuracy": 0.75, "accuracy_ci_low": 0.47}
+    row |= {"accuracy_ci_high": 0.91, "roc_auc": 0.8, "train_seconds": 2.3, "how": "probe: linear head", "note": ""}
+    failed = row | {"generator": "gen-<b>", "note": "leaves no AI image in train", "accuracy": float("nan")}
+    section = generalization_section([row, failed], ["not shown while rows exist"])
+    text = " ".join(build_report(tmp_path / "a", model, generalization=section, **common).read_text("utf-8").split())
+    table = text.split('<table class="generalization">')[1].split("</table>")[0]
+    assert table.count("<tr>") == 3, table
+    assert '<td>gen-a</td><td class="num">12</td><td class="num">10</td><td class="num">0.7500</td>' in table
+    assert "0.4700-0.9100" in table and '<td class="num">2.3</td>' in table, table
+    assert "gen-&lt;b&gt; <span" in table and "(leaves no AI image in train)" in table, "escaped, with the reason"
+    assert "(probe: linear head)" in text and "not shown while rows exist" not in text
+    note = "No leave-one-generator-out table: the AI images name 1 generator(s)."
+    none = build_report(tmp_path / "b", model, generalization=generalization_section([], [note]), **common)
+    assert note in none.read_text("utf-8") and 'class="generalization"' not in none.read_text("utf-8")

@@ -57,6 +57,7 @@ TINY = [
     "split.min_groups_per_label=1",
     "sources.recrawl_after_hours=20",
     "tracking.system_metrics_interval_s=0",
+    "report.generalization.mode=off",  # two generators: its stage would join every row's set (tests/flows/test_compare)
 ]
 
 

@@ -37,6 +37,7 @@ READERS: dict[str, tuple[tuple[Callable[..., Any], ...], tuple[str, ...]]] = {
             "stages:train",
             "stages:evaluate",
             "stages:make_report",
+            "stages:generalization",
         ),
     ),
     "face hints": (review_pack.FACE_PRODUCERS, ("stages:review_gate",)),
