@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-quick clean
 
 UV ?= $(shell command -v uv 2>/dev/null)
 # uv installs in parallel and picks torch wheels for the machine (--torch-backend auto: CPU-only wheels without a GPU).
@@ -36,8 +36,15 @@ test: setup  ## the whole test suite (what CI runs), the 20 slowest tests listed
 lint: setup
 	$(BIN)/ruff check flows tasks pipeline_lib tests benchmarks
 
-bench: setup  ## performance benchmarks, JSON on stdout
-	for script in benchmarks/bench_*.py; do $(BIN)/python $$script; done
+bench: setup  ## performance benchmarks, JSON on stdout; fails (after running all) if any fails
+	@failed=""; for script in benchmarks/bench_*.py; do \
+	  echo "== $$script $(BENCH_ARGS)" >&2; \
+	  $(BIN)/python $$script $(BENCH_ARGS) || failed="$$failed $$script"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "benchmarks that failed:$$failed" >&2; exit 1; fi
+
+bench-quick: setup  ## every benchmark at its tiny --quick size: checks that each runs (tests/test_benchmarks.py too)
+	$(MAKE) bench BENCH_ARGS=--quick
 
 clean:
 	rm -rf demo-workspace .pytest_cache .ruff_cache

@@ -4,7 +4,7 @@ Each command runs as a fresh process (`python -c "from flows.cli import main; ma
 start it. The naive way, in the same run: a process that imports what the CLI needs for a flow run up front (torch,
 Prefect, MLflow), which is what every command paid before the imports were made lazy. Prints one JSON object on
 stdout (median seconds per command and its ratio to the eager import); progress goes to stderr.
-Usage: .venv/bin/python benchmarks/bench_cli.py [--repeats N]
+Usage: .venv/bin/python benchmarks/bench_cli.py [--repeats N] [--quick]
 """
 
 from __future__ import annotations
@@ -62,8 +62,10 @@ def _commands(root: Path) -> dict[str, tuple[list[str], int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="runs per command (the median is kept)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per command, the median kept (5; --quick 1)")
+    parser.add_argument("--quick", action="store_true", help="one run per command: checks the script, in seconds")
     args = parser.parse_args()
+    args.repeats = args.repeats or (1 if args.quick else 5)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"}
     with tempfile.TemporaryDirectory() as folder:
@@ -81,6 +83,8 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in runs.items()}
     eager = median["eager_imports"]
     result = {
+        "benchmark": "cli",
+        "quick": args.quick,
         "cpu_count": os.cpu_count(),
         "load_average_1min": os.getloadavg()[0],
         "repeats": args.repeats,

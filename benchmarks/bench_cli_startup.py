@@ -12,7 +12,8 @@ The calls alternate, --repeats times each, between:
 Also timed: a bare `python -c "import flows.cli"` (interpreter + CLI module). A call that fails (Prefect's
 temporary server can fail to start on a loaded machine: "database is locked") is reported in
 `failed_calls_run_again` and run again. Medians are printed as one JSON object on stdout; progress goes to stderr.
-Usage: .venv/bin/python benchmarks/bench_cli_startup.py [--repeats 3] [--port 4299]
+--quick: one call per mode and no warm-up calls (each mode's one call also creates its workspace): checks the script.
+Usage: .venv/bin/python benchmarks/bench_cli_startup.py [--repeats 3] [--port 4299] [--quick]
 """
 
 from __future__ import annotations
@@ -80,25 +81,30 @@ def make_config(root: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per mode (median kept)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per mode, median kept (3; --quick 1)")
     parser.add_argument("--port", type=int, default=None, help="port of the kept-up server (default: a free one)")
+    parser.add_argument("--quick", action="store_true", help="one call per mode, no warm-up: checks the script")
     args = parser.parse_args()
+    args.repeats = args.repeats or (1 if args.quick else 3)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         config = make_config(root)
         temporary_env, running_env = environment(root / "home-temporary"), environment(root / "home-running")
         crawl = [AIDETECT, "crawl", "--config", str(config), "--workspace"]  # each mode its own workspace
-        import_s = statistics.median(run([sys.executable, "-c", "import flows.cli"], temporary_env) for _ in range(3))
+        import_s = statistics.median(
+            run([sys.executable, "-c", "import flows.cli"], temporary_env) for _ in range(args.repeats)
+        )
         port = args.port or free_port()
         server_start_s = run([AIDETECT, "server", "start", "--port", str(port), "--timeout", "600"], running_env)
         log.info("aidetect server start: %.1f s", server_start_s)
         failures: dict[str, list[str]] = {"temporary": [], "running": []}
         temporary, running = [], []
         try:
-            log.info("warm-up calls (create the workspaces and their MLflow databases) ...")
-            run([*crawl, str(root / "ws-temporary")], temporary_env, failures["temporary"])
-            run([*crawl, str(root / "ws-running")], running_env, failures["running"])
+            if not args.quick:
+                log.info("warm-up calls (create the workspaces and their MLflow databases) ...")
+                run([*crawl, str(root / "ws-temporary")], temporary_env, failures["temporary"])
+                run([*crawl, str(root / "ws-running")], running_env, failures["running"])
             for _ in range(args.repeats):
                 temporary.append(run([*crawl, str(root / "ws-temporary")], temporary_env, failures["temporary"]))
                 running.append(run([*crawl, str(root / "ws-running")], running_env, failures["running"]))
@@ -111,6 +117,7 @@ def main() -> None:
             {
                 "benchmark": "cli_startup",
                 "command": "aidetect crawl (2 cached images)",
+                "quick": args.quick,
                 "repeats": args.repeats,
                 "cpu_count": os.cpu_count(),
                 "load_average_at_end": round(os.getloadavg()[0], 2),

@@ -1,6 +1,6 @@
 """Benchmark: crawling over loopback at the speed of the network and the decoder.
 
-A loopback HTTP/1.1 server, in its own process, serves N (300; --quick 40) photo-like JPEGs of 2048x1536 (3 MP,
+A loopback HTTP/1.1 server, in its own process, serves N (300; --quick 8) photo-like JPEGs of 2048x1536 (3 MP,
 quality 90). On the same URL list, in one run:
 
 - aidetect's crawl stage (`crawl.crawl_sources`: icrawler's UrlListFeeder + the workspace downloader, --threads);
@@ -136,7 +136,7 @@ def crawl(root: Path, listing: Path, threads: int) -> tuple[Workspace, Any, floa
 def ingest_stage(workspace: Workspace, crawl_log: Any, hashing: tuple[str, int] | None, threads: int) -> Any:
     """The ingest stage as the pipeline runs it: plan, chunks validated on threads, merge."""
     config = IngestConfig()
-    jobs = ingest_lib.validation_jobs(workspace, ingest_lib.files_to_ingest(crawl_log))
+    jobs = ingest_lib.validation_jobs(workspace, ingest_lib.files_to_ingest(crawl_log), config)
     chunks = fingerprint.chunked(jobs, ExecutionConfig().chunk_size)
     with ThreadPoolExecutor(max_workers=threads) as pool:
         results = list(pool.map(lambda chunk: ingest_lib.validate_files(workspace, chunk, config, hashing), chunks))
@@ -283,14 +283,14 @@ def measure_img2dataset(python: str, root: Path, url_text: Path, n: int, threads
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="40 images instead of 300")
-    parser.add_argument("-n", type=int, default=None, help="number of images (default 300, --quick 40)")
+    parser.add_argument("--quick", action="store_true", help="8 images instead of 300: every path, in seconds")
+    parser.add_argument("-n", type=int, default=None, help="number of images (default 300, --quick 8)")
     parser.add_argument("--threads", type=int, default=16, help="download threads, for both tools")
     parser.add_argument("--img2dataset-python", default=None, help="an interpreter with img2dataset installed")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     logging.getLogger("pipeline_lib").setLevel(logging.WARNING)
-    n = args.n or (40 if args.quick else 300)
+    n = args.n or (8 if args.quick else 300)
     img2dataset_python = find_img2dataset(args.img2dataset_python)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -311,6 +311,7 @@ def main() -> None:
         mean_bytes = int(np.mean([path.stat().st_size for path in paths]))
     summary: dict[str, Any] = {
         "benchmark": "crawl",
+        "quick": args.quick,
         "n_images": n,
         "image_size": [WIDTH, HEIGHT],
         "jpeg_quality": QUALITY,

@@ -5,7 +5,8 @@ Each configuration runs the pipeline's own stages (crawl a folder -> ingest -> f
 tasks mapped on the configured runner) in a flow, in a fresh workspace (nothing cached), with the same chunks. The
 clusters are started, and their workers import the task code, before the timed part. Prints one JSON object on
 stdout; progress goes to stderr.
-Usage: .venv/bin/python benchmarks/bench_dask_scaling.py [-n IMAGES] [--chunk-size K] [--workers 1 2 4]
+Usage: .venv/bin/python benchmarks/bench_dask_scaling.py [-n IMAGES] [--chunk-size K] [--workers 1 2 4] [--quick]
+--quick: 4 images of 400x300 in chunks of 2, one cluster of 2 workers: every path, to check the script.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline_lib.core import privacy
+
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+privacy.quiet_prefect_server()  # before Prefect and MLflow are imported: nothing leaves the machine
+privacy.quiet_mlflow()
 
 from distributed import Client, LocalCluster  # noqa: E402
 from prefect import flow  # noqa: E402
@@ -32,11 +37,12 @@ from flows.pipeline import fingerprint_stage, ingest_stage, preprocess_stage, tr
 from pipeline_lib.core.catalog import read_snapshot, write_snapshot  # noqa: E402
 from pipeline_lib.core.config import PipelineConfig  # noqa: E402
 from pipeline_lib.core.config_loader import build_config  # noqa: E402
-from pipeline_lib.core.workspace import Workspace, listing_digest  # noqa: E402
+from pipeline_lib.core.workspace import Workspace  # noqa: E402
 from tasks import stages  # noqa: E402
 
 log = logging.getLogger("bench_dask_scaling")
 WIDTH, HEIGHT, QUALITY, TENSOR_SIZE = 1600, 1200, 90, 224
+QUICK_SIZE = (400, 300)
 STAGES = ("ingest", "fingerprint", "preprocess")
 
 
@@ -46,8 +52,7 @@ def per_image_flow(config: PipelineConfig) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     chunk_size = config.execution.chunk_size
     with tracked_stages(config, "bench", {"aidetect.kind": "bench"}) as (workspace, run, _):
-        folders = listing_digest([source.path for source in config.sources.folders])
-        crawled = run.run("crawl", stages.crawl_sources, str(workspace.root), config.sources, folders)
+        crawled = run.run("crawl", stages.crawl_sources, str(workspace.root), config.sources, cache=False)
         started = time.perf_counter()
         ingested = run.record("ingest", ingest_stage(workspace, False, crawled.catalog, config.ingest, chunk_size), 0)
         seconds["ingest"] = time.perf_counter() - started
@@ -63,12 +68,12 @@ def per_image_flow(config: PipelineConfig) -> dict[str, Any]:
     return {"seconds": seconds, "catalog": hashed.catalog, "root": str(workspace.root)}
 
 
-def make_images(folder: Path, n: int) -> None:
-    """n photo-like JPEGs in 8 sub-folders (groups)."""
+def make_images(folder: Path, n: int, size: tuple[int, int]) -> None:
+    """n photo-like JPEGs of size in 8 sub-folders (groups)."""
     for seed in range(n):
         path = folder / f"g{seed % 8}" / f"img{seed:04d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        photo_like_image(seed, WIDTH, HEIGHT, max_shape=400).save(path, "JPEG", quality=QUALITY)
+        photo_like_image(seed, *size, max_shape=size[0] // 4).save(path, "JPEG", quality=QUALITY)
 
 
 def config_for(images: Path, root: Path, chunk_size: int, execution: dict[str, Any]) -> PipelineConfig:
@@ -104,12 +109,23 @@ def on_cluster(images: Path, work: Path, chunk_size: int, workers: int, n: int) 
         return measure(config_for(images, work / f"dask-{workers}" / "ws", chunk_size, execution), n)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The options, with --quick's tiny sizes filled in where not given."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-n", type=int, default=192, help="images (default 192)")
-    parser.add_argument("--chunk-size", type=int, default=16, help="images per chunk task (default 16)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="cluster sizes (default 1 2 4)")
+    parser.add_argument("-n", type=int, default=None, help="images (default 192; --quick 4)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="images per chunk task (default 16; --quick 2)")
+    parser.add_argument("--workers", type=int, nargs="+", default=None, help="cluster sizes (default 1 2 4; --quick 2)")
+    parser.add_argument("--quick", action="store_true", help="a tiny run through every path: checks the script")
     args = parser.parse_args()
+    args.n = args.n or (4 if args.quick else 192)
+    args.chunk_size = args.chunk_size or (2 if args.quick else 16)
+    args.workers = args.workers or ([2] if args.quick else [1, 2, 4])
+    args.size = QUICK_SIZE if args.quick else (WIDTH, HEIGHT)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     handler = logging.StreamHandler(sys.stderr)  # Prefect configures the root logger on import: a handler of our own
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
@@ -117,9 +133,10 @@ def main() -> None:
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-dask-") as tmp:
         work, images = Path(tmp), Path(tmp) / "images"
-        log.info("generating %d JPEGs of %dx%d", args.n, WIDTH, HEIGHT)
-        make_images(images, args.n)
-        with temporary_settings({PREFECT_HOME: str(work / "prefect-home")}), prefect_test_harness(120):
+        log.info("generating %d JPEGs of %dx%d", args.n, *args.size)
+        make_images(images, args.n, args.size)
+        # the test harness's server: on a busy machine its first answer can take minutes
+        with temporary_settings({PREFECT_HOME: str(work / "prefect-home")}), prefect_test_harness(480):
             log.info("threads (in-process)")
             in_process = config_for(images, work / "threads" / "ws", args.chunk_size, {"max_workers": os.cpu_count()})
             threads = measure(in_process, args.n)
@@ -136,8 +153,10 @@ def report(args: argparse.Namespace, threads: dict[str, Any], clusters: dict[int
     same = all(result["_hashes"].equals(threads["_hashes"]) for result in clusters.values())
     strip = lambda result: {k: v for k, v in result.items() if not k.startswith("_")}  # noqa: E731
     return {
+        "benchmark": "dask_scaling",
+        "quick": args.quick,
         "images": args.n,
-        "image_pixels": f"{WIDTH}x{HEIGHT} JPEG q{QUALITY}",
+        "image_pixels": f"{args.size[0]}x{args.size[1]} JPEG q{QUALITY}",
         "tensor_size": TENSOR_SIZE,
         "chunk_size": args.chunk_size,
         "chunks_per_stage": -(-args.n // args.chunk_size),

@@ -186,14 +186,16 @@ def train_steps(name: str, device: str, batch: int, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="16 images, workers 0 only, fewer training steps")
-    parser.add_argument("--repeats", type=int, default=2, help="epochs per data path, best kept (default 2)")
-    parser.add_argument("-n", type=int, default=None, help="number of images (default 64, --quick 16)")
+    parser.add_argument(
+        "--quick", action="store_true", help="8 images, one pass, workers 0 only, one training step of batch 2"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="epochs per data path, best kept (2; --quick 1)")
+    parser.add_argument("-n", type=int, default=None, help="number of images (default 64, --quick 8)")
     parser.add_argument("--workers", type=int, nargs="+", default=None, help="DataLoader workers (default 0 2)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
-    n = args.n or (16 if args.quick else 64)
-    repeats = max(1, args.repeats)
+    n = args.n or (8 if args.quick else 64)
+    repeats = max(1, args.repeats or (1 if args.quick else 2))
     worker_counts = args.workers or ([0] if args.quick else [0, 2])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,14 +210,15 @@ def main() -> None:
         for workers in worker_counts:
             loaders[f"workers_{workers}"] = data_paths(workspace, rows, workers, repeats)
             log.info("workers=%d: %s", workers, loaders[f"workers_{workers}"])
-    batch = BATCH if device == "cpu" else 64
-    steps = 2 if args.quick else 3
+    batch = 2 if args.quick else BATCH if device == "cpu" else 64
+    steps = 1 if args.quick else 3
     training = {}
     for name in ("resnet18", "resnet50"):
         training[f"{name}_train_images_per_s"] = round(train_steps(name, device, batch, steps), 2)
         log.info("%s: %.2f images/s", name, training[f"{name}_train_images_per_s"])
     summary = {
         "benchmark": "data_path",
+        "quick": args.quick,
         "device": device if device == "cpu" else torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),

@@ -150,6 +150,7 @@ def main() -> None:
     at_default = scores(positives, negatives, config.threshold)
     summary = {
         "benchmark": "dedup_quality",
+        "quick": args.quick,
         "algorithm": config.algorithm,
         "hash_size": config.hash_size,
         "imagehash": imagehash.__version__,

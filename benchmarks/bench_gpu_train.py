@@ -3,9 +3,9 @@
 
 Synthetic tensors already on the device (measures the model step, not the data path), warm-up steps, then timed
 steps between torch.cuda.synchronize() calls. Prints one JSON object on stdout; progress goes to stderr.
-Without CUDA it prints {"skipped": "no CUDA device"} and exits 0; --smoke runs the fp32 step of a tiny resnet18 on
-the CPU instead (checks that the script works, measures nothing useful).
-Usage: .venv/bin/python benchmarks/bench_gpu_train.py [--compile] [--batch 128] [--warmup 10] [--steps 30] [--smoke]
+Without CUDA it prints {"skipped": "no CUDA device"} and exits 0; --quick (or --smoke) runs the fp32 step of a tiny
+resnet18 on the CPU instead, with or without CUDA (checks that the script works, measures nothing useful).
+Usage: .venv/bin/python benchmarks/bench_gpu_train.py [--compile] [--batch 128] [--warmup 10] [--steps 30] [--quick]
 """
 
 from __future__ import annotations
@@ -156,12 +156,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--compile", action="store_true", help="also time bf16 + channels_last + torch.compile")
-    parser.add_argument("--smoke", action="store_true", help="tiny fp32 resnet18 steps on the CPU: checks the script")
+    parser.add_argument(
+        "--quick", "--smoke", dest="quick", action="store_true", help="tiny fp32 resnet18 steps on the CPU (seconds)"
+    )
     args = parser.parse_args()
     if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.size < 32:
         parser.error("need --batch >= 1, --steps >= 1, --warmup >= 0 and --size >= 32")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
-    if args.smoke:
+    if args.quick:
         device, variants = "cpu", [VARIANTS[0]]
         args.model, args.batch, args.size, args.warmup, args.steps = "resnet18", 4, 32, 1, 2
     elif not torch.cuda.is_available():
@@ -184,7 +186,7 @@ def main() -> None:
     base = results["fp32"]["images_per_s"]
     summary = {
         "benchmark": "gpu_train",
-        "smoke": args.smoke,
+        "quick": args.quick,
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "precision_auto": devices.resolve_precision("auto", device),
         "torch": torch.__version__,

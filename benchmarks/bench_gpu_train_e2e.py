@@ -8,9 +8,9 @@ temporary workspace, caches them as uint8 tensors (timed), then trains ResNet50 
 head only, then all layers twice (epoch 3 is the warmed-up figure). The model step alone is bench_gpu_train's step
 at the precision train picks on this GPU. Prints one JSON object on stdout with `end_to_end_images_per_s`,
 `model_step_images_per_s` and their `ratio` (target: >= 0.9 with at most 8 workers); progress goes to stderr.
-Without CUDA it prints {"skipped": "no CUDA device"} and exits 0; --smoke runs the same code with tiny sizes on the
-CPU (checks that the script works, measures nothing useful).
-Usage: .venv/bin/python benchmarks/bench_gpu_train_e2e.py [-n 3072] [--workers 4 8] [--batch 128] [--smoke]
+Without CUDA it prints {"skipped": "no CUDA device"} and exits 0; --quick (or --smoke) runs the same code with tiny
+sizes on the CPU, with or without CUDA (checks that the script works, measures nothing useful).
+Usage: .venv/bin/python benchmarks/bench_gpu_train_e2e.py [-n 3072] [--workers 4 8] [--batch 128] [--quick]
 """
 
 from __future__ import annotations
@@ -84,20 +84,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--model", default="resnet50", choices=["resnet50", "resnet18"])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks that the script works")
+    parser.add_argument(
+        "--quick", "--smoke", dest="quick", action="store_true", help="tiny sizes on the CPU: checks the script"
+    )
     args = parser.parse_args()
-    if args.smoke:
-        args.n, args.workers, args.batch, args.size, args.model = 40, [0], 8, 32, "resnet18"
+    if args.quick:
+        args.n, args.workers, args.batch, args.size, args.model = 20, [0], 4, 32, "resnet18"
     return args
 
 
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
-    if not args.smoke and not torch.cuda.is_available():
+    if not args.quick and not torch.cuda.is_available():
         print(json.dumps({"skipped": "no CUDA device"}))
         return
-    device = "cpu" if args.smoke else "cuda"
+    device = "cpu" if args.quick else "cuda"
     precision = devices.resolve_precision("auto", device)
     torch.backends.cudnn.benchmark = True
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,21 +112,22 @@ def main() -> None:
         log.info("tensor cache: %.1f s", cache_s)
         runs: dict[str, dict[str, list[dict[str, float]]]] = {mode: {} for mode in AUGMENT_ON}
         base = {"model": args.model, "weights": "none", "image_size": args.size, "batch_size": args.batch}
+        n_epochs = 2 if args.quick else 3  # head only, then all layers (--quick: once; else twice, the last warmed up)
         for workers in args.workers:
             for mode in AUGMENT_ON:
                 config = TrainConfig(
-                    **base, device=device, epochs=3, head_only_epochs=1, num_workers=workers, augment_on=mode
+                    **base, device=device, epochs=n_epochs, head_only_epochs=1, num_workers=workers, augment_on=mode
                 )
                 epochs = train_run(workspace, table, config, Path(tmp) / f"run-{mode}-w{workers}")
                 runs[mode][f"workers_{workers}"] = epochs
                 log.info("augment_on=%s workers=%d: %s", mode, workers, epochs)
-        warmup, steps = (1, 2) if args.smoke else (5, 20)
+        warmup, steps = (1, 2) if args.quick else (5, 20)
         step = measure(train_variant(precision), args.model, args.batch, args.size, warmup, steps, device)
     model_step = step["images_per_s"]
     best = {mode: max(run[-1]["images_per_s"] for run in runs[mode].values()) for mode in AUGMENT_ON}  # epoch 3
     summary = {
         "benchmark": "gpu_train_e2e",
-        "smoke": args.smoke,
+        "quick": args.quick,
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "precision": precision,
         "torch": torch.__version__,

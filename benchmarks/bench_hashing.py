@@ -2,6 +2,7 @@
 
 Prints one JSON object on stdout; progress goes to stderr.
 Usage: .venv/bin/python benchmarks/bench_hashing.py [--quick]
+--quick: a tiny run that still takes every path (10 images of 1 MP, one pass, one image per sweep quality).
 """
 
 from __future__ import annotations
@@ -37,29 +38,30 @@ from pipeline_lib.core.workspace import Workspace, file_sha256
 log = logging.getLogger("bench_hashing")
 
 WIDTH, HEIGHT = 2309, 1732
+QUICK_SIZE = (1154, 866)  # a quarter of the pixels: JPEG draft mode still scales by 8 for the 8x8 hash
 QUALITY = 90
 
 
-def structured_image(seed: int) -> Image.Image:
+def structured_image(seed: int, size: tuple[int, int]) -> Image.Image:
     """A photo-like RGB image: upsampled low-frequency colour field, a few shapes, pixel noise."""
-    return photo_like_image(seed, WIDTH, HEIGHT, max_shape=600)
+    return photo_like_image(seed, *size, max_shape=600 * size[0] // WIDTH)
 
 
 SWEEP_QUALITIES = (75, 85, 90, 95)
 
 
-def make_images(folder: Path, n: int, quality: int = QUALITY) -> list[Path]:
-    """n JPEGs at quality in folder (the same pictures whatever the quality: seeds 0..n-1)."""
+def make_images(folder: Path, n: int, size: tuple[int, int], quality: int = QUALITY) -> list[Path]:
+    """n JPEGs of size at quality in folder (the same pictures whatever the quality: seeds 0..n-1)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for seed in range(n):
         path = folder / f"img{seed:04d}.jpg"
-        structured_image(seed).save(path, "JPEG", quality=quality)
+        structured_image(seed, size).save(path, "JPEG", quality=quality)
         paths.append(path)
     return paths
 
 
-def quality_sweep(root: Path, n: int, repeats: int) -> list[dict[str, float]]:
+def quality_sweep(root: Path, n: int, repeats: int, size: tuple[int, int]) -> list[dict[str, float]]:
     """One-core speedup and decode-only ceiling at each of SWEEP_QUALITIES, on n of the same pictures.
 
     The draft decode still Huffman-decodes the whole entropy-coded stream, so its cost follows the file size: the
@@ -67,7 +69,7 @@ def quality_sweep(root: Path, n: int, repeats: int) -> list[dict[str, float]]:
     """
     rows = []
     for quality in SWEEP_QUALITIES:
-        paths = make_images(root / f"q{quality}", n, quality)
+        paths = make_images(root / f"q{quality}", n, size, quality)
         naive_s = min(time_naive(paths)[0] for _ in range(repeats))
         seq_s = min(time_sequential(paths)[0] for _ in range(repeats))
         floor_s = min(time_draft_decode_only(paths) for _ in range(repeats))
@@ -76,7 +78,7 @@ def quality_sweep(root: Path, n: int, repeats: int) -> list[dict[str, float]]:
             {
                 "jpeg_quality": quality,
                 "mean_file_bytes": int(mean_bytes),
-                "bits_per_pixel": round(8 * mean_bytes / (WIDTH * HEIGHT), 2),
+                "bits_per_pixel": round(8 * mean_bytes / (size[0] * size[1]), 2),
                 "naive_images_per_s": rate(n, naive_s),
                 "project_one_core_images_per_s": rate(n, seq_s),
                 "project_one_core_speedup": round(naive_s / seq_s, 2),
@@ -140,10 +142,10 @@ def started_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
 
 
 # Run with `python -c` (no __main__ file for the workers to re-import): what a pool started by the library costs.
-STARTUP_PROBE = """
+STARTUP_PROBE = f"""
 import multiprocessing, sys, time
 from concurrent.futures import ProcessPoolExecutor
-from pipeline_lib import jobs
+import {jobs.__name__} as jobs
 workers = int(sys.argv[1])
 start = time.perf_counter()
 context = multiprocessing.get_context("spawn")
@@ -264,23 +266,34 @@ def agreement(paths: list[Path], draft_hashes: list[str], naive_hashes: list[str
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The options; --quick fills in the tiny sizes (10 images: more than jobs.SAMPLE_JOBS, so the library's pool
+    decision runs too)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="16 images instead of 128")
-    parser.add_argument("-n", type=int, default=None, help="number of images (default 128, --quick 16)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes of the single-core loops (best kept)")
+    parser.add_argument("--quick", action="store_true", help="a tiny run through every path (seconds): see above")
+    parser.add_argument("-n", type=int, default=None, help="number of images (default 128, --quick 10)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed passes of each loop, best kept (3; --quick 1)")
     parser.add_argument(
         "--sweep", type=int, default=None, help="images per JPEG quality in the quality sweep (default n/4; 0: skip)"
     )
     args = parser.parse_args()
+    args.n = args.n or (jobs.SAMPLE_JOBS + 2 if args.quick else 128)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.sweep = args.sweep if args.sweep is not None else (1 if args.quick else max(4, args.n // 4))
+    args.size = QUICK_SIZE if args.quick else (WIDTH, HEIGHT)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
-    n = args.n or (16 if args.quick else 128)
+    n, (width, height) = args.n, args.size
     workers = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "images").mkdir()
-        log.info("generating %d %dx%d JPEGs ...", n, WIDTH, HEIGHT)
-        paths = make_images(root / "images", n)
+        log.info("generating %d %dx%d JPEGs ...", n, width, height)
+        paths = make_images(root / "images", n, args.size)
         naive_runs, seq_runs = [], []
         for _ in range(args.repeats):  # interleaved, best of each: less noise from the machine's other load
             naive_s, naive_hashes = time_naive(paths)
@@ -291,26 +304,26 @@ def main() -> None:
         naive_s, seq_s = min(naive_runs), min(seq_runs)
         floor_s = min(time_draft_decode_only(paths) for _ in range(args.repeats))
         startup_s = min(time_pool_startup(workers) for _ in range(args.repeats))
-        import_light = min(time_import("pipeline_lib.acquire.jobs") for _ in range(args.repeats))
-        import_pandas = min(time_import("pipeline_lib.acquire.fingerprint") for _ in range(args.repeats))
+        import_light = min(time_import(jobs.__name__) for _ in range(args.repeats))
+        import_pandas = min(time_import(fingerprint.__name__) for _ in range(args.repeats))
         warm_s = min(time_warm_pool(paths, workers) for _ in range(args.repeats))
         pool = time_pool(root / "ws", paths, workers)
         default = time_library_default(root / "ws-default", paths)
         log.info("pool (%d workers): %.2f s, of which start-up ~%.2f s", workers, pool["total_s"], startup_s)
         agree = agreement(paths, draft_hashes, naive_hashes)
         mean_bytes = int(np.mean([p.stat().st_size for p in paths]))
-        sweep_n = max(4, n // 4) if args.sweep is None else args.sweep
-        sweep = quality_sweep(root / "sweep", sweep_n, args.repeats) if sweep_n > 0 else []
+        sweep = quality_sweep(root / "sweep", args.sweep, args.repeats, args.size) if args.sweep > 0 else []
     naive_rate = n / naive_s
     seconds_saved_per_image = seq_s / n - warm_s / n
     idle = jobs.idle_cores()
     summary = {
         "benchmark": "hashing",
         "n_images": n,
-        "image_size": [WIDTH, HEIGHT],
+        "quick": args.quick,
+        "image_size": [width, height],
         "jpeg_quality": QUALITY,
         "mean_file_bytes": mean_bytes,
-        "bits_per_pixel": round(8 * mean_bytes / (WIDTH * HEIGHT), 2),
+        "bits_per_pixel": round(8 * mean_bytes / (width * height), 2),
         "cpu_count": os.cpu_count(),
         "hash_code": fingerprint.hash_code(),
         "single_core_repeats_best_of": args.repeats,
@@ -340,7 +353,7 @@ def main() -> None:
             int(np.ceil(startup_s / seconds_saved_per_image)) if seconds_saved_per_image > 0 else None
         ),
         **agree,
-        "quality_sweep_images_per_quality": sweep_n,
+        "quality_sweep_images_per_quality": args.sweep,
         "quality_sweep": sweep,
     }
     print(json.dumps(summary))

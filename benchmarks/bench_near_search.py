@@ -111,6 +111,7 @@ def main() -> None:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary = {
         "benchmark": "near_search",
+        "quick": args.quick,
         "threshold": THRESHOLD,
         "bits": BITS,
         "planted_fraction": PLANTED_FRACTION,

@@ -4,7 +4,7 @@ Compares, in the same run: deriving the producer digest afresh each time (the na
 reached file is stat-ed, the walk redone, the digest recomputed), the process-wide memo of code_index.producer_code
 (a stat per file it was derived from), and the per-image work it sits beside (np.load of one cached 224 px tensor).
 
-Prints one JSON object on stdout. Usage: .venv/bin/python benchmarks/bench_producer_code.py [-n N]
+Prints one JSON object on stdout. Usage: .venv/bin/python benchmarks/bench_producer_code.py [-n N] [--quick]
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ def per_call_us(function, n: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", type=int, default=2000, help="calls per measurement")
+    parser.add_argument("--quick", action="store_true", help="a tiny size for CI: every path, figures meaningless")
     args = parser.parse_args()
+    if args.quick:
+        args.n = 20
     producers = preprocess.TENSOR_PRODUCERS
     started = time.perf_counter()
     first = producer_code(*producers)  # the first call in a process derives it
@@ -44,6 +47,7 @@ def main() -> None:
     data = buffer.getvalue()
     summary = {
         "benchmark": "producer_code",
+        "quick": args.quick,
         "cpu_count": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2),
         "tensor_code": first,

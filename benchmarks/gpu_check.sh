@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One run on a machine with a CUDA GPU: the CUDA tests and the three GPU benchmarks, about 10 minutes at most.
+# One run on a machine with a CUDA GPU: the CUDA tests and the four GPU benchmarks, about 15 minutes at most.
 # Each step has its own time limit, so one that hangs does not eat the others; every step runs even if one fails.
 # Results go to OUT_DIR (the first argument, else $OUT, else ./gpu-check): <step>.out (JSON for benchmarks),
 # <step>.err (progress), summary.txt (exit code and seconds per step), figures.json (the README figures).
@@ -35,6 +35,7 @@ step cuda_tests 180 "$PY" -m pytest -q -p no:cacheprovider -rs tests/learn/test_
 step bench_gpu_train 75 "$PY" benchmarks/bench_gpu_train.py --steps 20
 step bench_gpu_train_e2e 150 "$PY" benchmarks/bench_gpu_train_e2e.py -n 2048 --workers 4 8
 step bench_reference_recipe 210 "$PY" benchmarks/bench_reference_recipe.py
+step bench_foundation 300 "$PY" benchmarks/bench_foundation.py --device cuda -n 512
 tail -n 3 "$OUT_DIR/cuda_tests.out"
 "$PY" - "$OUT_DIR" <<'PYTHON' | tee "$OUT_DIR/figures.json"
 import json, pathlib, sys
@@ -45,6 +46,10 @@ def last_json(name):
     except (OSError, ValueError, IndexError):
         return {}
 step, e2e, recipe = last_json("bench_gpu_train"), last_json("bench_gpu_train_e2e"), last_json("bench_reference_recipe")
+try:  # bench_foundation prints indented JSON: the whole file is the object
+    foundation = json.loads((out / "bench_foundation.out").read_text())
+except (OSError, ValueError):
+    foundation = {}
 figures = {
     "device": step.get("device"),
     "model_step_images_per_s": {k: v.get("images_per_s") for k, v in step.get("variants", {}).items()},
@@ -54,6 +59,9 @@ figures = {
     "e2e_naive_ratio": e2e.get("naive_ratio"),
     "recipe_s": recipe.get("recipe_s"),
     "naive_recipe_s": recipe.get("naive_recipe_s"),
+    "foundation_embed_images_per_s": {k: v.get("embed_images_per_s") for k, v in foundation.get("backbones", {}).items()},
+    "foundation_probe_retrain_s": {k: v.get("probe_retrain_s") for k, v in foundation.get("backbones", {}).items()},
+    "resnet50_finetune_all_epoch_s": foundation.get("finetune", {}).get("finetune_all_epoch_s"),
 }
 print(json.dumps(figures, indent=2))
 PYTHON

@@ -869,13 +869,16 @@ def ui(
     host: Annotated[str | None, typer.Option(help="Address of the UI (default 127.0.0.1).")] = None,
 ):
     """The MLflow UI of tracking.uri: a tracking server's own, or started here on a database store (default: the
-    workspace's SQLite); and how to start Prefect's."""
+    workspace's SQLite), at the experiment's runs table in the training view; and how to start Prefect's."""
     cfg = _config(config, workspace, set_, False)
     from pipeline_lib.core.tracking import store
 
     prefect_hint = "Prefect UI: run `prefect server start` in another shell, then http://127.0.0.1:4200"
     if cfg.tracking.uri and store.is_server(cfg.tracking.uri):
-        typer.echo(f"MLflow UI: {store.ui_address(cfg.tracking.uri)}  (the tracking server of tracking.uri)")
+        server = store.ui_address(cfg.tracking.uri)
+        found = store.find_experiment(server, cfg.tracking.experiment) if _server_is_up(server) else None
+        page = store.experiment_page(server, found) if found else server
+        typer.echo(f"MLflow UI: {page}  (the tracking server of tracking.uri)")
         typer.echo(prefect_hint)
         return
     ws = _workspace(cfg.execution.workspace)
@@ -884,7 +887,9 @@ def ui(
     uri = open_store(cfg.tracking.uri, ws)
     host, port = host or store.LOCAL_UI_HOST, port or store.LOCAL_UI_PORT
     command = mlflow_ui_command(uri, store.artifact_root(ws), host, port)
-    typer.echo(f"MLflow UI: http://{host}:{port}  (store {uri})")
+    shown = f"[{host}]" if ":" in host else host
+    page = store.experiment_page(f"http://{shown}:{port}", store.ensure_experiment(uri, cfg.tracking.experiment, ws))
+    typer.echo(f"MLflow UI: {page}  (store {uri})")
     typer.echo(prefect_hint)
     sys.stdout.flush()
     os.execv(command[0], command) if os.name == "posix" else subprocess.run(command, check=False)
@@ -894,15 +899,23 @@ def ui(
 def weights_fetch(
     model: Annotated[
         str | None,
-        typer.Argument(help="resnet50, resnet18, efficientnet_b0 or convnext_tiny (default: the config's model)."),
+        typer.Argument(
+            help="A train.model: resnet50, resnet18, efficientnet_b0, convnext_tiny, or a foundation backbone "
+            "(clip_vit_b16, clip_vit_l14, clip_vit_b16_laion, clip_vit_l14_laion, dinov2_vits14, dinov2_vitb14, "
+            "dinov2_vitl14; docs/backbones.md). Default: the config's model."
+        ),
     ] = None,
     url: Annotated[
         str | None,
-        typer.Option("--url", help="Download from this URL (a mirror) instead of torchvision's; name-<sha256>.pth."),
+        typer.Option(
+            "--url",
+            help="Download from this URL (a mirror) instead of the publisher's; torchvision files: name-<sha256>.pth.",
+        ),
     ] = None,
     config: ConfigOpt = None,
 ):
-    """Download the ImageNet weights `train.weights: imagenet` starts from into TORCH_HOME's cache, hash-checked."""
+    """Download the published weights `train.weights: imagenet` / `pretrained` start from into TORCH_HOME's cache,
+    hash-checked."""
     base = _config(config, None, None, False).train
     name = model or base.model
     source = url or (base.weights_url if name == base.model else None)
@@ -911,7 +924,7 @@ def weights_fetch(
     from pipeline_lib.learn import models
 
     try:
-        fetched = models.fetch_imagenet_weights(train.model, train.weights_url)
+        fetched = models.fetch_weights(train.model, train.weights_url)
     except (models.WeightsNotFoundError, models.WeightsError) as error:
         _fail(str(error))
     state = "downloaded to" if fetched.downloaded else "already in the cache:"

@@ -25,7 +25,13 @@ from pipeline_lib.assess.registry import alias_for
 from pipeline_lib.core import cachekey, cluster, code_index
 from pipeline_lib.core.config import DedupConfig, ExecutionConfig, IngestConfig, NormalizeConfig, PipelineConfig
 from pipeline_lib.core.tracking.runs import Tracker, code_version, system_metrics
-from pipeline_lib.core.tracking.stage_runs import KEY_PARAM_PREFIX, previous_stage_keys, stage_run
+from pipeline_lib.core.tracking.stage_runs import (
+    KEY_PARAM_PREFIX,
+    OUTPUT_TAG,
+    EarlierStageRun,
+    earlier_stage_runs,
+    stage_run,
+)
 from pipeline_lib.core.workspace import Ref, Workspace, digest_of, file_sha256, workspace_lock
 from pipeline_lib.curate import split as split_lib
 from pipeline_lib.ops import caches
@@ -41,8 +47,9 @@ class StageRecorder:
     """Runs stage tasks, keeps each one's final state name, and logs it to MLflow as it goes (with its cache key).
 
     Every stage's state is a tag of the flow's MLflow run; a stage that ran (Completed or Failed) also gets a nested
-    run from its real start to its real end, with its key's parts, so a re-run where everything is cached stays one
-    run.
+    run from its real start to its real end, with its key's parts and its output's digest. A stage that runs every
+    time (the crawl) and changed nothing (same key, same output as its previous nested run) gets none: its counts
+    are on the flow's run. So a re-run where nothing is new stays one MLflow run.
     """
 
     def __init__(self, workspace: Workspace, refresh: bool, tracker: Tracker) -> None:
@@ -51,7 +58,7 @@ class StageRecorder:
         self.tracker = tracker
         self.index = code_index.CodeIndex()  # parses the project's code once per flow run
         self.states: dict[str, str] = {}
-        self._earlier: dict[str, dict[str, str]] | None = None  # stage -> key parts of its previous run
+        self._earlier: dict[str, EarlierStageRun] | None = None  # stage -> its previous nested run
         self.outcome: dict[str, Any] = {}  # what the run's line in the workspace's runs list adds (accuracy, model)
         self.notes: list[str] = []  # the notes of every stage so far (the report's warnings come from them)
 
@@ -67,7 +74,7 @@ class StageRecorder:
         started = time.perf_counter()
         key = stage_key(task, args, self.index)
         state: State = cached(task, self.workspace, self.refresh, self.index, cache)(*args, **live, return_state=True)
-        return self.record(name, state, time.perf_counter() - started, key)
+        return self.record(name, state, time.perf_counter() - started, key, every_time=not cache)
 
     def per_image(self, name: str, tasks: tuple[Any, Any, Any], source: Ref, params: tuple[Any, ...], chunk: int):
         """Run a per-image stage (plan, mapped chunks, merge); the stage's key is its plan's."""
@@ -76,9 +83,11 @@ class StageRecorder:
         state = _per_image_stage(self.workspace, self.refresh, tasks, source, params, chunk, self.index)
         return self.record(name, state, time.perf_counter() - started, key)
 
-    def record(self, name: str, state: State, seconds: float, key: cachekey.StageKey | None = None) -> Any:
+    def record(
+        self, name: str, state: State, seconds: float, key: cachekey.StageKey | None = None, every_time: bool = False
+    ) -> Any:
         """Keep a finished stage's state, log it on the parent run and as a nested run (with its key's parts when
-        given); its result (raise if failed)."""
+        given; none for a stage that runs every_time and changed nothing); its result (raise if failed)."""
         self.states[name] = state.name
         try:
             result = state.result()  # raises if the stage failed
@@ -92,10 +101,33 @@ class StageRecorder:
                 create_table_artifact(result.table, key=f"aidetect-{name}", description=f"{name}: per-source counts")
         else:
             track.log_stage.fn(self.tracker, name, state.name, {}, [], [])
-        if state.name != "Cached":
+        output = _output_digest(result)
+        if every_time and self._unchanged(name, key, output):
+            self.tracker.log_metrics({f"{name}.seconds": seconds})
+            self.tracker.set_tags({f"aidetect.stage.{name}.unchanged": "true"})
+            log.info("stage %s changed nothing (same key and output as its previous run): no nested run", name)
+        elif state.name != "Cached":
             history = getattr(result, "history", ())
-            self._child(name, state.name, _numbers(getattr(result, "metrics", {})), seconds, key, history=history)
+            metrics = _numbers(getattr(result, "metrics", {}))
+            self._child(name, state.name, metrics, seconds, key, history=history, output=output)
         return result
+
+    def _earlier_runs(self) -> dict[str, EarlierStageRun]:
+        """Each stage's previous nested run in this workspace (one query per flow run)."""
+        if self._earlier is None:
+            self._earlier = earlier_stage_runs(self.tracker, str(self.workspace.root))
+        return self._earlier
+
+    def _unchanged(self, name: str, key: cachekey.StageKey | None, output: str) -> bool:
+        """Whether the stage's key and output are those of its previous nested run (False when unknown)."""
+        if key is None or not output:
+            return False
+        try:
+            earlier = self._earlier_runs().get(name)
+        except Exception as error:  # the tracking store may be down: record the stage as a nested run then
+            log.warning("previous runs of stage %s not read: %s", name, error)
+            return False
+        return earlier is not None and earlier.output == output and earlier.key == cachekey.shown_parts(key)
 
     def _child(
         self,
@@ -106,6 +138,7 @@ class StageRecorder:
         key: cachekey.StageKey | None,
         failed: bool = False,
         history: Any = (),
+        output: str = "",
     ) -> None:
         """The stage's nested MLflow run with its key's parts and what changed since the stage's previous run.
 
@@ -113,10 +146,10 @@ class StageRecorder:
         """
         shown = cachekey.shown_parts(key or cachekey.StageKey({}))
         try:
-            if self._earlier is None:
-                self._earlier = previous_stage_keys(self.tracker, str(self.workspace.root))
-            changed = cachekey.changed_parts(shown, self._earlier.get(name))
+            earlier = self._earlier_runs().get(name)
+            changed = cachekey.changed_parts(shown, earlier.key if earlier else None)
             tags = {"aidetect.cache_key": key.digest if key else "", "aidetect.key_changed": changed}
+            tags |= {OUTPUT_TAG: output} if output else {}
             tags["aidetect.workspace"] = str(self.workspace.root)
             params = {f"{KEY_PARAM_PREFIX}{part}": value for part, value in shown.items()}
             stage_run(self.tracker, name, state, metrics, seconds, failed, params, tags, history=history)
@@ -132,6 +165,12 @@ def _without_inputs(policy: Any, names: Any) -> Any:
     for name in names:
         policy = policy - name
     return policy
+
+
+def _output_digest(result: Any) -> str:
+    """The content digest of what a stage handed on: its Ref, or its catalog snapshot's ("" for anything else)."""
+    ref = result if isinstance(result, Ref) else getattr(result, "catalog", None)
+    return ref.digest if isinstance(ref, Ref) else ""
 
 
 def _numbers(metrics: Any) -> dict[str, float]:
@@ -398,7 +437,7 @@ def _model_stages(
         caches.drop_caches(workspace, caches.model_caches(workspace, config))
     run.per_image("preprocess", PREPROCESS_TASKS, split.catalog, (size, normalize), chunk_size)
     trainset = split.trainset or split.catalog
-    reporter = EpochReporter(tracker, config.train.epochs)  # live: a line and MLflow metrics as each epoch ends
+    reporter = EpochReporter(tracker, config.train.max_epochs)  # live: a line and MLflow metrics as each epoch ends
     trained = run.run(
         "train", stages.train, root, trainset, config.train, normalize, not run.refresh, progress=reporter
     )
@@ -412,7 +451,8 @@ def _model_stages(
     # The audit's verdict is part of the report's key (the split decides it); crawl health describes the crawl that
     # ran now and is handed over live, so that a crawl that fetched nothing new leaves the report cached.
     keyed, health = report_content.split_warning_notes(run.notes)
-    report_args = (config.report, title, normalize, device, keyed, trained.history, data_version)
+    held_out = config.split.leave_out_generator
+    report_args = (config.report, title, normalize, device, keyed, trained.history, data_version, held_out)
     report_ref = run.run(
         "report", stages.make_report, root, trained.model, evaluation, *report_args, health_notes=health
     )

@@ -1,10 +1,11 @@
 """Cache options for stage tasks: keyed by pipeline_lib.core.cachekey (inputs, named files, code, libraries), stored
-inside the workspace."""
+inside the workspace as typed JSON (tasks.results: never pickles)."""
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prefect import Task
@@ -14,15 +15,17 @@ from prefect.transactions import get_transaction
 
 from pipeline_lib.core import cachekey, code_index
 from pipeline_lib.core.workspace import Workspace
+from tasks.results import StageRecordStorage, StageResultSerializer
 
 
-def result_folder(workspace: Workspace) -> Any:
-    """Where stage results live: workspace/prefect/results, one file per cache key holding the whole record.
-
-    Key and result in one file (no separate key storage): a result file that is missing or unreadable is a cache
-    miss, so the stage is recomputed instead of failing with "Path ... does not exist".
-    """
+def result_folder(workspace: Workspace) -> Path:
+    """Where stage results live: workspace/prefect/results, one typed-JSON file per cache key."""
     return workspace.prefect / "results"
+
+
+def record_folder(workspace: Workspace) -> Path:
+    """Where Prefect's records of the stage results live (tasks.results.StageRecordStorage reads them)."""
+    return workspace.prefect / "keys"
 
 
 @dataclass
@@ -70,14 +73,18 @@ def cached(
     index: code_index.CodeIndex | None = None,
     cache: bool = True,
 ) -> Task[Any, Any]:
-    """The task keyed by its stage key, results kept in the workspace; cache=False: it runs every time."""
+    """The task keyed by its stage key, results kept in the workspace as typed JSON; cache=False: it runs every
+    time."""
     if not cache:
         return task.with_options(cache_policy=NO_CACHE, persist_result=False)
-    policy = StageKeyPolicy(fixed=tuple(sorted(fixed_parts(task, index or code_index.CodeIndex()).items())))
+    results = result_folder(workspace)
+    records = StageRecordStorage(basepath=str(record_folder(workspace)), results=str(results))
+    fixed = tuple(sorted(fixed_parts(task, index or code_index.CodeIndex()).items()))
     return task.with_options(
-        cache_policy=policy,
+        cache_policy=StageKeyPolicy(key_storage=records, fixed=fixed),
         persist_result=True,
-        result_storage=result_folder(workspace),
+        result_storage=results,
+        result_serializer=StageResultSerializer(),
         refresh_cache=refresh,
     )
 

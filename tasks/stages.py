@@ -38,7 +38,7 @@ from pipeline_lib.core.workspace import Ref, Workspace
 from pipeline_lib.curate import audit as audit_lib
 from pipeline_lib.curate import dedup as dedup_lib
 from pipeline_lib.curate import review, review_pack, split
-from pipeline_lib.learn import models, preprocess
+from pipeline_lib.learn import models, preprocess, probe
 from pipeline_lib.learn.history import EpochStats, plot_learning_curves
 from pipeline_lib.learn.normalize import policy_key
 from pipeline_lib.learn.train import train_model
@@ -73,6 +73,8 @@ class TrainOutput:
     balance: dict[str, float] = field(default_factory=dict)  # learn.datasets.ClassBalance.metrics()
     precision: str = ""
     augment_on: str = ""
+    mode: str = "finetune"  # train.mode resolved: finetune | probe
+    features: dict[str, float] = field(default_factory=dict)  # probe: feature vectors computed / reused
 
 
 @dataclass(frozen=True)
@@ -271,9 +273,12 @@ def shortcut_audit(
 
 @task(name="weights", cache_policy=NO_CACHE)
 def fetch_weights(config: TrainConfig) -> str:
-    """Before the first stage: the initial weights train.weights names are on disk, ImageNet ones downloaded
-    (hash-checked) if missing; the file's path ("" for none). Fails naming the file, URL and command offline."""
-    path = models.ensure_initial_weights(config.model, config.weights, config.weights_url)
+    """Before the first stage: the backbone can be built and the initial weights train.weights names are on disk,
+    published ones downloaded (hash-checked) if missing; the file's path ("" for none). Fails naming the file, URL
+    and command offline, or the extra to install for a foundation backbone."""
+    path = models.ensure_initial_weights(
+        config.model, config.weights, config.weights_url, image_size=config.image_size
+    )
     return "" if path is None else str(path)
 
 
@@ -312,6 +317,8 @@ def train(
         balance=result.balance,
         precision=result.precision,
         augment_on=result.augment_on,
+        mode=result.mode,
+        features=result.features,
     )
 
 
@@ -339,8 +346,7 @@ def fit_calibration(
         return 1.0, {"calibration.temperature": 1.0}, ["temperature scaling off (calibration.temperature_scaling)"]
     if val_rows.empty:
         return 1.0, {"calibration.temperature": 1.0}, ["temperature scaling skipped: the validation split is empty"]
-    images = preprocess.load_tensors(workspace, val_rows["sha256"].tolist(), size, _active(normalize))
-    logits = evaluate_lib.predict_logits(model, images, device=device)
+    logits = model_logits(workspace, model, val_rows["sha256"].tolist(), size, _active(normalize), device)
     labels = val_rows["label"].astype(str).to_numpy()
     fit = calibration_lib.fit_bounded_temperature(logits, labels, config.min_val_images)
     temperature = fit.temperature
@@ -356,6 +362,16 @@ def fit_calibration(
     if fit.reason:
         return temperature, metrics, [f"temperature scaling skipped, T=1: {fit.reason}"]
     return temperature, metrics, [f"temperature scaling: T={temperature:.3f} on {len(val_rows)} validation images"]
+
+
+def model_logits(
+    workspace: Workspace, model: Any, shas: list[str], size: int, active: NormalizeConfig | None, device: str
+) -> np.ndarray:
+    """Logits of stored images: a probe's from the cached features of its backbone (learn/probe.py), any other
+    model's from the tensor cache."""
+    if models.is_probe(model):
+        return probe.cached_logits(workspace, model, shas, size, active, device)
+    return evaluate_lib.predict_logits(model, preprocess.load_tensors(workspace, shas, size, active), device=device)
 
 
 def _plots(workspace: Workspace, predictions: pd.DataFrame, out_dir: Any) -> dict[str, str]:
@@ -395,8 +411,7 @@ def evaluate(
     temperature, calibration_metrics, notes = fit_calibration(
         workspace, model, _split_rows(table, "val"), size, calibration or CalibrationConfig(), normalize, device
     )
-    images = preprocess.load_tensors(workspace, rows["sha256"].tolist(), size, active)
-    logits = evaluate_lib.predict_logits(model, images, device=device)
+    logits = model_logits(workspace, model, rows["sha256"].tolist(), size, active, device)
     p_raw = evaluate_lib.softmax_p_ai(logits)
     p_ai = calibration_lib.apply_temperature(logits, temperature) if len(rows) else p_raw
     predictions = evaluate_lib.predictions_table(rows, p_ai, config.threshold, p_ai_raw=p_raw)
@@ -419,8 +434,9 @@ def evaluate(
     )
     generator_metrics, generators = evaluate_lib.generator_metrics(predictions, config.threshold)
     metrics |= generator_metrics
-    subset = images[:CAM_SUMMARY_LIMIT]
-    metrics |= cam.cam_attention_metrics(model, subset, models.target_layer(model), cam_method, device=device)
+    subset = preprocess.load_tensors(workspace, shas[:CAM_SUMMARY_LIMIT], size, active)
+    layer, reshape = models.target_layer(model), models.cam_reshape(model)
+    metrics |= cam.cam_attention_metrics(model, subset, layer, cam_method, device=device, reshape_transform=reshape)
     notes += report_content.cam_warnings(metrics)
     written = predict_lib.write_calibration(
         model_path,
@@ -453,12 +469,13 @@ def make_report(
     notes: list[str] | None = None,
     history: list[dict[str, Any]] | None = None,
     data_version: str = "",
+    held_out_generator: str | None = None,
     health_notes: list[str] | None = None,
 ) -> Ref:
     """Self-contained HTML report: headline, warnings (notes of the run's stages, health_notes of its crawl: not in
-    the stage key), learning curves (history), then
-    the details (plots, robustness, per-generator scores, Original | Grad-CAM pairs computed on device) and all
-    metrics."""
+    the stage key), learning curves (history), then the details (plots, robustness, per-generator scores with
+    held_out_generator marked, every test group counted, Original | Grad-CAM pairs computed on device, each cell's
+    total) and all metrics."""
     workspace = Workspace.create(root)
     model, meta = models.load_model(model_ref.resolve(workspace))
     device = devices.resolve_device(device)
@@ -478,13 +495,15 @@ def make_report(
         images,
         selected,
         evaluation.metrics,
-        pd.DataFrame(evaluation.worst_groups),
+        evaluate_lib.per_group_accuracy(predictions),
         models.target_layer(model),
         config.cam_method,
         title,
         plots=plots,
+        reshape_transform=models.cam_reshape(model),
         run_info={
             "model": str(meta.get("model_name")),
+            "Grad-CAM layer": models.cam_layer_name(model),
             "model digest": model_ref.digest[:16],
             "normalisation": policy_key(active) if active else "none",
             "temperature": f"{evaluation.temperature:.4f}"
@@ -498,6 +517,8 @@ def make_report(
             [*(notes or []), *(health_notes or []), *evaluation.notes], evaluation.metrics, config.data_note
         ),
         top=report_content.headline(evaluation.metrics, model_name, data_version),
+        cell_totals=report_content.cell_counts(predictions),
+        held_out_generator=held_out_generator,
     )
     return workspace.ref(index)
 

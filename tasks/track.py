@@ -102,6 +102,7 @@ def log_training(tracker: Tracker, output: TrainOutput, logged_live: bool = Fals
     if output.resumed_from_epoch is not None:
         tracker.log_metrics({"train.resumed_from_epoch": float(output.resumed_from_epoch)})
     tracker.log_metrics({f"train.class_balance.{k}": v for k, v in output.balance.items()})
+    tracker.log_metrics({f"train.features_{k}": v for k, v in output.features.items()})  # probe: cache hits
     tracker.set_tags(
         {
             "aidetect.weights": output.weights_name,
@@ -109,6 +110,7 @@ def log_training(tracker: Tracker, output: TrainOutput, logged_live: bool = Fals
             "aidetect.device": output.device,
             "aidetect.precision": output.precision,
             "aidetect.augment_on": output.augment_on,
+            "aidetect.train_mode": output.mode,
         }
     )
     history = pd.DataFrame(output.history)

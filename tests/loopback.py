@@ -10,6 +10,7 @@ so tests can see the retries from the server's side, and can wait until the serv
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import string
@@ -227,6 +228,53 @@ def serve_files(files: dict[str, bytes]) -> Iterator[tuple[str, Counter[str]]]:
                 _send(self, 200, files[name])
             else:
                 _send(self, 404, b"not found")
+
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as port:
+        yield f"http://127.0.0.1:{port}", hits
+
+
+@contextlib.contextmanager
+def serve_hub(files: dict[str, bytes], announced: dict[str, str] | None = None) -> Iterator[tuple[str, Counter[str]]]:
+    """A Hugging-Face-like file host on 127.0.0.1: /resolve/<name> answers HEAD and GET with a 302 to /cdn/<name>
+    and announces the file's sha256 as X-Linked-Etag (announced[name] instead when given; "" announces none);
+    /cdn/<name> serves the bytes. Yields (base URL, requests per path)."""
+    hits: Counter[str] = Counter()
+    lock = threading.Lock()
+    announced = announced or {}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet server
+            log.debug("loopback hub: " + format, *args)
+
+        def _answer(self, body: bool) -> None:
+            path = unquote(urlsplit(self.path).path)
+            with lock:
+                hits[f"{self.command} {path}"] += 1
+            name = path.rsplit("/", 1)[-1]
+            if name not in files:
+                _send(self, 404, b"not found" if body else b"")
+            elif path.startswith("/resolve/"):
+                sha256 = announced.get(name, hashlib.sha256(files[name]).hexdigest())
+                self.send_response(302)
+                self.send_header("Location", f"/cdn/{quote(name)}")
+                if sha256:
+                    self.send_header("X-Linked-Etag", f'"{sha256}"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif body:
+                _send(self, 200, files[name])
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(files[name])))
+                self.end_headers()
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self._answer(body=True)
+
+        def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+            self._answer(body=False)
 
     with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as port:
         yield f"http://127.0.0.1:{port}", hits

@@ -100,3 +100,16 @@ def test_team_yaml_is_the_default_recipe_on_the_compose_servers(compose: dict):
     assert f"tcp://dask-scheduler:{scheduler.port}" in services["dask-worker"]["command"]
     for name in ("dask-worker", "prefect-worker"):  # one shared workspace, at the path team.yaml names
         assert f"workspace:{team.execution.workspace}" in services[name]["volumes"], name
+
+
+def test_team_demo_yaml_runs_offline_and_docs_team_md_can_point_it_at_any_servers():
+    demo = load_config(DEPLOY / "team-demo.yaml")
+    assert not demo.sources.search and not demo.sources.urls, "the demo config must not search or fetch URLs"
+    assert [f.path.relative_to(DEPLOY).as_posix() for f in demo.sources.folders] == ["demo-data/site", "demo-data/ai"]
+    assert demo.train.weights == "none" and demo.review.mode == "auto", (demo.train.weights, demo.review.mode)
+    assert demo.execution.task_runner == "dask"
+    text = (DEPLOY / "team-demo.yaml").read_text(encoding="utf-8")
+    page = (ROOT / "docs" / "team.md").read_text(encoding="utf-8")
+    for address in ("http://127.0.0.1:5000", "tcp://127.0.0.1:8786", "/srv/aidetect"):  # what the page's sed replaces
+        assert f"s|{address}|" in page, address
+        assert sum(address in line.split("#")[0] for line in text.splitlines()) == 1, address

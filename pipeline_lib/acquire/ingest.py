@@ -197,10 +197,23 @@ def validate_files(
     rows = []
     jobs = list(jobs)
     for sha256, relative in progress(jobs, len(jobs), "ingest: validating"):
-        done = validate_job(_job(sha256, workspace.root / relative, config, hashing))
+        source = _planned_source(workspace, sha256, relative)
+        if source is None:
+            log.info("ingest: %s is gone (and no copy of %s is in store/ or quarantine/)", relative, sha256[:12])
+            continue  # the merge finds it missing and says so in the catalog
+        done = validate_job(_job(sha256, source, config, hashing))
         main, second = done.hashes or ("", "")
         rows.append({"sha256": sha256, **dataclasses.asdict(done.check), "phash": main, "dhash": second})
     return rows
+
+
+def _planned_source(workspace: Workspace, sha256: str, relative: str) -> Path | None:
+    """The file a job planned earlier validates: where the plan saw it, else the copy of the same bytes an ingest
+    since moved to store/ or quarantine/ (a plan kept in the cache outlives its incoming/ files); None if neither."""
+    planned = workspace.root / relative
+    if planned.is_file():
+        return planned
+    return next(iter(_stored_copies(workspace, sha256, planned.suffix[1:])), None)
 
 
 def checks_by_sha(rows: Iterable[Mapping[str, Any]]) -> dict[str, ImageCheck]:

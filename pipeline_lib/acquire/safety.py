@@ -49,6 +49,34 @@ def _non_public_reason(address: IPAddress) -> str:
     return ""
 
 
+# Names that never reach a public host: RFC 6761/6762, RFC 8375 and common intranet suffixes.
+LOCAL_NAME_SUFFIXES: tuple[str, ...] = (".localhost", ".local", ".internal", ".home.arpa", ".lan")
+
+
+def _local_name_reason(host: str) -> str:
+    """Why a host, by its name or literal address alone (no DNS lookup), is not a public one ("" if it may be)."""
+    name = host.lower().rstrip(".")
+    try:
+        return _non_public_reason(ipaddress.ip_address(name.split("%", 1)[0]))
+    except ValueError:
+        pass
+    if name == "localhost" or name.endswith(LOCAL_NAME_SUFFIXES):
+        return f"local name {host}"
+    return "" if "." in name else f"single-label name {host}"
+
+
+def is_public_link(url: str) -> bool:
+    """Whether url is http(s) to a host that may be public, judged by the URL alone (no DNS lookup): what a page may
+    show as a link. Loopback, private and other non-public literal addresses, localhost and local names are not."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError for a malformed port
+    except ValueError:
+        return False
+    host = parts.hostname
+    return parts.scheme.lower() in ALLOWED_SCHEMES and bool(host) and not _local_name_reason(str(host))
+
+
 def resolve_host(host: str, port: int | None) -> list[IPAddress]:
     """Every address a host name (or literal IP) resolves to; OSError when the name does not resolve."""
     try:

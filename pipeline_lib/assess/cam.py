@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -45,9 +45,11 @@ def compute_cams(
     batch_size: int = 16,
     target_class: int | Sequence[int] = 1,
     device: str = "cpu",
+    reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """CAM maps float32 [N, H, W] in [0, 1] explaining target_class (1 = ai, 0 = real), or one class index per
-    image; the model is left as given."""
+    image; the model is left as given. reshape_transform: turns target_layer's output into [N, C, h, w] (a vision
+    transformer's tokens into the patch grid: learn.models.cam_reshape)."""
     check_images(images)
     if method not in CAM_METHODS:
         raise ValueError(f"report.cam_method must be one of {', '.join(CAM_METHODS)}, got {method!r}")
@@ -64,7 +66,9 @@ def compute_cams(
     maps: list[np.ndarray] = []
     # Gradients must flow even if the caller froze the backbone or is inside inference_mode.
     with torch.inference_mode(False), torch.enable_grad(), borrowed_model(model, device, requires_grad=True):
-        with CAM_METHODS[method](model=model, target_layers=[target_layer]) as cam:
+        with CAM_METHODS[method](
+            model=model, target_layers=[target_layer], reshape_transform=reshape_transform
+        ) as cam:
             starts = range(0, len(images), batch_size)
             for start in progress(starts, len(images), method, step=batch_size):
                 batch = to_float(images[start : start + batch_size], device)
@@ -82,6 +86,7 @@ def cam_attention_metrics(
     batch_size: int = 16,
     flag_above: float = CAM_FLAG_ABOVE,
     device: str = "cpu",
+    reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """CAM attention over images: cam.border_share_mean, cam.text_share_mean, cam.n_border_flagged, ... (floats).
 
@@ -92,7 +97,10 @@ def cam_attention_metrics(
     check_images(images)
     if len(images) == 0:
         return {"cam.n": 0.0}
-    cams = compute_cams(model, images, target_layer, method=method, batch_size=batch_size, device=device)
+    cams = compute_cams(
+        model, images, target_layer, method=method, batch_size=batch_size, device=device,
+        reshape_transform=reshape_transform,
+    )  # fmt: skip
     masks = [text_mask(np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())) for image in images]
     summary = cam_attention_summary(cams, CAM_BORDER_FRACTION, flag_above, text_masks=masks)
     keys = ("border_share_mean", "text_share_mean", "n_border_flagged", "n_text_flagged", "n", "flag_above")

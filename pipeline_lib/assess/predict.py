@@ -194,8 +194,9 @@ def _write_cams(
     target = list(classes) if classes is not None else 1
     layer = models.target_layer(model)
     maps = cam_lib.compute_cams(
-        model, images, layer, method=cam_method, batch_size=len(images), target_class=target, device=device
-    )
+        model, images, layer, method=cam_method, batch_size=len(images), target_class=target, device=device,
+        reshape_transform=models.cam_reshape(model),
+    )  # fmt: skip
     written: list[str] = []
     for image, cam, path in zip(images, maps, paths, strict=True):
         _, overlay = cam_lib.cam_overlay(image, cam)

@@ -46,6 +46,7 @@ class ChampionDecision:
     reason: str
     alias: str = CHAMPION
     comparable: bool = True
+    not_comparable: str = ""  # why the holder could not be compared fairly ("" when it could)
 
 
 def alias_for(leave_out_generator: str | None) -> str:
@@ -63,11 +64,11 @@ def decide(
     not_comparable: str | None,
     promote: bool,
 ) -> tuple[bool, str]:
-    """(promoted, reason) of a challenger with score against the alias holder current (old_score: its score)."""
+    """(promoted, reason) of a challenger with score against the alias holder current (old_score: its score, None or
+    NaN when it has none on this test split: not comparable then)."""
     if current is None:
         return True, f"no {alias} yet"
-    if not_comparable is None and (old_score is None or math.isnan(old_score)):
-        not_comparable = f"{alias} was scored on another test split and not re-scored"
+    not_comparable = not_comparable or _unscored(alias, old_score)
     if not_comparable is not None:
         if promote:
             return True, f"{not_comparable}; promoted anyway (--promote)"
@@ -75,6 +76,13 @@ def decide(
     if score > old_score:  # type: ignore[operator]
         return True, f"accuracy {score:.4f} > {alias} {old_score:.4f}"
     return False, f"accuracy {score:.4f} <= {alias} {old_score:.4f}"
+
+
+def _unscored(alias: str, old_score: float | None) -> str | None:
+    """Why the holder cannot be compared when it has no score on this test split, else None."""
+    if old_score is None or math.isnan(old_score):
+        return f"{alias} was scored on another test split and not re-scored"
+    return None
 
 
 def register_model(
@@ -117,6 +125,8 @@ def register_model(
     old_score = champion_score
     if current is not None and old_score is None and current.tags.get("test_digest") == test_digest:
         old_score = float(current.tags.get("test_accuracy", "nan"))
+    if current is not None:
+        not_comparable = not_comparable or _unscored(alias, old_score)
     promoted, reason = decide(alias, score, current, old_score, not_comparable, promote)
     if promoted:
         versions.set_alias(tracker.uri, name, alias, version)
@@ -129,6 +139,7 @@ def register_model(
         reason=reason,
         alias=alias,
         comparable=not_comparable is None,
+        not_comparable=not_comparable or "",
     )
 
 
@@ -167,11 +178,7 @@ def register_challenger(
     """
     existing = versions.find_version(tracker.uri, name, challenger.model_digest)
     if existing is not None:
-        tracker.set_tags({"aidetect.model_version": existing.version, "aidetect.model_reused": "true"})
-        aliases = list(getattr(existing, "aliases", None) or [])
-        return {"version": existing.version, "promoted": False, "reason": "same checkpoint already registered"} | {
-            "aliases": aliases
-        }
+        return register_again(tracker, name, str(existing.version), alias, promote)
     model_uri, meta = _log_challenger(tracker, challenger.checkpoint)
     size = int(meta["image_size"])
     rows = pd.read_parquet(challenger.predictions)
@@ -201,6 +208,30 @@ def register_challenger(
     return paired | ({"champion_skipped": skipped} if skipped else {}) | _outcome(decision)
 
 
+def register_again(tracker: Tracker, name: str, version: str, alias: str, promote: bool) -> dict[str, Any]:
+    """The outcome for a checkpoint an earlier run registered as version (a cached model): the alias moves to that
+    version when no version holds it yet, or with promote (--promote); it is never compared twice."""
+    holder = versions.current_champion(tracker.uri, name, alias)
+    before = None if holder is None else str(holder.version)
+    promoted = before != version and (before is None or promote)
+    if promoted:
+        versions.set_alias(tracker.uri, name, alias, version)
+    if before == version:
+        reason = f"same checkpoint already registered; it holds {alias}"
+    elif promoted:
+        reason = f"same checkpoint already registered; {'promoted (--promote)' if before else f'no {alias} yet'}"
+    else:
+        reason = f"same checkpoint already registered; {alias} stays (pass --promote to promote it)"
+    tags = {"aidetect.model_version": version, "aidetect.model_reused": "true", "aidetect.champion_alias": alias}
+    tracker.set_tags(tags | {"aidetect.champion_decision": reason, "aidetect.champion_promoted": str(promoted).lower()})
+    log.info("%s: version %s; %s", name, version, reason)
+    aliases = [alias] if promoted or before == version else []
+    return {"version": version, "promoted": promoted, "reason": reason, "alias": alias, "reused": True} | {
+        "champion_version": before,
+        "aliases": aliases,
+    }
+
+
 def _log_challenger(tracker: Tracker, checkpoint: Path) -> tuple[str, dict[str, Any]]:
     """(model URI, checkpoint meta): the checkpoint's model logged to the run with the checkpoint inside it."""
     model, meta = models.load_model(checkpoint)
@@ -209,6 +240,7 @@ def _log_challenger(tracker: Tracker, checkpoint: Path) -> tuple[str, dict[str, 
     requirements = [
         f"torch=={torch.__version__.split('+')[0]}",
         f"torchvision=={torchvision.__version__.split('+')[0]}",
+        *models.library_requirements(str(meta["model_name"])),
     ]
     return logged_models.log_pytorch_model(tracker, model, example, requirements, checkpoint=checkpoint), meta
 
@@ -221,6 +253,7 @@ def _outcome(decision: ChampionDecision) -> dict[str, Any]:
         "reason": decision.reason,
         "alias": decision.alias,
         "comparable": decision.comparable,
+        "not_comparable": decision.not_comparable,
         "challenger_score": decision.challenger_score,
         "champion_score": decision.champion_score,
         "champion_version": decision.champion_version,
@@ -292,7 +325,7 @@ def paired_test(tracker: Tracker, champion: pd.DataFrame | None, challenger: pd.
     counts = {"registry.mcnemar_b": float(result.b), "registry.mcnemar_c": float(result.c)}
     tracker.log_metrics({"registry.mcnemar_p": result.p_value} | counts)
     tracker.set_tags({"registry.mcnemar_p": f"{result.p_value:.6g}", "aidetect.champion_mcnemar": message})
-    return {"mcnemar_p": result.p_value, "mcnemar": message}
+    return {"mcnemar_p": result.p_value, "mcnemar": message, "mcnemar_verdict": result.verdict()}
 
 
 def log_decision(tracker: Tracker, decision: ChampionDecision, rescored: bool, image_size: int) -> None:

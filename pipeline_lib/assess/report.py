@@ -15,9 +15,9 @@ import logging
 import math
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import jinja2
 import numpy as np
@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from pipeline_lib.acquire.safety import is_public_link
 from pipeline_lib.assess.cam import CAM_TARGETS, cam_classes, cam_overlay, compute_cams, png_bytes
 from pipeline_lib.assess.evaluate import CLASS_NAMES, check_images
 from pipeline_lib.assess.report_content import CELL_TITLES, CELLS, report_warnings
@@ -103,13 +104,14 @@ def _robustness_rows(metrics: dict[str, float]) -> list[dict[str, str]]:
     return rows
 
 
-def _generator_rows(per_generator: pd.DataFrame | None) -> list[dict[str, str]]:
-    """stats.per_generator_metrics rows as template rows."""
+def _generator_rows(per_generator: pd.DataFrame | None, held_out: str | None = None) -> list[dict[str, Any]]:
+    """stats.per_generator_metrics rows as template rows; held_out (split.leave_out_generator) is marked."""
     if per_generator is None or per_generator.empty:
         return []
     return [
         {
             "generator": str(r["generator"]),
+            "held_out": str(r["generator"]) == held_out,
             "n": str(int(r["n"])),
             "n_ai": str(int(r["n_ai"])),
             "accuracy": _format_value("accuracy", r["accuracy"]),
@@ -146,8 +148,9 @@ def _write_pair(
 
 
 def _link(url: str) -> str | None:
-    """url if it is safe to put in an href (http/https only), else None (shown as text)."""
-    return url if urlsplit(url).scheme.lower() in ("http", "https") else None
+    """url if it is a public http(s) URL, else None (shown as text: a loopback or private address, such as the demo's
+    search site, is dead once its server stops, and any other scheme is never a link)."""
+    return url if is_public_link(url) else None
 
 
 def _example(row: pd.Series, pictures: dict[str, str]) -> dict[str, Any]:
@@ -201,7 +204,7 @@ def _metric_rows(metrics: dict[str, float], limit: int | None = None) -> list[tu
 
 
 def _group_rows(per_group: pd.DataFrame) -> list[dict[str, str]]:
-    """The worst groups as template rows."""
+    """The worst groups as template rows (the first WORST_GROUPS of them)."""
     rows = per_group.head(WORST_GROUPS)
     return [
         {"group": str(r["group"]), "label": str(r["label"]), "n": str(int(r["n"])), "accuracy": f"{r['accuracy']:.3f}"}
@@ -248,15 +251,21 @@ def build_report(
     originals: dict[str, Path] | None = None,
     warnings: list[dict[str, str]] | None = None,
     top: dict[str, str] | None = None,
+    cell_totals: dict[str, int] | None = None,
+    held_out_generator: str | None = None,
+    reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Path:
     """Write out_dir/index.html (pictures embedded) with img/ and plots/ beside it; index.html is written last.
 
     The page leads with what matters: the headline numbers (top, see headline()), the warnings box (see
     report_warnings(); CAM attention warnings are added when warnings is None) and the learning curves (the plot
     named learning_curves). Then the details: summary metrics, plots, robustness (robust.* metrics), per-generator
-    scores (per_generator), worst groups and the Original | CAM pairs (originals: sha256 -> stored file). All
-    metrics are in a collapsed appendix. cam_target (report.cam_target): the CAMs explain each image's predicted
-    class, or always "ai" / "real"; they are computed on device.
+    scores (per_generator; held_out_generator, a leave-one-generator-out run's, is marked), worst groups (per_group:
+    every test group, the worst shown) and the Original | CAM pairs (originals: sha256 -> stored file; cell_totals:
+    how many test images each cell holds, of which the selected rows are a part). All metrics are in a collapsed
+    appendix. cam_target (report.cam_target): the CAMs explain each image's predicted
+    class, or always "ai" / "real"; they are computed on device. reshape_transform: for a vision transformer's
+    target layer, its tokens to the patch grid (learn.models.cam_reshape).
     """
     _check_selected(images, selected)
     out_dir = Path(out_dir)
@@ -265,8 +274,9 @@ def build_report(
     rows = selected.reset_index(drop=True)
     classes = cam_classes(rows, cam_target)
     cams = compute_cams(
-        model, images, target_layer, cam_method, batch_size=cam_batch_size, target_class=classes, device=device
-    )
+        model, images, target_layer, cam_method, batch_size=cam_batch_size, target_class=classes, device=device,
+        reshape_transform=reshape_transform,
+    )  # fmt: skip
     sections: list[dict[str, Any]] = []
     originals = originals or {}
     for cell, _, _ in CELLS:
@@ -275,7 +285,8 @@ def build_report(
             sha256 = str(rows.loc[i, "sha256"])
             pictures = _write_pair(img_dir, sha256, images[i], cams[i], originals.get(sha256))
             examples.append(_example(rows.loc[i], pictures) | {"explains": CLASS_NAMES[classes[i]]})
-        sections.append({"id": cell, "title": CELL_TITLES[cell], "examples": examples})
+        total = max(len(examples), (cell_totals or {}).get(cell, len(examples)))
+        sections.append({"id": cell, "title": CELL_TITLES[cell], "examples": examples, "total": total})
     copied = _copy_plots(out_dir, plots or {})
     context = {
         "title": title,
@@ -293,7 +304,8 @@ def build_report(
         "sections": sections,
         "robustness": _robustness_rows(metrics),
         "robustness_how": ROBUSTNESS_DESCRIPTION,
-        "generators": _generator_rows(per_generator),
+        "generators": _generator_rows(per_generator, held_out_generator),
+        "held_out_generator": held_out_generator or "",
     }
     index = atomic_write_text(out_dir / "index.html", render_html(context))
     log.info("report written to %s (%d examples)", index, len(rows))

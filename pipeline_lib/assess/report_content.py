@@ -100,6 +100,12 @@ def _confidence(predictions: pd.DataFrame) -> pd.Series:
     return p_ai.where(predictions["predicted"] == "ai", 1.0 - p_ai)
 
 
+def cell_counts(predictions: pd.DataFrame) -> dict[str, int]:
+    """How many test images each cell (label x correct/misclassified) holds: what the shown examples are a part of."""
+    correct = predictions["correct"].astype(bool)
+    return {cell: int(((predictions["label"] == label) & (correct == right)).sum()) for cell, label, right in CELLS}
+
+
 def select_examples(predictions: pd.DataFrame, per_cell: int) -> pd.DataFrame:
     """Up to per_cell rows for each (label x correct/misclassified) cell, most confident first, with a cell column."""
     if per_cell < 1:

@@ -52,6 +52,10 @@ class McNemarResult:
     p_value: float
     exact: bool
 
+    def verdict(self, alpha: float = 0.05) -> str:
+        """Whether the two models differ by more than noise, in words."""
+        return "more than noise" if self.p_value < alpha else "the difference could be noise"
+
     def describe(self, alpha: float = 0.05) -> str:
         """One line for the log: who wins on the discordant pairs, and whether that is more than noise."""
         test = "exact binomial" if self.exact else "chi-square, continuity-corrected"

@@ -22,7 +22,7 @@ TIMEOUT_S = 60.0  # to reach the scheduler, for a first worker to join, for the 
 CHECK_FOLDER_PREFIX = ".cluster-check-"
 SHARING_HELP = (
     "Every Dask worker must see the workspace at this same path, read-write (e.g. one NFS export mounted at that path "
-    "on every machine; see 'What the workers must see' in deploy/README.md)"
+    "on every machine; see 'What the workers must see' in docs/team.md)"
 )
 
 
@@ -82,7 +82,7 @@ def _ask_workers(address: str, folder: str, token: str, timeout_s: float) -> dic
     except (OSError, TimeoutError) as error:
         raise ClusterError(
             f"no Dask scheduler answers at {address} (execution.dask_address) within {timeout_s:.0f} s: {error}. "
-            "Start one with `dask scheduler` (deploy/README.md) or fix the address."
+            "Start one with `dask scheduler` (docs/team.md) or fix the address."
         ) from None
     with client:
         try:

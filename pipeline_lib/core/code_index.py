@@ -33,6 +33,8 @@ LIBRARIES: dict[str, str] = {
     "scipy": "scipy",  # the DCT of the perceptual hash
     "jinja2": "Jinja2",  # renders the report
     "cv2": "opencv-python-headless",  # counts faces for the review hints (the `faces` extra)
+    "open_clip": "open-clip-torch",  # the foundation extra: CLIP image encoders (learn/foundation.py)
+    "timm": "timm",  # the foundation extra: DINOv2
 }
 # Non-Python files a module reads at run time, as globs relative to the project root: each file's content is a
 # `data.<path>` part of every key that reaches the module. tests/core/test_code_index.py fails on a file inside the

@@ -188,13 +188,54 @@ class AugmentConfig(_Section):
         return self
 
 
+TORCHVISION_MODELS: tuple[str, ...] = ("resnet50", "resnet18", "efficientnet_b0", "convnext_tiny")
+# Frozen-feature backbones of the `foundation` extra (learn/foundation.py): CLIP image encoders through open_clip,
+# DINOv2 through timm.
+FOUNDATION_MODELS: tuple[str, ...] = (
+    "clip_vit_b16",
+    "clip_vit_l14",
+    "clip_vit_b16_laion",
+    "clip_vit_l14_laion",
+    "dinov2_vits14",
+    "dinov2_vitb14",
+    "dinov2_vitl14",
+)
+ModelName = Literal[TORCHVISION_MODELS + FOUNDATION_MODELS]  # type: ignore[valid-type]  # the names above
+
+
+class ProbeConfig(_Section):
+    """train.mode probe: the head trained on the cached features of the frozen backbone (AdamW, early stopping)."""
+
+    head: Literal["linear", "mlp"] = Field(
+        "linear", description="linear: one Linear layer (the linear probe); mlp: Linear, GELU, Dropout, Linear."
+    )
+    hidden: int = Field(256, ge=1, le=8192, description="mlp: width of the hidden layer.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="mlp: dropout before the last layer.")
+    epochs: int = Field(100, ge=1, description="Passes over the training features at most.")
+    patience: int = Field(10, ge=1, description="Stop after this many epochs without a lower validation loss.")
+    lr: float = Field(0.001, gt=0)
+    weight_decay: float = Field(0.0001, ge=0)
+    batch_size: int = Field(256, ge=1)
+
+
 class TrainConfig(_Section):
-    model: Literal["resnet50", "resnet18", "efficientnet_b0", "convnext_tiny"] = "resnet50"
-    weights: str = Field("imagenet", description="'imagenet', 'none' or a path to a state_dict file.")
+    model: ModelName = "resnet50"
+    mode: Literal["auto", "probe", "finetune"] = Field(
+        "auto",
+        description="probe: frozen backbone, a head trained on cached features (train.probe); finetune: head first, "
+        "then all layers (the recipe). auto: probe for the foundation backbones, finetune for torchvision ones.",
+    )
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    weights: str = Field(
+        "imagenet",
+        description="'imagenet' or 'pretrained' (the published weights of train.model: ImageNet for torchvision "
+        "backbones, CLIP or DINOv2 weights for the foundation ones), 'none' or a path to a state_dict file.",
+    )
     weights_url: str | None = Field(
         None,
-        description="Where weights 'imagenet' are downloaded from (default: torchvision's URL for train.model); "
-        "for mirrors and tests. The file name must carry its sha256 prefix (name-<hex>.pth), which is checked.",
+        description="Where the published weights are downloaded from (default: the publisher's URL for train.model); "
+        "for mirrors and tests. Torchvision backbones: the file name must carry its sha256 prefix "
+        "(name-<hex>.pth), which is checked; foundation backbones are checked against their pinned sha256.",
     )
     image_size: int = Field(224, ge=16, le=1024)
     batch_size: int = Field(64, ge=1)
@@ -243,16 +284,34 @@ class TrainConfig(_Section):
     @field_validator("weights_url")
     @classmethod
     def _check_weights_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        if urlsplit(value).scheme not in ("http", "https", "file"):
+        if value is not None and urlsplit(value).scheme not in ("http", "https", "file"):
             raise ValueError(f"must be an http(s) or file URL, got {value!r}")
-        if not HASH_IN_NAME.search(posixpath.basename(urlsplit(value).path)):
-            raise ValueError(
-                f"the file name must carry its sha256 prefix (e.g. resnet50-11ad3fa6.pth) so that the download "
-                f"is hash-checked, got {value!r}"
-            )
         return value
+
+    @model_validator(mode="after")
+    def _torchvision_url_carries_hash(self) -> TrainConfig:
+        # A foundation backbone's download is checked against its pinned sha256 (learn/foundation.py); a
+        # torchvision one only against the prefix its file name carries, so that name must have one.
+        url = self.weights_url
+        if url is not None and self.model in TORCHVISION_MODELS:
+            if not HASH_IN_NAME.search(posixpath.basename(urlsplit(url).path)):
+                raise ValueError(
+                    f"train.weights_url: the file name must carry its sha256 prefix (e.g. resnet50-11ad3fa6.pth) so "
+                    f"that the download is hash-checked, got {url!r}"
+                )
+        return self
+
+    @property
+    def resolved_mode(self) -> str:
+        """probe or finetune: mode, with auto resolved (probe for foundation backbones, finetune for the others)."""
+        if self.mode != "auto":
+            return self.mode
+        return "probe" if self.model in FOUNDATION_MODELS else "finetune"
+
+    @property
+    def max_epochs(self) -> int:
+        """The most epochs this run trains: probe.epochs in probe mode, epochs in finetune mode."""
+        return self.probe.epochs if self.resolved_mode == "probe" else self.epochs
 
 
 class EvaluateConfig(_Section):

@@ -17,7 +17,7 @@ class EpochStats:
     """Numbers of one finished epoch (epoch counts from 1)."""
 
     epoch: int
-    phase: str  # "head" | "all"
+    phase: str  # "head" | "all" | "probe" (a head on cached features of a frozen backbone)
     train_loss: float
     train_accuracy: float
     val_loss: float
@@ -36,7 +36,7 @@ def seconds_left(durations: Sequence[float], epoch: int, max_epochs: int) -> flo
 
 def describe_epoch(stats: EpochStats, max_epochs: int, left_s: float) -> str:
     """One console line per epoch: phase, train/val loss and accuracy, images/s and the time left at most."""
-    phase = "head only" if stats.phase == "head" else "all layers"
+    phase = {"head": "head only", "probe": "probe head"}.get(stats.phase, "all layers")
     if math.isnan(left_s):
         left = ""
     elif stats.epoch >= max_epochs or left_s <= 0:

@@ -1,11 +1,12 @@
-"""The classifier: a torchvision backbone with a 2-class head (real, ai), its weights and its checkpoints."""
+"""The classifier: a backbone (torchvision, or a foundation model of learn/foundation.py) with a 2-class head (real,
+ai), its weights and its checkpoints."""
 
 from __future__ import annotations
 
 import http.client
 import logging
 import posixpath
-import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,24 @@ import torch
 import torchvision
 from torch import nn
 
+from pipeline_lib.core.config import FOUNDATION_MODELS, TORCHVISION_MODELS
 from pipeline_lib.core.workspace import atomic_path, file_sha256
+from pipeline_lib.learn import foundation, heads
+from pipeline_lib.learn.weights import (
+    HASH_PREFIX,
+    WeightsError,
+    WeightsFile,
+    WeightsNotFoundError,
+    checkpoints_dir,
+    mismatch_message,
+    read_torch_state,
+)
 
 log = logging.getLogger(__name__)
 
 CLASSES: tuple[str, ...] = ("real", "ai")  # index 1 = ai
-MODEL_NAMES: tuple[str, ...] = ("resnet50", "resnet18", "efficientnet_b0", "convnext_tiny")
+MODEL_NAMES: tuple[str, ...] = TORCHVISION_MODELS + FOUNDATION_MODELS
+PUBLISHED = ("imagenet", "pretrained")  # train.weights values that name a model's published weights
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 CHECKPOINT_FORMAT = "aidetect-checkpoint-v1"
@@ -34,25 +47,8 @@ _HEAD_PREFIX: dict[str, str] = {
 }
 
 
-class WeightsNotFoundError(FileNotFoundError):
-    """Initial weights are not on disk and could not be fetched; the message names the file, URL and command."""
-
-
-class WeightsError(ValueError):
-    """A weights file is unreadable or does not fit the model."""
-
-
 class CheckpointError(ValueError):
     """A model checkpoint is corrupt or not an aidetect checkpoint; the message names the file."""
-
-
-@dataclass(frozen=True)
-class WeightsFile:
-    """ImageNet weights in TORCH_HOME's cache: where, their sha256, and whether this call downloaded them."""
-
-    path: Path
-    sha256: str
-    downloaded: bool
 
 
 @dataclass(frozen=True)
@@ -74,6 +70,17 @@ def _torchvision_backbone(name: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None)
 
 
+def _backbone(name: str) -> tuple[nn.Module, int, tuple[float, ...], tuple[float, ...]]:
+    """(randomly initialised backbone giving features, feature count, input mean, input std) of a model name."""
+    _check_name(name)
+    if foundation.is_foundation(name):
+        spec = foundation.spec_of(name)
+        module, features = foundation.build_backbone(name)
+        return module, features, spec.mean, spec.std
+    full = _torchvision_backbone(name)
+    return full, _drop_head(name, full), IMAGENET_MEAN, IMAGENET_STD
+
+
 def _drop_head(name: str, model: nn.Module) -> int:
     """Replace the torchvision ImageNet head's final Linear by Identity; return its input feature count."""
     if name.startswith("resnet"):
@@ -89,18 +96,30 @@ def _drop_head(name: str, model: nn.Module) -> int:
 
 
 class Classifier(nn.Module):
-    """Backbone + Linear(features, 2); input float [0, 1] (N,3,H,W), ImageNet-normalised inside; logits (real, ai)."""
+    """Backbone + head; input float [0, 1] (N,3,H,W), normalised inside as the backbone was trained; logits (real,
+    ai). head: a spec of learn/heads.py (None: Linear(features, 2), the recipe's head).
 
-    def __init__(self, name: str) -> None:
+    backbone_reference: set when the backbone is a published weights file left as it is (a probe): {"file", "sha256"}.
+    Checkpoints and pickles of such a model then hold the head and this reference, not the backbone's weights.
+    """
+
+    def __init__(self, name: str, head: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.name = name
         self.classes = CLASSES
-        full = _torchvision_backbone(name)
-        features = _drop_head(name, full)
-        self.backbone = full
-        self.head = nn.Linear(features, len(CLASSES))
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.head_spec = heads.check_spec(head)
+        self.backbone, features, mean, std = _backbone(name)
+        self.head = heads.make_head(self.head_spec, features, len(CLASSES))
+        self.backbone_reference: dict[str, str] | None = None
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickled (MLflow's model format) as head + backbone reference when the backbone is a published file; a
+        whole ViT-L would put 1.2 GB into every logged model. Unpickling rebuilds it from TORCH_HOME's cache."""
+        if self.backbone_reference is None:
+            return super().__reduce_ex__(protocol)
+        return rebuild, (self.name, dict(self.head_spec), dict(self.backbone_reference), _cpu_state(self.head))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [N, 2] for float images in [0, 1]."""
@@ -129,9 +148,6 @@ class Classifier(nn.Module):
         return list(self.backbone.parameters())
 
 
-_HASH_PREFIX = re.compile(r"-([a-f0-9]{8,})\.")  # the sha256 prefix torch.hub checks in a weights file name
-
-
 def imagenet_weights_url(name: str) -> str:
     """torchvision's download URL of the default ImageNet weights for name."""
     _check_name(name)
@@ -146,8 +162,23 @@ def imagenet_weights_path(name: str, url: str | None = None) -> Path:
 
 
 def fetch_command(name: str) -> str:
-    """The command that downloads the ImageNet weights of name into TORCH_HOME's cache."""
+    """The command that downloads the published weights of name into TORCH_HOME's cache."""
     return f"aidetect weights fetch {name}"
+
+
+def pretrained_path(name: str, url: str | None = None) -> Path:
+    """Where the published weights of name are kept (TORCH_HOME's checkpoints)."""
+    _check_name(name)
+    return foundation.weights_path(name) if foundation.is_foundation(name) else imagenet_weights_path(name, url)
+
+
+def fetch_weights(name: str, url: str | None = None, progress: bool = True) -> WeightsFile:
+    """The published weights of any model name in TORCH_HOME's cache, downloaded hash-checked if missing (ImageNet
+    weights for torchvision backbones: fetch_imagenet_weights; foundation ones: foundation.fetch_weights)."""
+    _check_name(name)
+    if foundation.is_foundation(name):
+        return foundation.fetch_weights(name, url, progress)
+    return fetch_imagenet_weights(name, url, progress)
 
 
 def _missing_message(name: str, path: Path, url: str, reason: str) -> str:
@@ -162,7 +193,7 @@ def _missing_message(name: str, path: Path, url: str, reason: str) -> str:
 def _checked_sha256(path: Path) -> str:
     """The file's sha256; WeightsError when it does not start with the prefix the file name carries."""
     digest = file_sha256(path)
-    match = _HASH_PREFIX.search(path.name)
+    match = HASH_PREFIX.search(path.name)
     if match and not digest.startswith(match.group(1)):
         raise WeightsError(
             f"weights file {path} is damaged: its sha256 {digest[:16]}... does not start with {match.group(1)} as "
@@ -201,17 +232,24 @@ def fetch_imagenet_weights(name: str, url: str | None = None, progress: bool = T
     return WeightsFile(path, digest, downloaded=True)
 
 
-def ensure_initial_weights(name: str, weights: str, url: str | None = None, progress: bool = True) -> Path | None:
-    """Before any stage runs: the file train.weights names is on disk, ImageNet weights downloaded if missing.
+def ensure_initial_weights(
+    name: str, weights: str, url: str | None = None, progress: bool = True, image_size: int | None = None
+) -> Path | None:
+    """Before any stage runs: the backbone can be built (its library installed, image_size fits it) and the file
+    train.weights names is on disk, published weights downloaded if missing.
 
-    Returns the file (None for 'none'); WeightsNotFoundError / WeightsError as fetch_imagenet_weights.
+    Returns the file (None for 'none'); WeightsNotFoundError / WeightsError as fetch_weights
+    (foundation.BackboneUnavailableError, a WeightsError, names the extra to install); ValueError for image_size.
     """
     _check_name(name)
+    foundation.check_available(name)
+    if image_size is not None:
+        foundation.check_input_size(name, image_size)
     if weights == "none":
         return None
-    if weights == "imagenet":
-        fetched = fetch_imagenet_weights(name, url, progress)
-        log.info("initial weights of %s: imagenet, %s (sha256 %s)", name, fetched.path, fetched.sha256)
+    if weights in PUBLISHED:
+        fetched = fetch_weights(name, url, progress)
+        log.info("initial weights of %s: %s, %s (sha256 %s)", name, weights, fetched.path, fetched.sha256)
         return fetched.path
     path = Path(weights).expanduser()
     if not path.is_file():
@@ -221,86 +259,148 @@ def ensure_initial_weights(name: str, weights: str, url: str | None = None, prog
     return path
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a file (torch.load weights_only); an aidetect checkpoint's state_dict is unwrapped."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises many types for bad files
-        raise WeightsError(f"weights file {path} is not a readable torch state_dict: {error}") from None
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise WeightsError(f"weights file {path} must hold a state_dict (a dict of tensors), got {type(data).__name__}")
-    return data
-
-
-def _mismatch_message(path: Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
-    """Describe missing, unexpected and wrongly shaped keys (a few of each)."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    shapes = [
-        f"{k} {list(found[k].shape)} != {list(expected[k].shape)}"
-        for k in sorted(set(expected) & set(found))
-        if found[k].shape != expected[k].shape
-    ]
-    parts = []
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-        if items:
-            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-            parts.append(f"{title}: {', '.join(items[:5])}{more}")
-    return f"weights file {path} does not fit the model: " + "; ".join(parts)
-
-
-def _load_into(model: Classifier, path: Path) -> None:
-    """Load a Classifier state dict (backbone.*/head.*) or a torchvision one (its ImageNet head ignored)."""
-    state = _read_state_dict(path)
-    if any(key.startswith("backbone.") for key in state):
-        expected = model.state_dict()
-        target: nn.Module = model
-    else:
-        prefix = _HEAD_PREFIX[model.name]
-        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
-        expected = model.backbone.state_dict()
-        target = model.backbone
+def _check_fit(path: Path, target: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load state into target strictly; WeightsError naming missing, unexpected and misshaped keys."""
+    expected = target.state_dict()
     if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
-        raise WeightsError(_mismatch_message(path, expected, state))
+        raise WeightsError(mismatch_message(path, expected, state))
     target.load_state_dict(state, strict=True)
 
 
-def build_model(name: str, weights: str, url: str | None = None) -> tuple[Classifier, WeightsInfo]:
-    """A Classifier with 'none' (random), 'imagenet' (TORCH_HOME's cache: ensure_initial_weights downloads them
-    first) or file-path weights; url is where the ImageNet file comes from (default: torchvision's)."""
+def _load_into(model: Classifier, path: Path, sha256: str) -> None:
+    """Load a weights file: a Classifier state dict (backbone.*/head.*), a torchvision one (its ImageNet head
+    ignored), or a foundation backbone's (foundation.read_state: safetensors, weights-only torch, OpenAI's file)."""
+    if foundation.is_foundation(model.name):
+        state = foundation.read_state(model.name, path, sha256)
+        if any(key.startswith("backbone.") for key in state):
+            _check_fit(path, model, state)
+        else:
+            foundation.load_into(model.name, model.backbone, state, path)
+        return
+    state = read_torch_state(path)
+    if any(key.startswith("backbone.") for key in state):
+        _check_fit(path, model, state)
+        return
+    prefix = _HEAD_PREFIX[model.name]
+    _check_fit(path, model.backbone, {k: v for k, v in state.items() if not k.startswith(prefix)})
+
+
+def _published_file(name: str, url: str | None) -> Path:
+    """The published weights file of name in TORCH_HOME's cache; WeightsNotFoundError naming the command if absent."""
+    path = pretrained_path(name, url)
+    if path.is_file():
+        return path
+    if foundation.is_foundation(name):
+        source = foundation.weights_url(name, url)
+        raise WeightsNotFoundError(foundation.missing_message(name, path, source, "the file is missing"))
+    source = url or imagenet_weights_url(name)
+    raise WeightsNotFoundError(_missing_message(name, path, source, "the file is missing"))
+
+
+def build_model(
+    name: str, weights: str, url: str | None = None, head: Mapping[str, Any] | None = None
+) -> tuple[Classifier, WeightsInfo]:
+    """A Classifier with 'none' (random), 'imagenet' / 'pretrained' (the published file in TORCH_HOME's cache:
+    ensure_initial_weights downloads it first) or file-path weights; url is where the published file comes from
+    (default: the publisher's); head: a learn/heads.py spec (None: the Linear head)."""
     _check_name(name)
-    model = Classifier(name)
+    model = Classifier(name, head)
     if weights == "none":
         return model, WeightsInfo("none", "")
-    if weights == "imagenet":
-        source = url or imagenet_weights_url(name)
-        path = imagenet_weights_path(name, source)
-        if not path.is_file():
-            raise WeightsNotFoundError(_missing_message(name, path, source, "the file is missing"))
-        name_text = "imagenet"
+    if weights in PUBLISHED:
+        path = _published_file(name, url)
+        name_text = "pretrained" if foundation.is_foundation(name) else "imagenet"
+        digest = foundation.checked_sha256(name, path) if foundation.is_foundation(name) else file_sha256(path)
     else:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise WeightsNotFoundError(
-                f"weights file {path} not found: train.weights must be 'imagenet', 'none' "
-                "or an existing state_dict file"
+                f"weights file {path} not found: train.weights must be 'imagenet', 'pretrained', 'none' "
+                "or an existing weights file"
             )
-        name_text = str(path)
-    _load_into(model, path)
-    info = WeightsInfo(name_text, file_sha256(path))
+        name_text, digest = str(path), file_sha256(path)
+    _load_into(model, path, digest)
+    info = WeightsInfo(name_text, digest)
     log.info("built %s with weights %s from %s (sha256 %s)", name, name_text, path, info.sha256)
     return model, info
 
 
+def reference_backbone(model: Classifier, weights: WeightsInfo, url: str | None = None) -> None:
+    """Mark model's backbone as the published file it was built from (a frozen probe backbone), so that its
+    checkpoints and pickles name that file instead of holding its weights; nothing for other weights."""
+    if weights.name in PUBLISHED and weights.sha256:
+        model.backbone_reference = {"file": pretrained_path(model.name, url).name, "sha256": weights.sha256}
+
+
+def _referenced_file(name: str, reference: Mapping[str, str]) -> tuple[Path, str]:
+    """(the file a backbone reference names in TORCH_HOME's cache, its sha256); errors naming the command."""
+    path = checkpoints_dir() / posixpath.basename(str(reference.get("file", "")))
+    if not path.is_file():
+        raise WeightsNotFoundError(
+            f"the {name} backbone of this model is the published weights file {path.name}, which is not in "
+            f"TORCH_HOME's cache ({path}): fetch it with `{fetch_command(name)}`"
+        )
+    digest = file_sha256(path)
+    if digest != reference.get("sha256"):
+        raise WeightsError(
+            f"{path} is not the weights file this model was trained on (sha256 {digest[:16]}... instead of "
+            f"{str(reference.get('sha256'))[:16]}...): fetch it again with `{fetch_command(name)}`"
+        )
+    return path, digest
+
+
+def rebuild(
+    name: str, head: Mapping[str, Any], reference: Mapping[str, str], head_state: Mapping[str, torch.Tensor]
+) -> Classifier:
+    """A Classifier whose backbone is the published file reference names (TORCH_HOME's cache, sha256 checked) and
+    whose head has head_state: how checkpoints and pickles of probe models are read back."""
+    model = Classifier(name, head)
+    path, digest = _referenced_file(name, reference)
+    _load_into(model, path, digest)
+    model.head.load_state_dict(dict(head_state), strict=True)
+    model.backbone_reference = dict(reference)
+    return model.eval()
+
+
 def target_layer(model: nn.Module) -> nn.Module:
-    """The last conv block, for Grad-CAM: resnet layer4[-1], efficientnet features[-1], convnext stages[-1]."""
+    """The layer Grad-CAM explains: the last conv block (resnet layer4[-1], efficientnet features[-1], convnext
+    stages[-1]), or for a vision transformer the first LayerNorm of its last block (foundation.cam_layer)."""
     if not isinstance(model, Classifier):
         raise TypeError(f"target_layer needs a pipeline_lib.learn.models.Classifier, got {type(model).__name__}")
+    if foundation.is_foundation(model.name):
+        return foundation.cam_layer(model.name, model.backbone)
     if model.name.startswith("resnet"):
         return model.backbone.layer4[-1]
     return model.backbone.features[-1]  # efficientnet blocks; convnext: features[-1] is the last stage
+
+
+def cam_reshape(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """pytorch-grad-cam's reshape_transform for model's target layer: tokens to the patch grid (class token
+    dropped) for vision transformers, None for convolutional backbones (their maps are grids already)."""
+    if isinstance(model, Classifier) and foundation.is_foundation(model.name):
+        return foundation.cam_reshape(model.name, model.backbone)
+    return None
+
+
+def cam_layer_name(model: nn.Module) -> str:
+    """The layer Grad-CAM explains, in words (the report shows it)."""
+    if not isinstance(model, Classifier):
+        return type(model).__name__
+    if foundation.is_foundation(model.name):
+        return foundation.cam_layer_name(model.name)
+    if model.name.startswith("resnet"):
+        return "backbone.layer4[-1] (last residual block)"
+    return "backbone.features[-1] (last convolutional stage)"
+
+
+def library_requirements(name: str) -> list[str]:
+    """pip requirement lines a logged model of name needs beyond torch and torchvision (open_clip or timm)."""
+    return foundation.requirements(name) if foundation.is_foundation(name) else []
+
+
+def is_probe(model: nn.Module) -> bool:
+    """Whether model is a Classifier with a probe head (trained on frozen, cached features)."""
+    return isinstance(model, Classifier) and heads.is_probe(model.head_spec)
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -309,13 +409,20 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: Path, model: Classifier, meta: dict[str, Any]) -> None:
-    """Write {format, state_dict, meta} atomically; meta gets model_name and classes if absent."""
+    """Write {format, state_dict, meta} atomically; meta gets model_name, classes and head if absent.
+
+    A model with a backbone_reference keeps only its head's weights (head.*) and the reference (meta backbone).
+    """
     if not isinstance(model, Classifier):
         raise TypeError(f"save_checkpoint needs a Classifier, got {type(model).__name__}")
-    full_meta = {"model_name": model.name, "classes": list(CLASSES), **meta}
+    full_meta = {"model_name": model.name, "classes": list(CLASSES), "head": dict(model.head_spec), **meta}
     if full_meta["model_name"] != model.name:
         raise ValueError(f"meta model_name {full_meta['model_name']!r} does not match the model ({model.name!r})")
-    payload = {"format": CHECKPOINT_FORMAT, "state_dict": _cpu_state(model), "meta": full_meta}
+    state = _cpu_state(model)
+    if model.backbone_reference is not None:
+        full_meta["backbone"] = dict(model.backbone_reference)
+        state = {key: value for key, value in state.items() if not key.startswith("backbone.")}
+    payload = {"format": CHECKPOINT_FORMAT, "state_dict": state, "meta": full_meta}
     with atomic_path(Path(path)) as tmp:
         torch.save(payload, tmp)
 
@@ -342,15 +449,27 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def load_model(path: Path) -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild the Classifier from a checkpoint (no initial weights needed); return (model in eval mode, meta)."""
+    """Rebuild the Classifier from a checkpoint; return (model in eval mode, meta). No initial weights are needed,
+    except for a probe on a published backbone (meta backbone): that file must be in TORCH_HOME's cache."""
     payload = read_checkpoint(path)
     meta = dict(payload["meta"])
     name = str(meta["model_name"])
     if name not in MODEL_NAMES:
         raise CheckpointError(f"model checkpoint {path} names unknown model {name!r}")
-    model = Classifier(name)
     try:
-        model.load_state_dict(payload["state_dict"], strict=True)
+        head = heads.check_spec(meta.get("head"))
+    except ValueError as error:
+        raise CheckpointError(f"model checkpoint {path}: {error}") from None
+    state = payload["state_dict"]
+    try:
+        if isinstance(meta.get("backbone"), dict):
+            prefix = "head."
+            head_state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            if len(head_state) != len(state):
+                raise RuntimeError("a checkpoint naming its backbone file holds only head.* weights")
+            return rebuild(name, head, meta["backbone"], head_state), meta
+        model = Classifier(name, head)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"model checkpoint {path} does not fit a {name}: {error}") from None
     return model.eval(), meta

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from pipeline_lib.core import devices
 from pipeline_lib.core.config import LABELS, NormalizeConfig, TrainConfig
 from pipeline_lib.core.workspace import Workspace
-from pipeline_lib.learn import preprocess
+from pipeline_lib.learn import foundation, preprocess
 from pipeline_lib.learn.augment import resolve_augment_on
 from pipeline_lib.learn.checkpoints import (
     BEST_NAME,
@@ -75,7 +75,9 @@ class TrainResult:
     resumed_from_epoch: int | None = None
     balance: dict[str, float] = field(default_factory=dict)  # ClassBalance.metrics() of the training split
     precision: str = "fp32"  # bf16 | fp16 | fp32, what the run trained with
-    augment_on: str = "loader"  # loader | device, where the training images were augmented
+    augment_on: str = "loader"  # loader | device, where the training images were augmented (none: probe)
+    mode: str = "finetune"  # finetune | probe (train.mode resolved)
+    features: dict[str, float] = field(default_factory=dict)  # probe: feature vectors computed now / reused
 
 
 def resolve_device(device: str) -> str:
@@ -125,11 +127,18 @@ def train_model(
     policy: NormalizeConfig | None = None,
     resume: bool = True,
 ) -> TrainResult:
-    """Fine-tune on the train split, early-stop on val loss; resume from out_dir/last.pt if present.
+    """Train the classifier as config.mode says: probe (learn/probe.py: a head on cached features of the frozen
+    backbone) or finetune (here: head first, then all layers), early-stopped on val loss; a fine-tuning run resumes
+    from out_dir/last.pt if present.
 
     policy: preprocess.normalize, the re-encoding the tensors are decoded with (None: the files as they are).
     resume: False starts from epoch 0 even when out_dir holds a training state (its files are overwritten).
     """
+    if config.resolved_mode == "probe":
+        from pipeline_lib.learn.probe import train_probe  # probe.py imports this module (TrainResult)
+
+        return train_probe(workspace, catalog, config, out_dir, on_epoch=on_epoch, policy=policy)
+    foundation.check_input_size(config.model, config.image_size)
     train_rows, val_rows = train_val_rows(catalog)
     device = resolve_device(config.device)
     precision = devices.resolve_precision(config.precision, device)

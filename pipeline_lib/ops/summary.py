@@ -81,19 +81,50 @@ def stage_states(states: Mapping[str, str]) -> str:
 
 
 def model_line(registry: Mapping[str, Any] | None, name: str) -> str:
-    """The registered model's name, version and alias after this run."""
+    """The registered model's version and what happened to the alias it competed for (champion or loo-<generator>):
+    moved or stayed, the version that holds it, and why (accuracies and McNemar's verdict in words)."""
     if not registry:
         return "not registered"
-    version = registry.get("version", "?")
-    reason = str(registry.get("reason", ""))
+    version, alias = str(registry.get("version", "?")), str(registry.get("alias") or "champion")
+    holder = registry.get("champion_version")
+    if registry.get("reused"):
+        moved = _reused(alias, version, holder, bool(registry.get("promoted")))
+        return f"{name} version {version} (same checkpoint, registered by an earlier run); {moved}"
+    return f"{name} version {version}; {_alias_line(registry, alias, version, holder)}"
+
+
+def _alias_line(registry: Mapping[str, Any], alias: str, version: str, holder: Any) -> str:
+    """'champion moved to version 8 (was version 6): ...' or 'champion stays version 6: ...', with the reason."""
+    comparable = registry.get("comparable", True)
+    why = registry.get("not_comparable") or registry.get("reason", "")
+    if registry.get("promoted") and not holder:
+        return f"{alias} is now version {version} (there was no {alias} before)"
     if registry.get("promoted"):
-        return f"{name} version {version}, alias champion ({reason})"
-    champion = registry.get("champion_version")
-    if reason == "same checkpoint already registered":
-        alias = ", alias " + ", ".join(registry["aliases"]) if registry.get("aliases") else ""
-        return f"{name} version {version}{alias} (this checkpoint was registered before)"
-    held = f"champion stays version {champion}" if champion else "no champion"
-    return f"{name} version {version}; {held} ({reason})"
+        moved = f"{alias} moved to version {version} (was version {holder})"
+        if not comparable:
+            return f"{moved} by --promote: {why}"
+        return f"{moved}: this model scores higher ({_comparison(registry)})"
+    stays = f"{alias} stays version {holder}"
+    if not comparable:
+        return f"{stays}: {why}; pass --promote to move {alias} to version {version}"
+    return f"{stays}: this model is not better ({_comparison(registry)})"
+
+
+def _reused(alias: str, version: str, holder: Any, promoted: bool) -> str:
+    """What happened to the alias when the run's checkpoint was registered before (a cached model)."""
+    if promoted:
+        return f"{alias} moved to version {version}" + (f" (was version {holder}) by --promote" if holder else "")
+    if str(holder) == version:
+        return f"{alias} is version {version}"
+    return f"{alias} stays version {holder}; pass --promote to move {alias} to version {version}"
+
+
+def _comparison(registry: Mapping[str, Any]) -> str:
+    """'accuracy 0.850 vs 0.800; McNemar p = 0.03, more than noise' (the McNemar part when the holder was scored)."""
+    text = f"accuracy {_number(registry.get('challenger_score'))} vs {_number(registry.get('champion_score'))}"
+    if registry.get("mcnemar_p") is not None:
+        text += f"; McNemar p = {float(registry['mcnemar_p']):.2g}, {registry.get('mcnemar_verdict', '')}".rstrip(", ")
+    return text
 
 
 def split_notes(notes: Iterable[str]) -> tuple[list[str], list[str]]:

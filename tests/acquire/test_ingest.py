@@ -274,6 +274,22 @@ def test_planned_chunk_checks_give_the_same_catalog_as_ingest(tmp_path: Path) ->
     assert not [p for p in mapped_ws.incoming.rglob("*") if p.is_file()]
 
 
+def test_a_planned_chunk_run_again_after_ingest_validates_the_stored_copies(workspace: Workspace) -> None:
+    """A plan kept in the cache names incoming/ files that ingest has moved since (issue 24, item 9): validating its
+    chunk again checks the stored or quarantined copy of each sha256; a file gone from everywhere is left out."""
+    files = crawled_files()
+    crawl_log = crawl(workspace, files)
+    jobs = validation_jobs(workspace, files_to_ingest(crawl_log), CONFIG)
+    before = validate_files(workspace, jobs, CONFIG, HASHING)
+    catalog = ingest(workspace, crawl_log, CONFIG, checks=checks_by_sha(before))
+    assert not [p for p in workspace.incoming.rglob("*") if p.is_file()], "ingest moved every file"
+    assert validate_files(workspace, jobs, CONFIG, HASHING) == before
+    gone = catalog[catalog["status"] == "ok"].iloc[0]
+    (workspace.root / gone["path"]).unlink()
+    kept = [row for row in before if row["sha256"] != gone["sha256"]]
+    assert validate_files(workspace, jobs, CONFIG, HASHING) == kept
+
+
 def _assert_hashes_cached(workspace: Workspace, catalog: pd.DataFrame, hashing: tuple[str, int]) -> None:
     """The cache holds exactly the ok files, with the values the fingerprint stage's own decode gives."""
     cache = read_cache(cache_path(workspace, *hashing)).set_index("sha256")

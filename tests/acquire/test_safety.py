@@ -10,7 +10,7 @@ import pytest
 from pipeline_lib.acquire.crawl import crawl_sources
 from pipeline_lib.acquire.crawl_log import read_crawl_log, read_searches
 from pipeline_lib.acquire.crawl_state import detect_ext
-from pipeline_lib.acquire.safety import UnsafeUrlError, check_url
+from pipeline_lib.acquire.safety import UnsafeUrlError, check_url, is_public_link
 from pipeline_lib.core.config import SourcesConfig
 from pipeline_lib.core.workspace import Workspace, file_sha256
 from tests.conftest import make_image
@@ -74,6 +74,28 @@ def test_malformed_or_unresolvable_urls_are_rejected(url: str, reason: str) -> N
 
 def test_unsafe_url_error_is_a_value_error() -> None:
     assert issubclass(UnsafeUrlError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("url", "linked"),
+    [
+        ("https://upload.wikimedia.org/a.jpg", True),
+        ("http://93.184.216.34/a.jpg", True),
+        ("http://127.0.0.1:47811/images/a.jpg", False),  # the demo's loopback search site: dead once it ends
+        ("http://localhost:8000/a.jpg", False),
+        ("http://photos.localhost/a.jpg", False),
+        ("http://[::1]/a.jpg", False),
+        ("http://192.168.1.20/a.jpg", False),
+        ("http://nas.local/a.jpg", False),
+        ("http://intranet/a.jpg", False),
+        ("file:///etc/passwd", False),
+        ("javascript:alert(1)", False),
+        ("http://93.184.216.34:99999/a.jpg", False),
+        ("", False),
+    ],
+)
+def test_only_public_http_urls_become_links_without_a_dns_lookup(url: str, linked: bool) -> None:
+    assert is_public_link(url) is linked, url
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -71,3 +71,22 @@ def test_per_image_targets_differ_from_one_target(model: TinyClassifier) -> None
     np.testing.assert_allclose(mixed[1], compute_cams(model, images[1:], layer, target_class=1)[0], atol=1e-5)
     with pytest.raises(ValueError, match="one class per image"):
         compute_cams(model, images, layer, target_class=[0])
+
+
+@pytest.mark.parametrize("name", ["clip_vit_b16", "dinov2_vits14"])
+def test_vit_cams_have_the_image_shape(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline_lib.learn import models
+    from tests.tiny_backbones import CLIP_SIZE, DINO_SIZE, use_tiny_backbones
+
+    use_tiny_backbones(monkeypatch)
+    torch.manual_seed(0)
+    model = models.Classifier(name).eval()
+    size = CLIP_SIZE if name.startswith("clip") else DINO_SIZE
+    images = random_images(3, size, seed=2)
+    layer, reshape = models.target_layer(model), models.cam_reshape(model)
+    cams = compute_cams(model, images, layer, batch_size=2, target_class=[0, 1, 1], reshape_transform=reshape)
+    assert cams.shape == (3, size, size), f"a ViT's maps must be scaled to the image, got {cams.shape}"
+    assert np.isfinite(cams).all() and cams.min() >= 0.0 and cams.max() <= 1.0
+    assert cams.std() > 0, "the patch grid must give a map that varies over the image"
+    with pytest.raises(Exception):  # noqa: B017 - without the reshape the token sequence is no image
+        compute_cams(model, images, layer)

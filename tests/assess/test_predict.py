@@ -222,3 +222,24 @@ def test_files_ingest_would_refuse_are_reported_per_file_and_never_decoded(
     assert by_name["good.jpg"].error is None and 0 <= by_name["good.jpg"].p_ai <= 1
     strict = predict_files(model, {"image_size": SIZE}, [good], ingest=IngestConfig(max_pixels=100))
     assert "decompression_bomb" in strict[0].error
+
+
+def test_predict_explains_a_vit_probe_on_its_patch_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline_lib.learn import heads
+    from tests.tiny_backbones import CLIP_SIZE, use_tiny_backbones
+
+    use_tiny_backbones(monkeypatch)
+    torch.manual_seed(0)
+    probe, _ = models.build_model("clip_vit_b16", "none", head=heads.probe_spec("mlp", 8, 0.0))
+    path = tmp_path / "probe.pt"
+    models.save_checkpoint(path, probe, {"image_size": CLIP_SIZE})
+    model, meta = models.load_model(path)
+    files = make_folder(tmp_path / "in")
+    rows = predict_files(model, meta, [tmp_path / "in"], batch_size=3, cam_dir=tmp_path / "cams")
+    scored = [row for row in rows if row.error is None]
+    assert len(scored) == 4 and all(row.p_ai is not None and 0 <= row.p_ai <= 1 for row in scored)
+    for row in scored:
+        with Image.open(row.cam) as picture:
+            assert picture.size == (CLIP_SIZE, CLIP_SIZE), f"overlay of {row.path} is {picture.size}"
+    expected = float(predict_probabilities(model, torch.from_numpy(decode_image(files["a"], CLIP_SIZE)[None]))[0])
+    assert next(r for r in rows if r.path == str(files["a"])).p_ai == pytest.approx(expected, abs=1e-6)

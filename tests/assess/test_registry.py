@@ -48,7 +48,7 @@ def test_champion_moves_only_on_improvement(workspace):
     assert str(find_version(tracker.uri, "det", "m0.7").version) == decisions[1].version
     # A champion scored on another test split is not compared blindly.
     other = register_model(tracker, uri, "det", 0.99, "othertest", "m-other")
-    assert not other.promoted and "another test split" in other.reason
+    assert not other.promoted and not other.comparable and "another test split" in other.not_comparable, other
 
 
 def test_load_champion_and_run_model_round_trip_with_image_size(workspace):
@@ -114,9 +114,10 @@ def _test_split(workspace, name: str, labels: list[str], seed: int):
     return rows, workspace.ref(path)
 
 
-def _register(workspace, model_ref, split, digest, threshold=0.5, calibration=None, catalog=None):
+def _register(workspace, model_ref, split, digest, threshold=0.5, calibration=None, catalog=None, promote=False):
     """Evaluate model_ref on the split like the evaluate stage does, at a threshold, then register it as the register
-    task does; the run first logs `catalog` (its training data), if given, as the pipeline does."""
+    task does (with --promote when promote); the run first logs `catalog` (its training data), if given, as the
+    pipeline does."""
     rows, rows_ref = split
     model, meta = models.load_model(model_ref.resolve(workspace))
     images = preprocess.load_tensors(workspace, rows["sha256"].tolist(), int(meta["image_size"]))
@@ -132,7 +133,7 @@ def _register(workspace, model_ref, split, digest, threshold=0.5, calibration=No
     own = ModelCalibration(temperature, normalize)
     checkpoint, table = model_ref.resolve(workspace), rows_ref.resolve(workspace)
     challenger = Challenger(checkpoint, model_ref.digest, table, metrics, own, digest)
-    result = register_challenger(workspace, tracker, challenger, "det")
+    result = register_challenger(workspace, tracker, challenger, "det", promote=promote)
     return result, run_summary(tracker.uri, tracker.run_id)
 
 
@@ -263,6 +264,28 @@ def test_a_champion_trained_on_the_test_images_is_reported_not_comparable(worksp
     assert str(current_champion(workspace_uri(workspace), "det").version) == first["version"]
 
 
+def test_promote_on_a_later_run_moves_the_alias_to_the_version_of_the_cached_model(workspace):
+    split = _test_split(workspace, "a", ["ai", "ai", "ai", "real"], seed=1)
+    first, _ = _register(workspace, _constant_model(workspace, "ai1", 0.0, 5.0), split, "A")  # always ai: 0.75
+    weaker = _constant_model(workspace, "real1", 5.0, 0.0)  # always real: 0.25
+    second, _ = _register(workspace, weaker, split, "A")
+    assert not second["promoted"] and second["champion_version"] == first["version"], second
+    # 3 images only the champion gets right, 1 only the challenger: exact p = 0.625
+    assert second["mcnemar_p"] == pytest.approx(0.625) and second["mcnemar_verdict"] == "the difference could be noise"
+
+    again, run = _register(workspace, weaker, split, "A")  # a next run finds the model cached: the same checkpoint
+    assert again["reused"] and not again["promoted"] and again["version"] == second["version"], again
+    assert again["champion_version"] == first["version"] and "pass --promote" in again["reason"], again
+    assert str(current_champion(workspace_uri(workspace), "det").version) == first["version"]
+
+    promoted, run = _register(workspace, weaker, split, "A", promote=True)
+    assert promoted["reused"] and promoted["promoted"] and promoted["version"] == second["version"], promoted
+    assert str(current_champion(workspace_uri(workspace), "det").version) == second["version"], "--promote ignored"
+    assert run["tags"]["aidetect.champion_promoted"] == "true" and run["tags"]["aidetect.model_reused"] == "true"
+    holds, _ = _register(workspace, weaker, split, "A", promote=True)
+    assert holds["reused"] and not holds["promoted"] and holds["aliases"] == ["champion"], holds
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Registered models are rebuilt from their state_dict: a replaced pickle in the tracking store runs nothing
 
@@ -311,3 +334,31 @@ def test_a_champion_that_cannot_be_loaded_safely_is_reported_and_skipped(workspa
     assert second["version"] != first["version"]
 
 
+
+
+def test_a_probe_champion_is_logged_as_head_and_backbone_file_and_rebuilt_from_it(workspace, tmp_path, monkeypatch):
+    from pipeline_lib.learn import heads
+    from tests.tiny_backbones import DINO_SIZE, safetensors_file, use_tiny_backbones
+
+    use_tiny_backbones(monkeypatch)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    data, digest = safetensors_file(models.Classifier("dinov2_vits14").backbone.state_dict())
+    stored = tmp_path / "torch" / "hub" / "checkpoints" / "vit_small_patch14_dinov2.lvd142m.safetensors"
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(data)
+    model, weights = models.build_model("dinov2_vits14", "pretrained", head=heads.probe_spec("linear", 1, 0.0))
+    models.reference_backbone(model, weights)
+    checkpoint = workspace.models / "probe.pt"
+    models.save_checkpoint(checkpoint, model, {"image_size": DINO_SIZE})
+    split = _test_split(workspace, "a", ["ai", "real", "ai", "real"], seed=3)
+    result, run = _register(workspace, workspace.ref(checkpoint), split, "A")
+    assert result["promoted"] and run["tags"]["aidetect.champion_alias"] == "champion"
+    (pickled,) = _logged_files(workspace, "model.pth")
+    assert pickled.stat().st_size < 100_000, "the logged model holds the head, not the backbone"
+    (requirements,) = _logged_files(workspace, "requirements.txt")
+    assert "timm==" in requirements.read_text(), "a DINOv2 model needs timm to be loaded"
+    champion, size = load_champion(workspace_uri(workspace), "det")
+    assert size == DINO_SIZE and models.is_probe(champion)
+    images = torch.rand(2, 3, DINO_SIZE, DINO_SIZE)
+    torch.testing.assert_close(champion(images), model.eval()(images))
+    assert champion.backbone_reference == {"file": stored.name, "sha256": digest}

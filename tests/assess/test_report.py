@@ -316,3 +316,41 @@ def test_report_leads_with_headline_warnings_and_curves(tmp_path: Path, model: T
     sha = str(selected["sha256"].iloc[0])
     with Image.open(tmp_path / "report" / "img" / f"{sha}_orig.png") as shown:
         assert shown.size == (256, 192), "the Original is the stored file at display size, not the 32 px input"
+
+
+def test_counts_are_totals_and_only_public_urls_are_links(tmp_path: Path, model: TinyClassifier) -> None:
+    from pipeline_lib.assess.report import WORST_GROUPS
+    from pipeline_lib.assess.report_content import cell_counts
+    from pipeline_lib.assess.stats import per_generator_metrics
+
+    public = "https://upload.wikimedia.org/a.jpg"
+    urls = [public, "http://127.0.0.1:47811/img/1.jpg", "http://192.168.1.5/2.jpg", "http://localhost/3.jpg"] * 2
+    predictions = make_predictions(urls=urls).assign(generator=["gena", "genb", "gena", "genb"] + [""] * 4)
+    selected = select_examples(predictions, per_cell=1)  # each cell holds 2 images: 1 of them is shown
+    many_groups = pd.DataFrame(
+        {"group": [f"g{i:02d}" for i in range(WORST_GROUPS + 5)], "label": "ai", "n": 2, "accuracy": 0.5}
+    )
+    index = build_report(
+        tmp_path / "r",
+        model,
+        random_images(len(selected), 32),
+        selected,
+        metrics={"accuracy": 0.5},
+        per_group=many_groups,
+        target_layer=model.net.layer4[-1],
+        cam_method="gradcam",
+        title="t",
+        per_generator=per_generator_metrics(predictions, 0.5),
+        cell_totals=cell_counts(predictions),
+        held_out_generator="genb",
+    )
+    text = " ".join(index.read_text(encoding="utf-8").split())
+    assert f"Showing {WORST_GROUPS} of {WORST_GROUPS + 5} groups of the test split" in text, "not a total"
+    assert "Real photos taken for AI images (1 shown of 2)" in text and "1 shown of 2: the most confident" in text
+    links = parse(index).links
+    shown = set(selected["url"])
+    assert public in shown and {link for link in links if not link.startswith("#")} == {public}, links
+    for url in shown - {public}:
+        assert url in text, f"{url} must still be shown, as text"
+    assert '<tr class="held-out"><td>genb <strong>(held out: not trained on)</strong>' in text
+    assert "<tr><td>gena</td>" in text and "<strong>genb</strong> was held out of training and validation" in text

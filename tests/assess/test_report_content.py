@@ -26,3 +26,12 @@ def test_select_examples_cells_limits_and_order() -> None:
 def test_report_without_flags_says_so(tmp_path: Path, model: TinyClassifier) -> None:
     metrics = {"accuracy": 0.9, "accuracy_ci_low": 0.88, "accuracy_ci_high": 0.92, "n_test": 900.0}
     assert report_warnings(["format-shortcut audit [ok] on the train split: ROC-AUC 0.55"], metrics) == []
+
+
+def test_cell_counts_are_what_each_cell_holds() -> None:
+    from pipeline_lib.assess.report_content import cell_counts
+
+    predictions = make_predictions()
+    counts = cell_counts(predictions)
+    assert counts == {"ai_misclassified": 2, "real_misclassified": 2, "ai_correct": 2, "real_correct": 2}, counts
+    assert sum(counts.values()) == len(predictions)

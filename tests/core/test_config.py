@@ -124,3 +124,31 @@ def test_reference_config_comments_every_line_where_default_differs():
     commented = {number for number in where.values() if "default.yaml:" in lines[number]}
     needed = {where[key] for key in differing}
     assert commented <= needed, f"'default.yaml:' where nothing differs: {[lines[n] for n in commented - needed]}"
+
+
+def test_foundation_config_is_the_clip_probe_recipe_and_comments_what_differs_from_default():
+    import yaml
+
+    from pipeline_lib.core.config_loader import read_yaml_mapping
+    from tests.network_guard import no_remote_connections
+
+    path = REPO / "configs" / "foundation.yaml"
+    with no_remote_connections() as attempts:  # validation alone: nothing is downloaded
+        foundation = load_config(path)
+    assert not attempts, attempts
+    train = foundation.train
+    assert (train.model, train.resolved_mode, train.weights) == ("clip_vit_l14", "probe", "pretrained")
+    assert train.image_size == 224, "CLIP ViT-L/14 takes 224 x 224 only"
+    assert train.probe.head == "linear" and foundation.tracking.registered_model == "aidetect"
+    text = path.read_text(encoding="utf-8")
+    for cited in ("99.9%", "54.9%", "Ojha et al.", "CVPR 2023", "Brought a Gun to a Knife Fight", "2025"):
+        assert cited in text, f"foundation.yaml must cite {cited}"
+    lines, where = text.splitlines(), _leaf_lines(yaml.compose(text))
+    mine = _flat(build_config(read_yaml_mapping(path)).model_dump(mode="json"))
+    default = _flat(build_config(read_yaml_mapping(REPO / "configs" / "default.yaml")).model_dump(mode="json"))
+    differing = sorted(key for key in mine.keys() | default.keys() if mine.get(key) != default.get(key))
+    assert {"train.model", "train.mode", "train.weights"} <= set(differing), differing
+    for key in differing:
+        assert key in where, f"{key} differs from default.yaml but is not written in foundation.yaml"
+        line = lines[where[key]]
+        assert "# " in line and "default.yaml:" in line.split("#", 1)[1], f"no 'default.yaml:' comment on {line!r}"

@@ -1,4 +1,4 @@
-"""The team setup's servers for tests, as deploy/README.md starts them with plain commands, on loopback only.
+"""The team setup's servers for tests, as docs/team.md starts them with plain commands, on loopback only.
 
 PostgreSQL (initdb + postgres, as an unprivileged user when the tests run as root), a Prefect server on a database
 URL, and a Dask scheduler with `dask worker` processes (optionally one that cannot see a folder: started in its own
@@ -27,7 +27,7 @@ from tests.flows.mlflow_server import free_port, wait_healthy
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
-PG_USER = "aidetect"  # the superuser initdb creates; loopback connections need no password (trust)
+PG_USER = "aidetect"  # the superuser initdb creates by default; loopback connections need no password (trust)
 
 
 def postgres_bindir() -> Path | None:
@@ -90,22 +90,24 @@ def _data_home(tmp_path: Path, user: tuple[int, int] | None) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def postgres(tmp_path: Path, databases: tuple[str, ...], seconds: float = 120) -> Iterator[str]:
-    """A fresh PostgreSQL cluster on 127.0.0.1 with the given databases; yields postgresql://aidetect@127.0.0.1:PORT."""
+def postgres(
+    tmp_path: Path, databases: tuple[str, ...], seconds: float = 120, superuser: str = PG_USER
+) -> Iterator[str]:
+    """A fresh PostgreSQL cluster on 127.0.0.1 with the given databases; yields postgresql://SUPERUSER@127.0.0.1:PORT."""
     bindir = require_postgres()
     user = _server_user()
     port = free_port()
     log = (tmp_path / "postgres.log").open("wb")
     with _data_home(tmp_path, user) as home, log:
         data = home / "pgdata"
-        initdb = [str(bindir / "initdb"), "-D", str(data), "-U", PG_USER, "--auth=trust", "-E", "UTF8", "--no-sync"]
+        initdb = [str(bindir / "initdb"), "-D", str(data), "-U", superuser, "--auth=trust", "-E", "UTF8", "--no-sync"]
         subprocess.run([*initdb, "--locale=C"], cwd=home, stdout=log, stderr=log, check=True, **_as_user(user))
         command = [str(bindir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", ""]
         command += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         server = subprocess.Popen(
             command, cwd=home, stdout=log, stderr=log, start_new_session=True, **_as_user(user)
         )
-        url = f"postgresql://{PG_USER}@127.0.0.1:{port}"
+        url = f"postgresql://{superuser}@127.0.0.1:{port}"
         try:
             _create_databases(url, databases, server, seconds)
             yield url

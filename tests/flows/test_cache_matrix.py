@@ -226,6 +226,11 @@ MATRIX: tuple[Change, ...] = (
         overrides=("split.train=0.5", "split.val=0.25", "split.test=0.25"),
         once=("execution.reshuffle_splits=true",),
     ),
+    Change(
+        "--promote on the next run: the cached model of the reshuffled split takes the champion alias",
+        {"crawl"},
+        once=("execution.promote=true",),
+    ),
     Change("train.lr", {"crawl", "train", "evaluate", "report"}, overrides=("train.lr=0.01",)),
     Change("evaluate.threshold", {"crawl", "evaluate", "report"}, overrides=("evaluate.threshold=0.6",)),
     Change(
@@ -410,10 +415,10 @@ def test_the_parts_that_changed_are_logged_on_the_stage_run(matrix: dict[str, An
     folder = Path(_row(matrix, "train.lr").summary["model"]).parent.name
     assert train["tags"]["aidetect.cache_key"][:16] == folder, "the logged key is not the key Prefect used"
     assert {"key.lib.torch", "key.code.pipeline_lib.learn.train", "key.input.trainset"} <= set(train["params"])
-    unchanged = _stage_run(matrix, "no change", "crawl")  # the one stage that runs every time
-    assert unchanged["tags"]["aidetect.key_changed"] == "(none: the key is unchanged)"
-    uri, run_id = matrix["world"].tracking_uri, _row(matrix, "no change").summary["mlflow_run_id"]
-    assert set(stage_runs(Tracker(uri, run_id))) == {"crawl"}, "cached stages get no nested run"
+    uri, row = matrix["world"].tracking_uri, _row(matrix, "no change")
+    nested = stage_runs(Tracker(uri, row.summary["mlflow_run_id"]))
+    assert nested == {}, f"cached stages and a crawl that found nothing new get no nested run: {sorted(nested)}"
+    assert row.run["tags"]["aidetect.stage.crawl.unchanged"] == "true", row.run["tags"]
 
 
 def _changed(row: Row, prefix: str) -> tuple[set[str], set[str]]:
@@ -498,6 +503,14 @@ def test_a_champion_that_trained_on_the_test_images_is_not_comparable(matrix: di
     assert row.aliases_after[CHAMPION] == row.aliases_before[CHAMPION], "the champion moved"
     assert row.run["tags"]["aidetect.champion_comparable"] == "false"
     assert champion_version == row.aliases_after[CHAMPION][0]
+
+
+def test_promote_on_a_later_run_promotes_the_registered_version_of_the_cached_model(matrix: dict[str, Any]) -> None:
+    reshuffled, row = _row(matrix, "split ratios with --reshuffle"), _row(matrix, "--promote on the next run")
+    version = reshuffled.summary["registry"]["version"]
+    registry = row.summary["registry"]
+    assert registry["reused"] and registry["promoted"] and registry["version"] == version, registry
+    assert row.aliases_before[CHAMPION][0] != version and row.aliases_after[CHAMPION][0] == version, row.aliases_after
 
 
 def test_leave_one_generator_out_gets_its_own_alias_and_leaves_the_champion(matrix: dict[str, Any]) -> None:

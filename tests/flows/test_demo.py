@@ -43,7 +43,7 @@ def test_demo_runs_offline_and_says_what_matters(tmp_path: Path):
 
     out, err = result.stdout, result.stderr
     assert "Pipeline done in" in out and "test accuracy" in out and "(95% CI" in out, out
-    assert "alias champion" in out and "SYNTHETIC" in out and "format-shortcut audit" in out, out
+    assert "champion is now version 1" in out and "SYNTHETIC" in out and "format-shortcut audit" in out, out
     assert "telemetry" not in err.lower(), err[-3000:]
     epochs = [line for line in err.splitlines() if "epoch " in line and "train loss" in line and "img/s" in line]
     assert len(epochs) >= 2 and "[head only]" in epochs[0] and "[all layers]" in epochs[1], err[-3000:]

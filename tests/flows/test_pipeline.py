@@ -108,8 +108,9 @@ def _full_pipeline_then_resume_then_all_cached(tmp_path: Path) -> None:
     print(f"pipeline seconds: computed {computed:.2f}, all cached {second['seconds']:.2f}")
     assert second["mlflow_run_id"] != first["mlflow_run_id"]
     all_cached = Tracker(second["tracking_uri"], second["mlflow_run_id"])
-    assert set(stage_runs(all_cached)) == {"crawl"}, "cached stages get no nested run; the crawl always runs"
-    assert run_summary(all_cached.uri, all_cached.run_id)["tags"]["aidetect.stage.train"] == "Cached"
+    assert stage_runs(all_cached) == {}, "cached stages and a crawl that found nothing new get no nested run"
+    tags = run_summary(all_cached.uri, all_cached.run_id)["tags"]
+    assert tags["aidetect.stage.train"] == "Cached" and tags["aidetect.stage.crawl.unchanged"] == "true", tags
 
     workspace = Workspace.open(root)
     catalog = read_snapshot(workspace, workspace.ref(latest_snapshot(workspace, "split")))
@@ -186,13 +187,16 @@ def _full_pipeline_then_resume_then_all_cached(tmp_path: Path) -> None:
 
 
 def _check_nested_runs(first: dict[str, Any], failed_run_id: str) -> None:
-    """A child run (tags.mlflow.parentRunId) per stage that ran, from its start to its end, with its state and
-    metrics (train: its epochs); cached stages are only tags of the parent; children stay hidden."""
+    """A child run (tags.mlflow.parentRunId) per stage that computed something, from its start to its end, with its
+    state and metrics (train: its epochs); cached stages, and a crawl that found nothing new since the failed run, are
+    only tags of the parent; children stay hidden."""
     parent = Tracker(first["tracking_uri"], first["mlflow_run_id"])
     children = stage_runs(parent)
     ran = {stage for stage, state in first["states"].items() if state != "Cached"}
-    assert set(children) == ran == {"crawl", "train", "evaluate", "report"}, (first["states"], children)
-    for stage in ran:
+    assert ran == {"crawl", "train", "evaluate", "report"}, first["states"]
+    assert set(children) == ran - {"crawl"}, sorted(children)
+    assert parent.client.get_run(parent.run_id).data.tags["aidetect.stage.crawl.unchanged"] == "true"
+    for stage in ran - {"crawl"}:
         assert children[stage]["state"] == "Completed" and children[stage]["status"] == "FINISHED", children[stage]
         info = parent.client.get_run(children[stage]["run_id"]).info
         span = (info.end_time - info.start_time) / 1000
@@ -229,7 +233,7 @@ def _check_mlflow_server(first: dict[str, Any], root: Path) -> None:
         for r in children["runs"]
         if any(t["key"] == "mlflow.parentRunId" and t["value"] == run_id for t in r["data"].get("tags", []))
     ]
-    assert {r["info"]["run_name"] for r in nested} == {"crawl", "train", "evaluate", "report"}, nested
+    assert {r["info"]["run_name"] for r in nested} == {"train", "evaluate", "report"}, nested  # crawl: nothing new
 
 
 def _post_json(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -9,28 +9,16 @@ import pytest
 
 from pipeline_lib.core.workspace import Workspace
 from pipeline_lib.curate import review
+from tests.flows.browser import chromium
 from tests.flows.gate_helpers import add_images, finished, gate_config, gate_flow, in_thread, wait_until_paused
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 HOSTILE_GROUP = "<img src=x onerror=alert(1)>\"'"  # a folder name: becomes the group shown on the page
 
 
 @pytest.fixture
-def browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[dev])")
-    if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
-        pytest.skip("Debian chromium/chromedriver absent: apt-get install chromium chromium-driver (.ci/run does)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(30)
-    try:
+def browser(tmp_path: Path):
+    with chromium(tmp_path / "profile") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def test_review_page_in_a_browser_resumes_the_paused_run(harness, tmp_path, browser):

@@ -1,69 +1,132 @@
-"""The team setup of deploy/ for real, on loopback, started with deploy/README.md's plain commands: PostgreSQL under an
-MLflow tracking server (artifacts uploaded through it) and a Prefect server, a process work pool and worker, a Dask
-scheduler with worker processes. One deployment run of the whole pipeline, read back through the servers' REST APIs."""
+"""docs/team.md followed on loopback: the page's own code blocks, run in order in one bash session, start the MLflow and
+Prefect servers on PostgreSQL, a Dask scheduler and workers, the Prefect worker (which creates the work pool),
+register the deployments, run the whole pipeline with deploy/team-demo.yaml, show it with `aidetect`, and stop
+everything. The test supplies only what
+the page leaves to the reader: free ports and its own folders in the settings block, and PostgreSQL (its own cluster,
+as an unprivileged user when the tests run as root, for the two blocks that install and stop Debian's). It reads
+the run back through both servers' REST APIs, with every Python process under the network guard."""
 
 from __future__ import annotations
 
-import json
 import re
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, ExitStack
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from typer.testing import CliRunner
 
-from flows.cli import app
-from pipeline_lib.core.config_loader import merge_mappings, read_yaml_mapping
-from pipeline_lib.ops import demo_data
-from tests.flows.mlflow_server import get_json, mlflow_server, post_json
-from tests.flows.team_servers import (
-    chunk_tasks_on,
-    dask_cluster,
-    postgres,
-    prefect_cli,
-    prefect_server,
-    require_postgres,
-)
+from tests.flows import team_page
+from tests.flows.mlflow_server import free_port, get_json, post_json
+from tests.flows.team_servers import chunk_tasks_on, postgres, require_postgres
+from tests.network_guard import guarded_environment, read_log
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
+BLOCKS = [
+    "install", "settings", "databases", "demo-data", "mlflow", "prefect", "dask", "wait",
+    "worker", "deploy", "run", "status", "stop", "stop-postgres",
+]  # fmt: skip
+NEED_ROOT = {"install", "stop-postgres"}  # the test's own cluster stands in for Debian's service
+GIVEN = ["TEAM_HOME", "DB_PASSWORD", "DB_ADDRESS", "MLFLOW_PORT", "PREFECT_PORT", "DASK_PORT", "DASK_DASHBOARD_PORT"]
+KEPT = ["PATH", "MLFLOW_URL", "PREFECT_API_URL", "DASK_ADDRESS"]  # as the page has them (from the given ones)
+KEPT += ["MLFLOW_DISABLE_TELEMETRY", "PREFECT_SERVER_ANALYTICS_ENABLED"]  # the guard: nothing else turns them off
+SERVERS = ["mlflow", "prefect-server", "dask-scheduler", "dask-worker", "prefect-worker"]  # pid files in run/
 STAGES = {"crawl", "ingest", "fingerprint", "dedup", "review", "split", "preprocess", "train", "evaluate", "report"}
-FAST = {
-    "train": {"epochs": 2, "head_only_epochs": 1, "image_size": 32, "weights": "none"},
-    "evaluate": {"bootstrap": 50},
-    "report": {"images_per_cell": 2},
-}
+SECONDS = {"run": 1500, "wait": 900}  # per block; others 600 (a busy machine: a hang guard, not a time limit)
 
 
-def _start_together(stack: ExitStack, servers: list[AbstractContextManager[Any]]) -> list[Any]:
-    """Enter the servers' context managers at the same time (they start in seconds each); all are stopped by stack."""
-    with ThreadPoolExecutor(len(servers)) as pool:
-        started = [pool.submit(server.__enter__) for server in servers]
-    for server, future in zip(servers, started, strict=True):
-        if future.exception() is None:
-            stack.push(server)
-    return [future.result() for future in started]
+def _settings(block: str, values: dict[str, str]) -> str:
+    """The page's settings block with the test's values, from this checkout and its interpreter's folder."""
+    assert sorted(team_page.exported_names(block)) == sorted(GIVEN + KEPT), block
+    block = team_page.replace_once(block, "cd ~/aidetect ", f"cd {ROOT} ")
+    venv = 'export PATH="$PWD/.venv/bin:$PATH"'
+    block = team_page.replace_once(block, venv, f'export PATH="{Path(sys.executable).parent}:$PATH"')
+    return team_page.with_values(block, values)
 
 
-def _team_config(tmp_path: Path, dataset: demo_data.DemoDataset, mlflow: str, dask: str) -> Path:
-    """deploy/team.yaml pointed at these servers, with the demo's small recipe and the demo data as folders."""
-    team, demo = read_yaml_mapping(ROOT / "deploy" / "team.yaml"), read_yaml_mapping(ROOT / "configs" / "demo.yaml")
-    data = merge_mappings(team, demo)
-    folders = [
-        {"path": str(dataset.site_dir), "label": "real", "group_by": "folder"},
-        {"path": str(dataset.ai_dir), "label": "ai", "group_by": "folder", "generator": "synthetic"},
+def _scripts(blocks: dict[str, str], values: dict[str, str], psql: str) -> dict[str, str]:
+    """The blocks the test runs, in page order: the settings with its values, psql on its cluster's superuser."""
+    assert list(blocks) == BLOCKS, f"docs/team.md's blocks changed: {list(blocks)}"
+    scripts = {name: body for name, body in blocks.items() if name not in NEED_ROOT}
+    scripts["settings"] = _settings(blocks["settings"], values)
+    scripts["databases"] = team_page.replace_once(blocks["databases"], "sudo -u postgres psql ", f"{psql} ")
+    assert not [name for name, body in scripts.items() if "sudo" in body], "a block the test runs needs root"
+    return scripts
+
+
+def test_docs_team_md_sets_up_the_servers_runs_the_demo_deployment_and_stops_everything(tmp_path: Path):
+    bindir = require_postgres()
+    env, guard_log = guarded_environment(tmp_path / "guard")  # no PREFECT_* and no telemetry settings of ours
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["PYTHONPATH"] = f"{tmp_path / 'guard'}:{ROOT}"  # this checkout in every process (servers, workers, flows)
+    env["DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP"] = "300s"  # the page's advice for a busy machine (CI's is)
+    ports = {name: str(free_port()) for name in ("MLFLOW_PORT", "PREFECT_PORT", "DASK_PORT", "DASK_DASHBOARD_PORT")}
+    team = tmp_path / "team"
+    with postgres(tmp_path, (), superuser="postgres") as database:
+        address = database.rsplit("@", 1)[1]
+        values = {"TEAM_HOME": str(team), "DB_PASSWORD": "test-only", "DB_ADDRESS": address, **ports}
+        psql = f"{bindir / 'psql'} -h 127.0.0.1 -p {address.split(':')[1]} -U postgres"
+        _follow_the_page(_scripts(team_page.read_blocks(), values, psql), env, team, ports)
+    remote = [entry for entry in read_log(guard_log) if entry["kind"] == "remote"]
+    assert not remote, f"a process tried to connect off the machine: {remote}"
+    assert list((team / "mlflow-artifacts").rglob("index.html")), "the report was not stored by the MLflow server"
+    assert not (team / "workspace" / "mlartifacts").exists(), "artifacts were written into the workspace"
+
+
+def _follow_the_page(scripts: dict[str, str], env: dict[str, str], team: Path, ports: dict[str, str]) -> None:
+    """Every block up to the status one, the checks while the servers run, then the stop block: nothing is left
+    running (after a failure, the processes the page started are stopped here instead)."""
+    pids: dict[str, int] = {}
+    try:
+        with team_page.session(env, ROOT) as shell:
+            out = {name: shell.run(name, scripts[name], SECONDS.get(name, 600)) for name in _until(scripts, "status")}
+            pids.update(_pids(team))
+            _check_run(out, ports, team)
+            stop = shell.run("stop", scripts["stop"], 600)
+            assert not list((team / "run").glob("*.pid")), f"the stop block left pid files:\n{stop}"
+            left = team_page.alive_groups(pids)
+            assert not left, f"still running after the stop block: {left}\n{stop}"
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{_log_tails(team / 'logs')}") from None
+    finally:
+        pids.update(_pids(team))
+        team_page.stop_groups(pids)
+
+
+def _log_tails(folder: Path, lines: int = 25) -> str:
+    """The last lines of each server's log (the page sends them to $TEAM_HOME/logs/)."""
+    tails = [
+        f"--- {log.name}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        for log in sorted(folder.glob("*.log"))
     ]
-    local = {
-        "sources": {"search": [], "folders": folders},
-        "tracking": {"uri": mlflow, "system_metrics_interval_s": 0},
-        "execution": {"workspace": str(tmp_path / "ws"), "dask_address": dask, "chunk_size": 8},
-    }
-    path = tmp_path / "team.yaml"
-    path.write_text(yaml.safe_dump(merge_mappings(merge_mappings(data, FAST), local)), encoding="utf-8")
-    return path
+    return "\n".join(tails)
+
+
+def _until(scripts: dict[str, str], last: str) -> list[str]:
+    names = list(scripts)
+    return names[: names.index(last) + 1]
+
+
+def _pids(team: Path) -> dict[str, int]:
+    return {path.stem: int(path.read_text()) for path in (team / "run").glob("*.pid")}
+
+
+def _check_run(out: dict[str, str], ports: dict[str, str], team: Path) -> None:
+    """What the run left on the servers, and what `aidetect status` and `aidetect ui` showed of it."""
+    assert out["wait"].count("up: ") == 3, out["wait"]
+    assert set(_pids(team)) == set(SERVERS), _pids(team)
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out["run"]).group(1)
+    mlflow, api = f"http://127.0.0.1:{ports['MLFLOW_PORT']}", f"http://127.0.0.1:{ports['PREFECT_PORT']}/api"
+    dask = f"tcp://127.0.0.1:{ports['DASK_PORT']}"
+    flow_run, logs = _flow_run(api, flow_run_id)
+    assert flow_run["state_type"] == "COMPLETED", "\n".join(logs[-40:])
+    assert {d["name"] for d in post_json(api, "/deployments/filter", {})} == {"recrawl-and-retrain", "retrain", "crawl"}
+    ran = chunk_tasks_on(dask)  # the deployment's run mapped its chunks on the cluster's 2 worker processes
+    assert ran["worker_processes"] == 2 and all(ran[part] >= 2 for part in ("validate", "tensor")), ran
+    assert ran["hash"] == 0, f"the validate chunks hashed every image: none left to hash ({ran})"
+    run_id = _check_mlflow(mlflow, flow_run_id, dask)
+    _check_link_artifact(api, flow_run_id, mlflow)
+    assert run_id[:8] in out["status"] and f"MLflow UI: {mlflow}" in out["status"], out["status"]
 
 
 def _flow_run(api: str, flow_run_id: str) -> tuple[dict[str, Any], list[str]]:
@@ -71,40 +134,6 @@ def _flow_run(api: str, flow_run_id: str) -> tuple[dict[str, Any], list[str]]:
     flow_run = get_json(api, f"/flow_runs/{flow_run_id}")
     logs = post_json(api, "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
     return flow_run, [f"{line['level']} {line['message']}" for line in logs]
-
-
-def test_a_deployment_runs_the_pipeline_on_postgres_backed_servers_and_dask_workers(tmp_path: Path):
-    require_postgres()
-    dataset = demo_data.generate_demo_dataset(tmp_path / "data", n_persons_per_class=10, image_size=64, seed=3)
-    with ExitStack() as stack:
-        database = stack.enter_context(postgres(tmp_path, ("mlflow", "prefect")))
-        prefect_db = database.replace("postgresql://", "postgresql+asyncpg://") + "/prefect"
-        servers = [
-            mlflow_server(f"{database}/mlflow", tmp_path / "mlflow-artifacts", proxy=True),
-            prefect_server(tmp_path, prefect_db),
-            dask_cluster(tmp_path, n_workers=2),
-        ]
-        mlflow, env, dask = _start_together(stack, servers)
-        config = _team_config(tmp_path, dataset, mlflow, dask)
-        env = {**env, "PWD": str(ROOT)}  # prefect.yaml's pull step: the flow runs from this checkout
-
-        prefect_cli(env, "work-pool", "create", "aidetect", "--type", "process", cwd=ROOT)
-        deployment = "recrawl-and-retrain"
-        prefect_cli(env, "deploy", "--name", deployment, "--param", f"config_path={config}", cwd=ROOT)
-        created = prefect_cli(env, "deployment", "run", f"aidetect-recrawl-and-retrain/{deployment}", cwd=ROOT)
-        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", created).group(1)
-        prefect_cli(env, "worker", "start", "--pool", "aidetect", "--run-once", cwd=ROOT, timeout=720)
-
-        flow_run, logs = _flow_run(env["PREFECT_API_URL"], flow_run_id)
-        assert flow_run["state_type"] == "COMPLETED", "\n".join(logs[-40:])
-        ran = chunk_tasks_on(dask)  # the deployment's run mapped its chunks on the cluster's 2 worker processes
-        assert ran["worker_processes"] == 2 and all(ran[part] >= 2 for part in ("validate", "tensor")), ran
-        assert ran["hash"] == 0, f"the validate chunks hashed every image: none left to hash ({ran})"
-        run_id = _check_mlflow(mlflow, flow_run_id, dask)
-        _check_link_artifact(env["PREFECT_API_URL"], flow_run_id, mlflow)
-        _check_cli(config, mlflow, run_id)
-    assert list((tmp_path / "mlflow-artifacts").rglob("index.html")), "the report was not stored by the MLflow server"
-    assert not (tmp_path / "ws" / "mlartifacts").exists(), "artifacts were written into the workspace, not the server"
 
 
 def _check_mlflow(base: str, flow_run_id: str, dask: str) -> str:
@@ -119,7 +148,8 @@ def _check_mlflow(base: str, flow_run_id: str, dask: str) -> str:
     assert run["info"]["status"] == "FINISHED" and tags["prefect.flow_run_id"] == flow_run_id
     assert tags["prefect.deployment_id"] and tags["aidetect.stage.train"] == "Completed", tags
     assert params["execution.task_runner"] == "dask" and params["execution.dask_address"] == dask, params
-    assert params["train.model"] == "resnet18" and 0.0 <= metrics["test.accuracy"] <= 1.0
+    assert params["train.model"] == "resnet18" and params["train.weights"] == "none", params
+    assert params["review.mode"] == "auto" and 0.0 <= metrics["test.accuracy"] <= 1.0, params
     datasets = {item["dataset"]["name"]: item["dataset"]["digest"] for item in run["inputs"]["dataset_inputs"]}
     assert set(datasets) == {"catalog-train", "catalog-val", "catalog-test"} and all(datasets.values()), datasets
 
@@ -140,14 +170,3 @@ def _check_link_artifact(api: str, flow_run_id: str, mlflow: str) -> None:
     query = {"artifacts": {"key": {"any_": ["aidetect-mlflow-run"]}, "flow_run_id": {"any_": [flow_run_id]}}}
     (artifact,) = post_json(api, "/artifacts/filter", query)
     assert f"]({mlflow}/#/experiments/" in artifact["data"], artifact["data"]  # a markdown link
-
-
-def _check_cli(config: Path, mlflow: str, run_id: str) -> None:
-    """`aidetect status` lists the run from the tracking server; `aidetect ui` names that server's UI."""
-    runner = CliRunner()
-    status = runner.invoke(app, ["status", "--config", str(config), "--json"])
-    assert status.exit_code == 0, status.output
-    info = json.loads(status.stdout)
-    assert info["tracking_uri"] == mlflow and [run["run_id"] for run in info["runs"]] == [run_id], info
-    ui = runner.invoke(app, ["ui", "--config", str(config)])
-    assert ui.exit_code == 0 and f"MLflow UI: {mlflow}" in ui.output, ui.output

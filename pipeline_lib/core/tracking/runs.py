@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
-from pipeline_lib.core.tracking.store import ensure_experiment, is_server, quiet, ui_address
+from pipeline_lib.core.tracking.store import TRAINING_VIEW_QUERY, ensure_experiment, is_server, quiet, ui_address
 from pipeline_lib.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,9 @@ class Tracker:
         self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
 
     def run_url(self) -> str:
-        """A link to the run in the MLflow UI (relative to the UI's address for embedded stores)."""
+        """A link to the run in the MLflow UI's training view (relative to the UI's address for embedded stores)."""
         run = self.client.get_run(self.run_id)
-        return f"#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
+        return f"#/experiments/{run.info.experiment_id}/runs/{self.run_id}?{TRAINING_VIEW_QUERY}"
 
     def ui_link(self) -> tuple[str, str]:
         """(URL of the run in the MLflow UI of this tracking URI, link text saying whether `aidetect ui` must run)."""

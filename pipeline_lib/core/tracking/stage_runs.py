@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import mlflow
@@ -15,6 +16,7 @@ from pipeline_lib.core.tracking.store import quiet
 
 STAGE_KIND = "stage"  # aidetect.kind of the nested run of one stage (the pipeline's run has kind "pipeline")
 KEY_PARAM_PREFIX = "key."  # params of a stage run: the parts of its cache key (pipeline_lib.core.cachekey)
+OUTPUT_TAG = "aidetect.output_digest"  # tag of a stage run: the content digest of what the stage handed on
 
 
 def stage_run(
@@ -58,8 +60,16 @@ def stage_run(
     return child
 
 
-def previous_stage_keys(parent: Tracker, workspace: str, scan: int = 200) -> dict[str, dict[str, str]]:
-    """Stage name -> the key.* params of its latest run in this workspace under another parent run (one query).
+@dataclass(frozen=True)
+class EarlierStageRun:
+    """What a stage's latest nested run recorded: its key's parts and the digest of its output."""
+
+    key: dict[str, str]
+    output: str = ""  # OUTPUT_TAG; "" when that run recorded none
+
+
+def earlier_stage_runs(parent: Tracker, workspace: str, scan: int = 200) -> dict[str, EarlierStageRun]:
+    """Stage name -> its latest nested run in this workspace under another parent run (one query).
 
     Only the latest `scan` stage runs of the experiment are looked at (other workspaces may share it).
     """
@@ -71,14 +81,15 @@ def previous_stage_keys(parent: Tracker, workspace: str, scan: int = 200) -> dic
             order_by=["attributes.start_time DESC"],
             max_results=scan,
         )
-    found: dict[str, dict[str, str]] = {}
+    found: dict[str, EarlierStageRun] = {}
     for run in runs:
         tags, stage = run.data.tags, run.data.tags.get("aidetect.stage", "")
         if stage in found or tags.get("aidetect.workspace") != workspace:
             continue
         if tags.get("mlflow.parentRunId") != parent.run_id:
             params = run.data.params
-            found[stage] = {k[len(KEY_PARAM_PREFIX) :]: v for k, v in params.items() if k.startswith(KEY_PARAM_PREFIX)}
+            key = {k[len(KEY_PARAM_PREFIX) :]: v for k, v in params.items() if k.startswith(KEY_PARAM_PREFIX)}
+            found[stage] = EarlierStageRun(key, tags.get(OUTPUT_TAG, ""))
     return found
 
 

@@ -12,9 +12,12 @@ from mlflow import MlflowClient
 from pipeline_lib.core.workspace import Workspace
 
 LOCAL_UI_HOST, LOCAL_UI_PORT = "127.0.0.1", 5000  # where `aidetect ui` serves a store that has no server of its own
-# MLflow 3's UI opens an experiment in the view its kind names; without the tag it may guess the GenAI one.
+# The experiment's kind as MLflow 3 records it (set when aidetect creates the experiment, for what reads it).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # the classic training view: runs, metrics, models
+# MLflow 3.17's UI ignores that tag: it takes its view from this query parameter of the page's URL, else from the
+# browser's last choice (GenAI by default, with traces, token usage and evaluations instead of the runs table).
+TRAINING_VIEW_QUERY = "workflowType=machine_learning"
 
 
 def tracking_uri(uri: str | None, workspace: Workspace) -> str:
@@ -30,6 +33,20 @@ def is_server(uri: str) -> bool:
 def ui_address(uri: str) -> str:
     """Where the MLflow UI of a tracking URI is: the server itself, or where `aidetect ui` serves a database store."""
     return uri.rstrip("/") if is_server(uri) else f"http://{LOCAL_UI_HOST}:{LOCAL_UI_PORT}"
+
+
+def experiment_page(ui: str, experiment_id: str | None) -> str:
+    """The page of the MLflow UI at ui to open: the experiment's runs table in the training view (stage runs nested
+    under their pipeline run), or the list of experiments in that view when there is no experiment yet."""
+    path = f"experiments/{experiment_id}/runs" if experiment_id else "experiments"
+    return f"{ui.rstrip('/')}/#/{path}?{TRAINING_VIEW_QUERY}"
+
+
+def find_experiment(uri: str, name: str) -> str | None:
+    """Id of the named experiment, or None when there is none (nothing is created)."""
+    with quiet():
+        experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    return None if experiment is None else experiment.experiment_id
 
 
 def artifact_root(workspace: Workspace) -> str:
