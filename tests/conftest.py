@@ -66,6 +66,21 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 @pytest.fixture(scope="session")
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One Prefect test harness (temporary server + database in tmp) per test process, for every flow test and the
+    benchmarks that run flows; its server sends nothing out. Yields its API URL."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    settings = {PREFECT_HOME: str(tmp_path_factory.mktemp("prefect-home")), PREFECT_SERVER_ANALYTICS_ENABLED: False}
+    with temporary_settings(settings):
+        # a generous limit: on a machine with load 8 on 2 cores the server's first answer can take minutes; pytest's
+        # 1800 s per test (which counts this setup) still ends a server that never answers
+        with prefect_test_harness(server_startup_timeout=480):
+            yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(scope="session")
 def toy_checkpoint_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A resnet18 checkpoint (weights drawn from seed 0, image size 32), made once per test process: read it, or take
     toy_checkpoint to get a copy of one's own."""

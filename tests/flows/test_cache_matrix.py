@@ -39,7 +39,8 @@ from pipeline_lib.ops.status import latest_snapshot, workspace_status
 from tests import checkout_lock
 from tests.conftest import make_image
 
-# One worker builds the matrix (a module fixture) and runs every test of it; its code edits wait for the other tests.
+# One worker builds the matrix (a module fixture) and runs every test of it; each code edit waits for the tests that
+# run in other processes, and holds new ones back until the file is restored.
 pytestmark = [pytest.mark.slow, pytest.mark.edits_checkout, pytest.mark.xdist_group("cache-matrix")]
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -144,6 +145,12 @@ class Edit:
 
 @contextlib.contextmanager
 def _edited(edit: Edit) -> Iterator[None]:
+    """The checkout edited while no other test runs in any process (tests/checkout_lock.py), then restored."""
+    with checkout_lock.editing():
+        yield from _edited_here(edit)
+
+
+def _edited_here(edit: Edit) -> Iterator[None]:
     path = REPO / edit.path
     original = path.read_bytes()
     text = original.decode("utf-8")
@@ -313,25 +320,16 @@ def matrix(harness, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
         shutil.rmtree(folder, ignore_errors=True)  # a dozen ResNet50 checkpoints: about 1.4 GB
 
 
-# The rows from the first code edit to the last run while no other test runs (tests/checkout_lock.py).
-_CODE_ROWS = [index for index, change in enumerate(MATRIX) if change.code is not None]
-EDITING = range(_CODE_ROWS[0], _CODE_ROWS[-1] + 1)
-
-
 def _run_matrix(world: World) -> dict[str, Any]:
     dedup_source = file_sha256(DEDUP_SOURCE)
     rows: dict[str, Row] = {}
     overrides: list[str] = []
-    with demo_data.search_site(world.data) as endpoint, contextlib.ExitStack() as editing:
+    with demo_data.search_site(world.data) as endpoint:
         world.endpoint = endpoint
         lines = [f"{world.listed_url(name)},real,listed-01" for name in ("0.jpg", "1.jpg")]
         world.url_list.write_text("url,label,group\n" + "\n".join(lines) + "\n", encoding="utf-8")
         base = pipeline(world.config(overrides))
-        for index, change in enumerate(MATRIX):
-            if index == EDITING.start:
-                editing.enter_context(checkout_lock.editing())
-            if index == EDITING.stop:
-                editing.close()
+        for change in MATRIX:
             if change.edit is not None:
                 change.edit(world)
             overrides += change.overrides
