@@ -596,6 +596,41 @@ def review_status(workspace: WorkspaceOpt = None):
     )
 
 
+@review_app.command("queue")
+def review_queue(workspace: WorkspaceOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False):
+    """The undecided images in review-queue order: suspicion (0..1), reasons, suggested decision and why.
+
+    Scored by the champion (tracking.registered_model in tracking.uri), else by the newest model trained in the
+    workspace, else by near-duplicate, face and tiny hints alone; features are cached per image and model.
+    """
+    cfg = _config(config, workspace, None, False)
+    ws = _workspace(cfg.execution.workspace)
+    from pipeline_lib.core.catalog import read_parquet_file
+    from pipeline_lib.ops.status import latest_snapshot
+
+    snapshot = latest_snapshot(ws, "dedup")
+    if snapshot is None:
+        _fail("nothing to review yet: run the pipeline (or `aidetect crawl`) first")
+    queue = _score_queue(cfg, ws, read_parquet_file(snapshot))
+    from pipeline_lib.assess.review_queue import queue_lines
+
+    if as_json:
+        rows = queue.rows.assign(reasons=queue.rows["reasons"].map(list)).to_dict("records")
+        typer.echo(json.dumps({"scorer": queue.scorer, "note": queue.note, "images": rows}, indent=2))
+        return
+    _echo(queue_lines(queue, cfg.review.suspicion_threshold))
+
+
+def _score_queue(cfg: PipelineConfig, ws: Workspace, catalog: Any) -> Any:
+    """The review queue of catalog's undecided images, scored as the flow's review-queue stage scores it."""
+    from pipeline_lib.assess.review_queue import QueueSettings, score_queue
+    from pipeline_lib.core.tracking.store import tracking_uri
+
+    settings = QueueSettings(tiny_side=cfg.review.tiny_side, device=cfg.train.device)
+    uri = tracking_uri(cfg.tracking.uri, ws)
+    return score_queue(ws, catalog, uri, cfg.tracking.registered_model, settings, cfg.tracking.trust_pickle)
+
+
 @review_app.command("export")
 def review_export(target: Path, workspace: WorkspaceOpt = None):
     """Write undecided images to a CSV (sha256,label,group,url,decision,reason) to fill in."""
@@ -709,9 +744,15 @@ def review_serve(
     workspace: WorkspaceOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the review page.")] = 8765,
+    config: ConfigOpt = None,
+    queue: Annotated[bool, typer.Option(help="Show the review queue's order, reasons and suggestions.")] = True,
 ):
-    """Serve the review page for the undecided images; 'finish review' resumes a waiting run if there is one."""
-    ws = _workspace(workspace)
+    """Serve the review page for the undecided images; 'finish review' resumes a waiting run if there is one.
+
+    With --queue (the default) the page shows the review queue (`aidetect review queue`): suspects first.
+    """
+    cfg = _config(config, workspace, None, False)
+    ws = _workspace(cfg.execution.workspace)
     from pipeline_lib.core.catalog import read_parquet_file
     from pipeline_lib.curate import review_access, review_server
     from pipeline_lib.curate.review import read_waiting
@@ -736,7 +777,12 @@ def review_serve(
         return review_server.FinishResult(message, accepted)
 
     token = review_access.access_token(host)
-    app_ = review_server.create_app(ws, read_parquet_file(snapshot), on_finish, reviewer="web", token=token)
+    catalog = read_parquet_file(snapshot)
+    rows = _score_queue(cfg, ws, catalog).rows if queue else None
+    threshold = cfg.review.suspicion_threshold
+    app_ = review_server.create_app(
+        ws, catalog, on_finish, reviewer="web", token=token, queue=rows, threshold=threshold
+    )
     if token:
         typer.secho(f"warning: {review_access.exposure_warning(host)}", fg=typer.colors.YELLOW, err=True)
     shown = f"[{host}]" if ":" in host else host

@@ -22,6 +22,7 @@ from pipeline_lib.acquire.crawl_log import crawl_log_path
 from pipeline_lib.acquire.imports import with_imports
 from pipeline_lib.assess import report_content
 from pipeline_lib.assess.registry import alias_for
+from pipeline_lib.assess.review_numbers import REVIEW_METRICS
 from pipeline_lib.core import cachekey, cluster, code_index
 from pipeline_lib.core.config import DedupConfig, ExecutionConfig, IngestConfig, NormalizeConfig, PipelineConfig
 from pipeline_lib.core.tracking.runs import Tracker, code_version, system_metrics
@@ -61,6 +62,7 @@ class StageRecorder:
         self._earlier: dict[str, EarlierStageRun] | None = None  # stage -> its previous nested run
         self.outcome: dict[str, Any] = {}  # what the run's line in the workspace's runs list adds (accuracy, model)
         self.notes: list[str] = []  # the notes of every stage so far (the report's warnings come from them)
+        self.metrics: dict[str, dict[str, float]] = {}  # stage -> its metrics (the report shows the review's)
 
     def run(self, name: str, task: Any, *args: Any, cache: bool = True, **live: Any) -> Any:
         """Run a stage task keyed by its stage key (cache=False: it runs every time); its result.
@@ -96,6 +98,7 @@ class StageRecorder:
             raise
         if isinstance(result, stages.StageResult):
             self.notes += [note for note in result.notes if note not in self.notes]
+            self.metrics[name] = _numbers(result.metrics)
             track.log_stage.fn(self.tracker, name, state.name, result.metrics, result.notes, result.table)
             if result.table:
                 create_table_artifact(result.table, key=f"aidetect-{name}", description=f"{name}: per-source counts")
@@ -452,7 +455,8 @@ def _model_stages(
     # ran now and is handed over live, so that a crawl that fetched nothing new leaves the report cached.
     keyed, health = report_content.split_warning_notes(run.notes)
     held_out = config.split.leave_out_generator
-    report_args = (config.report, title, normalize, device, keyed, trained.history, data_version, held_out)
+    reviewed = {k: v for k, v in run.metrics.get("review", {}).items() if k in REVIEW_METRICS}
+    report_args = (config.report, title, normalize, device, keyed, trained.history, data_version, held_out, reviewed)
     report_ref = run.run(
         "report", stages.make_report, root, trained.model, evaluation, *report_args, health_notes=health
     )

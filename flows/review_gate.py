@@ -16,7 +16,7 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
 
-from pipeline_lib.core.catalog import read_snapshot
+from pipeline_lib.core.catalog import read_snapshot, read_table
 from pipeline_lib.core.config import PipelineConfig, ReviewConfig
 from pipeline_lib.core.workspace import Workspace
 from pipeline_lib.curate import review, review_access
@@ -26,6 +26,7 @@ from tasks import stages
 log = logging.getLogger(__name__)
 
 PAUSE_KEY = "aidetect-review"
+WAITING_MODES = ("require", "assisted")  # the modes whose gate waits for people
 POLL_SECONDS = 2  # how often a paused run asks the API whether it was resumed
 FORM_REVIEWER = "prefect-form"
 
@@ -38,41 +39,72 @@ class ReviewInput(RunInput):
 
 
 def review_stage(config: PipelineConfig, workspace: Workspace, run: Any, deduped: stages.StageResult) -> Any:
-    """Run the review-gate stage; in require mode with pending images wait for people, then run it again.
+    """Run the review-gate stage; in require or assisted mode with pending images wait for people, then run it again.
 
     run is the flow's StageRecorder. Images still pending after the wait never reach training: ReviewPending.
     """
+    queue = _queue(config, workspace, run, deduped)
     try:
-        result = _gate(config, workspace, run, deduped)
+        result = _gate(config, workspace, run, deduped, queue)
     except review.ReviewPending:
-        if config.review.mode != "require":
+        if config.review.mode not in WAITING_MODES:
             raise
     else:
         review.clear_waiting(workspace, str(get_run_context().flow_run.id))  # a resumed suspended run got here
         return result
     catalog = read_snapshot(workspace, deduped.catalog)
+    rows = read_table(workspace, queue.catalog) if queue is not None else None
     pending = len(review.undecided(catalog, review.read_decisions(workspace)))
-    answer = wait_for_review(config.review, workspace, catalog, pending)
+    answer = wait_for_review(config.review, workspace, catalog, pending, rows)
     if answer.approve_remaining:
-        count = review.approve_remaining(workspace, catalog, FORM_REVIEWER, note=answer.note)
+        marks = server.queue_marks(rows)
+        count = len(review.approve_remaining(workspace, catalog, FORM_REVIEWER, note=answer.note, marks=marks))
         get_run_logger().info("approved the %d remaining image(s) (note: %r)", count, answer.note)
     elif answer.note:
         get_run_logger().info("review note: %s", answer.note)
-    return _gate(config, workspace, run, deduped)  # the decisions digest changed: recomputed
+    return _gate(config, workspace, run, deduped, queue)  # the decisions digest changed: recomputed
 
 
-def _gate(config: PipelineConfig, workspace: Workspace, run: Any, deduped: stages.StageResult) -> Any:
-    """The gate keyed by the decisions file; in auto mode the approvals are recorded there first."""
+def _queue(config: PipelineConfig, workspace: Workspace, run: Any, deduped: stages.StageResult) -> Any:
+    """The review queue when people will look (require, assisted), else None; every run scores the undecided images
+    again (features are cached per image and model, so only new images are embedded)."""
+    if config.review.mode not in WAITING_MODES:
+        return None
+    digest = review.decisions_digest(workspace)
+    args = (str(workspace.root), deduped.catalog, digest, config.review, config.tracking, config.train.device)
+    return run.run("review-queue", stages.review_queue, *args, cache=False)
+
+
+def _gate(
+    config: PipelineConfig, workspace: Workspace, run: Any, deduped: stages.StageResult, queue: Any = None
+) -> Any:
+    """The gate keyed by the decisions file; in auto mode the approvals are recorded there first, in assisted mode
+    the model's approvals of the images below review.suspicion_threshold."""
+    logger = get_run_logger()
     if config.review.mode == "auto":
         recorded = review.record_auto_approvals(workspace, read_snapshot(workspace, deduped.catalog))
         if recorded:
-            get_run_logger().info("review.mode auto: %d new image(s) approved (reviewer 'auto')", recorded)
+            logger.info("review.mode auto: %d new image(s) approved (reviewer 'auto')", recorded)
+    elif config.review.mode == "assisted" and queue is not None and not queue.scorer:
+        logger.warning("review.mode assisted behaves as require: %s", queue.why_no_model)
+    elif config.review.mode == "assisted" and queue is not None:
+        marks = server.queue_marks(read_table(workspace, queue.catalog))
+        threshold = config.review.suspicion_threshold
+        catalog = read_snapshot(workspace, deduped.catalog)
+        recorded = review.record_model_approvals(workspace, catalog, marks, threshold, queue.scorer)
+        logger.info(
+            "review.mode assisted: %d image(s) below suspicion %g approved by %s", recorded, threshold, queue.scorer
+        )
     digest = review.decisions_digest(workspace)
-    return run.run("review", stages.review_gate, str(workspace.root), deduped.catalog, digest, config.review)
+    queue_ref = queue.catalog if queue is not None else None
+    return run.run("review", stages.review_gate, str(workspace.root), deduped.catalog, digest, config.review, queue_ref)
 
 
-def wait_for_review(cfg: ReviewConfig, workspace: Workspace, catalog: Any, pending: int) -> ReviewInput:
-    """Pause (serving the review page from this process) or suspend (deployment runs) until resumed."""
+def wait_for_review(
+    cfg: ReviewConfig, workspace: Workspace, catalog: Any, pending: int, queue: Any = None
+) -> ReviewInput:
+    """Pause (serving the review page from this process, in the queue's order) or suspend (deployment runs) until
+    resumed."""
     logger = get_run_logger()
     flow_run = get_run_context().flow_run
     timeout = max(1, round(cfg.timeout_hours * 3600))
@@ -91,9 +123,11 @@ def wait_for_review(cfg: ReviewConfig, workspace: Workspace, catalog: Any, pendi
             token = review_access.access_token(cfg.host)
             if token:
                 logger.warning(review_access.exposure_warning(cfg.host))
+            resumer = page_resumer(flow_run.id)
             app = server.create_app(
-                workspace, catalog, page_resumer(flow_run.id), "web", cfg.thumbnail_size, cfg.tiny_side, token
-            )
+                workspace, catalog, resumer, "web", cfg.thumbnail_size, cfg.tiny_side, token, queue=queue,
+                threshold=cfg.suspicion_threshold,
+            )  # fmt: skip
             with _serving(app, cfg) as base:
                 url = review_access.page_url(base, token)
                 review.write_waiting(workspace, str(flow_run.id), how, pending, url)

@@ -20,6 +20,7 @@ from pipeline_lib.assess import cam, health, report, report_content
 from pipeline_lib.assess import evaluate as evaluate_lib
 from pipeline_lib.assess import plots as plots_lib
 from pipeline_lib.assess import predict as predict_lib
+from pipeline_lib.assess import review_queue as queue_lib
 from pipeline_lib.core import catalog as cat
 from pipeline_lib.core import devices
 from pipeline_lib.core.config import (
@@ -32,8 +33,10 @@ from pipeline_lib.core.config import (
     ReviewConfig,
     SourcesConfig,
     SplitConfig,
+    TrackingConfig,
     TrainConfig,
 )
+from pipeline_lib.core.tracking.store import tracking_uri
 from pipeline_lib.core.workspace import Ref, Workspace
 from pipeline_lib.curate import audit as audit_lib
 from pipeline_lib.curate import dedup as dedup_lib
@@ -158,24 +161,59 @@ def dedup(root: str, catalog: Ref, config: DedupConfig) -> StageResult:
     return StageResult(cat.write_snapshot(workspace, "dedup", result.catalog), metrics, notes)
 
 
+@dataclass(frozen=True)
+class QueueResult(StageResult):
+    """The review queue (catalog: its table, most suspect first), the reviewer name of the model that scored it
+    ("" when none did) and why none did."""
+
+    scorer: str = ""
+    why_no_model: str = ""
+
+
+@task(name="review-queue")
+def review_queue(
+    root: str, catalog: Ref, decisions_digest: str, config: ReviewConfig, tracking: TrackingConfig, device: str = "cpu"
+) -> QueueResult:
+    """Score every undecided image (suspicion, reasons, suggestion) with the champion, else the newest trained model
+    of the workspace (features cached per image and model), and the near-duplicate, face and tiny hints."""
+    workspace = Workspace.create(root)
+    settings = queue_lib.QueueSettings(tiny_side=config.tiny_side, device=device)
+    uri = tracking_uri(tracking.uri, workspace)
+    table = cat.read_snapshot(workspace, catalog)
+    queue = queue_lib.score_queue(workspace, table, uri, tracking.registered_model, settings, tracking.trust_pickle)
+    metrics = {"review.features_computed": float(queue.computed), "review.features_reused": float(queue.reused)}
+    notes = [f"review queue without a model: {queue.note}"] if queue.note else []
+    ref = cat.write_table(workspace, "review", "queue", queue.rows)
+    return QueueResult(ref, metrics, notes, scorer=queue.scorer, why_no_model=queue.note)
+
+
 @task(name="review-gate")
-def review_gate(root: str, catalog: Ref, decisions_digest: str, config: ReviewConfig) -> StageResult:
-    """Apply human decisions; in require mode write the review pack and stop while images are pending.
+def review_gate(
+    root: str, catalog: Ref, decisions_digest: str, config: ReviewConfig, queue: Ref | None = None
+) -> StageResult:
+    """Apply human decisions; in require and assisted mode write the review pack and stop while images are pending.
 
     In auto and off mode nobody looks at a pack, so none is built (`aidetect review pack` builds one on request).
+    queue: the review queue of this run (its counts become the gate's metrics).
     """
     workspace = Workspace.create(root)
-    outcome = review.apply_decisions(
-        cat.read_snapshot(workspace, catalog), review.read_decisions(workspace), config.mode
-    )
-    if config.mode == "require":
+    table = cat.read_snapshot(workspace, catalog)
+    decisions = review.read_decisions(workspace)
+    outcome = review.apply_decisions(table, decisions, config.mode)
+    if config.mode in ("require", "assisted"):
         review_pack.write_review_pack(workspace, outcome.catalog, config.thumbnail_size, config.tiny_side)
     if outcome.pending:
         raise review.ReviewPending(review.pending_message(outcome.pending, workspace))
+    scores = cat.read_table(workspace, queue)["suspicion"] if queue is not None else pd.Series([], dtype=float)
+    numbers = review.model_numbers(decisions, set(table.loc[table["status"] == cat.STATUS_OK, "sha256"]))
     metrics = {
         "review.approved": outcome.approved,
         "review.rejected": outcome.rejected,
         "review.auto_approved": outcome.auto_approved,
+        "review.pending": len(scores),
+        "review.suspects_shown": int((scores >= config.suspicion_threshold).sum()),
+        "review.approved_by_model": numbers["approved_by_model"],
+        "review.model_suspects_overturned": numbers["model_suspects_overturned"],
     }
     return StageResult(cat.write_snapshot(workspace, "review", outcome.catalog), metrics)
 
@@ -470,12 +508,13 @@ def make_report(
     history: list[dict[str, Any]] | None = None,
     data_version: str = "",
     held_out_generator: str | None = None,
+    review_numbers: dict[str, float] | None = None,
     health_notes: list[str] | None = None,
 ) -> Ref:
     """Self-contained HTML report: headline, warnings (notes of the run's stages, health_notes of its crawl: not in
-    the stage key), learning curves (history), then the details (plots, robustness, per-generator scores with
-    held_out_generator marked, every test group counted, Original | Grad-CAM pairs computed on device, each cell's
-    total) and all metrics."""
+    the stage key), learning curves (history), the review gate's numbers (review_numbers), then the details (plots,
+    robustness, per-generator scores with held_out_generator marked, every test group counted, Original | Grad-CAM
+    pairs computed on device, each cell's total) and all metrics."""
     workspace = Workspace.create(root)
     model, meta = models.load_model(model_ref.resolve(workspace))
     device = devices.resolve_device(device)
@@ -519,6 +558,7 @@ def make_report(
         top=report_content.headline(evaluation.metrics, model_name, data_version),
         cell_totals=report_content.cell_counts(predictions),
         held_out_generator=held_out_generator,
+        review=review_numbers,
     )
     return workspace.ref(index)
 

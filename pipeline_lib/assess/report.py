@@ -29,6 +29,7 @@ from pipeline_lib.acquire.safety import is_public_link
 from pipeline_lib.assess.cam import CAM_TARGETS, cam_classes, cam_overlay, compute_cams, png_bytes
 from pipeline_lib.assess.evaluate import CLASS_NAMES, check_images
 from pipeline_lib.assess.report_content import CELL_TITLES, CELLS, report_warnings
+from pipeline_lib.assess.review_numbers import review_rows
 from pipeline_lib.core.workspace import atomic_write_bytes, atomic_write_text
 from pipeline_lib.learn.normalize import ROBUSTNESS_DESCRIPTION, ROBUSTNESS_VARIANTS
 
@@ -254,6 +255,7 @@ def build_report(
     cell_totals: dict[str, int] | None = None,
     held_out_generator: str | None = None,
     reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    review: dict[str, float] | None = None,
 ) -> Path:
     """Write out_dir/index.html (pictures embedded) with img/ and plots/ beside it; index.html is written last.
 
@@ -306,6 +308,7 @@ def build_report(
         "robustness_how": ROBUSTNESS_DESCRIPTION,
         "generators": _generator_rows(per_generator, held_out_generator),
         "held_out_generator": held_out_generator or "",
+        "review": review_rows(review or {}),
     }
     index = atomic_write_text(out_dir / "index.html", render_html(context))
     log.info("report written to %s (%d examples)", index, len(rows))

@@ -134,7 +134,14 @@ class DedupConfig(_Section):
 
 
 class ReviewConfig(_Section):
-    mode: Literal["auto", "require", "off"] = "auto"
+    mode: Literal["auto", "assisted", "require", "off"] = Field(
+        "auto",
+        description="auto: approve everything; assisted: the model approves images below suspicion_threshold and "
+        "the run waits for people on the rest; require: people decide every image; off: no gate.",
+    )
+    suspicion_threshold: float = Field(
+        0.3, gt=0, le=1, description="assisted mode: images of the review queue below this suspicion are approved."
+    )
     thumbnail_size: int = Field(160, ge=32, le=1024)
     timeout_hours: float = Field(72, gt=0, description="How long a paused/suspended run waits at the gate.")
     host: str = Field("127.0.0.1", description="Address of the review page (loopback by default).")

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 DECISIONS = ("approve", "reject")
 AUTO_REVIEWER = "auto"  # the reviewer of approvals that review.mode auto records
-REJECT_REASONS = ("duplicate", "several_people", "unrelated", "other", "")
+MODEL_REVIEWER_PREFIX = "model:"  # review.mode assisted: approvals by model:<name>/<version>
+REJECT_REASONS = ("duplicate", "several_people", "unrelated", "wrong_label", "other", "")
+MODES = ("auto", "assisted", "require", "off")
 
 
 class ReviewError(ValueError):
@@ -45,6 +47,8 @@ class Decision:
     reason: str = ""
     reviewer: str = ""
     when: str = ""
+    score: float | None = None  # the image's suspicion in the review queue when it was decided
+    suggested: str = ""  # what the queue suggested then (approve / reject), "" when there was no queue
 
     def validated(self, known: set[str] | None = None) -> Decision:
         """Return a copy with a timestamp; raise ReviewError if a value is not allowed."""
@@ -52,10 +56,32 @@ class Decision:
             raise ReviewError(f"decision for {self.sha256[:12]} must be one of {DECISIONS}, got {self.decision!r}")
         if self.reason not in REJECT_REASONS:
             raise ReviewError(f"reason for {self.sha256[:12]} must be one of {REJECT_REASONS}, got {self.reason!r}")
+        if self.suggested not in ("", *DECISIONS):
+            raise ReviewError(f"suggestion for {self.sha256[:12]} must be approve or reject, got {self.suggested!r}")
+        if self.score is not None and not 0.0 <= self.score <= 1.0:
+            raise ReviewError(f"score for {self.sha256[:12]} must be in 0..1, got {self.score!r}")
         if known is not None and self.sha256 not in known:
             raise ReviewError(f"no image with sha256 {self.sha256!r} in the catalog")
         when = self.when or datetime.now(UTC).isoformat()
-        return Decision(self.sha256, self.decision, self.reason, self.reviewer, when)
+        return replace(self, when=when)
+
+    def line(self) -> str:
+        """The JSON line written to decisions.jsonl (score and suggestion only when the queue gave them)."""
+        record = {k: v for k, v in asdict(self).items() if k not in ("score", "suggested") or v not in (None, "")}
+        return json.dumps(record, ensure_ascii=False)
+
+    @property
+    def by_model(self) -> bool:
+        """Whether a model made this decision (review.mode assisted)."""
+        return self.reviewer.startswith(MODEL_REVIEWER_PREFIX)
+
+
+@dataclass(frozen=True)
+class Mark:
+    """What the review queue said of one image: its suspicion and the suggested decision."""
+
+    score: float
+    suggested: str
 
 
 def decisions_path(workspace: Workspace) -> Path:
@@ -151,7 +177,7 @@ def append_decisions(workspace: Workspace, decisions: list[Decision], known: set
     A cut-off last line left by a crash is set aside first (decisions.jsonl.damaged), never merged with a new line.
     """
     checked = [decision.validated(known) for decision in decisions]
-    data = b"".join((json.dumps(asdict(d), ensure_ascii=False) + "\n").encode("utf-8") for d in checked)
+    data = b"".join((d.line() + "\n").encode("utf-8") for d in checked)
     with _locked_decisions(workspace) as fd:
         _repair_tail(workspace, fd)
         _write_all(fd, data)
@@ -237,33 +263,45 @@ class GateOutcome:
 
 
 def apply_decisions(catalog: pd.DataFrame, decisions: dict[str, Decision], mode: str) -> GateOutcome:
-    """Apply decisions to status-ok rows; undecided rows are approved (auto/off) or pending (require)."""
-    if mode not in ("auto", "require", "off"):
-        raise ValueError(f"review.mode must be auto, require or off, got {mode!r}")
+    """Apply decisions to status-ok rows; undecided rows are approved (auto/off) or pending (require, assisted)."""
+    if mode not in MODES:
+        raise ValueError(f"review.mode must be one of {', '.join(MODES)}, got {mode!r}")
+    waits = mode in ("require", "assisted")
     out = catalog.copy()
     candidates = out["status"] == STATUS_OK
     decided = out["sha256"].map(lambda sha: decisions[sha].decision if sha in decisions else "")
     rejected = candidates & (decided == "reject")
     undecided = candidates & (decided == "")
     out.loc[rejected, "status"] = STATUS_REJECTED
-    if mode == "require":
+    if waits:
         out.loc[undecided, "status"] = STATUS_PENDING
     by_auto = out["sha256"].map(lambda sha: sha in decisions and decisions[sha].reviewer == AUTO_REVIEWER)
     return GateOutcome(
         catalog=out,
         approved=int((candidates & (decided == "approve")).sum()),
         rejected=int(rejected.sum()),
-        pending=int(undecided.sum()) if mode == "require" else 0,
+        pending=int(undecided.sum()) if waits else 0,
         auto_approved=int((candidates & (decided == "approve") & by_auto).sum())
-        + (int(undecided.sum()) if mode != "require" else 0),
+        + (int(undecided.sum()) if not waits else 0),
     )
+
+
+def model_numbers(decisions: dict[str, Decision], shas: set[str]) -> dict[str, int]:
+    """Of the images shas (latest decisions): approved by a model, and suspects a person approved (overturned)."""
+    latest = [decisions[sha] for sha in shas if sha in decisions]
+    return {
+        "approved_by_model": sum(d.decision == "approve" and d.by_model for d in latest),
+        "model_suspects_overturned": sum(
+            d.suggested == "reject" and d.decision == "approve" and not d.by_model for d in latest
+        ),
+    }
 
 
 def pending_message(pending: int, workspace: Workspace, reason: str = "") -> str:
     """How to continue when the gate stops for review (reason: e.g. that the pause timed out)."""
     lead = f"{reason}: " if reason else ""
     return (
-        f"{lead}{pending} image(s) await review in {workspace.root} (review.mode=require); they do not reach "
+        f"{lead}{pending} image(s) await review in {workspace.root}; they do not reach "
         f"training. To continue: `aidetect review serve --workspace {workspace.root}` (a page on 127.0.0.1), decide "
         f"them, then `aidetect run --workspace {workspace.root}` again: every stage before the gate comes back Cached. "
         f"Alternatives: `aidetect review export todo.csv --workspace {workspace.root}`, fill the decision column "
@@ -279,16 +317,35 @@ def undecided(catalog: pd.DataFrame, decisions: dict[str, Decision]) -> pd.DataF
 
 
 def approve_remaining(
-    workspace: Workspace, catalog: pd.DataFrame, reviewer: str, group: str | None = None, note: str = ""
-) -> int:
-    """Append an approve decision for every undecided image (of one group if given); return the count."""
+    workspace: Workspace,
+    catalog: pd.DataFrame,
+    reviewer: str,
+    group: str | None = None,
+    note: str = "",
+    marks: dict[str, Mark] | None = None,
+    below: float | None = None,
+) -> list[str]:
+    """Append an approve decision for every undecided image (of one group if given; with `below`, only images whose
+    mark scores less); marks add each image's score and suggestion to its line. The approved sha256, in order."""
+    marks = marks or {}
     todo = undecided(catalog, read_decisions(workspace))
     if group is not None:
         todo = todo[todo["group"] == group]
-    decisions = [Decision(sha, "approve", "", reviewer) for sha in todo["sha256"]]
+    shas = [str(sha) for sha in todo["sha256"]]
+    if below is not None:
+        shas = [sha for sha in shas if sha in marks and marks[sha].score < below]
+    decisions = [marked(Decision(sha, "approve", "", reviewer), marks) for sha in shas]
     if note:
         log.info("approve remaining (%s, %d images): %s", reviewer, len(decisions), note)
-    return append_decisions(workspace, decisions) if decisions else 0
+    if decisions:
+        append_decisions(workspace, decisions)
+    return shas
+
+
+def marked(decision: Decision, marks: dict[str, Mark] | None) -> Decision:
+    """The decision with its image's queue mark (score, suggestion) from marks, if any."""
+    mark = (marks or {}).get(decision.sha256)
+    return decision if mark is None else replace(decision, score=round(mark.score, 4), suggested=mark.suggested)
 
 
 def record_auto_approvals(workspace: Workspace, catalog: pd.DataFrame) -> int:
@@ -297,7 +354,17 @@ def record_auto_approvals(workspace: Workspace, catalog: pd.DataFrame) -> int:
     So decisions.jsonl, the review page, `aidetect status` and `review status` say what was trained on. A later
     human decision (a later line) still wins; images decided before keep their decision.
     """
-    return approve_remaining(workspace, catalog, AUTO_REVIEWER)
+    return len(approve_remaining(workspace, catalog, AUTO_REVIEWER))
+
+
+def record_model_approvals(
+    workspace: Workspace, catalog: pd.DataFrame, marks: dict[str, Mark], threshold: float, reviewer: str
+) -> int:
+    """review.mode assisted: approve every undecided image whose suspicion is below threshold, recorded with the
+    model as reviewer and the image's score; return the count. A later human decision (a later line) still wins."""
+    if not reviewer.startswith(MODEL_REVIEWER_PREFIX):
+        raise ValueError(f"a model's reviewer name starts with {MODEL_REVIEWER_PREFIX!r}, got {reviewer!r}")
+    return len(approve_remaining(workspace, catalog, reviewer, marks=marks, below=threshold))
 
 
 # --- the waiting run (written by the gate, read by `aidetect review done` and the review page) ---

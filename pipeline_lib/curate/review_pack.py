@@ -48,7 +48,7 @@ def review_hints(
             for sha in members["sha256"].drop_duplicates():
                 hints.setdefault(sha, []).append(Hint(f"cross-group duplicate: {', '.join(groups)}", True))
     if face_rows is not None and len(face_rows):
-        counts = _face_hints(workspace, face_rows)
+        counts = face_hints(workspace, face_rows)
         for sha, hint in counts.items():
             hints.setdefault(sha, []).insert(0, hint)
     return hints
@@ -59,7 +59,7 @@ def faces_path(workspace: Workspace) -> Path:
     return workspace.review / f"faces-{producer_code(*FACE_PRODUCERS)}.json"
 
 
-def _face_hints(workspace: Workspace, rows: pd.DataFrame) -> dict[str, Hint]:
+def face_hints(workspace: Workspace, rows: pd.DataFrame) -> dict[str, Hint]:
     """Face hints per sha256, remembered in faces_path (an image's content never changes; a change of the face
     counting code counts again)."""
     cache_path = faces_path(workspace)

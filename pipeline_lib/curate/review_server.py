@@ -33,11 +33,17 @@ class DecisionIn(BaseModel):
 
     sha256: str = Field(min_length=1, max_length=128)
     decision: Literal["approve", "reject"]
-    reason: Literal["", "duplicate", "several_people", "unrelated", "other"] = ""
+    reason: Literal["", "duplicate", "several_people", "unrelated", "wrong_label", "other"] = ""
 
 
 class GroupIn(BaseModel):
     group: str
+
+
+class BelowIn(BaseModel):
+    """'approve every remaining image below suspicion X'."""
+
+    threshold: float = Field(ge=0, le=1)
 
 
 class FinishIn(BaseModel):
@@ -82,11 +88,15 @@ def create_app(
     token: str | None = None,
     allowed_hosts: tuple[str, ...] = (),
     max_pixels: int = review_pack.THUMBNAIL_MAX_PIXELS,
+    queue: pd.DataFrame | None = None,
+    threshold: float = 0.5,
 ) -> FastAPI:
     """The review app for the images of catalog that are undecided now (ok/pending rows without a decision).
 
     token: required on every request when set (see access_token: the page listens beyond loopback);
-    allowed_hosts: extra Host names to answer for (e.g. a reverse proxy's name).
+    allowed_hosts: extra Host names to answer for (e.g. a reverse proxy's name);
+    queue: the review queue's rows (assess.review_queue): the page shows its order, reasons and suggestions, and
+    every decision made here records the image's suspicion and the suggestion; threshold: where suspects end.
     """
     candidates = catalog[catalog["status"].isin([STATUS_OK, STATUS_PENDING])].drop_duplicates("sha256")
     decided_before = review.read_decisions(workspace)
@@ -95,7 +105,8 @@ def create_app(
     todo_shas = list(todo["sha256"])
     paths = thumbnail_paths(catalog, todo, set(decided_before) & set(catalog["sha256"]))
     review_pack.thumbnails_made_now(workspace, thumbnail_size)
-    hints = review_pack.review_hints(workspace, catalog, todo, tiny_side)
+    marks = queue_marks(queue)
+    hints = {} if marks else review_pack.review_hints(workspace, catalog, todo, tiny_side)  # the queue has them
     lock = threading.Lock()
     finished: dict[str, object] = {}
     app = FastAPI(title="aidetect review", docs_url=None, redoc_url=None, openapi_url=None)
@@ -108,7 +119,8 @@ def create_app(
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
         decided = review.read_decisions(workspace)
-        return render_page(catalog, todo, decided, hints, progress(), review.read_waiting(workspace) is not None)
+        waiting = review.read_waiting(workspace) is not None
+        return render_page(catalog, todo, decided, hints, progress(), waiting, queue, threshold)
 
     @app.get("/api/progress")
     def get_progress() -> dict[str, object]:
@@ -133,9 +145,8 @@ def create_app(
         if item.decision == "approve" and item.reason:
             raise HTTPException(422, "an approve decision takes no reason")
         with lock:
-            review.append_decisions(
-                workspace, [review.Decision(item.sha256, item.decision, item.reason, reviewer)], known
-            )
+            decision = review.Decision(item.sha256, item.decision, item.reason, reviewer)
+            review.append_decisions(workspace, [review.marked(decision, marks)], known)
         return progress() | {"sha256": item.sha256, "decision": item.decision, "reason": item.reason}
 
     @app.post("/api/approve-rest")
@@ -143,16 +154,23 @@ def create_app(
         if item.group not in set(todo["group"]):
             raise HTTPException(404, f"no group {item.group!r} among the images to review")
         with lock:
-            before = set(review.read_decisions(workspace))
-            review.approve_remaining(workspace, todo, reviewer, group=item.group)
-        approved = [sha for sha in todo[todo["group"] == item.group]["sha256"] if sha not in before]
+            approved = review.approve_remaining(workspace, todo, reviewer, group=item.group, marks=marks)
+        return progress() | {"approved": approved}
+
+    @app.post("/api/approve-below")
+    def approve_below(item: BelowIn) -> dict[str, object]:
+        if not marks:
+            raise HTTPException(409, "this page shows no review queue: there is no suspicion to approve below")
+        with lock:
+            approved = review.approve_remaining(workspace, todo, reviewer, marks=marks, below=item.threshold)
+        log.info("review page: %d image(s) below suspicion %g approved by %s", len(approved), item.threshold, reviewer)
         return progress() | {"approved": approved}
 
     @app.post("/api/finish")
     def finish(item: FinishIn) -> dict[str, object]:
         with lock:
             if item.approve_remaining:
-                review.approve_remaining(workspace, todo, reviewer, note=item.note)
+                review.approve_remaining(workspace, todo, reviewer, note=item.note, marks=marks)
             state = progress()
             left = state["total"] - state["decided"]
             if on_finish is not None:
@@ -167,6 +185,16 @@ def create_app(
         return state | {"message": result.message, "resumed": result.resumed}
 
     return app
+
+
+def queue_marks(queue: pd.DataFrame | None) -> dict[str, review.Mark]:
+    """sha256 -> the queue's suspicion and suggestion (empty without a queue)."""
+    if queue is None or queue.empty:
+        return {}
+    return {
+        str(sha): review.Mark(float(score), str(suggested))
+        for sha, score, suggested in zip(queue["sha256"], queue["suspicion"], queue["suggested"], strict=True)
+    }
 
 
 @contextmanager

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from pipeline_lib.core import devices
-from pipeline_lib.core.code_index import CodeIndex, producer_parts
+from pipeline_lib.core.code_index import CodeIndex, producer_digest, producer_parts
 from pipeline_lib.core.config import NormalizeConfig
 from pipeline_lib.core.progress import progress
 from pipeline_lib.core.workspace import Workspace, atomic_write_bytes, atomic_write_text, digest_of
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 FEATURES_FOLDER = "features"
 ABOUT_FILE = "extractor.json"
 KEY_LENGTH = 32  # hex digits of a cache folder's name (128 bits)
+PENULTIMATE = "penultimate"  # the block of a classifier's vector that its head reads
 
 LoadFn = Callable[[Path, str], np.ndarray]  # (image file, its sha256) -> the model's input for that one image
 ForwardFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, stacked inputs on the device) -> [N, dim]
@@ -57,7 +58,9 @@ class Extractor:
 
     name: what people call it ("champion:aidetect/3", "resnet50:imagenet"); identity: the parts that change the
     output (weights digest, input size, normalisation); producers: the functions (and classes) whose code makes the
-    features, for producer_digest; load: one file -> model input; forward: a batch -> [N, dim] features.
+    features, for producer_digest; load: one file -> model input; forward: a batch -> [N, dim] features; blocks:
+    named consecutive column ranges of a vector (name, width), e.g. the penultimate features then pooled early ones
+    (default: one block, "features").
     """
 
     name: str
@@ -69,6 +72,7 @@ class Extractor:
     dim: int
     batch_size: int = 32
     details: Mapping[str, Any] = field(default_factory=dict)  # written to extractor.json, never part of the key
+    blocks: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -79,6 +83,16 @@ class Extractor:
             raise ValueError(
                 f"extractor {self.name!r}: dim and batch_size must be >= 1, got {self.dim}, {self.batch_size}"
             )
+        if self.blocks and sum(width for _, width in self.blocks) != self.dim:
+            raise ValueError(f"extractor {self.name!r}: its blocks {self.blocks} do not add up to dim {self.dim}")
+
+    def block_slices(self) -> dict[str, slice]:
+        """name -> the columns of that block in a feature vector."""
+        slices, start = {}, 0
+        for name, width in self.blocks or (("features", self.dim),):
+            slices[name] = slice(start, start + width)
+            start += width
+        return slices
 
 
 @dataclass(frozen=True)
@@ -103,10 +117,11 @@ def state_digest(model: nn.Module) -> str:
 
 
 def key_parts(extractor: Extractor, index: CodeIndex | None = None) -> dict[str, str]:
-    """The parts of a cache key: name, identity.* and the producers' code and library parts."""
+    """The parts of a cache key: name, identity.* and code, the producers' digest (code_index.producer_digest,
+    remembered per process when no index is given)."""
     parts = {"name": extractor.name}
     parts |= {f"identity.{name}": str(value) for name, value in extractor.identity.items()}
-    return parts | producer_parts(*extractor.producers, index=index)
+    return parts | {"code": producer_digest(*extractor.producers, index=index)}
 
 
 def cache_key(extractor: Extractor, index: CodeIndex | None = None) -> str:
@@ -118,11 +133,16 @@ def _key_of(parts: Mapping[str, str]) -> str:
     return digest_of(*(f"{name}={value}" for name, value in sorted(parts.items())))[:KEY_LENGTH]
 
 
+def features_root(workspace: Workspace) -> Path:
+    """cache/features: one folder per extractor key."""
+    return workspace.cache / FEATURES_FOLDER
+
+
 def feature_path(workspace: Workspace, key: str, sha256: str) -> Path:
     """cache/features/<key>/<sha[:2]>/<sha256>.npy."""
     if len(sha256) < 3 or any(c not in "0123456789abcdef" for c in sha256):
         raise ValueError(f"sha256 must be a lowercase hex digest, got {sha256!r}")
-    return workspace.cache / FEATURES_FOLDER / key / sha256[:2] / f"{sha256}.npy"
+    return features_root(workspace) / key / sha256[:2] / f"{sha256}.npy"
 
 
 def _read_vector(path: Path, dim: int) -> np.ndarray | None:
@@ -148,8 +168,9 @@ def _write_vector(path: Path, vector: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue(), durable=False)
 
 
-def _write_about(folder: Path, extractor: Extractor, parts: Mapping[str, str]) -> None:
-    """extractor.json: what made this folder (for people; the key already says everything the cache needs)."""
+def _write_about(folder: Path, extractor: Extractor, parts: Mapping[str, str], index: CodeIndex | None) -> None:
+    """extractor.json: what made this folder, the producers' code parts included (for people; the key already says
+    everything the cache needs)."""
     target = folder / ABOUT_FILE
     if target.is_file():
         return
@@ -157,6 +178,7 @@ def _write_about(folder: Path, extractor: Extractor, parts: Mapping[str, str]) -
         "name": extractor.name,
         "dim": extractor.dim,
         "key_parts": dict(sorted(parts.items())),
+        "code_parts": dict(sorted(producer_parts(*extractor.producers, index=index).items())),
         "details": dict(extractor.details),
         "created": datetime.now(UTC).isoformat(),
     }
@@ -233,7 +255,7 @@ def embed(
             rows[sha] = vector
     missing = [(sha, Path(images[sha])) for sha in shas if sha not in rows]
     if missing:
-        _write_about(workspace.cache / FEATURES_FOLDER / key, extractor, parts)
+        _write_about(workspace.cache / FEATURES_FOLDER / key, extractor, parts, index)
         computed = _compute(extractor, missing, devices.resolve_device(device))
         for (sha, _), vector in zip(missing, computed, strict=True):
             _write_vector(feature_path(workspace, key, sha), vector)
@@ -252,15 +274,34 @@ def classifier_input(path: Path, sha256: str, size: int, policy: NormalizeConfig
     return decode_image(path, size, policy, sha256)
 
 
-def classifier_forward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def penultimate_forward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """A Classifier's penultimate features (the head's input) for a uint8 batch."""
     return model.features(batch.float() / 255.0)
+
+
+def classifier_forward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """A Classifier's penultimate features (the head's input), then its first stage's output averaged over the
+    image (colour and texture), for a uint8 batch; the penultimate features alone for a backbone without a
+    convolutional first stage (a vision transformer)."""
+    stage = models.first_stage(model)
+    if stage is None:
+        return penultimate_forward(model, batch)
+    early: list[torch.Tensor] = []
+    hook = stage.register_forward_hook(lambda _m, _i, out: early.append(out.mean(dim=(2, 3))))
+    try:
+        late = model.features(batch.float() / 255.0)
+    finally:
+        hook.remove()
+    return torch.cat([late, early[0]], dim=1)
 
 
 def classifier_extractor(
     model: models.Classifier, name: str, image_size: int, policy: NormalizeConfig | None = None, batch_size: int = 32
 ) -> Extractor:
-    """An Extractor of a trained Classifier: name e.g. "champion:aidetect/3", keyed by its weights, size and policy."""
+    """An Extractor of a trained Classifier: name e.g. "champion:aidetect/3", keyed by its weights, size and policy.
+
+    Its vectors hold two blocks: the penultimate features (PENULTIMATE, what the head reads) and the first stage's
+    pooled output ("first_stage")."""
     if not isinstance(model, models.Classifier):
         raise TypeError(f"classifier_extractor needs a learn.models.Classifier, got {type(model).__name__}")
     active = policy if policy is not None and policy.mode != "none" else None
@@ -270,6 +311,7 @@ def classifier_extractor(
         "image_size": str(image_size),
         "normalize": "none" if active is None else json.dumps(active.model_dump(mode="json"), sort_keys=True),
     }
+    early = _first_stage_width(model)
     return Extractor(
         name=name,
         identity=identity,
@@ -277,6 +319,15 @@ def classifier_extractor(
         model=model,
         load=functools.partial(classifier_input, size=image_size, policy=active),
         forward=classifier_forward,
-        dim=model.feature_count,
+        dim=model.feature_count + early,
         batch_size=batch_size,
+        blocks=((PENULTIMATE, model.feature_count), ("first_stage", early))[: 2 if early else 1],
     )
+
+
+def _first_stage_width(model: models.Classifier) -> int:
+    """Channels of model's first stage (0 without one): a forward of a tiny image tells them."""
+    if models.first_stage(model) is None:
+        return 0
+    with _evaluating(model, "cpu"), torch.inference_mode():
+        return classifier_forward(model, torch.zeros((1, 3, 32, 32), dtype=torch.uint8)).shape[1] - model.feature_count

@@ -403,6 +403,19 @@ def is_probe(model: nn.Module) -> bool:
     return isinstance(model, Classifier) and heads.is_probe(model.head_spec)
 
 
+def first_stage(model: nn.Module) -> nn.Module | None:
+    """The first stage of the backbone (resnet layer1, efficientnet and convnext features[1]): its pooled output
+    describes colour and texture, which the penultimate features of a trained classifier may no longer tell apart.
+    None for a foundation backbone (its tokens have no convolutional first stage to pool)."""
+    if not isinstance(model, Classifier):
+        raise TypeError(f"first_stage needs a pipeline_lib.learn.models.Classifier, got {type(model).__name__}")
+    if foundation.is_foundation(model.name):
+        return None
+    if model.name.startswith("resnet"):
+        return model.backbone.layer1
+    return model.backbone.features[1]
+
+
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached, contiguous CPU copy of a state dict (loadable anywhere)."""
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}

@@ -68,10 +68,10 @@ def backbone_extractor(
     return features.Extractor(
         name=f"backbone:{model.name}",
         identity=identity,
-        producers=(features.classifier_input, features.classifier_forward, models.Classifier),
+        producers=(features.classifier_input, features.penultimate_forward, models.Classifier),
         model=model,
         load=functools.partial(features.classifier_input, size=image_size, policy=active),
-        forward=features.classifier_forward,
+        forward=features.penultimate_forward,
         dim=model.feature_count,
         batch_size=batch_size,
         details={"backbone": model.name},

@@ -1,9 +1,10 @@
 """The per-image caches a run reads, and a fresh start of them for --refresh-cache.
 
 Each per-image cache keeps entries per image across runs (validation records, perceptual hashes, tensors, face
-hints, review thumbnails) and is named by the digest of the code that makes its entries (code_index.producer_code):
-a change of that code starts a new cache on the next plain run. --refresh-cache removes the current ones of the
-run's config before its stages run, so that every entry it needs is made again by the code now.
+hints, review thumbnails, the features of the review queue and of probes) and is named by the digest of the code
+that makes its entries (code_index.producer_code): a change of that code starts a new cache on the next plain run.
+--refresh-cache removes the current ones of the run's config before its stages run, so that every entry it needs is
+made again by the code now.
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ from pipeline_lib.acquire import fingerprint, ingest
 from pipeline_lib.core.config import PipelineConfig
 from pipeline_lib.core.workspace import Workspace
 from pipeline_lib.curate import review, review_pack
-from pipeline_lib.learn import preprocess
+from pipeline_lib.learn import features, preprocess
 
 log = logging.getLogger(__name__)
 
 
 def data_caches(workspace: Workspace, config: PipelineConfig) -> list[Path]:
-    """The caches of the data stages under config: validation records, hashes, face hints, review thumbnails."""
+    """The caches of the data stages under config: validation records, hashes, face hints, review thumbnails, and
+    every model's per-image features (the review queue, before the gate, is the first stage to read them; a probe
+    reads them again after it)."""
     return [
         ingest.records_folder(workspace, config.ingest),
         fingerprint.cache_path(workspace, config.dedup.algorithm, config.dedup.hash_size),
         review_pack.faces_path(workspace),
         review.thumbnail_folder(workspace),
+        features.features_root(workspace),
     ]
 
 

@@ -152,3 +152,63 @@ def test_recrawl_asks_only_about_new_images_and_rejected_stays_rejected(workspac
     assert list(undecided(grown, read_decisions(workspace))["sha256"]) == ["n".ljust(64, "0")]
     outcome = apply_decisions(grown, read_decisions(workspace), "require")
     assert outcome.catalog.status[0] == "rejected" and outcome.pending == 1
+
+
+def test_assisted_mode_waits_like_require_and_model_approvals_record_who_and_the_score(workspace):
+    from pipeline_lib.curate.review import Mark, model_numbers, record_model_approvals
+
+    catalog = _catalog(workspace)
+    shas = list(catalog.sha256[:3])
+    marks = {shas[0]: Mark(0.05, "approve"), shas[1]: Mark(0.2, "approve"), shas[2]: Mark(0.9, "reject")}
+    assert record_model_approvals(workspace, catalog, marks, 0.3, "model:aidetect/3") == 2
+    lines = [json.loads(line) for line in (workspace.review / "decisions.jsonl").read_text().splitlines()]
+    assert [(line["sha256"], line["reviewer"], line["score"]) for line in lines] == [
+        (shas[0], "model:aidetect/3", 0.05),
+        (shas[1], "model:aidetect/3", 0.2),
+    ], "one line per image below the threshold, with the model as reviewer and the image's suspicion"
+    outcome = apply_decisions(catalog, read_decisions(workspace), "assisted")
+    assert outcome.pending == 1 and outcome.catalog.status[2] == "pending_review", "the suspect waits for a person"
+    assert model_numbers(read_decisions(workspace), set(shas)) == {
+        "approved_by_model": 2,
+        "model_suspects_overturned": 0,
+    }
+    with pytest.raises(ValueError, match="model:"):
+        record_model_approvals(workspace, catalog, marks, 0.3, "someone")
+
+
+def test_a_later_human_decision_overrides_the_model_and_overturned_suspects_are_counted(workspace):
+    from pipeline_lib.curate.review import Mark, marked, model_numbers, record_model_approvals
+
+    catalog = _catalog(workspace)
+    shas = list(catalog.sha256[:3])
+    marks = {shas[0]: Mark(0.1, "approve"), shas[1]: Mark(0.15, "approve"), shas[2]: Mark(0.8, "reject")}
+    record_model_approvals(workspace, catalog, marks, 0.3, "model:aidetect/3")
+    person = [
+        marked(Decision(shas[0], "reject", "unrelated", "me"), marks),
+        marked(Decision(shas[2], "approve", "", "me"), marks),
+    ]
+    append_decisions(workspace, person)
+    decisions = read_decisions(workspace)
+    assert decisions[shas[0]].decision == "reject" and decisions[shas[0]].reviewer == "me", "the person wins"
+    assert decisions[shas[2]].suggested == "reject" and decisions[shas[2]].score == 0.8
+    outcome = apply_decisions(catalog, decisions, "assisted")
+    assert outcome.catalog.status[0] == "rejected" and outcome.pending == 0
+    assert model_numbers(decisions, set(shas)) == {"approved_by_model": 1, "model_suspects_overturned": 1}
+    assert record_model_approvals(workspace, catalog, marks, 0.3, "model:aidetect/4") == 0, "decided images stay"
+
+
+def test_score_and_suggestion_are_written_only_when_known_and_checked(workspace):
+    append_decisions(workspace, [Decision("a" * 64, "approve", "", "me")])
+    assert set(json.loads((workspace.review / "decisions.jsonl").read_text())) == {
+        "sha256",
+        "decision",
+        "reason",
+        "reviewer",
+        "when",
+    }, "a decision without a queue keeps the old line format"
+    with pytest.raises(ReviewError, match="0..1"):
+        append_decisions(workspace, [Decision("b" * 64, "approve", "", "me", score=1.5)])
+    with pytest.raises(ReviewError, match="approve or reject"):
+        append_decisions(workspace, [Decision("b" * 64, "approve", "", "me", suggested="maybe")])
+    with pytest.raises(ValueError, match="assisted"):
+        apply_decisions(_catalog(workspace), {}, "sometimes")

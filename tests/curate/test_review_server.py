@@ -171,3 +171,58 @@ def test_concurrent_thumbnail_requests_never_share_a_temporary_file(workspace):
         with ThreadPoolExecutor(8) as pool:
             bodies = list(pool.map(fetch, range(16)))
     assert all(body[:2] == b"\xff\xd8" for body in bodies) and len(set(bodies)) == 1
+
+
+def _queue(catalog, scores):
+    """Queue rows for the catalog's images with these suspicions (most suspect first, as the queue sorts them)."""
+    import pandas as pd
+
+    rows = [
+        {
+            "sha256": sha,
+            "label": label,
+            "group": group,
+            "suspicion": score,
+            "suggested": "reject" if score >= 0.5 else "approve",
+            "reject_reason": "wrong_label" if score >= 0.5 else "",
+            "why": f"model says so ({score})",
+            "reasons": [f"model says so ({score})", "no face found"],
+        }
+        for sha, label, group, score in zip(catalog.sha256, catalog.label, catalog.group, scores, strict=True)
+    ]
+    return pd.DataFrame(rows).sort_values("suspicion", ascending=False).reset_index(drop=True)
+
+
+def test_with_a_queue_the_page_shows_suspects_first_with_reasons_and_the_suggestion(workspace):
+    catalog = _catalog(workspace)
+    queue = _queue(catalog, [0.1, 0.95, 0.2, 0.6])
+    page = TestClient(create_app(workspace, catalog, queue=queue, threshold=0.5)).get("/").text
+    order = [sha for sha in queue.sha256 if f"data-sha='{sha}'" in page]
+    positions = [page.index(f"data-sha='{sha}'") for sha in order]
+    assert positions == sorted(positions) and len(order) == 4, "cards in queue order"
+    suspects = page[page.index("id='suspects'") : page.index("id='rest'")]
+    assert catalog.sha256[1] in suspects and catalog.sha256[3] in suspects and catalog.sha256[0] not in suspects
+    assert "model says so (0.95)" in suspects and "suggested: <b>reject (wrong_label)</b>" in suspects
+    assert "data-suggested='reject'" in suspects and "<option value='wrong_label' selected>" in suspects
+    assert "approve every remaining image below suspicion" in page
+
+
+def test_decisions_on_the_queue_page_record_score_and_suggestion_and_approve_below_is_per_image(workspace):
+    catalog = _catalog(workspace)
+    queue = _queue(catalog, [0.1, 0.95, 0.2, 0.6])
+    client = TestClient(create_app(workspace, catalog, reviewer="web", queue=queue, threshold=0.5))
+    sha = catalog.sha256[1]
+    assert client.post("/api/decisions", json={"sha256": sha, "decision": "approve"}).status_code == 200
+    response = client.post("/api/approve-below", json={"threshold": 0.5})
+    assert response.status_code == 200, response.text
+    assert sorted(response.json()["approved"]) == sorted([catalog.sha256[0], catalog.sha256[2]])
+    lines = [json.loads(line) for line in _lines(workspace)]
+    assert (lines[0]["sha256"], lines[0]["score"], lines[0]["suggested"]) == (sha, 0.95, "reject")
+    assert {(line["sha256"], line["reviewer"], line["score"]) for line in lines[1:]} == {
+        (catalog.sha256[0], "web", 0.1),
+        (catalog.sha256[2], "web", 0.2),
+    }, "one line per image below the threshold, with its score"
+    assert response.json()["decided"] == 3 and catalog.sha256[3] not in read_decisions(workspace), "the suspect waits"
+    assert client.post("/api/approve-below", json={"threshold": 2}).status_code == 422
+    plain = TestClient(create_app(workspace, catalog))
+    assert plain.post("/api/approve-below", json={"threshold": 0.5}).status_code == 409, "no queue, no suspicion"

@@ -25,12 +25,12 @@ from tests.conftest import make_image
 @flow(name="aidetect-review-gate-test")
 def gate_flow(config: PipelineConfig) -> dict[str, Any]:
     """The pipeline's data stages up to and including the review gate (no split/training: fast)."""
-    with tracked_stages(config, "gate-test", {"aidetect.kind": "test"}) as (workspace, run, _):
+    with tracked_stages(config, "gate-test", {"aidetect.kind": "test"}) as (workspace, run, tracker):
         _, ingested = _crawl_and_ingest(config, workspace, run)
         deduped = fingerprint_and_dedup(config, workspace, run, ingested)
         approved = review_gate.review_stage(config, workspace, run, deduped)
         statuses = read_snapshot(workspace, approved.catalog)["status"].value_counts().to_dict()
-    return {"states": run.states, "statuses": statuses}
+    return {"states": run.states, "statuses": statuses, "mlflow_run_id": tracker.run_id}
 
 
 def add_images(data: Path, label: str, group: str, seeds: range) -> None:

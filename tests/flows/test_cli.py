@@ -206,6 +206,15 @@ def test_crawl_then_review_export_apply_status_serve_and_done(harness, tmp_path:
     assert json.loads(runner.invoke(app, ["status", "-w", str(ws), "--json"]).stdout)["images"] == 8
     cfg = load_config(tmp_path / "crawl.yaml", [f"execution.workspace={ws}", "review.mode=off"])
     gate_flow(cfg)  # crawl, ingest, fingerprint, dedup (the review pack needs the dedup snapshot)
+    result = runner.invoke(app, ["review", "queue", "--workspace", str(ws), "--json"])
+    assert result.exit_code == 0, result.output
+    queue = json.loads(result.stdout)
+    assert queue["scorer"] == "" and queue["note"].startswith("no champion and no trained model"), queue
+    assert len(queue["images"]) == 8 and set(queue["images"][0]) == {
+        "sha256", "label", "group", "suspicion", "suggested", "reject_reason", "why", "reasons"
+    }, queue["images"][0]  # fmt: skip
+    text = runner.invoke(app, ["review", "queue", "--workspace", str(ws)]).stdout.splitlines()
+    assert text[0].startswith("8 image(s) to review") and len(text) == 9, text
     todo = tmp_path / "todo.csv"
     result = runner.invoke(app, ["review", "export", str(todo), "--workspace", str(ws)])
     assert result.exit_code == 0 and "8 undecided image(s)" in result.stdout, result.output

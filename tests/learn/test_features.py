@@ -190,19 +190,29 @@ def test_an_unreadable_image_is_named_and_nothing_of_its_batch_is_stored(
     assert not features.feature_path(workspace, key, "ab" * 32).exists()
 
 
-def test_a_classifier_extractor_gives_its_penultimate_features_and_leaves_the_model_as_it_was(
+def test_a_classifier_extractor_gives_its_penultimate_and_first_stage_features_and_leaves_the_model_as_it_was(
     workspace: Workspace, tmp_path: Path, index: CodeIndex
 ) -> None:
     images = _images(workspace, tmp_path, range(2))
     model = models.Classifier("resnet18").train()
     extractor = features.classifier_extractor(model, "champion:aidetect/1", 32)
-    assert extractor.dim == 512 and extractor.identity["weights"] == features.state_digest(model)
+    assert extractor.dim == 512 + 64 and extractor.identity["weights"] == features.state_digest(model)
+    blocks = extractor.block_slices()
+    assert blocks == {features.PENULTIMATE: slice(0, 512), "first_stage": slice(512, 576)}
     result = features.embed(workspace, extractor, images, index=index)
     assert model.training, "the caller's model is back in training mode"
     batch = torch.from_numpy(np.stack([decode_image(path, 32, None, sha) for sha, path in images.items()]))
     with torch.inference_mode():
-        expected = model.eval().features(batch.float() / 255.0).numpy()
-    np.testing.assert_allclose(result.matrix, expected, rtol=1e-4, atol=1e-5)
+        x = batch.float() / 255.0
+        penultimate = model.eval().features(x).numpy()
+        backbone = model.backbone
+        early = backbone.layer1(
+            backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1((x - model.mean) / model.std))))
+        )
+    np.testing.assert_allclose(result.matrix[:, blocks[features.PENULTIMATE]], penultimate, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        result.matrix[:, blocks["first_stage"]], early.mean(dim=(2, 3)).numpy(), rtol=1e-4, atol=1e-5
+    )
     other = features.classifier_extractor(models.Classifier("resnet18"), "champion:aidetect/1", 32)
     assert features.cache_key(other, index) != result.key, "other weights under the same name are another model"
     bigger = features.classifier_extractor(model, "champion:aidetect/1", 48)
@@ -214,6 +224,8 @@ def test_an_empty_request_and_bad_descriptions(workspace: Workspace, index: Code
     assert empty.matrix.shape == (0, 5) and (empty.computed, empty.reused) == (0, 0)
     with pytest.raises(ValueError, match="producing code"):
         features.Extractor("x", {}, (), _tiny_model(), _tiny_load, _tiny_forward, dim=5)
+    with pytest.raises(ValueError, match="do not add up"):
+        features.Extractor("x", {}, (_tiny_load,), _tiny_model(), _tiny_load, _tiny_forward, dim=5, blocks=(("a", 4),))
     with pytest.raises(TypeError, match="Classifier"):
         features.classifier_extractor(_tiny_model(), "x", 32)  # type: ignore[arg-type]
     wrong = functools.partial(features.Extractor, "x", {}, (_tiny_load,), _tiny_model(), _tiny_load, _tiny_forward)
