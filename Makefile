@@ -30,7 +30,7 @@ TEST_WORKERS ?= 2
 
 test: setup  ## the whole test suite (what CI runs), the 20 slowest tests listed; "no tests collected" (exit 5) fails
 	$(BIN)/ruff check flows tasks pipeline_lib tests benchmarks
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=20; rc=$$?; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --durations=20; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 lint: setup

@@ -39,9 +39,9 @@ from pipeline_lib.ops.status import latest_snapshot, workspace_status
 from tests import checkout_lock
 from tests.conftest import make_image
 
-# One worker builds the matrix (a module fixture) and runs every test of it; each code edit waits for the tests that
-# run in other processes, and holds new ones back until the file is restored.
-pytestmark = [pytest.mark.slow, pytest.mark.edits_checkout, pytest.mark.xdist_group("cache-matrix")]
+# One worker builds the matrix (a module fixture) and runs every test of it (tests/conftest.py: ONE_WORKER_MODULES);
+# each code edit waits for the tests that run in other processes, and holds new ones back until the file is restored.
+pytestmark = [pytest.mark.slow, pytest.mark.edits_checkout]
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 DEMO_YAML = REPO / "configs" / "demo.yaml"
