@@ -240,15 +240,21 @@ def _check_sources(cfg: PipelineConfig) -> None:
         _fail(f"invalid source: {error}")
 
 
+def _import_flows() -> None:
+    """Import the flows (Prefect, pandas, MLflow: seconds), e.g. while a temporary server starts."""
+    import flows.pipeline  # noqa: F401 - imported for its time, used by the caller
+
+
 @contextlib.contextmanager
 def _prefect() -> Iterator[str]:
     """The Prefect API of this command's flows (flows.runtime.prefect_session): PREFECT_API_URL, the server of
-    `aidetect server start`, or a temporary server started now; exit 4 with one line when that does not start."""
+    `aidetect server start`, or a temporary server started now (while the flows are imported); exit 4 with one
+    line when that does not start."""
     from flows.runtime import PrefectStartError, prefect_session
 
     with contextlib.ExitStack() as stack:
         try:
-            api = stack.enter_context(prefect_session())
+            api = stack.enter_context(prefect_session(prepare=_import_flows))
         except PrefectStartError as error:
             if _debug():
                 raise
@@ -313,13 +319,12 @@ def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     with _prefect():
         from flows.pipeline import run_pipeline
         from pipeline_lib.curate.split import SplitError
-        from pipeline_lib.learn.models import WeightsError, WeightsNotFoundError
 
         try:
             return run_pipeline(cfg)
         except ReviewPending as error:
             _fail(str(error), code=EXIT_REVIEW)
-        except (ClusterError, ConfigError, SplitError, WeightsNotFoundError, WeightsError, WorkspaceError) as error:
+        except (ClusterError, ConfigError, SplitError, WorkspaceError, *_weights_errors()) as error:
             if _debug():
                 raise
             _fail(f"{type(error).__name__}: {error}")
@@ -331,6 +336,14 @@ def _run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
                     code=EXIT_REVIEW,
                 )
             raise
+
+
+def _weights_errors() -> tuple[type[Exception], ...]:
+    """The initial weights' errors: imported only when a run failed (an except clause is evaluated then), as the
+    models module imports torch, which a run whose model stages are cached never needs."""
+    from pipeline_lib.learn.models import WeightsError, WeightsNotFoundError
+
+    return WeightsNotFoundError, WeightsError
 
 
 def _review_timed_out(error: BaseException) -> bool:

@@ -1,9 +1,9 @@
 """The temporary Prefect server lives only as long as the aidetect process that started it.
 
-Prefect starts its temporary server as a child process and stops it at exit (atexit). A process killed with
-SIGKILL (or by the OOM killer) runs no atexit: the server is orphaned and keeps listening. tie_to_this_process()
-starts a small watchdog that holds the read end of a pipe whose write end only this process holds; the kernel
-closes it when this process dies, however it dies, and the watchdog then stops the server.
+The temporary server is a child process (flows/runtime.py) stopped when the command's Prefect session ends. A
+process killed with SIGKILL (or by the OOM killer) ends no session: the server is orphaned and keeps listening.
+tie_to_this_process() starts a small watchdog that holds the read end of a pipe whose write end only this process
+holds; the kernel closes it when this process dies, however it dies, and the watchdog then stops the server.
 """
 
 from __future__ import annotations

@@ -43,6 +43,8 @@ from tasks.progress import EpochReporter
 
 log = logging.getLogger(__name__)
 
+CODE_PARTS = "code-parts.json"  # in the workspace's cache: the code parts of stage keys (code_index.CodeIndex)
+
 
 class StageRecorder:
     """Runs stage tasks, keeps each one's final state name, and logs it to MLflow as it goes (with its cache key).
@@ -57,7 +59,8 @@ class StageRecorder:
         self.workspace = workspace
         self.refresh = refresh
         self.tracker = tracker
-        self.index = code_index.CodeIndex()  # parses the project's code once per flow run
+        # parses the project's code once per flow run, or takes the parts a run before derived from the same files
+        self.index = code_index.CodeIndex(remembered=workspace.cache / CODE_PARTS)
         self.states: dict[str, str] = {}
         self._earlier: dict[str, EarlierStageRun] | None = None  # stage -> its previous nested run
         self.outcome: dict[str, Any] = {}  # what the run's line in the workspace's runs list adds (accuracy, model)
@@ -296,9 +299,10 @@ def pipeline_in_current_flow(config: PipelineConfig) -> dict[str, Any]:
     """The pipeline's stages inside the flow run that calls this (a deployment's own run, so its gate can suspend)."""
     started = time.perf_counter()
     # Before the crawl: a weights download that fails (offline) stops the run now, not after the review.
-    stages.fetch_weights(config.train)
+    weights = stages.fetch_weights(config.train, str(config.execution.workspace), config.execution.refresh_cache)
     tags = _flow_run_tags()
     with tracked_stages(config, tags["prefect.flow_run_name"] or "pipeline", tags) as (workspace, stages_run, tracker):
+        stages.remember_weights(workspace, config.train, weights)  # the first run's check, made before it existed
         with system_metrics(tracker, config.tracking.system_metrics_interval_s):
             catalog = _data_stages(config, workspace, stages_run)
             summary = _model_stages(config, workspace, stages_run, tracker, catalog)
@@ -444,7 +448,7 @@ def _model_stages(
     trained = run.run(
         "train", stages.train, root, trainset, config.train, normalize, not run.refresh, progress=reporter
     )
-    track.log_training(tracker, trained, logged_live=run.states["train"] != "Cached")
+    track.log_training(tracker, trained, logged_live=run.states["train"] != "Cached", root=root)
     device = config.train.device  # every model stage runs where training did
     evaluate_args = (config.evaluate, config.calibration, normalize, config.report.cam_method, device)
     evaluation = run.run("evaluate", stages.evaluate, root, split.catalog, trained.model, *evaluate_args)

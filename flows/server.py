@@ -164,7 +164,7 @@ def stop_server(home: Path, timeout_s: float = 60.0) -> ServerRecord | None:
 def prefect_api() -> Iterator[str]:
     """The Prefect API for the block: PREFECT_API_URL if set, else the answering server of `aidetect server start`
     (set for the block, also in the environment of child processes), else "" (Prefect's temporary server)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL
 
     configured = PREFECT_API_URL.value()
     if configured:
@@ -175,11 +175,21 @@ def prefect_api() -> Iterator[str]:
         yield ""
         return
     log.info("using the Prefect server started by `aidetect server start`: %s", found.api_url)
+    with using_api(found.api_url):
+        yield found.api_url
+
+
+@contextlib.contextmanager
+def using_api(api_url: str) -> Iterator[None]:
+    """PREFECT_API_URL set to api_url for the block: in Prefect's settings and in the environment of child
+    processes; both as they were afterwards."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     before = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = found.api_url
+    os.environ["PREFECT_API_URL"] = api_url
     try:
-        with temporary_settings({PREFECT_API_URL: found.api_url}):
-            yield found.api_url
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            yield
     finally:
         if before is None:
             os.environ.pop("PREFECT_API_URL", None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,14 +16,8 @@ from prefect.cache_policies import NO_CACHE
 from pipeline_lib.acquire import crawl as crawl_lib
 from pipeline_lib.acquire import recovery
 from pipeline_lib.acquire.crawl_log import read_crawl_log
-from pipeline_lib.assess import calibration as calibration_lib
-from pipeline_lib.assess import cam, health, report, report_content
-from pipeline_lib.assess import evaluate as evaluate_lib
-from pipeline_lib.assess import plots as plots_lib
-from pipeline_lib.assess import predict as predict_lib
-from pipeline_lib.assess import review_queue as queue_lib
+from pipeline_lib.assess import health, report_content
 from pipeline_lib.core import catalog as cat
-from pipeline_lib.core import devices
 from pipeline_lib.core.config import (
     AuditConfig,
     CalibrationConfig,
@@ -36,17 +31,17 @@ from pipeline_lib.core.config import (
     TrackingConfig,
     TrainConfig,
 )
-from pipeline_lib.core.tracking.store import tracking_uri
-from pipeline_lib.core.workspace import Ref, Workspace
-from pipeline_lib.curate import audit as audit_lib
+from pipeline_lib.core.workspace import Ref, Workspace, WorkspaceError
 from pipeline_lib.curate import dedup as dedup_lib
 from pipeline_lib.curate import review, review_pack, split
-from pipeline_lib.learn import models, preprocess, probe
-from pipeline_lib.learn.history import EpochStats, plot_learning_curves
+from pipeline_lib.learn import initial_weights, preprocess
+from pipeline_lib.learn.history import EpochStats
 from pipeline_lib.learn.normalize import policy_key
-from pipeline_lib.learn.train import train_model
 from tasks.caching import current_stage_key
 
+# The model stages' modules (torch, torchvision, scikit-learn, Grad-CAM, matplotlib: seconds to import) are imported
+# where they are used: a run whose model stages are cached never needs them. The stage keys see these imports as
+# they see the module's own (code_index follows the imports inside a definition).
 log = logging.getLogger(__name__)
 
 CAM_SUMMARY_LIMIT = 512  # test images whose CAMs the attention summary covers (the first ones by sha256)
@@ -176,6 +171,9 @@ def review_queue(
 ) -> QueueResult:
     """Score every undecided image (suspicion, reasons, suggestion) with the champion, else the newest trained model
     of the workspace (features cached per image and model), and the near-duplicate, face and tiny hints."""
+    from pipeline_lib.assess import review_queue as queue_lib
+    from pipeline_lib.core.tracking.store import tracking_uri
+
     workspace = Workspace.create(root)
     settings = queue_lib.QueueSettings(tiny_side=config.tiny_side, device=device)
     uri = tracking_uri(tracking.uri, workspace)
@@ -272,6 +270,8 @@ def make_split(
 
 def _audit_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """The training split's usable rows, or all assigned usable rows when train has < 2 images of a label."""
+    from pipeline_lib.curate import audit as audit_lib
+
     usable = table[(table["status"] == cat.STATUS_OK) & (table["split"].fillna("") != "")].drop_duplicates("sha256")
     train_rows = usable[usable["split"] == "train"]
     counts = train_rows["label"].value_counts()
@@ -284,6 +284,8 @@ def shortcut_audit(
     workspace: Workspace, table: pd.DataFrame, config: AuditConfig, normalize: NormalizeConfig | None, seed: int
 ) -> tuple[dict[str, float], str]:
     """(audit.* metrics, a note with the verdict); AuditError naming the AUC and top features in strict mode."""
+    from pipeline_lib.curate import audit as audit_lib
+
     rows, scope = _audit_rows(table)
     features = preprocess.audit_features(workspace, rows, normalize)
     result = audit_lib.audit_shortcuts(features, rows["label"].astype(str).to_numpy(), seed=seed)
@@ -310,14 +312,41 @@ def shortcut_audit(
 
 
 @task(name="weights", cache_policy=NO_CACHE)
-def fetch_weights(config: TrainConfig) -> str:
+def fetch_weights(config: TrainConfig, root: str | None = None, refresh: bool = False) -> str:
     """Before the first stage: the backbone can be built and the initial weights train.weights names are on disk,
     published ones downloaded (hash-checked) if missing; the file's path ("" for none). Fails naming the file, URL
-    and command offline, or the extra to install for a foundation backbone."""
-    path = models.ensure_initial_weights(
-        config.model, config.weights, config.weights_url, image_size=config.image_size
-    )
+    and command offline, or the extra to install for a foundation backbone.
+
+    In the existing workspace at root the answer is remembered while the file is unchanged (learn.initial_weights:
+    the check imports torch), unless refresh (--refresh-cache: checked again)."""
+
+    def check() -> Path | None:
+        from pipeline_lib.learn import models
+
+        return models.ensure_initial_weights(
+            config.model, config.weights, config.weights_url, image_size=config.image_size
+        )
+
+    workspace = None if refresh or root is None else _existing_workspace(root)
+    path = initial_weights.checked_weights(workspace, _weights_question(config), check)
     return "" if path is None else str(path)
+
+
+def remember_weights(workspace: Workspace, config: TrainConfig, found: str) -> None:
+    """Keep fetch_weights' answer (found: "" for no file) in the workspace, for a check made before it existed."""
+    initial_weights.remember(workspace, _weights_question(config), Path(found) if found else None)
+
+
+def _weights_question(config: TrainConfig) -> tuple[str, ...]:
+    return config.model, config.weights, config.weights_url or "", str(config.image_size)
+
+
+def _existing_workspace(root: str) -> Workspace | None:
+    """The workspace at root, or None when there is none yet (nothing is created before the flow locks it)."""
+    try:
+        return Workspace.open(root)
+    except WorkspaceError:
+        return None
 
 
 @task(name="train")
@@ -335,6 +364,8 @@ def train(
     trains from epoch 0. progress: called as each epoch ends (tasks.progress.EpochReporter: a console line and the
     epoch's metrics in MLflow); live, not in the key, so the code that reports is not the code that trains.
     """
+    from pipeline_lib.learn.train import train_model
+
     workspace = Workspace.create(root)
     active = _active(normalize)
     out_dir = workspace.models / current_stage_key()[:16]
@@ -380,6 +411,9 @@ def fit_calibration(
 ) -> tuple[float, dict[str, float], list[str]]:
     """(temperature fitted on the validation split's logits, calibration.* metrics, notes); T = 1 when off, when
     the split is too small or one-class, or when the fit lands outside calibration.TEMPERATURE_RANGE."""
+    from pipeline_lib.assess import calibration as calibration_lib
+    from pipeline_lib.assess import evaluate as evaluate_lib
+
     if not config.temperature_scaling:
         return 1.0, {"calibration.temperature": 1.0}, ["temperature scaling off (calibration.temperature_scaling)"]
     if val_rows.empty:
@@ -407,12 +441,17 @@ def model_logits(
 ) -> np.ndarray:
     """Logits of stored images: a probe's from the cached features of its backbone (learn/probe.py), any other
     model's from the tensor cache."""
+    from pipeline_lib.assess import evaluate as evaluate_lib
+    from pipeline_lib.learn import models, probe
+
     if models.is_probe(model):
         return probe.cached_logits(workspace, model, shas, size, active, device)
     return evaluate_lib.predict_logits(model, preprocess.load_tensors(workspace, shas, size, active), device=device)
 
 
 def _plots(workspace: Workspace, predictions: pd.DataFrame, out_dir: Any) -> dict[str, str]:
+    from pipeline_lib.assess import plots as plots_lib
+
     plots = {}
     for name, plot in (
         ("confusion_matrix", plots_lib.plot_confusion_matrix),
@@ -438,6 +477,13 @@ def evaluate(
 ) -> EvalOutput:
     """Score the test split on device (train.device): metrics (Wilson and bootstrap CIs, robustness, per generator,
     calibration, CAM attention), the predictions table (p_ai calibrated, p_ai_raw), plots, <model>.calibration.json."""
+    from pipeline_lib.assess import calibration as calibration_lib
+    from pipeline_lib.assess import cam
+    from pipeline_lib.assess import evaluate as evaluate_lib
+    from pipeline_lib.assess import predict as predict_lib
+    from pipeline_lib.core import devices
+    from pipeline_lib.learn import models
+
     workspace = Workspace.create(root)
     model_path = model_ref.resolve(workspace)
     model, meta = models.load_model(model_path)
@@ -515,6 +561,12 @@ def make_report(
     the stage key), learning curves (history), the review gate's numbers (review_numbers), then the details (plots,
     robustness, per-generator scores with held_out_generator marked, every test group counted, Original | Grad-CAM
     pairs computed on device, each cell's total) and all metrics."""
+    from pipeline_lib.assess import evaluate as evaluate_lib
+    from pipeline_lib.assess import report
+    from pipeline_lib.core import devices
+    from pipeline_lib.learn import models
+    from pipeline_lib.learn.history import plot_learning_curves
+
     workspace = Workspace.create(root)
     model, meta = models.load_model(model_ref.resolve(workspace))
     device = devices.resolve_device(device)

@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline_lib.assess import registry
-from pipeline_lib.assess.predict import ModelCalibration
+from pipeline_lib.assess.model_calibration import ModelCalibration
 from pipeline_lib.core import catalog as cat
 from pipeline_lib.core.config import NormalizeConfig, PipelineConfig, config_to_yaml, flatten_config
 from pipeline_lib.core.tracking.runs import (
@@ -27,6 +27,8 @@ from pipeline_lib.core.tracking.workspace_store import open_store
 from pipeline_lib.core.workspace import Ref, Workspace
 from pipeline_lib.learn.history import plot_learning_curves
 from tasks.stages import EvalOutput, TrainOutput
+
+LEARNING_CURVES = "learning_curves.png"
 
 
 @task(name="mlflow-start", cache_policy=NO_CACHE)
@@ -87,11 +89,13 @@ def tracking_digest(catalog_digest: str, split: str) -> str:
 
 
 @task(name="mlflow-log-training", cache_policy=NO_CACHE)
-def log_training(tracker: Tracker, output: TrainOutput, logged_live: bool = False) -> None:
+def log_training(tracker: Tracker, output: TrainOutput, logged_live: bool = False, root: str | None = None) -> None:
     """Per-epoch curves (those not logged live as each epoch ended), the best epoch, the class balance (counts, loss
     weights) and the weights' provenance.
 
     logged_live: training ran in this flow run, so the epochs after output.resumed_from_epoch are in MLflow already.
+    root: the workspace, where the learning curves' picture is kept beside the model (drawn when the model was
+    trained: a run whose training is cached logs the same picture without drawing it).
     """
     skip_after = (output.resumed_from_epoch or 0) if logged_live else None
     for epoch in output.history:
@@ -116,10 +120,20 @@ def log_training(tracker: Tracker, output: TrainOutput, logged_live: bool = Fals
     history = pd.DataFrame(output.history)
     if len(history):
         tracker.log_table(history, "training/history.json")
+        if root is not None:
+            tracker.log_artifact(_learning_curves(Workspace.create(root), output, redraw=logged_live), "training")
+            return
         with tempfile.TemporaryDirectory() as folder:
-            tracker.log_artifact(
-                plot_learning_curves(output.history, Path(folder) / "learning_curves.png"), "training"
-            )
+            tracker.log_artifact(plot_learning_curves(output.history, Path(folder) / LEARNING_CURVES), "training")
+
+
+def _learning_curves(workspace: Workspace, output: TrainOutput, redraw: bool) -> Path:
+    """The learning curves' picture beside the model in the workspace: drawn when missing, or when redraw (the model
+    was trained in this run), else the one drawn when it was trained."""
+    path = output.model.resolve(workspace).parent / LEARNING_CURVES
+    if redraw or not path.is_file():
+        plot_learning_curves(output.history, path)
+    return path
 
 
 @task(name="mlflow-log-evaluation", cache_policy=NO_CACHE)

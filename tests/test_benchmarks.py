@@ -16,9 +16,10 @@ from tests.network_guard import guarded_environment, read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "benchmarks").glob("bench_*.py"))
-RUN_FLOWS = {"bench_cli_startup", "bench_dask_scaling", "bench_reference_recipe"}  # Prefect servers, whole flows
+# Prefect servers, whole flows
+RUN_FLOWS = {"bench_cli", "bench_cli_startup", "bench_dask_scaling", "bench_reference_recipe"}
 # These run their flows on the PREFECT_API_URL they are given, here the test process's harness: no server of their
-# own to start (bench_cli_startup times Prefect's start-ups, so it starts its own).
+# own to start (bench_cli and bench_cli_startup time Prefect's start-ups, so they start their own).
 ON_THE_HARNESS = {"bench_dask_scaling", "bench_reference_recipe"}
 
 

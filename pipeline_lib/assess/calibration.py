@@ -11,10 +11,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_expit
-
-from pipeline_lib.assess.evaluate import expected_calibration_error as _ece
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +62,8 @@ def _nll(margins: np.ndarray, y: np.ndarray, temperature: float) -> float:
 
 def fit_temperature(scores: np.ndarray, labels: np.ndarray | list) -> float:
     """Temperature T > 0 minimising the validation NLL of sigmoid(margin / T) (bounded search on log T)."""
+    from scipy.optimize import minimize_scalar  # only a fit needs it (a quarter second to import)
+
     margins = _margins(scores)
     y = _binary(labels, margins.size)
     if margins.size == 0:
@@ -137,6 +136,8 @@ def apply_temperature(scores: np.ndarray, temperature: float) -> np.ndarray:
 
 def expected_calibration_error(p_ai: np.ndarray, labels: np.ndarray | list, bins: int = 10) -> float:
     """ECE with equal-width bins (the same definition the evaluation report uses)."""
+    from pipeline_lib.assess.evaluate import expected_calibration_error as _ece  # evaluate imports torch and sklearn
+
     probabilities = np.asarray(p_ai, dtype=np.float64)
     return _ece(_binary(labels, probabilities.size), probabilities, bins)
 

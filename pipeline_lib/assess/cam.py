@@ -16,7 +16,7 @@ from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from pipeline_lib.assess.cam_summary import cam_attention_summary, text_mask
+from pipeline_lib.assess.cam_summary import CAM_FLAG_ABOVE, cam_attention_summary, text_mask
 from pipeline_lib.assess.evaluate import CLASS_NAMES, borrowed_model, check_images, to_float
 from pipeline_lib.core.progress import progress
 
@@ -33,7 +33,6 @@ CAM_TARGETS: dict[str, str] = {  # report.cam_target -> how the report says it
     "ai": "the \u201cai\u201d class",
     "real": "the \u201creal\u201d class",
 }
-CAM_FLAG_ABOVE = 0.5  # a CAM attention share (border or text) above this is flagged
 CAM_BORDER_FRACTION = 0.1
 
 

@@ -17,6 +17,8 @@ from scipy import ndimage
 
 log = logging.getLogger(__name__)
 
+CAM_FLAG_ABOVE = 0.5  # a CAM attention share (border or text) above this is flagged
+
 
 def _check_cams(cams: np.ndarray) -> np.ndarray:
     array = np.asarray(cams, dtype=np.float64)
@@ -96,7 +98,7 @@ def text_share(cams: np.ndarray, masks: np.ndarray | list[np.ndarray]) -> np.nda
 def cam_attention_summary(
     cams: np.ndarray,
     border_fraction: float = 0.1,
-    flag_above: float = 0.5,
+    flag_above: float = CAM_FLAG_ABOVE,
     text_masks: np.ndarray | list[np.ndarray] | None = None,
 ) -> dict[str, object]:
     """Border (and, given masks, text) share of CAM mass per image, the means, and the counts flagged above flag_above.

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import ValidationError
 
 from pipeline_lib.acquire.validate import check_header
 from pipeline_lib.assess import cam as cam_lib
 from pipeline_lib.assess.calibration import apply_temperature, check_temperature, verdicts
 from pipeline_lib.assess.evaluate import borrowed_model, predict_logits, softmax_p_ai
+from pipeline_lib.assess.model_calibration import ModelCalibration, parse_calibration
 from pipeline_lib.core.config import IngestConfig, NormalizeConfig
 from pipeline_lib.core.workspace import atomic_write_bytes, atomic_write_text
 from pipeline_lib.learn import models
@@ -40,20 +40,6 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 CALIBRATION_SUFFIX = ".calibration.json"
 POLICY_REASONS = frozenset({"decompression_bomb", "too_small", "animated", "unsupported_mode"})
 DEFAULT_BAND = (0.35, 0.65)  # config calibration.uncertain_low / uncertain_high defaults
-
-
-@dataclass(frozen=True)
-class ModelCalibration:
-    """What scoring needs beside the weights: the temperature and the normalisation policy of training."""
-
-    temperature: float = 1.0
-    normalize: NormalizeConfig | None = None
-    details: dict[str, Any] | None = None  # e.g. ece_raw, ece, n_val: informative only
-
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        policy = None if self.normalize is None else self.normalize.model_dump(mode="json")
-        return {"temperature": self.temperature, "normalize": policy, **(self.details or {})}
 
 
 def calibration_path(checkpoint: Path) -> Path:
@@ -82,20 +68,6 @@ def read_calibration(checkpoint: Path) -> ModelCalibration:
     except OSError as error:
         raise ValueError(f"calibration file {path} is unreadable: {error}") from None
     return parse_calibration(text, f"calibration file {path}")
-
-
-def parse_calibration(text: str, where: str) -> ModelCalibration:
-    """A ModelCalibration from its JSON text (a file beside a checkpoint, or a model version's tag)."""
-    try:
-        data = json.loads(text)
-        temperature = float(data["temperature"])
-        policy = data.get("normalize")
-        normalize = None if policy is None else NormalizeConfig.model_validate(policy)
-    except (OSError, ValueError, KeyError, TypeError, ValidationError) as error:
-        raise ValueError(f"{where} is malformed: {error}") from None
-    check_temperature(temperature, where)  # bounded like a fitted one: 1e-12 or 1e12 would make every p_ai 0/1 or 0.5
-    details = {k: v for k, v in data.items() if k not in ("temperature", "normalize")}
-    return ModelCalibration(temperature, normalize, details)
 
 
 @dataclass(frozen=True)

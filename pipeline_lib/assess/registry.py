@@ -16,20 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
-import torchvision
 
 from pipeline_lib.assess import calibration as calibration_lib
-from pipeline_lib.assess import comparison, stats
-from pipeline_lib.assess import evaluate as evaluate_lib
-from pipeline_lib.assess.predict import ModelCalibration, parse_calibration
-from pipeline_lib.core import devices
+from pipeline_lib.assess import comparison
+from pipeline_lib.assess.model_calibration import ModelCalibration, parse_calibration
 from pipeline_lib.core.tracking import logged_models, versions
 from pipeline_lib.core.tracking.logged_models import IMAGE_SIZE_TAG, STATE_DICT_PATH, UnsafeModelError
 from pipeline_lib.core.tracking.runs import Tracker, run_catalog
 from pipeline_lib.core.tracking.versions import ARCHITECTURE_TAG, CALIBRATION_TAG, CHAMPION
 from pipeline_lib.core.workspace import Workspace
-from pipeline_lib.learn import models, preprocess
+from pipeline_lib.learn import preprocess
+
+# torch, torchvision and the modules that import them (evaluate, stats' scikit-learn, models, devices) are imported
+# where a model is loaded or scored: a run whose model is registered already needs none of them.
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +233,11 @@ def register_again(tracker: Tracker, name: str, version: str, alias: str, promot
 
 def _log_challenger(tracker: Tracker, checkpoint: Path) -> tuple[str, dict[str, Any]]:
     """(model URI, checkpoint meta): the checkpoint's model logged to the run with the checkpoint inside it."""
+    import torch
+    import torchvision
+
+    from pipeline_lib.learn import models
+
     model, meta = models.load_model(checkpoint)
     size = int(meta["image_size"])
     example = torch.rand(1, 3, size, size).numpy()
@@ -287,6 +291,9 @@ def score_champion(
     The images are decoded with the holder's own normalisation and its logits calibrated with its own temperature;
     the threshold is the challenger's.
     """
+    from pipeline_lib.assess import evaluate as evaluate_lib
+    from pipeline_lib.core import devices
+
     if versions.current_champion(uri, name, alias) is None:
         return None, ""
     try:
@@ -317,6 +324,8 @@ def rescored_score(test_digest: str, holder: Any, champion: pd.DataFrame | None)
 
 def paired_test(tracker: Tracker, champion: pd.DataFrame | None, challenger: pd.DataFrame) -> dict[str, Any]:
     """McNemar on champion vs challenger correctness over the same test images: metric and tags, and a log line."""
+    from pipeline_lib.assess import stats
+
     if champion is None or champion.empty:
         return {}
     result = stats.mcnemar(champion["correct"].to_numpy(bool), challenger["correct"].to_numpy(bool))
@@ -389,6 +398,8 @@ def _load_state_dict(uri: str, model_uri: str, what: str) -> tuple[Any, int] | N
 
     UnsafeModelError when the file is there but is not a plain checkpoint (e.g. a pickle that would run code).
     """
+    from pipeline_lib.learn import models
+
     with logged_models.downloaded_state_dict(uri, model_uri) as path:
         if path is None:
             return None

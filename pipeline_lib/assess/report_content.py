@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from pipeline_lib.assess.cam import CAM_FLAG_ABOVE
+from pipeline_lib.assess.cam_summary import CAM_FLAG_ABOVE  # not cam: that one imports torch and Grad-CAM
 
 # (cell name, true label, correct?) in the order the report shows them: mistakes first.
 CELLS: tuple[tuple[str, str, bool], ...] = (

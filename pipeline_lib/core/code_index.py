@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,7 +20,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline_lib.core.workspace import digest_of, file_sha256
+from pipeline_lib.core.workspace import atomic_write_text, digest_of, file_sha256
+
+log = logging.getLogger(__name__)
 
 PACKAGE = "pipeline_lib"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # holds pipeline_lib/, tasks/ and flows/
@@ -185,12 +189,22 @@ def _stamp(path: Path | str) -> Stamp:
 
 @dataclass
 class CodeIndex:
-    """Parses the project's modules once per index (one index per flow run) and answers code and library parts."""
+    """Parses the project's modules once per index (one index per flow run) and answers code and library parts.
+
+    With a `remembered` file (a flow run's: in its workspace's cache), the parts of each task are kept there with
+    the (mtime, size) of every file they were derived from and the list of the project's modules: a later index
+    takes them while none of those changed, instead of parsing the project's code again (a second or more of a run
+    whose stages are all cached). The library versions are looked up afresh each time.
+    """
 
     root: Path = PROJECT_ROOT
+    remembered: Path | None = None
     _parsed: dict[str, ParsedModule | None] = field(default_factory=dict)
     _stamps: dict[str, Stamp] = field(default_factory=dict)  # every file read: path -> (mtime_ns, size)
     _data: dict[str, str] = field(default_factory=dict)  # data file (relative path) -> sha256
+    _tasks: dict[str, tuple[dict[str, str], list[str]]] = field(default_factory=dict)  # code parts, libraries
+    _record: dict[str, Any] | None = None  # the remembered file's content, read once
+    _listings: dict[tuple[str, ...], str] = field(default_factory=dict)
 
     def path_of(self, module: str) -> Path | None:
         """The source file of a project module (a package's __init__.py), or None for any other module."""
@@ -253,6 +267,14 @@ class CodeIndex:
     def task_parts(self, module: str, function: str) -> dict[str, str]:
         """`code.task`, `code.<module>` per pipeline_lib module reached, `data.*` of the data files the task's
         modules read and `lib.*` of a task function."""
+        name = f"{module}:{function}"
+        if name not in self._tasks:
+            self._tasks[name] = _recall(self, name) or self._derive(module, function)
+        code, libraries = self._tasks[name]
+        return code | {f"lib.{LIBRARIES[n]}": library_version(LIBRARIES[n]) for n in libraries}
+
+    def _derive(self, module: str, function: str) -> tuple[dict[str, str], list[str]]:
+        """(code and data parts, library import names) of a task function, from its code (and remembered)."""
         walk = _TaskWalk(self)
         walk.visit(module, function)
         task_digest = digest_of(*(f"{name}:{digest}" for name, digest in sorted(walk.definitions.items())))
@@ -260,9 +282,11 @@ class CodeIndex:
         parts = {"code.task": task_digest}
         parts |= {f"code.{m}": parsed.digest for m in modules if (parsed := self.parse(m)) is not None}
         defined_in = {name.split(":")[0] for name in walk.definitions}
-        parts |= self.data_parts(sorted(defined_in | set(modules)))
-        libraries = set(walk.libraries) | self.imported_libraries(modules)
-        return parts | {f"lib.{LIBRARIES[n]}": library_version(LIBRARIES[n]) for n in sorted(libraries)}
+        read = sorted(defined_in | set(modules))
+        parts |= self.data_parts(read)
+        libraries = sorted(set(walk.libraries) | self.imported_libraries(modules))
+        _remember(self, f"{module}:{function}", (parts, libraries), read)
+        return parts, libraries
 
 
 def producer_parts(*functions: Callable[..., Any], index: CodeIndex | None = None) -> dict[str, str]:
@@ -386,9 +410,83 @@ def _names_used(node: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
 
+@functools.lru_cache(maxsize=64)
 def library_version(distribution: str) -> str:
-    """The installed version of a distribution, or 'absent'."""
+    """The installed version of a distribution, or 'absent' (looked up once per process)."""
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return "absent"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Task parts remembered between processes (CodeIndex.remembered): JSON, so that reading it runs no code.
+
+REMEMBERED_FORMAT = 1
+DERIVER = Path(__file__)  # this module: parts it derived are remembered only while it is unchanged
+
+
+def _module_listing(index: CodeIndex, packages: Iterable[str]) -> str:
+    """Digest of the names of every module file in the packages: a module added or removed where a task's imports
+    look changes what they resolve to."""
+    key = tuple(sorted(set(packages)))
+    if key not in index._listings:
+        found = (
+            path.relative_to(index.root).as_posix() for package in key for path in (index.root / package).rglob("*.py")
+        )
+        index._listings[key] = digest_of(*sorted(found))
+    return index._listings[key]
+
+
+def _record(index: CodeIndex) -> dict[str, Any]:
+    """The remembered record, read once per index (a fresh one when there is none, it is unreadable, or was made for
+    another project root or by another version of this module)."""
+    if index._record is None:
+        fresh = {"format": REMEMBERED_FORMAT, "root": str(index.root), "deriver": list(_stamp(DERIVER)), "tasks": {}}
+        index._record = fresh
+        path = index.remembered
+        try:
+            data = json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else None
+        except (OSError, ValueError):
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("tasks"), dict):
+            if all(data.get(name) == fresh[name] for name in ("format", "root", "deriver")):
+                index._record = data
+    return index._record
+
+
+def _recall(index: CodeIndex, name: str) -> tuple[dict[str, str], list[str]] | None:
+    """The remembered (code parts, libraries) of a task while every file they came from is unchanged, else None."""
+    if index.remembered is None:
+        return None
+    entry = _record(index)["tasks"].get(name)
+    try:
+        if not all(list(_stamp(path)) == stamp for path, stamp in entry["files"].items()):
+            return None
+        if entry["listing"] != _module_listing(index, entry["packages"]):
+            return None
+        return {str(k): str(v) for k, v in entry["parts"].items()}, [str(n) for n in entry["libraries"]]
+    except (KeyError, TypeError, AttributeError):  # none remembered, or not in the shape written here
+        return None
+
+
+def _remember(index: CodeIndex, name: str, derived: tuple[dict[str, str], list[str]], modules: list[str]) -> None:
+    """Keep a task's derived parts in index.remembered (if any), with the stamps its files had when they were read."""
+    if index.remembered is None:
+        return
+    parts, libraries = derived
+    paths = [str(path) for module in modules if (path := index.path_of(module)) is not None]
+    paths += [str(index.root / name.removeprefix("data.")) for name in parts if name.startswith("data.")]
+    packages = sorted({module.split(".")[0] for module in modules})
+    record = _record(index)
+    record["tasks"][name] = {
+        "parts": parts,
+        "libraries": libraries,
+        "files": {path: list(index._stamps.get(path) or _stamp(path)) for path in paths},
+        "packages": packages,
+        "listing": _module_listing(index, packages),
+    }
+    try:
+        atomic_write_text(index.remembered, json.dumps(record, sort_keys=True))
+    except OSError as error:  # a read-only workspace: the next run derives them again
+        log.debug("task parts not remembered in %s: %s", index.remembered, error)

@@ -18,7 +18,7 @@ from pipeline_lib.acquire import fingerprint, ingest
 from pipeline_lib.core.config import PipelineConfig
 from pipeline_lib.core.workspace import Workspace
 from pipeline_lib.curate import review, review_pack
-from pipeline_lib.learn import features, preprocess
+from pipeline_lib.learn import preprocess
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ def data_caches(workspace: Workspace, config: PipelineConfig) -> list[Path]:
     """The caches of the data stages under config: validation records, hashes, face hints, review thumbnails, and
     every model's per-image features (the review queue, before the gate, is the first stage to read them; a probe
     reads them again after it)."""
+    from pipeline_lib.learn import features  # torch: only a --refresh-cache run needs it here
+
     return [
         ingest.records_folder(workspace, config.ingest),
         fingerprint.cache_path(workspace, config.dedup.algorithm, config.dedup.hash_size),

@@ -3,6 +3,7 @@ real parsing), and on the real stages."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -209,3 +210,45 @@ def test_producer_digest_is_remembered_until_a_file_it_read_changes(project: Pat
         for name in [n for n in sys.modules if n.split(".")[0] == "pipeline_lib"]:
             del sys.modules[name]
         sys.modules.update(saved)
+
+
+def _plant(record: Path, value: str) -> None:
+    """Replace every remembered code.task part by value: a later index that takes the record answers it."""
+    data = json.loads(record.read_text(encoding="utf-8"))
+    for entry in data["tasks"].values():
+        entry["parts"]["code.task"] = value
+    record.write_text(json.dumps(data), encoding="utf-8")
+
+
+def test_remembered_parts_are_taken_until_a_file_they_came_from_changes(project: Path, tmp_path: Path) -> None:
+    record = tmp_path / "code-parts.json"
+    fresh = _parts(project)
+    assert CodeIndex(project, remembered=record).task_parts("tasks.t", "stage") == fresh, "remembering changed parts"
+    _plant(record, "planted")
+    assert CodeIndex(project, remembered=record).task_parts("tasks.t", "stage")["code.task"] == "planted", (
+        "the remembered parts were not taken although no file changed"
+    )
+    (project / "pipeline_lib" / "b.py").write_text("def g():\n    return 22\n", encoding="utf-8")
+    changed = CodeIndex(project, remembered=record).task_parts("tasks.t", "stage")
+    assert changed == _parts(project) and changed["code.pipeline_lib.b"] != fresh["code.pipeline_lib.b"], (
+        "remembered parts outlived a change of a module the task reaches"
+    )
+
+
+@pytest.mark.parametrize("change", ["module_added", "deriver_changed", "damaged"])
+def test_remembered_parts_are_derived_again(
+    project: Path, tmp_path: Path, change: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = tmp_path / "code-parts.json"
+    deriver = tmp_path / "deriver.py"
+    deriver.write_text("# the deriving code\n", encoding="utf-8")
+    monkeypatch.setattr("pipeline_lib.core.code_index.DERIVER", deriver)
+    fresh = CodeIndex(project, remembered=record).task_parts("tasks.t", "stage")
+    _plant(record, "planted")
+    if change == "module_added":  # a new module where the task's imports look may change what they resolve to
+        (project / "tasks" / "new.py").write_text("X = 1\n", encoding="utf-8")
+    elif change == "deriver_changed":
+        deriver.write_text("# the deriving code, changed\n", encoding="utf-8")
+    else:
+        record.write_text('{"format": 1, "tasks": ', encoding="utf-8")
+    assert CodeIndex(project, remembered=record).task_parts("tasks.t", "stage") == fresh, f"{change}: not derived again"
