@@ -25,9 +25,12 @@ setup: $(STAMP)  ## create .venv and install aidetect with its dev tools (uv whe
 demo: setup  ## generate synthetic data, crawl it over loopback, train, evaluate, report (offline, CPU)
 	$(BIN)/aidetect demo --workspace demo-workspace
 
-test: setup  ## the whole test suite (what CI runs); "no tests collected" (exit 5) is a failure
+# pytest-xdist processes for `make test` (0: one process, no xdist); docs/testing.md says how tests are shared out.
+TEST_WORKERS ?= 2
+
+test: setup  ## the whole test suite (what CI runs), the 20 slowest tests listed; "no tests collected" (exit 5) fails
 	$(BIN)/ruff check flows tasks pipeline_lib tests benchmarks
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10; rc=$$?; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --durations=20; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 lint: setup

@@ -213,6 +213,7 @@ def main() -> None:
         finetune = measure_finetune(rows, root, args)
     head_threads = measure_head_threads(args.threads, n=64 if args.quick else 1000)
     result = {
+        "benchmark": "foundation",
         "quick": args.quick,
         "images": n,
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),

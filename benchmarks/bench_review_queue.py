@@ -324,7 +324,8 @@ def main() -> None:
     sizes = QUICK if args.quick else FULL
     if args.pending:
         sizes = Sizes(**{**sizes.__dict__, "pending": args.pending})
-    print(json.dumps(run(sizes, args.seed, args.threads), indent=2))
+    summary = {"benchmark": "review_queue", "quick": args.quick} | run(sizes, args.seed, args.threads)
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "benchmarks").glob("bench_*.py"))
 # Prefect servers, whole flows
 RUN_FLOWS = {"bench_cli", "bench_cli_startup", "bench_dask_scaling", "bench_reference_recipe"}
+# These run their flows on the PREFECT_API_URL they are given, here the test process's harness: no server of their
+# own to start (bench_cli and bench_cli_startup time Prefect's start-ups, so they start their own).
+ON_THE_HARNESS = {"bench_dask_scaling", "bench_reference_recipe"}
 
 
 def _params() -> list:
@@ -47,8 +50,12 @@ def test_there_are_benchmarks_and_the_readme_describes_each():
 
 
 @pytest.mark.parametrize("script", _params())
-def test_the_benchmark_runs_at_its_quick_size_and_prints_its_json(script: Path, tmp_path: Path):
+def test_the_benchmark_runs_at_its_quick_size_and_prints_its_json(
+    script: Path, tmp_path: Path, request: pytest.FixtureRequest
+):
     env, log = _environment(tmp_path)
+    if script.stem in ON_THE_HARNESS:
+        env["PREFECT_API_URL"] = request.getfixturevalue("harness")
     command = [sys.executable, str(script), "--quick"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500, check=False)
     assert result.returncode == 0, f"{script.name} --quick exited {result.returncode}:\n{result.stderr[-4000:]}"

@@ -36,9 +36,12 @@ from pipeline_lib.curate import review
 from pipeline_lib.learn import features, preprocess
 from pipeline_lib.ops import caches, demo_data
 from pipeline_lib.ops.status import latest_snapshot, workspace_status
+from tests import checkout_lock
 from tests.conftest import make_image
 
-pytestmark = pytest.mark.slow
+# One worker builds the matrix (a module fixture) and runs every test of it (tests/conftest.py: ONE_WORKER_MODULES);
+# each code edit waits for the tests that run in other processes, and holds new ones back until the file is restored.
+pytestmark = [pytest.mark.slow, pytest.mark.edits_checkout]
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 DEMO_YAML = REPO / "configs" / "demo.yaml"
@@ -143,6 +146,12 @@ class Edit:
 
 @contextlib.contextmanager
 def _edited(edit: Edit) -> Iterator[None]:
+    """The checkout edited while no other test runs in any process (tests/checkout_lock.py), then restored."""
+    with checkout_lock.editing():
+        yield from _edited_here(edit)
+
+
+def _edited_here(edit: Edit) -> Iterator[None]:
     path = REPO / edit.path
     original = path.read_bytes()
     text = original.decode("utf-8")

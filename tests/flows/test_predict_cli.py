@@ -22,20 +22,12 @@ from tests.conftest import MarkerPayload, make_image
 runner = CliRunner()
 
 
-def checkpoint(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    model, _ = models.build_model("resnet18", "none")
-    path = tmp_path / "model.pt"
-    models.save_checkpoint(path, model, {"image_size": 32})
-    return path
-
-
-def test_predict_json_with_a_checkpoint_path(tmp_path: Path) -> None:
+def test_predict_json_with_a_checkpoint_path(tmp_path: Path, toy_checkpoint: Path) -> None:
     folder = tmp_path / "imgs"
     good = [make_image(folder / "a.jpg", seed=1), make_image(folder / "nested" / "b.png", seed=2, fmt="PNG")]
     (folder / "broken.jpg").write_bytes(b"<html>not an image</html>")
     cams = tmp_path / "cams"
-    args = ["predict", str(folder), "--model", str(checkpoint(tmp_path)), "--json", "--batch-size", "1"]
+    args = ["predict", str(folder), "--model", str(toy_checkpoint), "--json", "--batch-size", "1"]
     result = runner.invoke(app, [*args, "--cam", str(cams)])
     assert result.exit_code == 1, f"a broken file should give exit 1: {result.output}"
     rows = {Path(row["path"]).name: row for row in json.loads(result.stdout)}
@@ -46,7 +38,7 @@ def test_predict_json_with_a_checkpoint_path(tmp_path: Path) -> None:
         assert Path(row["cam"]).is_file() and Path(row["cam"]).parent == cams, row
     assert rows["broken.jpg"]["p_ai"] is None and "unreadable image" in rows["broken.jpg"]["error"]
 
-    table = runner.invoke(app, ["predict", str(good[0]), "--model", str(tmp_path / "model.pt")])
+    table = runner.invoke(app, ["predict", str(good[0]), "--model", str(toy_checkpoint)])
     assert table.exit_code == 0, table.output
     assert "a.jpg" in table.output and "p_ai" in table.output, table.output
 
@@ -120,12 +112,14 @@ def _predict_json(*args: str) -> list[dict]:
     return json.loads(result.stdout)
 
 
-def test_predict_with_a_run_id_uses_the_runs_calibration_and_normalisation(tmp_path: Path) -> None:
+def test_predict_with_a_run_id_uses_the_runs_calibration_and_normalisation(
+    tmp_path: Path, toy_checkpoint: Path
+) -> None:
     from pipeline_lib.assess.predict import ModelCalibration, write_calibration
     from pipeline_lib.core.config import NormalizeConfig
 
     images = [make_image(tmp_path / "in" / f"{i}.jpg", seed=i, size=(60, 50)) for i in range(3)]
-    path = checkpoint(tmp_path)
+    path = toy_checkpoint
     model, _ = models.load_model(path)
     calibration = ModelCalibration(4.0, NormalizeConfig(mode="jpeg", quality=20))
     write_calibration(path, calibration)
@@ -142,9 +136,9 @@ def test_predict_with_a_run_id_uses_the_runs_calibration_and_normalisation(tmp_p
         assert run_row["p_ai"] != pytest.approx(run_row["p_ai_raw"], abs=1e-9), "temperature 4 was not applied"
 
 
-def test_predict_with_a_run_without_calibration_says_so(tmp_path: Path) -> None:
+def test_predict_with_a_run_without_calibration_says_so(tmp_path: Path, toy_checkpoint: Path) -> None:
     image = make_image(tmp_path / "a.jpg", seed=1)
-    saved = checkpoint(tmp_path)
+    saved = toy_checkpoint
     model, _ = models.load_model(saved)
     workspace = str(Workspace.create(tmp_path / "ws").root)
     run_id = _logged_run(Path(workspace), model, None, saved)
@@ -154,9 +148,9 @@ def test_predict_with_a_run_without_calibration_says_so(tmp_path: Path) -> None:
     assert row["p_ai"] == row["p_ai_raw"]
 
 
-def test_predict_device_option(tmp_path: Path) -> None:
+def test_predict_device_option(tmp_path: Path, toy_checkpoint: Path) -> None:
     image = make_image(tmp_path / "a.jpg")
-    model = str(checkpoint(tmp_path))
+    model = str(toy_checkpoint)
     on_cpu = runner.invoke(app, ["predict", str(image), "--model", model, "--json", "--device", "cpu"])
     auto = runner.invoke(app, ["predict", str(image), "--model", model, "--json"])
     assert on_cpu.exit_code == 0 and auto.exit_code == 0, on_cpu.output + auto.output
@@ -168,11 +162,13 @@ def test_predict_device_option(tmp_path: Path) -> None:
         assert missing.exit_code == 2 and "no CUDA device" in missing.output
 
 
-def test_predict_champion_is_rebuilt_from_its_state_dict_and_never_unpickled(tmp_path: Path) -> None:
+def test_predict_champion_is_rebuilt_from_its_state_dict_and_never_unpickled(
+    tmp_path: Path, toy_checkpoint: Path
+) -> None:
     workspace = Workspace.create(tmp_path / "ws")
     uri = tracking_uri(None, workspace)
     tracker = start_run(uri, "aidetect", workspace, "run")
-    path = checkpoint(tmp_path)
+    path = toy_checkpoint
     model, _ = models.load_model(path)
     example = np.random.rand(1, 3, 32, 32).astype("float32")
     logged = log_pytorch_model(tracker, model, example, ["torch"], checkpoint=path)
@@ -194,12 +190,12 @@ def test_predict_champion_is_rebuilt_from_its_state_dict_and_never_unpickled(tmp
     assert not marker.exists()
 
 
-def test_predict_applies_the_ingest_policy_per_file(tmp_path: Path) -> None:
+def test_predict_applies_the_ingest_policy_per_file(tmp_path: Path, toy_checkpoint: Path) -> None:
     big = make_image(tmp_path / "big.jpg", seed=1, size=(64, 64))
     small = make_image(tmp_path / "small.jpg", seed=2, size=(40, 40))
     config = tmp_path / "strict.yaml"
     config.write_text("ingest:\n  max_pixels: 2000\n", encoding="utf-8")
-    args = ["predict", str(big), str(small), "--model", str(checkpoint(tmp_path)), "--json"]
+    args = ["predict", str(big), str(small), "--model", str(toy_checkpoint), "--json"]
     result = runner.invoke(app, [*args, "--config", str(config)])
     assert result.exit_code == 1, result.output
     rows = {Path(row["path"]).name: row for row in json.loads(result.stdout)}
@@ -207,11 +203,11 @@ def test_predict_applies_the_ingest_policy_per_file(tmp_path: Path) -> None:
     assert rows["small.jpg"]["error"] is None
 
 
-def test_predict_refuses_a_calibration_file_with_an_extreme_temperature(tmp_path: Path) -> None:
+def test_predict_refuses_a_calibration_file_with_an_extreme_temperature(tmp_path: Path, toy_checkpoint: Path) -> None:
     from pipeline_lib.assess.predict import calibration_path
 
     image = make_image(tmp_path / "a.jpg", seed=1)
-    model = checkpoint(tmp_path)
+    model = toy_checkpoint
     for extreme in ("1e-12", "1e12"):
         calibration_path(model).write_text(f'{{"temperature": {extreme}}}', encoding="utf-8")
         result = runner.invoke(app, ["predict", str(image), "--model", str(model), "--json"])
@@ -221,10 +217,12 @@ def test_predict_refuses_a_calibration_file_with_an_extreme_temperature(tmp_path
         assert "outside 0.2..10" in result.output, result.output
 
 
-def test_predict_trust_pickle_on_a_model_file_that_holds_no_model_is_one_line(tmp_path: Path) -> None:
+def test_predict_trust_pickle_on_a_model_file_that_holds_no_model_is_one_line(
+    tmp_path: Path, toy_checkpoint: Path
+) -> None:
     workspace = Workspace.create(tmp_path / "ws")
     tracker = start_run(tracking_uri(None, workspace), "aidetect", workspace, "run")
-    path = checkpoint(tmp_path)
+    path = toy_checkpoint
     model, _ = models.load_model(path)
     example = np.random.rand(1, 3, 32, 32).astype("float32")
     logged = log_pytorch_model(tracker, model, example, ["torch"], checkpoint=path)
