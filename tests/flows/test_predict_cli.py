@@ -43,14 +43,14 @@ def test_predict_json_with_a_checkpoint_path(tmp_path: Path, toy_checkpoint: Pat
     assert "a.jpg" in table.output and "p_ai" in table.output, table.output
 
 
-def test_predict_lists_every_file_it_did_not_score_with_the_reason(tmp_path: Path) -> None:
+def test_predict_lists_every_file_it_did_not_score_with_the_reason(tmp_path: Path, toy_checkpoint: Path) -> None:
     folder = tmp_path / "imgs"
     make_image(folder / "a.jpg", seed=1)
     make_image(folder / "nested" / "b.png", seed=2, fmt="PNG")
     (folder / "notes.txt").write_text("what these are", encoding="utf-8")
     (folder / "nested" / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>', encoding="utf-8")
     (folder / "outside.jpg").symlink_to(make_image(tmp_path / "elsewhere.jpg", seed=3))
-    model = str(checkpoint(tmp_path))
+    model = str(toy_checkpoint)
     result = runner.invoke(app, ["predict", str(folder), "--model", model])
     assert result.exit_code == 0, f"a file left out is no error: {result.output}"
     listed = [line for line in result.stdout.splitlines() if line.startswith("left out")]
