@@ -576,15 +576,18 @@ def make_report(
     data_version: str = "",
     held_out_generator: str | None = None,
     review_numbers: dict[str, float] | None = None,
-    generalization: StageResult | None = None,
+    loo_table: StageResult | None = None,
     generalization_note: str = "",
     health_notes: list[str] | None = None,
 ) -> Ref:
     """Self-contained HTML report: headline, warnings (notes of the run's stages, health_notes of its crawl: not in
     the stage key), learning curves (history), the review gate's numbers (review_numbers), then the details (plots,
     robustness, per-generator scores with held_out_generator marked, the leave-one-generator-out table of the
-    generalization stage (or generalization_note: why there is none), every test group counted, Original |
-    Grad-CAM pairs computed on device, each cell's total) and all metrics."""
+    generalization stage (loo_table; or generalization_note: why there is none), every test group counted, Original |
+    Grad-CAM pairs computed on device, each cell's total) and all metrics.
+
+    loo_table is not called `generalization`: code_index would take that name for the task of the same name and
+    put the leave-one-out training code into the report's key."""
     from pipeline_lib.assess import evaluate as evaluate_lib
     from pipeline_lib.assess import report
     from pipeline_lib.core import devices
@@ -635,7 +638,7 @@ def make_report(
         cell_totals=report_content.cell_counts(predictions),
         held_out_generator=held_out_generator,
         review=review_numbers,
-        generalization=_generalization_section(generalization, generalization_note),
+        generalization=_generalization_section(loo_table, generalization_note),
     )
     return workspace.ref(index)
 
