@@ -48,12 +48,27 @@ def _read_only(path: Path) -> contextlib.closing[sqlite3.Connection]:
 
 
 def sqlite_problem(path: Path) -> str | None:
-    """What SQLite's quick_check finds wrong with a database file (one line), or None when it is sound."""
+    """What SQLite's quick_check finds wrong with a database file (one line), or None when it is sound.
+
+    A process killed in the middle of a write leaves a hot journal, which a read-only connection cannot roll back
+    ("attempt to write a readonly database"): the check then opens the file read-write once, as MLflow would, so
+    that SQLite rolls the unfinished write back (its own recovery) and checks what is left."""
     try:
-        with _read_only(path) as connection:
-            found = [row[0] for row in connection.execute("PRAGMA quick_check(3)")]
+        return _quick_check(_read_only(path))
+    except sqlite3.OperationalError as error:
+        if "readonly" not in str(error) or not path.with_name(path.name + "-journal").exists():
+            return f"{type(error).__name__}: {error}"
     except sqlite3.DatabaseError as error:
         return f"{type(error).__name__}: {error}"
+    try:
+        return _quick_check(contextlib.closing(sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)))
+    except sqlite3.DatabaseError as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def _quick_check(opened: contextlib.closing[sqlite3.Connection]) -> str | None:
+    with opened as connection:
+        found = [row[0] for row in connection.execute("PRAGMA quick_check(3)")]
     return None if found == ["ok"] else "; ".join(" ".join(str(item).split()) for item in found)
 
 

@@ -100,3 +100,30 @@ def test_a_configured_store_is_never_rewritten(tmp_path: Path):
     other = Workspace.create(tmp_path / "other")
     assert open_store(f"sqlite:///{elsewhere}", other) == f"sqlite:///{elsewhere}"
     assert elsewhere.read_bytes() == before
+
+
+KILLED_WRITER = """
+import os, sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("PRAGMA cache_size=1")  # spill the change into the file, so that only the journal can undo it
+connection.execute("BEGIN")
+connection.executemany("INSERT INTO t VALUES (?)", [("x" * 500,) for _ in range(2000)])
+os._exit(0)  # killed mid-write: the journal stays hot
+"""
+
+
+def test_a_store_left_by_a_killed_writer_is_rolled_back_not_called_damaged(tmp_path: Path):
+    """A SIGKILLed run leaves mlflow.db with a hot journal: the store is sound."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "mlflow.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE t (v TEXT)")
+        connection.execute("INSERT INTO t VALUES ('kept')")
+    subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path)], check=True)
+    journal = path.with_name("mlflow.db-journal")
+    assert journal.exists() and journal.stat().st_size > 0, "the killed writer must leave a hot journal"
+    assert sqlite_problem(path) is None, "a hot journal is SQLite's to roll back, not damage"
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT v FROM t").fetchall() == [("kept",)], "the unfinished write was not undone"
