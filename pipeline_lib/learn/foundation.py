@@ -42,6 +42,7 @@ from pipeline_lib.learn.weights import (
     download_checked,
     mismatch_message,
     name_prefix,
+    not_cached_message,
     read_torch_state,
 )
 
@@ -215,11 +216,8 @@ def weights_url(name: str, url: str | None = None) -> str:
 
 def missing_message(name: str, path: Path, url: str, reason: str) -> str:
     """What to do when the weights of name are not in the cache: the file, the URL, the command."""
-    return (
-        f"pretrained weights for {name} are not in TORCH_HOME's cache: {path} ({reason}). Fetch them with "
-        f"`aidetect weights fetch {name}`, which downloads {url} (hash-checked) to that file; offline, download the "
-        "file on another machine and copy it there (or set TORCH_HOME; train.weights_url names a mirror). Or set "
-        "train.weights to a local weights file, or train.weights=none to start from random weights."
+    return not_cached_message(
+        "pretrained", name, path, url, reason, mirror_hint="; train.weights_url names a mirror"
     )
 
 

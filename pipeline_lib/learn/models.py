@@ -26,6 +26,7 @@ from pipeline_lib.learn.weights import (
     WeightsNotFoundError,
     checkpoints_dir,
     mismatch_message,
+    not_cached_message,
     read_torch_state,
 )
 
@@ -182,12 +183,7 @@ def fetch_weights(name: str, url: str | None = None, progress: bool = True) -> W
 
 
 def _missing_message(name: str, path: Path, url: str, reason: str) -> str:
-    return (
-        f"ImageNet weights for {name} are not in TORCH_HOME's cache: {path} ({reason}). Fetch them with "
-        f"`{fetch_command(name)}`, which downloads {url} (hash-checked) to that file; offline, download the file "
-        "on another machine and copy it there (or set TORCH_HOME). Or set train.weights to a local state_dict file, "
-        "or train.weights=none to start from random weights."
-    )
+    return not_cached_message("ImageNet", name, path, url, reason, local_file="state_dict file")
 
 
 def _checked_sha256(path: Path) -> str:

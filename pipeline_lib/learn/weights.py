@@ -84,6 +84,19 @@ def mismatch_message(path: Path, expected: dict[str, torch.Tensor], found: dict[
     return f"weights file {path} does not fit the model: " + "; ".join(parts)
 
 
+def not_cached_message(
+    kind: str, name: str, path: Path, url: str, reason: str, *, mirror_hint: str = "", local_file: str = "weights file"
+) -> str:
+    """What to do when the kind ("ImageNet", "pretrained") weights of name are not in TORCH_HOME's cache: the file,
+    the URL, the command that fetches them, and the settings that do without them."""
+    return (
+        f"{kind} weights for {name} are not in TORCH_HOME's cache: {path} ({reason}). Fetch them with "
+        f"`aidetect weights fetch {name}`, which downloads {url} (hash-checked) to that file; offline, download the "
+        f"file on another machine and copy it there (or set TORCH_HOME{mirror_hint}). Or set train.weights to a local "
+        f"{local_file}, or train.weights=none to start from random weights."
+    )
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):  # noqa: ANN002, ANN003 - urllib's signature
         return None  # the 3xx answer itself carries the hub's headers
